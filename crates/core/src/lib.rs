@@ -1,0 +1,44 @@
+//! Cubby's sans-I/O core.
+//!
+//! This crate holds what the server and the client agree on, with no runtime, network, disk or
+//! cryptography in it:
+//!
+//! - [`ids`]: document, device and customer ids and the change-feed sequence;
+//! - [`session`]: one peer's side of the standard Automerge sync protocol for one document;
+//! - [`lifecycle`]: how a document is rebuilt from storage and when it is compacted;
+//! - [`json`]: reading a document as JSON and writing JSON values into it;
+//! - [`meta`]: the metadata a store keeps beside each document.
+//!
+//! A round of sync between two replicas, with no I/O at all:
+//!
+//! ```
+//! use automerge::{Automerge, ROOT, transaction::Transactable};
+//! use cubby_core::session::PeerSession;
+//!
+//! let mut phone = Automerge::new();
+//! phone.transact::<_, _, automerge::AutomergeError>(|tx| {
+//!     tx.put(ROOT, "note", "milk")?;
+//!     Ok(())
+//! }).expect("a put on a fresh document cannot fail");
+//! let mut server = Automerge::new();
+//!
+//! let (mut to_server, mut to_phone) = (PeerSession::new(), PeerSession::new());
+//! loop {
+//!     let a = to_server.generate(&phone);
+//!     if let Some(msg) = &a { to_phone.receive(&mut server, msg)?; }
+//!     let b = to_phone.generate(&server);
+//!     if let Some(msg) = &b { to_server.receive(&mut phone, msg)?; }
+//!     if a.is_none() && b.is_none() { break; }
+//! }
+//! assert_eq!(phone.get_heads(), server.get_heads());
+//! # Ok::<(), cubby_core::session::SyncError>(())
+//! ```
+
+pub mod ids;
+pub mod json;
+pub mod lifecycle;
+pub mod meta;
+pub mod session;
+
+pub use ids::{CustomerId, DeviceId, DocId, IdError, Seq};
+pub use meta::DocMeta;

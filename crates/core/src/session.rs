@@ -1,0 +1,224 @@
+//! One peer's side of the standard Automerge sync protocol for one document.
+//!
+//! A [`PeerSession`] wraps `automerge::sync::State` and adds what a server needs on top of it:
+//! the message is fully decoded before anything is applied, a failed message resets the session
+//! so the next round starts clean, and the session can be persisted between connections so that a
+//! reconnect costs about the missing changes rather than a Bloom filter over the whole history.
+
+use automerge::sync::{self, SyncDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
+
+/// Why a sync message was refused. The document is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The bytes are not an Automerge sync message.
+    #[error("malformed sync message")]
+    Malformed,
+    /// The message decoded but its changes could not be applied (tampered or invalid changes).
+    #[error("sync message rejected: {0}")]
+    Rejected(#[source] automerge::AutomergeError),
+    /// A persisted session could not be decoded.
+    #[error("unreadable sync state")]
+    BadState,
+}
+
+/// What receiving a message did to the document.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The document's heads changed: new changes were applied.
+    pub changed: bool,
+}
+
+/// One peer's sync state for one document.
+#[derive(Debug, Default)]
+pub struct PeerSession {
+    state: sync::State,
+}
+
+impl PeerSession {
+    /// A session with a peer we know nothing about.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Restores a session saved with [`PeerSession::persist`].
+    pub fn restore(bytes: &[u8]) -> Result<Self, SyncError> {
+        let state = sync::State::decode(bytes).map_err(|_| SyncError::BadState)?;
+        Ok(Self { state })
+    }
+
+    /// The part of the session worth keeping between connections (the heads both sides share).
+    pub fn persist(&self) -> Vec<u8> {
+        self.state.encode()
+    }
+
+    /// Forgets everything about the peer except nothing: the next round starts from scratch.
+    pub fn reset(&mut self) {
+        self.state = sync::State::new();
+    }
+
+    /// Decodes and applies one sync message from the peer.
+    ///
+    /// On error the session is reset and the document is left as it was.
+    pub fn receive(&mut self, doc: &mut Automerge, message: &[u8]) -> Result<Received, SyncError> {
+        let Ok(message) = sync::Message::decode(message) else {
+            self.reset();
+            return Err(SyncError::Malformed);
+        };
+        let before = doc.get_heads();
+        if let Err(err) = doc.receive_sync_message(&mut self.state, message) {
+            self.reset();
+            return Err(SyncError::Rejected(err));
+        }
+        Ok(Received {
+            changed: doc.get_heads() != before,
+        })
+    }
+
+    /// The next message for the peer, if there is anything to say.
+    pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+        doc.generate_sync_message(&mut self.state)
+            .map(sync::Message::encode)
+    }
+
+    /// The heads the peer last told us it has, if it has said.
+    pub fn their_heads(&self) -> Option<&[ChangeHash]> {
+        self.state.their_heads.as_deref()
+    }
+
+    /// Whether `doc` holds every change the peer last said it has.
+    pub fn has_everything_peer_has(&self, doc: &Automerge) -> bool {
+        self.their_heads()
+            .is_some_and(|heads| heads.iter().all(|h| doc.get_change_by_hash(h).is_some()))
+    }
+
+    /// Whether the peer has said it holds every change of `doc`.
+    pub fn peer_has_everything(&self, doc: &Automerge) -> bool {
+        let heads = doc.get_heads();
+        self.state.shared_heads == heads
+            || self
+                .their_heads()
+                .is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::{ROOT, transaction::Transactable};
+
+    fn doc_with(key: &str, value: &str) -> Automerge {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, key, value)?;
+            Ok(())
+        })
+        .expect("put on a fresh document");
+        doc
+    }
+
+    /// Runs the protocol until neither side has anything to say; returns the rounds it took.
+    fn sync_pair(a: &mut Automerge, b: &mut Automerge) -> usize {
+        let (mut a_to_b, mut b_to_a) = (PeerSession::new(), PeerSession::new());
+        for round in 1..100 {
+            let ma = a_to_b.generate(a);
+            if let Some(m) = &ma {
+                b_to_a.receive(b, m).expect("valid message");
+            }
+            let mb = b_to_a.generate(b);
+            if let Some(m) = &mb {
+                a_to_b.receive(a, m).expect("valid message");
+            }
+            if ma.is_none() && mb.is_none() {
+                return round;
+            }
+        }
+        panic!("sync did not converge in 100 rounds");
+    }
+
+    #[test]
+    fn concurrent_edits_converge() {
+        let mut a = doc_with("a", "1");
+        let mut b = doc_with("b", "2");
+        sync_pair(&mut a, &mut b);
+        assert_eq!(a.get_heads(), b.get_heads());
+        assert_eq!(
+            crate::json::to_json(&a),
+            serde_json::json!({"a": "1", "b": "2"})
+        );
+    }
+
+    #[test]
+    fn truncated_message_is_refused_and_leaves_the_document_unchanged() {
+        let mut source = doc_with("k", "v");
+        let message = PeerSession::new()
+            .generate(&source)
+            .expect("a first message");
+        // The first message only carries heads; a second carries the change itself.
+        let mut target = Automerge::new();
+        let mut session = PeerSession::new();
+        session.receive(&mut target, &message).expect("valid");
+        let mut back = PeerSession::new();
+        let reply = session.generate(&target).expect("reply");
+        back.receive(&mut source, &reply).expect("valid");
+        let with_change = back.generate(&source).expect("message carrying the change");
+        let mut refused = 0;
+        for cut in 0..with_change.len() {
+            let mut scratch = target.clone();
+            let mut fresh = PeerSession::new();
+            // A cut that ends on an optional trailing section is itself a valid message; every
+            // other cut must be refused without touching the document.
+            if fresh.receive(&mut scratch, &with_change[..cut]).is_err() {
+                refused += 1;
+                assert_eq!(scratch.get_heads(), target.get_heads(), "cut at {cut}");
+            }
+        }
+        assert!(
+            refused >= with_change.len() - 2,
+            "only {refused} cuts refused"
+        );
+        // The session is still usable afterwards.
+        session
+            .receive(&mut target, &with_change)
+            .expect("the whole message applies");
+        assert_eq!(target.get_heads(), source.get_heads());
+    }
+
+    #[test]
+    fn persisted_session_makes_reconnect_small() {
+        let mut server = Automerge::new();
+        for i in 0..300 {
+            server
+                .transact::<_, _, automerge::AutomergeError>(|tx| {
+                    tx.put(ROOT, format!("k{i}"), i as i64)?;
+                    Ok(())
+                })
+                .expect("put");
+        }
+        let mut device = Automerge::new();
+        let mut to_server = PeerSession::new();
+        let mut to_device = PeerSession::new();
+        loop {
+            let m1 = to_server.generate(&device);
+            if let Some(m) = &m1 {
+                to_device.receive(&mut server, m).expect("valid");
+            }
+            let m2 = to_device.generate(&server);
+            if let Some(m) = &m2 {
+                to_server.receive(&mut device, m).expect("valid");
+            }
+            if m1.is_none() && m2.is_none() {
+                break;
+            }
+        }
+        let saved = to_server.persist();
+        let mut restored = PeerSession::restore(&saved).expect("decodes");
+        let fresh_hello = PeerSession::new().generate(&device).expect("hello").len();
+        let restored_hello = restored.generate(&device).expect("hello").len();
+        assert!(
+            restored_hello < fresh_hello,
+            "{restored_hello} >= {fresh_hello}"
+        );
+    }
+}

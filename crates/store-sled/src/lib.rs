@@ -1,0 +1,297 @@
+//! Cubby storage on sled 0.34: the embedded default backend.
+//!
+//! One sled tree holds everything, keyed by a one-byte record type, then the customer id:
+//!
+//! | prefix | key after the customer | value |
+//! |---|---|---|
+//! | `k` | | wrapped data key |
+//! | `m` | document | metadata |
+//! | `c` | document, chunk index (BE u64) | change chunk |
+//! | `s` | document | snapshot: `through` (BE u64) then bytes |
+//! | `f` | feed position (BE u64) | document |
+//! | `p` | document | feed position (BE u64) |
+//! | `n` | | last feed position (BE u64) |
+//! | `r` | space, record key | record |
+//!
+//! A document write (metadata, chunk, feed move) is one sled transaction. Nothing is durable
+//! until [`Store::flush`], which calls `sled::Db::flush`.
+
+use std::path::Path;
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+
+/// A [`Store`] in a sled database directory.
+#[derive(Clone, Debug)]
+pub struct SledStore {
+    db: sled::Db,
+}
+
+fn backend(err: sled::Error) -> StoreError {
+    if let sled::Error::Io(io) = &err {
+        // ENOSPC: tell callers the disk is full, so they can say so instead of "I/O error".
+        if io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull {
+            return StoreError::Full;
+        }
+    }
+    StoreError::Backend(Box::new(err))
+}
+
+fn tx_error(err: TransactionError<StoreError>) -> StoreError {
+    match err {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    }
+}
+
+fn key(prefix: u8, customer: &CustomerId, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17 + rest.iter().map(|r| r.len()).sum::<usize>());
+    k.push(prefix);
+    k.extend_from_slice(customer.as_bytes());
+    for part in rest {
+        k.extend_from_slice(part);
+    }
+    k
+}
+
+fn u64_of(bytes: &[u8]) -> Result<u64> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Backend("stored counter is not 8 bytes".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+fn doc_of(bytes: &[u8]) -> Result<DocId> {
+    DocId::from_slice(bytes).map_err(|e| StoreError::Backend(Box::new(e)))
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new().path(dir).open().map_err(backend)?;
+        Ok(Self { db })
+    }
+
+    /// Moves `doc` to the head of the customer's feed inside a transaction.
+    fn bump_feed(
+        tx: &TransactionalTree,
+        customer: &CustomerId,
+        doc: &DocId,
+    ) -> std::result::Result<Seq, ConflictableTransactionError<StoreError>> {
+        let last_key = key(b'n', customer, &[]);
+        let last = match tx.get(&last_key)? {
+            Some(v) => u64_of(&v).map_err(ConflictableTransactionError::Abort)?,
+            None => 0,
+        };
+        let seq = last + 1;
+        let pos_key = key(b'p', customer, &[doc.as_bytes()]);
+        if let Some(old) = tx.get(&pos_key)? {
+            tx.remove(key(b'f', customer, &[&old]))?;
+        }
+        tx.insert(last_key, &seq.to_be_bytes())?;
+        tx.insert(pos_key, &seq.to_be_bytes())?;
+        tx.insert(key(b'f', customer, &[&seq.to_be_bytes()]), doc.as_bytes())?;
+        Ok(Seq(seq))
+    }
+
+    fn scan(&self, prefix: Vec<u8>) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> {
+        self.db.scan_prefix(prefix).map(|r| r.map_err(backend))
+    }
+}
+
+impl Store for SledStore {
+    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(key(b'k', customer, &[]))
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        let k = key(b'k', customer, &[]);
+        match self
+            .db
+            .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))
+            .map_err(backend)?
+        {
+            Ok(()) => Ok(wrapped.to_vec()),
+            Err(existing) => Ok(existing.current.map(|v| v.to_vec()).unwrap_or_default()),
+        }
+    }
+
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
+        self.db
+            .transaction(|tx| {
+                tx.insert(key(b'm', c, &[d.as_bytes()]), meta)?;
+                if let Some(chunk) = chunk {
+                    tx.insert(
+                        key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]),
+                        chunk.bytes,
+                    )?;
+                }
+                Self::bump_feed(tx, c, d)
+            })
+            .map_err(tx_error)
+    }
+
+    fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
+        let Some(meta) = self
+            .db
+            .get(key(b'm', c, &[d.as_bytes()]))
+            .map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        let snapshot = match self
+            .db
+            .get(key(b's', c, &[d.as_bytes()]))
+            .map_err(backend)?
+        {
+            Some(v) if v.len() >= 8 => Some(Snapshot {
+                through: u64_of(&v[..8])?,
+                bytes: v[8..].to_vec(),
+            }),
+            Some(_) => return Err(StoreError::Backend("stored snapshot is truncated".into())),
+            None => None,
+        };
+        let prefix = key(b'c', c, &[d.as_bytes()]);
+        let chunks = self
+            .scan(prefix.clone())
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(DocRecords {
+            meta: meta.to_vec(),
+            snapshot,
+            chunks,
+        }))
+    }
+
+    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
+        let prefix = key(b'c', c, &[d.as_bytes()]);
+        let covered: Vec<sled::IVec> = self
+            .scan(prefix.clone())
+            .map(|r| r.map(|(k, _)| k))
+            .take_while(|k| {
+                k.as_ref().map_or(true, |k| {
+                    u64_of(&k[prefix.len()..]).is_ok_and(|i| i <= snapshot.through)
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut value = snapshot.through.to_be_bytes().to_vec();
+        value.extend_from_slice(&snapshot.bytes);
+        let mut batch = sled::Batch::default();
+        batch.insert(key(b's', c, &[d.as_bytes()]), value);
+        for k in covered {
+            batch.remove(k);
+        }
+        self.db.apply_batch(batch).map_err(backend)
+    }
+
+    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+        let chunks: Vec<sled::IVec> = self
+            .scan(key(b'c', c, &[d.as_bytes()]))
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_>>()?;
+        self.db
+            .transaction(|tx| {
+                tx.remove(key(b'm', c, &[d.as_bytes()]))?;
+                tx.remove(key(b's', c, &[d.as_bytes()]))?;
+                for k in &chunks {
+                    tx.remove(k)?;
+                }
+                Self::bump_feed(tx, c, d)
+            })
+            .map_err(tx_error)
+    }
+
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+        let prefix = key(b'm', c, &[]);
+        self.scan(prefix.clone())
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((doc_of(&k[prefix.len()..])?, v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+        let prefix = key(b'f', c, &[]);
+        let start = key(b'f', c, &[&(cursor.0.saturating_add(1)).to_be_bytes()]);
+        self.db
+            .range(start..)
+            .map(|r| r.map_err(backend))
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((Seq(u64_of(&k[prefix.len()..])?), doc_of(&v)?))
+            })
+            .collect()
+    }
+
+    fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
+        self.db
+            .insert(key(b'r', c, &[&[space.0], k]), value)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(key(b'r', c, &[&[space.0], k]))
+            .map_err(backend)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
+        self.db
+            .remove(key(b'r', c, &[&[space.0], k]))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = key(b'r', c, &[&[space.0]]);
+        self.scan(prefix.clone())
+            .map(|r| r.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec())))
+            .collect()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SledStore;
+
+    cubby_store::conformance_tests!(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        move || SledStore::open(dir.path()).expect("sled opens")
+    });
+
+    #[test]
+    fn conformance_holds_through_the_encryption_decorator() {
+        use cubby_crypto::keys::{Keyring, MasterSecret};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let open = || {
+            let keyring = Keyring::from_master(&MasterSecret::from_bytes([5; 32]));
+            cubby_store::EncryptedStore::open(SledStore::open(dir.path()).expect("opens"), keyring)
+                .expect("key check")
+        };
+        cubby_store::conformance::flushed_writes_survive_reopen(open);
+    }
+}

@@ -1,0 +1,445 @@
+//! The suite every [`Store`] backend runs.
+//!
+//! A backend is any `FnMut() -> S` that opens the same storage again on each call (a reopen);
+//! `conformance_tests!(|| { let storage = ..; move || open(&storage) })` expands to one `#[test]` per behaviour below, including
+//! a model-based property test that checks random operations and reopens against a `BTreeMap`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cubby_core::{CustomerId, DocId, Seq};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+
+use crate::{Chunk, DocRecords, Snapshot, Space, Store};
+
+/// Expands to the conformance tests for a backend. The argument is a factory, `Fn() -> B`, whose
+/// every call makes a fresh backend `B: FnMut() -> impl Store` that reopens the same storage each
+/// time it is called.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($new_backend:expr) => {
+        #[test]
+        fn conformance_keys_are_stored_once() {
+            $crate::conformance::keys_are_stored_once(($new_backend)());
+        }
+        #[test]
+        fn conformance_documents_round_trip() {
+            $crate::conformance::documents_round_trip(($new_backend)());
+        }
+        #[test]
+        fn conformance_feed_lists_each_document_at_its_latest_write() {
+            $crate::conformance::feed_lists_each_document_at_its_latest_write(($new_backend)());
+        }
+        #[test]
+        fn conformance_compaction_replaces_covered_chunks() {
+            $crate::conformance::compaction_replaces_covered_chunks(($new_backend)());
+        }
+        #[test]
+        fn conformance_customers_are_isolated() {
+            $crate::conformance::customers_are_isolated(($new_backend)());
+        }
+        #[test]
+        fn conformance_records_are_keyed_by_customer_and_space() {
+            $crate::conformance::records_are_keyed_by_customer_and_space(($new_backend)());
+        }
+        #[test]
+        fn conformance_flushed_writes_survive_reopen() {
+            $crate::conformance::flushed_writes_survive_reopen(($new_backend)());
+        }
+        #[test]
+        fn conformance_random_operations_match_the_model() {
+            $crate::conformance::random_operations_match_the_model($new_backend);
+        }
+    };
+}
+
+fn customer(n: u8) -> CustomerId {
+    CustomerId::from_bytes([n + 1; 16])
+}
+
+fn doc(n: u8) -> DocId {
+    DocId::from_bytes([n + 100; 16])
+}
+
+fn chunk(index: u64, bytes: &[u8]) -> Option<Chunk<'_>> {
+    Some(Chunk { index, bytes })
+}
+
+/// A customer's data key is written once; a second writer gets the first key back.
+pub fn keys_are_stored_once<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    assert_eq!(store.get_key(&customer(0)).expect("get"), None);
+    assert_eq!(
+        store
+            .put_key_if_absent(&customer(0), b"first")
+            .expect("put"),
+        b"first"
+    );
+    assert_eq!(
+        store
+            .put_key_if_absent(&customer(0), b"second")
+            .expect("put"),
+        b"first"
+    );
+    assert_eq!(
+        store.get_key(&customer(0)).expect("get").as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(store.get_key(&customer(1)).expect("get"), None);
+}
+
+/// Metadata and chunks come back as written; deleted documents are gone.
+pub fn documents_round_trip<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let (c, d) = (customer(0), doc(0));
+    assert_eq!(store.load(&c, &d).expect("load"), None);
+    store.write_doc(&c, &d, b"m1", None).expect("create");
+    store
+        .write_doc(&c, &d, b"m2", chunk(0, b"a"))
+        .expect("write");
+    store
+        .write_doc(&c, &d, b"m3", chunk(1, b"b"))
+        .expect("write");
+    let want = DocRecords {
+        meta: b"m3".to_vec(),
+        snapshot: None,
+        chunks: vec![(0, b"a".to_vec()), (1, b"b".to_vec())],
+    };
+    assert_eq!(store.load(&c, &d).expect("load"), Some(want));
+    assert_eq!(
+        store.list_docs(&c).expect("list"),
+        vec![(d, b"m3".to_vec())]
+    );
+    store.delete_doc(&c, &d).expect("delete");
+    assert_eq!(store.load(&c, &d).expect("load"), None);
+    assert!(store.list_docs(&c).expect("list").is_empty());
+}
+
+/// Every write moves its document to the head of the feed, with an increasing position.
+pub fn feed_lists_each_document_at_its_latest_write<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let c = customer(0);
+    let s1 = store.write_doc(&c, &doc(1), b"", None).expect("write");
+    let s2 = store.write_doc(&c, &doc(2), b"", None).expect("write");
+    let s3 = store
+        .write_doc(&c, &doc(1), b"", chunk(0, b"x"))
+        .expect("write");
+    assert!(s1 < s2 && s2 < s3);
+    assert_eq!(
+        store.feed_since(&c, Seq(0)).expect("feed"),
+        vec![(s2, doc(2)), (s3, doc(1))]
+    );
+    assert_eq!(store.feed_since(&c, s2).expect("feed"), vec![(s3, doc(1))]);
+    assert!(store.feed_since(&c, s3).expect("feed").is_empty());
+    let s4 = store.delete_doc(&c, &doc(2)).expect("delete");
+    assert_eq!(store.feed_since(&c, s3).expect("feed"), vec![(s4, doc(2))]);
+}
+
+/// A snapshot replaces the chunks it covers and keeps the later ones.
+pub fn compaction_replaces_covered_chunks<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let (c, d) = (customer(0), doc(0));
+    for i in 0..4u64 {
+        store
+            .write_doc(&c, &d, b"m", chunk(i, &[i as u8]))
+            .expect("write");
+    }
+    let snapshot = Snapshot {
+        through: 2,
+        bytes: b"snap".to_vec(),
+    };
+    store.compact(&c, &d, &snapshot).expect("compact");
+    let loaded = store.load(&c, &d).expect("load").expect("exists");
+    assert_eq!(loaded.snapshot, Some(snapshot));
+    assert_eq!(loaded.chunks, vec![(3, vec![3])]);
+}
+
+/// One customer's documents, feed and records are invisible to another.
+pub fn customers_are_isolated<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    store
+        .write_doc(&customer(0), &doc(0), b"secret", chunk(0, b"x"))
+        .expect("write");
+    store
+        .put_record(&customer(0), Space::DEVICES, b"k", b"v")
+        .expect("record");
+    assert_eq!(store.load(&customer(1), &doc(0)).expect("load"), None);
+    assert!(store.list_docs(&customer(1)).expect("list").is_empty());
+    assert!(
+        store
+            .feed_since(&customer(1), Seq(0))
+            .expect("feed")
+            .is_empty()
+    );
+    assert!(
+        store
+            .scan_records(&customer(1), Space::DEVICES)
+            .expect("scan")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .get_record(&customer(1), Space::DEVICES, b"k")
+            .expect("get"),
+        None
+    );
+}
+
+/// Records are read back by key, listed by space, and removed.
+pub fn records_are_keyed_by_customer_and_space<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let c = customer(0);
+    store
+        .put_record(&c, Space::DEVICES, b"b", b"2")
+        .expect("put");
+    store
+        .put_record(&c, Space::DEVICES, b"a", b"1")
+        .expect("put");
+    store
+        .put_record(&c, Space::AUDIT, b"a", b"other")
+        .expect("put");
+    assert_eq!(
+        store.scan_records(&c, Space::DEVICES).expect("scan"),
+        vec![
+            (b"a".to_vec(), b"1".to_vec()),
+            (b"b".to_vec(), b"2".to_vec())
+        ]
+    );
+    store
+        .remove_record(&c, Space::DEVICES, b"a")
+        .expect("remove");
+    assert_eq!(
+        store.get_record(&c, Space::DEVICES, b"a").expect("get"),
+        None
+    );
+    assert_eq!(
+        store
+            .get_record(&c, Space::AUDIT, b"a")
+            .expect("get")
+            .as_deref(),
+        Some(&b"other"[..])
+    );
+}
+
+/// What was flushed is there after the store is closed and opened again.
+pub fn flushed_writes_survive_reopen<S: Store>(mut open: impl FnMut() -> S) {
+    let (c, d) = (customer(0), doc(0));
+    let seq = {
+        let store = open();
+        store.put_key_if_absent(&customer(1), b"key").expect("key");
+        let seq = store
+            .write_doc(&c, &d, b"m", chunk(0, b"x"))
+            .expect("write");
+        store
+            .put_record(&c, Space::LOCAL, b"cursor", b"7")
+            .expect("record");
+        store.flush().expect("flush");
+        seq
+    };
+    let store = open();
+    assert_eq!(
+        store.get_key(&customer(1)).expect("key").as_deref(),
+        Some(&b"key"[..])
+    );
+    assert_eq!(store.feed_since(&c, Seq(0)).expect("feed"), vec![(seq, d)]);
+    assert_eq!(
+        store.load(&c, &d).expect("load").expect("exists").chunks,
+        vec![(0, b"x".to_vec())]
+    );
+    assert_eq!(
+        store
+            .get_record(&c, Space::LOCAL, b"cursor")
+            .expect("get")
+            .as_deref(),
+        Some(&b"7"[..])
+    );
+    // New writes continue the feed after the old positions.
+    assert!(
+        store
+            .write_doc(&c, &d, b"m", chunk(1, b"y"))
+            .expect("write")
+            > seq
+    );
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        c: u8,
+        d: u8,
+        meta: u8,
+        chunk: Option<Vec<u8>>,
+    },
+    Compact {
+        c: u8,
+        d: u8,
+    },
+    Delete {
+        c: u8,
+        d: u8,
+    },
+    PutRecord {
+        c: u8,
+        space: u8,
+        key: u8,
+        value: u8,
+    },
+    RemoveRecord {
+        c: u8,
+        space: u8,
+        key: u8,
+    },
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0..2u8, 0..3u8, any::<u8>(), proptest::option::of(proptest::collection::vec(any::<u8>(), 1..8)))
+            .prop_map(|(c, d, meta, chunk)| Op::Write { c, d, meta, chunk }),
+        2 => (0..2u8, 0..3u8).prop_map(|(c, d)| Op::Compact { c, d }),
+        1 => (0..2u8, 0..3u8).prop_map(|(c, d)| Op::Delete { c, d }),
+        2 => (0..2u8, 1..3u8, 0..3u8, any::<u8>()).prop_map(|(c, space, key, value)| Op::PutRecord { c, space, key, value }),
+        1 => (0..2u8, 1..3u8, 0..3u8).prop_map(|(c, space, key)| Op::RemoveRecord { c, space, key }),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    docs: BTreeMap<(u8, u8), (DocRecords, u64)>,
+    /// Per customer, documents in feed order (oldest first).
+    feed: HashMap<u8, Vec<u8>>,
+    records: BTreeMap<(u8, u8, u8), u8>,
+}
+
+impl Model {
+    fn touch(&mut self, c: u8, d: u8) {
+        let feed = self.feed.entry(c).or_default();
+        feed.retain(|x| *x != d);
+        feed.push(d);
+    }
+}
+
+/// Random writes, compactions, deletions, record updates and reopens agree with a `BTreeMap`.
+pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend: impl Fn() -> B) {
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        ..Config::default()
+    });
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        let mut backend = new_backend();
+        let mut store = Some(backend());
+        let mut model = Model::default();
+        for op in ops {
+            let s = store.as_ref().expect("a store is open between operations");
+            match op {
+                Op::Write { c, d, meta, chunk } => {
+                    let (records, next) = model.docs.entry((c, d)).or_insert_with(|| {
+                        (
+                            DocRecords {
+                                meta: vec![],
+                                snapshot: None,
+                                chunks: vec![],
+                            },
+                            0,
+                        )
+                    });
+                    records.meta = vec![meta];
+                    let index = *next;
+                    if let Some(bytes) = &chunk {
+                        records.chunks.push((index, bytes.clone()));
+                        *next += 1;
+                    }
+                    let written = chunk.as_deref().map(|bytes| Chunk { index, bytes });
+                    s.write_doc(&customer(c), &doc(d), &[meta], written)
+                        .expect("write");
+                    model.touch(c, d);
+                }
+                Op::Compact { c, d } => {
+                    if let Some((records, _)) = model.docs.get_mut(&(c, d)) {
+                        if let Some(&(through, _)) = records.chunks.last() {
+                            let mut bytes =
+                                records.snapshot.take().map(|s| s.bytes).unwrap_or_default();
+                            bytes.extend(records.chunks.drain(..).flat_map(|(_, b)| b));
+                            let snapshot = Snapshot { through, bytes };
+                            s.compact(&customer(c), &doc(d), &snapshot)
+                                .expect("compact");
+                            records.snapshot = Some(snapshot);
+                        }
+                    }
+                }
+                Op::Delete { c, d } => {
+                    s.delete_doc(&customer(c), &doc(d)).expect("delete");
+                    model.docs.remove(&(c, d));
+                    model.touch(c, d);
+                }
+                Op::PutRecord {
+                    c,
+                    space,
+                    key,
+                    value,
+                } => {
+                    s.put_record(&customer(c), Space(space), &[key], &[value])
+                        .expect("put");
+                    model.records.insert((c, space, key), value);
+                }
+                Op::RemoveRecord { c, space, key } => {
+                    s.remove_record(&customer(c), Space(space), &[key])
+                        .expect("remove");
+                    model.records.remove(&(c, space, key));
+                }
+                Op::Reopen => {
+                    s.flush().expect("flush");
+                    drop(store.take());
+                    store = Some(backend());
+                }
+            }
+            let s = store.as_ref().expect("open");
+            for c in 0..2u8 {
+                for d in 0..3u8 {
+                    let want = model.docs.get(&(c, d)).map(|(r, _)| r.clone());
+                    prop_assert_eq!(s.load(&customer(c), &doc(d)).expect("load"), want);
+                }
+                let listed: Vec<_> = s.list_docs(&customer(c)).expect("list");
+                let want: Vec<_> = model
+                    .docs
+                    .iter()
+                    .filter(|((mc, _), _)| *mc == c)
+                    .map(|((_, d), (r, _))| (doc(*d), r.meta.clone()))
+                    .collect();
+                prop_assert_eq!(listed, want);
+                let feed = s.feed_since(&customer(c), Seq(0)).expect("feed");
+                prop_assert!(
+                    feed.windows(2).all(|w| w[0].0 < w[1].0),
+                    "feed positions increase"
+                );
+                let order: Vec<_> = feed.iter().map(|(_, d)| *d).collect();
+                let want: Vec<_> = model
+                    .feed
+                    .get(&c)
+                    .map_or_else(Vec::new, |f| f.iter().map(|d| doc(*d)).collect());
+                prop_assert_eq!(order, want);
+                if let Some((first, _)) = feed.first() {
+                    prop_assert_eq!(
+                        s.feed_since(&customer(c), *first).expect("feed"),
+                        feed[1..].to_vec()
+                    );
+                }
+                for space in 1..3u8 {
+                    let scanned = s.scan_records(&customer(c), Space(space)).expect("scan");
+                    let want: Vec<_> = model
+                        .records
+                        .iter()
+                        .filter(|((mc, ms, _), _)| *mc == c && *ms == space)
+                        .map(|((_, _, k), v)| (vec![*k], vec![*v]))
+                        .collect();
+                    prop_assert_eq!(scanned, want);
+                }
+            }
+        }
+        Ok(())
+    });
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}

@@ -1,0 +1,379 @@
+//! The encryption decorator: seals every value on its way into a backend.
+//!
+//! Each customer has a random data key, wrapped by the keyring's current KEK and stored through
+//! [`Store::put_key_if_absent`]. Metadata, chunks, snapshots and records are sealed with that key;
+//! the associated data names the customer, the document or record key, the record kind and its
+//! position, and is rebuilt from where the record is read. Keys (ids and positions) stay plain so
+//! backends can order and scan them; they are random ids or counters and reveal no content.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_crypto::envelope;
+use cubby_crypto::keys::{DataKey, Keyring};
+
+use crate::{Chunk, DocRecords, Result, SYSTEM, Snapshot, Space, Store, StoreError};
+
+const META: u8 = b'm';
+const CHUNK: u8 = b'c';
+const SNAPSHOT: u8 = b's';
+const RECORD: u8 = b'r';
+
+fn doc_aad(kind: u8, customer: &CustomerId, doc: &DocId, position: u64) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(48);
+    aad.extend_from_slice(b"cubby1");
+    aad.push(kind);
+    aad.extend_from_slice(customer.as_bytes());
+    aad.extend_from_slice(doc.as_bytes());
+    aad.extend_from_slice(&position.to_be_bytes());
+    aad
+}
+
+fn record_aad(customer: &CustomerId, space: Space, key: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(32 + key.len());
+    aad.extend_from_slice(b"cubby1");
+    aad.push(RECORD);
+    aad.extend_from_slice(customer.as_bytes());
+    aad.push(space.0);
+    aad.extend_from_slice(key);
+    aad
+}
+
+/// A [`Store`] that seals every value it passes to the backend `S`.
+pub struct EncryptedStore<S> {
+    inner: S,
+    keyring: Keyring,
+    keys: Mutex<HashMap<CustomerId, DataKey>>,
+}
+
+impl<S> fmt::Debug for EncryptedStore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EncryptedStore")
+            .field("keyring", &self.keyring)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Store> EncryptedStore<S> {
+    /// Wraps `inner`. The first open stores a key check; later opens verify it, so a wrong
+    /// master key is refused here rather than discovered one record at a time.
+    pub fn open(inner: S, keyring: Keyring) -> Result<Self> {
+        let check = match inner.get_key(&SYSTEM)? {
+            Some(wrapped) => wrapped,
+            None => {
+                let wrapped = inner.put_key_if_absent(
+                    &SYSTEM,
+                    &keyring.wrap(SYSTEM.as_bytes(), &DataKey::generate()),
+                )?;
+                inner.flush()?;
+                wrapped
+            }
+        };
+        keyring
+            .unwrap(SYSTEM.as_bytes(), &check)
+            .map_err(|_| StoreError::WrongMasterKey)?;
+        Ok(Self {
+            inner,
+            keyring,
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The backend underneath.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn key(&self, customer: &CustomerId) -> Result<DataKey> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = keys.get(customer) {
+            return Ok(key.clone());
+        }
+        let wrapped = match self.inner.get_key(customer)? {
+            Some(wrapped) => wrapped,
+            None => {
+                let fresh = self.keyring.wrap(customer.as_bytes(), &DataKey::generate());
+                self.inner.put_key_if_absent(customer, &fresh)?
+            }
+        };
+        let key = self
+            .keyring
+            .unwrap(customer.as_bytes(), &wrapped)
+            .map_err(|_| StoreError::Corrupt("data key"))?;
+        keys.insert(*customer, key.clone());
+        Ok(key)
+    }
+
+    fn open_doc_records(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        records: DocRecords,
+    ) -> Result<DocRecords> {
+        let key = self.key(c)?;
+        let open = |kind, pos, what, bytes: &[u8]| {
+            envelope::open(&key, &doc_aad(kind, c, d, pos), bytes)
+                .map_err(|_| StoreError::Corrupt(what))
+        };
+        let meta = open(META, 0, "metadata", &records.meta)?;
+        let snapshot = match records.snapshot {
+            Some(s) => Some(Snapshot {
+                through: s.through,
+                bytes: open(SNAPSHOT, s.through, "snapshot", &s.bytes)?,
+            }),
+            None => None,
+        };
+        let chunks = records
+            .chunks
+            .into_iter()
+            .map(|(i, bytes)| Ok((i, open(CHUNK, i, "chunk", &bytes)?)))
+            .collect::<Result<_>>()?;
+        Ok(DocRecords {
+            meta,
+            snapshot,
+            chunks,
+        })
+    }
+}
+
+impl<S: Store> Store for EncryptedStore<S> {
+    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
+        self.inner.get_key(customer)
+    }
+
+    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        self.inner.put_key_if_absent(customer, wrapped)
+    }
+
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
+        let key = self.key(c)?;
+        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
+        let sealed = chunk.map(|ch| {
+            (
+                ch.index,
+                envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes),
+            )
+        });
+        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk {
+            index: *index,
+            bytes,
+        });
+        self.inner.write_doc(c, d, &meta, chunk)
+    }
+
+    fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
+        match self.inner.load(c, d)? {
+            Some(records) => Ok(Some(self.open_doc_records(c, d, records)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
+        let key = self.key(c)?;
+        let bytes = envelope::seal(
+            &key,
+            &doc_aad(SNAPSHOT, c, d, snapshot.through),
+            &snapshot.bytes,
+        );
+        self.inner.compact(
+            c,
+            d,
+            &Snapshot {
+                through: snapshot.through,
+                bytes,
+            },
+        )
+    }
+
+    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+        self.inner.delete_doc(c, d)
+    }
+
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+        let key = self.key(c)?;
+        self.inner
+            .list_docs(c)?
+            .into_iter()
+            .map(|(d, meta)| {
+                let meta = envelope::open(&key, &doc_aad(META, c, &d, 0), &meta)
+                    .map_err(|_| StoreError::Corrupt("metadata"))?;
+                Ok((d, meta))
+            })
+            .collect()
+    }
+
+    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+        self.inner.feed_since(c, cursor)
+    }
+
+    fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
+        let sealed = envelope::seal(&self.key(c)?, &record_aad(c, space, key), value);
+        self.inner.put_record(c, space, key, &sealed)
+    }
+
+    fn get_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.inner.get_record(c, space, key)? {
+            Some(sealed) => Ok(Some(
+                envelope::open(&self.key(c)?, &record_aad(c, space, key), &sealed)
+                    .map_err(|_| StoreError::Corrupt("record"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn remove_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<()> {
+        self.inner.remove_record(c, space, key)
+    }
+
+    fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let data_key = self.key(c)?;
+        self.inner
+            .scan_records(c, space)?
+            .into_iter()
+            .map(|(k, sealed)| {
+                let value = envelope::open(&data_key, &record_aad(c, space, &k), &sealed)
+                    .map_err(|_| StoreError::Corrupt("record"))?;
+                Ok((k, value))
+            })
+            .collect()
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+    use cubby_crypto::keys::MasterSecret;
+
+    fn keyring(byte: u8) -> Keyring {
+        Keyring::from_master(&MasterSecret::from_bytes([byte; 32]))
+    }
+
+    crate::conformance_tests!(|| {
+        let backend = MemoryStore::new();
+        move || EncryptedStore::open(backend.clone(), keyring(9)).expect("opens")
+    });
+
+    const ALICE: CustomerId = CustomerId::from_bytes([1; 16]);
+    const BOB: CustomerId = CustomerId::from_bytes([2; 16]);
+    const DOC: DocId = DocId::from_bytes([3; 16]);
+    const OTHER_DOC: DocId = DocId::from_bytes([4; 16]);
+
+    #[test]
+    fn wrong_master_key_is_refused_at_open() {
+        let backend = MemoryStore::new();
+        EncryptedStore::open(backend.clone(), keyring(1)).expect("first open");
+        assert!(matches!(
+            EncryptedStore::open(backend, keyring(2)),
+            Err(StoreError::WrongMasterKey)
+        ));
+    }
+
+    #[test]
+    fn nothing_plain_reaches_the_backend() {
+        let backend = MemoryStore::new();
+        let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+        store
+            .write_doc(
+                &ALICE,
+                &DOC,
+                b"MARKER-meta",
+                Some(Chunk {
+                    index: 0,
+                    bytes: b"MARKER-chunk",
+                }),
+            )
+            .expect("write");
+        store
+            .put_record(&ALICE, Space::DEVICES, b"k", b"MARKER-record")
+            .expect("put");
+        let raw = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+        let everything = [
+            raw.meta.clone(),
+            raw.chunks[0].1.clone(),
+            backend
+                .get_record(&ALICE, Space::DEVICES, b"k")
+                .expect("get")
+                .expect("exists"),
+        ]
+        .concat();
+        assert!(!everything.windows(6).any(|w| w == b"MARKER"));
+    }
+
+    #[test]
+    fn chunk_moved_to_another_customer_or_document_or_position_fails_to_open() {
+        let backend = MemoryStore::new();
+        let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+        for c in [ALICE, BOB] {
+            for d in [DOC, OTHER_DOC] {
+                store
+                    .write_doc(
+                        &c,
+                        &d,
+                        b"m",
+                        Some(Chunk {
+                            index: 0,
+                            bytes: b"x",
+                        }),
+                    )
+                    .expect("write");
+            }
+        }
+        let stolen = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+        let sealed_chunk = stolen.chunks[0].1.clone();
+        // Into Bob's store, same document id: another data key and another customer in the AAD.
+        backend
+            .write_doc(
+                &BOB,
+                &DOC,
+                &stolen.meta,
+                Some(Chunk {
+                    index: 0,
+                    bytes: &sealed_chunk,
+                }),
+            )
+            .expect("raw write");
+        assert!(matches!(
+            store.load(&BOB, &DOC),
+            Err(StoreError::Corrupt(_))
+        ));
+        // Into Alice's other document: same key, but the AAD names another document.
+        backend
+            .write_doc(&ALICE, &OTHER_DOC, &stolen.meta, None)
+            .expect("raw write");
+        assert!(matches!(
+            store.load(&ALICE, &OTHER_DOC),
+            Err(StoreError::Corrupt(_))
+        ));
+        // To another position in the same document.
+        backend
+            .write_doc(
+                &ALICE,
+                &DOC,
+                &stolen.meta,
+                Some(Chunk {
+                    index: 1,
+                    bytes: &sealed_chunk,
+                }),
+            )
+            .expect("raw write");
+        assert!(matches!(
+            store.load(&ALICE, &DOC),
+            Err(StoreError::Corrupt("chunk"))
+        ));
+        // Bob's untouched document still opens.
+        assert!(store.load(&BOB, &OTHER_DOC).expect("load").is_some());
+    }
+}

@@ -1,0 +1,207 @@
+//! Cubby's storage seam.
+//!
+//! [`Store`] speaks CRDT persistence for many customers' stores: documents kept as an optional
+//! snapshot plus change chunks appended after it, compaction, a per-customer change feed, wrapped
+//! data keys, and small keyed records (devices, sync states, audit entries). Backends implement it;
+//! [`EncryptedStore`] wraps any backend so that every value it writes is sealed.
+//!
+//! ```
+//! use cubby_core::{CustomerId, DocId, Seq};
+//! use cubby_crypto::keys::{Keyring, MasterSecret};
+//! use cubby_store::{Chunk, EncryptedStore, MemoryStore, Store};
+//!
+//! let keyring = Keyring::from_master(&MasterSecret::from_bytes([7; 32]));
+//! let store = EncryptedStore::open(MemoryStore::new(), keyring)?;
+//! let (alice, doc) = (CustomerId::from_bytes([1; 16]), DocId::from_bytes([2; 16]));
+//! let seq = store.write_doc(&alice, &doc, b"meta", Some(Chunk { index: 0, bytes: b"change" }))?;
+//! store.flush()?;
+//! assert_eq!(store.feed_since(&alice, Seq(0))?, vec![(seq, doc)]);
+//! let records = store.load(&alice, &doc)?.expect("the document exists");
+//! assert_eq!(records.chunks, vec![(0, b"change".to_vec())]);
+//! # Ok::<(), cubby_store::StoreError>(())
+//! ```
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod encrypted;
+mod memory;
+
+pub use encrypted::EncryptedStore;
+pub use memory::MemoryStore;
+
+use cubby_core::{CustomerId, DocId, Seq};
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The disk is full; nothing was written. Retry after space is freed.
+    #[error("storage is full")]
+    Full,
+    /// The backend failed (I/O, corruption detected by the backend).
+    #[error("storage failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A sealed record did not open: it was changed, moved, or belongs elsewhere.
+    #[error("a stored {0} record failed authentication")]
+    Corrupt(&'static str),
+    /// The keyring does not open this store's keys: the master key is wrong.
+    #[error("the master key does not match this data directory")]
+    WrongMasterKey,
+}
+
+/// Shorthand for storage results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One change chunk: the `index`-th write to a document since it was created.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunk<'a> {
+    /// Its position. Each document's chunks have increasing indexes.
+    pub index: u64,
+    /// The bytes (an `Automerge::save_after`).
+    pub bytes: &'a [u8],
+}
+
+/// A snapshot that replaced every chunk up to and including `through`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last chunk index the snapshot covers.
+    pub through: u64,
+    /// The bytes (an `Automerge::save`).
+    pub bytes: Vec<u8>,
+}
+
+/// Everything stored for one document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocRecords {
+    /// The encoded metadata last written.
+    pub meta: Vec<u8>,
+    /// The latest snapshot, if the document was ever compacted.
+    pub snapshot: Option<Snapshot>,
+    /// Chunks written after the snapshot, by increasing index.
+    pub chunks: Vec<(u64, Vec<u8>)>,
+}
+
+/// A namespace of keyed records in a customer's store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Space(pub u8);
+
+impl Space {
+    /// Devices registered to the customer.
+    pub const DEVICES: Space = Space(1);
+    /// Persisted sync sessions, per device and document.
+    pub const SYNC_STATES: Space = Space(2);
+    /// The customer's audit log.
+    pub const AUDIT: Space = Space(3);
+    /// A device's own bookkeeping (cursor, identity, pending documents).
+    pub const LOCAL: Space = Space(4);
+}
+
+/// The customer id under which a store keeps its own records (such as the key check).
+pub const SYSTEM: CustomerId = CustomerId::from_bytes([0; 16]);
+
+/// CRDT persistence for many customer stores.
+///
+/// Writes are visible to reads at once but durable only after [`Store::flush`] returns: callers
+/// acknowledge nothing before that. Methods block; async callers run them off their workers.
+pub trait Store: Send + Sync + 'static {
+    /// The customer's wrapped data key, if one was stored.
+    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>>;
+
+    /// Stores `wrapped` as the customer's data key unless one exists; returns the one that won.
+    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>>;
+
+    /// Writes a document's metadata and optionally one change chunk, and moves the document to
+    /// the head of the customer's change feed. Returns the document's new feed position.
+    fn write_doc(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<Seq>;
+
+    /// Everything stored for a document, or `None` if it does not exist (or was deleted).
+    fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>>;
+
+    /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`.
+    fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()>;
+
+    /// Deletes a document's content and metadata; its feed entry moves to the head, so devices
+    /// learn of the deletion.
+    fn delete_doc(&self, customer: &CustomerId, doc: &DocId) -> Result<Seq>;
+
+    /// Every live document with its metadata.
+    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>>;
+
+    /// Documents whose feed position is after `cursor`, by increasing position. Each document
+    /// appears once, at its latest position.
+    fn feed_since(&self, customer: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>>;
+
+    /// Writes a keyed record.
+    fn put_record(
+        &self,
+        customer: &CustomerId,
+        space: Space,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<()>;
+
+    /// Reads a keyed record.
+    fn get_record(
+        &self,
+        customer: &CustomerId,
+        space: Space,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>>;
+
+    /// Removes a keyed record (absent records are fine).
+    fn remove_record(&self, customer: &CustomerId, space: Space, key: &[u8]) -> Result<()>;
+
+    /// Every record in a space, by key.
+    fn scan_records(&self, customer: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Makes every write that returned before this call durable.
+    fn flush(&self) -> Result<()>;
+}
+
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
+        (**self).get_key(c)
+    }
+    fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        (**self).put_key_if_absent(c, wrapped)
+    }
+    fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
+        (**self).write_doc(c, d, m, ch)
+    }
+    fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
+        (**self).load(c, d)
+    }
+    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
+        (**self).compact(c, d, s)
+    }
+    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+        (**self).delete_doc(c, d)
+    }
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+        (**self).list_docs(c)
+    }
+    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+        (**self).feed_since(c, cursor)
+    }
+    fn put_record(&self, c: &CustomerId, s: Space, k: &[u8], v: &[u8]) -> Result<()> {
+        (**self).put_record(c, s, k, v)
+    }
+    fn get_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        (**self).get_record(c, s, k)
+    }
+    fn remove_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> Result<()> {
+        (**self).remove_record(c, s, k)
+    }
+    fn scan_records(&self, c: &CustomerId, s: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        (**self).scan_records(c, s)
+    }
+    fn flush(&self) -> Result<()> {
+        (**self).flush()
+    }
+}

@@ -1,0 +1,179 @@
+//! The in-memory backend: the reference the conformance suite holds others to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use cubby_core::{CustomerId, DocId, Seq};
+
+use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store};
+
+/// A store in memory. Clones share the same data, so a clone is a "reopen".
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keys: HashMap<CustomerId, Vec<u8>>,
+    docs: HashMap<(CustomerId, DocId), MemDoc>,
+    feed: HashMap<CustomerId, Feed>,
+    records: BTreeMap<(CustomerId, Space, Vec<u8>), Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct MemDoc {
+    meta: Vec<u8>,
+    snapshot: Option<Snapshot>,
+    chunks: BTreeMap<u64, Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct Feed {
+    last: u64,
+    by_seq: BTreeMap<u64, DocId>,
+    by_doc: HashMap<DocId, u64>,
+}
+
+impl Feed {
+    fn bump(&mut self, doc: DocId) -> Seq {
+        self.last += 1;
+        if let Some(old) = self.by_doc.insert(doc, self.last) {
+            self.by_seq.remove(&old);
+        }
+        self.by_seq.insert(self.last, doc);
+        Seq(self.last)
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave `Inner` half-updated: every method mutates it last.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Store for MemoryStore {
+    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().keys.get(customer).cloned())
+    }
+
+    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .lock()
+            .keys
+            .entry(*customer)
+            .or_insert_with(|| wrapped.to_vec())
+            .clone())
+    }
+
+    fn write_doc(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
+        let mut inner = self.lock();
+        let entry = inner.docs.entry((*customer, *doc)).or_default();
+        entry.meta = meta.to_vec();
+        if let Some(chunk) = chunk {
+            entry.chunks.insert(chunk.index, chunk.bytes.to_vec());
+        }
+        Ok(inner.feed.entry(*customer).or_default().bump(*doc))
+    }
+
+    fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>> {
+        Ok(self
+            .lock()
+            .docs
+            .get(&(*customer, *doc))
+            .map(|d| DocRecords {
+                meta: d.meta.clone(),
+                snapshot: d.snapshot.clone(),
+                chunks: d.chunks.iter().map(|(i, b)| (*i, b.clone())).collect(),
+            }))
+    }
+
+    fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(d) = inner.docs.get_mut(&(*customer, *doc)) {
+            d.chunks = d.chunks.split_off(&(snapshot.through + 1));
+            d.snapshot = Some(snapshot.clone());
+        }
+        Ok(())
+    }
+
+    fn delete_doc(&self, customer: &CustomerId, doc: &DocId) -> Result<Seq> {
+        let mut inner = self.lock();
+        inner.docs.remove(&(*customer, *doc));
+        Ok(inner.feed.entry(*customer).or_default().bump(*doc))
+    }
+
+    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+        let inner = self.lock();
+        let mut docs: Vec<_> = inner
+            .docs
+            .iter()
+            .filter(|((c, _), _)| c == customer)
+            .map(|((_, d), doc)| (*d, doc.meta.clone()))
+            .collect();
+        docs.sort_by_key(|(d, _)| *d);
+        Ok(docs)
+    }
+
+    fn feed_since(&self, customer: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+        let inner = self.lock();
+        Ok(inner.feed.get(customer).map_or_else(Vec::new, |feed| {
+            feed.by_seq
+                .range(cursor.0 + 1..)
+                .map(|(s, d)| (Seq(*s), *d))
+                .collect()
+        }))
+    }
+
+    fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
+        self.lock()
+            .records
+            .insert((*c, space, key.to_vec()), value.to_vec());
+        Ok(())
+    }
+
+    fn get_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().records.get(&(*c, space, key.to_vec())).cloned())
+    }
+
+    fn remove_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<()> {
+        self.lock().records.remove(&(*c, space, key.to_vec()));
+        Ok(())
+    }
+
+    fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let inner = self.lock();
+        Ok(inner
+            .records
+            .range((*c, space, Vec::new())..)
+            .take_while(|((rc, rs, _), _)| rc == c && *rs == space)
+            .map(|((_, _, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    crate::conformance_tests!(|| {
+        let store = crate::MemoryStore::new();
+        move || store.clone()
+    });
+}
