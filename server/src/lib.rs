@@ -1,1 +1,253 @@
-//! placeholder
+//! `cubby-server`: the Cubby sync server.
+//!
+//! [`start`] opens the encrypted store, verifies the master key, binds the listener and serves
+//! the gRPC services (Sync, Account, health, reflection) over TLS 1.3; [`RunningServer::shutdown`]
+//! stops it and waits until every write is flushed and the store is closed.
+//!
+//! Modules, from the edge inwards: [`config`] (TOML settings), [`tls`] (certificates and the
+//! handshake), [`auth`] (tokens), `sync` and `account` (the services), `docs` (one actor per live
+//! document), `hub` (per-customer change announcements), `durable` (group commit).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cubby_core::lifecycle::CompactionPolicy;
+use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
+use cubby_proto::pb;
+use cubby_store::{EncryptedStore, Store, StoreError};
+use cubby_store_sled::SledStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod account;
+pub mod auth;
+pub mod config;
+mod docs;
+mod durable;
+mod hub;
+mod sync;
+pub mod tls;
+
+pub use config::{ConfigError, Limits, ServerConfig, TenantConfig, TlsConfig};
+
+/// Why the server did not start. Each message tells the operator what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is wrong or incomplete.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The master key file is missing or unreadable.
+    #[error("{0}")]
+    MasterKey(#[from] KeyFileError),
+    /// The master key does not open this data directory.
+    #[error("the master key does not match the data in {0}; refusing to start")]
+    WrongMasterKey(PathBuf),
+    /// The store could not be opened.
+    #[error("cannot open the store in {path}: {source}")]
+    Store {
+        /// The database directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the services share.
+pub(crate) struct Shared {
+    pub(crate) auth: auth::Authenticator,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) docs: docs::Docs,
+    pub(crate) hub: Arc<hub::Hub>,
+    pub(crate) limits: Limits,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) stop: CancellationToken,
+}
+
+/// A server that is accepting connections.
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    cert: Option<tls::CertPaths>,
+    master_key_created: Option<PathBuf>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    committer: durable::Committer,
+}
+
+impl RunningServer {
+    /// The address it listens on (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The TLS certificate it serves (`None` for plaintext).
+    pub fn cert(&self) -> Option<&tls::CertPaths> {
+        self.cert.as_ref()
+    }
+
+    /// The master key file, if this start created it.
+    pub fn master_key_created(&self) -> Option<&PathBuf> {
+        self.master_key_created.as_ref()
+    }
+
+    /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
+    /// the store.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        match self.serve.await {
+            Ok(Err(err)) => tracing::warn!(%err, "server ended with an error"),
+            Err(err) => tracing::warn!(%err, "server task failed"),
+            Ok(Ok(())) => {}
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+        // Every commit handle lived in a task or service that has now ended.
+        let committer = self.committer;
+        let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+    }
+}
+
+fn master_key(config: &ServerConfig) -> Result<(MasterSecret, Option<PathBuf>), StartError> {
+    match &config.master_key_file {
+        Some(path) => Ok((MasterSecret::read(path)?, None)),
+        None => {
+            let path = config.data.join("master.key");
+            if path.exists() {
+                Ok((MasterSecret::read(&path)?, None))
+            } else {
+                Ok((MasterSecret::create(&path)?, Some(path)))
+            }
+        }
+    }
+}
+
+/// Starts a server. Returns once it is listening.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    tls::install_ring_provider();
+    std::fs::create_dir_all(&config.data).map_err(|e| {
+        ConfigError(format!("cannot create data directory {}: {e}", config.data.display()))
+    })?;
+    let (master, master_key_created) = master_key(&config)?;
+    let db_path = config.data.join("db");
+    let sled = SledStore::open(&db_path)
+        .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
+    let store = match EncryptedStore::open(sled, Keyring::from_master(&master)) {
+        Ok(store) => Arc::new(store) as Arc<dyn Store>,
+        Err(StoreError::WrongMasterKey) => {
+            return Err(StartError::WrongMasterKey(config.data.clone()));
+        }
+        Err(source) => return Err(StartError::Store { path: db_path, source }),
+    };
+    let auth = auth::Authenticator::new(&config, Keyring::from_master(&master))?;
+    drop(master);
+
+    let cert = if config.tls.insecure_plaintext {
+        None
+    } else {
+        Some(match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => {
+                tls::CertPaths { cert: cert.clone(), key: key.clone(), self_signed: false }
+            }
+            (None, None) => tls::ensure_self_signed(&config.data)?,
+            _ => return Err(ConfigError("tls: set both cert and key, or neither".into()).into()),
+        })
+    };
+    let tls_config = cert.as_ref().map(tls::server_config).transpose()?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+
+    let limits = config.limits.clone();
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (committer, commit) = durable::Committer::start(store.clone(), limits.max_commit_batch);
+    let hub = Arc::new(hub::Hub::default());
+    let docs = docs::Docs::new(docs::Ctx {
+        store: store.clone(),
+        commit,
+        hub: hub.clone(),
+        idle: Duration::from_secs(limits.idle_document_secs),
+        policy: CompactionPolicy::default(),
+        tracker: tracker.clone(),
+        stop: stop.clone(),
+    });
+    let shared = Arc::new(Shared {
+        auth,
+        store,
+        docs,
+        hub,
+        limits: limits.clone(),
+        tracker: tracker.clone(),
+        stop: stop.clone(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
+    health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cubby_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ConfigError(format!("reflection: {e}")))?;
+    let max = limits.max_message_bytes;
+    let sync_service =
+        pb::sync_server::SyncServer::new(sync::SyncService { shared: shared.clone() })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+    let account_service =
+        pb::account_server::AccountServer::new(account::AccountService { shared })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+
+    let router = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
+        .http2_keepalive_interval(Some(Limits::secs(limits.keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(Limits::secs(limits.keepalive_timeout_secs)))
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(sync_service)
+        .add_service(account_service);
+
+    let shutdown = stop.clone().cancelled_owned();
+    let serve = match tls_config {
+        Some(tls_config) => {
+            let incoming = tls::incoming(
+                listener,
+                tls_config,
+                Limits::secs(limits.tls_handshake_timeout_secs),
+                256,
+                &tracker,
+                stop.clone(),
+            );
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        None => {
+            tracing::warn!("serving PLAINTEXT: for local development behind a trusted proxy only");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
+    Ok(RunningServer { addr, cert, master_key_created, stop, tracker, serve, committer })
+}

@@ -1,1 +1,142 @@
-fn main() {}
+//! `cubby-server`: run the server, mint development tokens, create master keys.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use cubby_server::{ServerConfig, auth};
+
+#[derive(Parser)]
+#[command(name = "cubby-server", version, about = "The Cubby sync server")]
+struct Cli {
+    /// Data directory (database, generated certificate and keys).
+    #[arg(long, env = "CUBBY_DATA", default_value = "./cubby-data", global = true)]
+    data: PathBuf,
+    /// Address to listen on (overrides the config file).
+    #[arg(long, env = "CUBBY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// A TOML config file (see server/config/prod.toml). Without one: development mode.
+    #[arg(long, env = "CUBBY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a token for the development tenant.
+    DevToken {
+        /// The customer (token subject).
+        #[arg(long)]
+        customer: String,
+        /// Lifetime, e.g. 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Master keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a new master key file (mode 0600). Back it up: without it the data is unreadable.
+    Create {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 =
+        number.parse().map_err(|_| format!("{text:?} is not a duration like 30m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cubby-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Some(Command::DevToken { customer, ttl }) => {
+            let signer = auth::dev_signer(&cli.data, false)?;
+            println!("{}", auth::dev_token(&signer, &customer, ttl));
+            Ok(())
+        }
+        Some(Command::Keys { command: KeysCommand::Create { out } }) => {
+            cubby_crypto::keys::MasterSecret::create(&out)?;
+            println!("created master key {}", out.display());
+            Ok(())
+        }
+        None => {
+            let mut config = match &cli.config {
+                Some(path) => ServerConfig::from_file(path)?,
+                None => {
+                    ServerConfig::dev(cli.data.clone(), SocketAddr::from(([127, 0, 0, 1], 7443)))
+                }
+            };
+            if let Some(listen) = cli.listen {
+                config.listen = listen;
+            }
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+async fn serve(config: ServerConfig) -> anyhow::Result<()> {
+    let dev = config.dev_tenant_enabled();
+    let data = config.data.clone();
+    let server = cubby_server::start(config).await?;
+    let scheme = if server.cert().is_some() { "https" } else { "http" };
+    println!("cubby-server listening on {scheme}://{}", server.local_addr());
+    if let Some(cert) = server.cert().filter(|c| c.self_signed) {
+        println!("self-signed TLS certificate: {} (clients: CUBBY_CA={0})", cert.cert.display());
+    }
+    if let Some(path) = server.master_key_created() {
+        println!(
+            "created master key {} (back it up; without it the data is unreadable)",
+            path.display()
+        );
+    }
+    if dev {
+        println!(
+            "development tenant on: cubby-server dev-token --data {} --customer alice",
+            data.display()
+        );
+    }
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    println!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}

@@ -1,1 +1,400 @@
-//! placeholder
+//! The Cubby client SDK.
+//!
+//! A [`Client`] keeps the customer's documents in a local sled store encrypted with a key the app
+//! supplies, so every edit works offline and is on disk before [`DocHandle::change`] returns. A
+//! background task syncs with the server over one gRPC stream (the standard Automerge sync
+//! protocol per document), reconnecting with jittered exponential backoff, and reports its
+//! progress on [`Client::status`]. The SDK never builds a runtime: call it from inside yours.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cubby_client::ClientError> {
+//! use cubby_client::{Client, StaticToken};
+//!
+//! let client = Client::builder()
+//!     .with_data_dir("/path/to/app/cubby")
+//!     .with_local_key([0u8; 32]) // from the platform keychain
+//!     .with_server("https://cubby.example.com:7443")
+//!     .with_token_provider(StaticToken::new("eyJ..."))
+//!     .build()
+//!     .await?;
+//! let doc = client.create("Groceries").await?;
+//! doc.put("milk", serde_json::json!(2)).await?;
+//! let mut changes = doc.subscribe();
+//! changes.recv().await.ok(); // another device edited it
+//! println!("{}", doc.to_json());
+//! client.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use cubby_core::{DeviceId, DocId, DocMeta};
+use cubby_crypto::keys::{Keyring, MasterSecret};
+use cubby_store::{EncryptedStore, Space, Store, StoreError};
+use cubby_store_sled::SledStore;
+use tokio::sync::{mpsc, watch};
+
+mod doc;
+mod engine;
+
+pub use doc::{DocEvent, DocHandle};
+pub use engine::{SyncFailure, SyncStatus};
+
+/// The customer id the local store files everything under (a device holds one customer).
+const LOCAL: cubby_core::CustomerId = cubby_core::CustomerId::from_bytes([1; 16]);
+
+/// Why an SDK call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The builder is missing something or was given something invalid.
+    #[error("invalid client configuration: {0}")]
+    Config(String),
+    /// The local store failed.
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
+    /// No such document on this device.
+    #[error("unknown document {0}")]
+    UnknownDocument(DocId),
+    /// The local store holds data that does not load.
+    #[error("local document {0} is damaged")]
+    Damaged(DocId),
+    /// An Automerge operation failed (for example a bad object id in a transaction).
+    #[error("document change failed: {0}")]
+    Change(#[from] automerge::AutomergeError),
+    /// The client was shut down.
+    #[error("the client is shut down")]
+    Closed,
+}
+
+/// Why a token could not be had.
+#[derive(Debug, thiserror::Error)]
+#[error("token provider failed: {0}")]
+pub struct TokenError(pub String);
+
+/// A boxed future returned by a [`TokenProvider`].
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, TokenError>> + Send>>;
+
+/// Supplies access tokens from the app's identity provider.
+pub trait TokenProvider: Send + Sync + 'static {
+    /// A current token. `refresh` is true when the server refused the last one (expired or
+    /// revoked): fetch a new one rather than returning a cached token.
+    fn token(&self, refresh: bool) -> TokenFuture;
+}
+
+impl<F, Fut> TokenProvider for F
+where
+    F: Fn(bool) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<String, TokenError>> + Send + 'static,
+{
+    fn token(&self, refresh: bool) -> TokenFuture {
+        Box::pin(self(refresh))
+    }
+}
+
+/// A fixed token (scripts and tests). It is never refreshed.
+#[derive(Clone)]
+pub struct StaticToken(Arc<str>);
+
+impl StaticToken {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into().into())
+    }
+}
+
+impl fmt::Debug for StaticToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StaticToken(..)")
+    }
+}
+
+impl TokenProvider for StaticToken {
+    fn token(&self, _refresh: bool) -> TokenFuture {
+        let token = self.0.to_string();
+        Box::pin(async move { Ok(token) })
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Default)]
+pub struct ClientBuilder {
+    data_dir: Option<PathBuf>,
+    local_key: Option<[u8; 32]>,
+    server: Option<String>,
+    token: Option<Arc<dyn TokenProvider>>,
+    ca_pem: Option<Vec<u8>>,
+    device_name: Option<String>,
+    platform: Option<String>,
+    autosync: bool,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("data_dir", &self.data_dir)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// Where the device keeps its local store (required).
+    pub fn with_data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// The 32-byte key that encrypts the local store (required). Keep it in the platform's
+    /// keychain; without it the local store is unreadable.
+    pub fn with_local_key(mut self, key: [u8; 32]) -> Self {
+        self.local_key = Some(key);
+        self
+    }
+
+    /// The server, e.g. `https://cubby.example.com:7443`. Without it the client works offline.
+    pub fn with_server(mut self, url: impl Into<String>) -> Self {
+        self.server = Some(url.into());
+        self
+    }
+
+    /// Where tokens come from (required with a server).
+    pub fn with_token_provider(mut self, provider: impl TokenProvider) -> Self {
+        self.token = Some(Arc::new(provider));
+        self
+    }
+
+    /// A PEM certificate to trust instead of the public web roots (a self-signed server).
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// A human name for this device, shown in the customer's device list.
+    pub fn with_device_name(mut self, name: impl Into<String>) -> Self {
+        self.device_name = Some(name.into());
+        self
+    }
+
+    /// The platform, e.g. `ios`.
+    pub fn with_platform(mut self, platform: impl Into<String>) -> Self {
+        self.platform = Some(platform.into());
+        self
+    }
+
+    /// Whether to start syncing in the background at once (default true with a server).
+    pub fn with_autosync(mut self, on: bool) -> Self {
+        self.autosync = on;
+        self
+    }
+
+    /// Opens the local store and, with a server, starts syncing.
+    pub async fn build(self) -> Result<Client, ClientError> {
+        let dir =
+            self.data_dir.ok_or_else(|| ClientError::Config("with_data_dir is required".into()))?;
+        let key = self
+            .local_key
+            .ok_or_else(|| ClientError::Config("with_local_key is required".into()))?;
+        let remote = match self.server {
+            Some(url) => {
+                let token = self.token.ok_or_else(|| {
+                    ClientError::Config("a server needs with_token_provider".into())
+                })?;
+                Some(engine::Remote::new(&url, token, self.ca_pem)?)
+            }
+            None => None,
+        };
+        let store = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ClientError> {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                ClientError::Config(format!("cannot create {}: {e}", dir.display()))
+            })?;
+            let sled = SledStore::open(&dir.join("store"))?;
+            let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
+            Ok(Arc::new(EncryptedStore::open(sled, keyring)?))
+        })
+        .await
+        .map_err(|_| ClientError::Closed)??;
+        let device_id = device_id(&*store)?;
+        let (wake, wakes) = mpsc::unbounded_channel();
+        let (status, _) = watch::channel(SyncStatus::Offline { failure: None });
+        let inner = Arc::new(Inner {
+            store,
+            device_id,
+            docs: Mutex::new(HashMap::new()),
+            wake,
+            status,
+            device_name: self.device_name.unwrap_or_else(|| "unnamed device".into()),
+            platform: self.platform.unwrap_or_else(|| std::env::consts::OS.into()),
+        });
+        let task = match remote {
+            Some(remote) if self.autosync => {
+                Some(tokio::spawn(engine::run(inner.clone(), remote, wakes)))
+            }
+            _ => None,
+        };
+        Ok(Client { inner, task: Mutex::new(task) })
+    }
+}
+
+fn device_id(store: &dyn Store) -> Result<DeviceId, ClientError> {
+    if let Some(bytes) = store.get_record(&LOCAL, Space::LOCAL, b"device-id")? {
+        return DeviceId::from_slice(&bytes)
+            .map_err(|_| ClientError::Store(StoreError::Corrupt("device id")));
+    }
+    let id = DeviceId::from_bytes(cubby_crypto::random_array());
+    store.put_record(&LOCAL, Space::LOCAL, b"device-id", id.as_bytes())?;
+    store.flush()?;
+    Ok(id)
+}
+
+/// What the client's parts share.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) device_id: DeviceId,
+    /// Open documents; a document stays loaded while a handle or the sync engine holds it.
+    docs: Mutex<HashMap<DocId, Weak<doc::DocShared>>>,
+    /// Tells the sync engine a document has local changes.
+    pub(crate) wake: mpsc::UnboundedSender<DocId>,
+    pub(crate) status: watch::Sender<SyncStatus>,
+    pub(crate) device_name: String,
+    pub(crate) platform: String,
+}
+
+impl Inner {
+    /// The loaded document, loading it from the local store if needed.
+    pub(crate) async fn doc(
+        self: &Arc<Self>,
+        id: DocId,
+    ) -> Result<Arc<doc::DocShared>, ClientError> {
+        if let Some(shared) = self.cached(&id) {
+            return Ok(shared);
+        }
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || doc::DocShared::load(&*store, id))
+            .await
+            .map_err(|_| ClientError::Closed)??;
+        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        // Another task may have loaded it meanwhile: keep the first.
+        if let Some(existing) = docs.get(&id).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let shared = Arc::new(loaded);
+        docs.retain(|_, weak| weak.strong_count() > 0);
+        docs.insert(id, Arc::downgrade(&shared));
+        Ok(shared)
+    }
+
+    fn cached(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).get(id).and_then(Weak::upgrade)
+    }
+
+    /// Registers a freshly created document.
+    pub(crate) fn insert(&self, shared: Arc<doc::DocShared>) {
+        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        docs.insert(shared.id, Arc::downgrade(&shared));
+    }
+
+    /// Forgets a document (deleted on the server).
+    pub(crate) fn forget(&self, id: &DocId) {
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+    }
+}
+
+/// A device's view of one customer's store. Cheap to share behind an `Arc`.
+pub struct Client {
+    inner: Arc<Inner>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client").field("device", &self.inner.device_id).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Starts building a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder { autosync: true, ..ClientBuilder::default() }
+    }
+
+    /// This installation's device id.
+    pub fn device_id(&self) -> DeviceId {
+        self.inner.device_id
+    }
+
+    /// Creates a document locally. It reaches the server on the next sync.
+    pub async fn create(&self, title: &str) -> Result<DocHandle, ClientError> {
+        let id = DocId::from_bytes(cubby_crypto::random_array());
+        let shared = Arc::new(doc::DocShared::new(id, title));
+        let store = self.inner.store.clone();
+        let meta = shared.meta().encode();
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            store.write_doc(&LOCAL, &id, &meta, None)?;
+            store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"new")?;
+            store.flush()
+        })
+        .await
+        .map_err(|_| ClientError::Closed)??;
+        self.inner.insert(shared.clone());
+        let _ = self.inner.wake.send(id);
+        Ok(DocHandle::new(shared, self.inner.clone()))
+    }
+
+    /// Opens a document this device holds.
+    pub async fn open(&self, id: DocId) -> Result<DocHandle, ClientError> {
+        Ok(DocHandle::new(self.inner.doc(id).await?, self.inner.clone()))
+    }
+
+    /// The documents this device holds, with their metadata, by id.
+    pub async fn list(&self) -> Result<Vec<(DocId, DocMeta)>, ClientError> {
+        let store = self.inner.store.clone();
+        let docs = tokio::task::spawn_blocking(move || store.list_docs(&LOCAL))
+            .await
+            .map_err(|_| ClientError::Closed)??;
+        docs.into_iter()
+            .map(|(id, meta)| {
+                Ok((id, DocMeta::decode(&meta).map_err(|_| ClientError::Damaged(id))?))
+            })
+            .collect()
+    }
+
+    /// Documents with local changes the server has not acknowledged yet.
+    pub async fn unsynced(&self) -> Result<Vec<DocId>, ClientError> {
+        let store = self.inner.store.clone();
+        let records =
+            tokio::task::spawn_blocking(move || store.scan_records(&LOCAL, Space::UNSYNCED))
+                .await
+                .map_err(|_| ClientError::Closed)??;
+        Ok(records.iter().filter_map(|(k, _)| DocId::from_slice(k).ok()).collect())
+    }
+
+    /// The sync status; `borrow()` for now, `changed().await` for updates.
+    pub fn status(&self) -> watch::Receiver<SyncStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// Stops syncing and closes the local store. Local data is already on disk.
+    pub async fn shutdown(self) {
+        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        let store = self.inner.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            task.abort();
+        }
+    }
+}

@@ -114,9 +114,6 @@ mod tests {
     #[test]
     fn debug_shows_a_short_id() {
         let id = DocId::from_bytes([7; 16]);
-        assert_eq!(
-            format!("{id:?}"),
-            format!("DocId({})", &id.to_string()[..8])
-        );
+        assert_eq!(format!("{id:?}"), format!("DocId({})", &id.to_string()[..8]));
     }
 }

@@ -17,10 +17,7 @@ pub struct CompactionPolicy {
 
 impl Default for CompactionPolicy {
     fn default() -> Self {
-        Self {
-            max_chunks: 256,
-            max_chunk_bytes: 1 << 20,
-        }
+        Self { max_chunks: 256, max_chunk_bytes: 1 << 20 }
     }
 }
 
@@ -80,10 +77,7 @@ mod tests {
 
     #[test]
     fn policy_triggers_on_count_or_bytes() {
-        let p = CompactionPolicy {
-            max_chunks: 3,
-            max_chunk_bytes: 100,
-        };
+        let p = CompactionPolicy { max_chunks: 3, max_chunk_bytes: 100 };
         assert!(!p.should_compact(2, 99));
         assert!(p.should_compact(3, 0));
         assert!(p.should_compact(0, 100));

@@ -71,15 +71,12 @@ impl PeerSession {
             self.reset();
             return Err(SyncError::Rejected(err));
         }
-        Ok(Received {
-            changed: doc.get_heads() != before,
-        })
+        Ok(Received { changed: doc.get_heads() != before })
     }
 
     /// The next message for the peer, if there is anything to say.
     pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
-        doc.generate_sync_message(&mut self.state)
-            .map(sync::Message::encode)
+        doc.generate_sync_message(&mut self.state).map(sync::Message::encode)
     }
 
     /// The heads the peer last told us it has, if it has said.
@@ -97,9 +94,7 @@ impl PeerSession {
     pub fn peer_has_everything(&self, doc: &Automerge) -> bool {
         let heads = doc.get_heads();
         self.state.shared_heads == heads
-            || self
-                .their_heads()
-                .is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
+            || self.their_heads().is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
     }
 }
 
@@ -143,18 +138,13 @@ mod tests {
         let mut b = doc_with("b", "2");
         sync_pair(&mut a, &mut b);
         assert_eq!(a.get_heads(), b.get_heads());
-        assert_eq!(
-            crate::json::to_json(&a),
-            serde_json::json!({"a": "1", "b": "2"})
-        );
+        assert_eq!(crate::json::to_json(&a), serde_json::json!({"a": "1", "b": "2"}));
     }
 
     #[test]
     fn truncated_message_is_refused_and_leaves_the_document_unchanged() {
         let mut source = doc_with("k", "v");
-        let message = PeerSession::new()
-            .generate(&source)
-            .expect("a first message");
+        let message = PeerSession::new().generate(&source).expect("a first message");
         // The first message only carries heads; a second carries the change itself.
         let mut target = Automerge::new();
         let mut session = PeerSession::new();
@@ -174,14 +164,9 @@ mod tests {
                 assert_eq!(scratch.get_heads(), target.get_heads(), "cut at {cut}");
             }
         }
-        assert!(
-            refused >= with_change.len() - 2,
-            "only {refused} cuts refused"
-        );
+        assert!(refused >= with_change.len() - 2, "only {refused} cuts refused");
         // The session is still usable afterwards.
-        session
-            .receive(&mut target, &with_change)
-            .expect("the whole message applies");
+        session.receive(&mut target, &with_change).expect("the whole message applies");
         assert_eq!(target.get_heads(), source.get_heads());
     }
 
@@ -216,9 +201,6 @@ mod tests {
         let mut restored = PeerSession::restore(&saved).expect("decodes");
         let fresh_hello = PeerSession::new().generate(&device).expect("hello").len();
         let restored_hello = restored.generate(&device).expect("hello").len();
-        assert!(
-            restored_hello < fresh_hello,
-            "{restored_hello} >= {fresh_hello}"
-        );
+        assert!(restored_hello < fresh_hello, "{restored_hello} >= {fresh_hello}");
     }
 }

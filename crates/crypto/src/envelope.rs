@@ -59,16 +59,11 @@ pub fn open(key: &DataKey, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, OpenErr
     if sealed[0] != VERSION {
         return Err(OpenError::UnknownVersion(sealed[0]));
     }
-    let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN]
-        .try_into()
-        .expect("slice has NONCE_LEN bytes");
+    let nonce: [u8; NONCE_LEN] =
+        sealed[1..1 + NONCE_LEN].try_into().expect("slice has NONCE_LEN bytes");
     let mut buf = sealed[1 + NONCE_LEN..].to_vec();
     let len = aead_key(key)
-        .open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut buf,
-        )
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
         .map_err(|_| OpenError::Authentication)?
         .len();
     buf.truncate(len);
@@ -101,10 +96,7 @@ mod tests {
     #[test]
     fn another_key_cannot_open() {
         let sealed = seal(&DataKey::generate(), b"aad", b"secret");
-        assert_eq!(
-            open(&DataKey::generate(), b"aad", &sealed),
-            Err(OpenError::Authentication)
-        );
+        assert_eq!(open(&DataKey::generate(), b"aad", &sealed), Err(OpenError::Authentication));
     }
 
     #[test]
@@ -113,10 +105,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..100_000 {
             let sealed = seal(&key, b"", b"");
-            assert!(
-                seen.insert(sealed[1..1 + NONCE_LEN].to_vec()),
-                "nonce repeated"
-            );
+            assert!(seen.insert(sealed[1..1 + NONCE_LEN].to_vec()), "nonce repeated");
         }
     }
 

@@ -114,10 +114,7 @@ pub struct VerifyingKey {
 
 impl fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyingKey")
-            .field("alg", &self.alg)
-            .field("kid", &self.kid)
-            .finish()
+        f.debug_struct("VerifyingKey").field("alg", &self.alg).field("kid", &self.kid).finish()
     }
 }
 
@@ -129,11 +126,7 @@ const OID_RSA: &str = "1.2.840.113549.1.1.1";
 impl VerifyingKey {
     /// A raw 32-byte Ed25519 public key.
     pub fn ed25519(raw: &[u8], kid: Option<String>) -> Self {
-        Self {
-            alg: Algorithm::EdDSA,
-            kid,
-            material: Material::Encoded(raw.to_vec()),
-        }
+        Self { alg: Algorithm::EdDSA, kid, material: Material::Encoded(raw.to_vec()) }
     }
 
     /// A key from a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) block, checked against `alg`.
@@ -152,34 +145,23 @@ impl VerifyingKey {
                     .parameters_oid()
                     .map_err(|e| KeyError::NotAPublicKey(e.to_string()))?;
                 if curve.to_string() != OID_P256 {
-                    return Err(KeyError::NotAPublicKey(format!(
-                        "unsupported curve {curve}"
-                    )));
+                    return Err(KeyError::NotAPublicKey(format!("unsupported curve {curve}")));
                 }
                 (Algorithm::ES256, "P-256")
             }
             OID_RSA => (Algorithm::RS256, "RSA"),
             other => {
-                return Err(KeyError::NotAPublicKey(format!(
-                    "unsupported key type {other}"
-                )));
+                return Err(KeyError::NotAPublicKey(format!("unsupported key type {other}")));
             }
         };
         if found.0 != alg {
-            return Err(KeyError::WrongKeyType {
-                found: found.1,
-                alg: alg.name(),
-            });
+            return Err(KeyError::WrongKeyType { found: found.1, alg: alg.name() });
         }
         let raw = spki
             .subject_public_key
             .as_bytes()
             .ok_or_else(|| KeyError::NotAPublicKey("unaligned key bits".into()))?;
-        Ok(Self {
-            alg,
-            kid,
-            material: Material::Encoded(raw.to_vec()),
-        })
+        Ok(Self { alg, kid, material: Material::Encoded(raw.to_vec()) })
     }
 
     /// Every key in a JWKS document usable with `alg`; keys of other types are skipped.
@@ -200,18 +182,10 @@ impl VerifyingKey {
                     .decode(text)
                     .map_err(|_| KeyError::Jwks(format!("{name:?} is not base64url")))
             };
-            if jwk
-                .get("alg")
-                .and_then(Value::as_str)
-                .is_some_and(|a| a != alg.name())
-            {
+            if jwk.get("alg").and_then(Value::as_str).is_some_and(|a| a != alg.name()) {
                 continue;
             }
-            if jwk
-                .get("use")
-                .and_then(Value::as_str)
-                .is_some_and(|u| u != "sig")
-            {
+            if jwk.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
                 continue;
             }
             let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
@@ -225,10 +199,9 @@ impl VerifyingKey {
                     point.extend(field("y")?);
                     Material::Encoded(point)
                 }
-                (Algorithm::RS256, "RSA", _) => Material::RsaComponents {
-                    n: field("n")?,
-                    e: field("e")?,
-                },
+                (Algorithm::RS256, "RSA", _) => {
+                    Material::RsaComponents { n: field("n")?, e: field("e")? }
+                }
                 _ => continue,
             };
             out.push(Self { alg, kid, material });
@@ -246,9 +219,7 @@ impl VerifyingKey {
             Algorithm::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
         };
         match &self.material {
-            Material::Encoded(raw) => UnparsedPublicKey::new(alg, raw)
-                .verify(message, sig)
-                .is_ok(),
+            Material::Encoded(raw) => UnparsedPublicKey::new(alg, raw).verify(message, sig).is_ok(),
             Material::RsaComponents { n, e } => RsaPublicKeyComponents { n, e }
                 .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, sig)
                 .is_ok(),
@@ -288,9 +259,7 @@ pub struct Verifier {
 }
 
 fn decode_json(part: &str) -> Result<Map<String, Value>, JwtError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(part)
-        .map_err(|_| JwtError::Malformed)?;
+    let bytes = URL_SAFE_NO_PAD.decode(part).map_err(|_| JwtError::Malformed)?;
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(map)) => Ok(map),
         _ => Err(JwtError::Malformed),
@@ -346,10 +315,7 @@ impl Verifier {
             return Err(JwtError::Malformed);
         };
         let header = decode_json(h)?;
-        let alg = header
-            .get("alg")
-            .and_then(Value::as_str)
-            .ok_or(JwtError::Malformed)?;
+        let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Malformed)?;
         if alg != self.validation.algorithm.name() {
             return Err(JwtError::InvalidAlgorithm(alg.to_owned()));
         }
@@ -410,11 +376,7 @@ impl Verifier {
             Some(Value::String(_)) | None => return Err(JwtError::MissingClaim("sub")),
             Some(_) => return Err(JwtError::BadClaimType("sub")),
         };
-        Ok(Claims {
-            sub,
-            exp,
-            all: claims,
-        })
+        Ok(Claims { sub, exp, all: claims })
     }
 }
 

@@ -81,24 +81,17 @@ impl MasterSecret {
 
     /// Reads a master key file.
     pub fn read(path: &Path) -> Result<Self, KeyFileError> {
-        let io = |source| KeyFileError::Io {
-            path: path.to_owned(),
-            source,
-        };
+        let io = |source| KeyFileError::Io { path: path.to_owned(), source };
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
         let encoded = text
             .trim()
             .strip_prefix(MASTER_PREFIX)
             .ok_or_else(|| KeyFileError::Malformed(path.to_owned()))?;
         let bytes = Zeroizing::new(
-            STANDARD
-                .decode(encoded)
-                .map_err(|_| KeyFileError::Malformed(path.to_owned()))?,
+            STANDARD.decode(encoded).map_err(|_| KeyFileError::Malformed(path.to_owned()))?,
         );
-        let array: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| KeyFileError::Malformed(path.to_owned()))?;
+        let array: [u8; 32] =
+            bytes.as_slice().try_into().map_err(|_| KeyFileError::Malformed(path.to_owned()))?;
         Ok(Self::from_bytes(array))
     }
 
@@ -106,10 +99,8 @@ impl MasterSecret {
     pub fn create(path: &Path) -> Result<Self, KeyFileError> {
         let secret = Self(Zeroizing::new(crate::random_array()));
         let text = Zeroizing::new(format!("{MASTER_PREFIX}{}\n", STANDARD.encode(*secret.0)));
-        write_private_file(path, text.as_bytes()).map_err(|source| KeyFileError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
+        write_private_file(path, text.as_bytes())
+            .map_err(|source| KeyFileError::Io { path: path.to_owned(), source })?;
         Ok(secret)
     }
 }
@@ -146,9 +137,7 @@ pub struct Keyring {
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Keyring")
-            .field("current_kek", &self.current)
-            .finish_non_exhaustive()
+        f.debug_struct("Keyring").field("current_kek", &self.current).finish_non_exhaustive()
     }
 }
 
@@ -186,9 +175,7 @@ impl Keyring {
         ctx.update(&(tenant.len() as u64).to_be_bytes());
         ctx.update(tenant.as_bytes());
         ctx.update(subject.as_bytes());
-        ctx.sign().as_ref()[..16]
-            .try_into()
-            .expect("HMAC-SHA256 tags have 32 bytes")
+        ctx.sign().as_ref()[..16].try_into().expect("HMAC-SHA256 tags have 32 bytes")
     }
 
     fn wrap_aad(owner: &[u8], kek: u32) -> Vec<u8> {
@@ -199,11 +186,7 @@ impl Keyring {
     pub fn wrap(&self, owner: &[u8], key: &DataKey) -> Vec<u8> {
         let kek = &self.keks[&self.current];
         let mut out = self.current.to_be_bytes().to_vec();
-        out.extend(envelope::seal(
-            kek,
-            &Self::wrap_aad(owner, self.current),
-            key.expose(),
-        ));
+        out.extend(envelope::seal(kek, &Self::wrap_aad(owner, self.current), key.expose()));
         out
     }
 
@@ -213,10 +196,7 @@ impl Keyring {
         let id = u32::from_be_bytes(id.try_into().expect("split at 4"));
         let kek = self.keks.get(&id).ok_or(UnwrapError::UnknownKek(id))?;
         let bytes = Zeroizing::new(envelope::open(kek, &Self::wrap_aad(owner, id), sealed)?);
-        let array: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| OpenError::Authentication)?;
+        let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError::Authentication)?;
         Ok(DataKey::from_bytes(array))
     }
 }
@@ -230,10 +210,7 @@ mod tests {
         let ring = Keyring::from_master(&MasterSecret::from_bytes([1; 32]));
         let key = DataKey::generate();
         let wrapped = ring.wrap(b"alice", &key);
-        assert_eq!(
-            ring.unwrap(b"alice", &wrapped).expect("opens").expose(),
-            key.expose()
-        );
+        assert_eq!(ring.unwrap(b"alice", &wrapped).expect("opens").expose(), key.expose());
         assert!(ring.unwrap(b"bob", &wrapped).is_err());
         let other = Keyring::from_master(&MasterSecret::from_bytes([2; 32]));
         assert!(other.unwrap(b"alice", &wrapped).is_err());
@@ -263,10 +240,7 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(&path, "nonsense").expect("write");
-        assert!(matches!(
-            MasterSecret::read(&path),
-            Err(KeyFileError::Malformed(_))
-        ));
+        assert!(matches!(MasterSecret::read(&path), Err(KeyFileError::Malformed(_))));
         assert_eq!(format!("{read:?}"), "MasterSecret(..)");
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -37,8 +37,5 @@ pub fn random_array<const N: usize>() -> [u8; N] {
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, data);
-    digest
-        .as_ref()
-        .try_into()
-        .expect("SHA-256 digests are 32 bytes")
+    digest.as_ref().try_into().expect("SHA-256 digests are 32 bytes")
 }

@@ -102,20 +102,12 @@ impl SledStore {
 
 impl Store for SledStore {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get(key(b'k', customer, &[]))
-            .map_err(backend)?
-            .map(|v| v.to_vec()))
+        Ok(self.db.get(key(b'k', customer, &[])).map_err(backend)?.map(|v| v.to_vec()))
     }
 
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
         let k = key(b'k', customer, &[]);
-        match self
-            .db
-            .compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped))
-            .map_err(backend)?
-        {
+        match self.db.compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped)).map_err(backend)? {
             Ok(()) => Ok(wrapped.to_vec()),
             Err(existing) => Ok(existing.current.map(|v| v.to_vec()).unwrap_or_default()),
         }
@@ -143,22 +135,13 @@ impl Store for SledStore {
     }
 
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
-        let Some(meta) = self
-            .db
-            .get(key(b'm', c, &[d.as_bytes()]))
-            .map_err(backend)?
-        else {
+        let Some(meta) = self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(backend)? else {
             return Ok(None);
         };
-        let snapshot = match self
-            .db
-            .get(key(b's', c, &[d.as_bytes()]))
-            .map_err(backend)?
-        {
-            Some(v) if v.len() >= 8 => Some(Snapshot {
-                through: u64_of(&v[..8])?,
-                bytes: v[8..].to_vec(),
-            }),
+        let snapshot = match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(backend)? {
+            Some(v) if v.len() >= 8 => {
+                Some(Snapshot { through: u64_of(&v[..8])?, bytes: v[8..].to_vec() })
+            }
             Some(_) => return Err(StoreError::Backend("stored snapshot is truncated".into())),
             None => None,
         };
@@ -170,11 +153,15 @@ impl Store for SledStore {
                 Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
             })
             .collect::<Result<_>>()?;
-        Ok(Some(DocRecords {
-            meta: meta.to_vec(),
-            snapshot,
-            chunks,
-        }))
+        let seq = match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(backend)? {
+            Some(v) => Seq(u64_of(&v)?),
+            None => Seq(0),
+        };
+        Ok(Some(DocRecords { meta: meta.to_vec(), snapshot, chunks, seq }))
+    }
+
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(backend)?.map(|v| v.to_vec()))
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -240,24 +227,16 @@ impl Store for SledStore {
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
-        self.db
-            .insert(key(b'r', c, &[&[space.0], k]), value)
-            .map_err(backend)?;
+        self.db.insert(key(b'r', c, &[&[space.0], k]), value).map_err(backend)?;
         Ok(())
     }
 
     fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get(key(b'r', c, &[&[space.0], k]))
-            .map_err(backend)?
-            .map(|v| v.to_vec()))
+        Ok(self.db.get(key(b'r', c, &[&[space.0], k])).map_err(backend)?.map(|v| v.to_vec()))
     }
 
     fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
-        self.db
-            .remove(key(b'r', c, &[&[space.0], k]))
-            .map_err(backend)?;
+        self.db.remove(key(b'r', c, &[&[space.0], k])).map_err(backend)?;
         Ok(())
     }
 

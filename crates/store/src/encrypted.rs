@@ -50,9 +50,7 @@ pub struct EncryptedStore<S> {
 
 impl<S> fmt::Debug for EncryptedStore<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptedStore")
-            .field("keyring", &self.keyring)
-            .finish_non_exhaustive()
+        f.debug_struct("EncryptedStore").field("keyring", &self.keyring).finish_non_exhaustive()
     }
 }
 
@@ -71,14 +69,8 @@ impl<S: Store> EncryptedStore<S> {
                 wrapped
             }
         };
-        keyring
-            .unwrap(SYSTEM.as_bytes(), &check)
-            .map_err(|_| StoreError::WrongMasterKey)?;
-        Ok(Self {
-            inner,
-            keyring,
-            keys: Mutex::new(HashMap::new()),
-        })
+        keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
+        Ok(Self { inner, keyring, keys: Mutex::new(HashMap::new()) })
     }
 
     /// The backend underneath.
@@ -130,11 +122,7 @@ impl<S: Store> EncryptedStore<S> {
             .into_iter()
             .map(|(i, bytes)| Ok((i, open(CHUNK, i, "chunk", &bytes)?)))
             .collect::<Result<_>>()?;
-        Ok(DocRecords {
-            meta,
-            snapshot,
-            chunks,
-        })
+        Ok(DocRecords { meta, snapshot, chunks, seq: records.seq })
     }
 }
 
@@ -156,16 +144,9 @@ impl<S: Store> Store for EncryptedStore<S> {
     ) -> Result<Seq> {
         let key = self.key(c)?;
         let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
-        let sealed = chunk.map(|ch| {
-            (
-                ch.index,
-                envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes),
-            )
-        });
-        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk {
-            index: *index,
-            bytes,
-        });
+        let sealed = chunk
+            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
         self.inner.write_doc(c, d, &meta, chunk)
     }
 
@@ -176,21 +157,21 @@ impl<S: Store> Store for EncryptedStore<S> {
         }
     }
 
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+        match self.inner.doc_meta(c, d)? {
+            Some(sealed) => Ok(Some(
+                envelope::open(&self.key(c)?, &doc_aad(META, c, d, 0), &sealed)
+                    .map_err(|_| StoreError::Corrupt("metadata"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
         let key = self.key(c)?;
-        let bytes = envelope::seal(
-            &key,
-            &doc_aad(SNAPSHOT, c, d, snapshot.through),
-            &snapshot.bytes,
-        );
-        self.inner.compact(
-            c,
-            d,
-            &Snapshot {
-                through: snapshot.through,
-                bytes,
-            },
-        )
+        let bytes =
+            envelope::seal(&key, &doc_aad(SNAPSHOT, c, d, snapshot.through), &snapshot.bytes);
+        self.inner.compact(c, d, &Snapshot { through: snapshot.through, bytes })
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -290,23 +271,15 @@ mod tests {
                 &ALICE,
                 &DOC,
                 b"MARKER-meta",
-                Some(Chunk {
-                    index: 0,
-                    bytes: b"MARKER-chunk",
-                }),
+                Some(Chunk { index: 0, bytes: b"MARKER-chunk" }),
             )
             .expect("write");
-        store
-            .put_record(&ALICE, Space::DEVICES, b"k", b"MARKER-record")
-            .expect("put");
+        store.put_record(&ALICE, Space::DEVICES, b"k", b"MARKER-record").expect("put");
         let raw = backend.load(&ALICE, &DOC).expect("load").expect("exists");
         let everything = [
             raw.meta.clone(),
             raw.chunks[0].1.clone(),
-            backend
-                .get_record(&ALICE, Space::DEVICES, b"k")
-                .expect("get")
-                .expect("exists"),
+            backend.get_record(&ALICE, Space::DEVICES, b"k").expect("get").expect("exists"),
         ]
         .concat();
         assert!(!everything.windows(6).any(|w| w == b"MARKER"));
@@ -319,15 +292,7 @@ mod tests {
         for c in [ALICE, BOB] {
             for d in [DOC, OTHER_DOC] {
                 store
-                    .write_doc(
-                        &c,
-                        &d,
-                        b"m",
-                        Some(Chunk {
-                            index: 0,
-                            bytes: b"x",
-                        }),
-                    )
+                    .write_doc(&c, &d, b"m", Some(Chunk { index: 0, bytes: b"x" }))
                     .expect("write");
             }
         }
@@ -335,44 +300,17 @@ mod tests {
         let sealed_chunk = stolen.chunks[0].1.clone();
         // Into Bob's store, same document id: another data key and another customer in the AAD.
         backend
-            .write_doc(
-                &BOB,
-                &DOC,
-                &stolen.meta,
-                Some(Chunk {
-                    index: 0,
-                    bytes: &sealed_chunk,
-                }),
-            )
+            .write_doc(&BOB, &DOC, &stolen.meta, Some(Chunk { index: 0, bytes: &sealed_chunk }))
             .expect("raw write");
-        assert!(matches!(
-            store.load(&BOB, &DOC),
-            Err(StoreError::Corrupt(_))
-        ));
+        assert!(matches!(store.load(&BOB, &DOC), Err(StoreError::Corrupt(_))));
         // Into Alice's other document: same key, but the AAD names another document.
-        backend
-            .write_doc(&ALICE, &OTHER_DOC, &stolen.meta, None)
-            .expect("raw write");
-        assert!(matches!(
-            store.load(&ALICE, &OTHER_DOC),
-            Err(StoreError::Corrupt(_))
-        ));
+        backend.write_doc(&ALICE, &OTHER_DOC, &stolen.meta, None).expect("raw write");
+        assert!(matches!(store.load(&ALICE, &OTHER_DOC), Err(StoreError::Corrupt(_))));
         // To another position in the same document.
         backend
-            .write_doc(
-                &ALICE,
-                &DOC,
-                &stolen.meta,
-                Some(Chunk {
-                    index: 1,
-                    bytes: &sealed_chunk,
-                }),
-            )
+            .write_doc(&ALICE, &DOC, &stolen.meta, Some(Chunk { index: 1, bytes: &sealed_chunk }))
             .expect("raw write");
-        assert!(matches!(
-            store.load(&ALICE, &DOC),
-            Err(StoreError::Corrupt("chunk"))
-        ));
+        assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt("chunk"))));
         // Bob's untouched document still opens.
         assert!(store.load(&BOB, &OTHER_DOC).expect("load").is_some());
     }

@@ -79,6 +79,8 @@ pub struct DocRecords {
     pub snapshot: Option<Snapshot>,
     /// Chunks written after the snapshot, by increasing index.
     pub chunks: Vec<(u64, Vec<u8>)>,
+    /// The document's current position in the change feed.
+    pub seq: Seq,
 }
 
 /// A namespace of keyed records in a customer's store.
@@ -92,8 +94,10 @@ impl Space {
     pub const SYNC_STATES: Space = Space(2);
     /// The customer's audit log.
     pub const AUDIT: Space = Space(3);
-    /// A device's own bookkeeping (cursor, identity, pending documents).
+    /// A device's own bookkeeping (cursor, identity).
     pub const LOCAL: Space = Space(4);
+    /// On a device: documents with local changes the server has not acknowledged yet.
+    pub const UNSYNCED: Space = Space(5);
 }
 
 /// The customer id under which a store keeps its own records (such as the key check).
@@ -122,6 +126,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Everything stored for a document, or `None` if it does not exist (or was deleted).
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>>;
+
+    /// A document's metadata alone, or `None` if it does not exist.
+    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<Vec<u8>>>;
 
     /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`.
     fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()>;
@@ -176,6 +183,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         (**self).load(c, d)
+    }
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+        (**self).doc_meta(c, d)
     }
     fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
         (**self).compact(c, d, s)

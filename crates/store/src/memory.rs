@@ -54,9 +54,7 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere cannot leave `Inner` half-updated: every method mutates it last.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -66,12 +64,7 @@ impl Store for MemoryStore {
     }
 
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        Ok(self
-            .lock()
-            .keys
-            .entry(*customer)
-            .or_insert_with(|| wrapped.to_vec())
-            .clone())
+        Ok(self.lock().keys.entry(*customer).or_insert_with(|| wrapped.to_vec()).clone())
     }
 
     fn write_doc(
@@ -91,15 +84,18 @@ impl Store for MemoryStore {
     }
 
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>> {
-        Ok(self
-            .lock()
-            .docs
-            .get(&(*customer, *doc))
-            .map(|d| DocRecords {
-                meta: d.meta.clone(),
-                snapshot: d.snapshot.clone(),
-                chunks: d.chunks.iter().map(|(i, b)| (*i, b.clone())).collect(),
-            }))
+        let inner = self.lock();
+        let seq = inner.feed.get(customer).and_then(|f| f.by_doc.get(doc)).copied().unwrap_or(0);
+        Ok(inner.docs.get(&(*customer, *doc)).map(|d| DocRecords {
+            meta: d.meta.clone(),
+            snapshot: d.snapshot.clone(),
+            chunks: d.chunks.iter().map(|(i, b)| (*i, b.clone())).collect(),
+            seq: Seq(seq),
+        }))
+    }
+
+    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<Vec<u8>>> {
+        Ok(self.lock().docs.get(&(*customer, *doc)).map(|d| d.meta.clone()))
     }
 
     fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -132,17 +128,12 @@ impl Store for MemoryStore {
     fn feed_since(&self, customer: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         let inner = self.lock();
         Ok(inner.feed.get(customer).map_or_else(Vec::new, |feed| {
-            feed.by_seq
-                .range(cursor.0 + 1..)
-                .map(|(s, d)| (Seq(*s), *d))
-                .collect()
+            feed.by_seq.range(cursor.0 + 1..).map(|(s, d)| (Seq(*s), *d)).collect()
         }))
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
-        self.lock()
-            .records
-            .insert((*c, space, key.to_vec()), value.to_vec());
+        self.lock().records.insert((*c, space, key.to_vec()), value.to_vec());
         Ok(())
     }
 

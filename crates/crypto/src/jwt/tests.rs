@@ -53,23 +53,15 @@ fn ed() -> Ed {
 fn rsa_sign(input: &str) -> Vec<u8> {
     let pair = RsaKeyPair::from_pkcs8(RSA_PKCS8).expect("fixture key");
     let mut sig = vec![0; pair.public().modulus_len()];
-    pair.sign(
-        &signature::RSA_PKCS1_SHA256,
-        &SystemRandom::new(),
-        input.as_bytes(),
-        &mut sig,
-    )
-    .expect("signs");
+    pair.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), input.as_bytes(), &mut sig)
+        .expect("signs");
     sig
 }
 
 #[test]
 fn eddsa_token_verifies() {
     let ed = ed();
-    let got = ed
-        .verifier
-        .verify(&ed.signer.sign_jwt(&claims()), NOW)
-        .expect("valid");
+    let got = ed.verifier.verify(&ed.signer.sign_jwt(&claims()), NOW).expect("valid");
     assert_eq!(got.sub, "alice");
     assert_eq!(got.exp, NOW + 300);
 }
@@ -87,17 +79,10 @@ fn es256_token_from_jwks_verifies() {
     let verifier = Verifier::new(validation(Algorithm::ES256), keys).expect("keys");
     let input = encode(&json!({"alg": "ES256", "kid": "k1"}), &claims());
     let sig = pair.sign(&rng, input.as_bytes()).expect("sign");
-    assert!(
-        verifier
-            .verify(&with_sig(input.clone(), sig.as_ref()), NOW)
-            .is_ok()
-    );
+    assert!(verifier.verify(&with_sig(input.clone(), sig.as_ref()), NOW).is_ok());
     let input = encode(&json!({"alg": "ES256", "kid": "other"}), &claims());
     let sig = pair.sign(&rng, input.as_bytes()).expect("sign");
-    assert_eq!(
-        verifier.verify(&with_sig(input, sig.as_ref()), NOW),
-        Err(JwtError::UnknownKey)
-    );
+    assert_eq!(verifier.verify(&with_sig(input, sig.as_ref()), NOW), Err(JwtError::UnknownKey));
 }
 
 #[test]
@@ -121,14 +106,10 @@ fn rs256_token_from_pem_and_jwks_verifies() {
 #[test]
 fn ed25519_pem_key_verifies() {
     let signer = TokenSigner::from_pkcs8(&generate_pkcs8()).expect("fresh key");
-    let Material::Encoded(raw) = &signer.verifying_key().material else {
-        panic!("raw key")
-    };
+    let Material::Encoded(raw) = &signer.verifying_key().material else { panic!("raw key") };
     let der = [hex_prefix(), raw.clone()].concat();
-    let pem = format!(
-        "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-        STANDARD.encode(der)
-    );
+    let pem =
+        format!("-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n", STANDARD.encode(der));
     let key = VerifyingKey::from_pem(&pem, Algorithm::EdDSA, None).expect("pem");
     let verifier = Verifier::new(validation(Algorithm::EdDSA), vec![key]).expect("keys");
     assert!(verifier.verify(&signer.sign_jwt(&claims()), NOW).is_ok());
@@ -140,19 +121,14 @@ fn ed25519_pem_key_verifies() {
 
 fn hex_prefix() -> Vec<u8> {
     // SubjectPublicKeyInfo header for an Ed25519 key (RFC 8410).
-    vec![
-        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-    ]
+    vec![0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00]
 }
 
 #[test]
 fn alg_none_is_refused() {
     let ed = ed();
     let token = format!("{}.", encode(&json!({"alg": "none"}), &claims()));
-    assert_eq!(
-        ed.verifier.verify(&token, NOW),
-        Err(JwtError::InvalidAlgorithm("none".into()))
-    );
+    assert_eq!(ed.verifier.verify(&token, NOW), Err(JwtError::InvalidAlgorithm("none".into())));
 }
 
 #[test]
@@ -164,14 +140,8 @@ fn rsa_public_key_as_hmac_secret_is_refused() {
     .expect("keys");
     let input = encode(&json!({"alg": "HS256"}), &claims());
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, RSA_PUB_PEM.as_bytes());
-    let token = with_sig(
-        input.clone(),
-        ring::hmac::sign(&key, input.as_bytes()).as_ref(),
-    );
-    assert_eq!(
-        verifier.verify(&token, NOW),
-        Err(JwtError::InvalidAlgorithm("HS256".into()))
-    );
+    let token = with_sig(input.clone(), ring::hmac::sign(&key, input.as_bytes()).as_ref());
+    assert_eq!(verifier.verify(&token, NOW), Err(JwtError::InvalidAlgorithm("HS256".into())));
 }
 
 #[test]
@@ -179,23 +149,14 @@ fn expiry_and_not_before_respect_the_leeway() {
     let ed = ed();
     let mut c = claims();
     c["exp"] = json!(NOW - 30);
-    assert!(
-        ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW).is_ok(),
-        "30 s skew is tolerated"
-    );
+    assert!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW).is_ok(), "30 s skew is tolerated");
     c["exp"] = json!(NOW - 300);
-    assert_eq!(
-        ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW),
-        Err(JwtError::Expired)
-    );
+    assert_eq!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW), Err(JwtError::Expired));
     let mut c = claims();
     c["nbf"] = json!(NOW + 30);
     assert!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW).is_ok());
     c["nbf"] = json!(NOW + 300);
-    assert_eq!(
-        ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW),
-        Err(JwtError::NotYetValid)
-    );
+    assert_eq!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW), Err(JwtError::NotYetValid));
 }
 
 #[test]
@@ -223,14 +184,8 @@ fn wrong_issuer_audience_type_and_missing_claims_are_refused() {
         edit(&mut c);
         assert_eq!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW), Err(want));
     };
-    check(
-        &|c| c["iss"] = json!("https://other-tenant.example"),
-        JwtError::WrongIssuer,
-    );
-    check(
-        &|c| c["aud"] = json!("another-app"),
-        JwtError::WrongAudience,
-    );
+    check(&|c| c["iss"] = json!("https://other-tenant.example"), JwtError::WrongIssuer);
+    check(&|c| c["aud"] = json!("another-app"), JwtError::WrongAudience);
     check(&|c| c["aud"] = json!(["a", "b"]), JwtError::WrongAudience);
     check(
         &|c| {
@@ -252,10 +207,7 @@ fn wrong_issuer_audience_type_and_missing_claims_are_refused() {
     );
     let mut c = claims();
     c["aud"] = json!(["x", "cubby"]);
-    assert!(
-        ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW).is_ok(),
-        "aud arrays are searched"
-    );
+    assert!(ed.verifier.verify(&ed.signer.sign_jwt(&c), NOW).is_ok(), "aud arrays are searched");
 }
 
 #[test]
@@ -265,36 +217,16 @@ fn tampered_and_malformed_tokens_are_refused() {
     let parts: Vec<&str> = token.split('.').collect();
     let mut evil = claims();
     evil["sub"] = json!("mallory");
-    let forged = format!(
-        "{}.{}.{}",
-        parts[0],
-        URL_SAFE_NO_PAD.encode(evil.to_string()),
-        parts[2]
-    );
-    assert_eq!(
-        ed.verifier.verify(&forged, NOW),
-        Err(JwtError::BadSignature)
-    );
+    let forged = format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode(evil.to_string()), parts[2]);
+    assert_eq!(ed.verifier.verify(&forged, NOW), Err(JwtError::BadSignature));
     let other = TokenSigner::from_pkcs8(&generate_pkcs8()).expect("key");
     let mut c = claims();
     c["kid"] = json!(null);
     let foreign = other.sign_jwt(&c);
     assert_eq!(ed.verifier.verify(&foreign, NOW), Err(JwtError::UnknownKey));
-    for bad in [
-        "",
-        "a.b",
-        "a.b.c.d",
-        "!!.!!.!!",
-        &format!("{}.{}.", parts[0], parts[1]),
-    ] {
+    for bad in ["", "a.b", "a.b.c.d", "!!.!!.!!", &format!("{}.{}.", parts[0], parts[1])] {
         assert!(ed.verifier.verify(bad, NOW).is_err(), "{bad:?}");
     }
-    let id_token = with_sig(
-        encode(&json!({"alg": "EdDSA", "typ": "id_token"}), &claims()),
-        b"x",
-    );
-    assert_eq!(
-        ed.verifier.verify(&id_token, NOW),
-        Err(JwtError::WrongType("id_token".into()))
-    );
+    let id_token = with_sig(encode(&json!({"alg": "EdDSA", "typ": "id_token"}), &claims()), b"x");
+    assert_eq!(ed.verifier.verify(&id_token, NOW), Err(JwtError::WrongType("id_token".into())));
 }

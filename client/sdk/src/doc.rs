@@ -1,0 +1,239 @@
+//! Documents on a device: the loaded state and the app's handle to it.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::transaction::Transaction;
+use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
+use cubby_core::lifecycle;
+use cubby_core::session::PeerSession;
+use cubby_core::{DocId, DocMeta};
+use cubby_store::{Chunk, Space, Store, StoreError};
+use tokio::sync::broadcast;
+
+use crate::{ClientError, Inner, LOCAL};
+
+/// Something happened to a document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DocEvent {
+    /// This device changed it.
+    Local,
+    /// Changes from another device or the business arrived.
+    Remote,
+}
+
+/// A document as this device holds it.
+pub(crate) struct LocalDoc {
+    pub(crate) doc: Automerge,
+    pub(crate) meta: DocMeta,
+    pub(crate) next_chunk: u64,
+    /// The sync protocol state with the server.
+    pub(crate) session: PeerSession,
+    /// Created on this device and not yet seen by the server: sync messages carry its title.
+    pub(crate) unconfirmed: bool,
+}
+
+pub(crate) struct DocShared {
+    pub(crate) id: DocId,
+    state: Mutex<LocalDoc>,
+    events: broadcast::Sender<DocEvent>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A write for the local store: a new chunk and/or the persisted sync session.
+pub(crate) struct LocalWrite {
+    pub(crate) meta: Vec<u8>,
+    pub(crate) chunk: Option<(u64, Vec<u8>)>,
+    pub(crate) session: Option<Vec<u8>>,
+}
+
+impl LocalWrite {
+    /// Applies the write and flushes. Blocking.
+    pub(crate) fn apply(&self, store: &dyn Store, id: &DocId) -> Result<(), StoreError> {
+        if let Some((index, bytes)) = &self.chunk {
+            store.write_doc(&LOCAL, id, &self.meta, Some(Chunk { index: *index, bytes }))?;
+        }
+        if let Some(session) = &self.session {
+            store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
+        }
+        store.flush()
+    }
+}
+
+impl DocShared {
+    /// A document this device just created.
+    pub(crate) fn new(id: DocId, title: &str) -> Self {
+        let now = now_ms();
+        let meta = DocMeta { title: title.to_owned(), created_ms: now, updated_ms: now, size: 0 };
+        let state = LocalDoc {
+            doc: Automerge::new(),
+            meta,
+            next_chunk: 0,
+            session: PeerSession::new(),
+            unconfirmed: true,
+        };
+        Self::from_parts(id, state)
+    }
+
+    /// A document the server announced, known so far only by its metadata.
+    pub(crate) fn announced(id: DocId, meta: DocMeta) -> Self {
+        let state = LocalDoc {
+            doc: Automerge::new(),
+            meta,
+            next_chunk: 0,
+            session: PeerSession::new(),
+            unconfirmed: false,
+        };
+        Self::from_parts(id, state)
+    }
+
+    fn from_parts(id: DocId, state: LocalDoc) -> Self {
+        Self { id, state: Mutex::new(state), events: broadcast::channel(64).0 }
+    }
+
+    /// Loads a document from the local store. Blocking.
+    pub(crate) fn load(store: &dyn Store, id: DocId) -> Result<Self, ClientError> {
+        let records = store.load(&LOCAL, &id)?.ok_or(ClientError::UnknownDocument(id))?;
+        let meta = DocMeta::decode(&records.meta).map_err(|_| ClientError::Damaged(id))?;
+        let doc = lifecycle::rebuild(
+            records.snapshot.as_ref().map(|s| s.bytes.as_slice()),
+            records.chunks.iter().map(|(_, b)| b.as_slice()),
+        )
+        .map_err(|_| ClientError::Damaged(id))?;
+        let next_chunk = records
+            .chunks
+            .last()
+            .map(|(i, _)| i + 1)
+            .or(records.snapshot.as_ref().map(|s| s.through + 1))
+            .unwrap_or(0);
+        let session = match store.get_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())? {
+            Some(bytes) => PeerSession::restore(&bytes).unwrap_or_default(),
+            None => PeerSession::new(),
+        };
+        let unconfirmed =
+            store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some_and(|v| v == b"new");
+        Ok(Self::from_parts(id, LocalDoc { doc, meta, next_chunk, session, unconfirmed }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, LocalDoc> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn meta(&self) -> DocMeta {
+        self.lock().meta.clone()
+    }
+
+    pub(crate) fn emit(&self, event: DocEvent) {
+        // No subscribers is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+impl LocalDoc {
+    /// Takes the changes made since `before` as the next chunk, updating the metadata.
+    pub(crate) fn take_chunk(&mut self, before: &[ChangeHash]) -> Option<(u64, Vec<u8>)> {
+        if self.doc.get_heads() == before {
+            return None;
+        }
+        let bytes = self.doc.save_after(before);
+        let index = self.next_chunk;
+        self.next_chunk += 1;
+        self.meta.updated_ms = now_ms();
+        self.meta.size += bytes.len() as u64;
+        Some((index, bytes))
+    }
+}
+
+/// The app's handle to one document. Cheap to clone.
+#[derive(Clone)]
+pub struct DocHandle {
+    shared: Arc<DocShared>,
+    client: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DocHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocHandle").field("id", &self.shared.id).finish_non_exhaustive()
+    }
+}
+
+impl DocHandle {
+    pub(crate) fn new(shared: Arc<DocShared>, client: Arc<Inner>) -> Self {
+        Self { shared, client }
+    }
+
+    /// The document's id.
+    pub fn id(&self) -> DocId {
+        self.shared.id
+    }
+
+    /// The document's metadata.
+    pub fn meta(&self) -> DocMeta {
+        self.shared.meta()
+    }
+
+    /// Applies `f` as one Automerge transaction. Returns once the change is on this device's
+    /// disk; it syncs in the background.
+    pub async fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, AutomergeError>,
+    ) -> Result<T, ClientError> {
+        let (out, write) = {
+            let mut state = self.shared.lock();
+            let before = state.doc.get_heads();
+            let out = state.doc.transact(f).map_err(|failure| failure.error)?.result;
+            let chunk = state.take_chunk(&before);
+            (
+                out,
+                chunk.map(|chunk| LocalWrite {
+                    meta: state.meta.encode(),
+                    chunk: Some(chunk),
+                    session: None,
+                }),
+            )
+        };
+        let Some(write) = write else { return Ok(out) };
+        let (store, id) = (self.client.store.clone(), self.shared.id);
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
+                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+            }
+            write.apply(&*store, &id)
+        })
+        .await
+        .map_err(|_| ClientError::Closed)??;
+        self.shared.emit(DocEvent::Local);
+        let _ = self.client.wake.send(self.shared.id);
+        Ok(out)
+    }
+
+    /// Sets a key of the root map to a JSON value (objects and arrays become maps and lists).
+    pub async fn put(&self, key: &str, value: serde_json::Value) -> Result<(), ClientError> {
+        let key = key.to_owned();
+        self.change(move |tx| cubby_core::json::put_json(tx, &ROOT, &key, &value)).await
+    }
+
+    /// The document rendered as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        cubby_core::json::to_json(&self.shared.lock().doc)
+    }
+
+    /// Reads the document.
+    pub fn read<R>(&self, f: impl FnOnce(&Automerge) -> R) -> R {
+        f(&self.shared.lock().doc)
+    }
+
+    /// The document's current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.shared.lock().doc.get_heads()
+    }
+
+    /// Events for this document from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<DocEvent> {
+        self.shared.events.subscribe()
+    }
+}

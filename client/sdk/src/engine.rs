@@ -1,0 +1,499 @@
+//! The background sync engine: one stream to the server, reconnecting with backoff.
+//!
+//! On connect the device says hello with its cursor; the server announces every document changed
+//! since, and the device runs the Automerge sync protocol for those and for its own unsynced
+//! documents. The cursor only moves past a feed position once this device holds every change the
+//! server had at that position, so a reconnect never skips anything.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cubby_core::DocId;
+use cubby_proto::pb;
+use cubby_store::{Space, StoreError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::doc::{DocEvent, DocShared, LocalWrite};
+use crate::{ClientError, Inner, LOCAL, TokenProvider};
+
+/// Where syncing stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyncStatus {
+    /// Not connected; `failure` says why the last attempt ended.
+    Offline {
+        /// The last failure, if any.
+        failure: Option<SyncFailure>,
+    },
+    /// Connecting to the server.
+    Connecting,
+    /// Connected, `done` of `total` documents synced in this round.
+    Syncing {
+        /// Documents finished.
+        done: usize,
+        /// Documents in this round.
+        total: usize,
+    },
+    /// Connected, and this device and the server hold the same changes.
+    UpToDate,
+}
+
+/// Why a sync connection ended.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncFailure {
+    /// The server could not be reached.
+    #[error("server unreachable: {0}")]
+    Unreachable(String),
+    /// The server refused the token.
+    #[error("token rejected: {0}")]
+    Unauthenticated(String),
+    /// The server refused this device or customer.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// Anything else the server or the local store said.
+    #[error("{0}")]
+    Other(String),
+}
+
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// How to reach the server.
+pub(crate) struct Remote {
+    endpoint: Endpoint,
+    token: Arc<dyn TokenProvider>,
+}
+
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Remote {
+    pub(crate) fn new(
+        url: &str,
+        token: Arc<dyn TokenProvider>,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<Self, ClientError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bad = |e: tonic::transport::Error| {
+            ClientError::Config(format!("server {url:?}: {}", chain(&e)))
+        };
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(bad)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let tls = match ca_pem {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_webpki_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).map_err(bad)?;
+        } else if !url.starts_with("http://") {
+            return Err(ClientError::Config(format!("server {url:?} must start with https://")));
+        }
+        Ok(Self { endpoint, token })
+    }
+}
+
+fn classify(status: &tonic::Status) -> SyncFailure {
+    let message = status.message().to_owned();
+    match status.code() {
+        tonic::Code::Unauthenticated => SyncFailure::Unauthenticated(message),
+        tonic::Code::PermissionDenied => SyncFailure::PermissionDenied(message),
+        tonic::Code::Unavailable
+            if message.contains("transport") || message.contains("connect") =>
+        {
+            SyncFailure::Unreachable(message)
+        }
+        _ => SyncFailure::Other(format!("{:?}: {message}", status.code())),
+    }
+}
+
+fn store_failure(err: impl std::fmt::Display) -> SyncFailure {
+    SyncFailure::Other(format!("local store: {err}"))
+}
+
+/// Runs until the client shuts down.
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    remote: Remote,
+    mut wakes: mpsc::UnboundedReceiver<DocId>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    let mut refresh = false;
+    loop {
+        inner.status.send_replace(SyncStatus::Connecting);
+        let started = Instant::now();
+        let failure = Session::new(&inner).run(&remote, refresh, &mut wakes).await;
+        tracing::debug!(%failure, "sync connection ended");
+        let retry_token = matches!(failure, SyncFailure::Unauthenticated(_)) && !refresh;
+        refresh = matches!(failure, SyncFailure::Unauthenticated(_));
+        inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        if retry_token {
+            continue; // The token expired: get a fresh one and reconnect at once.
+        }
+        // Full jitter: anywhere up to the current backoff, so a restarted server is not
+        // met by every device at the same instant.
+        let [byte] = cubby_crypto::random_array::<1>();
+        let delay = backoff.mul_f64(f64::from(byte) / 255.0);
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+        let deadline = tokio::time::Instant::now() + delay;
+        // Local edits made meanwhile are already marked unsynced on disk; just drain the wakes.
+        while tokio::time::timeout_at(deadline, wakes.recv()).await.is_ok_and(|w| w.is_some()) {}
+    }
+}
+
+struct Session<'a> {
+    inner: &'a Arc<Inner>,
+    /// Documents involved in this connection, kept loaded until they are synced.
+    active: HashMap<DocId, Arc<DocShared>>,
+    /// Announced feed positions this device does not hold yet.
+    pending: BTreeSet<(u64, DocId)>,
+    /// Per document, the highest feed position whose changes this device holds.
+    held: HashMap<DocId, u64>,
+    /// Documents with local changes the server has not acknowledged.
+    unsynced: HashSet<DocId>,
+    /// Documents that entered this round, for progress.
+    round: HashSet<DocId>,
+    announced: u64,
+    cursor: u64,
+    caught_up: bool,
+    out: Option<mpsc::Sender<pb::ClientFrame>>,
+}
+
+impl<'a> Session<'a> {
+    fn new(inner: &'a Arc<Inner>) -> Self {
+        Self {
+            inner,
+            active: HashMap::new(),
+            pending: BTreeSet::new(),
+            held: HashMap::new(),
+            unsynced: HashSet::new(),
+            round: HashSet::new(),
+            announced: 0,
+            cursor: 0,
+            caught_up: false,
+            out: None,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn cubby_store::Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, SyncFailure> {
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(store_failure)?
+            .map_err(store_failure)
+    }
+
+    async fn run(
+        mut self,
+        remote: &Remote,
+        refresh: bool,
+        wakes: &mut mpsc::UnboundedReceiver<DocId>,
+    ) -> SyncFailure {
+        match self.serve(remote, refresh, wakes).await {
+            Ok(never) => match never {},
+            Err(failure) => failure,
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        remote: &Remote,
+        refresh: bool,
+        wakes: &mut mpsc::UnboundedReceiver<DocId>,
+    ) -> Result<std::convert::Infallible, SyncFailure> {
+        let token =
+            remote.token.token(refresh).await.map_err(|e| SyncFailure::Unauthenticated(e.0))?;
+        let channel =
+            remote.endpoint.connect().await.map_err(|e| SyncFailure::Unreachable(chain(&e)))?;
+        let mut client = pb::sync_client::SyncClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+
+        let (cursor, unsynced) = self
+            .blocking(|store| {
+                let cursor = store
+                    .get_record(&LOCAL, Space::LOCAL, b"cursor")?
+                    .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
+                    .unwrap_or(0);
+                Ok((cursor, store.scan_records(&LOCAL, Space::UNSYNCED)?))
+            })
+            .await?;
+        self.cursor = cursor;
+        self.announced = cursor;
+        let (out, frames) = mpsc::channel(256);
+        let hello = pb::Hello {
+            device_id: self.inner.device_id.as_bytes().to_vec(),
+            cursor,
+            client_version: concat!("cubby-client/", env!("CARGO_PKG_VERSION")).into(),
+            device_name: self.inner.device_name.clone(),
+            platform: self.inner.platform.clone(),
+        };
+        out.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
+            .await
+            .map_err(|_| SyncFailure::Other("stream closed".into()))?;
+        self.out = Some(out);
+        let mut request = tonic::Request::new(ReceiverStream::new(frames));
+        let header = format!("Bearer {token}").parse().map_err(|_| {
+            SyncFailure::Unauthenticated("the token has characters a header cannot carry".into())
+        })?;
+        request.metadata_mut().insert("authorization", header);
+        let mut inbound = client.connect(request).await.map_err(|s| classify(&s))?.into_inner();
+
+        self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
+        for (key, _) in unsynced {
+            if let Ok(doc) = DocId::from_slice(&key) {
+                self.unsynced.insert(doc);
+                self.round.insert(doc);
+                self.push(doc).await?;
+            }
+        }
+        loop {
+            tokio::select! {
+                frame = inbound.message() => match frame {
+                    Ok(Some(frame)) => self.on_frame(frame).await?,
+                    Ok(None) => return Err(SyncFailure::Other("the server closed the stream".into())),
+                    Err(status) => return Err(classify(&status)),
+                },
+                Some(doc) = wakes.recv() => {
+                    self.unsynced.insert(doc);
+                    self.round.insert(doc);
+                    self.push(doc).await?;
+                    self.report();
+                }
+            }
+        }
+    }
+
+    async fn doc(&mut self, id: DocId) -> Result<Arc<DocShared>, SyncFailure> {
+        if let Some(shared) = self.active.get(&id) {
+            return Ok(shared.clone());
+        }
+        let shared = self.inner.doc(id).await.map_err(store_failure)?;
+        self.active.insert(id, shared.clone());
+        Ok(shared)
+    }
+
+    async fn send(&self, frame: pb::client_frame::Frame) -> Result<(), SyncFailure> {
+        let out = self.out.as_ref().ok_or_else(|| SyncFailure::Other("not connected".into()))?;
+        out.send(pb::ClientFrame { frame: Some(frame) })
+            .await
+            .map_err(|_| SyncFailure::Other("the stream closed".into()))
+    }
+
+    /// Sends the server whatever the sync protocol has to say about `id`.
+    async fn push(&mut self, id: DocId) -> Result<(), SyncFailure> {
+        let shared = match self.doc(id).await {
+            Ok(shared) => shared,
+            Err(err) => {
+                tracing::warn!(doc = %id.short(), %err, "cannot load local document");
+                return Ok(());
+            }
+        };
+        let frame = {
+            let mut state = shared.lock();
+            let state = &mut *state;
+            let Some(message) = state.session.generate(&state.doc) else { return Ok(()) };
+            let create = state.unconfirmed.then(|| pb::NewDoc { title: state.meta.title.clone() });
+            pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0 }
+        };
+        self.send(pb::client_frame::Frame::Sync(frame)).await
+    }
+
+    async fn on_frame(&mut self, frame: pb::ServerFrame) -> Result<(), SyncFailure> {
+        match frame.frame {
+            Some(pb::server_frame::Frame::Sync(sync)) => self.on_sync(sync).await?,
+            Some(pb::server_frame::Frame::Changed(changed)) => self.on_changed(changed).await?,
+            Some(pb::server_frame::Frame::CaughtUp(caught_up)) => {
+                self.announced = self.announced.max(caught_up.cursor);
+                self.caught_up = true;
+            }
+            Some(pb::server_frame::Frame::Error(error)) => self.on_error(error)?,
+            None => {}
+        }
+        self.advance_cursor().await?;
+        self.report();
+        Ok(())
+    }
+
+    async fn on_sync(&mut self, sync: pb::DocSync) -> Result<(), SyncFailure> {
+        let Ok(id) = DocId::from_slice(&sync.doc_id) else { return Ok(()) };
+        let shared = self.doc(id).await?;
+        let (write, reply, holds, server_has_all, changed, was_unconfirmed) = {
+            let mut state = shared.lock();
+            let state = &mut *state;
+            let before = state.doc.get_heads();
+            if let Err(err) = state.session.receive(&mut state.doc, &sync.message) {
+                tracing::warn!(doc = %id.short(), %err, "server sync message refused");
+                return Ok(());
+            }
+            let chunk = state.take_chunk(&before);
+            let changed = chunk.is_some();
+            let was_unconfirmed = std::mem::take(&mut state.unconfirmed);
+            let holds = state.session.has_everything_peer_has(&state.doc);
+            let server_has_all = state.session.peer_has_everything(&state.doc);
+            let reply = state.session.generate(&state.doc);
+            let write = LocalWrite {
+                meta: state.meta.encode(),
+                chunk,
+                session: Some(state.session.persist()),
+            };
+            (write, reply, holds, server_has_all, changed, was_unconfirmed)
+        };
+        let check = shared.clone();
+        self.blocking(move |store| {
+            write.apply(store, &id)?;
+            // Clear the unsynced mark only if, under the document's lock, the server still has
+            // everything: a local edit may have landed since.
+            let state = check.lock();
+            if state.session.peer_has_everything(&state.doc) {
+                store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+            } else if was_unconfirmed {
+                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+            }
+            Ok(())
+        })
+        .await?;
+        if changed {
+            shared.emit(DocEvent::Remote);
+        }
+        if holds {
+            let held = self.held.entry(id).or_default();
+            *held = (*held).max(sync.seq);
+            let held = *held;
+            self.pending.retain(|(seq, doc)| !(*doc == id && *seq <= held));
+        }
+        if server_has_all {
+            self.unsynced.remove(&id);
+        }
+        if let Some(message) = reply {
+            let frame =
+                pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create: None, seq: 0 };
+            self.send(pb::client_frame::Frame::Sync(frame)).await?;
+        }
+        self.release(id);
+        Ok(())
+    }
+
+    async fn on_changed(&mut self, changed: pb::DocChanged) -> Result<(), SyncFailure> {
+        let Ok(id) = DocId::from_slice(&changed.doc_id) else { return Ok(()) };
+        self.announced = self.announced.max(changed.seq);
+        if changed.deleted {
+            self.inner.forget(&id);
+            self.active.remove(&id);
+            self.unsynced.remove(&id);
+            self.pending.retain(|(_, doc)| *doc != id);
+            return self
+                .blocking(move |store| {
+                    store.delete_doc(&LOCAL, &id)?;
+                    store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
+                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    store.flush()
+                })
+                .await;
+        }
+        if self.held.get(&id).is_some_and(|held| *held >= changed.seq) {
+            return Ok(());
+        }
+        self.pending.insert((changed.seq, id));
+        self.round.insert(id);
+        let meta = changed.info.as_ref().map(cubby_proto::doc_meta).unwrap_or_default();
+        let exists = self.blocking(move |store| Ok(store.doc_meta(&LOCAL, &id)?.is_some())).await?;
+        if !exists {
+            let shared = Arc::new(DocShared::announced(id, meta.clone()));
+            let encoded = meta.encode();
+            self.blocking(move |store| {
+                store.write_doc(&LOCAL, &id, &encoded, None)?;
+                store.flush()
+            })
+            .await?;
+            self.inner.insert(shared.clone());
+            self.active.insert(id, shared);
+        }
+        self.push(id).await
+    }
+
+    fn on_error(&mut self, error: pb::DocError) -> Result<(), SyncFailure> {
+        let Ok(id) = DocId::from_slice(&error.doc_id) else {
+            return Err(SyncFailure::Other(error.message));
+        };
+        if let Some(shared) = self.active.get(&id) {
+            shared.lock().session.reset();
+        }
+        match tonic::Code::from_i32(error.code) {
+            tonic::Code::NotFound => {
+                tracing::warn!(doc = %id.short(), "the server does not know this document");
+                self.unsynced.remove(&id);
+                self.pending.retain(|(_, doc)| *doc != id);
+                Ok(())
+            }
+            code => Err(SyncFailure::Other(format!(
+                "document {}: {code:?}: {}",
+                id.short(),
+                error.message
+            ))),
+        }
+    }
+
+    /// Drops a document from the session once nothing is owed for it.
+    fn release(&mut self, id: DocId) {
+        if !self.unsynced.contains(&id) && !self.pending.iter().any(|(_, doc)| *doc == id) {
+            self.active.remove(&id);
+        }
+    }
+
+    async fn advance_cursor(&mut self) -> Result<(), SyncFailure> {
+        let candidate = match self.pending.first() {
+            Some((seq, _)) => seq - 1,
+            None => self.announced,
+        };
+        if candidate > self.cursor && self.caught_up {
+            self.cursor = candidate;
+            self.blocking(move |store| {
+                store.put_record(&LOCAL, Space::LOCAL, b"cursor", &candidate.to_be_bytes())
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn report(&mut self) {
+        let remaining: HashSet<DocId> =
+            self.unsynced.iter().copied().chain(self.pending.iter().map(|(_, d)| *d)).collect();
+        let status = if self.caught_up && remaining.is_empty() {
+            self.round.clear();
+            SyncStatus::UpToDate
+        } else {
+            self.round.extend(remaining.iter().copied());
+            SyncStatus::Syncing {
+                done: self.round.len() - remaining.len(),
+                total: self.round.len(),
+            }
+        };
+        self.inner.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+}

@@ -1,0 +1,187 @@
+//! Who is calling: bearer tokens from a tenant's identity provider, verified with ring.
+//!
+//! The customer is `(tenant, sub)` of a verified token, turned into an opaque store key with the
+//! keyring's id hash. Nothing in a request body can name another customer.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cubby_core::CustomerId;
+use cubby_crypto::jwt::{self, Algorithm, JwtError, Validation, Verifier, VerifyingKey};
+use cubby_crypto::keys::{Keyring, write_private_file};
+use cubby_crypto::signing::{TokenSigner, generate_pkcs8};
+use cubby_proto::ApiError;
+use tonic::metadata::MetadataMap;
+
+use crate::config::{ConfigError, ServerConfig, TenantConfig};
+
+/// The development tenant's name, issuer and audience.
+pub const DEV_TENANT: &str = "dev";
+/// The `iss` of development tokens.
+pub const DEV_ISSUER: &str = "cubby-dev";
+/// The `aud` of development tokens.
+pub const DEV_AUDIENCE: &str = "cubby";
+
+/// A verified caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The tenant whose issuer signed the token.
+    pub tenant: String,
+    /// The customer's store key.
+    pub customer: CustomerId,
+    /// When the token expires, seconds since the Unix epoch.
+    pub expires_at: u64,
+}
+
+impl Caller {
+    /// Time left before the token expires.
+    pub fn remaining(&self) -> Duration {
+        Duration::from_secs(self.expires_at.saturating_sub(now()))
+    }
+}
+
+struct Tenant {
+    name: String,
+    verifier: Verifier,
+}
+
+/// Verifies tokens for every configured tenant.
+pub struct Authenticator {
+    tenants: Vec<Tenant>,
+    ids: Keyring,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.tenants.iter().map(|t| t.name.as_str()).collect();
+        f.debug_struct("Authenticator").field("tenants", &names).finish()
+    }
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn dev_key_path(data: &Path) -> PathBuf {
+    data.join("dev-tenant.key")
+}
+
+/// Loads the development tenant's signing key, creating it on first use.
+pub fn dev_signer(data: &Path, create: bool) -> Result<TokenSigner, ConfigError> {
+    let path = dev_key_path(data);
+    if !path.exists() && create {
+        write_private_file(&path, &generate_pkcs8())
+            .map_err(|e| ConfigError(format!("cannot create {}: {e}", path.display())))?;
+    }
+    let bytes = std::fs::read(&path).map_err(|e| {
+        ConfigError(format!(
+            "cannot read the development tenant key {} ({e}); start the server once with this data directory first",
+            path.display()
+        ))
+    })?;
+    TokenSigner::from_pkcs8(&bytes)
+        .map_err(|_| ConfigError(format!("{} is not a key pair", path.display())))
+}
+
+/// A development token for `subject`, valid for `ttl`.
+pub fn dev_token(signer: &TokenSigner, subject: &str, ttl: Duration) -> String {
+    let now = now();
+    signer.sign_jwt(&serde_json::json!({
+        "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": subject,
+        "iat": now, "nbf": now, "exp": now + ttl.as_secs(),
+    }))
+}
+
+fn tenant_keys(t: &TenantConfig) -> Result<Vec<VerifyingKey>, ConfigError> {
+    let bad = |e: jwt::KeyError| ConfigError(format!("tenant {}: {e}", t.name));
+    match (&t.jwks_file, &t.public_key_pem) {
+        (Some(path), None) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("tenant {}: cannot read {}: {e}", t.name, path.display()))
+            })?;
+            VerifyingKey::from_jwks(&text, t.algorithm).map_err(bad)
+        }
+        (None, Some(pem)) => Ok(vec![VerifyingKey::from_pem(pem, t.algorithm, None).map_err(bad)?]),
+        _ => Err(ConfigError(format!(
+            "tenant {}: set exactly one of jwks_file or public_key_pem",
+            t.name
+        ))),
+    }
+}
+
+impl Authenticator {
+    /// Builds verifiers for the configured tenants (and the development tenant if enabled).
+    pub fn new(config: &ServerConfig, ids: Keyring) -> Result<Self, ConfigError> {
+        let leeway_secs = config.limits.token_leeway_secs;
+        let mut tenants = Vec::new();
+        for t in &config.tenants {
+            if t.name == DEV_TENANT || tenants.iter().any(|x: &Tenant| x.name == t.name) {
+                return Err(ConfigError(format!(
+                    "tenant name {:?} is reserved or repeated",
+                    t.name
+                )));
+            }
+            let validation = Validation {
+                issuer: t.issuer.clone(),
+                audience: t.audience.clone(),
+                algorithm: t.algorithm,
+                leeway_secs,
+            };
+            let verifier = Verifier::new(validation, tenant_keys(t)?)
+                .map_err(|e| ConfigError(format!("tenant {}: {e}", t.name)))?;
+            tenants.push(Tenant { name: t.name.clone(), verifier });
+        }
+        if config.dev_tenant_enabled() {
+            let signer = dev_signer(&config.data, true)?;
+            let validation = Validation {
+                issuer: DEV_ISSUER.into(),
+                audience: DEV_AUDIENCE.into(),
+                algorithm: Algorithm::EdDSA,
+                leeway_secs,
+            };
+            let verifier = Verifier::new(validation, vec![signer.verifying_key()])
+                .map_err(|e| ConfigError(format!("development tenant: {e}")))?;
+            tenants.push(Tenant { name: DEV_TENANT.into(), verifier });
+        }
+        if tenants.is_empty() {
+            return Err(ConfigError(
+                "no tenants configured and the development tenant is off".into(),
+            ));
+        }
+        let mut issuers: Vec<_> = tenants.iter().map(|t| &t.verifier.validation().issuer).collect();
+        issuers.sort();
+        if issuers.windows(2).any(|w| w[0] == w[1]) {
+            return Err(ConfigError("two tenants share an issuer".into()));
+        }
+        Ok(Self { tenants, ids: ids })
+    }
+
+    /// Verifies a raw token.
+    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let refuse = |e: JwtError| ApiError::Unauthenticated(format!("invalid token: {e}"));
+        let issuer = jwt::unverified_issuer(token).map_err(refuse)?;
+        let tenant = self
+            .tenants
+            .iter()
+            .find(|t| t.verifier.validation().issuer == issuer)
+            .ok_or_else(|| refuse(JwtError::WrongIssuer))?;
+        let claims = tenant.verifier.verify(token, now()).map_err(refuse)?;
+        Ok(Caller {
+            tenant: tenant.name.clone(),
+            customer: CustomerId::from_bytes(self.ids.customer_id(&tenant.name, &claims.sub)),
+            expires_at: claims.exp,
+        })
+    }
+
+    /// Verifies the `authorization: Bearer` header of a request.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| ApiError::Unauthenticated("missing authorization header".into()))?;
+        let token =
+            header.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
+                ApiError::Unauthenticated("authorization must be `Bearer <token>`".into())
+            })?;
+        self.verify(token.trim())
+    }
+}

@@ -1,0 +1,201 @@
+//! `cubby-server` settings: one TOML file, every field with its unit and default.
+//!
+//! With no file the server runs in development mode: a self-signed certificate, a master key and
+//! a development tenant are created in the data directory on first start. With a file, the master
+//! key must already exist (`cubby-server keys create`), and tenants come from the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cubby_crypto::jwt::Algorithm;
+use serde::Deserialize;
+
+/// Everything `cubby-server` can be told.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:7443`; port 0 picks a free port.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Data directory (sled database, generated certificate and keys). Default `./cubby-data`.
+    #[serde(default = "default_data")]
+    pub data: PathBuf,
+    /// Master key file (created by `cubby-server keys create`). Required with a config file;
+    /// in development mode defaults to `<data>/master.key`, created on first start.
+    pub master_key_file: Option<PathBuf>,
+    /// Accept tokens from the development tenant (`cubby-server dev-token`). Default: on in
+    /// development mode, off with a config file.
+    pub dev_tenant: Option<bool>,
+    /// Transport security.
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// The business apps whose identity providers this server trusts.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// TLS settings. TLS 1.3 only.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain. With `key`; without both, a self-signed certificate for
+    /// `localhost` is generated in `<data>/tls/`.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+    /// Serve plaintext HTTP/2 instead of TLS. Local development behind a trusted proxy only.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+}
+
+/// Explicit limits (tonic leaves several unlimited by default).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent, bytes. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection. Default 64.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams reset by the client awaiting accept, per connection. Default 32.
+    pub max_pending_reset_streams: usize,
+    /// Seconds a client has to finish the TLS handshake. Default 10.
+    pub tls_handshake_timeout_secs: u64,
+    /// Seconds between HTTP/2 keepalive pings. Default 30.
+    pub keepalive_interval_secs: u64,
+    /// Seconds to wait for a keepalive answer before closing. Default 20.
+    pub keepalive_timeout_secs: u64,
+    /// Seconds a device has to send its Hello after opening a sync stream. Default 10.
+    pub hello_timeout_secs: u64,
+    /// Seconds a document with no connected device stays in memory. Default 60.
+    pub idle_document_secs: u64,
+    /// Sync messages one stream may have queued at documents at once. Default 32.
+    pub max_inflight_per_stream: usize,
+    /// Writes made durable by one flush at most (group commit). Default 1024.
+    pub max_commit_batch: usize,
+    /// Token clock leeway, seconds, for every tenant. Default 60.
+    pub token_leeway_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 << 20,
+            max_concurrent_streams: 64,
+            max_pending_reset_streams: 32,
+            tls_handshake_timeout_secs: 10,
+            keepalive_interval_secs: 30,
+            keepalive_timeout_secs: 20,
+            hello_timeout_secs: 10,
+            idle_document_secs: 60,
+            max_inflight_per_stream: 32,
+            max_commit_batch: 1024,
+            token_leeway_secs: 60,
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+}
+
+/// One business app's identity provider.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// A short stable name. Part of every customer's identity: never rename a tenant.
+    pub name: String,
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// The `aud` its tokens must carry for this server.
+    pub audience: String,
+    /// The only signature algorithm accepted: `EdDSA`, `ES256` or `RS256`.
+    pub algorithm: Algorithm,
+    /// A JWKS file with the issuer's public keys.
+    pub jwks_file: Option<PathBuf>,
+    /// Or one PEM public key (`-----BEGIN PUBLIC KEY-----`).
+    pub public_key_pem: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7443))
+}
+
+fn default_data() -> PathBuf {
+    PathBuf::from("./cubby-data")
+}
+
+impl ServerConfig {
+    /// Development defaults: everything generated in `data` on first start.
+    pub fn dev(data: impl Into<PathBuf>, listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            data: data.into(),
+            master_key_file: None,
+            dev_tenant: Some(true),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            tenants: Vec::new(),
+        }
+    }
+
+    /// Reads a config file. Relative paths in it are taken from the current directory.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let mut config: Self = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+        if config.master_key_file.is_none() {
+            return Err(ConfigError(format!(
+                "config {} must set master_key_file (create one with `cubby-server keys create --out FILE`)",
+                path.display()
+            )));
+        }
+        config.dev_tenant.get_or_insert(false);
+        Ok(config)
+    }
+
+    /// Whether tokens from the development tenant are accepted.
+    pub fn dev_tenant_enabled(&self) -> bool {
+        self.dev_tenant.unwrap_or(true)
+    }
+}
+
+/// A configuration problem, described for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse() {
+        for name in ["dev.toml", "prod.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
+            let config = ServerConfig::from_file(&path).expect(name);
+            assert!(config.limits.max_message_bytes > 0);
+        }
+    }
+
+    #[test]
+    fn config_without_master_key_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:0\"\n").expect("write");
+        let err = ServerConfig::from_file(&path).expect_err("no master key");
+        assert!(err.0.contains("master_key_file"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = toml::from_str::<ServerConfig>("master_key_file = \"k\"\nlisten_addr = \"x\"\n");
+        assert!(err.is_err());
+    }
+}

@@ -1,0 +1,552 @@
+//! One actor per live document.
+//!
+//! [`Docs::send`] routes a message to the document's actor, spawning it if needed; the map lock
+//! is held only for that (never across an `.await`), and an actor retires only under the same
+//! lock with an empty mailbox, so no message is ever sent to a retiring actor.
+//!
+//! The actor owns the `Automerge` document and one [`PeerSession`] per connected device. It
+//! drains its mailbox in batches: apply every message, write the new changes as one chunk through
+//! the committer, and only after that write is durable answer anyone. So the heads it advertises
+//! are always on disk.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use automerge::Automerge;
+use cubby_core::lifecycle::{self, CompactionPolicy};
+use cubby_core::session::{PeerSession, SyncError};
+use cubby_core::{CustomerId, DocId, DocMeta, Seq};
+use cubby_proto::{ApiError, pb};
+use cubby_store::{Snapshot, Store};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::durable::{CommitHandle, Write, api_error};
+use crate::hub::{Announcement, Hub};
+
+/// Where a document actor sends frames for one connected device.
+pub(crate) type Outbox = mpsc::Sender<Result<pb::ServerFrame, tonic::Status>>;
+
+/// What a document actor is asked to do.
+pub(crate) enum DocMsg {
+    /// One Automerge sync message from a device.
+    Sync {
+        peer: u64,
+        outbox: Outbox,
+        message: Vec<u8>,
+        /// Create the document with this title if it does not exist.
+        create: Option<String>,
+        /// Held until the message is handled: bounds what one stream can queue.
+        permit: OwnedSemaphorePermit,
+    },
+    /// The device's stream closed.
+    Leave { peer: u64 },
+    /// Create an empty document.
+    Create { title: String, reply: oneshot::Sender<Result<pb::DocInfo, ApiError>> },
+    /// Render the document as JSON.
+    Read { reply: oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>> },
+    /// Delete the document.
+    Delete { reply: oneshot::Sender<Result<(), ApiError>> },
+}
+
+/// What every actor shares.
+#[derive(Clone)]
+pub(crate) struct Ctx {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) commit: CommitHandle,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) idle: Duration,
+    pub(crate) policy: CompactionPolicy,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) stop: CancellationToken,
+}
+
+type Key = (CustomerId, DocId);
+
+struct Entry {
+    generation: u64,
+    tx: mpsc::UnboundedSender<DocMsg>,
+}
+
+struct Registry {
+    actors: Mutex<(u64, HashMap<Key, Entry>)>,
+    ctx: Ctx,
+}
+
+/// The live documents. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Docs {
+    registry: Arc<Registry>,
+}
+
+impl Docs {
+    pub(crate) fn new(ctx: Ctx) -> Self {
+        Self { registry: Arc::new(Registry { actors: Mutex::new((0, HashMap::new())), ctx }) }
+    }
+
+    /// Delivers `msg` to the document's actor, starting it if it is not running.
+    pub(crate) fn send(&self, customer: CustomerId, doc: DocId, msg: DocMsg) {
+        let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        let (generations, actors) = &mut *guard;
+        let msg = match actors.get(&(customer, doc)) {
+            Some(entry) => match entry.tx.send(msg) {
+                Ok(()) => return,
+                // The actor died (panicked); start a fresh one from storage.
+                Err(mpsc::error::SendError(msg)) => msg,
+            },
+            None => msg,
+        };
+        *generations += 1;
+        let generation = *generations;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(msg).expect("the receiver is alive: we hold it");
+        actors.insert((customer, doc), Entry { generation, tx });
+        let actor = Actor {
+            customer,
+            doc,
+            generation,
+            registry: self.registry.clone(),
+            state: None,
+            peers: HashMap::new(),
+        };
+        self.registry.ctx.tracker.spawn(actor.run(rx));
+    }
+
+    /// Sends a request and waits for its answer.
+    pub(crate) async fn ask<T>(
+        &self,
+        customer: CustomerId,
+        doc: DocId,
+        make: impl FnOnce(oneshot::Sender<Result<T, ApiError>>) -> DocMsg,
+    ) -> Result<T, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(customer, doc, make(reply));
+        rx.await.map_err(|_| ApiError::Internal)?
+    }
+}
+
+struct Live {
+    doc: Automerge,
+    meta: DocMeta,
+    next_chunk: u64,
+    chunks_since_snapshot: usize,
+    bytes_since_snapshot: u64,
+    seq: Seq,
+}
+
+struct Peer {
+    session: PeerSession,
+    outbox: Outbox,
+}
+
+struct Actor {
+    customer: CustomerId,
+    doc: DocId,
+    generation: u64,
+    registry: Arc<Registry>,
+    /// `None`: not loaded yet. `Some(None)`: the document does not exist.
+    state: Option<Option<Live>>,
+    peers: HashMap<u64, Peer>,
+}
+
+/// Answers owed once the batch is durable.
+enum Deferred {
+    Created(oneshot::Sender<Result<pb::DocInfo, ApiError>>),
+    Read(oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>>),
+    Delete(oneshot::Sender<Result<(), ApiError>>),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn error_frame(doc: &DocId, err: &ApiError) -> pb::ServerFrame {
+    pb::ServerFrame {
+        frame: Some(pb::server_frame::Frame::Error(pb::DocError {
+            doc_id: doc.as_bytes().to_vec(),
+            code: err.code() as i32,
+            message: err.to_string(),
+        })),
+    }
+}
+
+const MAX_BATCH: usize = 256;
+
+impl Actor {
+    fn ctx(&self) -> &Ctx {
+        &self.registry.ctx
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<DocMsg>) {
+        let idle = self.ctx().idle;
+        let stop = self.ctx().stop.clone();
+        loop {
+            let first = tokio::select! {
+                msg = rx.recv() => msg,
+                () = tokio::time::sleep(idle), if self.peers.is_empty() => {
+                    if self.retire(&rx) { return }
+                    continue;
+                }
+                () = stop.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => batch.push(msg),
+                    Err(_) => break,
+                }
+            }
+            self.handle(batch).await;
+        }
+        self.retire_now();
+    }
+
+    /// Leaves the registry if nothing is queued. Senders hold the same lock, so none can slip in.
+    fn retire(&self, rx: &mpsc::UnboundedReceiver<DocMsg>) -> bool {
+        let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if !rx.is_empty() {
+            return false;
+        }
+        if guard.1.get(&(self.customer, self.doc)).is_some_and(|e| e.generation == self.generation)
+        {
+            guard.1.remove(&(self.customer, self.doc));
+        }
+        true
+    }
+
+    fn retire_now(&self) {
+        let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if guard.1.get(&(self.customer, self.doc)).is_some_and(|e| e.generation == self.generation)
+        {
+            guard.1.remove(&(self.customer, self.doc));
+        }
+    }
+
+    /// Loads the document from storage (again), dropping anything not durable.
+    async fn load(&mut self) -> Result<(), ApiError> {
+        let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
+        let loaded = tokio::task::spawn_blocking(move || {
+            let Some(records) = store.load(&customer, &doc).map_err(api_error)? else {
+                return Ok(None);
+            };
+            let meta =
+                DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
+            let snapshot = records.snapshot.as_ref();
+            let rebuilt = std::panic::catch_unwind(|| {
+                lifecycle::rebuild(
+                    snapshot.map(|s| s.bytes.as_slice()),
+                    records.chunks.iter().map(|(_, b)| b.as_slice()),
+                )
+            });
+            let Ok(Ok(automerge)) = rebuilt else {
+                tracing::error!(doc = %doc.short(), "stored document does not load");
+                return Err(ApiError::DataLoss("document"));
+            };
+            let next_chunk = records
+                .chunks
+                .last()
+                .map(|(i, _)| i + 1)
+                .or(records.snapshot.as_ref().map(|s| s.through + 1))
+                .unwrap_or(0);
+            Ok(Some(Live {
+                doc: automerge,
+                meta,
+                next_chunk,
+                chunks_since_snapshot: records.chunks.len(),
+                bytes_since_snapshot: records.chunks.iter().map(|(_, b)| b.len() as u64).sum(),
+                seq: records.seq,
+            }))
+        })
+        .await
+        .map_err(|_| ApiError::Internal)??;
+        self.state = Some(loaded);
+        for peer in self.peers.values_mut() {
+            peer.session.reset();
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, batch: Vec<DocMsg>) {
+        if self.state.is_none() {
+            if let Err(err) = self.load().await {
+                self.refuse_all(batch, &err);
+                return;
+            }
+        }
+        let before = self.live().map(|l| l.doc.get_heads());
+        let mut created = false;
+        let mut poisoned = false;
+        let mut deferred = Vec::new();
+        for msg in batch {
+            match msg {
+                DocMsg::Sync { peer, outbox, message, create, permit } => {
+                    if self.live().is_none() {
+                        match create {
+                            Some(title) => created |= self.create(title),
+                            None => {
+                                let _ = outbox.try_send(Ok(error_frame(
+                                    &self.doc,
+                                    &ApiError::NotFound("document"),
+                                )));
+                                continue;
+                            }
+                        }
+                    }
+                    let Some(Some(live)) = &mut self.state else { continue };
+                    let peer = self
+                        .peers
+                        .entry(peer)
+                        .or_insert_with(|| Peer { session: PeerSession::new(), outbox });
+                    let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        peer.session.receive(&mut live.doc, &message)
+                    }));
+                    let refusal = match applied {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(SyncError::Malformed)) => {
+                            Some(ApiError::InvalidArgument("malformed sync message".into()))
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(doc = %self.doc.short(), %err, "sync message refused");
+                            Some(ApiError::InvalidArgument("sync message rejected".into()))
+                        }
+                        Err(_) => {
+                            tracing::error!(doc = %self.doc.short(), "automerge panicked on a sync message");
+                            poisoned = true;
+                            Some(ApiError::Internal)
+                        }
+                    };
+                    if let Some(err) = refusal {
+                        let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &err)));
+                    }
+                    drop(permit);
+                }
+                DocMsg::Leave { peer } => {
+                    self.peers.remove(&peer);
+                }
+                DocMsg::Create { title, reply } => {
+                    if self.live().is_none() {
+                        created |= self.create(title);
+                        deferred.push(Deferred::Created(reply));
+                    } else {
+                        let _ = reply
+                            .send(Err(ApiError::InvalidArgument("document already exists".into())));
+                    }
+                }
+                DocMsg::Read { reply } => deferred.push(Deferred::Read(reply)),
+                DocMsg::Delete { reply } => deferred.push(Deferred::Delete(reply)),
+            }
+        }
+        if poisoned {
+            // The document may be half-applied: go back to what is durable.
+            if let Err(err) = self.load().await {
+                self.fail_deferred(deferred, &err);
+                return;
+            }
+        } else if let Err(err) = self.persist(before.as_deref(), created).await {
+            // Not durable: forget it, so nobody is told heads that are not on disk. Devices
+            // still hold their changes and resend them.
+            tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
+            self.fail_deferred(deferred, &err);
+            for (_, peer) in self.peers.drain() {
+                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &err)));
+            }
+            if self.load().await.is_err() {
+                self.state = None;
+            }
+            return;
+        }
+        self.answer(deferred).await;
+        self.fan_out();
+        self.maybe_compact().await;
+    }
+
+    fn live(&self) -> Option<&Live> {
+        self.state.as_ref().and_then(Option::as_ref)
+    }
+
+    fn create(&mut self, title: String) -> bool {
+        let now = now_ms();
+        let meta = DocMeta { title, created_ms: now, updated_ms: now, size: 0 };
+        self.state = Some(Some(Live {
+            doc: Automerge::new(),
+            meta,
+            next_chunk: 0,
+            chunks_since_snapshot: 0,
+            bytes_since_snapshot: 0,
+            seq: Seq(0),
+        }));
+        true
+    }
+
+    /// Writes what changed since `before` as one chunk and waits until it is durable.
+    async fn persist(
+        &mut self,
+        before: Option<&[automerge::ChangeHash]>,
+        created: bool,
+    ) -> Result<(), ApiError> {
+        let Some(Some(live)) = &mut self.state else { return Ok(()) };
+        let heads = live.doc.get_heads();
+        let changed = before.is_none_or(|b| b != heads.as_slice()) && !heads.is_empty();
+        if !changed && !created {
+            return Ok(());
+        }
+        let chunk = changed.then(|| live.doc.save_after(before.unwrap_or(&[])));
+        let chunk_len = chunk.as_ref().map_or(0, |c| c.len() as u64);
+        let mut meta = live.meta.clone();
+        meta.updated_ms = now_ms();
+        meta.size += chunk_len;
+        let write = Write::Doc {
+            customer: self.customer,
+            doc: self.doc,
+            meta: meta.encode(),
+            chunk: chunk.map(|bytes| (live.next_chunk, bytes)),
+        };
+        let seq = self.registry.ctx.commit.commit(write).await?.unwrap_or(live.seq);
+        live.meta = meta;
+        live.seq = seq;
+        if changed {
+            live.next_chunk += 1;
+            live.chunks_since_snapshot += 1;
+            live.bytes_since_snapshot += chunk_len;
+        }
+        let info = cubby_proto::doc_info(&self.doc, &live.meta);
+        self.registry
+            .ctx
+            .hub
+            .publish(self.customer, Announcement { doc: self.doc, seq, info: Some(info) });
+        Ok(())
+    }
+
+    async fn answer(&mut self, deferred: Vec<Deferred>) {
+        for d in deferred {
+            match d {
+                Deferred::Created(reply) => {
+                    let info = self.live().map(|l| cubby_proto::doc_info(&self.doc, &l.meta));
+                    let _ = reply.send(info.ok_or(ApiError::Internal));
+                }
+                Deferred::Read(reply) => {
+                    let answer = match self.live() {
+                        Some(l) => Ok((
+                            cubby_proto::doc_info(&self.doc, &l.meta),
+                            cubby_core::json::to_json(&l.doc),
+                        )),
+                        None => Err(ApiError::NotFound("document")),
+                    };
+                    let _ = reply.send(answer);
+                }
+                Deferred::Delete(reply) => {
+                    if self.live().is_none() {
+                        let _ = reply.send(Err(ApiError::NotFound("document")));
+                        continue;
+                    }
+                    let write = Write::Delete { customer: self.customer, doc: self.doc };
+                    match self.registry.ctx.commit.commit(write).await {
+                        Ok(seq) => {
+                            self.state = Some(None);
+                            for peer in self.peers.drain().map(|(_, p)| p) {
+                                let _ = peer.outbox.try_send(Ok(error_frame(
+                                    &self.doc,
+                                    &ApiError::NotFound("document"),
+                                )));
+                            }
+                            let seq = seq.unwrap_or_default();
+                            self.registry.ctx.hub.publish(
+                                self.customer,
+                                Announcement { doc: self.doc, seq, info: None },
+                            );
+                            let _ = reply.send(Ok(()));
+                        }
+                        Err(err) => {
+                            let _ = reply.send(Err(err));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every peer whatever the sync protocol has for it now.
+    fn fan_out(&mut self) {
+        let Some(Some(live)) = &self.state else { return };
+        let doc = self.doc;
+        self.peers.retain(|peer_id, peer| {
+            let Some(message) = peer.session.generate(&live.doc) else { return true };
+            let frame = pb::ServerFrame {
+                frame: Some(pb::server_frame::Frame::Sync(pb::DocSync {
+                    doc_id: doc.as_bytes().to_vec(),
+                    message,
+                    create: None,
+                    seq: live.seq.0,
+                })),
+            };
+            match peer.outbox.try_send(Ok(frame)) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // A slow device: drop its session here. The hub's announcement makes it
+                    // ask again once it catches up; nothing queues up for it meanwhile.
+                    tracing::debug!(doc = %doc.short(), peer = peer_id, "device too slow; dropping its session");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    async fn maybe_compact(&mut self) {
+        let policy = self.registry.ctx.policy;
+        let Some(Some(live)) = &mut self.state else { return };
+        if live.next_chunk == 0
+            || !policy.should_compact(live.chunks_since_snapshot, live.bytes_since_snapshot)
+        {
+            return;
+        }
+        let snapshot = Snapshot { through: live.next_chunk - 1, bytes: live.doc.save() };
+        let write = Write::Compact { customer: self.customer, doc: self.doc, snapshot };
+        if let Err(err) = self.registry.ctx.commit.commit(write).await {
+            tracing::warn!(doc = %self.doc.short(), %err, "compaction failed; will retry");
+            return;
+        }
+        live.chunks_since_snapshot = 0;
+        live.bytes_since_snapshot = 0;
+    }
+
+    fn refuse_all(&self, batch: Vec<DocMsg>, err: &ApiError) {
+        for msg in batch {
+            match msg {
+                DocMsg::Sync { outbox, .. } => {
+                    let _ = outbox.try_send(Ok(error_frame(&self.doc, err)));
+                }
+                DocMsg::Leave { .. } => {}
+                DocMsg::Create { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                DocMsg::Read { reply } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                DocMsg::Delete { reply } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    fn fail_deferred(&self, deferred: Vec<Deferred>, err: &ApiError) {
+        for d in deferred {
+            match d {
+                Deferred::Created(reply) => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Deferred::Read(reply) => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Deferred::Delete(reply) => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}

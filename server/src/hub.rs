@@ -1,0 +1,57 @@
+//! Per-customer announcements: "document D is now at feed position S".
+//!
+//! Every sync stream of a customer subscribes; a document actor publishes after each durable
+//! write. The channel is lossy on purpose: a stream that lags re-reads the feed from storage.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_proto::pb;
+use tokio::sync::broadcast;
+
+/// One change-feed event.
+#[derive(Clone, Debug)]
+pub(crate) struct Announcement {
+    pub(crate) doc: DocId,
+    pub(crate) seq: Seq,
+    /// `None` when the document was deleted.
+    pub(crate) info: Option<pb::DocInfo>,
+}
+
+impl Announcement {
+    pub(crate) fn frame(&self) -> pb::ServerFrame {
+        pb::ServerFrame {
+            frame: Some(pb::server_frame::Frame::Changed(pb::DocChanged {
+                doc_id: self.doc.as_bytes().to_vec(),
+                seq: self.seq.0,
+                info: self.info.clone(),
+                deleted: self.info.is_none(),
+            })),
+        }
+    }
+}
+
+/// Announcement channels, one per customer with a connected device.
+#[derive(Debug, Default)]
+pub(crate) struct Hub {
+    channels: Mutex<HashMap<CustomerId, broadcast::Sender<Announcement>>>,
+}
+
+const CAPACITY: usize = 256;
+
+impl Hub {
+    pub(crate) fn subscribe(&self, customer: CustomerId) -> broadcast::Receiver<Announcement> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels.retain(|_, tx| tx.receiver_count() > 0);
+        channels.entry(customer).or_insert_with(|| broadcast::channel(CAPACITY).0).subscribe()
+    }
+
+    pub(crate) fn publish(&self, customer: CustomerId, announcement: Announcement) {
+        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = channels.get(&customer) {
+            // No receivers is fine: nobody of this customer is connected.
+            let _ = tx.send(announcement);
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! `cubby.v1.Sync/Connect`: one task per device stream.
+//!
+//! The task authenticates the stream, announces what changed since the device's cursor, then
+//! relays: device sync messages to document actors, and the customer's feed announcements to the
+//! device. The stream ends when the device leaves, its token expires, or the server stops.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cubby_core::{DocId, DocMeta, Seq};
+use cubby_proto::{ApiError, pb};
+use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+use crate::docs::{DocMsg, Outbox};
+use crate::durable::api_error;
+use crate::hub::Announcement;
+
+/// Frames queued for one device before the server considers it too slow.
+const OUTBOX_FRAMES: usize = 256;
+/// How long a device may leave the server's frames unread before its stream is closed.
+const SLOW_CONSUMER: Duration = Duration::from_secs(30);
+
+static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
+
+/// The Sync service.
+pub(crate) struct SyncService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl pb::sync_server::Sync for SyncService {
+    type ConnectStream = ReceiverStream<Result<pb::ServerFrame, Status>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<pb::ClientFrame>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
+        let connection = Connection {
+            shared: self.shared.clone(),
+            customer: caller.customer,
+            token_left: caller.remaining(),
+            peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
+            outbox,
+            joined: HashSet::new(),
+            inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
+            announced: Seq(0),
+        };
+        self.shared.tracker.spawn(connection.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(frames)))
+    }
+}
+
+struct Connection {
+    shared: Arc<Shared>,
+    customer: cubby_core::CustomerId,
+    token_left: Duration,
+    peer: u64,
+    outbox: Outbox,
+    joined: HashSet<DocId>,
+    inflight: Arc<Semaphore>,
+    /// The highest feed position announced on this stream.
+    announced: Seq,
+}
+
+impl Connection {
+    async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
+        if let Err(status) = self.serve(&mut inbound).await {
+            let _ = tokio::time::timeout(SLOW_CONSUMER, self.outbox.send(Err(status))).await;
+        }
+        for doc in self.joined.drain() {
+            self.shared.docs.send(self.customer, doc, DocMsg::Leave { peer: self.peer });
+        }
+    }
+
+    async fn send(&self, frame: pb::ServerFrame) -> Result<(), Status> {
+        match tokio::time::timeout(SLOW_CONSUMER, self.outbox.send(Ok(frame))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Status::cancelled("stream closed")),
+            Err(_) => Err(Status::resource_exhausted("device is not reading its stream")),
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<pb::ClientFrame>) -> Result<(), Status> {
+        let hello_timeout = Duration::from_secs(self.shared.limits.hello_timeout_secs);
+        let first = tokio::time::timeout(hello_timeout, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello"))??;
+        let Some(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) }) = first
+        else {
+            return Err(ApiError::InvalidArgument("the first frame must be a hello".into()).into());
+        };
+        tracing::debug!(
+            peer = self.peer,
+            device = hello.device_name,
+            cursor = hello.cursor,
+            "device connected"
+        );
+        // Subscribe before reading the feed, so nothing falls between the two.
+        let mut announcements = self.shared.hub.subscribe(self.customer);
+        self.announced = Seq(hello.cursor);
+        self.catch_up().await?;
+        self.send(pb::ServerFrame {
+            frame: Some(pb::server_frame::Frame::CaughtUp(pb::CaughtUp {
+                cursor: self.announced.0,
+            })),
+        })
+        .await?;
+
+        let expiry = tokio::time::sleep(self.token_left);
+        tokio::pin!(expiry);
+        let stop = self.shared.stop.clone();
+        loop {
+            tokio::select! {
+                frame = inbound.message() => match frame {
+                    Ok(Some(frame)) => self.on_frame(frame).await?,
+                    Ok(None) | Err(_) => return Ok(()),
+                },
+                announcement = announcements.recv() => match announcement {
+                    Ok(a) => self.announce(&a).await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                () = &mut expiry => return Err(ApiError::Unauthenticated("token expired".into()).into()),
+                () = stop.cancelled() => return Err(Status::unavailable("server shutting down")),
+            }
+        }
+    }
+
+    /// Announces every document changed after `self.announced`, from storage.
+    async fn catch_up(&mut self) -> Result<(), Status> {
+        let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
+        let changes = tokio::task::spawn_blocking(move || {
+            let feed = store.feed_since(&customer, cursor)?;
+            feed.into_iter()
+                .map(|(seq, doc)| {
+                    let meta = store.doc_meta(&customer, &doc)?;
+                    Ok((seq, doc, meta))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| ApiError::Internal)?
+        .map_err(api_error)?;
+        for (seq, doc, meta) in changes {
+            let info = match meta.map(|m| DocMeta::decode(&m)) {
+                Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
+                Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
+                None => None,
+            };
+            self.announce(&Announcement { doc, seq, info }).await?;
+        }
+        Ok(())
+    }
+
+    async fn announce(&mut self, a: &Announcement) -> Result<(), Status> {
+        if a.seq <= self.announced {
+            return Ok(());
+        }
+        self.announced = a.seq;
+        self.send(a.frame()).await
+    }
+
+    async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), Status> {
+        match frame.frame {
+            Some(pb::client_frame::Frame::Sync(sync)) => {
+                let doc = match cubby_proto::doc_id(&sync.doc_id) {
+                    Ok(doc) => doc,
+                    Err(err) => {
+                        let frame = pb::DocError {
+                            doc_id: sync.doc_id,
+                            code: err.code() as i32,
+                            message: err.to_string(),
+                        };
+                        return self
+                            .send(pb::ServerFrame {
+                                frame: Some(pb::server_frame::Frame::Error(frame)),
+                            })
+                            .await;
+                    }
+                };
+                let permit =
+                    self.inflight.clone().acquire_owned().await.map_err(|_| ApiError::Internal)?;
+                self.joined.insert(doc);
+                let msg = DocMsg::Sync {
+                    peer: self.peer,
+                    outbox: self.outbox.clone(),
+                    message: sync.message,
+                    create: sync.create.map(|c| c.title),
+                    permit,
+                };
+                self.shared.docs.send(self.customer, doc, msg);
+                Ok(())
+            }
+            Some(pb::client_frame::Frame::Hello(_)) => {
+                Err(ApiError::InvalidArgument("hello may only be sent once".into()).into())
+            }
+            None => Err(ApiError::InvalidArgument("empty frame".into()).into()),
+        }
+    }
+}
