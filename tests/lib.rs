@@ -1,1 +1,153 @@
-//! End-to-end tests live in tests/.
+//! A harness for end-to-end tests: a real `cubby-server` on `127.0.0.1:0` with its generated
+//! TLS certificate and sled store in a temporary directory, and devices that are real SDK
+//! clients with their own temporary local stores.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use cubby_client::{Client, StaticToken};
+use cubby_server::{RunningServer, ServerConfig, auth};
+use tempfile::TempDir;
+
+/// How long a test waits for a condition before failing.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running server and its data directory.
+pub struct TestServer {
+    dir: TempDir,
+    addr: SocketAddr,
+    running: Option<RunningServer>,
+    /// The server's self-signed certificate, for clients to trust.
+    pub ca_pem: Vec<u8>,
+}
+
+impl TestServer {
+    /// Starts a development-mode server on a free loopback port.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let running = cubby_server::start(ServerConfig::dev(
+            dir.path(),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        ))
+        .await
+        .expect("server starts");
+        let ca_pem =
+            std::fs::read(&running.cert().expect("TLS on").cert).expect("certificate readable");
+        Self { addr: running.local_addr(), dir, running: Some(running), ca_pem }
+    }
+
+    /// Stops the server, flushing everything (its data directory stays).
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    /// Starts the server again on the same data directory and port.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let running = cubby_server::start(ServerConfig::dev(self.dir.path(), self.addr))
+            .await
+            .expect("restarts");
+        self.running = Some(running);
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A development token for `customer`.
+    pub fn token(&self, customer: &str) -> String {
+        self.token_for(customer, Duration::from_secs(3600))
+    }
+
+    /// A development token for `customer` valid for `ttl`.
+    pub fn token_for(&self, customer: &str, ttl: Duration) -> String {
+        let signer = auth::dev_signer(self.dir.path(), false).expect("dev tenant key exists");
+        auth::dev_token(&signer, customer, ttl)
+    }
+
+    /// A new device of `customer`, syncing in the background.
+    pub async fn device(&self, customer: &str) -> Device {
+        Device::open(self, customer, tempfile::tempdir().expect("temp dir"), true).await
+    }
+}
+
+/// A device: an SDK client with its own local store.
+pub struct Device {
+    /// Its local data directory.
+    pub dir: TempDir,
+    /// The client.
+    pub client: Client,
+    key: [u8; 32],
+}
+
+impl Device {
+    /// Opens a device in `dir` (a reopen when the directory was used before).
+    pub async fn open(server: &TestServer, customer: &str, dir: TempDir, sync: bool) -> Self {
+        let key = [7u8; 32];
+        let client = Client::builder()
+            .with_data_dir(dir.path())
+            .with_local_key(key)
+            .with_server(server.url())
+            .with_token_provider(StaticToken::new(server.token(customer)))
+            .with_ca_pem(server.ca_pem.clone())
+            .with_autosync(sync)
+            .build()
+            .await
+            .expect("client builds");
+        Self { dir, client, key }
+    }
+
+    /// The key its local store is encrypted with.
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    /// Closes the client, keeping the local store.
+    pub async fn close(self) -> TempDir {
+        self.client.shutdown().await;
+        self.dir
+    }
+}
+
+/// Waits until `check` returns true, polling, or panics after [`DEADLINE`] with `what`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("readable dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}

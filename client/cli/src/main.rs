@@ -1,1 +1,272 @@
-fn main() {}
+//! `cubby`: the Cubby command-line client, for people and scripts.
+//!
+//! Each invocation is one device: its local store lives in `--home` (`CUBBY_HOME`). Edits are
+//! saved locally first and synced when a server is reachable; `sync` and `watch` talk to the
+//! server. Errors print one line naming the problem and exit non-zero.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use cubby_client::{Client, ClientError, DocEvent, DocId, StaticToken, SyncFailure};
+
+#[derive(Parser)]
+#[command(name = "cubby", version, about = "The Cubby command-line client")]
+struct Cli {
+    /// The server, e.g. https://localhost:7443.
+    #[arg(long, env = "CUBBY_SERVER", global = true)]
+    server: Option<String>,
+    /// An access token from the app's identity provider.
+    #[arg(long, env = "CUBBY_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// This device's local data directory [default: ~/.cubby].
+    #[arg(long, env = "CUBBY_HOME", global = true)]
+    home: Option<PathBuf>,
+    /// A PEM certificate to trust (the dev server's self-signed one).
+    #[arg(long, env = "CUBBY_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Seconds to wait for the server before giving up.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Documents.
+    Doc {
+        #[command(subcommand)]
+        command: DocCommand,
+    },
+    /// Sync with the server until this device is up to date, then exit.
+    Sync,
+    /// Stay connected and print each change from another device as one JSON line.
+    Watch,
+}
+
+#[derive(Subcommand)]
+enum DocCommand {
+    /// Create a document; prints its id.
+    Create {
+        /// Its title.
+        #[arg(long)]
+        title: String,
+    },
+    /// List the documents on this device.
+    List,
+    /// Set KEY to VALUE (JSON if it parses as JSON, otherwise a string).
+    Put {
+        /// The document id.
+        id: String,
+        /// A key of the document's root.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Print a document as JSON.
+    Get {
+        /// The document id.
+        id: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                eprintln!("cubby: cannot start: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cubby: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the device's local-store key, creating it on first use. A phone keeps this in its
+/// keychain; the CLI keeps it in a 0600 file beside the store.
+fn local_key(home: &Path) -> anyhow::Result<[u8; 32]> {
+    let path = home.join("local.key");
+    if !path.exists() {
+        std::fs::create_dir_all(home)
+            .with_context(|| format!("cannot create {}", home.display()))?;
+        cubby_crypto::keys::write_private_file(&path, &cubby_crypto::random_array::<32>())
+            .with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    bytes.try_into().map_err(|_| anyhow!("{} is not a 32-byte key", path.display()))
+}
+
+async fn open(cli: &Cli) -> anyhow::Result<Client> {
+    let home = match &cli.home {
+        Some(home) => home.clone(),
+        None => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".cubby"))
+            .ok_or_else(|| anyhow!("set --home or CUBBY_HOME"))?,
+    };
+    let mut builder = Client::builder()
+        .with_data_dir(&home)
+        .with_local_key(local_key(&home)?)
+        .with_device_name(format!("cubby CLI ({})", home.display()))
+        .with_autosync(false);
+    if let Some(server) = &cli.server {
+        let token = cli
+            .token
+            .clone()
+            .ok_or_else(|| anyhow!("a server needs a token: set --token or CUBBY_TOKEN"))?;
+        builder = builder.with_server(server).with_token_provider(StaticToken::new(token));
+        if let Some(ca) = &cli.ca {
+            let pem = std::fs::read(ca)
+                .with_context(|| format!("cannot read CA certificate {}", ca.display()))?;
+            builder = builder.with_ca_pem(pem);
+        }
+    }
+    builder.build().await.map_err(|err| match err {
+        ClientError::Store(e) => anyhow!(
+            "cannot open the local store in {} ({e}); is another cubby using it?",
+            home.display()
+        ),
+        other => anyhow!(other),
+    })
+}
+
+async fn sync(cli: &Cli, client: &Client) -> Result<(), SyncFailure> {
+    match tokio::time::timeout(Duration::from_secs(cli.timeout), client.wait_until_synced()).await {
+        Ok(result) => result,
+        Err(_) => Err(SyncFailure::Unreachable(format!("not up to date after {} s", cli.timeout))),
+    }
+}
+
+/// After a local edit: push it if a server is configured. An unreachable server is fine (the
+/// edit is saved and syncs later); a refused token is an error.
+async fn push(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    if cli.server.is_none() {
+        return Ok(());
+    }
+    match sync(cli, client).await {
+        Ok(()) => Ok(()),
+        Err(SyncFailure::Unreachable(why)) => {
+            eprintln!(
+                "cubby: saved on this device; not synced yet (server unreachable: {why}); run `cubby sync` later"
+            );
+            Ok(())
+        }
+        Err(failure) => bail!("saved on this device, but sync failed: {failure}"),
+    }
+}
+
+fn parse_id(text: &str) -> anyhow::Result<DocId> {
+    text.parse().map_err(|_| anyhow!("{text:?} is not a document id"))
+}
+
+fn parse_value(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
+}
+
+async fn open_doc(
+    cli: &Cli,
+    client: &Client,
+    id: DocId,
+) -> anyhow::Result<cubby_client::DocHandle> {
+    match client.open(id).await {
+        Ok(doc) => Ok(doc),
+        Err(ClientError::UnknownDocument(_)) if cli.server.is_some() => {
+            // Maybe another device created it: sync, then look again.
+            sync(cli, client).await.map_err(|f| anyhow!("sync failed: {f}"))?;
+            client.open(id).await.map_err(|_| anyhow!("unknown document {id}"))
+        }
+        Err(ClientError::UnknownDocument(_)) => bail!("unknown document {id}"),
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = open(&cli).await?;
+    let result = command(&cli, &client).await;
+    client.shutdown().await;
+    result
+}
+
+async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Doc { command: DocCommand::Create { title } } => {
+            let doc = client.create(title).await?;
+            println!("{}", doc.id());
+            push(cli, client).await
+        }
+        Command::Doc { command: DocCommand::List } => {
+            for (id, meta) in client.list().await? {
+                println!("{id}\t{}", meta.title);
+            }
+            Ok(())
+        }
+        Command::Doc { command: DocCommand::Put { id, key, value } } => {
+            let doc = open_doc(cli, client, parse_id(id)?).await?;
+            doc.put(key, parse_value(value)).await?;
+            push(cli, client).await
+        }
+        Command::Doc { command: DocCommand::Get { id } } => {
+            let doc = open_doc(cli, client, parse_id(id)?).await?;
+            println!("{}", serde_json::to_string_pretty(&doc.to_json())?);
+            Ok(())
+        }
+        Command::Sync => {
+            if cli.server.is_none() {
+                bail!("no server configured: set --server or CUBBY_SERVER");
+            }
+            sync(cli, client).await.map_err(|f| anyhow!("sync failed: {f}"))?;
+            let docs = client.list().await?.len();
+            println!("up to date ({docs} documents)");
+            Ok(())
+        }
+        Command::Watch => watch(cli, client).await,
+    }
+}
+
+async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    if cli.server.is_none() {
+        bail!("no server configured: set --server or CUBBY_SERVER");
+    }
+    let mut events = client.events();
+    let mut status = client.status();
+    client.start_sync();
+    eprintln!("cubby: watching; Ctrl-C to stop");
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok((id, DocEvent::Remote)) => {
+                    let doc = client.open(id).await?;
+                    let line = serde_json::json!({"doc": id.to_string(), "title": doc.meta().title, "content": doc.to_json()});
+                    println!("{line}");
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("cubby: {n} events skipped"),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let current = status.borrow_and_update().clone();
+                match current {
+                    cubby_client::SyncStatus::Offline { failure: Some(f @ (SyncFailure::Unauthenticated(_) | SyncFailure::PermissionDenied(_))) } => {
+                        bail!("sync failed: {f}");
+                    }
+                    cubby_client::SyncStatus::Offline { failure: Some(f) } => eprintln!("cubby: offline ({f}); retrying"),
+                    cubby_client::SyncStatus::UpToDate => eprintln!("cubby: up to date"),
+                    _ => {}
+                }
+            }
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}

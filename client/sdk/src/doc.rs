@@ -207,6 +207,7 @@ impl DocHandle {
         .await
         .map_err(|_| ClientError::Closed)??;
         self.shared.emit(DocEvent::Local);
+        let _ = self.client.events.send((self.shared.id, DocEvent::Local));
         let _ = self.client.wake.send(self.shared.id);
         Ok(out)
     }

@@ -62,6 +62,7 @@ pub enum SyncFailure {
 const MAX_MESSAGE: usize = 4 << 20;
 
 /// How to reach the server.
+#[derive(Clone)]
 pub(crate) struct Remote {
     endpoint: Endpoint,
     token: Arc<dyn TokenProvider>,
@@ -376,6 +377,7 @@ impl<'a> Session<'a> {
         .await?;
         if changed {
             shared.emit(DocEvent::Remote);
+            let _ = self.inner.events.send((id, DocEvent::Remote));
         }
         if holds {
             let held = self.held.entry(id).or_default();

@@ -33,15 +33,16 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use cubby_core::{DeviceId, DocId, DocMeta};
+use cubby_core::DeviceId;
 use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_store::{EncryptedStore, Space, Store, StoreError};
 use cubby_store_sled::SledStore;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 mod doc;
 mod engine;
 
+pub use cubby_core::{DocId, DocMeta};
 pub use doc::{DocEvent, DocHandle};
 pub use engine::{SyncFailure, SyncStatus};
 
@@ -187,7 +188,9 @@ impl ClientBuilder {
         self
     }
 
-    /// Whether to start syncing in the background at once (default true with a server).
+    /// Whether to start syncing in the background at once (default true with a server). When
+    /// off, call [`Client::start_sync`]. When
+    /// off, call [`Client::start_sync`].
     pub fn with_autosync(mut self, on: bool) -> Self {
         self.autosync = on;
         self
@@ -230,14 +233,13 @@ impl ClientBuilder {
             status,
             device_name: self.device_name.unwrap_or_else(|| "unnamed device".into()),
             platform: self.platform.unwrap_or_else(|| std::env::consts::OS.into()),
+            events: broadcast::channel(256).0,
         });
-        let task = match remote {
-            Some(remote) if self.autosync => {
-                Some(tokio::spawn(engine::run(inner.clone(), remote, wakes)))
-            }
-            _ => None,
-        };
-        Ok(Client { inner, task: Mutex::new(task) })
+        let client = Client { inner, remote, sync: Mutex::new(SyncTask::Idle(wakes)) };
+        if self.autosync {
+            client.start_sync();
+        }
+        Ok(client)
     }
 }
 
@@ -263,6 +265,8 @@ pub(crate) struct Inner {
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) device_name: String,
     pub(crate) platform: String,
+    /// Every document event, client-wide.
+    pub(crate) events: broadcast::Sender<(DocId, DocEvent)>,
 }
 
 impl Inner {
@@ -305,10 +309,18 @@ impl Inner {
     }
 }
 
+enum SyncTask {
+    /// Not started; holds the wake-up channel the engine will read.
+    Idle(mpsc::UnboundedReceiver<DocId>),
+    Running(tokio::task::JoinHandle<()>),
+    Stopped,
+}
+
 /// A device's view of one customer's store. Cheap to share behind an `Arc`.
 pub struct Client {
     inner: Arc<Inner>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    remote: Option<engine::Remote>,
+    sync: Mutex<SyncTask>,
 }
 
 impl fmt::Debug for Client {
@@ -379,10 +391,60 @@ impl Client {
         self.inner.status.subscribe()
     }
 
+    /// Every document event on this device from now on, with the document's id.
+    pub fn events(&self) -> broadcast::Receiver<(DocId, DocEvent)> {
+        self.inner.events.subscribe()
+    }
+
+    /// Starts background sync if it is not running (a client without a server stays offline).
+    pub fn start_sync(&self) {
+        let Some(remote) = &self.remote else { return };
+        let mut sync = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        if let SyncTask::Idle(_) = &*sync {
+            let SyncTask::Idle(wakes) = std::mem::replace(&mut *sync, SyncTask::Stopped) else {
+                unreachable!("matched just above")
+            };
+            let engine = engine::run(self.inner.clone(), remote.clone(), wakes);
+            *sync = SyncTask::Running(tokio::spawn(engine));
+        }
+    }
+
+    /// Waits until this device and the server hold the same changes, or until a sync attempt
+    /// fails (the engine keeps retrying in the background either way). Starts sync if needed.
+    pub async fn wait_until_synced(&self) -> Result<(), SyncFailure> {
+        if self.remote.is_none() {
+            return Err(SyncFailure::Other("no server configured".into()));
+        }
+        self.start_sync();
+        let mut status = self.status();
+        loop {
+            let current = status
+                .wait_for(|s| {
+                    matches!(s, SyncStatus::UpToDate | SyncStatus::Offline { failure: Some(_) })
+                })
+                .await
+                .map_err(|_| SyncFailure::Other("sync stopped".into()))?
+                .clone();
+            if let SyncStatus::Offline { failure: Some(failure) } = current {
+                return Err(failure);
+            }
+            // "Up to date" can be stale for an instant after a local edit; trust it only when
+            // nothing is marked unsynced on disk.
+            let unsynced = self.unsynced().await.map_err(|e| SyncFailure::Other(e.to_string()))?;
+            if unsynced.is_empty() {
+                return Ok(());
+            }
+            let _ = status.changed().await;
+        }
+    }
+
     /// Stops syncing and closes the local store. Local data is already on disk.
     pub async fn shutdown(self) {
-        let task = self.task.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(task) = task {
+        let task = std::mem::replace(
+            &mut *self.sync.lock().unwrap_or_else(PoisonError::into_inner),
+            SyncTask::Stopped,
+        );
+        if let SyncTask::Running(task) = task {
             task.abort();
             let _ = task.await;
         }
@@ -393,7 +455,8 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).take() {
+        if let SyncTask::Running(task) = &*self.sync.lock().unwrap_or_else(PoisonError::into_inner)
+        {
             task.abort();
         }
     }

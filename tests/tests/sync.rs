@@ -1,0 +1,148 @@
+//! Devices of one customer converge through a real server.
+
+use cubby_tests::{Device, TestServer, eventually};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_converge_live() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+
+    let doc = phone.client.create("Groceries").await.expect("create");
+    doc.put("milk", json!(2)).await.expect("put");
+    eventually("the laptop receives the phone's document", || async {
+        match laptop.client.open(doc.id()).await {
+            Ok(d) => d.to_json() == json!({"milk": 2}),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let on_laptop = laptop.client.open(doc.id()).await.expect("open");
+    assert_eq!(on_laptop.meta().title, "Groceries");
+
+    // And back, live: an edit on the laptop shows up on the phone while both stay connected.
+    let mut phone_events = doc.subscribe();
+    on_laptop.put("eggs", json!(12)).await.expect("put");
+    tokio::time::timeout(cubby_tests::DEADLINE, async {
+        while doc.to_json() != json!({"milk": 2, "eggs": 12}) {
+            phone_events.recv().await.expect("events flow");
+        }
+    })
+    .await
+    .expect("the phone sees the laptop's edit");
+    assert_eq!(doc.heads(), on_laptop.heads());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_offline_edits_merge_on_reconnect() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("Notes").await.expect("create");
+    doc.put("title", json!("draft")).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    laptop.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has the document", || async {
+        laptop.client.open(doc.id()).await.is_ok()
+    })
+    .await;
+
+    // Both go offline and edit the same document, including the same field. (A handle keeps
+    // its client's store open, so let go of it before reopening the device.)
+    let id = doc.id();
+    drop(doc);
+    let (phone_dir, laptop_dir) = (phone.close().await, laptop.close().await);
+    let phone = Device::open(&server, "alice", phone_dir, false).await;
+    let laptop = Device::open(&server, "alice", laptop_dir, false).await;
+    let on_phone = phone.client.open(id).await.expect("open");
+    let on_laptop = laptop.client.open(id).await.expect("open");
+    on_phone.put("from_phone", json!(true)).await.expect("offline put");
+    on_phone.put("title", json!("phone title")).await.expect("offline put");
+    on_laptop.put("from_laptop", json!(true)).await.expect("offline put");
+    on_laptop.put("title", json!("laptop title")).await.expect("offline put");
+    assert_eq!(phone.client.unsynced().await.expect("unsynced"), vec![id]);
+
+    // Reconnect both.
+    phone.client.wait_until_synced().await.expect("phone syncs");
+    laptop.client.wait_until_synced().await.expect("laptop syncs");
+    eventually("both hold the same heads", || async {
+        phone.client.wait_until_synced().await.is_ok() && on_phone.heads() == on_laptop.heads()
+    })
+    .await;
+    let merged = on_phone.to_json();
+    assert_eq!(merged, on_laptop.to_json());
+    assert_eq!(merged["from_phone"], json!(true));
+    assert_eq!(merged["from_laptop"], json!(true));
+    // The concurrent title edits resolve to one of the two, the same on both devices.
+    assert!(merged["title"] == json!("phone title") || merged["title"] == json!("laptop title"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_device_catches_up_after_server_restart() {
+    let mut server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let doc = phone.client.create(&format!("doc {i}")).await.expect("create");
+        doc.put("n", json!(i)).await.expect("put");
+        ids.push(doc.id());
+    }
+    phone.client.wait_until_synced().await.expect("synced");
+    phone.close().await;
+
+    server.restart().await;
+
+    let tablet = server.device("alice").await;
+    tablet.client.wait_until_synced().await.expect("the new device syncs");
+    let mut listed: Vec<_> =
+        tablet.client.list().await.expect("list").into_iter().map(|(id, _)| id).collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    for id in &ids {
+        let doc = tablet.client.open(*id).await.expect("open");
+        assert!(doc.to_json()["n"].is_number(), "{id} synced its content");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_device_syncs_only_what_changed_since_its_cursor() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let docs: Vec<_> = futures_docs(&phone, 4).await;
+    phone.client.wait_until_synced().await.expect("synced");
+    laptop.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has all four", || async {
+        laptop.client.list().await.expect("list").len() == 4
+    })
+    .await;
+    let laptop_dir = laptop.close().await;
+
+    // While the laptop is away, one document changes.
+    docs[2].put("changed", json!(true)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+
+    let laptop = Device::open(&server, "alice", laptop_dir, true).await;
+    let mut events = laptop.client.events();
+    laptop.client.wait_until_synced().await.expect("synced");
+    let changed = laptop.client.open(docs[2].id()).await.expect("open");
+    assert_eq!(changed.to_json()["changed"], json!(true));
+    // Only the changed document was delivered on reconnect.
+    let mut remote = std::collections::HashSet::new();
+    while let Ok((id, _)) = events.try_recv() {
+        remote.insert(id);
+    }
+    assert_eq!(remote, std::collections::HashSet::from([docs[2].id()]));
+}
+
+async fn futures_docs(device: &Device, n: usize) -> Vec<cubby_client::DocHandle> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let doc = device.client.create(&format!("d{i}")).await.expect("create");
+        doc.put("i", json!(i)).await.expect("put");
+        out.push(doc);
+    }
+    out
+}
