@@ -75,6 +75,19 @@ impl TestServer {
         auth::dev_token(&signer, customer, ttl)
     }
 
+    /// A raw gRPC channel to the server over TLS, trusting its certificate.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
+        tonic::transport::Endpoint::from_shared(self.url())
+            .expect("valid url")
+            .tls_config(tls)
+            .expect("valid TLS config")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
     /// A new device of `customer`, syncing in the background.
     pub async fn device(&self, customer: &str) -> Device {
         Device::open(self, customer, tempfile::tempdir().expect("temp dir"), true).await
@@ -117,6 +130,14 @@ impl Device {
         self.client.shutdown().await;
         self.dir
     }
+}
+
+/// `request` with `authorization: Bearer <token>`.
+pub fn authed<T>(request: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    let header = format!("Bearer {token}").parse().expect("token is header-safe");
+    request.metadata_mut().insert("authorization", header);
+    request
 }
 
 /// Waits until `check` returns true, polling, or panics after [`DEADLINE`] with `what`.

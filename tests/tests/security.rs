@@ -1,0 +1,270 @@
+//! What one customer can never do to another, what a bad token gets, and what is on disk.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_crypto::keys::{Keyring, MasterSecret};
+use cubby_proto::pb;
+use cubby_proto::pb::account_client::AccountClient;
+use cubby_proto::pb::sync_client::SyncClient;
+use cubby_store::Store;
+use cubby_tests::{TestServer, authed, files_under};
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// A stream of client frames for a raw Sync call, starting with `first`. Keep the sender to keep
+/// the stream open.
+fn frames(
+    first: Vec<pb::client_frame::Frame>,
+) -> (tokio::sync::mpsc::Sender<pb::ClientFrame>, ReceiverStream<pb::ClientFrame>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    for frame in first {
+        tx.try_send(pb::ClientFrame { frame: Some(frame) }).expect("room for the first frames");
+    }
+    (tx, ReceiverStream::new(rx))
+}
+
+fn hello() -> pb::client_frame::Frame {
+    pb::client_frame::Frame::Hello(pb::Hello {
+        device_id: vec![9; 16],
+        cursor: 0,
+        ..Default::default()
+    })
+}
+
+async fn get_document(
+    server: &TestServer,
+    token: &str,
+    id: &[u8],
+) -> Result<String, tonic::Status> {
+    let mut account = AccountClient::new(server.channel().await);
+    let request = pb::GetDocumentRequest { doc_id: id.to_vec() };
+    account.get_document(authed(request, token)).await.map(|r| r.into_inner().json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_customers_document_is_not_found_like_a_missing_one() {
+    let server = TestServer::start().await;
+    let alice = server.device("alice").await;
+    let doc = alice.client.create("private").await.expect("create");
+    doc.put("secret", json!("alice's")).await.expect("put");
+    alice.client.wait_until_synced().await.expect("synced");
+    let (alice_token, bob_token) = (server.token("alice"), server.token("bob"));
+
+    assert!(
+        get_document(&server, &alice_token, doc.id().as_bytes())
+            .await
+            .expect("alice reads")
+            .contains("alice's")
+    );
+    let foreign =
+        get_document(&server, &bob_token, doc.id().as_bytes()).await.expect_err("bob is refused");
+    let missing = get_document(&server, &bob_token, &[42; 16]).await.expect_err("no such document");
+    assert_eq!(foreign.code(), tonic::Code::NotFound);
+    assert_eq!((foreign.code(), foreign.message()), (missing.code(), missing.message()));
+
+    // Deleting it as Bob is the same NOT_FOUND, and Alice's document survives.
+    let mut account = AccountClient::new(server.channel().await);
+    let request = pb::DeleteDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
+    let deleted = account.delete_document(authed(request, &bob_token)).await.expect_err("refused");
+    assert_eq!(deleted.code(), tonic::Code::NotFound);
+    assert!(get_document(&server, &alice_token, doc.id().as_bytes()).await.is_ok());
+
+    // Over the sync stream: a sync message for Alice's id is answered like one for a missing id.
+    let mut sync = SyncClient::new(server.channel().await);
+    let message = cubby_core::session::PeerSession::new()
+        .generate(&automerge::Automerge::new())
+        .expect("a first message");
+    let ask = |id: &[u8]| {
+        pb::client_frame::Frame::Sync(pb::DocSync {
+            doc_id: id.to_vec(),
+            message: message.clone(),
+            create: None,
+            seq: 0,
+        })
+    };
+    let (_keep_open, stream) = frames(vec![hello(), ask(doc.id().as_bytes()), ask(&[42; 16])]);
+    let mut inbound =
+        sync.connect(authed(stream, &bob_token)).await.expect("bob connects").into_inner();
+    let mut errors = Vec::new();
+    while errors.len() < 2 {
+        let frame = tokio::time::timeout(cubby_tests::DEADLINE, inbound.message())
+            .await
+            .expect("answers arrive")
+            .expect("stream open")
+            .expect("a frame");
+        match frame.frame {
+            Some(pb::server_frame::Frame::Error(e)) => errors.push((e.code, e.message)),
+            Some(pb::server_frame::Frame::Sync(_)) => panic!("bob received sync data"),
+            _ => {}
+        }
+    }
+    assert_eq!(errors[0], errors[1]);
+    assert_eq!(errors[0].0, tonic::Code::NotFound as i32);
+}
+
+fn sign(signer: &cubby_crypto::signing::TokenSigner, claims: serde_json::Value) -> String {
+    signer.sign_jwt(&claims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_unauthenticated() {
+    let server = TestServer::start().await;
+    let signer = cubby_server::auth::dev_signer(server.data_dir(), false).expect("dev key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = |exp: serde_json::Value, aud: &str| json!({"iss": cubby_server::auth::DEV_ISSUER, "aud": aud, "sub": "alice", "exp": exp, "iat": now});
+    let good = sign(&signer, claims(json!(now + 600), "cubby"));
+    let foreign_signer =
+        cubby_crypto::signing::TokenSigner::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let payload = URL_SAFE_NO_PAD.encode(claims(json!(now + 600), "cubby").to_string());
+    let cases = [
+        ("expired", sign(&signer, claims(json!(now - 3600), "cubby"))),
+        ("forged", sign(&foreign_signer, claims(json!(now + 600), "cubby"))),
+        (
+            "alg none",
+            format!("{}.{payload}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#)),
+        ),
+        ("wrong audience", sign(&signer, claims(json!(now + 600), "another-app"))),
+        ("string exp", sign(&signer, claims(json!((now - 3600).to_string()), "cubby"))),
+        ("garbage", "not-a-token".to_owned()),
+    ];
+    let mut account = AccountClient::new(server.channel().await);
+    let mut sync = SyncClient::new(server.channel().await);
+    assert!(account.list_documents(authed(pb::ListDocumentsRequest {}, &good)).await.is_ok());
+    for (name, token) in &cases {
+        let err = account
+            .list_documents(authed(pb::ListDocumentsRequest {}, token))
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{name}: {err:?}");
+        let (_keep, stream) = frames(vec![hello()]);
+        let err = sync.connect(authed(stream, token)).await.expect_err(name);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{name} on the sync stream");
+    }
+    let missing = account
+        .list_documents(tonic::Request::new(pb::ListDocumentsRequest {}))
+        .await
+        .expect_err("no token");
+    assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_is_closed_when_its_token_expires() {
+    let server = TestServer::start().await;
+    let token = server.token_for("alice", Duration::from_secs(1));
+    let mut sync = SyncClient::new(server.channel().await);
+    let (_keep, stream) = frames(vec![hello()]);
+    let mut inbound =
+        sync.connect(authed(stream, &token)).await.expect("valid for now").into_inner();
+    let ended = tokio::time::timeout(cubby_tests::DEADLINE, async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends at expiry");
+    assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+}
+
+const MARKER: &str = "CUBBY-MARKER-7f3a9c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marker_written_into_a_document_is_in_no_file_on_disk() {
+    let mut server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create(&format!("title {MARKER}")).await.expect("create");
+    doc.put("note", json!(format!("text {MARKER}"))).await.expect("put");
+    doc.put(MARKER, json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    cubby_tests::eventually("the laptop has the marker", || async {
+        laptop
+            .client
+            .open(doc.id())
+            .await
+            .is_ok_and(|d| d.to_json()["note"] == json!(format!("text {MARKER}")))
+    })
+    .await;
+    drop(doc);
+    let (phone_dir, laptop_dir) = (phone.close().await, laptop.close().await);
+    server.stop().await;
+
+    let mut scanned = 0;
+    for dir in [server.data_dir(), phone_dir.path(), laptop_dir.path()] {
+        for file in files_under(dir) {
+            let bytes = std::fs::read(&file).expect("readable");
+            assert!(
+                !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+                "marker found in {}",
+                file.display()
+            );
+            scanned += 1;
+        }
+    }
+    assert!(scanned >= 6, "scanned {scanned} files");
+}
+
+fn customer(server: &TestServer, subject: &str) -> CustomerId {
+    let master = MasterSecret::read(&server.data_dir().join("master.key")).expect("master key");
+    CustomerId::from_bytes(
+        Keyring::from_master(&master).customer_id(cubby_server::auth::DEV_TENANT, subject),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_copied_to_another_customer_or_document_fails_to_open() {
+    let mut server = TestServer::start().await;
+    let alice_device = server.device("alice").await;
+    let bob_device = server.device("bob").await;
+    let doc = alice_device.client.create("mine").await.expect("create");
+    doc.put("secret", json!("alice's")).await.expect("put");
+    let other = alice_device.client.create("other").await.expect("create");
+    other.put("x", json!(1)).await.expect("put");
+    alice_device.client.wait_until_synced().await.expect("synced");
+    let bobs = bob_device.client.create("bob's").await.expect("create");
+    bobs.put("y", json!(2)).await.expect("put");
+    bob_device.client.wait_until_synced().await.expect("synced");
+    server.stop().await;
+
+    // Copy Alice's sealed records, byte for byte, under Bob's key and under her other document.
+    let (alice, bob) = (customer(&server, "alice"), customer(&server, "bob"));
+    {
+        let raw =
+            cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw sled");
+        let stolen = raw.load(&alice, &doc.id()).expect("load").expect("exists");
+        assert!(!stolen.chunks.is_empty());
+        let (index, bytes) = &stolen.chunks[0];
+        let chunk = Some(cubby_store::Chunk { index: *index, bytes });
+        raw.write_doc(&bob, &doc.id(), &stolen.meta, chunk).expect("raw copy to bob");
+        raw.write_doc(&alice, &other.id(), &stolen.meta, chunk).expect("raw copy to other doc");
+        assert!(raw.feed_since(&bob, Seq(0)).expect("feed").iter().any(|(_, d)| *d == doc.id()));
+        raw.flush().expect("flush");
+    }
+    server.restart().await;
+    for (token, id) in [(server.token("bob"), doc.id()), (server.token("alice"), other.id())] {
+        let err = get_document(&server, &token, id.as_bytes())
+            .await
+            .expect_err("a moved record does not open");
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+        assert!(!err.message().contains("alice's"));
+    }
+    // Everything else still reads.
+    assert!(
+        get_document(&server, &server.token("alice"), doc.id().as_bytes())
+            .await
+            .expect("alice's own")
+            .contains("alice's")
+    );
+    assert!(get_document(&server, &server.token("bob"), bobs.id().as_bytes()).await.is_ok());
+    let _: DocId = doc.id();
+}
