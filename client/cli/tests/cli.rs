@@ -1,0 +1,168 @@
+//! The `cubby` binary against a real server: two devices of one customer, offline edits, live
+//! watching, and one-line errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+
+use cubby_tests::TestServer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cubby");
+
+struct Device {
+    home: tempfile::TempDir,
+    server: String,
+    token: String,
+    ca: std::path::PathBuf,
+}
+
+impl Device {
+    fn new(server: &TestServer, customer: &str) -> Self {
+        let home = tempfile::tempdir().expect("temp dir");
+        let ca = home.path().join("ca.pem");
+        std::fs::write(&ca, &server.ca_pem).expect("write CA");
+        Self { home, server: server.url(), token: server.token(customer), ca }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("CUBBY_SERVER", &self.server)
+            .env("CUBBY_TOKEN", &self.token)
+            .env("CUBBY_HOME", self.home.path().join("device"))
+            .env("CUBBY_CA", &self.ca);
+        cmd
+    }
+
+    /// Runs `cubby ARGS` off the async workers (the server runs in this process).
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args);
+        tokio::task::spawn_blocking(move || cmd.output().expect("cubby runs"))
+            .await
+            .expect("joined")
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "cubby {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    async fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(!out.status.success(), "cubby {args:?} should fail");
+        let stderr = String::from_utf8(out.stderr).expect("utf-8");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+        stderr
+    }
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).expect("valid JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_edit_one_document_through_the_cli() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Groceries"]).await.trim().to_owned();
+    phone.ok(&["doc", "put", &id, "milk", "2"]).await;
+
+    assert_eq!(laptop.ok(&["sync"]).await.trim(), "up to date (1 documents)");
+    assert_eq!(laptop.ok(&["doc", "list"]).await, format!("{id}\tGroceries\n"));
+    assert_eq!(json(&laptop.ok(&["doc", "get", &id]).await), serde_json::json!({"milk": 2}));
+    laptop.ok(&["doc", "put", &id, "eggs", "{\"count\": 12, \"brown\": true}"]).await;
+
+    phone.ok(&["sync"]).await;
+    assert_eq!(
+        json(&phone.ok(&["doc", "get", &id]).await),
+        serde_json::json!({"milk": 2, "eggs": {"count": 12, "brown": true}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_each_remote_change_as_it_arrives() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Live"]).await.trim().to_owned();
+
+    let mut watch = laptop
+        .command(&["watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch");
+    let stdout = watch.stdout.take().expect("piped");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    phone.ok(&["doc", "put", &id, "status", "shipped"]).await;
+    let deadline = tokio::time::Instant::now() + cubby_tests::DEADLINE;
+    loop {
+        let line = tokio::time::timeout_at(deadline, lines.recv())
+            .await
+            .expect("watch printed the change in time")
+            .expect("watch is running");
+        let change = json(&line);
+        assert_eq!(change["doc"], serde_json::json!(id));
+        if change["content"]["status"] == "shipped" {
+            assert_eq!(change["title"], "Live");
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_made_offline_sync_on_the_next_sync() {
+    let server = TestServer::start().await;
+    let mut offline = Device::new(&server, "alice");
+    let online_url = std::mem::replace(&mut offline.server, "https://127.0.0.1:9".into());
+    let id =
+        offline.ok(&["doc", "create", "--title", "Written on a plane"]).await.trim().to_owned();
+    let out = offline.run(&["doc", "put", &id, "seat", "14C"]).await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not synced yet"));
+
+    offline.server = online_url;
+    offline.ok(&["sync"]).await;
+    let other = Device::new(&server, "alice");
+    other.ok(&["sync"]).await;
+    assert_eq!(json(&other.ok(&["doc", "get", &id]).await), serde_json::json!({"seat": "14C"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_one_line_naming_the_problem() {
+    let server = TestServer::start().await;
+    let device = Device::new(&server, "alice");
+
+    let mut bad_token = Device::new(&server, "alice");
+    bad_token.token = "not-a-token".into();
+    assert!(bad_token.fails(&["sync"]).await.contains("token rejected"));
+
+    let mut unreachable = Device::new(&server, "alice");
+    unreachable.server = "https://127.0.0.1:9".into();
+    assert!(unreachable.fails(&["sync", "--timeout", "5"]).await.contains("server unreachable"));
+
+    let missing = "2g3YjDp9LXhsNKtRWqTMvo";
+    assert!(device.fails(&["doc", "get", missing]).await.contains("unknown document"));
+    assert!(device.fails(&["doc", "get", "not-an-id"]).await.contains("is not a document id"));
+
+    let mut no_server = device.command(&["sync"]);
+    no_server.env_remove("CUBBY_SERVER");
+    let out = tokio::task::spawn_blocking(move || no_server.output().expect("runs"))
+        .await
+        .expect("joined");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server configured"));
+}

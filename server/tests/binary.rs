@@ -1,0 +1,138 @@
+//! The real `cubby-server` binary, started the way the README says.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cubby_proto::pb;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cubby-server");
+
+/// Kills the child on drop so a failing test leaves no server behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary in `dir` with the README's defaults (port 0 instead of 7443, so tests can
+/// run side by side) and returns it with the lines it printed up to the dev-tenant hint.
+fn start_in(dir: &Path) -> (Running, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .current_dir(dir)
+        .env("CUBBY_LISTEN", "127.0.0.1:0")
+        .env_remove("CUBBY_CONFIG")
+        .env_remove("CUBBY_DATA")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let stdout = child.stdout.take().expect("piped");
+    let running = Running(child);
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("utf-8 output");
+        let done = line.starts_with("development tenant on");
+        lines.push(line);
+        assert!(Instant::now() < deadline, "server did not finish starting: {lines:?}");
+        if done {
+            return (running, lines);
+        }
+    }
+    panic!("server exited early: {lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_command_starts_a_tls_server_that_answers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_server, lines) = start_in(dir.path());
+    let addr = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("cubby-server listening on https://"))
+        .expect("prints its https address")
+        .to_owned();
+    let cert = dir.path().join("cubby-data/tls/cert.pem");
+    assert!(
+        lines.iter().any(|l| l.contains("self-signed TLS certificate") && l.contains("cert.pem"))
+    );
+    assert!(dir.path().join("cubby-data/master.key").exists());
+
+    let token = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["dev-token", "--data", "./cubby-data", "--customer", "alice", "--ttl", "10m"])
+        .output()
+        .expect("dev-token runs");
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8(token.stdout).expect("utf-8").trim().to_owned();
+
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(cert).expect("cert")),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("TLS connection to the binary");
+    let mut account = pb::account_client::AccountClient::new(channel);
+    let mut request = tonic::Request::new(pb::CreateDocumentRequest { title: "hello".into() });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    let created = account.create_document(request).await.expect("the server answers").into_inner();
+    assert_eq!(created.title, "hello");
+    let unauthenticated =
+        account.list_documents(pb::ListDocumentsRequest {}).await.expect_err("no token");
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+}
+
+#[test]
+fn configured_server_without_its_master_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("cubby.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nmaster_key_file = \"{}\"\ndev_tenant = true\n",
+            dir.path().join("data").display(),
+            dir.path().join("missing.key").display()
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(BIN).arg("--config").arg(&config).output().expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("master key file") && stderr.contains("missing.key"), "{stderr}");
+    assert!(!dir.path().join("data/db").exists(), "nothing was written without a key");
+}
+
+#[test]
+fn wrong_master_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (server, _) = start_in(dir.path());
+    drop(server);
+    let other_key = dir.path().join("other.key");
+    let created =
+        Command::new(BIN).args(["keys", "create", "--out"]).arg(&other_key).output().expect("runs");
+    assert!(created.status.success());
+    let config = dir.path().join("cubby.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nmaster_key_file = \"{}\"\ndev_tenant = true\n",
+            dir.path().join("cubby-data").display(),
+            other_key.display()
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(BIN).arg("--config").arg(&config).output().expect("runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("master key does not match"), "{stderr}");
+}
