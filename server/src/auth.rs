@@ -153,7 +153,7 @@ impl Authenticator {
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
         }
-        Ok(Self { tenants, ids: ids })
+        Ok(Self { tenants, ids })
     }
 
     /// Verifies a raw token.

@@ -361,6 +361,11 @@ impl<'a> Session<'a> {
             };
             (write, reply, holds, server_has_all, changed, was_unconfirmed)
         };
+        // The server holds these changes durably: show them now, persist them right after.
+        if changed {
+            shared.emit(DocEvent::Remote);
+            let _ = self.inner.events.send((id, DocEvent::Remote));
+        }
         let check = shared.clone();
         self.blocking(move |store| {
             write.apply(store, &id)?;
@@ -375,10 +380,6 @@ impl<'a> Session<'a> {
             Ok(())
         })
         .await?;
-        if changed {
-            shared.emit(DocEvent::Remote);
-            let _ = self.inner.events.send((id, DocEvent::Remote));
-        }
         if holds {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);
