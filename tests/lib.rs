@@ -17,7 +17,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 /// A running server and its data directory.
 pub struct TestServer {
     dir: TempDir,
-    addr: SocketAddr,
+    config: ServerConfig,
     running: Option<RunningServer>,
     /// The server's self-signed certificate, for clients to trust.
     pub ca_pem: Vec<u8>,
@@ -26,16 +26,25 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a development-mode server on a free loopback port.
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a development-mode server after `adjust` has changed its config.
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let running = cubby_server::start(ServerConfig::dev(
-            dir.path(),
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-        ))
-        .await
-        .expect("server starts");
+        let mut config = ServerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+        adjust(&mut config);
+        let running = cubby_server::start(config.clone()).await.expect("server starts");
+        // Restarts reuse the port clients already know.
+        config.listen = running.local_addr();
         let ca_pem =
             std::fs::read(&running.cert().expect("TLS on").cert).expect("certificate readable");
-        Self { addr: running.local_addr(), dir, running: Some(running), ca_pem }
+        Self { dir, config, running: Some(running), ca_pem }
+    }
+
+    /// The running server.
+    pub fn running(&self) -> &RunningServer {
+        self.running.as_ref().expect("the server is running")
     }
 
     /// Stops the server, flushing everything (its data directory stays).
@@ -45,18 +54,16 @@ impl TestServer {
         }
     }
 
-    /// Starts the server again on the same data directory and port.
+    /// Starts the server again on the same data directory, port and settings.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let running = cubby_server::start(ServerConfig::dev(self.dir.path(), self.addr))
-            .await
-            .expect("restarts");
+        let running = cubby_server::start(self.config.clone()).await.expect("restarts");
         self.running = Some(running);
     }
 
     /// `https://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("https://{}", self.addr)
+        format!("https://{}", self.config.listen)
     }
 
     /// The data directory.

@@ -82,6 +82,12 @@ pub(crate) struct Docs {
     registry: Arc<Registry>,
 }
 
+impl std::fmt::Debug for Docs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Docs").field("live", &self.live()).finish()
+    }
+}
+
 impl Docs {
     pub(crate) fn new(ctx: Ctx) -> Self {
         Self { registry: Arc::new(Registry { actors: Mutex::new((0, HashMap::new())), ctx }) }
@@ -113,6 +119,20 @@ impl Docs {
             peers: HashMap::new(),
         };
         self.registry.ctx.tracker.spawn(actor.run(rx));
+    }
+
+    /// Tells a running actor that a device left; an actor that is not running has nothing to
+    /// forget, so none is started.
+    pub(crate) fn leave(&self, customer: CustomerId, doc: DocId, peer: u64) {
+        let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = guard.1.get(&(customer, doc)) {
+            let _ = entry.tx.send(DocMsg::Leave { peer });
+        }
+    }
+
+    /// How many documents are in memory.
+    pub(crate) fn live(&self) -> usize {
+        self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner).1.len()
     }
 
     /// Sends a request and waits for its answer.
@@ -246,18 +266,13 @@ impl Actor {
                 tracing::error!(doc = %doc.short(), "stored document does not load");
                 return Err(ApiError::DataLoss("document"));
             };
-            let next_chunk = records
-                .chunks
-                .last()
-                .map(|(i, _)| i + 1)
-                .or(records.snapshot.as_ref().map(|s| s.through + 1))
-                .unwrap_or(0);
+            let next_chunk = records.next_chunk();
             Ok(Some(Live {
                 doc: automerge,
                 meta,
                 next_chunk,
                 chunks_since_snapshot: records.chunks.len(),
-                bytes_since_snapshot: records.chunks.iter().map(|(_, b)| b.len() as u64).sum(),
+                bytes_since_snapshot: records.chunk_bytes(),
                 seq: records.seq,
             }))
         })

@@ -87,6 +87,7 @@ pub struct RunningServer {
     tracker: TaskTracker,
     serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     committer: durable::Committer,
+    docs: docs::Docs,
 }
 
 impl RunningServer {
@@ -105,6 +106,11 @@ impl RunningServer {
         self.master_key_created.as_ref()
     }
 
+    /// How many documents are loaded in memory (each has an actor).
+    pub fn live_documents(&self) -> usize {
+        self.docs.live()
+    }
+
     /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
     /// the store.
     pub async fn shutdown(self) {
@@ -116,7 +122,8 @@ impl RunningServer {
         }
         self.tracker.close();
         self.tracker.wait().await;
-        // Every commit handle lived in a task or service that has now ended.
+        // Every other commit handle lived in a task or service that has now ended.
+        drop(self.docs);
         let committer = self.committer;
         let _ = tokio::task::spawn_blocking(move || committer.join()).await;
     }
@@ -190,6 +197,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         tracker: tracker.clone(),
         stop: stop.clone(),
     });
+    let live_docs = docs.clone();
     let shared = Arc::new(Shared {
         auth,
         store,
@@ -249,5 +257,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };
-    Ok(RunningServer { addr, cert, master_key_created, stop, tracker, serve, committer })
+    Ok(RunningServer {
+        addr,
+        cert,
+        master_key_created,
+        stop,
+        tracker,
+        serve,
+        committer,
+        docs: live_docs,
+    })
 }

@@ -75,7 +75,7 @@ impl Connection {
             let _ = tokio::time::timeout(SLOW_CONSUMER, self.outbox.send(Err(status))).await;
         }
         for doc in self.joined.drain() {
-            self.shared.docs.send(self.customer, doc, DocMsg::Leave { peer: self.peer });
+            self.shared.docs.leave(self.customer, doc, self.peer);
         }
     }
 

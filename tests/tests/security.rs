@@ -26,6 +26,17 @@ fn frames(
     (tx, ReceiverStream::new(rx))
 }
 
+async fn next_frame(
+    inbound: &mut tonic::Streaming<pb::ServerFrame>,
+) -> Option<pb::server_frame::Frame> {
+    tokio::time::timeout(cubby_tests::DEADLINE, inbound.message())
+        .await
+        .expect("a frame in time")
+        .expect("stream open")
+        .expect("a frame")
+        .frame
+}
+
 fn hello() -> pb::client_frame::Frame {
     pb::client_frame::Frame::Hello(pb::Hello {
         device_id: vec![9; 16],
@@ -267,4 +278,49 @@ async fn record_copied_to_another_customer_or_document_fails_to_open() {
     );
     assert!(get_document(&server, &server.token("bob"), bobs.id().as_bytes()).await.is_ok());
     let _: DocId = doc.id();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_sync_message_is_refused_and_the_stream_stays_usable() {
+    let server = TestServer::start().await;
+    let alice = server.device("alice").await;
+    let doc = alice.client.create("target").await.expect("create");
+    doc.put("k", json!("v")).await.expect("put");
+    alice.client.wait_until_synced().await.expect("synced");
+    let heads_before = doc.heads();
+
+    let mut sync = SyncClient::new(server.channel().await);
+    let frame = |message: Vec<u8>| {
+        pb::client_frame::Frame::Sync(pb::DocSync {
+            doc_id: doc.id().as_bytes().to_vec(),
+            message,
+            create: None,
+            seq: 0,
+        })
+    };
+    let valid = cubby_core::session::PeerSession::new()
+        .generate(&automerge::Automerge::new())
+        .expect("message");
+    let (tx, stream) = frames(vec![hello(), frame(b"\x42garbage".to_vec())]);
+    let mut inbound =
+        sync.connect(authed(stream, &server.token("alice"))).await.expect("connects").into_inner();
+    loop {
+        if let Some(pb::server_frame::Frame::Error(e)) = next_frame(&mut inbound).await {
+            assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
+            assert_eq!(e.doc_id, doc.id().as_bytes().to_vec());
+            break;
+        }
+    }
+    tx.send(pb::ClientFrame { frame: Some(frame(valid)) }).await.expect("stream still open");
+    loop {
+        if let Some(pb::server_frame::Frame::Sync(s)) = next_frame(&mut inbound).await {
+            assert_eq!(s.doc_id, doc.id().as_bytes().to_vec());
+            break;
+        }
+    }
+    // The document is untouched.
+    let json =
+        get_document(&server, &server.token("alice"), doc.id().as_bytes()).await.expect("reads");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&json).expect("json"), json!({"k": "v"}));
+    assert_eq!(doc.heads(), heads_before);
 }

@@ -146,3 +146,51 @@ async fn futures_docs(device: &Device, n: usize) -> Vec<cubby_client::DocHandle>
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_documents_leave_memory_and_come_back_on_demand() {
+    let server = TestServer::start_with(|config| config.limits.idle_document_secs = 1).await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("short-lived").await.expect("create");
+    doc.put("x", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    assert!(
+        server.running().live_documents() >= 1,
+        "a document with a connected device stays loaded"
+    );
+    let id = doc.id();
+    drop(doc);
+    phone.close().await;
+    eventually("the idle document is evicted", || async { server.running().live_documents() == 0 })
+        .await;
+
+    // It loads again when someone needs it.
+    let laptop = server.device("alice").await;
+    laptop.client.wait_until_synced().await.expect("synced");
+    assert_eq!(laptop.client.open(id).await.expect("open").to_json(), json!({"x": 1}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_deleted_on_the_server_leave_every_device() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("to delete").await.expect("create");
+    doc.put("x", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    let id = doc.id();
+    drop(doc);
+
+    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+    let request = cubby_proto::pb::DeleteDocumentRequest { doc_id: id.as_bytes().to_vec() };
+    account
+        .delete_document(cubby_tests::authed(request, &server.token("alice")))
+        .await
+        .expect("deleted");
+    eventually("the phone drops the deleted document", || async {
+        phone.client.list().await.expect("list").is_empty()
+    })
+    .await;
+    let laptop = server.device("alice").await;
+    laptop.client.wait_until_synced().await.expect("synced");
+    assert!(laptop.client.list().await.expect("list").is_empty());
+}

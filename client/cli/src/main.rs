@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use cubby_client::{Client, ClientError, DocEvent, DocId, StaticToken, SyncFailure};
+use cubby_client::{Client, ClientError, DocEvent, DocId, StaticToken, StoreError, SyncFailure};
 
 #[derive(Parser)]
 #[command(name = "cubby", version, about = "The Cubby command-line client")]
@@ -131,10 +131,10 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
         }
     }
     builder.build().await.map_err(|err| match err {
-        ClientError::Store(e) => anyhow!(
-            "cannot open the local store in {} ({e}); is another cubby using it?",
-            home.display()
-        ),
+        ClientError::Store(StoreError::InUse) => {
+            anyhow!("the local store in {} is in use by another cubby process", home.display())
+        }
+        ClientError::Store(e) => anyhow!("cannot open the local store in {}: {e}", home.display()),
         other => anyhow!(other),
     })
 }

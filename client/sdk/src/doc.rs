@@ -104,12 +104,7 @@ impl DocShared {
             records.chunks.iter().map(|(_, b)| b.as_slice()),
         )
         .map_err(|_| ClientError::Damaged(id))?;
-        let next_chunk = records
-            .chunks
-            .last()
-            .map(|(i, _)| i + 1)
-            .or(records.snapshot.as_ref().map(|s| s.through + 1))
-            .unwrap_or(0);
+        let next_chunk = records.next_chunk();
         let session = match store.get_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())? {
             Some(bytes) => PeerSession::restore(&bytes).unwrap_or_default(),
             None => PeerSession::new(),

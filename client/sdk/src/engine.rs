@@ -329,7 +329,7 @@ impl<'a> Session<'a> {
                 self.announced = self.announced.max(caught_up.cursor);
                 self.caught_up = true;
             }
-            Some(pb::server_frame::Frame::Error(error)) => self.on_error(error)?,
+            Some(pb::server_frame::Frame::Error(error)) => self.on_error(error).await?,
             None => {}
         }
         self.advance_cursor().await?;
@@ -436,7 +436,7 @@ impl<'a> Session<'a> {
         self.push(id).await
     }
 
-    fn on_error(&mut self, error: pb::DocError) -> Result<(), SyncFailure> {
+    async fn on_error(&mut self, error: pb::DocError) -> Result<(), SyncFailure> {
         let Ok(id) = DocId::from_slice(&error.doc_id) else {
             return Err(SyncFailure::Other(error.message));
         };
@@ -445,10 +445,14 @@ impl<'a> Session<'a> {
         }
         match tonic::Code::from_i32(error.code) {
             tonic::Code::NotFound => {
+                // Deleted on the server (its deletion is announced too): nothing to send.
                 tracing::warn!(doc = %id.short(), "the server does not know this document");
                 self.unsynced.remove(&id);
                 self.pending.retain(|(_, doc)| *doc != id);
-                Ok(())
+                self.blocking(move |store| {
+                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
+                })
+                .await
             }
             code => Err(SyncFailure::Other(format!(
                 "document {}: {code:?}: {}",

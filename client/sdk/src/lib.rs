@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use cubby_core::DeviceId;
 use cubby_crypto::keys::{Keyring, MasterSecret};
-use cubby_store::{EncryptedStore, Space, Store, StoreError};
+use cubby_store::{EncryptedStore, Space, Store};
 use cubby_store_sled::SledStore;
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -43,6 +43,7 @@ mod doc;
 mod engine;
 
 pub use cubby_core::{DocId, DocMeta};
+pub use cubby_store::StoreError;
 pub use doc::{DocEvent, DocHandle};
 pub use engine::{SyncFailure, SyncStatus};
 

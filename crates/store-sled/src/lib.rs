@@ -69,7 +69,14 @@ fn doc_of(bytes: &[u8]) -> Result<DocId> {
 impl SledStore {
     /// Opens (creating if needed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(backend)?;
+        let db = sled::Config::new().path(dir).open().map_err(|err| match &err {
+            // sled takes an exclusive file lock on the database and reports a held lock as an
+            // `Other` I/O error with this text (sled 0.34 `config.rs`).
+            sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => {
+                StoreError::InUse
+            }
+            _ => backend(err),
+        })?;
         Ok(Self { db })
     }
 
@@ -261,6 +268,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         move || SledStore::open(dir.path()).expect("sled opens")
     });
+
+    #[test]
+    fn a_second_open_of_the_same_directory_is_refused_as_in_use() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let _first = SledStore::open(dir.path()).expect("opens");
+        assert!(matches!(SledStore::open(dir.path()), Err(cubby_store::StoreError::InUse)));
+    }
 
     #[test]
     fn conformance_holds_through_the_encryption_decorator() {

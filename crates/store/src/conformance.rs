@@ -125,6 +125,12 @@ pub fn compaction_replaces_covered_chunks<S: Store>(mut open: impl FnMut() -> S)
     let loaded = store.load(&c, &d).expect("load").expect("exists");
     assert_eq!(loaded.snapshot, Some(snapshot));
     assert_eq!(loaded.chunks, vec![(3, vec![3])]);
+    assert_eq!(loaded.next_chunk(), 4);
+    // Compacting everything leaves the snapshot to say where chunks continue.
+    store.compact(&c, &d, &Snapshot { through: 3, bytes: b"all".to_vec() }).expect("compact");
+    let loaded = store.load(&c, &d).expect("load").expect("exists");
+    assert!(loaded.chunks.is_empty());
+    assert_eq!(loaded.next_chunk(), 4);
 }
 
 /// One customer's documents, feed and records are invisible to another.

@@ -44,6 +44,9 @@ pub enum StoreError {
     /// A sealed record did not open: it was changed, moved, or belongs elsewhere.
     #[error("a stored {0} record failed authentication")]
     Corrupt(&'static str),
+    /// Another process has the store open.
+    #[error("the store is in use by another process")]
+    InUse,
     /// The keyring does not open this store's keys: the master key is wrong.
     #[error("the master key does not match this data directory")]
     WrongMasterKey,
@@ -81,6 +84,22 @@ pub struct DocRecords {
     pub chunks: Vec<(u64, Vec<u8>)>,
     /// The document's current position in the change feed.
     pub seq: Seq,
+}
+
+impl DocRecords {
+    /// The index the document's next chunk takes.
+    pub fn next_chunk(&self) -> u64 {
+        match (self.chunks.last(), &self.snapshot) {
+            (Some((index, _)), _) => index + 1,
+            (None, Some(snapshot)) => snapshot.through + 1,
+            (None, None) => 0,
+        }
+    }
+
+    /// Bytes of the chunks after the snapshot.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunks.iter().map(|(_, b)| b.len() as u64).sum()
+    }
 }
 
 /// A namespace of keyed records in a customer's store.
