@@ -71,6 +71,14 @@ impl TestServer {
         self.dir.path()
     }
 
+    /// The store key of a development-tenant customer (for raw storage checks).
+    pub fn customer_id(&self, subject: &str) -> cubby_core::CustomerId {
+        use cubby_crypto::keys::{Keyring, MasterSecret};
+        let master = MasterSecret::read(&self.dir.path().join("master.key")).expect("master key");
+        let ids = Keyring::from_master(&master);
+        cubby_core::CustomerId::from_bytes(ids.customer_id(auth::DEV_TENANT, subject))
+    }
+
     /// A development token for `customer`.
     pub fn token(&self, customer: &str) -> String {
         self.token_for(customer, Duration::from_secs(3600))

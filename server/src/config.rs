@@ -76,6 +76,9 @@ pub struct Limits {
     pub max_inflight_per_stream: usize,
     /// Writes made durable by one flush at most (group commit). Default 1024.
     pub max_commit_batch: usize,
+    /// A document's change chunks are folded into one snapshot once this many follow the last
+    /// snapshot (or once they add up to 1 MiB). Default 256.
+    pub compact_after_chunks: usize,
     /// Token clock leeway, seconds, for every tenant. Default 60.
     pub token_leeway_secs: u64,
 }
@@ -93,6 +96,7 @@ impl Default for Limits {
             idle_document_secs: 60,
             max_inflight_per_stream: 32,
             max_commit_batch: 1024,
+            compact_after_chunks: 256,
             token_leeway_secs: 60,
         }
     }

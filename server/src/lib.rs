@@ -193,7 +193,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         commit,
         hub: hub.clone(),
         idle: Duration::from_secs(limits.idle_document_secs),
-        policy: CompactionPolicy::default(),
+        policy: CompactionPolicy {
+            max_chunks: limits.compact_after_chunks.max(1),
+            ..CompactionPolicy::default()
+        },
         tracker: tracker.clone(),
         stop: stop.clone(),
     });

@@ -114,6 +114,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Ctrl-C or SIGTERM (what systemd and container runtimes send).
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("cannot wait for Ctrl-C")?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    Ok(())
+}
+
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let dev = config.dev_tenant_enabled();
     let data = config.data.clone();
@@ -135,7 +151,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
             data.display()
         );
     }
-    tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
+    wait_for_stop_signal().await?;
     println!("shutting down");
     server.shutdown().await;
     Ok(())

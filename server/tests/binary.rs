@@ -50,7 +50,7 @@ fn start_in(dir: &Path) -> (Running, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_command_starts_a_tls_server_that_answers() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (_server, lines) = start_in(dir.path());
+    let (mut server, lines) = start_in(dir.path());
     let addr = lines
         .iter()
         .find_map(|l| l.strip_prefix("cubby-server listening on https://"))
@@ -90,6 +90,19 @@ async fn readme_command_starts_a_tls_server_that_answers() {
     let unauthenticated =
         account.list_documents(pb::ListDocumentsRequest {}).await.expect_err("no token");
     assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+
+    // SIGTERM (what systemd sends) shuts it down cleanly.
+    let pid = server.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs").success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = server.0.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
 
 #[test]

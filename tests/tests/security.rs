@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use cubby_core::{CustomerId, DocId, Seq};
-use cubby_crypto::keys::{Keyring, MasterSecret};
+use cubby_core::{DocId, Seq};
 use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
 use cubby_proto::pb::sync_client::SyncClient;
@@ -225,13 +224,6 @@ async fn marker_written_into_a_document_is_in_no_file_on_disk() {
     assert!(scanned >= 6, "scanned {scanned} files");
 }
 
-fn customer(server: &TestServer, subject: &str) -> CustomerId {
-    let master = MasterSecret::read(&server.data_dir().join("master.key")).expect("master key");
-    CustomerId::from_bytes(
-        Keyring::from_master(&master).customer_id(cubby_server::auth::DEV_TENANT, subject),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_copied_to_another_customer_or_document_fails_to_open() {
     let mut server = TestServer::start().await;
@@ -248,7 +240,7 @@ async fn record_copied_to_another_customer_or_document_fails_to_open() {
     server.stop().await;
 
     // Copy Alice's sealed records, byte for byte, under Bob's key and under her other document.
-    let (alice, bob) = (customer(&server, "alice"), customer(&server, "bob"));
+    let (alice, bob) = (server.customer_id("alice"), server.customer_id("bob"));
     {
         let raw =
             cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw sled");

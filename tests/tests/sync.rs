@@ -194,3 +194,30 @@ async fn documents_deleted_on_the_server_leave_every_device() {
     laptop.client.wait_until_synced().await.expect("synced");
     assert!(laptop.client.list().await.expect("list").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_histories_are_compacted_and_reload_after_restart() {
+    use cubby_store::Store;
+    let mut server = TestServer::start_with(|config| config.limits.compact_after_chunks = 4).await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("busy").await.expect("create");
+    for i in 0..20 {
+        doc.put("n", json!(i)).await.expect("put");
+        phone.client.wait_until_synced().await.expect("synced");
+    }
+    let id = doc.id();
+    drop(doc);
+    phone.close().await;
+    server.stop().await;
+    {
+        let raw =
+            cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw sled");
+        let records = raw.load(&server.customer_id("alice"), &id).expect("load").expect("exists");
+        assert!(records.snapshot.is_some(), "the history was folded into a snapshot");
+        assert!(records.chunks.len() < 4, "{} chunks left after compaction", records.chunks.len());
+    }
+    server.restart().await;
+    let laptop = server.device("alice").await;
+    laptop.client.wait_until_synced().await.expect("synced");
+    assert_eq!(laptop.client.open(id).await.expect("open").to_json(), json!({"n": 19}));
+}

@@ -5,10 +5,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
-use cubby_core::lifecycle;
+use cubby_core::lifecycle::{self, CompactionPolicy};
 use cubby_core::session::PeerSession;
 use cubby_core::{DocId, DocMeta};
-use cubby_store::{Chunk, Space, Store, StoreError};
+use cubby_store::{Chunk, Snapshot, Space, Store, StoreError};
 use tokio::sync::broadcast;
 
 use crate::{ClientError, Inner, LOCAL};
@@ -28,6 +28,9 @@ pub(crate) struct LocalDoc {
     pub(crate) doc: Automerge,
     pub(crate) meta: DocMeta,
     pub(crate) next_chunk: u64,
+    /// Chunks and their bytes written since the last snapshot, for compaction.
+    chunks_since_snapshot: usize,
+    bytes_since_snapshot: u64,
     /// The sync protocol state with the server.
     pub(crate) session: PeerSession,
     /// Created on this device and not yet seen by the server: sync messages carry its title.
@@ -48,6 +51,8 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) struct LocalWrite {
     pub(crate) meta: Vec<u8>,
     pub(crate) chunk: Option<(u64, Vec<u8>)>,
+    /// Set when the chunk makes the history long enough to fold into a snapshot.
+    pub(crate) snapshot: Option<Snapshot>,
     pub(crate) session: Option<Vec<u8>>,
 }
 
@@ -56,6 +61,9 @@ impl LocalWrite {
     pub(crate) fn apply(&self, store: &dyn Store, id: &DocId) -> Result<(), StoreError> {
         if let Some((index, bytes)) = &self.chunk {
             store.write_doc(&LOCAL, id, &self.meta, Some(Chunk { index: *index, bytes }))?;
+        }
+        if let Some(snapshot) = &self.snapshot {
+            store.compact(&LOCAL, id, snapshot)?;
         }
         if let Some(session) = &self.session {
             store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
@@ -73,6 +81,8 @@ impl DocShared {
             doc: Automerge::new(),
             meta,
             next_chunk: 0,
+            chunks_since_snapshot: 0,
+            bytes_since_snapshot: 0,
             session: PeerSession::new(),
             unconfirmed: true,
         };
@@ -85,6 +95,8 @@ impl DocShared {
             doc: Automerge::new(),
             meta,
             next_chunk: 0,
+            chunks_since_snapshot: 0,
+            bytes_since_snapshot: 0,
             session: PeerSession::new(),
             unconfirmed: false,
         };
@@ -105,13 +117,24 @@ impl DocShared {
         )
         .map_err(|_| ClientError::Damaged(id))?;
         let next_chunk = records.next_chunk();
+        let (chunks_since_snapshot, bytes_since_snapshot) =
+            (records.chunks.len(), records.chunk_bytes());
         let session = match store.get_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())? {
             Some(bytes) => PeerSession::restore(&bytes).unwrap_or_default(),
             None => PeerSession::new(),
         };
         let unconfirmed =
             store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some_and(|v| v == b"new");
-        Ok(Self::from_parts(id, LocalDoc { doc, meta, next_chunk, session, unconfirmed }))
+        let state = LocalDoc {
+            doc,
+            meta,
+            next_chunk,
+            chunks_since_snapshot,
+            bytes_since_snapshot,
+            session,
+            unconfirmed,
+        };
+        Ok(Self::from_parts(id, state))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, LocalDoc> {
@@ -129,17 +152,40 @@ impl DocShared {
 }
 
 impl LocalDoc {
-    /// Takes the changes made since `before` as the next chunk, updating the metadata.
-    pub(crate) fn take_chunk(&mut self, before: &[ChangeHash]) -> Option<(u64, Vec<u8>)> {
-        if self.doc.get_heads() == before {
+    /// The local write for the changes made since `before` (the next chunk, and a snapshot when
+    /// the history is due for compaction), with `session` if given. `None` if nothing changed
+    /// and there is no session to save.
+    pub(crate) fn write_since(
+        &mut self,
+        before: &[ChangeHash],
+        session: bool,
+    ) -> Option<LocalWrite> {
+        let chunk = (self.doc.get_heads() != before).then(|| {
+            let bytes = self.doc.save_after(before);
+            let index = self.next_chunk;
+            self.next_chunk += 1;
+            self.chunks_since_snapshot += 1;
+            self.bytes_since_snapshot += bytes.len() as u64;
+            self.meta.updated_ms = now_ms();
+            self.meta.size += bytes.len() as u64;
+            (index, bytes)
+        });
+        let policy = CompactionPolicy::default();
+        let snapshot = match &chunk {
+            Some((index, _))
+                if policy.should_compact(self.chunks_since_snapshot, self.bytes_since_snapshot) =>
+            {
+                self.chunks_since_snapshot = 0;
+                self.bytes_since_snapshot = 0;
+                Some(Snapshot { through: *index, bytes: self.doc.save() })
+            }
+            _ => None,
+        };
+        if chunk.is_none() && !session {
             return None;
         }
-        let bytes = self.doc.save_after(before);
-        let index = self.next_chunk;
-        self.next_chunk += 1;
-        self.meta.updated_ms = now_ms();
-        self.meta.size += bytes.len() as u64;
-        Some((index, bytes))
+        let session = session.then(|| self.session.persist());
+        Some(LocalWrite { meta: self.meta.encode(), chunk, snapshot, session })
     }
 }
 
@@ -181,15 +227,7 @@ impl DocHandle {
             let mut state = self.shared.lock();
             let before = state.doc.get_heads();
             let out = state.doc.transact(f).map_err(|failure| failure.error)?.result;
-            let chunk = state.take_chunk(&before);
-            (
-                out,
-                chunk.map(|chunk| LocalWrite {
-                    meta: state.meta.encode(),
-                    chunk: Some(chunk),
-                    session: None,
-                }),
-            )
+            (out, state.write_since(&before, false))
         };
         let Some(write) = write else { return Ok(out) };
         let (store, id) = (self.client.store.clone(), self.shared.id);

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::doc::{DocEvent, DocShared, LocalWrite};
+use crate::doc::{DocEvent, DocShared};
 use crate::{ClientError, Inner, LOCAL, TokenProvider};
 
 /// Where syncing stands.
@@ -348,17 +348,12 @@ impl<'a> Session<'a> {
                 tracing::warn!(doc = %id.short(), %err, "server sync message refused");
                 return Ok(());
             }
-            let chunk = state.take_chunk(&before);
-            let changed = chunk.is_some();
+            let write = state.write_since(&before, true).expect("a session is always written");
+            let changed = write.chunk.is_some();
             let was_unconfirmed = std::mem::take(&mut state.unconfirmed);
             let holds = state.session.has_everything_peer_has(&state.doc);
             let server_has_all = state.session.peer_has_everything(&state.doc);
             let reply = state.session.generate(&state.doc);
-            let write = LocalWrite {
-                meta: state.meta.encode(),
-                chunk,
-                session: Some(state.session.persist()),
-            };
             (write, reply, holds, server_has_all, changed, was_unconfirmed)
         };
         // The server holds these changes durably: show them now, persist them right after.
