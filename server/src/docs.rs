@@ -41,6 +41,8 @@ pub(crate) enum DocMsg {
         create: Option<String>,
         /// Held until the message is handled: bounds what one stream can queue.
         permit: OwnedSemaphorePermit,
+        /// Cancelled to close the device's stream when it is too slow to keep up.
+        kick: CancellationToken,
     },
     /// The device's stream closed.
     Leave { peer: u64 },
@@ -160,6 +162,7 @@ struct Live {
 struct Peer {
     session: PeerSession,
     outbox: Outbox,
+    kick: CancellationToken,
 }
 
 struct Actor {
@@ -298,7 +301,7 @@ impl Actor {
         let mut deferred = Vec::new();
         for msg in batch {
             match msg {
-                DocMsg::Sync { peer, outbox, message, create, permit } => {
+                DocMsg::Sync { peer, outbox, message, create, permit, kick } => {
                     if self.live().is_none() {
                         match create {
                             Some(title) => created |= self.create(title),
@@ -312,10 +315,11 @@ impl Actor {
                         }
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
-                    let peer = self
-                        .peers
-                        .entry(peer)
-                        .or_insert_with(|| Peer { session: PeerSession::new(), outbox });
+                    let peer = self.peers.entry(peer).or_insert_with(|| Peer {
+                        session: PeerSession::new(),
+                        outbox,
+                        kick,
+                    });
                     let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
                         peer.session.receive(&mut live.doc, &message)
                     }));
@@ -501,9 +505,10 @@ impl Actor {
             match peer.outbox.try_send(Ok(frame)) {
                 Ok(()) => true,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    // A slow device: drop its session here. The hub's announcement makes it
-                    // ask again once it catches up; nothing queues up for it meanwhile.
-                    tracing::debug!(doc = %doc.short(), peer = peer_id, "device too slow; dropping its session");
+                    // A device this far behind would wait for a reply that was never queued:
+                    // close its stream. It reconnects and starts every session over.
+                    tracing::info!(doc = %doc.short(), peer = peer_id, "device too slow; closing its stream");
+                    peer.kick.cancel();
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,

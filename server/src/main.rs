@@ -130,29 +130,38 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a status line. Never fails: a closed stdout (a pipe whose reader left) must not take
+/// the server down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let dev = config.dev_tenant_enabled();
     let data = config.data.clone();
     let server = cubby_server::start(config).await?;
     let scheme = if server.cert().is_some() { "https" } else { "http" };
-    println!("cubby-server listening on {scheme}://{}", server.local_addr());
+    say!("cubby-server listening on {scheme}://{}", server.local_addr());
     if let Some(cert) = server.cert().filter(|c| c.self_signed) {
-        println!("self-signed TLS certificate: {} (clients: CUBBY_CA={0})", cert.cert.display());
+        say!("self-signed TLS certificate: {} (clients: CUBBY_CA={0})", cert.cert.display());
     }
     if let Some(path) = server.master_key_created() {
-        println!(
+        say!(
             "created master key {} (back it up; without it the data is unreadable)",
             path.display()
         );
     }
     if dev {
-        println!(
+        say!(
             "development tenant on: cubby-server dev-token --data {} --customer alice",
             data.display()
         );
     }
     wait_for_stop_signal().await?;
-    println!("shutting down");
+    say!("shutting down");
     server.shutdown().await;
     Ok(())
 }

@@ -13,6 +13,7 @@ use cubby_core::{DocId, DocMeta, Seq};
 use cubby_proto::{ApiError, pb};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
@@ -51,6 +52,7 @@ impl pb::sync_server::Sync for SyncService {
             joined: HashSet::new(),
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             announced: Seq(0),
+            kick: CancellationToken::new(),
         };
         self.shared.tracker.spawn(connection.run(request.into_inner()));
         Ok(Response::new(ReceiverStream::new(frames)))
@@ -67,12 +69,16 @@ struct Connection {
     inflight: Arc<Semaphore>,
     /// The highest feed position announced on this stream.
     announced: Seq,
+    /// Cancelled by a document actor when this device cannot keep up.
+    kick: CancellationToken,
 }
 
 impl Connection {
     async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
         if let Err(status) = self.serve(&mut inbound).await {
-            let _ = tokio::time::timeout(SLOW_CONSUMER, self.outbox.send(Err(status))).await;
+            // A device that is not reading gets no status (its queue is full); the stream
+            // ends when the last sender goes.
+            let _ = self.outbox.try_send(Err(status));
         }
         for doc in self.joined.drain() {
             self.shared.docs.leave(self.customer, doc, self.peer);
@@ -128,6 +134,9 @@ impl Connection {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 () = &mut expiry => return Err(ApiError::Unauthenticated("token expired".into()).into()),
+                () = self.kick.cancelled() => {
+                    return Err(ApiError::ResourceExhausted("device is not reading its stream".into()).into());
+                }
                 () = stop.cancelled() => return Err(Status::unavailable("server shutting down")),
             }
         }
@@ -194,6 +203,7 @@ impl Connection {
                     message: sync.message,
                     create: sync.create.map(|c| c.title),
                     permit,
+                    kick: self.kick.clone(),
                 };
                 self.shared.docs.send(self.customer, doc, msg);
                 Ok(())

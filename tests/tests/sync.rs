@@ -221,3 +221,85 @@ async fn long_histories_are_compacted_and_reload_after_restart() {
     laptop.client.wait_until_synced().await.expect("synced");
     assert_eq!(laptop.client.open(id).await.expect("open").to_json(), json!({"n": 19}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_devices_reconnect_by_themselves_after_a_server_restart() {
+    use cubby_client::SyncStatus;
+    let mut server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("shared").await.expect("create");
+    doc.put("before", json!(true)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has it", || async { laptop.client.open(doc.id()).await.is_ok() }).await;
+    let on_laptop = laptop.client.open(doc.id()).await.expect("open");
+
+    let mut status = laptop.client.status();
+    server.stop().await;
+    tokio::time::timeout(
+        cubby_tests::DEADLINE,
+        status.wait_for(|s| matches!(s, SyncStatus::Offline { .. })),
+    )
+    .await
+    .expect("the laptop notices")
+    .expect("status open");
+    // Edits while the server is down stay local and are not lost.
+    doc.put("while_down", json!(1)).await.expect("offline put");
+    server.restart().await;
+    tokio::time::timeout(cubby_tests::DEADLINE, status.wait_for(|s| *s == SyncStatus::UpToDate))
+        .await
+        .expect("the laptop reconnects on its own")
+        .expect("status open");
+    doc.put("after", json!(true)).await.expect("put");
+    eventually("edits flow again, including the one made while the server was down", || async {
+        on_laptop.to_json() == json!({"before": true, "while_down": 1, "after": true})
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refreshed_from_the_provider() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = Arc::new(TestServer::start().await);
+    let refreshes = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let (server, refreshes) = (server.clone(), refreshes.clone());
+        move |refresh: bool| {
+            if refresh {
+                refreshes.fetch_add(1, Ordering::SeqCst);
+            }
+            // Every token lives one second: the stream is closed at expiry and must come back.
+            let token = server.token_for("alice", std::time::Duration::from_secs(1));
+            async move { Ok(token) }
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let device = cubby_client::Client::builder()
+        .with_data_dir(dir.path())
+        .with_local_key([5; 32])
+        .with_server(server.url())
+        .with_token_provider(provider)
+        .with_ca_pem(server.ca_pem.clone())
+        .build()
+        .await
+        .expect("builds");
+    device.wait_until_synced().await.expect("synced");
+    eventually("the provider is asked for a fresh token", || async {
+        refreshes.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    // Still syncing with the refreshed token.
+    let doc = device.create("after refresh").await.expect("create");
+    doc.put("ok", json!(true)).await.expect("put");
+    eventually("the change reaches the server", || async {
+        let mut account =
+            cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+        let request = cubby_proto::pb::GetDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
+        account
+            .get_document(cubby_tests::authed(request, &server.token("alice")))
+            .await
+            .is_ok_and(|r| r.into_inner().json.contains("\"ok\":true"))
+    })
+    .await;
+}

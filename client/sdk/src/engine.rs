@@ -260,6 +260,9 @@ impl<'a> Session<'a> {
         })?;
         request.metadata_mut().insert("authorization", header);
         let mut inbound = client.connect(request).await.map_err(|s| classify(&s))?.into_inner();
+        // Sessions of documents still loaded from the last connection may wait for answers that
+        // will never come: start them over, as if loaded from disk.
+        self.inner.reconnect_sessions();
 
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         for (key, _) in unsynced {

@@ -298,6 +298,17 @@ impl Inner {
         self.docs.lock().unwrap_or_else(PoisonError::into_inner).get(id).and_then(Weak::upgrade)
     }
 
+    /// Starts every loaded document's sync session over, for a new connection.
+    pub(crate) fn reconnect_sessions(&self) {
+        let loaded: Vec<_> = {
+            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            docs.values().filter_map(Weak::upgrade).collect()
+        };
+        for doc in loaded {
+            doc.lock().session.reconnect();
+        }
+    }
+
     /// Registers a freshly created document.
     pub(crate) fn insert(&self, shared: Arc<doc::DocShared>) {
         let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);

@@ -58,6 +58,13 @@ impl PeerSession {
         self.state = sync::State::new();
     }
 
+    /// Starts over on a new connection: keeps the heads both sides are known to share (what
+    /// [`PeerSession::persist`] keeps) and forgets everything about the old connection, such
+    /// as a message still in flight on it.
+    pub fn reconnect(&mut self) {
+        self.state = sync::State::decode(&self.state.encode()).unwrap_or_default();
+    }
+
     /// Decodes and applies one sync message from the peer.
     ///
     /// On error the session is reset and the document is left as it was.
@@ -168,6 +175,19 @@ mod tests {
         // The session is still usable afterwards.
         session.receive(&mut target, &with_change).expect("the whole message applies");
         assert_eq!(target.get_heads(), source.get_heads());
+    }
+
+    #[test]
+    fn a_reconnected_session_speaks_first_again() {
+        let mut doc = doc_with("k", "v");
+        let mut session = PeerSession::new();
+        assert!(session.generate(&doc).is_some());
+        // The peer never answered (the connection dropped): nothing more to say on this one.
+        assert!(session.generate(&doc).is_none());
+        session.reconnect();
+        assert!(session.generate(&doc).is_some(), "a new connection starts a new round");
+        doc = doc_with("k", "w");
+        assert!(session.generate(&doc).is_some());
     }
 
     #[test]
