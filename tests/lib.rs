@@ -31,6 +31,7 @@ impl TestServer {
 
     /// Starts a development-mode server after `adjust` has changed its config.
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = ServerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
         adjust(&mut config);
@@ -144,6 +145,14 @@ impl Device {
     pub async fn close(self) -> TempDir {
         self.client.shutdown().await;
         self.dir
+    }
+}
+
+/// With `CUBBY_TEST_LOG=debug` (any `RUST_LOG`-style filter) tests print the server's and
+/// clients' logs.
+fn init_logs() {
+    if let Ok(filter) = std::env::var("CUBBY_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
     }
 }
 

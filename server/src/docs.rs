@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::durable::{CommitHandle, Write, api_error};
-use crate::hub::{Announcement, Hub};
 
 /// Where a document actor sends frames for one connected device.
 pub(crate) type Outbox = mpsc::Sender<Result<pb::ServerFrame, tonic::Status>>;
@@ -59,7 +58,6 @@ pub(crate) enum DocMsg {
 pub(crate) struct Ctx {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) commit: CommitHandle,
-    pub(crate) hub: Arc<Hub>,
     pub(crate) idle: Duration,
     pub(crate) policy: CompactionPolicy,
     pub(crate) tracker: TaskTracker,
@@ -432,11 +430,6 @@ impl Actor {
             live.chunks_since_snapshot += 1;
             live.bytes_since_snapshot += chunk_len;
         }
-        let info = cubby_proto::doc_info(&self.doc, &live.meta);
-        self.registry
-            .ctx
-            .hub
-            .publish(self.customer, Announcement { doc: self.doc, seq, info: Some(info) });
         Ok(())
     }
 
@@ -464,7 +457,8 @@ impl Actor {
                     }
                     let write = Write::Delete { customer: self.customer, doc: self.doc };
                     match self.registry.ctx.commit.commit(write).await {
-                        Ok(seq) => {
+                        Ok(_) => {
+                            // The commit thread announces the deletion.
                             self.state = Some(None);
                             for peer in self.peers.drain().map(|(_, p)| p) {
                                 let _ = peer.outbox.try_send(Ok(error_frame(
@@ -472,11 +466,6 @@ impl Actor {
                                     &ApiError::NotFound("document"),
                                 )));
                             }
-                            let seq = seq.unwrap_or_default();
-                            self.registry.ctx.hub.publish(
-                                self.customer,
-                                Announcement { doc: self.doc, seq, info: None },
-                            );
                             let _ = reply.send(Ok(()));
                         }
                         Err(err) => {

@@ -4,15 +4,21 @@
 //! the flush that made it durable. While one flush runs, the next writes queue up and share the
 //! following flush, so the durability window is "what arrives during one flush", up to
 //! `max_commit_batch` writes. Reads do not go through here; they run on the blocking pool.
+//!
+//! This thread is also the one sequencer of the change feed: after each flush it announces the
+//! batch's writes on the hub in the order their feed positions were taken, so every stream sees
+//! a customer's announcements in increasing order and only once they are durable.
 
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{CustomerId, DocId, DocMeta, Seq};
 use cubby_proto::ApiError;
 use cubby_store::{Chunk, Snapshot, Store, StoreError};
 use tokio::sync::oneshot;
+
+use crate::hub::{Announcement, Hub};
 
 /// A write the committer applies.
 #[derive(Debug)]
@@ -62,11 +68,15 @@ pub(crate) fn api_error(err: StoreError) -> ApiError {
 
 impl Committer {
     /// Starts the writer thread over `store`.
-    pub(crate) fn start(store: Arc<dyn Store>, max_batch: usize) -> (Self, CommitHandle) {
+    pub(crate) fn start(
+        store: Arc<dyn Store>,
+        hub: Arc<Hub>,
+        max_batch: usize,
+    ) -> (Self, CommitHandle) {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("cubby-commit".into())
-            .spawn(move || run(&*store, &rx, max_batch.max(1)))
+            .spawn(move || run(&*store, &hub, &rx, max_batch.max(1)))
             .expect("spawning a thread fails only when the OS is out of resources");
         (Self { thread }, CommitHandle { tx })
     }
@@ -92,7 +102,21 @@ fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
     }
 }
 
-fn run(store: &dyn Store, rx: &std_mpsc::Receiver<Job>, max_batch: usize) {
+/// What a durable write tells the customer's devices.
+fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
+    match write {
+        Write::Doc { customer, doc, meta, .. } => {
+            let info = DocMeta::decode(meta).ok().map(|m| cubby_proto::doc_info(doc, &m));
+            Some((*customer, Announcement { doc: *doc, seq, info }))
+        }
+        Write::Delete { customer, doc } => {
+            Some((*customer, Announcement { doc: *doc, seq, info: None }))
+        }
+        Write::Compact { .. } => None,
+    }
+}
+
+fn run(store: &dyn Store, hub: &Hub, rx: &std_mpsc::Receiver<Job>, max_batch: usize) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -105,7 +129,12 @@ fn run(store: &dyn Store, rx: &std_mpsc::Receiver<Job>, max_batch: usize) {
         let flushed = store.flush();
         for (job, result) in batch.into_iter().zip(results) {
             let outcome = match (&flushed, result) {
-                (Ok(()), Ok(seq)) => Ok(seq),
+                (Ok(()), Ok(seq)) => {
+                    if let Some((customer, a)) = seq.and_then(|seq| announcement(&job.write, seq)) {
+                        hub.publish(customer, a);
+                    }
+                    Ok(seq)
+                }
                 (_, Err(err)) => Err(api_error(err)),
                 (Err(err), Ok(_)) => {
                     tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");

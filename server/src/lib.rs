@@ -186,12 +186,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let limits = config.limits.clone();
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let (committer, commit) = durable::Committer::start(store.clone(), limits.max_commit_batch);
     let hub = Arc::new(hub::Hub::default());
+    let (committer, commit) =
+        durable::Committer::start(store.clone(), hub.clone(), limits.max_commit_batch);
     let docs = docs::Docs::new(docs::Ctx {
         store: store.clone(),
         commit,
-        hub: hub.clone(),
         idle: Duration::from_secs(limits.idle_document_secs),
         policy: CompactionPolicy {
             max_chunks: limits.compact_after_chunks.max(1),

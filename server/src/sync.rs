@@ -147,12 +147,19 @@ impl Connection {
         let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
         let changes = tokio::task::spawn_blocking(move || {
             let feed = store.feed_since(&customer, cursor)?;
-            feed.into_iter()
+            let changes = feed
+                .into_iter()
                 .map(|(seq, doc)| {
                     let meta = store.doc_meta(&customer, &doc)?;
                     Ok((seq, doc, meta))
                 })
-                .collect::<Result<Vec<_>, _>>()
+                .collect::<Result<Vec<_>, _>>()?;
+            // Reads see writes before their group commit is flushed; flush, so nothing announced
+            // here can be lost in a crash (and its feed position taken again after restart).
+            if !changes.is_empty() {
+                store.flush()?;
+            }
+            Ok::<_, cubby_store::StoreError>(changes)
         })
         .await
         .map_err(|_| ApiError::Internal)?

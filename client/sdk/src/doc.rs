@@ -230,24 +230,21 @@ impl DocHandle {
             (out, state.write_since(&before, false))
         };
         let Some(write) = write else { return Ok(out) };
-        let (store, id) = (self.client.store.clone(), self.shared.id);
+        let id = self.shared.id;
         // Mark the document unsynced before the sync engine can see the change, so the mark
         // can never land after the engine has cleared it...
-        let marker = store.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            if marker.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
-                marker.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|_| ClientError::Closed)??;
+        self.client
+            .blocking(move |store| -> Result<(), StoreError> {
+                if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
+                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+                }
+                Ok(())
+            })
+            .await?;
         // ...then let the engine send it while this device's own flush runs: the server's
         // copy is durable on its own, and this call still returns only after the local flush.
         let _ = self.client.wake.send(id);
-        tokio::task::spawn_blocking(move || write.apply(&*store, &id))
-            .await
-            .map_err(|_| ClientError::Closed)??;
+        self.client.blocking(move |store| write.apply(store, &id)).await?;
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));
         Ok(out)

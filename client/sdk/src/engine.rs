@@ -198,11 +198,7 @@ impl<'a> Session<'a> {
         &self,
         f: impl FnOnce(&dyn cubby_store::Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, SyncFailure> {
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(store_failure)?
-            .map_err(store_failure)
+        self.inner.blocking(f).await.map_err(store_failure)
     }
 
     async fn run(
@@ -317,7 +313,11 @@ impl<'a> Session<'a> {
         let frame = {
             let mut state = shared.lock();
             let state = &mut *state;
-            let Some(message) = state.session.generate(&state.doc) else { return Ok(()) };
+            let Some(message) = state.session.generate(&state.doc) else {
+                tracing::debug!(doc = %id.short(), "push: nothing to say");
+                return Ok(());
+            };
+            tracing::debug!(doc = %id.short(), heads = state.doc.get_heads().len(), "push");
             let create = state.unconfirmed.then(|| pb::NewDoc { title: state.meta.title.clone() });
             pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0 }
         };
@@ -378,6 +378,7 @@ impl<'a> Session<'a> {
             Ok(())
         })
         .await?;
+        tracing::debug!(doc = %id.short(), seq = sync.seq, holds, server_has_all, changed, "server message");
         if holds {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);

@@ -38,6 +38,7 @@ use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_store::{EncryptedStore, Space, Store};
 use cubby_store_sled::SledStore;
 use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::task::TaskTracker;
 
 mod doc;
 mod engine;
@@ -235,6 +236,7 @@ impl ClientBuilder {
             device_name: self.device_name.unwrap_or_else(|| "unnamed device".into()),
             platform: self.platform.unwrap_or_else(|| std::env::consts::OS.into()),
             events: broadcast::channel(256).0,
+            tasks: TaskTracker::new(),
         });
         let client = Client { inner, remote, sync: Mutex::new(SyncTask::Idle(wakes)) };
         if self.autosync {
@@ -268,9 +270,29 @@ pub(crate) struct Inner {
     pub(crate) platform: String,
     /// Every document event, client-wide.
     pub(crate) events: broadcast::Sender<(DocId, DocEvent)>,
+    /// Blocking store work in flight; `shutdown` waits for it, so the store is closed after.
+    tasks: TaskTracker,
 }
 
 impl Inner {
+    /// Runs store work on the blocking pool, tracked so that `shutdown` can wait for it.
+    pub(crate) async fn blocking<T, E>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, ClientError>
+    where
+        T: Send + 'static,
+        E: Send + 'static,
+        ClientError: From<E>,
+    {
+        let store = self.store.clone();
+        Ok(self
+            .tasks
+            .spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|_| ClientError::Closed)??)
+    }
+
     /// The loaded document, loading it from the local store if needed.
     pub(crate) async fn doc(
         self: &Arc<Self>,
@@ -279,10 +301,7 @@ impl Inner {
         if let Some(shared) = self.cached(&id) {
             return Ok(shared);
         }
-        let store = self.store.clone();
-        let loaded = tokio::task::spawn_blocking(move || doc::DocShared::load(&*store, id))
-            .await
-            .map_err(|_| ClientError::Closed)??;
+        let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
         let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
         // Another task may have loaded it meanwhile: keep the first.
         if let Some(existing) = docs.get(&id).and_then(Weak::upgrade) {
@@ -356,15 +375,14 @@ impl Client {
     pub async fn create(&self, title: &str) -> Result<DocHandle, ClientError> {
         let id = DocId::from_bytes(cubby_crypto::random_array());
         let shared = Arc::new(doc::DocShared::new(id, title));
-        let store = self.inner.store.clone();
         let meta = shared.meta().encode();
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-            store.write_doc(&LOCAL, &id, &meta, None)?;
-            store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"new")?;
-            store.flush()
-        })
-        .await
-        .map_err(|_| ClientError::Closed)??;
+        self.inner
+            .blocking(move |store| {
+                store.write_doc(&LOCAL, &id, &meta, None)?;
+                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"new")?;
+                store.flush()
+            })
+            .await?;
         self.inner.insert(shared.clone());
         let _ = self.inner.wake.send(id);
         Ok(DocHandle::new(shared, self.inner.clone()))
@@ -377,10 +395,7 @@ impl Client {
 
     /// The documents this device holds, with their metadata, by id.
     pub async fn list(&self) -> Result<Vec<(DocId, DocMeta)>, ClientError> {
-        let store = self.inner.store.clone();
-        let docs = tokio::task::spawn_blocking(move || store.list_docs(&LOCAL))
-            .await
-            .map_err(|_| ClientError::Closed)??;
+        let docs = self.inner.blocking(|store| store.list_docs(&LOCAL)).await?;
         docs.into_iter()
             .map(|(id, meta)| {
                 Ok((id, DocMeta::decode(&meta).map_err(|_| ClientError::Damaged(id))?))
@@ -390,11 +405,8 @@ impl Client {
 
     /// Documents with local changes the server has not acknowledged yet.
     pub async fn unsynced(&self) -> Result<Vec<DocId>, ClientError> {
-        let store = self.inner.store.clone();
         let records =
-            tokio::task::spawn_blocking(move || store.scan_records(&LOCAL, Space::UNSYNCED))
-                .await
-                .map_err(|_| ClientError::Closed)??;
+            self.inner.blocking(|store| store.scan_records(&LOCAL, Space::UNSYNCED)).await?;
         Ok(records.iter().filter_map(|(k, _)| DocId::from_slice(k).ok()).collect())
     }
 
@@ -460,8 +472,11 @@ impl Client {
             task.abort();
             let _ = task.await;
         }
-        let store = self.inner.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        // Let store work already started finish, so the store closes with this client (unless
+        // the app still holds document handles).
+        let _ = self.inner.blocking(|store| store.flush()).await;
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 }
 

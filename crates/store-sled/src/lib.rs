@@ -68,16 +68,30 @@ fn doc_of(bytes: &[u8]) -> Result<DocId> {
 
 impl SledStore {
     /// Opens (creating if needed) the database in `dir`.
+    ///
+    /// sled 0.34 releases its file lock from a background thread shortly after the last handle
+    /// is dropped (sled#1289), so a reopen right after a close is retried for up to a second;
+    /// a lock that is really held (another process) still fails with [`StoreError::InUse`].
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new().path(dir).open().map_err(|err| match &err {
-            // sled takes an exclusive file lock on the database and reports a held lock as an
-            // `Other` I/O error with this text (sled 0.34 `config.rs`).
-            sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock") => {
-                StoreError::InUse
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return Ok(Self { db }),
+                // sled reports a held lock as an `Other` I/O error with this text (0.34
+                // `config.rs`).
+                Err(sled::Error::Io(io))
+                    if io.to_string().starts_with("could not acquire lock") =>
+                {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StoreError::InUse);
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
+                }
+                Err(err) => return Err(backend(err)),
             }
-            _ => backend(err),
-        })?;
-        Ok(Self { db })
+        }
     }
 
     /// Moves `doc` to the head of the customer's feed inside a transaction.

@@ -1,0 +1,142 @@
+//! Seeded random schedules: devices go offline and online, edit and create documents; once
+//! everyone is back online, every device holds the same documents with the same heads.
+
+use std::collections::BTreeMap;
+
+use cubby_tests::{Device, TestServer};
+use serde_json::json;
+
+/// splitmix64: a few lines of deterministic randomness, seeded per schedule.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+struct Slot {
+    device: Option<Device>,
+    online: bool,
+}
+
+async fn run_schedule(seed: u64) {
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+    let server = TestServer::start().await;
+    let mut slots = Vec::new();
+    for _ in 0..3 {
+        slots.push(Slot { device: Some(server.device("alice").await), online: true });
+    }
+    let first =
+        slots[0].device.as_ref().expect("open").client.create("seed doc").await.expect("create");
+    let mut docs = vec![first.id()];
+    drop(first);
+
+    for step in 0..40 {
+        let i = rng.below(slots.len());
+        match rng.below(10) {
+            0..=5 => {
+                // Edit a document this device holds (it may not have received every one yet).
+                let device = slots[i].device.as_ref().expect("open");
+                let id = docs[rng.below(docs.len())];
+                if let Ok(doc) = device.client.open(id).await {
+                    let key = format!("k{}", rng.below(4));
+                    doc.put(&key, json!(format!("d{i}s{step}"))).await.expect("put");
+                }
+            }
+            6 => {
+                let device = slots[i].device.as_ref().expect("open");
+                let doc =
+                    device.client.create(&format!("created at {step}")).await.expect("create");
+                docs.push(doc.id());
+            }
+            _ => {
+                // Toggle the device offline or online (close and reopen its local store).
+                let slot = &mut slots[i];
+                let dir = slot.device.take().expect("open").close().await;
+                slot.online = !slot.online;
+                slot.device = Some(Device::open(&server, "alice", dir, slot.online).await);
+            }
+        }
+    }
+
+    // Everyone back online; sync until nothing moves.
+    for slot in &mut slots {
+        if !slot.online {
+            let dir = slot.device.take().expect("open").close().await;
+            slot.device = Some(Device::open(&server, "alice", dir, true).await);
+            slot.online = true;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + cubby_tests::DEADLINE;
+    loop {
+        let mut views = Vec::new();
+        for slot in &slots {
+            let client = &slot.device.as_ref().expect("open").client;
+            tokio::time::timeout(cubby_tests::DEADLINE, client.wait_until_synced())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "seed {seed}: a device never got up to date: {:?}, unsynced {:?}",
+                        *client.status().borrow(),
+                        futures_lite_block(client),
+                    )
+                })
+                .unwrap_or_else(|f| panic!("seed {seed}: sync failed: {f}"));
+            let mut view = BTreeMap::new();
+            for (id, _) in client.list().await.expect("list") {
+                view.insert(id, client.open(id).await.expect("open").heads());
+            }
+            views.push(view);
+        }
+        if views.iter().all(|v| *v == views[0]) {
+            assert_eq!(
+                views[0].len(),
+                docs.len(),
+                "seed {seed}: every created document is everywhere"
+            );
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            for (i, view) in views.iter().enumerate() {
+                let docs: Vec<_> = view
+                    .iter()
+                    .map(|(id, heads)| {
+                        (
+                            id.short(),
+                            heads.len(),
+                            heads.first().map(|h| h.to_string()[..8].to_owned()),
+                        )
+                    })
+                    .collect();
+                eprintln!("device {i}: {docs:?}");
+            }
+            panic!("seed {seed}: devices did not converge");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn futures_lite_block(client: &cubby_client::Client) -> Vec<cubby_client::DocId> {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(client.unsynced()).expect("unsynced")
+    })
+}
+
+/// Eight seeds by default; `CUBBY_SEEDS=N` runs N (a failing seed names itself in the panic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_offline_schedules_converge() {
+    let seeds: u64 = std::env::var("CUBBY_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    for seed in 1..=seeds {
+        run_schedule(seed).await;
+    }
+}
