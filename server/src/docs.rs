@@ -9,7 +9,7 @@
 //! the committer, and only after that write is durable answer anyone. So the heads it advertises
 //! are always on disk.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -294,12 +294,14 @@ impl Actor {
             }
         }
         let before = self.live().map(|l| l.doc.get_heads());
+        let mut spoke = HashSet::new();
         let mut created = false;
         let mut poisoned = false;
         let mut deferred = Vec::new();
         for msg in batch {
             match msg {
                 DocMsg::Sync { peer, outbox, message, create, permit, kick } => {
+                    spoke.insert(peer);
                     if self.live().is_none() {
                         match create {
                             Some(title) => created |= self.create(title),
@@ -377,7 +379,7 @@ impl Actor {
             return;
         }
         self.answer(deferred).await;
-        self.fan_out();
+        self.fan_out(&spoke);
         self.maybe_compact().await;
     }
 
@@ -477,12 +479,18 @@ impl Actor {
         }
     }
 
-    /// Sends every peer whatever the sync protocol has for it now.
-    fn fan_out(&mut self) {
+    /// Sends every peer whatever the sync protocol has for it now; peers in `spoke` sent a
+    /// message in this batch and always get an answer (their acknowledgement).
+    fn fan_out(&mut self, spoke: &HashSet<u64>) {
         let Some(Some(live)) = &self.state else { return };
         let doc = self.doc;
         self.peers.retain(|peer_id, peer| {
-            let Some(message) = peer.session.generate(&live.doc) else { return true };
+            let message = if spoke.contains(peer_id) {
+                peer.session.answer(&live.doc)
+            } else {
+                let Some(message) = peer.session.generate(&live.doc) else { return true };
+                message
+            };
             let frame = pb::ServerFrame {
                 frame: Some(pb::server_frame::Frame::Sync(pb::DocSync {
                     doc_id: doc.as_bytes().to_vec(),
@@ -492,7 +500,10 @@ impl Actor {
                 })),
             };
             match peer.outbox.try_send(Ok(frame)) {
-                Ok(()) => true,
+                Ok(()) => {
+                    tracing::debug!(peer = peer_id, doc = %doc.short(), seq = live.seq.0, "frame out");
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A device this far behind would wait for a reply that was never queued:
                     // close its stream. It reconnects and starts every session over.

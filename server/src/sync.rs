@@ -104,7 +104,7 @@ impl Connection {
         };
         tracing::debug!(
             peer = self.peer,
-            device = hello.device_name,
+            device = %cubby_core::DeviceId::from_slice(&hello.device_id).map(|d| d.short()).unwrap_or_default(),
             cursor = hello.cursor,
             "device connected"
         );
@@ -204,6 +204,7 @@ impl Connection {
                 let permit =
                     self.inflight.clone().acquire_owned().await.map_err(|_| ApiError::Internal)?;
                 self.joined.insert(doc);
+                tracing::debug!(peer = self.peer, doc = %doc.short(), "frame in");
                 let msg = DocMsg::Sync {
                     peer: self.peer,
                     outbox: self.outbox.clone(),

@@ -107,6 +107,13 @@ async fn run_schedule(seed: u64) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
+            for (i, slot) in slots.iter().enumerate() {
+                let client = &slot.device.as_ref().expect("open").client;
+                for (id, _) in client.list().await.expect("list") {
+                    let json = client.open(id).await.expect("open").to_json();
+                    eprintln!("device {i} {}: {json}", id.short());
+                }
+            }
             for (i, view) in views.iter().enumerate() {
                 let docs: Vec<_> = view
                     .iter()
@@ -119,6 +126,17 @@ async fn run_schedule(seed: u64) {
                     })
                     .collect();
                 eprintln!("device {i}: {docs:?}");
+            }
+            let mut account =
+                cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+            for id in views.iter().flat_map(|v| v.keys()).collect::<std::collections::BTreeSet<_>>()
+            {
+                let request =
+                    cubby_proto::pb::GetDocumentRequest { doc_id: id.as_bytes().to_vec() };
+                let answer = account
+                    .get_document(cubby_tests::authed(request, &server.token("alice")))
+                    .await;
+                eprintln!("server {}: {:?}", id.short(), answer.map(|r| r.into_inner().json));
             }
             panic!("seed {seed}: devices did not converge");
         }

@@ -167,7 +167,14 @@ async fn idle_documents_leave_memory_and_come_back_on_demand() {
     // It loads again when someone needs it.
     let laptop = server.device("alice").await;
     laptop.client.wait_until_synced().await.expect("synced");
-    assert_eq!(laptop.client.open(id).await.expect("open").to_json(), json!({"x": 1}));
+    let on_laptop = laptop.client.open(id).await.expect("open");
+    assert_eq!(
+        on_laptop.to_json(),
+        json!({"x": 1}),
+        "status {:?}, heads {:?}",
+        *laptop.client.status().borrow(),
+        on_laptop.heads()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,9 @@ pub enum SyncFailure {
 
 const MAX_MESSAGE: usize = 4 << 20;
 
+/// How long documents may stay owed with no word from the server before a fresh sync round.
+const STALL: Duration = Duration::from_secs(2);
+
 /// How to reach the server.
 #[derive(Clone)]
 pub(crate) struct Remote {
@@ -139,7 +142,7 @@ pub(crate) async fn run(
         inner.status.send_replace(SyncStatus::Connecting);
         let started = Instant::now();
         let failure = Session::new(&inner).run(&remote, refresh, &mut wakes).await;
-        tracing::debug!(%failure, "sync connection ended");
+        tracing::debug!(device = %inner.device_id.short(), %failure, "sync connection ended");
         let retry_token = matches!(failure, SyncFailure::Unauthenticated(_)) && !refresh;
         refresh = matches!(failure, SyncFailure::Unauthenticated(_));
         inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
@@ -260,6 +263,7 @@ impl<'a> Session<'a> {
         // will never come: start them over, as if loaded from disk.
         self.inner.reconnect_sessions();
 
+        tracing::debug!(device = %self.inner.device_id.short(), cursor, unsynced = unsynced.len(), "connected");
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         for (key, _) in unsynced {
             if let Ok(doc) = DocId::from_slice(&key) {
@@ -268,10 +272,22 @@ impl<'a> Session<'a> {
                 self.push(doc).await?;
             }
         }
+        let mut watchdog = tokio::time::interval(STALL);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Instant::now();
         loop {
             tokio::select! {
+                _ = watchdog.tick() => {
+                    if heard.elapsed() >= STALL {
+                        self.resync_stalled().await?;
+                        heard = Instant::now();
+                    }
+                }
                 frame = inbound.message() => match frame {
-                    Ok(Some(frame)) => self.on_frame(frame).await?,
+                    Ok(Some(frame)) => {
+                        heard = Instant::now();
+                        self.on_frame(frame).await?;
+                    }
                     Ok(None) => return Err(SyncFailure::Other("the server closed the stream".into())),
                     Err(status) => return Err(classify(&status)),
                 },
@@ -279,10 +295,34 @@ impl<'a> Session<'a> {
                     self.unsynced.insert(doc);
                     self.round.insert(doc);
                     self.push(doc).await?;
+                    // A wake can be stale: an earlier push may already have carried this change
+                    // and been acknowledged. Then nothing was sent and no reply will clear it.
+                    if self.active.get(&doc).is_some_and(|d| {
+                        let state = d.lock();
+                        state.session.peer_has_everything(&state.doc)
+                    }) {
+                        self.unsynced.remove(&doc);
+                        self.release(doc);
+                    }
                     self.report();
                 }
             }
         }
+    }
+
+    /// Liveness: documents still owed after [`STALL`] without a word from the server start a
+    /// fresh sync round. The sync protocol is idempotent, so this costs at most a message.
+    async fn resync_stalled(&mut self) -> Result<(), SyncFailure> {
+        let owed: HashSet<DocId> =
+            self.unsynced.iter().copied().chain(self.pending.iter().map(|(_, d)| *d)).collect();
+        for id in owed {
+            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), "no progress; starting a fresh sync round");
+            if let Some(shared) = self.active.get(&id) {
+                shared.lock().session.reconnect();
+            }
+            self.push(id).await?;
+        }
+        Ok(())
     }
 
     async fn doc(&mut self, id: DocId) -> Result<Arc<DocShared>, SyncFailure> {
@@ -314,10 +354,11 @@ impl<'a> Session<'a> {
             let mut state = shared.lock();
             let state = &mut *state;
             let Some(message) = state.session.generate(&state.doc) else {
-                tracing::debug!(doc = %id.short(), "push: nothing to say");
+                tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
+                    ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(), "push: nothing to say");
                 return Ok(());
             };
-            tracing::debug!(doc = %id.short(), heads = state.doc.get_heads().len(), "push");
+            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), ours = ?state.doc.get_heads(), "push");
             let create = state.unconfirmed.then(|| pb::NewDoc { title: state.meta.title.clone() });
             pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0 }
         };
@@ -343,7 +384,7 @@ impl<'a> Session<'a> {
     async fn on_sync(&mut self, sync: pb::DocSync) -> Result<(), SyncFailure> {
         let Ok(id) = DocId::from_slice(&sync.doc_id) else { return Ok(()) };
         let shared = self.doc(id).await?;
-        let (write, reply, holds, server_has_all, changed, was_unconfirmed) = {
+        let (write, reply, holds, server_has_all, changed, was_unconfirmed, settled) = {
             let mut state = shared.lock();
             let state = &mut *state;
             let before = state.doc.get_heads();
@@ -357,7 +398,11 @@ impl<'a> Session<'a> {
             let holds = state.session.has_everything_peer_has(&state.doc);
             let server_has_all = state.session.peer_has_everything(&state.doc);
             let reply = state.session.generate(&state.doc);
-            (write, reply, holds, server_has_all, changed, was_unconfirmed)
+            // Changes whose dependencies have not arrived wait in the document's queue, which
+            // is not persisted, and the server will not send them twice on this connection: keep
+            // the document loaded until the exchange has settled.
+            let settled = reply.is_none() && state.session.settled(&state.doc);
+            (write, reply, holds, server_has_all, changed, was_unconfirmed, settled)
         };
         // The server holds these changes durably: show them now, persist them right after.
         if changed {
@@ -378,7 +423,8 @@ impl<'a> Session<'a> {
             Ok(())
         })
         .await?;
-        tracing::debug!(doc = %id.short(), seq = sync.seq, holds, server_has_all, changed, "server message");
+        tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq, holds,
+            server_has_all, changed, settled, reply = reply.is_some(), "server message");
         if holds {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);
@@ -393,7 +439,9 @@ impl<'a> Session<'a> {
                 pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create: None, seq: 0 };
             self.send(pb::client_frame::Frame::Sync(frame)).await?;
         }
-        self.release(id);
+        if settled {
+            self.release(id);
+        }
         Ok(())
     }
 
@@ -422,15 +470,19 @@ impl<'a> Session<'a> {
         let meta = changed.info.as_ref().map(cubby_proto::doc_meta).unwrap_or_default();
         let exists = self.blocking(move |store| Ok(store.doc_meta(&LOCAL, &id)?.is_some())).await?;
         if !exists {
-            let shared = Arc::new(DocShared::announced(id, meta.clone()));
+            // Register the copy before the document is visible in the store, so an app that
+            // opens it meanwhile gets this copy rather than loading a second one.
+            let shared = self.inner.adopt(Arc::new(DocShared::announced(id, meta.clone())));
+            self.active.insert(id, shared);
             let encoded = meta.encode();
             self.blocking(move |store| {
-                store.write_doc(&LOCAL, &id, &encoded, None)?;
-                store.flush()
+                if store.doc_meta(&LOCAL, &id)?.is_none() {
+                    store.write_doc(&LOCAL, &id, &encoded, None)?;
+                    store.flush()?;
+                }
+                Ok(())
             })
             .await?;
-            self.inner.insert(shared.clone());
-            self.active.insert(id, shared);
         }
         self.push(id).await
     }
@@ -461,7 +513,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Drops a document from the session once nothing is owed for it.
+    /// Drops a settled document from the session once nothing is owed for it.
     fn release(&mut self, id: DocId) {
         if !self.unsynced.contains(&id) && !self.pending.iter().any(|(_, doc)| *doc == id) {
             self.active.remove(&id);

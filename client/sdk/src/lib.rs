@@ -302,15 +302,8 @@ impl Inner {
             return Ok(shared);
         }
         let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
-        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        // Another task may have loaded it meanwhile: keep the first.
-        if let Some(existing) = docs.get(&id).and_then(Weak::upgrade) {
-            return Ok(existing);
-        }
-        let shared = Arc::new(loaded);
-        docs.retain(|_, weak| weak.strong_count() > 0);
-        docs.insert(id, Arc::downgrade(&shared));
-        Ok(shared)
+        // Another task may have loaded it meanwhile: then its copy wins.
+        Ok(self.adopt(Arc::new(loaded)))
     }
 
     fn cached(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
@@ -328,10 +321,17 @@ impl Inner {
         }
     }
 
-    /// Registers a freshly created document.
-    pub(crate) fn insert(&self, shared: Arc<doc::DocShared>) {
+    /// Registers `shared` as the loaded copy of its document, unless a copy is loaded already:
+    /// then that one is returned, and `shared` is dropped. There is never more than one loaded
+    /// copy of a document, or edits to one would be invisible to the other.
+    pub(crate) fn adopt(&self, shared: Arc<doc::DocShared>) -> Arc<doc::DocShared> {
         let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(existing) = docs.get(&shared.id).and_then(Weak::upgrade) {
+            return existing;
+        }
+        docs.retain(|_, weak| weak.strong_count() > 0);
         docs.insert(shared.id, Arc::downgrade(&shared));
+        shared
     }
 
     /// Forgets a document (deleted on the server).
@@ -383,7 +383,7 @@ impl Client {
                 store.flush()
             })
             .await?;
-        self.inner.insert(shared.clone());
+        let shared = self.inner.adopt(shared);
         let _ = self.inner.wake.send(id);
         Ok(DocHandle::new(shared, self.inner.clone()))
     }
@@ -452,13 +452,15 @@ impl Client {
             if let SyncStatus::Offline { failure: Some(failure) } = current {
                 return Err(failure);
             }
-            // "Up to date" can be stale for an instant after a local edit; trust it only when
-            // nothing is marked unsynced on disk.
+            // The status follows the engine's view; the marks on disk follow the app's edits
+            // too, and can clear without the status moving. Trust "up to date" only when
+            // nothing is marked unsynced, and look again shortly if something still is.
             let unsynced = self.unsynced().await.map_err(|e| SyncFailure::Other(e.to_string()))?;
             if unsynced.is_empty() {
                 return Ok(());
             }
-            let _ = status.changed().await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(50), status.changed()).await;
         }
     }
 

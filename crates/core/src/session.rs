@@ -78,12 +78,36 @@ impl PeerSession {
             self.reset();
             return Err(SyncError::Rejected(err));
         }
+        // Automerge never sends a change twice in one session. A change the peer now says it
+        // needs was lost on its way or dropped on the other side (a queued change forgotten, a
+        // document reloaded): forget that it was sent, so the next message carries it again.
+        if let Some(need) = &self.state.their_need {
+            for hash in need {
+                self.state.sent_hashes.remove(hash);
+            }
+        }
         Ok(Received { changed: doc.get_heads() != before })
     }
 
     /// The next message for the peer, if there is anything to say.
     pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
         doc.generate_sync_message(&mut self.state).map(sync::Message::encode)
+    }
+
+    /// A message answering the peer, even when the protocol has nothing new to say.
+    ///
+    /// Automerge stays silent once both sides advertise the same heads. A peer that sent its
+    /// change and then another message before hearing back can make us record its heads as
+    /// already answered, so it never learns that we hold its change. A server answers every
+    /// message so that each device always gets its acknowledgement.
+    pub fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
+        if let Some(message) = self.generate(doc) {
+            return message;
+        }
+        self.state.last_sent_heads.clear();
+        self.state.have_responded = false;
+        self.generate(doc)
+            .expect("Automerge always produces a message for a session that has not responded")
     }
 
     /// The heads the peer last told us it has, if it has said.
@@ -95,6 +119,16 @@ impl PeerSession {
     pub fn has_everything_peer_has(&self, doc: &Automerge) -> bool {
         self.their_heads()
             .is_some_and(|heads| heads.iter().all(|h| doc.get_change_by_hash(h).is_some()))
+    }
+
+    /// Whether this exchange has settled: each side holds every change the other advertised and
+    /// no received change waits in `doc`'s queue for a missing dependency. Until then the
+    /// in-memory document and session must be kept: the queue is not persisted, and a peer never
+    /// sends the same change twice in one session.
+    pub fn settled(&self, doc: &Automerge) -> bool {
+        self.has_everything_peer_has(doc)
+            && self.peer_has_everything(doc)
+            && doc.get_missing_deps(&[]).is_empty()
     }
 
     /// Whether the peer has said it holds every change of `doc`.
@@ -175,6 +209,86 @@ mod tests {
         // The session is still usable afterwards.
         session.receive(&mut target, &with_change).expect("the whole message applies");
         assert_eq!(target.get_heads(), source.get_heads());
+    }
+
+    #[test]
+    fn a_change_waiting_for_its_dependency_is_not_settled() {
+        let mut source = doc_with("a", "1");
+        let first = source.get_heads();
+        source
+            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                tx.put(ROOT, "b", "2")?;
+                Ok(())
+            })
+            .expect("put");
+        // Deliver only the second change: it waits in the queue for the first.
+        let mut target = Automerge::new();
+        target.load_incremental(&source.save_after(&first)).expect("queued, not refused");
+        assert!(target.get_heads().is_empty());
+        let mut session = PeerSession::new();
+        let mut back = PeerSession::new();
+        let hello = back.generate(&Automerge::new()).expect("hello");
+        session.receive(&mut target, &hello).expect("valid");
+        assert!(!session.settled(&target), "a queued change keeps the exchange open");
+        let mut empty = Automerge::new();
+        let mut s2 = PeerSession::new();
+        s2.receive(&mut empty, &hello).expect("valid");
+        assert!(s2.settled(&empty), "two empty documents are settled");
+    }
+
+    #[test]
+    fn a_change_the_peer_forgot_is_sent_again_when_it_needs_it() {
+        let mut a = doc_with("k", "v");
+        // B has history of its own, so forgetting A's change does not empty its heads (which
+        // Automerge already treats as "the peer lost everything").
+        let mut b = doc_with("other", "x");
+        let (mut a_to_b, mut b_to_a) = (PeerSession::new(), PeerSession::new());
+        // Run the protocol; B applies the first message carrying changes to a copy it then
+        // throws away (as when a queued change or a reloaded document is forgotten), while its
+        // session lives on.
+        let mut forgotten = false;
+        for _ in 0..20 {
+            if let Some(m) = a_to_b.generate(&a) {
+                let carries = !sync::Message::decode(&m).expect("valid").changes.is_empty();
+                if carries && !forgotten {
+                    forgotten = true;
+                    let mut scratch = b.clone();
+                    b_to_a.receive(&mut scratch, &m).expect("valid");
+                } else {
+                    b_to_a.receive(&mut b, &m).expect("valid");
+                }
+            }
+            if let Some(m) = b_to_a.generate(&b) {
+                a_to_b.receive(&mut a, &m).expect("valid");
+            }
+        }
+        assert!(forgotten, "a change was forgotten");
+        assert_eq!(a.get_heads(), b.get_heads(), "the forgotten change was sent again");
+    }
+
+    #[test]
+    fn a_pipelined_change_is_always_acknowledged() {
+        let mut device = doc_with("k", "v");
+        let mut server = Automerge::new();
+        let (mut to_server, mut to_device) = (PeerSession::new(), PeerSession::new());
+        // The device sends twice before hearing back: its change, then its heads again.
+        let first = to_server.generate(&device).expect("hello");
+        to_device.receive(&mut server, &first).expect("valid");
+        let reply = to_device.generate(&server).expect("reply");
+        to_server.receive(&mut device, &reply).expect("valid");
+        let with_change = to_server.generate(&device).expect("carries the change");
+        to_server.reconnect();
+        let heads_only = to_server.generate(&device).expect("a second message");
+        to_device.receive(&mut server, &with_change).expect("valid");
+        to_device.receive(&mut server, &heads_only).expect("valid");
+        assert_eq!(server.get_heads(), device.get_heads());
+        // Plain generate may stay silent here; an answer always tells the device.
+        let answer = to_device.answer(&server);
+        to_server.receive(&mut device, &answer).expect("valid");
+        assert!(
+            to_server.peer_has_everything(&device),
+            "the device learns the server has its change"
+        );
     }
 
     #[test]
