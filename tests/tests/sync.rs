@@ -111,11 +111,17 @@ async fn reconnecting_device_syncs_only_what_changed_since_its_cursor() {
     let server = TestServer::start().await;
     let phone = server.device("alice").await;
     let laptop = server.device("alice").await;
-    let docs: Vec<_> = futures_docs(&phone, 4).await;
+    let docs: Vec<_> = create_docs(&phone, 4).await;
     phone.client.wait_until_synced().await.expect("synced");
     laptop.client.wait_until_synced().await.expect("synced");
-    eventually("the laptop has all four", || async {
-        laptop.client.list().await.expect("list").len() == 4
+    eventually("the laptop holds all four, content included", || async {
+        let mut complete = 0;
+        for doc in &docs {
+            if laptop.client.open(doc.id()).await.is_ok_and(|d| d.heads() == doc.heads()) {
+                complete += 1;
+            }
+        }
+        complete == docs.len() && laptop.client.wait_until_synced().await.is_ok()
     })
     .await;
     let laptop_dir = laptop.close().await;
@@ -137,7 +143,7 @@ async fn reconnecting_device_syncs_only_what_changed_since_its_cursor() {
     assert_eq!(remote, std::collections::HashSet::from([docs[2].id()]));
 }
 
-async fn futures_docs(device: &Device, n: usize) -> Vec<cubby_client::DocHandle> {
+async fn create_docs(device: &Device, n: usize) -> Vec<cubby_client::DocHandle> {
     let mut out = Vec::new();
     for i in 0..n {
         let doc = device.client.create(&format!("d{i}")).await.expect("create");
