@@ -77,20 +77,15 @@ impl DocShared {
     pub(crate) fn new(id: DocId, title: &str) -> Self {
         let now = now_ms();
         let meta = DocMeta { title: title.to_owned(), created_ms: now, updated_ms: now, size: 0 };
-        let state = LocalDoc {
-            doc: Automerge::new(),
-            meta,
-            next_chunk: 0,
-            chunks_since_snapshot: 0,
-            bytes_since_snapshot: 0,
-            session: PeerSession::new(),
-            unconfirmed: true,
-        };
-        Self::from_parts(id, state)
+        Self::empty(id, meta, true)
     }
 
     /// A document the server announced, known so far only by its metadata.
     pub(crate) fn announced(id: DocId, meta: DocMeta) -> Self {
+        Self::empty(id, meta, false)
+    }
+
+    fn empty(id: DocId, meta: DocMeta, unconfirmed: bool) -> Self {
         let state = LocalDoc {
             doc: Automerge::new(),
             meta,
@@ -98,7 +93,7 @@ impl DocShared {
             chunks_since_snapshot: 0,
             bytes_since_snapshot: 0,
             session: PeerSession::new(),
-            unconfirmed: false,
+            unconfirmed,
         };
         Self::from_parts(id, state)
     }
