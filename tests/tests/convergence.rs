@@ -150,10 +150,11 @@ fn futures_lite_block(client: &cubby_client::Client) -> Vec<cubby_client::DocId>
     })
 }
 
-/// Eight seeds by default; `CUBBY_SEEDS=N` runs N (a failing seed names itself in the panic).
+/// 24 seeds by default; `CUBBY_SEEDS=N` runs N (a failing seed names itself in the panic, and
+/// the report shows every device's and the server's view).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_offline_schedules_converge() {
-    let seeds: u64 = std::env::var("CUBBY_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
+    let seeds: u64 = std::env::var("CUBBY_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
     for seed in 1..=seeds {
         run_schedule(seed).await;
     }

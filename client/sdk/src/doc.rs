@@ -222,6 +222,8 @@ impl DocHandle {
             let mut state = self.shared.lock();
             let before = state.doc.get_heads();
             let out = state.doc.transact(f).map_err(|failure| failure.error)?.result;
+            tracing::debug!(device = %self.client.device_id.short(), doc = %self.shared.id.short(),
+                heads = ?state.doc.get_heads(), "local change");
             (out, state.write_since(&before, false))
         };
         let Some(write) = write else { return Ok(out) };
@@ -240,6 +242,7 @@ impl DocHandle {
         // copy is durable on its own, and this call still returns only after the local flush.
         let _ = self.client.wake.send(id);
         self.client.blocking(move |store| write.apply(store, &id)).await?;
+        self.client.wrote(id);
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));
         Ok(out)

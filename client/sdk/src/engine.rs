@@ -410,12 +410,15 @@ impl<'a> Session<'a> {
             let _ = self.inner.events.send((id, DocEvent::Remote));
         }
         let check = shared.clone();
+        let device = self.inner.device_id;
         self.blocking(move |store| {
             write.apply(store, &id)?;
             // Clear the unsynced mark only if, under the document's lock, the server still has
             // everything: a local edit may have landed since.
             let state = check.lock();
             if state.session.peer_has_everything(&state.doc) {
+                tracing::debug!(device = %device.short(), doc = %id.short(), heads = ?state.doc.get_heads(),
+                    theirs = ?state.session.their_heads(), "server holds everything: unsynced mark cleared");
                 store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
             } else if was_unconfirmed {
                 store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
@@ -423,6 +426,7 @@ impl<'a> Session<'a> {
             Ok(())
         })
         .await?;
+        self.inner.wrote(id);
         tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq, holds,
             server_has_all, changed, settled, reply = reply.is_some(), "server message");
         if holds {

@@ -230,7 +230,7 @@ impl ClientBuilder {
         let inner = Arc::new(Inner {
             store,
             device_id,
-            docs: Mutex::new(HashMap::new()),
+            docs: Mutex::new(Loaded::default()),
             wake,
             status,
             device_name: self.device_name.unwrap_or_else(|| "unnamed device".into()),
@@ -257,12 +257,20 @@ fn device_id(store: &dyn Store) -> Result<DeviceId, ClientError> {
     Ok(id)
 }
 
+/// The loaded copies of documents, and how many local writes each document has had (so a copy
+/// read from the store while a write landed is never adopted).
+#[derive(Default)]
+struct Loaded {
+    copies: HashMap<DocId, Weak<doc::DocShared>>,
+    writes: HashMap<DocId, u64>,
+}
+
 /// What the client's parts share.
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) device_id: DeviceId,
     /// Open documents; a document stays loaded while a handle or the sync engine holds it.
-    docs: Mutex<HashMap<DocId, Weak<doc::DocShared>>>,
+    docs: Mutex<Loaded>,
     /// Tells the sync engine a document has local changes.
     pub(crate) wake: mpsc::UnboundedSender<DocId>,
     pub(crate) status: watch::Sender<SyncStatus>,
@@ -298,23 +306,43 @@ impl Inner {
         self: &Arc<Self>,
         id: DocId,
     ) -> Result<Arc<doc::DocShared>, ClientError> {
-        if let Some(shared) = self.cached(&id) {
+        loop {
+            let writes = {
+                let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(shared) = docs.copies.get(&id).and_then(Weak::upgrade) {
+                    return Ok(shared);
+                }
+                docs.writes.get(&id).copied().unwrap_or(0)
+            };
+            let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
+            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            // Another task may have loaded it meanwhile: then its copy wins.
+            if let Some(existing) = docs.copies.get(&id).and_then(Weak::upgrade) {
+                return Ok(existing);
+            }
+            // A copy that was written while we read may have been dropped since; what we read
+            // can miss that write. Read again.
+            if docs.writes.get(&id).copied().unwrap_or(0) != writes {
+                continue;
+            }
+            let shared = Arc::new(loaded);
+            docs.copies.retain(|_, weak| weak.strong_count() > 0);
+            docs.copies.insert(id, Arc::downgrade(&shared));
             return Ok(shared);
         }
-        let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
-        // Another task may have loaded it meanwhile: then its copy wins.
-        Ok(self.adopt(Arc::new(loaded)))
     }
 
-    fn cached(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
-        self.docs.lock().unwrap_or_else(PoisonError::into_inner).get(id).and_then(Weak::upgrade)
+    /// Records that a write of `id` reached the local store (call before its copy can drop).
+    pub(crate) fn wrote(&self, id: DocId) {
+        *self.docs.lock().unwrap_or_else(PoisonError::into_inner).writes.entry(id).or_default() +=
+            1;
     }
 
     /// Starts every loaded document's sync session over, for a new connection.
     pub(crate) fn reconnect_sessions(&self) {
         let loaded: Vec<_> = {
             let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.values().filter_map(Weak::upgrade).collect()
+            docs.copies.values().filter_map(Weak::upgrade).collect()
         };
         for doc in loaded {
             doc.lock().session.reconnect();
@@ -326,17 +354,17 @@ impl Inner {
     /// copy of a document, or edits to one would be invisible to the other.
     pub(crate) fn adopt(&self, shared: Arc<doc::DocShared>) -> Arc<doc::DocShared> {
         let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = docs.get(&shared.id).and_then(Weak::upgrade) {
+        if let Some(existing) = docs.copies.get(&shared.id).and_then(Weak::upgrade) {
             return existing;
         }
-        docs.retain(|_, weak| weak.strong_count() > 0);
-        docs.insert(shared.id, Arc::downgrade(&shared));
+        docs.copies.retain(|_, weak| weak.strong_count() > 0);
+        docs.copies.insert(shared.id, Arc::downgrade(&shared));
         shared
     }
 
     /// Forgets a document (deleted on the server).
     pub(crate) fn forget(&self, id: &DocId) {
-        self.docs.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.remove(id);
     }
 }
 
