@@ -82,16 +82,16 @@ async fn run_schedule(seed: u64) {
         let mut views = Vec::new();
         for slot in &slots {
             let client = &slot.device.as_ref().expect("open").client;
-            tokio::time::timeout(cubby_tests::DEADLINE, client.wait_until_synced())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "seed {seed}: a device never got up to date: {:?}, unsynced {:?}",
-                        *client.status().borrow(),
-                        futures_lite_block(client),
-                    )
-                })
-                .unwrap_or_else(|f| panic!("seed {seed}: sync failed: {f}"));
+            let Ok(synced) =
+                tokio::time::timeout(cubby_tests::DEADLINE, client.wait_until_synced()).await
+            else {
+                let unsynced = client.unsynced().await.expect("unsynced");
+                let status = client.status().borrow().clone();
+                panic!(
+                    "seed {seed}: a device never got up to date: {status:?}, unsynced {unsynced:?}"
+                );
+            };
+            synced.unwrap_or_else(|f| panic!("seed {seed}: sync failed: {f}"));
             let mut view = BTreeMap::new();
             for (id, _) in client.list().await.expect("list") {
                 view.insert(id, client.open(id).await.expect("open").heads());
@@ -107,47 +107,31 @@ async fn run_schedule(seed: u64) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
-            for (i, slot) in slots.iter().enumerate() {
-                let client = &slot.device.as_ref().expect("open").client;
-                for (id, _) in client.list().await.expect("list") {
-                    let json = client.open(id).await.expect("open").to_json();
-                    eprintln!("device {i} {}: {json}", id.short());
-                }
-            }
-            for (i, view) in views.iter().enumerate() {
-                let docs: Vec<_> = view
-                    .iter()
-                    .map(|(id, heads)| {
-                        (
-                            id.short(),
-                            heads.len(),
-                            heads.first().map(|h| h.to_string()[..8].to_owned()),
-                        )
-                    })
-                    .collect();
-                eprintln!("device {i}: {docs:?}");
-            }
-            let mut account =
-                cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
-            for id in views.iter().flat_map(|v| v.keys()).collect::<std::collections::BTreeSet<_>>()
-            {
-                let request =
-                    cubby_proto::pb::GetDocumentRequest { doc_id: id.as_bytes().to_vec() };
-                let answer = account
-                    .get_document(cubby_tests::authed(request, &server.token("alice")))
-                    .await;
-                eprintln!("server {}: {:?}", id.short(), answer.map(|r| r.into_inner().json));
-            }
+            report(&server, &slots).await;
             panic!("seed {seed}: devices did not converge");
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
-fn futures_lite_block(client: &cubby_client::Client) -> Vec<cubby_client::DocId> {
-    tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(client.unsynced()).expect("unsynced")
-    })
+/// Prints what every device and the server hold, for a schedule that did not converge.
+async fn report(server: &TestServer, slots: &[Slot]) {
+    let mut ids = std::collections::BTreeSet::new();
+    for (i, slot) in slots.iter().enumerate() {
+        let client = &slot.device.as_ref().expect("open").client;
+        for (id, _) in client.list().await.expect("list") {
+            let doc = client.open(id).await.expect("open");
+            eprintln!("device {i} {}: heads {:?} {}", id.short(), doc.heads(), doc.to_json());
+            ids.insert(id);
+        }
+    }
+    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+    for id in ids {
+        let request = cubby_proto::pb::GetDocumentRequest { doc_id: id.as_bytes().to_vec() };
+        let answer =
+            account.get_document(cubby_tests::authed(request, &server.token("alice"))).await;
+        eprintln!("server {}: {:?}", id.short(), answer.map(|r| r.into_inner().json));
+    }
 }
 
 /// 24 seeds by default; `CUBBY_SEEDS=N` runs N (a failing seed names itself in the panic, and
