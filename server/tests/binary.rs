@@ -105,20 +105,22 @@ async fn readme_command_starts_a_tls_server_that_answers() {
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
 
+/// Runs the binary with a config file (in `dir`) naming `data` and `master_key`.
+fn run_configured(dir: &Path, data: &Path, master_key: &Path) -> std::process::Output {
+    let config = dir.join("cubby.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nmaster_key_file = \"{}\"\ndev_tenant = true\n",
+        data.display(),
+        master_key.display()
+    );
+    std::fs::write(&config, text).expect("write config");
+    Command::new(BIN).arg("--config").arg(&config).output().expect("runs")
+}
+
 #[test]
 fn configured_server_without_its_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("cubby.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nmaster_key_file = \"{}\"\ndev_tenant = true\n",
-            dir.path().join("data").display(),
-            dir.path().join("missing.key").display()
-        ),
-    )
-    .expect("write config");
-    let out = Command::new(BIN).arg("--config").arg(&config).output().expect("runs");
+    let out = run_configured(dir.path(), &dir.path().join("data"), &dir.path().join("missing.key"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("master key file") && stderr.contains("missing.key"), "{stderr}");
@@ -134,17 +136,7 @@ fn wrong_master_key_refuses_to_start() {
     let created =
         Command::new(BIN).args(["keys", "create", "--out"]).arg(&other_key).output().expect("runs");
     assert!(created.status.success());
-    let config = dir.path().join("cubby.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:0\"\ndata = \"{}\"\nmaster_key_file = \"{}\"\ndev_tenant = true\n",
-            dir.path().join("cubby-data").display(),
-            other_key.display()
-        ),
-    )
-    .expect("write config");
-    let out = Command::new(BIN).arg("--config").arg(&config).output().expect("runs");
+    let out = run_configured(dir.path(), &dir.path().join("cubby-data"), &other_key);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("master key does not match"), "{stderr}");
