@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use cubby_crypto::jwt::Algorithm;
 use serde::Deserialize;
@@ -99,12 +98,6 @@ impl Default for Limits {
             compact_after_chunks: 256,
             token_leeway_secs: 60,
         }
-    }
-}
-
-impl Limits {
-    pub(crate) fn secs(n: u64) -> Duration {
-        Duration::from_secs(n)
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use automerge::Automerge;
 use cubby_core::lifecycle::{self, CompactionPolicy};
@@ -180,8 +180,21 @@ enum Deferred {
     Delete(oneshot::Sender<Result<(), ApiError>>),
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+impl Deferred {
+    /// Answers with `err`. The asker may have gone; that is fine.
+    fn fail(self, err: &ApiError) {
+        match self {
+            Self::Created(reply) => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Self::Read(reply) => {
+                let _ = reply.send(Err(err.clone()));
+            }
+            Self::Delete(reply) => {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
 }
 
 fn error_frame(doc: &DocId, err: &ApiError) -> pb::ServerFrame {
@@ -232,18 +245,21 @@ impl Actor {
         if !rx.is_empty() {
             return false;
         }
-        if guard.1.get(&(self.customer, self.doc)).is_some_and(|e| e.generation == self.generation)
-        {
-            guard.1.remove(&(self.customer, self.doc));
-        }
+        self.unregister(&mut guard.1);
         true
     }
 
+    /// Leaves the registry unconditionally (shutdown).
     fn retire_now(&self) {
         let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
-        if guard.1.get(&(self.customer, self.doc)).is_some_and(|e| e.generation == self.generation)
-        {
-            guard.1.remove(&(self.customer, self.doc));
+        self.unregister(&mut guard.1);
+    }
+
+    /// Removes this actor's entry, unless a newer actor for the document has replaced it.
+    fn unregister(&self, actors: &mut HashMap<Key, Entry>) {
+        let key = (self.customer, self.doc);
+        if actors.get(&key).is_some_and(|e| e.generation == self.generation) {
+            actors.remove(&key);
         }
     }
 
@@ -362,14 +378,14 @@ impl Actor {
         if poisoned {
             // The document may be half-applied: go back to what is durable.
             if let Err(err) = self.load().await {
-                self.fail_deferred(deferred, &err);
+                deferred.into_iter().for_each(|d| d.fail(&err));
                 return;
             }
         } else if let Err(err) = self.persist(before.as_deref(), created).await {
             // Not durable: forget it, so nobody is told heads that are not on disk. Devices
             // still hold their changes and resend them.
             tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
-            self.fail_deferred(deferred, &err);
+            deferred.into_iter().for_each(|d| d.fail(&err));
             for (_, peer) in self.peers.drain() {
                 let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &err)));
             }
@@ -388,8 +404,7 @@ impl Actor {
     }
 
     fn create(&mut self, title: String) -> bool {
-        let now = now_ms();
-        let meta = DocMeta { title, created_ms: now, updated_ms: now, size: 0 };
+        let meta = DocMeta::new(title);
         self.state = Some(Some(Live {
             doc: Automerge::new(),
             meta,
@@ -416,8 +431,7 @@ impl Actor {
         let chunk = changed.then(|| live.doc.save_after(before.unwrap_or(&[])));
         let chunk_len = chunk.as_ref().map_or(0, |c| c.len() as u64);
         let mut meta = live.meta.clone();
-        meta.updated_ms = now_ms();
-        meta.size += chunk_len;
+        meta.record_write(chunk_len);
         let write = Write::Doc {
             customer: self.customer,
             doc: self.doc,
@@ -541,31 +555,9 @@ impl Actor {
                     let _ = outbox.try_send(Ok(error_frame(&self.doc, err)));
                 }
                 DocMsg::Leave { .. } => {}
-                DocMsg::Create { reply, .. } => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                DocMsg::Read { reply } => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                DocMsg::Delete { reply } => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-            }
-        }
-    }
-
-    fn fail_deferred(&self, deferred: Vec<Deferred>, err: &ApiError) {
-        for d in deferred {
-            match d {
-                Deferred::Created(reply) => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                Deferred::Read(reply) => {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                Deferred::Delete(reply) => {
-                    let _ = reply.send(Err(err.clone()));
-                }
+                DocMsg::Create { reply, .. } => Deferred::Created(reply).fail(err),
+                DocMsg::Read { reply } => Deferred::Read(reply).fail(err),
+                DocMsg::Delete { reply } => Deferred::Delete(reply).fail(err),
             }
         }
     }

@@ -232,8 +232,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
-        .http2_keepalive_interval(Some(Limits::secs(limits.keepalive_interval_secs)))
-        .http2_keepalive_timeout(Some(Limits::secs(limits.keepalive_timeout_secs)))
+        .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_secs)))
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
@@ -246,7 +246,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             let incoming = tls::incoming(
                 listener,
                 tls_config,
-                Limits::secs(limits.tls_handshake_timeout_secs),
+                Duration::from_secs(limits.tls_handshake_timeout_secs),
                 256,
                 &tracker,
                 stop.clone(),

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use cubby_core::{DocId, Seq};
+use cubby_core::Seq;
 use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
 use cubby_proto::pb::sync_client::SyncClient;
@@ -269,7 +269,6 @@ async fn record_copied_to_another_customer_or_document_fails_to_open() {
             .contains("alice's")
     );
     assert!(get_document(&server, &server.token("bob"), bobs.id().as_bytes()).await.is_ok());
-    let _: DocId = doc.id();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,6 @@
 //! Documents on a device: the loaded state and the app's handle to it.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::Transaction;
 use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
@@ -43,10 +42,6 @@ pub(crate) struct DocShared {
     events: broadcast::Sender<DocEvent>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// A write for the local store: a new chunk and/or the persisted sync session.
 pub(crate) struct LocalWrite {
     pub(crate) meta: Vec<u8>,
@@ -75,9 +70,7 @@ impl LocalWrite {
 impl DocShared {
     /// A document this device just created.
     pub(crate) fn new(id: DocId, title: &str) -> Self {
-        let now = now_ms();
-        let meta = DocMeta { title: title.to_owned(), created_ms: now, updated_ms: now, size: 0 };
-        Self::empty(id, meta, true)
+        Self::empty(id, DocMeta::new(title), true)
     }
 
     /// A document the server announced, known so far only by its metadata.
@@ -161,8 +154,7 @@ impl LocalDoc {
             self.next_chunk += 1;
             self.chunks_since_snapshot += 1;
             self.bytes_since_snapshot += bytes.len() as u64;
-            self.meta.updated_ms = now_ms();
-            self.meta.size += bytes.len() as u64;
+            self.meta.record_write(bytes.len() as u64);
             (index, bytes)
         });
         let policy = CompactionPolicy::default();

@@ -15,7 +15,26 @@ pub struct DocMeta {
     pub size: u64,
 }
 
+/// Milliseconds since the Unix epoch, by the system clock (0 if the clock is before 1970).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 impl DocMeta {
+    /// Metadata for a document created now.
+    pub fn new(title: impl Into<String>) -> Self {
+        let now = unix_ms();
+        Self { title: title.into(), created_ms: now, updated_ms: now, size: 0 }
+    }
+
+    /// Accounts for a write of `bytes` of history, now.
+    pub fn record_write(&mut self, bytes: u64) {
+        self.updated_ms = unix_ms();
+        self.size += bytes;
+    }
+
     /// Encodes the metadata for storage.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a struct of strings and integers always serializes")

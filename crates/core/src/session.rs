@@ -53,7 +53,8 @@ impl PeerSession {
         self.state.encode()
     }
 
-    /// Forgets everything about the peer except nothing: the next round starts from scratch.
+    /// Forgets everything about the peer, shared heads included: the next round starts from
+    /// scratch.
     pub fn reset(&mut self) {
         self.state = sync::State::new();
     }
