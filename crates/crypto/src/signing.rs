@@ -1,10 +1,10 @@
-//! Ed25519 key pairs: the development tenant's token signer, and (later) device keys.
+//! Ed25519 key pairs: the development tenant's token signer, and device keys.
 
 use std::fmt;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::signature::{Ed25519KeyPair, KeyPair};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use zeroize::Zeroizing;
 
 use crate::jwt::VerifyingKey;
@@ -65,5 +65,71 @@ impl TokenSigner {
         );
         let sig = self.pair.sign(signing_input.as_bytes());
         format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+}
+
+/// What a device signs to prove it holds its key: a context string, its id, and the server's
+/// fresh challenge for this stream.
+fn proof_message(device_id: &[u8], challenge: &[u8]) -> Vec<u8> {
+    [b"cubby device proof v1\0".as_slice(), device_id, challenge].concat()
+}
+
+/// A device's Ed25519 key pair, generated on first run and kept in its encrypted local store.
+pub struct DeviceKey {
+    pair: Ed25519KeyPair,
+}
+
+impl fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceKey(..)")
+    }
+}
+
+impl DeviceKey {
+    /// A key pair from PKCS#8 bytes (see [`generate_pkcs8`]).
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, BadKeyPair> {
+        Ok(Self { pair: Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|_| BadKeyPair)? })
+    }
+
+    /// The 32-byte public key the server records for the device.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.pair.public_key().as_ref().try_into().expect("Ed25519 public keys are 32 bytes")
+    }
+
+    /// Signs the server's `challenge` for the device `device_id`.
+    pub fn prove(&self, device_id: &[u8], challenge: &[u8]) -> Vec<u8> {
+        self.pair.sign(&proof_message(device_id, challenge)).as_ref().to_vec()
+    }
+}
+
+/// Whether `signature` proves that the holder of `public_key` answered `challenge` as
+/// `device_id`.
+pub fn verify_device_proof(
+    public_key: &[u8],
+    device_id: &[u8],
+    challenge: &[u8],
+    signature: &[u8],
+) -> bool {
+    UnparsedPublicKey::new(&ED25519, public_key)
+        .verify(&proof_message(device_id, challenge), signature)
+        .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_proof_verifies_only_for_its_key_id_and_challenge() {
+        let key = DeviceKey::from_pkcs8(&generate_pkcs8()).expect("key");
+        let other = DeviceKey::from_pkcs8(&generate_pkcs8()).expect("key");
+        let proof = key.prove(b"device-1", b"challenge-1");
+        assert!(verify_device_proof(&key.public_key(), b"device-1", b"challenge-1", &proof));
+        assert!(!verify_device_proof(&other.public_key(), b"device-1", b"challenge-1", &proof));
+        assert!(!verify_device_proof(&key.public_key(), b"device-2", b"challenge-1", &proof));
+        assert!(!verify_device_proof(&key.public_key(), b"device-1", b"challenge-2", &proof));
+        assert!(!verify_device_proof(&key.public_key(), b"device-1", b"challenge-1", &[0; 64]));
+        assert!(!verify_device_proof(b"short", b"device-1", b"challenge-1", &proof));
+        assert_eq!(format!("{key:?}"), "DeviceKey(..)");
     }
 }

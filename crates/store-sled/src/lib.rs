@@ -1,10 +1,12 @@
 //! Cubby storage on sled 0.34: the embedded default backend.
 //!
-//! One sled tree holds everything, keyed by a one-byte record type, then the customer id:
+//! A store directory holds `sled/`, the sled database, and `keys/`, one file per customer's
+//! wrapped data key (kept out of sled so erasure can destroy it in place; see `keys.rs`).
+//!
+//! One sled tree holds everything else, keyed by a one-byte record type, then the customer id:
 //!
 //! | prefix | key after the customer | value |
 //! |---|---|---|
-//! | `k` | | wrapped data key |
 //! | `m` | document | metadata |
 //! | `c` | document, chunk index (BE u64) | change chunk |
 //! | `s` | document | snapshot: `through` (BE u64) then bytes |
@@ -17,15 +19,22 @@
 //! until [`Store::flush`], which calls `sled::Db::flush`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
-/// A [`Store`] in a sled database directory.
+mod keys;
+
+/// Record-type prefixes that hold a customer's data (everything but the key).
+const CUSTOMER_PREFIXES: [u8; 7] = [b'm', b'c', b's', b'f', b'p', b'n', b'r'];
+
+/// A [`Store`] in a directory: a sled database plus a key directory.
 #[derive(Clone, Debug)]
 pub struct SledStore {
     db: sled::Db,
+    keys: Arc<keys::KeyDir>,
 }
 
 fn backend(err: sled::Error) -> StoreError {
@@ -67,7 +76,7 @@ fn doc_of(bytes: &[u8]) -> Result<DocId> {
 }
 
 impl SledStore {
-    /// Opens (creating if needed) the database in `dir`.
+    /// Opens (creating if needed) the store in `dir`.
     ///
     /// sled 0.34 releases its file lock from a background thread shortly after the last handle
     /// is dropped (sled#1289), so a reopen right after a close is retried for up to a second;
@@ -76,8 +85,12 @@ impl SledStore {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         let mut pause = std::time::Duration::from_millis(5);
         loop {
-            match sled::Config::new().path(dir).open() {
-                Ok(db) => return Ok(Self { db }),
+            match sled::Config::new().path(dir.join("sled")).open() {
+                Ok(db) => {
+                    // Opened after sled, so its lock keeps a second process out of the keys too.
+                    let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
+                    return Ok(Self { db, keys });
+                }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
                 // `config.rs`).
                 Err(sled::Error::Io(io))
@@ -123,15 +136,33 @@ impl SledStore {
 
 impl Store for SledStore {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key(b'k', customer, &[])).map_err(backend)?.map(|v| v.to_vec()))
+        self.keys.get(customer)
     }
 
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        let k = key(b'k', customer, &[]);
-        match self.db.compare_and_swap(&k, None as Option<&[u8]>, Some(wrapped)).map_err(backend)? {
-            Ok(()) => Ok(wrapped.to_vec()),
-            Err(existing) => Ok(existing.current.map(|v| v.to_vec()).unwrap_or_default()),
+        self.keys.put_if_absent(customer, wrapped)
+    }
+
+    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        self.keys.replace(customer, expected, new)
+    }
+
+    fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
+        self.keys.destroy(customer)
+    }
+
+    fn list_customers(&self) -> Result<Vec<CustomerId>> {
+        self.keys.list()
+    }
+
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for prefix in CUSTOMER_PREFIXES {
+            for entry in self.scan(key(prefix, customer, &[])) {
+                batch.remove(entry?.0);
+            }
         }
+        self.db.apply_batch(batch).map_err(backend)
     }
 
     fn write_doc(

@@ -6,9 +6,9 @@
 //! position, and is rebuilt from where the record is read. Keys (ids and positions) stay plain so
 //! backends can order and scan them; they are random ids or counters and reveal no content.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_crypto::envelope;
@@ -42,9 +42,15 @@ fn record_aad(customer: &CustomerId, space: Space, key: &[u8]) -> Vec<u8> {
 }
 
 /// A [`Store`] that seals every value it passes to the backend `S`.
+///
+/// Erasing a customer ([`Store::erase_customer`]) crypto-shreds: it records a tombstone, destroys
+/// the customer's wrapped data key durably, and only then removes their records. A tombstoned
+/// customer never gets a key again, so nothing can be written or read for them afterwards.
 pub struct EncryptedStore<S> {
     inner: S,
-    keyring: Keyring,
+    keyring: RwLock<Arc<Keyring>>,
+    /// The store's own data key (the key check), which seals its records such as tombstones.
+    system: DataKey,
     keys: Mutex<HashMap<CustomerId, DataKey>>,
 }
 
@@ -52,6 +58,13 @@ impl<S> fmt::Debug for EncryptedStore<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptedStore").field("keyring", &self.keyring).finish_non_exhaustive()
     }
+}
+
+/// What an erasure removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erased {
+    /// When the tombstone was written, milliseconds since the Unix epoch.
+    pub at_ms: u64,
 }
 
 impl<S: Store> EncryptedStore<S> {
@@ -69,8 +82,91 @@ impl<S: Store> EncryptedStore<S> {
                 wrapped
             }
         };
-        keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
-        Ok(Self { inner, keyring, keys: Mutex::new(HashMap::new()) })
+        let system =
+            keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
+        Ok(Self {
+            inner,
+            keyring: RwLock::new(Arc::new(keyring)),
+            system,
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Installs a new keyring (after a key rotation). It must hold every generation that wraps a
+    /// stored key; call [`EncryptedStore::rewrap_keys`] next to move them to its current one.
+    pub fn set_keyring(&self, keyring: Keyring) {
+        *self.keyring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keyring);
+    }
+
+    /// Re-wraps every data key not wrapped with the current KEK generation. The data keys
+    /// themselves do not change, so readers and writers carry on undisturbed. Returns how many
+    /// keys were re-wrapped.
+    pub fn rewrap_keys(&self) -> Result<usize> {
+        let keyring = self.keyring();
+        let current = keyring.current_generation();
+        let mut rewrapped = 0;
+        for customer in self.inner.list_customers()? {
+            let Some(wrapped) = self.inner.get_key(&customer)? else { continue };
+            if Keyring::generation_of(&wrapped) == Some(current) {
+                continue;
+            }
+            let key = keyring
+                .unwrap(customer.as_bytes(), &wrapped)
+                .map_err(|_| StoreError::Corrupt("data key"))?;
+            // A customer erased meanwhile has no key to replace: nothing to do.
+            if self.inner.replace_key(
+                &customer,
+                &wrapped,
+                &keyring.wrap(customer.as_bytes(), &key),
+            )? {
+                rewrapped += 1;
+            }
+        }
+        Ok(rewrapped)
+    }
+
+    /// How many wrapped data keys each KEK generation wraps.
+    pub fn key_generations(&self) -> Result<BTreeMap<u32, usize>> {
+        let mut counts = BTreeMap::new();
+        for customer in self.inner.list_customers()? {
+            if let Some(generation) =
+                self.inner.get_key(&customer)?.as_deref().and_then(Keyring::generation_of)
+            {
+                *counts.entry(generation).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// When the customer was erased, or `None` if they were not.
+    pub fn erased_at(&self, customer: &CustomerId) -> Result<Option<Erased>> {
+        let Some(sealed) =
+            self.inner.get_record(&SYSTEM, Space::TOMBSTONES, customer.as_bytes())?
+        else {
+            return Ok(None);
+        };
+        let value = envelope::open(
+            &self.system,
+            &record_aad(&SYSTEM, Space::TOMBSTONES, customer.as_bytes()),
+            &sealed,
+        )
+        .map_err(|_| StoreError::Corrupt("tombstone"))?;
+        let at_ms = value.try_into().map(u64::from_be_bytes).unwrap_or(0);
+        Ok(Some(Erased { at_ms }))
+    }
+
+    /// Every erased customer.
+    pub fn erased_customers(&self) -> Result<Vec<CustomerId>> {
+        Ok(self
+            .inner
+            .scan_records(&SYSTEM, Space::TOMBSTONES)?
+            .iter()
+            .filter_map(|(k, _)| CustomerId::from_slice(k).ok())
+            .collect())
     }
 
     /// The backend underneath.
@@ -79,19 +175,25 @@ impl<S: Store> EncryptedStore<S> {
     }
 
     fn key(&self, customer: &CustomerId) -> Result<DataKey> {
+        if *customer == SYSTEM {
+            return Ok(self.system.clone());
+        }
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(key) = keys.get(customer) {
             return Ok(key.clone());
         }
+        let keyring = self.keyring();
         let wrapped = match self.inner.get_key(customer)? {
             Some(wrapped) => wrapped,
             None => {
-                let fresh = self.keyring.wrap(customer.as_bytes(), &DataKey::generate());
+                if self.erased_at(customer)?.is_some() {
+                    return Err(StoreError::Erased);
+                }
+                let fresh = keyring.wrap(customer.as_bytes(), &DataKey::generate());
                 self.inner.put_key_if_absent(customer, &fresh)?
             }
         };
-        let key = self
-            .keyring
+        let key = keyring
             .unwrap(customer.as_bytes(), &wrapped)
             .map_err(|_| StoreError::Corrupt("data key"))?;
         keys.insert(*customer, key.clone());
@@ -133,6 +235,39 @@ impl<S: Store> Store for EncryptedStore<S> {
 
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
         self.inner.put_key_if_absent(customer, wrapped)
+    }
+
+    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        self.inner.replace_key(customer, expected, new)
+    }
+
+    fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.remove(customer);
+        self.inner.destroy_key(customer)
+    }
+
+    fn list_customers(&self) -> Result<Vec<CustomerId>> {
+        self.inner.list_customers()
+    }
+
+    /// Crypto-shreds the customer: a durable tombstone first (so no key is ever made for them
+    /// again), then the wrapped data key is destroyed durably, then their records are removed.
+    /// Erasing an erased customer is allowed and changes nothing readable.
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        if *customer == SYSTEM {
+            return Err(StoreError::Backend("the store's own records cannot be erased".into()));
+        }
+        if self.erased_at(customer)?.is_none() {
+            let at = cubby_core::meta::unix_ms().to_be_bytes();
+            let aad = record_aad(&SYSTEM, Space::TOMBSTONES, customer.as_bytes());
+            let sealed = envelope::seal(&self.system, &aad, &at);
+            self.inner.put_record(&SYSTEM, Space::TOMBSTONES, customer.as_bytes(), &sealed)?;
+            self.inner.flush()?;
+        }
+        self.destroy_key(customer)?;
+        self.inner.erase_customer(customer)?;
+        self.inner.flush()
     }
 
     fn write_doc(
@@ -215,9 +350,12 @@ impl<S: Store> Store for EncryptedStore<S> {
     }
 
     fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let records = self.inner.scan_records(c, space)?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
         let data_key = self.key(c)?;
-        self.inner
-            .scan_records(c, space)?
+        records
             .into_iter()
             .map(|(k, sealed)| {
                 let value = envelope::open(&data_key, &record_aad(c, space, &k), &sealed)
@@ -313,5 +451,55 @@ mod tests {
         assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt("chunk"))));
         // Bob's untouched document still opens.
         assert!(store.load(&BOB, &OTHER_DOC).expect("load").is_some());
+    }
+
+    #[test]
+    fn an_erased_customer_gets_no_new_key_and_their_old_records_do_not_open() {
+        let backend = MemoryStore::new();
+        let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+        store.write_doc(&ALICE, &DOC, b"m", Some(Chunk { index: 0, bytes: b"x" })).expect("write");
+        store.write_doc(&BOB, &DOC, b"m", None).expect("write");
+        let stolen = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+        store.erase_customer(&ALICE).expect("erase");
+        assert!(store.erased_at(&ALICE).expect("tombstone").is_some());
+        assert_eq!(store.erased_customers().expect("list"), vec![ALICE]);
+        assert_eq!(backend.get_key(&ALICE).expect("get"), None);
+        // Nothing can be written for Alice again, even after a reopen, and a copy of her old
+        // records put back by hand does not open.
+        let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("reopens");
+        assert!(matches!(store.write_doc(&ALICE, &DOC, b"m", None), Err(StoreError::Erased)));
+        backend.write_doc(&ALICE, &DOC, &stolen.meta, None).expect("raw write");
+        assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Erased)));
+        assert!(store.load(&BOB, &DOC).expect("load").is_some());
+    }
+
+    #[test]
+    fn rewrapping_moves_every_key_to_the_new_generation_and_keeps_data_readable() {
+        let dir = std::env::temp_dir()
+            .join(format!("cubby-rewrap-{}", u64::from_be_bytes(cubby_crypto::random_array())));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("master.key");
+        let master = MasterSecret::create(&path).expect("creates");
+        let backend = MemoryStore::new();
+        let store =
+            EncryptedStore::open(backend.clone(), Keyring::from_master(&master)).expect("opens");
+        store.write_doc(&ALICE, &DOC, b"alice", None).expect("write");
+        store.write_doc(&BOB, &DOC, b"bob", None).expect("write");
+        assert_eq!(store.key_generations().expect("count"), BTreeMap::from([(1, 3)]));
+        MasterSecret::rotate(&path).expect("rotates");
+        store.set_keyring(Keyring::from_master(&MasterSecret::read(&path).expect("reads")));
+        assert_eq!(store.rewrap_keys().expect("rewraps"), 3);
+        assert_eq!(store.rewrap_keys().expect("nothing left"), 0);
+        assert_eq!(store.key_generations().expect("count"), BTreeMap::from([(2, 3)]));
+        MasterSecret::retire(&path, 1, |_| Ok(0)).expect("retires");
+        // A fresh process with only generation 2 reads everything.
+        let store = EncryptedStore::open(
+            backend,
+            Keyring::from_master(&MasterSecret::read(&path).expect("reads")),
+        )
+        .expect("opens with the new generation");
+        assert_eq!(store.doc_meta(&ALICE, &DOC).expect("meta").as_deref(), Some(&b"alice"[..]));
+        assert_eq!(store.doc_meta(&BOB, &DOC).expect("meta").as_deref(), Some(&b"bob"[..]));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

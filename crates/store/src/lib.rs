@@ -50,6 +50,9 @@ pub enum StoreError {
     /// The keyring does not open this store's keys: the master key is wrong.
     #[error("the master key does not match this data directory")]
     WrongMasterKey,
+    /// The customer's store was erased; nothing can be read or written for them again.
+    #[error("this customer's store was erased")]
+    Erased,
 }
 
 /// Shorthand for storage results.
@@ -117,6 +120,12 @@ impl Space {
     pub const LOCAL: Space = Space(4);
     /// On a device: documents with local changes the server has not acknowledged yet.
     pub const UNSYNCED: Space = Space(5);
+    /// Under [`SYSTEM`]: erased customers, keyed by customer id. Their keys are never recreated.
+    pub const TOMBSTONES: Space = Space(6);
+    /// Who the customer is (tenant and subject), sealed like everything else.
+    pub const PROFILE: Space = Space(7);
+    /// Access tokens refused before their expiry (used by a revoked device), keyed by SHA-256.
+    pub const DENIED_TOKENS: Space = Space(8);
 }
 
 /// The customer id under which a store keeps its own records (such as the key check).
@@ -131,7 +140,24 @@ pub trait Store: Send + Sync + 'static {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>>;
 
     /// Stores `wrapped` as the customer's data key unless one exists; returns the one that won.
+    /// Durable when it returns.
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>>;
+
+    /// Replaces the customer's wrapped data key with `new` if it is still `expected` (key
+    /// rotation re-wraps the same data key). Returns whether it did. Durable when it returns.
+    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool>;
+
+    /// Destroys the customer's wrapped data key, leaving no copy the backend knows of, and makes
+    /// that durable before returning: every record sealed with the key is unreadable from then
+    /// on (crypto-shredding).
+    fn destroy_key(&self, customer: &CustomerId) -> Result<()>;
+
+    /// Every customer with a data key, by id ([`SYSTEM`] included).
+    fn list_customers(&self) -> Result<Vec<CustomerId>>;
+
+    /// Removes every document, feed entry and record of the customer (their key is separate:
+    /// [`Store::destroy_key`]). Durable after [`Store::flush`].
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()>;
 
     /// Writes a document's metadata and optionally one change chunk, and moves the document to
     /// the head of the customer's change feed. Returns the document's new feed position.
@@ -196,6 +222,18 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
         (**self).put_key_if_absent(c, wrapped)
+    }
+    fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        (**self).replace_key(c, expected, new)
+    }
+    fn destroy_key(&self, c: &CustomerId) -> Result<()> {
+        (**self).destroy_key(c)
+    }
+    fn list_customers(&self) -> Result<Vec<CustomerId>> {
+        (**self).list_customers()
+    }
+    fn erase_customer(&self, c: &CustomerId) -> Result<()> {
+        (**self).erase_customer(c)
     }
     fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
         (**self).write_doc(c, d, m, ch)

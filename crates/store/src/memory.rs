@@ -67,6 +67,36 @@ impl Store for MemoryStore {
         Ok(self.lock().keys.entry(*customer).or_insert_with(|| wrapped.to_vec()).clone())
     }
 
+    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        let mut inner = self.lock();
+        match inner.keys.get_mut(customer) {
+            Some(current) if current.as_slice() == expected => {
+                *current = new.to_vec();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
+        self.lock().keys.remove(customer);
+        Ok(())
+    }
+
+    fn list_customers(&self) -> Result<Vec<CustomerId>> {
+        let mut customers: Vec<_> = self.lock().keys.keys().copied().collect();
+        customers.sort();
+        Ok(customers)
+    }
+
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        let mut inner = self.lock();
+        inner.docs.retain(|(c, _), _| c != customer);
+        inner.feed.remove(customer);
+        inner.records.retain(|(c, _, _), _| c != customer);
+        Ok(())
+    }
+
     fn write_doc(
         &self,
         customer: &CustomerId,
