@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files: Vec<PathBuf> = ["sync", "account", "common"]
+    let files: Vec<PathBuf> = ["sync", "account", "admin", "common"]
         .iter()
         .map(|f| root.join(format!("cubby/v1/{f}.proto")))
         .collect();
@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // build their own TLS channel anyway. Payload-carrying messages get a hand-written Debug.
     tonic_prost_build::configure()
         .build_transport(false)
-        .skip_debug(["cubby.v1.DocSync"])
+        .skip_debug(["cubby.v1.DocSync", "cubby.v1.ExportChunk", "cubby.v1.Edit"])
         .compile_fds(fds)?;
     Ok(())
 }

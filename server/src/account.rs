@@ -1,14 +1,20 @@
-//! `cubby.v1.Account`: the customer's own documents, unary.
+//! `cubby.v1.Account`: the customer's own documents, devices, export, erasure and audit log.
 
 use std::sync::Arc;
 
 use cubby_core::{DocId, DocMeta};
 use cubby_proto::{ApiError, pb};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
+use crate::audit::{self, Actor};
+use crate::devices;
 use crate::docs::DocMsg;
 use crate::durable::api_error;
+
+/// Titles longer than this are refused.
+pub(crate) const MAX_TITLE: usize = 1024;
 
 /// The Account service.
 pub(crate) struct AccountService {
@@ -17,11 +23,13 @@ pub(crate) struct AccountService {
 
 #[tonic::async_trait]
 impl pb::account_server::Account for AccountService {
+    type ExportStream = ReceiverStream<Result<pb::ExportChunk, Status>>;
+
     async fn list_documents(
         &self,
         request: Request<pb::ListDocumentsRequest>,
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
-        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customer(request.metadata()).await?;
         let store = self.shared.store.clone();
         let docs = tokio::task::spawn_blocking(move || store.list_docs(&caller.customer))
             .await
@@ -41,9 +49,9 @@ impl pb::account_server::Account for AccountService {
         &self,
         request: Request<pb::CreateDocumentRequest>,
     ) -> Result<Response<pb::DocInfo>, Status> {
-        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customer(request.metadata()).await?;
         let title = request.into_inner().title;
-        if title.len() > 1024 {
+        if title.len() > MAX_TITLE {
             return Err(ApiError::InvalidArgument("title is longer than 1024 bytes".into()).into());
         }
         let doc = DocId::from_bytes(cubby_crypto::random_array());
@@ -59,7 +67,7 @@ impl pb::account_server::Account for AccountService {
         &self,
         request: Request<pb::DeleteDocumentRequest>,
     ) -> Result<Response<pb::DeleteDocumentResponse>, Status> {
-        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customer(request.metadata()).await?;
         let doc = cubby_proto::doc_id(&request.into_inner().doc_id)?;
         self.shared.docs.ask(caller.customer, doc, |reply| DocMsg::Delete { reply }).await?;
         Ok(Response::new(pb::DeleteDocumentResponse {}))
@@ -69,10 +77,88 @@ impl pb::account_server::Account for AccountService {
         &self,
         request: Request<pb::GetDocumentRequest>,
     ) -> Result<Response<pb::GetDocumentResponse>, Status> {
-        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customer(request.metadata()).await?;
         let doc = cubby_proto::doc_id(&request.into_inner().doc_id)?;
-        let (info, json) =
-            self.shared.docs.ask(caller.customer, doc, |reply| DocMsg::Read { reply }).await?;
+        let (info, json) = self
+            .shared
+            .docs
+            .ask(caller.customer, doc, |reply| DocMsg::Read { business: false, reply })
+            .await?;
         Ok(Response::new(pb::GetDocumentResponse { info: Some(info), json: json.to_string() }))
+    }
+
+    async fn set_document_private(
+        &self,
+        request: Request<pb::SetDocumentPrivateRequest>,
+    ) -> Result<Response<pb::DocInfo>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let request = request.into_inner();
+        let doc = cubby_proto::doc_id(&request.doc_id)?;
+        let private = request.private;
+        let info = self
+            .shared
+            .docs
+            .ask(caller.customer, doc, |reply| DocMsg::SetPrivate { private, reply })
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let store = self.shared.store.clone();
+        let list = self.shared.blocking(move || devices::list(&*store, &caller.customer)).await?;
+        let devices = list.iter().map(|(id, record)| record.info(id)).collect();
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<pb::RevokeDeviceRequest>,
+    ) -> Result<Response<pb::DeviceInfo>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let device = cubby_proto::device_id(&request.into_inner().device_id)?;
+        let shared = self.shared.clone();
+        let record = self
+            .shared
+            .blocking(move || {
+                let record = shared.devices.revoke(&*shared.store, &caller.customer, &device)?;
+                shared.customers.revoked(&caller.customer, &device, record.last_token)?;
+                Ok(record)
+            })
+            .await?;
+        Ok(Response::new(record.info(&device)))
+    }
+
+    async fn export(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let chunks = self.shared.export(caller.customer, Actor::Customer).await?;
+        Ok(Response::new(ReceiverStream::new(chunks)))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        Ok(Response::new(self.shared.erase(caller.customer).await?))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let store = self.shared.store.clone();
+        let entries = self
+            .shared
+            .blocking(move || audit::list(&*store, &caller.customer).map_err(api_error))
+            .await?;
+        Ok(Response::new(pb::ListAuditResponse { entries }))
     }
 }

@@ -23,14 +23,31 @@ pub const DEV_ISSUER: &str = "cubby-dev";
 pub const DEV_AUDIENCE: &str = "cubby";
 
 /// A verified caller.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Caller {
     /// The tenant whose issuer signed the token.
     pub tenant: String,
-    /// The customer's store key.
+    /// The token's subject: the customer, or the business service for a service token.
+    pub subject: String,
+    /// The customer's store key (for a service token, the key its subject would have).
     pub customer: CustomerId,
     /// When the token expires, seconds since the Unix epoch.
     pub expires_at: u64,
+    /// The token carries the tenant's admin scope: it is a service token for the admin API.
+    pub admin: bool,
+    /// SHA-256 of the token, for the revoked-token list.
+    pub token_hash: [u8; 32],
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The subject identifies a person: it stays out of logs.
+        f.debug_struct("Caller")
+            .field("tenant", &self.tenant)
+            .field("customer", &self.customer)
+            .field("admin", &self.admin)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Caller {
@@ -43,6 +60,20 @@ impl Caller {
 struct Tenant {
     name: String,
     verifier: Verifier,
+    admin_scope: String,
+}
+
+/// Whether the claims grant `scope`, in a space-separated `scope` string or an `scp` list.
+fn has_scope(claims: &serde_json::Map<String, serde_json::Value>, scope: &str) -> bool {
+    let in_string = claims
+        .get("scope")
+        .and_then(|v| v.as_str())
+        .is_some_and(|s| s.split_ascii_whitespace().any(|s| s == scope));
+    let in_list = claims
+        .get("scp")
+        .and_then(|v| v.as_array())
+        .is_some_and(|list| list.iter().any(|s| s.as_str() == Some(scope)));
+    in_string || in_list
 }
 
 /// Verifies tokens for every configured tenant.
@@ -83,13 +114,32 @@ pub fn dev_signer(data: &Path, create: bool) -> Result<TokenSigner, ConfigError>
         .map_err(|_| ConfigError(format!("{} is not a key pair", path.display())))
 }
 
-/// A development token for `subject`, valid for `ttl`.
+/// A development token for `subject`, valid for `ttl`. Every token is distinct (`jti`).
 pub fn dev_token(signer: &TokenSigner, subject: &str, ttl: Duration) -> String {
+    dev_token_with(signer, subject, ttl, None)
+}
+
+/// A development service token for the admin API (scope `cubby:admin`), for `service`.
+pub fn dev_service_token(signer: &TokenSigner, service: &str, ttl: Duration) -> String {
+    dev_token_with(signer, service, ttl, Some(crate::config::DEFAULT_ADMIN_SCOPE))
+}
+
+fn dev_token_with(
+    signer: &TokenSigner,
+    subject: &str,
+    ttl: Duration,
+    scope: Option<&str>,
+) -> String {
     let now = now();
-    signer.sign_jwt(&serde_json::json!({
+    let jti = bs58::encode(cubby_crypto::random_array::<12>()).into_string();
+    let mut claims = serde_json::json!({
         "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": subject,
-        "iat": now, "nbf": now, "exp": now + ttl.as_secs(),
-    }))
+        "iat": now, "nbf": now, "exp": now + ttl.as_secs(), "jti": jti,
+    });
+    if let Some(scope) = scope {
+        claims["scope"] = scope.into();
+    }
+    signer.sign_jwt(&claims)
 }
 
 fn tenant_keys(t: &TenantConfig) -> Result<Vec<VerifyingKey>, ConfigError> {
@@ -129,7 +179,11 @@ impl Authenticator {
             };
             let verifier = Verifier::new(validation, tenant_keys(t)?)
                 .map_err(|e| ConfigError(format!("tenant {}: {e}", t.name)))?;
-            tenants.push(Tenant { name: t.name.clone(), verifier });
+            tenants.push(Tenant {
+                name: t.name.clone(),
+                verifier,
+                admin_scope: t.admin_scope.clone(),
+            });
         }
         if config.dev_tenant_enabled() {
             let signer = dev_signer(&config.data, true)?;
@@ -141,7 +195,11 @@ impl Authenticator {
             };
             let verifier = Verifier::new(validation, vec![signer.verifying_key()])
                 .map_err(|e| ConfigError(format!("development tenant: {e}")))?;
-            tenants.push(Tenant { name: DEV_TENANT.into(), verifier });
+            tenants.push(Tenant {
+                name: DEV_TENANT.into(),
+                verifier,
+                admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
+            });
         }
         if tenants.is_empty() {
             return Err(ConfigError(
@@ -168,9 +226,17 @@ impl Authenticator {
         let claims = tenant.verifier.verify(token, now()).map_err(refuse)?;
         Ok(Caller {
             tenant: tenant.name.clone(),
-            customer: CustomerId::from_bytes(self.ids.customer_id(&tenant.name, &claims.sub)),
+            customer: self.customer_id(&tenant.name, &claims.sub),
+            admin: has_scope(&claims.all, &tenant.admin_scope),
+            subject: claims.sub,
             expires_at: claims.exp,
+            token_hash: cubby_crypto::sha256(token.as_bytes()),
         })
+    }
+
+    /// The store key of `subject` in `tenant`.
+    pub fn customer_id(&self, tenant: &str, subject: &str) -> CustomerId {
+        CustomerId::from_bytes(self.ids.customer_id(tenant, subject))
     }
 
     /// Verifies the `authorization: Bearer` header of a request.

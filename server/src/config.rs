@@ -80,6 +80,8 @@ pub struct Limits {
     pub compact_after_chunks: usize,
     /// Token clock leeway, seconds, for every tenant. Default 60.
     pub token_leeway_secs: u64,
+    /// How often the master key file is checked for a rotated key, seconds. Default 10.
+    pub key_reload_secs: u64,
 }
 
 impl Default for Limits {
@@ -97,6 +99,7 @@ impl Default for Limits {
             max_commit_batch: 1024,
             compact_after_chunks: 256,
             token_leeway_secs: 60,
+            key_reload_secs: 10,
         }
     }
 }
@@ -117,6 +120,17 @@ pub struct TenantConfig {
     pub jwks_file: Option<PathBuf>,
     /// Or one PEM public key (`-----BEGIN PUBLIC KEY-----`).
     pub public_key_pem: Option<String>,
+    /// The scope (in the token's space-separated `scope`, or its `scp` list) that makes a token
+    /// a service token for the admin API. Default `cubby:admin`.
+    #[serde(default = "default_admin_scope")]
+    pub admin_scope: String,
+}
+
+/// The admin scope when a tenant names none (and the development tenant's).
+pub const DEFAULT_ADMIN_SCOPE: &str = "cubby:admin";
+
+fn default_admin_scope() -> String {
+    DEFAULT_ADMIN_SCOPE.into()
 }
 
 fn default_listen() -> SocketAddr {

@@ -47,10 +47,23 @@ pub(crate) enum DocMsg {
     Leave { peer: u64 },
     /// Create an empty document.
     Create { title: String, reply: oneshot::Sender<Result<pb::DocInfo, ApiError>> },
-    /// Render the document as JSON.
-    Read { reply: oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>> },
+    /// Render the document as JSON. `business` refuses a private document.
+    Read {
+        business: bool,
+        reply: oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>>,
+    },
+    /// Apply edits as one change by a business actor (refused for a private document), then
+    /// answer like `Read`.
+    Edit {
+        edits: Vec<(String, cubby_core::json::Edit)>,
+        reply: oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>>,
+    },
+    /// Mark the document private or shared.
+    SetPrivate { private: bool, reply: oneshot::Sender<Result<pb::DocInfo, ApiError>> },
     /// Delete the document.
     Delete { reply: oneshot::Sender<Result<(), ApiError>> },
+    /// The customer was erased: drop everything and stop.
+    Evict,
 }
 
 /// What every actor shares.
@@ -117,6 +130,7 @@ impl Docs {
             registry: self.registry.clone(),
             state: None,
             peers: HashMap::new(),
+            evicted: false,
         };
         self.registry.ctx.tracker.spawn(actor.run(rx));
     }
@@ -127,6 +141,16 @@ impl Docs {
         let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = guard.1.get(&(customer, doc)) {
             let _ = entry.tx.send(DocMsg::Leave { peer });
+        }
+    }
+
+    /// Tells every live document of `customer` to drop its state and stop (erasure).
+    pub(crate) fn evict_customer(&self, customer: &CustomerId) {
+        let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        for ((c, _), entry) in guard.1.iter() {
+            if c == customer {
+                let _ = entry.tx.send(DocMsg::Evict);
+            }
         }
     }
 
@@ -171,11 +195,13 @@ struct Actor {
     /// `None`: not loaded yet. `Some(None)`: the document does not exist.
     state: Option<Option<Live>>,
     peers: HashMap<u64, Peer>,
+    /// The customer was erased: stop.
+    evicted: bool,
 }
 
 /// Answers owed once the batch is durable.
 enum Deferred {
-    Created(oneshot::Sender<Result<pb::DocInfo, ApiError>>),
+    Info(oneshot::Sender<Result<pb::DocInfo, ApiError>>),
     Read(oneshot::Sender<Result<(pb::DocInfo, serde_json::Value), ApiError>>),
     Delete(oneshot::Sender<Result<(), ApiError>>),
 }
@@ -184,7 +210,7 @@ impl Deferred {
     /// Answers with `err`. The asker may have gone; that is fine.
     fn fail(self, err: &ApiError) {
         match self {
-            Self::Created(reply) => {
+            Self::Info(reply) => {
                 let _ = reply.send(Err(err.clone()));
             }
             Self::Read(reply) => {
@@ -208,6 +234,10 @@ fn error_frame(doc: &DocId, err: &ApiError) -> pb::ServerFrame {
 }
 
 const MAX_BATCH: usize = 256;
+
+fn private_refusal() -> ApiError {
+    ApiError::PermissionDenied("the customer made this document private".into())
+}
 
 impl Actor {
     fn ctx(&self) -> &Ctx {
@@ -235,6 +265,9 @@ impl Actor {
                 }
             }
             self.handle(batch).await;
+            if self.evicted {
+                break;
+            }
         }
         self.retire_now();
     }
@@ -303,6 +336,15 @@ impl Actor {
     }
 
     async fn handle(&mut self, batch: Vec<DocMsg>) {
+        if batch.iter().any(|m| matches!(m, DocMsg::Evict)) {
+            self.refuse_all(batch, &ApiError::AccountErased);
+            for (_, peer) in self.peers.drain() {
+                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &ApiError::AccountErased)));
+            }
+            self.state = None;
+            self.evicted = true;
+            return;
+        }
         if self.state.is_none() {
             if let Err(err) = self.load().await {
                 self.refuse_all(batch, &err);
@@ -311,7 +353,8 @@ impl Actor {
         }
         let before = self.live().map(|l| l.doc.get_heads());
         let mut spoke = HashSet::new();
-        let mut created = false;
+        // The metadata must be written even without new changes (created, or made private).
+        let mut touched = false;
         let mut poisoned = false;
         let mut deferred = Vec::new();
         for msg in batch {
@@ -320,7 +363,7 @@ impl Actor {
                     spoke.insert(peer);
                     if self.live().is_none() {
                         match create {
-                            Some(title) => created |= self.create(title),
+                            Some(title) => touched |= self.create(title),
                             None => {
                                 let _ = outbox.try_send(Ok(error_frame(
                                     &self.doc,
@@ -364,15 +407,37 @@ impl Actor {
                 }
                 DocMsg::Create { title, reply } => {
                     if self.live().is_none() {
-                        created |= self.create(title);
-                        deferred.push(Deferred::Created(reply));
+                        touched |= self.create(title);
+                        deferred.push(Deferred::Info(reply));
                     } else {
                         let _ = reply
                             .send(Err(ApiError::InvalidArgument("document already exists".into())));
                     }
                 }
-                DocMsg::Read { reply } => deferred.push(Deferred::Read(reply)),
+                DocMsg::Read { business, reply } => match self.live() {
+                    Some(live) if business && live.meta.private => {
+                        let _ = reply.send(Err(private_refusal()));
+                    }
+                    _ => deferred.push(Deferred::Read(reply)),
+                },
+                DocMsg::Edit { edits, reply } => match self.business_edit(&edits) {
+                    Ok(()) => deferred.push(Deferred::Read(reply)),
+                    Err(err) => {
+                        let _ = reply.send(Err(err));
+                    }
+                },
+                DocMsg::SetPrivate { private, reply } => match &mut self.state {
+                    Some(Some(live)) => {
+                        touched |= live.meta.private != private;
+                        live.meta.private = private;
+                        deferred.push(Deferred::Info(reply));
+                    }
+                    _ => {
+                        let _ = reply.send(Err(ApiError::NotFound("document")));
+                    }
+                },
                 DocMsg::Delete { reply } => deferred.push(Deferred::Delete(reply)),
+                DocMsg::Evict => unreachable!("handled before the batch"),
             }
         }
         if poisoned {
@@ -381,7 +446,7 @@ impl Actor {
                 deferred.into_iter().for_each(|d| d.fail(&err));
                 return;
             }
-        } else if let Err(err) = self.persist(before.as_deref(), created).await {
+        } else if let Err(err) = self.persist(before.as_deref(), touched).await {
             // Not durable: forget it, so nobody is told heads that are not on disk. Devices
             // still hold their changes and resend them.
             tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
@@ -416,16 +481,39 @@ impl Actor {
         true
     }
 
-    /// Writes what changed since `before` as one chunk and waits until it is durable.
+    /// Applies the business's edits as one change by a fresh business actor: all or nothing.
+    fn business_edit(
+        &mut self,
+        edits: &[(String, cubby_core::json::Edit)],
+    ) -> Result<(), ApiError> {
+        let Some(Some(live)) = &mut self.state else { return Err(ApiError::NotFound("document")) };
+        if live.meta.private {
+            return Err(private_refusal());
+        }
+        // "business" and 8 random bytes: the change is visibly the business's in the history.
+        let actor = [b"business".as_slice(), &cubby_crypto::random_array::<8>()].concat();
+        live.doc.set_actor(automerge::ActorId::from(actor));
+        let result = live.doc.transact::<_, _, cubby_core::json::EditError>(|tx| {
+            for (path, edit) in edits {
+                cubby_core::json::apply_edit(tx, path, edit)?;
+            }
+            Ok(())
+        });
+        live.doc.set_actor(automerge::ActorId::random());
+        result.map(drop).map_err(|failure| ApiError::InvalidArgument(failure.error.to_string()))
+    }
+
+    /// Writes what changed since `before` as one chunk (and the metadata, also when only
+    /// `touched`) and waits until it is durable.
     async fn persist(
         &mut self,
         before: Option<&[automerge::ChangeHash]>,
-        created: bool,
+        touched: bool,
     ) -> Result<(), ApiError> {
         let Some(Some(live)) = &mut self.state else { return Ok(()) };
         let heads = live.doc.get_heads();
         let changed = before.is_none_or(|b| b != heads.as_slice()) && !heads.is_empty();
-        if !changed && !created {
+        if !changed && !touched {
             return Ok(());
         }
         let chunk = changed.then(|| live.doc.save_after(before.unwrap_or(&[])));
@@ -452,7 +540,7 @@ impl Actor {
     async fn answer(&mut self, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
-                Deferred::Created(reply) => {
+                Deferred::Info(reply) => {
                     let info = self.live().map(|l| cubby_proto::doc_info(&self.doc, &l.meta));
                     let _ = reply.send(info.ok_or(ApiError::Internal));
                 }
@@ -555,9 +643,13 @@ impl Actor {
                     let _ = outbox.try_send(Ok(error_frame(&self.doc, err)));
                 }
                 DocMsg::Leave { .. } => {}
-                DocMsg::Create { reply, .. } => Deferred::Created(reply).fail(err),
-                DocMsg::Read { reply } => Deferred::Read(reply).fail(err),
+                DocMsg::Create { reply, .. } => Deferred::Info(reply).fail(err),
+                DocMsg::SetPrivate { reply, .. } => Deferred::Info(reply).fail(err),
+                DocMsg::Read { reply, .. } | DocMsg::Edit { reply, .. } => {
+                    Deferred::Read(reply).fail(err);
+                }
                 DocMsg::Delete { reply } => Deferred::Delete(reply).fail(err),
+                DocMsg::Evict => {}
             }
         }
     }

@@ -59,6 +59,7 @@ pub(crate) fn api_error(err: StoreError) -> ApiError {
             tracing::error!(what, "stored record failed authentication");
             ApiError::DataLoss("document")
         }
+        StoreError::Erased => ApiError::AccountErased,
         other => {
             tracing::error!(err = %other, "storage failed");
             ApiError::Unavailable("storage unavailable".into())

@@ -5,8 +5,10 @@
 //! stops it and waits until every write is flushed and the store is closed.
 //!
 //! Modules, from the edge inwards: [`config`] (TOML settings), [`tls`] (certificates and the
-//! handshake), [`auth`] (tokens), `sync` and `account` (the services), `docs` (one actor per live
-//! document), `hub` (per-customer change announcements), `durable` (group commit).
+//! handshake), [`auth`] (tokens), `customers` (who may act now: erased accounts, revoked tokens,
+//! open streams), `sync`, `account` and `admin` (the services), `devices`, `audit` and `rights`
+//! (device registry, audit log, export and erasure), `docs` (one actor per live document), `hub`
+//! (per-customer change announcements), `durable` (group commit), `keys` (KEK rotation).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use cubby_core::lifecycle::CompactionPolicy;
 use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
-use cubby_proto::pb;
+use cubby_proto::{ApiError, pb};
 use cubby_store::{EncryptedStore, Store, StoreError};
 use cubby_store_sled::SledStore;
 use tokio::net::TcpListener;
@@ -23,11 +25,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod account;
+mod admin;
+mod audit;
 pub mod auth;
 pub mod config;
+mod customers;
+mod devices;
 mod docs;
 mod durable;
 mod hub;
+mod keys;
+mod rights;
 mod sync;
 pub mod tls;
 
@@ -70,11 +78,46 @@ pub enum StartError {
 pub(crate) struct Shared {
     pub(crate) auth: auth::Authenticator,
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) customers: customers::Customers,
+    pub(crate) devices: devices::Devices,
     pub(crate) docs: docs::Docs,
     pub(crate) hub: Arc<hub::Hub>,
     pub(crate) limits: Limits,
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
+}
+
+impl Shared {
+    /// Authenticates a customer request: a verified customer token whose account exists and
+    /// whose token was not revoked.
+    pub(crate) async fn customer(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<auth::Caller, ApiError> {
+        self.customers.admit(self.auth.authenticate(metadata)?).await
+    }
+
+    /// Authenticates a business request: a verified service token with the admin scope.
+    pub(crate) fn business(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<auth::Caller, ApiError> {
+        let caller = self.auth.authenticate(metadata)?;
+        if !caller.admin {
+            return Err(ApiError::PermissionDenied(
+                "the admin API needs a service token with the admin scope".into(),
+            ));
+        }
+        Ok(caller)
+    }
+
+    /// Runs blocking store work off the async workers.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        tokio::task::spawn_blocking(work).await.map_err(|_| ApiError::Internal)?
+    }
 }
 
 /// A server that is accepting connections.
@@ -88,6 +131,7 @@ pub struct RunningServer {
     serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     committer: durable::Committer,
     docs: docs::Docs,
+    vault: Arc<EncryptedStore<SledStore>>,
 }
 
 impl RunningServer {
@@ -111,6 +155,17 @@ impl RunningServer {
         self.docs.live()
     }
 
+    /// How many customers' data keys each key-encryption key generation wraps (the store's own
+    /// key check included). After a rotation, everything moves to the new generation.
+    pub async fn key_generations(
+        &self,
+    ) -> Result<std::collections::BTreeMap<u32, usize>, StoreError> {
+        let vault = self.vault.clone();
+        tokio::task::spawn_blocking(move || vault.key_generations())
+            .await
+            .map_err(|e| StoreError::Backend(Box::new(e)))?
+    }
+
     /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
     /// the store.
     pub async fn shutdown(self) {
@@ -129,17 +184,22 @@ impl RunningServer {
     }
 }
 
+/// The master key file the config names (or the development default in the data directory).
+pub fn master_key_path(config: &ServerConfig) -> PathBuf {
+    config.master_key_file.clone().unwrap_or_else(|| config.data.join("master.key"))
+}
+
+/// The store directory inside the data directory.
+pub fn store_path(config: &ServerConfig) -> PathBuf {
+    config.data.join("db")
+}
+
 fn master_key(config: &ServerConfig) -> Result<(MasterSecret, Option<PathBuf>), StartError> {
-    match &config.master_key_file {
-        Some(path) => Ok((MasterSecret::read(path)?, None)),
-        None => {
-            let path = config.data.join("master.key");
-            if path.exists() {
-                Ok((MasterSecret::read(&path)?, None))
-            } else {
-                Ok((MasterSecret::create(&path)?, Some(path)))
-            }
-        }
+    let path = master_key_path(config);
+    if config.master_key_file.is_some() || path.exists() {
+        Ok((MasterSecret::read(&path)?, None))
+    } else {
+        Ok((MasterSecret::create(&path)?, Some(path)))
     }
 }
 
@@ -150,16 +210,20 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         ConfigError(format!("cannot create data directory {}: {e}", config.data.display()))
     })?;
     let (master, master_key_created) = master_key(&config)?;
-    let db_path = config.data.join("db");
+    let db_path = store_path(&config);
     let sled = SledStore::open(&db_path)
         .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
-    let store = match EncryptedStore::open(sled, Keyring::from_master(&master)) {
-        Ok(store) => Arc::new(store) as Arc<dyn Store>,
+    let vault = match EncryptedStore::open(sled, Keyring::from_master(&master)) {
+        Ok(store) => Arc::new(store),
         Err(StoreError::WrongMasterKey) => {
             return Err(StartError::WrongMasterKey(config.data.clone()));
         }
         Err(source) => return Err(StartError::Store { path: db_path, source }),
     };
+    let store: Arc<dyn Store> = vault.clone();
+    let store_error = |source| StartError::Store { path: db_path.clone(), source };
+    let erased = vault.erased_customers().map_err(store_error)?;
+    let customers = customers::Customers::load(store.clone(), erased).map_err(store_error)?;
     let auth = auth::Authenticator::new(&config, Keyring::from_master(&master))?;
     drop(master);
 
@@ -201,9 +265,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         stop: stop.clone(),
     });
     let live_docs = docs.clone();
+    keys::spawn_rotation(
+        vault.clone(),
+        master_key_path(&config),
+        Duration::from_secs(limits.key_reload_secs.max(1)),
+        &tracker,
+        stop.clone(),
+    );
     let shared = Arc::new(Shared {
         auth,
         store,
+        customers,
+        devices: devices::Devices::default(),
         docs,
         hub,
         limits: limits.clone(),
@@ -214,6 +287,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
     health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
+    health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cubby_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -225,9 +299,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
     let account_service =
-        pb::account_server::AccountServer::new(account::AccountService { shared })
+        pb::account_server::AccountServer::new(account::AccountService { shared: shared.clone() })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+    let admin_service = pb::admin_server::AdminServer::new(admin::AdminService { shared })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
 
     let router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
@@ -238,7 +315,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(sync_service)
-        .add_service(account_service);
+        .add_service(account_service)
+        .add_service(admin_service);
 
     let shutdown = stop.clone().cancelled_owned();
     let serve = match tls_config {
@@ -269,5 +347,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         serve,
         committer,
         docs: live_docs,
+        vault,
     })
 }

@@ -1,4 +1,4 @@
-//! `cubby-server`: run the server, mint development tokens, create master keys.
+//! `cubby-server`: run the server, mint development tokens, create and rotate master keys.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_server::{ServerConfig, auth};
 
 #[derive(Parser)]
@@ -29,9 +30,12 @@ struct Cli {
 enum Command {
     /// Print a token for the development tenant.
     DevToken {
-        /// The customer (token subject).
+        /// The customer (token subject), or with --admin the business service.
         #[arg(long)]
         customer: String,
+        /// A service token for the admin API (scope `cubby:admin`) instead of a customer token.
+        #[arg(long)]
+        admin: bool,
         /// Lifetime, e.g. 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -50,6 +54,15 @@ enum KeysCommand {
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Add a new key-encryption key to the master key file (the one --config names, or the
+    /// data directory's). A running server re-wraps every data key with it in the background.
+    Rotate,
+    /// Retire a key-encryption key generation once no data key is wrapped with it; its material
+    /// is deleted from the master key file.
+    Retire {
+        /// The generation, e.g. 1.
+        generation: u32,
     },
 }
 
@@ -87,23 +100,45 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Some(Command::DevToken { customer, ttl }) => {
+        Some(Command::DevToken { customer, admin, ttl }) => {
             let signer = auth::dev_signer(&cli.data, false)?;
-            println!("{}", auth::dev_token(&signer, &customer, ttl));
+            let token = if admin {
+                auth::dev_service_token(&signer, &customer, ttl)
+            } else {
+                auth::dev_token(&signer, &customer, ttl)
+            };
+            println!("{token}");
             Ok(())
         }
         Some(Command::Keys { command: KeysCommand::Create { out } }) => {
-            cubby_crypto::keys::MasterSecret::create(&out)?;
+            MasterSecret::create(&out)?;
             println!("created master key {}", out.display());
             Ok(())
         }
+        Some(Command::Keys { command: KeysCommand::Rotate }) => {
+            let path = cubby_server::master_key_path(&config(&cli)?);
+            let generation = MasterSecret::rotate(&path)?;
+            println!(
+                "added key-encryption key {generation} to {}; a running server re-wraps every data key with it",
+                path.display()
+            );
+            Ok(())
+        }
+        Some(Command::Keys { command: KeysCommand::Retire { generation } }) => {
+            let config = config(&cli)?;
+            let path = cubby_server::master_key_path(&config);
+            let store = cubby_server::store_path(&config);
+            MasterSecret::retire(&path, generation, |generation| {
+                let keys = cubby_store_sled::wrapped_keys(&store).map_err(|e| {
+                    KeyFileError::Io { path: store.clone(), source: std::io::Error::other(e) }
+                })?;
+                Ok(keys.iter().filter(|k| Keyring::generation_of(k) == Some(generation)).count())
+            })?;
+            println!("retired key-encryption key {generation} in {}", path.display());
+            Ok(())
+        }
         None => {
-            let mut config = match &cli.config {
-                Some(path) => ServerConfig::from_file(path)?,
-                None => {
-                    ServerConfig::dev(cli.data.clone(), SocketAddr::from(([127, 0, 0, 1], 7443)))
-                }
-            };
+            let mut config = config(&cli)?;
             if let Some(listen) = cli.listen {
                 config.listen = listen;
             }
@@ -112,6 +147,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
     }
+}
+
+fn config(cli: &Cli) -> anyhow::Result<ServerConfig> {
+    Ok(match &cli.config {
+        Some(path) => ServerConfig::from_file(path)?,
+        None => ServerConfig::dev(cli.data.clone(), SocketAddr::from(([127, 0, 0, 1], 7443))),
+    })
 }
 
 /// Ctrl-C or SIGTERM (what systemd and container runtimes send).

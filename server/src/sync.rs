@@ -1,15 +1,18 @@
 //! `cubby.v1.Sync/Connect`: one task per device stream.
 //!
-//! The task authenticates the stream, announces what changed since the device's cursor, then
+//! The task authenticates the stream, has the device prove its key (registering it on first
+//! sight, refusing a revoked one), announces what changed since the device's cursor, then
 //! relays: device sync messages to document actors, and the customer's feed announcements to the
-//! device. The stream ends when the device leaves, its token expires, or the server stops.
+//! device. The stream ends when the device leaves, its token expires, it is revoked, its account
+//! is erased, or the server stops.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cubby_core::{DocId, DocMeta, Seq};
+use cubby_core::{DeviceId, DocId, DocMeta, Seq};
+use cubby_crypto::signing::verify_device_proof;
 use cubby_proto::{ApiError, pb};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
+use crate::customers::Ejector;
+use crate::devices::Arrival;
 use crate::docs::{DocMsg, Outbox};
 use crate::durable::api_error;
 use crate::hub::Announcement;
@@ -41,12 +46,14 @@ impl pb::sync_server::Sync for SyncService {
         &self,
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customer(request.metadata()).await?;
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
             token_left: caller.remaining(),
+            token: (caller.token_hash, caller.expires_at),
+            stream: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
             outbox,
             joined: HashSet::new(),
@@ -63,6 +70,10 @@ struct Connection {
     shared: Arc<Shared>,
     customer: cubby_core::CustomerId,
     token_left: Duration,
+    /// The stream's token (hash and expiry), remembered with the device.
+    token: ([u8; 32], u64),
+    /// This stream in the customer registry, once the device said who it is.
+    stream: Option<u64>,
     peer: u64,
     outbox: Outbox,
     joined: HashSet<DocId>,
@@ -83,6 +94,68 @@ impl Connection {
         for doc in self.joined.drain() {
             self.shared.docs.leave(self.customer, doc, self.peer);
         }
+        if let Some(stream) = self.stream {
+            self.shared.customers.close_stream(&self.customer, stream);
+        }
+    }
+
+    /// Challenges the device to prove its key, then admits it (registering it on first sight).
+    /// Returns what closes the stream when the device is revoked or the account erased.
+    async fn prove_device(
+        &mut self,
+        inbound: &mut Streaming<pb::ClientFrame>,
+        hello: &pb::Hello,
+        deadline: tokio::time::Instant,
+    ) -> Result<(DeviceId, Ejector), Status> {
+        let device = cubby_proto::device_id(&hello.device_id)?;
+        if hello.public_key.len() != 32 {
+            return Err(
+                ApiError::InvalidArgument("public_key must be 32 bytes (Ed25519)".into()).into()
+            );
+        }
+        // Registered before the admission check, so a revocation racing this connect either
+        // refuses it or closes it.
+        let (stream, ejector) = self.shared.customers.open_stream(self.customer, device);
+        self.stream = Some(stream);
+        let nonce: [u8; 32] = cubby_crypto::random_array();
+        self.send(pb::ServerFrame {
+            frame: Some(pb::server_frame::Frame::Challenge(pb::Challenge {
+                nonce: nonce.to_vec(),
+            })),
+        })
+        .await?;
+        let answer = tokio::time::timeout_at(deadline, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no proof of the device key"))??;
+        let Some(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Proof(proof)) }) = answer
+        else {
+            return Err(ApiError::InvalidArgument(
+                "the frame after the hello must be a proof".into(),
+            )
+            .into());
+        };
+        if !verify_device_proof(&hello.public_key, device.as_bytes(), &nonce, &proof.signature) {
+            return Err(
+                ApiError::PermissionDenied("the device key proof does not verify".into()).into()
+            );
+        }
+        let shared = self.shared.clone();
+        let (customer, token) = (self.customer, self.token);
+        let (public_key, name, platform) =
+            (hello.public_key.clone(), hello.device_name.clone(), hello.platform.clone());
+        self.shared
+            .blocking(move || {
+                let arrival = Arrival {
+                    id: device,
+                    public_key: &public_key,
+                    name: &name,
+                    platform: &platform,
+                    token,
+                };
+                shared.devices.admit(&*shared.store, &customer, &arrival)
+            })
+            .await?;
+        Ok((device, ejector))
     }
 
     async fn send(&self, frame: pb::ServerFrame) -> Result<(), Status> {
@@ -94,20 +167,17 @@ impl Connection {
     }
 
     async fn serve(&mut self, inbound: &mut Streaming<pb::ClientFrame>) -> Result<(), Status> {
-        let hello_timeout = Duration::from_secs(self.shared.limits.hello_timeout_secs);
-        let first = tokio::time::timeout(hello_timeout, inbound.message())
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(self.shared.limits.hello_timeout_secs);
+        let first = tokio::time::timeout_at(deadline, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello"))??;
         let Some(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) }) = first
         else {
             return Err(ApiError::InvalidArgument("the first frame must be a hello".into()).into());
         };
-        tracing::debug!(
-            peer = self.peer,
-            device = %cubby_core::DeviceId::from_slice(&hello.device_id).map(|d| d.short()).unwrap_or_default(),
-            cursor = hello.cursor,
-            "device connected"
-        );
+        let (device, ejector) = self.prove_device(inbound, &hello, deadline).await?;
+        tracing::debug!(peer = self.peer, device = %device.short(), cursor = hello.cursor, "device connected");
         // Subscribe before reading the feed, so nothing falls between the two.
         let mut announcements = self.shared.hub.subscribe(self.customer);
         self.announced = Seq(hello.cursor);
@@ -134,6 +204,7 @@ impl Connection {
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 () = &mut expiry => return Err(ApiError::Unauthenticated("token expired".into()).into()),
+                reason = ejector.ejected() => return Err(reason.into()),
                 () = self.kick.cancelled() => {
                     return Err(ApiError::ResourceExhausted("device is not reading its stream".into()).into());
                 }
@@ -216,8 +287,9 @@ impl Connection {
                 self.shared.docs.send(self.customer, doc, msg);
                 Ok(())
             }
-            Some(pb::client_frame::Frame::Hello(_)) => {
-                Err(ApiError::InvalidArgument("hello may only be sent once".into()).into())
+            Some(pb::client_frame::Frame::Hello(_) | pb::client_frame::Frame::Proof(_)) => {
+                Err(ApiError::InvalidArgument("hello and proof may only be sent once".into())
+                    .into())
             }
             None => Err(ApiError::InvalidArgument("empty frame".into()).into()),
         }

@@ -1,8 +1,150 @@
-//! Reading a document as JSON and writing JSON values into it.
+//! Reading a document as JSON, writing JSON values into it, and editing it by JSON Pointer.
 
 use automerge::transaction::Transactable;
-use automerge::{AutomergeError, ObjId, ObjType, ReadDoc, ScalarValue};
+use automerge::{AutomergeError, ObjId, ObjType, Prop, ROOT, ReadDoc, ScalarValue};
 use serde_json::Value;
+
+/// One edit at a JSON Pointer path (RFC 6901).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Edit {
+    /// Set the value at the path, creating missing parent maps.
+    Set(Value),
+    /// Delete the map key or list element at the path.
+    Delete,
+    /// Insert into a list before the index at the path (`-` appends).
+    Insert(Value),
+}
+
+/// Why an edit could not be applied. The messages are safe to show the caller.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EditError {
+    /// The path is not a JSON Pointer Cubby can edit.
+    #[error("invalid path: {0}")]
+    BadPath(String),
+    /// Nothing is at the path (or at one of its parents).
+    #[error("nothing at {0}")]
+    NotFound(String),
+    /// A parent on the path is not the kind of container the edit needs.
+    #[error("{0}")]
+    WrongType(String),
+    /// Automerge refused the operation.
+    #[error("the document refused the edit: {0}")]
+    Automerge(#[from] AutomergeError),
+}
+
+/// Splits a JSON Pointer into its unescaped segments. The root itself (`""`) is not editable.
+fn segments(path: &str) -> Result<Vec<String>, EditError> {
+    let rest = path
+        .strip_prefix('/')
+        .ok_or_else(|| EditError::BadPath(format!("{path:?} must start with '/'")))?;
+    rest.split('/')
+        .map(|s| {
+            if s.replace("~0", "").replace("~1", "").contains('~') {
+                return Err(EditError::BadPath(format!("{path:?} has a bad '~' escape")));
+            }
+            Ok(s.replace("~1", "/").replace("~0", "~"))
+        })
+        .collect()
+}
+
+fn list_index(segment: &str, len: usize, allow_end: bool, path: &str) -> Result<usize, EditError> {
+    if allow_end && segment == "-" {
+        return Ok(len);
+    }
+    let index: usize = segment
+        .parse()
+        .map_err(|_| EditError::BadPath(format!("{path:?}: {segment:?} is not a list index")))?;
+    let max = if allow_end { len } else { len.saturating_sub(1) };
+    if index > max || (!allow_end && len == 0) {
+        return Err(EditError::NotFound(path.to_owned()));
+    }
+    Ok(index)
+}
+
+/// Applies one edit at `path`.
+pub fn apply_edit(tx: &mut impl Transactable, path: &str, edit: &Edit) -> Result<(), EditError> {
+    let segments = segments(path)?;
+    let (last, parents) = segments.split_last().expect("split always yields one segment");
+    let mut obj = ROOT;
+    for segment in parents {
+        obj = match tx.object_type(&obj)? {
+            ObjType::Map | ObjType::Table => match tx.get(&obj, segment.as_str())? {
+                Some((automerge::Value::Object(ObjType::Map | ObjType::List), child)) => child,
+                Some(_) => {
+                    return Err(EditError::WrongType(format!(
+                        "{path:?}: {segment:?} is not a map or list"
+                    )));
+                }
+                None if matches!(edit, Edit::Set(_)) => {
+                    tx.put_object(&obj, segment.as_str(), ObjType::Map)?
+                }
+                None => return Err(EditError::NotFound(path.to_owned())),
+            },
+            ObjType::List => {
+                let index = list_index(segment, tx.length(&obj), false, path)?;
+                match tx.get(&obj, index)? {
+                    Some((automerge::Value::Object(ObjType::Map | ObjType::List), child)) => child,
+                    _ => {
+                        return Err(EditError::WrongType(format!(
+                            "{path:?}: element {index} is not a map or list"
+                        )));
+                    }
+                }
+            }
+            ObjType::Text => {
+                return Err(EditError::WrongType(format!("{path:?}: text has no children")));
+            }
+        };
+    }
+    let is_list = tx.object_type(&obj)? == ObjType::List;
+    match (edit, is_list) {
+        (Edit::Set(value), false) => put_json_at(tx, &obj, Prop::Map(last.clone()), value)?,
+        (Edit::Set(value), true) => {
+            let index = list_index(last, tx.length(&obj), false, path)?;
+            put_json_at(tx, &obj, Prop::Seq(index), value)?;
+        }
+        (Edit::Delete, false) => {
+            if tx.get(&obj, last.as_str())?.is_none() {
+                return Err(EditError::NotFound(path.to_owned()));
+            }
+            tx.delete(&obj, last.as_str())?;
+        }
+        (Edit::Delete, true) => {
+            let index = list_index(last, tx.length(&obj), false, path)?;
+            tx.delete(&obj, index)?;
+        }
+        (Edit::Insert(value), true) => {
+            let index = list_index(last, tx.length(&obj), true, path)?;
+            insert_json(tx, &obj, index, value)?;
+        }
+        (Edit::Insert(_), false) => {
+            return Err(EditError::WrongType(format!("{path:?}: insert needs a list")));
+        }
+    }
+    Ok(())
+}
+
+/// Sets `prop` of `obj` (a map key or a list index) to `value`.
+fn put_json_at(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    prop: Prop,
+    value: &Value,
+) -> Result<(), AutomergeError> {
+    let fill = |tx: &mut _, child: ObjId| fill_json(tx, &child, value);
+    match value {
+        Value::Object(_) => {
+            let child = tx.put_object(obj, prop, ObjType::Map)?;
+            fill(tx, child)
+        }
+        Value::Array(_) => {
+            let child = tx.put_object(obj, prop, ObjType::List)?;
+            fill(tx, child)
+        }
+        scalar => tx.put(obj, prop, scalar_of(scalar)),
+    }
+}
 
 /// The document's root map rendered as JSON (text as strings, counters as numbers).
 pub fn to_json(doc: &impl ReadDoc) -> Value {
@@ -18,20 +160,23 @@ pub fn put_json(
     key: &str,
     value: &Value,
 ) -> Result<(), AutomergeError> {
+    put_json_at(tx, obj, Prop::Map(key.to_owned()), value)
+}
+
+/// Fills the new, empty map or list `obj` with the entries of the JSON object or array `value`.
+fn fill_json(tx: &mut impl Transactable, obj: &ObjId, value: &Value) -> Result<(), AutomergeError> {
     match value {
         Value::Object(map) => {
-            let child = tx.put_object(obj, key, ObjType::Map)?;
             for (k, v) in map {
-                put_json(tx, &child, k, v)?;
+                put_json(tx, obj, k, v)?;
             }
         }
         Value::Array(items) => {
-            let child = tx.put_object(obj, key, ObjType::List)?;
             for (i, v) in items.iter().enumerate() {
-                insert_json(tx, &child, i, v)?;
+                insert_json(tx, obj, i, v)?;
             }
         }
-        scalar => tx.put(obj, key, scalar_of(scalar))?,
+        _ => {}
     }
     Ok(())
 }
@@ -43,21 +188,16 @@ fn insert_json(
     value: &Value,
 ) -> Result<(), AutomergeError> {
     match value {
-        Value::Object(map) => {
+        Value::Object(_) => {
             let child = tx.insert_object(list, index, ObjType::Map)?;
-            for (k, v) in map {
-                put_json(tx, &child, k, v)?;
-            }
+            fill_json(tx, &child, value)
         }
-        Value::Array(items) => {
+        Value::Array(_) => {
             let child = tx.insert_object(list, index, ObjType::List)?;
-            for (i, v) in items.iter().enumerate() {
-                insert_json(tx, &child, i, v)?;
-            }
+            fill_json(tx, &child, value)
         }
-        scalar => tx.insert(list, index, scalar_of(scalar))?,
+        scalar => tx.insert(list, index, scalar_of(scalar)),
     }
-    Ok(())
 }
 
 fn scalar_of(value: &Value) -> ScalarValue {
@@ -93,5 +233,68 @@ mod tests {
         })
         .expect("puts");
         assert_eq!(to_json(&doc), value);
+    }
+
+    fn edited(start: Value, edits: &[(&str, Edit)]) -> Result<Value, EditError> {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, EditError>(|tx| {
+            for (k, v) in start.as_object().expect("an object") {
+                put_json(tx, &ROOT, k, v)?;
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        doc.transact::<_, _, EditError>(|tx| {
+            for (path, edit) in edits {
+                apply_edit(tx, path, edit)?;
+            }
+            Ok(())
+        })
+        .map_err(|f| f.error)?;
+        Ok(to_json(&doc))
+    }
+
+    #[test]
+    fn edits_by_json_pointer_set_delete_and_insert() {
+        let start = json!({"settings": {"theme": "dark"}, "items": ["a", "b"], "a/b": 1});
+        let got = edited(
+            start,
+            &[
+                ("/settings/theme", Edit::Set(json!("light"))),
+                ("/new/deep/key", Edit::Set(json!({"x": [1]}))),
+                ("/items/0", Edit::Set(json!("A"))),
+                ("/items/-", Edit::Insert(json!("c"))),
+                ("/items/1", Edit::Delete),
+                ("/a~1b", Edit::Delete),
+            ],
+        )
+        .expect("applies");
+        assert_eq!(
+            got,
+            json!({"settings": {"theme": "light"}, "new": {"deep": {"key": {"x": [1]}}},
+                   "items": ["A", "c"]})
+        );
+    }
+
+    #[test]
+    fn bad_edits_are_refused_and_apply_nothing() {
+        let start = json!({"items": ["a"], "n": 1});
+        for (path, edit) in [
+            ("items", Edit::Delete),
+            ("", Edit::Set(json!(1))),
+            ("/missing", Edit::Delete),
+            ("/items/5", Edit::Delete),
+            ("/items/x", Edit::Set(json!(1))),
+            ("/items/9", Edit::Insert(json!(1))),
+            ("/n/child", Edit::Set(json!(1))),
+            ("/n", Edit::Insert(json!(1))),
+            ("/bad~2escape", Edit::Set(json!(1))),
+        ] {
+            assert!(
+                edited(start.clone(), &[("/n", Edit::Set(json!(2))), (path, edit.clone())])
+                    .is_err(),
+                "{path:?} {edit:?} should be refused"
+            );
+        }
     }
 }

@@ -13,6 +13,9 @@ pub struct DocMeta {
     pub updated_ms: u64,
     /// Bytes of the document's stored history (snapshot plus change chunks, before encryption).
     pub size: u64,
+    /// The customer marked it private: the business's admin API cannot read or change it.
+    #[serde(default)]
+    pub private: bool,
 }
 
 /// Milliseconds since the Unix epoch, by the system clock (0 if the clock is before 1970).
@@ -26,7 +29,7 @@ impl DocMeta {
     /// Metadata for a document created now.
     pub fn new(title: impl Into<String>) -> Self {
         let now = unix_ms();
-        Self { title: title.into(), created_ms: now, updated_ms: now, size: 0 }
+        Self { title: title.into(), created_ms: now, updated_ms: now, size: 0, private: false }
     }
 
     /// Accounts for a write of `bytes` of history, now.

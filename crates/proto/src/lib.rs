@@ -42,10 +42,26 @@ pub enum ApiError {
     /// Stored data failed authentication; the document is quarantined.
     #[error("stored data for this {0} is damaged")]
     DataLoss(&'static str),
+    /// The request is valid but the state does not allow it (e.g. revoking a revoked device).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The device was revoked: refused, and told to wipe its local copy.
+    #[error("this device was revoked")]
+    DeviceRevoked,
+    /// The customer's account was erased: refused, and devices told to wipe.
+    #[error("this account was erased")]
+    AccountErased,
     /// A bug; details are in the server log only.
     #[error("internal error")]
     Internal,
 }
+
+/// The metadata key that tells a device to wipe its local copy, and its values.
+pub const WIPE_METADATA: &str = "cubby-wipe";
+/// [`WIPE_METADATA`] for a revoked device.
+pub const WIPE_REVOKED: &str = "device-revoked";
+/// [`WIPE_METADATA`] for an erased account.
+pub const WIPE_ERASED: &str = "account-erased";
 
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
@@ -58,9 +74,19 @@ impl From<ApiError> for tonic::Status {
             ApiError::ResourceExhausted(_) => Self::resource_exhausted(message),
             ApiError::Unavailable(_) => Self::unavailable(message),
             ApiError::DataLoss(_) => Self::data_loss(message),
+            ApiError::FailedPrecondition(_) => Self::failed_precondition(message),
+            ApiError::DeviceRevoked => wipe(Self::permission_denied(message), WIPE_REVOKED),
+            ApiError::AccountErased => wipe(Self::not_found(message), WIPE_ERASED),
             ApiError::Internal => Self::internal(message),
         }
     }
+}
+
+fn wipe(mut status: tonic::Status, reason: &'static str) -> tonic::Status {
+    status
+        .metadata_mut()
+        .insert(WIPE_METADATA, tonic::metadata::MetadataValue::from_static(reason));
+    status
 }
 
 impl ApiError {
@@ -68,6 +94,12 @@ impl ApiError {
     pub fn code(&self) -> tonic::Code {
         tonic::Status::from(self.clone()).code()
     }
+}
+
+/// Reads a 16-byte device id from the wire.
+pub fn device_id(bytes: &[u8]) -> Result<cubby_core::DeviceId, ApiError> {
+    cubby_core::DeviceId::from_slice(bytes)
+        .map_err(|_| ApiError::InvalidArgument("device_id must be 16 bytes".into()))
 }
 
 /// Reads a 16-byte document id from the wire.
@@ -84,6 +116,7 @@ pub fn doc_info(id: &DocId, meta: &DocMeta) -> pb::DocInfo {
         created_ms: meta.created_ms,
         updated_ms: meta.updated_ms,
         size: meta.size,
+        private: meta.private,
     }
 }
 
@@ -94,6 +127,7 @@ pub fn doc_meta(info: &pb::DocInfo) -> DocMeta {
         created_ms: info.created_ms,
         updated_ms: info.updated_ms,
         size: info.size,
+        private: info.private,
     }
 }
 
@@ -107,6 +141,24 @@ impl std::fmt::Debug for pb::DocSync {
             .field("message_bytes", &self.message.len())
             .field("seq", &self.seq)
             .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for pb::Edit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let op = match &self.op {
+            Some(pb::edit::Op::SetJson(_)) => "set",
+            Some(pb::edit::Op::Delete(_)) => "delete",
+            Some(pb::edit::Op::InsertJson(_)) => "insert",
+            None => "none",
+        };
+        f.debug_struct("Edit").field("path", &self.path).field("op", &op).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for pb::ExportChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportChunk").field("bytes", &self.data.len()).finish()
     }
 }
 

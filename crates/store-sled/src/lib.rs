@@ -75,6 +75,13 @@ fn doc_of(bytes: &[u8]) -> Result<DocId> {
     DocId::from_slice(bytes).map_err(|e| StoreError::Backend(Box::new(e)))
 }
 
+/// Every wrapped data key in the store at `dir`, read straight from the key files. Needs no lock,
+/// so it works while a server has the store open (`cubby-server keys retire` counts with it).
+pub fn wrapped_keys(dir: &Path) -> Result<Vec<Vec<u8>>> {
+    let keys = keys::KeyDir::open(dir.join("keys"))?;
+    keys.list()?.iter().filter_map(|c| keys.get(c).transpose()).collect()
+}
+
 impl SledStore {
     /// Opens (creating if needed) the store in `dir`.
     ///

@@ -96,10 +96,14 @@ impl<S: Store> EncryptedStore<S> {
         self.keyring.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Installs a new keyring (after a key rotation). It must hold every generation that wraps a
-    /// stored key; call [`EncryptedStore::rewrap_keys`] next to move them to its current one.
-    pub fn set_keyring(&self, keyring: Keyring) {
+    /// Installs a new keyring (after a key rotation); call [`EncryptedStore::rewrap_keys`] next
+    /// to move every data key to its current generation. A keyring that does not open the
+    /// store's key check (another master secret) is refused.
+    pub fn set_keyring(&self, keyring: Keyring) -> Result<()> {
+        let check = self.inner.get_key(&SYSTEM)?.ok_or(StoreError::WrongMasterKey)?;
+        keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
         *self.keyring.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keyring);
+        Ok(())
     }
 
     /// Re-wraps every data key not wrapped with the current KEK generation. The data keys
@@ -487,7 +491,10 @@ mod tests {
         store.write_doc(&BOB, &DOC, b"bob", None).expect("write");
         assert_eq!(store.key_generations().expect("count"), BTreeMap::from([(1, 3)]));
         MasterSecret::rotate(&path).expect("rotates");
-        store.set_keyring(Keyring::from_master(&MasterSecret::read(&path).expect("reads")));
+        store
+            .set_keyring(Keyring::from_master(&MasterSecret::read(&path).expect("reads")))
+            .expect("the rotated keyring opens the key check");
+        assert!(matches!(store.set_keyring(keyring(42)), Err(StoreError::WrongMasterKey)));
         assert_eq!(store.rewrap_keys().expect("rewraps"), 3);
         assert_eq!(store.rewrap_keys().expect("nothing left"), 0);
         assert_eq!(store.key_generations().expect("count"), BTreeMap::from([(2, 3)]));

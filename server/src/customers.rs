@@ -1,0 +1,216 @@
+//! Who may act on a customer's store right now: erased customers, refused tokens, and the
+//! streams that must close when a device is revoked or an account erased.
+//!
+//! Every customer request passes [`Customers::admit`] after its token verifies. The state here is
+//! in memory, loaded from the store at start-up and written through on every change.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+
+use cubby_core::{CustomerId, DeviceId};
+use cubby_proto::ApiError;
+use cubby_store::{Space, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Caller;
+use crate::durable::api_error;
+
+/// Closes one stream, saying why.
+#[derive(Clone, Default)]
+pub(crate) struct Ejector {
+    token: CancellationToken,
+    reason: Arc<OnceLock<ApiError>>,
+}
+
+impl Ejector {
+    fn eject(&self, reason: ApiError) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    /// Resolves once the stream must close; gives the status to close it with.
+    pub(crate) async fn ejected(&self) -> ApiError {
+        self.token.cancelled().await;
+        self.reason.get().cloned().unwrap_or(ApiError::Internal)
+    }
+}
+
+/// Who the customer is, kept sealed in their own store for the admin API's customer list.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Profile {
+    pub(crate) tenant: String,
+    pub(crate) subject: String,
+}
+
+#[derive(Default)]
+struct Streams {
+    next: u64,
+    open: HashMap<CustomerId, HashMap<u64, (DeviceId, Ejector)>>,
+}
+
+/// The admission state.
+pub(crate) struct Customers {
+    store: Arc<dyn Store>,
+    erased: RwLock<HashSet<CustomerId>>,
+    /// Refused token hashes, with their expiry (seconds since the epoch).
+    denied: RwLock<HashMap<[u8; 32], u64>>,
+    /// Customers whose profile this process has written or seen.
+    profiled: Mutex<HashSet<CustomerId>>,
+    streams: Mutex<Streams>,
+}
+
+impl Customers {
+    /// Loads erased customers and refused tokens (blocking).
+    pub(crate) fn load(store: Arc<dyn Store>, erased: Vec<CustomerId>) -> Result<Self, StoreError> {
+        let now = crate::auth::now();
+        let mut denied = HashMap::new();
+        for customer in store.list_customers()? {
+            if customer == cubby_store::SYSTEM {
+                continue;
+            }
+            for (key, value) in store.scan_records(&customer, Space::DENIED_TOKENS)? {
+                let (Ok(hash), Ok(exp)) =
+                    (<[u8; 32]>::try_from(key.as_slice()), <[u8; 8]>::try_from(value.as_slice()))
+                else {
+                    continue;
+                };
+                let exp = u64::from_be_bytes(exp);
+                if exp > now {
+                    denied.insert(hash, exp);
+                } else {
+                    store.remove_record(&customer, Space::DENIED_TOKENS, &key)?;
+                }
+            }
+        }
+        Ok(Self {
+            store,
+            erased: RwLock::new(erased.into_iter().collect()),
+            denied: RwLock::new(denied),
+            profiled: Mutex::new(HashSet::new()),
+            streams: Mutex::new(Streams::default()),
+        })
+    }
+
+    /// Whether the customer was erased.
+    pub(crate) fn is_erased(&self, customer: &CustomerId) -> bool {
+        self.erased.read().unwrap_or_else(PoisonError::into_inner).contains(customer)
+    }
+
+    /// Lets a verified customer token through, or says why not. Records the customer's profile
+    /// the first time this process sees them.
+    pub(crate) async fn admit(&self, caller: Caller) -> Result<Caller, ApiError> {
+        if caller.admin {
+            return Err(ApiError::PermissionDenied(
+                "a service token cannot act as a customer; use the admin API".into(),
+            ));
+        }
+        if self.is_erased(&caller.customer) {
+            return Err(ApiError::AccountErased);
+        }
+        if self
+            .denied
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&caller.token_hash)
+        {
+            return Err(ApiError::Unauthenticated("this token was revoked with its device".into()));
+        }
+        let first_sight =
+            self.profiled.lock().unwrap_or_else(PoisonError::into_inner).insert(caller.customer);
+        if first_sight {
+            let store = self.store.clone();
+            let (customer, profile) = (
+                caller.customer,
+                Profile { tenant: caller.tenant.clone(), subject: caller.subject.clone() },
+            );
+            let written = tokio::task::spawn_blocking(move || {
+                if store.get_record(&customer, Space::PROFILE, b"identity")?.is_none() {
+                    let bytes = serde_json::to_vec(&profile).expect("strings always serialize");
+                    store.put_record(&customer, Space::PROFILE, b"identity", &bytes)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+            .map_err(|_| ApiError::Internal)?;
+            if let Err(err) = written {
+                self.profiled
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&caller.customer);
+                return Err(api_error(err));
+            }
+        }
+        Ok(caller)
+    }
+
+    /// Registers a device stream; the returned ejector fires when it must close.
+    pub(crate) fn open_stream(&self, customer: CustomerId, device: DeviceId) -> (u64, Ejector) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams.next += 1;
+        let id = streams.next;
+        let ejector = Ejector::default();
+        streams.open.entry(customer).or_default().insert(id, (device, ejector.clone()));
+        (id, ejector)
+    }
+
+    /// Forgets a stream that ended.
+    pub(crate) fn close_stream(&self, customer: &CustomerId, id: u64) {
+        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = streams.open.get_mut(customer) {
+            open.remove(&id);
+            if open.is_empty() {
+                streams.open.remove(customer);
+            }
+        }
+    }
+
+    /// Closes the streams of one device (or every device with `None`) with `reason`.
+    fn eject(&self, customer: &CustomerId, device: Option<&DeviceId>, reason: &ApiError) -> usize {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut closed = 0;
+        for (d, ejector) in streams.open.get(customer).into_iter().flat_map(|m| m.values()) {
+            if device.is_none_or(|device| device == d) {
+                ejector.eject(reason.clone());
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// After a device was revoked: refuses its last token until it expires and closes its
+    /// streams (blocking: the refusal is stored).
+    pub(crate) fn revoked(
+        &self,
+        customer: &CustomerId,
+        device: &DeviceId,
+        token: Option<([u8; 32], u64)>,
+    ) -> Result<(), ApiError> {
+        if let Some((hash, exp)) = token {
+            self.store
+                .put_record(customer, Space::DENIED_TOKENS, &hash, &exp.to_be_bytes())
+                .and_then(|()| self.store.flush())
+                .map_err(api_error)?;
+            self.denied.write().unwrap_or_else(PoisonError::into_inner).insert(hash, exp);
+        }
+        let closed = self.eject(customer, Some(device), &ApiError::DeviceRevoked);
+        tracing::info!(device = %device.short(), streams = closed, "device revoked");
+        Ok(())
+    }
+
+    /// Marks the customer erased from now on and closes all their streams.
+    pub(crate) fn erasing(&self, customer: &CustomerId) {
+        self.erased.write().unwrap_or_else(PoisonError::into_inner).insert(*customer);
+        self.eject(customer, None, &ApiError::AccountErased);
+    }
+
+    /// Reads the customer's profile (blocking).
+    pub(crate) fn profile(&self, customer: &CustomerId) -> Result<Option<Profile>, ApiError> {
+        match self.store.get_record(customer, Space::PROFILE, b"identity").map_err(api_error)? {
+            Some(bytes) => {
+                serde_json::from_slice(&bytes).map(Some).map_err(|_| ApiError::DataLoss("profile"))
+            }
+            None => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The customer's devices: registered on their first proven connect, bound to that key, and
+//! revocable.
+//!
+//! A device id is bound to the Ed25519 key it first proved. A later stream for the same id must
+//! prove the same key, so a bearer token alone cannot sync as a device whose key it does not
+//! hold; a revoked device is refused for good.
+
+use std::sync::{Mutex, PoisonError};
+
+use cubby_core::meta::unix_ms;
+use cubby_core::{CustomerId, DeviceId};
+use cubby_proto::{ApiError, pb};
+use cubby_store::{Space, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{self, Actor, Outcome};
+use crate::durable::api_error;
+
+/// What the server keeps about a device (sealed in the customer's store).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct DeviceRecord {
+    pub(crate) name: String,
+    pub(crate) platform: String,
+    pub(crate) public_key: Vec<u8>,
+    pub(crate) first_seen_ms: u64,
+    pub(crate) last_seen_ms: u64,
+    #[serde(default)]
+    pub(crate) revoked_ms: Option<u64>,
+    /// SHA-256 and expiry of the token its latest stream used, refused once it is revoked.
+    #[serde(default)]
+    pub(crate) last_token: Option<([u8; 32], u64)>,
+}
+
+impl DeviceRecord {
+    pub(crate) fn info(&self, id: &DeviceId) -> pb::DeviceInfo {
+        pb::DeviceInfo {
+            device_id: id.as_bytes().to_vec(),
+            name: self.name.clone(),
+            platform: self.platform.clone(),
+            public_key: self.public_key.clone(),
+            first_seen_ms: self.first_seen_ms,
+            last_seen_ms: self.last_seen_ms,
+            revoked_ms: self.revoked_ms.unwrap_or(0),
+        }
+    }
+}
+
+/// A device that has proven its key on a new stream.
+pub(crate) struct Arrival<'a> {
+    pub(crate) id: DeviceId,
+    pub(crate) public_key: &'a [u8],
+    pub(crate) name: &'a str,
+    pub(crate) platform: &'a str,
+    pub(crate) token: ([u8; 32], u64),
+}
+
+fn read(
+    store: &dyn Store,
+    customer: &CustomerId,
+    id: &DeviceId,
+) -> Result<Option<DeviceRecord>, ApiError> {
+    match store.get_record(customer, Space::DEVICES, id.as_bytes()).map_err(api_error)? {
+        Some(bytes) => {
+            serde_json::from_slice(&bytes).map(Some).map_err(|_| ApiError::DataLoss("device"))
+        }
+        None => Ok(None),
+    }
+}
+
+fn write(
+    store: &dyn Store,
+    customer: &CustomerId,
+    id: &DeviceId,
+    record: &DeviceRecord,
+) -> Result<(), ApiError> {
+    let bytes = serde_json::to_vec(record).expect("strings, bytes and integers always serialize");
+    store.put_record(customer, Space::DEVICES, id.as_bytes(), &bytes).map_err(api_error)
+}
+
+fn clip(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Device records are read, changed and written under one lock, so a registration and a
+/// revocation of the same device never interleave.
+#[derive(Default)]
+pub(crate) struct Devices {
+    lock: Mutex<()>,
+}
+
+impl Devices {
+    /// Admits a device whose proof verified: registers it on first sight, refuses a revoked one or
+    /// one whose key differs from the registered key, and records when it was last seen
+    /// (blocking).
+    pub(crate) fn admit(
+        &self,
+        store: &dyn Store,
+        customer: &CustomerId,
+        arrival: &Arrival<'_>,
+    ) -> Result<(), ApiError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = unix_ms();
+        let record = match read(store, customer, &arrival.id)? {
+            Some(record) if record.revoked_ms.is_some() => return Err(ApiError::DeviceRevoked),
+            Some(record) if record.public_key != arrival.public_key => {
+                return Err(ApiError::PermissionDenied(
+                    "this device id is registered with another key".into(),
+                ));
+            }
+            Some(record) => DeviceRecord {
+                name: clip(arrival.name, 256),
+                platform: clip(arrival.platform, 64),
+                last_seen_ms: now,
+                last_token: Some(arrival.token),
+                ..record
+            },
+            None => {
+                let record = DeviceRecord {
+                    name: clip(arrival.name, 256),
+                    platform: clip(arrival.platform, 64),
+                    public_key: arrival.public_key.to_vec(),
+                    first_seen_ms: now,
+                    last_seen_ms: now,
+                    revoked_ms: None,
+                    last_token: Some(arrival.token),
+                };
+                write(store, customer, &arrival.id, &record)?;
+                let target = arrival.id.to_string();
+                audit::record(
+                    store,
+                    customer,
+                    &Actor::Device(&arrival.id).to_string(),
+                    "device.register",
+                    &target,
+                    Outcome::Ok,
+                )
+                .map_err(api_error)?;
+                return Ok(());
+            }
+        };
+        write(store, customer, &arrival.id, &record)
+    }
+
+    /// Revokes a device durably and returns its record (blocking). The caller closes its streams
+    /// and refuses its last token.
+    pub(crate) fn revoke(
+        &self,
+        store: &dyn Store,
+        customer: &CustomerId,
+        id: &DeviceId,
+    ) -> Result<DeviceRecord, ApiError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = read(store, customer, id)?.ok_or(ApiError::NotFound("device"))?;
+        if record.revoked_ms.is_some() {
+            return Err(ApiError::FailedPrecondition("the device is already revoked".into()));
+        }
+        record.revoked_ms = Some(unix_ms());
+        write(store, customer, id, &record)?;
+        audit::record(
+            store,
+            customer,
+            &Actor::Customer.to_string(),
+            "device.revoke",
+            &id.to_string(),
+            Outcome::Ok,
+        )
+        .map_err(api_error)?;
+        Ok(record)
+    }
+}
+
+/// Every device of the customer (blocking).
+pub(crate) fn list(
+    store: &dyn Store,
+    customer: &CustomerId,
+) -> Result<Vec<(DeviceId, DeviceRecord)>, ApiError> {
+    store
+        .scan_records(customer, Space::DEVICES)
+        .map_err(api_error)?
+        .into_iter()
+        .map(|(key, value)| {
+            let id = DeviceId::from_slice(&key).map_err(|_| ApiError::DataLoss("device"))?;
+            let record =
+                serde_json::from_slice(&value).map_err(|_| ApiError::DataLoss("device"))?;
+            Ok((id, record))
+        })
+        .collect()
+}
