@@ -45,6 +45,43 @@ enum Command {
     Sync,
     /// Stay connected and print each change from another device as one JSON line.
     Watch,
+    /// List the customer's devices; `revoke ID` cuts one off and wipes it.
+    Devices {
+        #[command(subcommand)]
+        command: Option<DevicesCommand>,
+    },
+    /// Download everything the server holds about the customer as a tar archive.
+    Export {
+        /// Where to write the archive.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show the customer's audit log: every business access, device registration and revocation.
+    Audit,
+    /// The customer's account.
+    Account {
+        #[command(subcommand)]
+        command: AccountCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Revoke a device: its streams close, it can never sync again, and it wipes its data.
+    Revoke {
+        /// The device id (from `cubby devices`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountCommand {
+    /// Erase the account on the server, and this device's copy. There is no undo.
+    Delete {
+        /// Confirm: erase everything.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +107,14 @@ enum DocCommand {
     Get {
         /// The document id.
         id: String,
+    },
+    /// Make a document private: the business's admin API can then neither read nor change it.
+    Private {
+        /// The document id.
+        id: String,
+        /// Make it shared again instead.
+        #[arg(long)]
+        off: bool,
     },
 }
 
@@ -229,7 +274,68 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch => watch(cli, client).await,
+        Command::Doc { command: DocCommand::Private { id, off } } => {
+            let meta = client.set_private(parse_id(id)?, !off).await?;
+            println!("{id}\t{}", if meta.private { "private" } else { "shared" });
+            Ok(())
+        }
+        Command::Devices { command: None } => {
+            for d in client.devices().await? {
+                let state = match d.revoked_ms {
+                    Some(at) => format!("revoked {}", when(at)),
+                    None => format!("last seen {}", when(d.last_seen_ms)),
+                };
+                let this = if d.this_device { "\t(this device)" } else { "" };
+                println!("{}\t{}\t{}\t{state}{this}", d.id, d.name, d.platform);
+            }
+            Ok(())
+        }
+        Command::Devices { command: Some(DevicesCommand::Revoke { id }) } => {
+            let id = id.parse().map_err(|_| anyhow!("{id:?} is not a device id"))?;
+            let device = client.revoke_device(id).await?;
+            println!("revoked {}\t{}", device.id, device.name);
+            Ok(())
+        }
+        Command::Export { out } => {
+            let file = tokio::fs::File::create(out)
+                .await
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            let size = client.export(tokio::io::BufWriter::new(file)).await?;
+            println!("exported {size} bytes to {}", out.display());
+            Ok(())
+        }
+        Command::Audit => {
+            for e in client.audit().await? {
+                println!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    when(e.at_ms),
+                    e.actor,
+                    e.action,
+                    e.target,
+                    e.outcome
+                );
+            }
+            Ok(())
+        }
+        Command::Account { command: AccountCommand::Delete { yes } } => {
+            if !yes {
+                bail!(
+                    "this erases the account and every device's copy for good; add --yes to confirm"
+                );
+            }
+            let r = client.delete_account().await?;
+            println!(
+                "erased: {} documents ({} bytes), {} devices, {} audit entries; this device's copy is wiped",
+                r.documents, r.bytes, r.devices, r.audit_entries
+            );
+            Ok(())
+        }
     }
+}
+
+/// Milliseconds since the epoch as seconds, which `date -d @N` reads.
+fn when(ms: u64) -> String {
+    format!("@{}", ms / 1000)
 }
 
 async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
@@ -263,6 +369,7 @@ async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                     }
                     cubby_client::SyncStatus::Offline { failure: Some(f) } => eprintln!("cubby: offline ({f}); retrying"),
                     cubby_client::SyncStatus::UpToDate => eprintln!("cubby: up to date"),
+                    cubby_client::SyncStatus::Wiped { reason } => bail!("the server told this device to wipe ({reason:?}); its local copy is gone"),
                     _ => {}
                 }
             }

@@ -39,6 +39,21 @@ pub enum SyncStatus {
     },
     /// Connected, and this device and the server hold the same changes.
     UpToDate,
+    /// The server told this device to wipe its local copy, and it did; syncing has stopped.
+    Wiped {
+        /// Why.
+        reason: WipeReason,
+    },
+}
+
+/// Why the server told a device to wipe its local copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WipeReason {
+    /// The customer revoked this device.
+    DeviceRevoked,
+    /// The customer's account was erased.
+    AccountErased,
 }
 
 /// Why a sync connection ended.
@@ -54,6 +69,9 @@ pub enum SyncFailure {
     /// The server refused this device or customer.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The server told this device to wipe its local copy.
+    #[error("the server told this device to wipe: {0:?}")]
+    Wipe(WipeReason),
     /// Anything else the server or the local store said.
     #[error("{0}")]
     Other(String),
@@ -110,9 +128,39 @@ impl Remote {
         }
         Ok(Self { endpoint, token })
     }
+
+    /// A connected account client and a current token, for one unary call.
+    pub(crate) async fn account(
+        &self,
+    ) -> Result<(pb::account_client::AccountClient<tonic::transport::Channel>, String), ClientError>
+    {
+        let token =
+            self.token.token(false).await.map_err(|e| ClientError::Server(e.to_string()))?;
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Server(format!("server unreachable: {}", chain(&e))))?;
+        let client = pb::account_client::AccountClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok((client, token))
+    }
 }
 
-fn classify(status: &tonic::Status) -> SyncFailure {
+/// Whether a status tells the device to wipe its local copy.
+pub(crate) fn wipe_reason(status: &tonic::Status) -> Option<WipeReason> {
+    match status.metadata().get(cubby_proto::WIPE_METADATA)?.to_str().ok()? {
+        cubby_proto::WIPE_REVOKED => Some(WipeReason::DeviceRevoked),
+        cubby_proto::WIPE_ERASED => Some(WipeReason::AccountErased),
+        _ => None,
+    }
+}
+
+pub(crate) fn classify(status: &tonic::Status) -> SyncFailure {
+    if let Some(reason) = wipe_reason(status) {
+        return SyncFailure::Wipe(reason);
+    }
     let message = status.message().to_owned();
     match status.code() {
         tonic::Code::Unauthenticated => SyncFailure::Unauthenticated(message),
@@ -143,6 +191,10 @@ pub(crate) async fn run(
         let started = Instant::now();
         let failure = Session::new(&inner).run(&remote, refresh, &mut wakes).await;
         tracing::debug!(device = %inner.device_id.short(), %failure, "sync connection ended");
+        if let SyncFailure::Wipe(reason) = failure {
+            inner.wipe(reason).await;
+            return;
+        }
         let retry_token = matches!(failure, SyncFailure::Unauthenticated(_)) && !refresh;
         refresh = matches!(failure, SyncFailure::Unauthenticated(_));
         inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
@@ -248,6 +300,7 @@ impl<'a> Session<'a> {
             client_version: concat!("cubby-client/", env!("CARGO_PKG_VERSION")).into(),
             device_name: self.inner.device_name.clone(),
             platform: self.inner.platform.clone(),
+            public_key: self.inner.device_key.public_key().to_vec(),
         };
         out.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
             .await
@@ -374,6 +427,11 @@ impl<'a> Session<'a> {
                 self.caught_up = true;
             }
             Some(pb::server_frame::Frame::Error(error)) => self.on_error(error).await?,
+            Some(pb::server_frame::Frame::Challenge(challenge)) => {
+                let signature =
+                    self.inner.device_key.prove(self.inner.device_id.as_bytes(), &challenge.nonce);
+                self.send(pb::client_frame::Frame::Proof(pb::Proof { signature })).await?;
+            }
             None => {}
         }
         self.advance_cursor().await?;

@@ -33,20 +33,22 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use cubby_core::DeviceId;
 use cubby_crypto::keys::{Keyring, MasterSecret};
+use cubby_crypto::signing::{DeviceKey, generate_pkcs8};
 use cubby_store::{EncryptedStore, Space, Store};
 use cubby_store_sled::SledStore;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 
+mod account;
 mod doc;
 mod engine;
 
-pub use cubby_core::{DocId, DocMeta};
+pub use account::{AuditEntry, DeviceInfo, ErasureReceipt};
+pub use cubby_core::{DeviceId, DocId, DocMeta};
 pub use cubby_store::StoreError;
 pub use doc::{DocEvent, DocHandle};
-pub use engine::{SyncFailure, SyncStatus};
+pub use engine::{SyncFailure, SyncStatus, WipeReason};
 
 /// The customer id the local store files everything under (a device holds one customer).
 const LOCAL: cubby_core::CustomerId = cubby_core::CustomerId::from_bytes([1; 16]);
@@ -73,6 +75,12 @@ pub enum ClientError {
     /// The client was shut down.
     #[error("the client is shut down")]
     Closed,
+    /// The server refused a call or could not be reached.
+    #[error("server: {0}")]
+    Server(String),
+    /// Writing an export failed.
+    #[error("cannot write: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// Why a token could not be had.
@@ -218,18 +226,34 @@ impl ClientBuilder {
             std::fs::create_dir_all(&dir).map_err(|e| {
                 ClientError::Config(format!("cannot create {}: {e}", dir.display()))
             })?;
-            let sled = SledStore::open(&dir.join("store"))?;
-            let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
-            Ok(Arc::new(EncryptedStore::open(sled, keyring)?))
+            let open = || -> Result<EncryptedStore<SledStore>, ClientError> {
+                let sled = SledStore::open(&dir.join("store"))?;
+                let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
+                Ok(EncryptedStore::open(sled, keyring)?)
+            };
+            let mut store = open()?;
+            if store.erased_at(&LOCAL)?.is_some() {
+                // Wiped (revoked or erased): what is left is unreadable. Start a new device.
+                drop(store);
+                std::fs::remove_dir_all(dir.join("store")).map_err(|e| {
+                    ClientError::Config(format!(
+                        "cannot clear the wiped store in {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                store = open()?;
+            }
+            Ok(Arc::new(store))
         })
         .await
         .map_err(|_| ClientError::Closed)??;
-        let device_id = device_id(&*store)?;
+        let (device_id, device_key) = identity(&*store)?;
         let (wake, wakes) = mpsc::unbounded_channel();
         let (status, _) = watch::channel(SyncStatus::Offline { failure: None });
         let inner = Arc::new(Inner {
             store,
             device_id,
+            device_key,
             docs: Mutex::new(Loaded::default()),
             wake,
             status,
@@ -246,15 +270,25 @@ impl ClientBuilder {
     }
 }
 
-fn device_id(store: &dyn Store) -> Result<DeviceId, ClientError> {
-    if let Some(bytes) = store.get_record(&LOCAL, Space::LOCAL, b"device-id")? {
-        return DeviceId::from_slice(&bytes)
-            .map_err(|_| ClientError::Store(StoreError::Corrupt("device id")));
+/// The device's id and Ed25519 key, made on first run and kept in the encrypted local store.
+fn identity(store: &dyn Store) -> Result<(DeviceId, DeviceKey), ClientError> {
+    let id = store.get_record(&LOCAL, Space::LOCAL, b"device-id")?;
+    let pkcs8 = store.get_record(&LOCAL, Space::LOCAL, b"device-key")?;
+    if let (Some(id), Some(pkcs8)) = (id, pkcs8) {
+        let id = DeviceId::from_slice(&id)
+            .map_err(|_| ClientError::Store(StoreError::Corrupt("device id")))?;
+        let key = DeviceKey::from_pkcs8(&pkcs8)
+            .map_err(|_| ClientError::Store(StoreError::Corrupt("device key")))?;
+        return Ok((id, key));
     }
+    // A device id is bound to its key on the server: a new key always comes with a new id.
     let id = DeviceId::from_bytes(cubby_crypto::random_array());
+    let pkcs8 = generate_pkcs8();
+    let key = DeviceKey::from_pkcs8(&pkcs8).expect("a freshly generated key pair parses");
+    store.put_record(&LOCAL, Space::LOCAL, b"device-key", &pkcs8)?;
     store.put_record(&LOCAL, Space::LOCAL, b"device-id", id.as_bytes())?;
     store.flush()?;
-    Ok(id)
+    Ok((id, key))
 }
 
 /// The loaded copies of documents, and how many local writes each document has had (so a copy
@@ -269,6 +303,7 @@ struct Loaded {
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) device_id: DeviceId,
+    pub(crate) device_key: DeviceKey,
     /// Open documents; a document stays loaded while a handle or the sync engine holds it.
     docs: Mutex<Loaded>,
     /// Tells the sync engine a document has local changes.
@@ -365,6 +400,17 @@ impl Inner {
     /// Forgets a document (deleted on the server).
     pub(crate) fn forget(&self, id: &DocId) {
         self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.remove(id);
+    }
+
+    /// Wipes the local store: its data key is destroyed first, then every record; nothing this
+    /// device held stays readable. The next `build` on the directory starts a new device.
+    pub(crate) async fn wipe(&self, reason: WipeReason) {
+        tracing::warn!(device = %self.device_id.short(), ?reason, "wiping the local store");
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.clear();
+        if let Err(err) = self.blocking(|store| store.erase_customer(&LOCAL)).await {
+            tracing::error!(%err, "wiping the local store failed");
+        }
+        self.status.send_replace(SyncStatus::Wiped { reason });
     }
 }
 
@@ -472,13 +518,20 @@ impl Client {
         loop {
             let current = status
                 .wait_for(|s| {
-                    matches!(s, SyncStatus::UpToDate | SyncStatus::Offline { failure: Some(_) })
+                    matches!(
+                        s,
+                        SyncStatus::UpToDate
+                            | SyncStatus::Offline { failure: Some(_) }
+                            | SyncStatus::Wiped { .. }
+                    )
                 })
                 .await
                 .map_err(|_| SyncFailure::Other("sync stopped".into()))?
                 .clone();
-            if let SyncStatus::Offline { failure: Some(failure) } = current {
-                return Err(failure);
+            match current {
+                SyncStatus::Offline { failure: Some(failure) } => return Err(failure),
+                SyncStatus::Wiped { reason } => return Err(SyncFailure::Wipe(reason)),
+                _ => {}
             }
             // The status follows the engine's view; the marks on disk follow the app's edits
             // too, and can clear without the status moving. Trust "up to date" only when
@@ -489,6 +542,17 @@ impl Client {
             }
             let _ =
                 tokio::time::timeout(std::time::Duration::from_millis(50), status.changed()).await;
+        }
+    }
+
+    /// Stops the background sync task, if it runs.
+    fn stop_sync(&self) {
+        let task = std::mem::replace(
+            &mut *self.sync.lock().unwrap_or_else(PoisonError::into_inner),
+            SyncTask::Stopped,
+        );
+        if let SyncTask::Running(task) = task {
+            task.abort();
         }
     }
 

@@ -1,0 +1,196 @@
+//! The customer's rights, from a device: see and revoke devices, mark documents private, export
+//! everything, read the audit log, erase the account. Each is one call to the server's Account
+//! service, so each needs the server to be reachable.
+
+use cubby_core::{DeviceId, DocId, DocMeta};
+use cubby_proto::pb;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use crate::engine::{WipeReason, wipe_reason};
+use crate::{Client, ClientError};
+
+/// A device of the customer, as the server knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its name, e.g. "Ana's phone".
+    pub name: String,
+    /// Its platform, e.g. "ios".
+    pub platform: String,
+    /// When it first connected, milliseconds since the Unix epoch.
+    pub first_seen_ms: u64,
+    /// When it last connected.
+    pub last_seen_ms: u64,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+    /// Whether it is the device this client runs on.
+    pub this_device: bool,
+}
+
+/// One entry of the customer's audit log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// When, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who: `customer`, `device:<id>` or `business:<service>`.
+    pub actor: String,
+    /// What, e.g. `admin.read`, `device.revoke`, `export`.
+    pub action: String,
+    /// What it was done to (a document or device id), or empty.
+    pub target: String,
+    /// `ok` or `denied`.
+    pub outcome: String,
+}
+
+/// What an account erasure removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErasureReceipt {
+    /// When, milliseconds since the Unix epoch.
+    pub erased_ms: u64,
+    /// Documents erased.
+    pub documents: u64,
+    /// Bytes of document history erased.
+    pub bytes: u64,
+    /// Devices forgotten.
+    pub devices: u64,
+    /// Audit entries erased.
+    pub audit_entries: u64,
+}
+
+fn refused(status: tonic::Status) -> ClientError {
+    ClientError::Server(format!("{:?}: {}", status.code(), status.message()))
+}
+
+fn authed<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
+    let mut request = tonic::Request::new(message);
+    let header = format!("Bearer {token}").parse().map_err(|_| {
+        ClientError::Server("the token has characters a header cannot carry".into())
+    })?;
+    request.metadata_mut().insert("authorization", header);
+    Ok(request)
+}
+
+impl Client {
+    fn remote(&self) -> Result<&crate::engine::Remote, ClientError> {
+        self.remote.as_ref().ok_or_else(|| ClientError::Config("no server configured".into()))
+    }
+
+    /// Handles a refusal that tells this device to wipe (revoked, or the account erased).
+    async fn refused_or_wiped(&self, status: tonic::Status) -> ClientError {
+        if let Some(reason) = wipe_reason(&status) {
+            self.stop_sync();
+            self.inner.wipe(reason).await;
+        }
+        refused(status)
+    }
+
+    /// Every device of the customer, revoked ones included.
+    pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let response = match account.list_devices(authed(pb::ListDevicesRequest {}, &token)?).await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.refused_or_wiped(status).await),
+        };
+        response.devices.into_iter().map(|d| self.device_info(d)).collect()
+    }
+
+    fn device_info(&self, d: pb::DeviceInfo) -> Result<DeviceInfo, ClientError> {
+        let id = DeviceId::from_slice(&d.device_id)
+            .map_err(|_| ClientError::Server("the server sent a malformed device id".into()))?;
+        Ok(DeviceInfo {
+            id,
+            name: d.name,
+            platform: d.platform,
+            first_seen_ms: d.first_seen_ms,
+            last_seen_ms: d.last_seen_ms,
+            revoked_ms: (d.revoked_ms != 0).then_some(d.revoked_ms),
+            this_device: id == self.inner.device_id,
+        })
+    }
+
+    /// Revokes a device: its streams close, it can never sync again, and it wipes its local
+    /// copy when the server tells it. Revoking this device wipes this client.
+    pub async fn revoke_device(&self, id: DeviceId) -> Result<DeviceInfo, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let request = pb::RevokeDeviceRequest { device_id: id.as_bytes().to_vec() };
+        match account.revoke_device(authed(request, &token)?).await {
+            Ok(response) => self.device_info(response.into_inner()),
+            Err(status) => Err(self.refused_or_wiped(status).await),
+        }
+    }
+
+    /// Marks a document private (the business's admin API can then neither read nor change it)
+    /// or shared again.
+    pub async fn set_private(&self, doc: DocId, private: bool) -> Result<DocMeta, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let request = pb::SetDocumentPrivateRequest { doc_id: doc.as_bytes().to_vec(), private };
+        match account.set_document_private(authed(request, &token)?).await {
+            Ok(response) => Ok(cubby_proto::doc_meta(&response.into_inner())),
+            Err(status) => Err(self.refused_or_wiped(status).await),
+        }
+    }
+
+    /// Downloads everything the server holds about the customer as a tar archive into `out`;
+    /// returns its size in bytes.
+    pub async fn export(&self, mut out: impl AsyncWrite + Unpin) -> Result<u64, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let mut chunks = match account.export(authed(pb::ExportRequest {}, &token)?).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.refused_or_wiped(status).await),
+        };
+        let mut size = 0;
+        loop {
+            match chunks.message().await {
+                Ok(Some(chunk)) => {
+                    out.write_all(&chunk.data).await.map_err(ClientError::Io)?;
+                    size += chunk.data.len() as u64;
+                }
+                Ok(None) => break,
+                Err(status) => return Err(refused(status)),
+            }
+        }
+        out.flush().await.map_err(ClientError::Io)?;
+        Ok(size)
+    }
+
+    /// The customer's audit log, oldest first.
+    pub async fn audit(&self) -> Result<Vec<AuditEntry>, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let entries = match account.list_audit(authed(pb::ListAuditRequest {}, &token)?).await {
+            Ok(response) => response.into_inner().entries,
+            Err(status) => return Err(self.refused_or_wiped(status).await),
+        };
+        Ok(entries
+            .into_iter()
+            .map(|e| AuditEntry {
+                at_ms: e.at_ms,
+                actor: e.actor,
+                action: e.action,
+                target: e.target,
+                outcome: e.outcome,
+            })
+            .collect())
+    }
+
+    /// Erases the customer's account on the server (keys first, then data) and wipes this
+    /// device. Other devices wipe on their next contact.
+    pub async fn delete_account(&self) -> Result<ErasureReceipt, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let receipt =
+            match account.delete_account(authed(pb::DeleteAccountRequest {}, &token)?).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return Err(self.refused_or_wiped(status).await),
+            };
+        self.stop_sync();
+        self.inner.wipe(WipeReason::AccountErased).await;
+        Ok(ErasureReceipt {
+            erased_ms: receipt.erased_ms,
+            documents: receipt.documents,
+            bytes: receipt.bytes,
+            devices: receipt.devices,
+            audit_entries: receipt.audit_entries,
+        })
+    }
+}
