@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use cubby_client::{Client, StaticToken};
+use cubby_crypto::signing::DeviceKey;
 use cubby_server::{RunningServer, ServerConfig, auth};
 use tempfile::TempDir;
 
@@ -145,6 +146,88 @@ impl Device {
     pub async fn close(self) -> TempDir {
         self.client.shutdown().await;
         self.dir
+    }
+}
+
+/// A device that speaks the sync protocol frame by frame, for tests of what the server does with
+/// raw input. It has proved its key when `connect` returns.
+pub struct RawStream {
+    /// Frames to the server; dropping it ends the stream.
+    pub tx: tokio::sync::mpsc::Sender<cubby_proto::pb::ClientFrame>,
+    /// Frames from the server.
+    pub inbound: tonic::Streaming<cubby_proto::pb::ServerFrame>,
+}
+
+impl RawStream {
+    /// Connects as a new device with a fresh key.
+    pub async fn connect(server: &TestServer, token: &str) -> Result<Self, tonic::Status> {
+        let key = DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8()).expect("key");
+        Self::connect_as(server, token, &key, cubby_crypto::random_array()).await
+    }
+
+    /// Connects as device `device_id` holding `key`, and answers the server's challenge.
+    pub async fn connect_as(
+        server: &TestServer,
+        token: &str,
+        key: &DeviceKey,
+        device_id: [u8; 16],
+    ) -> Result<Self, tonic::Status> {
+        use cubby_proto::pb;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let hello = pb::Hello {
+            device_id: device_id.to_vec(),
+            public_key: key.public_key().to_vec(),
+            device_name: "raw test device".into(),
+            ..Default::default()
+        };
+        tx.try_send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
+            .expect("room for the hello");
+        let mut sync = pb::sync_client::SyncClient::new(server.channel().await);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut inbound = sync.connect(authed(stream, token)).await?.into_inner();
+        let first = tokio::time::timeout(DEADLINE, inbound.message())
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("no challenge"))??;
+        let Some(pb::ServerFrame { frame: Some(pb::server_frame::Frame::Challenge(challenge)) }) =
+            first
+        else {
+            panic!("the server's first frame is not a challenge: {first:?}");
+        };
+        let proof = pb::Proof { signature: key.prove(&device_id, &challenge.nonce) };
+        tx.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Proof(proof)) })
+            .await
+            .map_err(|_| tonic::Status::cancelled("stream closed"))?;
+        Ok(Self { tx, inbound })
+    }
+
+    /// Sends one frame.
+    pub async fn send(&self, frame: cubby_proto::pb::client_frame::Frame) {
+        self.tx
+            .send(cubby_proto::pb::ClientFrame { frame: Some(frame) })
+            .await
+            .expect("the stream is open");
+    }
+
+    /// The next frame, `Ok(None)` when the stream ended, or the status it ended with. Panics
+    /// after [`DEADLINE`].
+    pub async fn next(
+        &mut self,
+    ) -> Result<Option<cubby_proto::pb::server_frame::Frame>, tonic::Status> {
+        let message = tokio::time::timeout(DEADLINE, self.inbound.message())
+            .await
+            .expect("a frame or the end of the stream in time")?;
+        Ok(message.and_then(|m| m.frame))
+    }
+
+    /// Reads frames until the stream ends; returns the status it ended with, if any.
+    pub async fn until_closed(&mut self) -> Option<tonic::Status> {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
     }
 }
 

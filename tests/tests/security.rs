@@ -9,7 +9,7 @@ use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
 use cubby_proto::pb::sync_client::SyncClient;
 use cubby_store::Store;
-use cubby_tests::{TestServer, authed, files_under};
+use cubby_tests::{RawStream, TestServer, authed, files_under};
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -25,23 +25,9 @@ fn frames(
     (tx, ReceiverStream::new(rx))
 }
 
-async fn next_frame(
-    inbound: &mut tonic::Streaming<pb::ServerFrame>,
-) -> Option<pb::server_frame::Frame> {
-    tokio::time::timeout(cubby_tests::DEADLINE, inbound.message())
-        .await
-        .expect("a frame in time")
-        .expect("stream open")
-        .expect("a frame")
-        .frame
-}
-
+/// A hello that never gets to prove anything (its token is refused first).
 fn hello() -> pb::client_frame::Frame {
-    pb::client_frame::Frame::Hello(pb::Hello {
-        device_id: vec![9; 16],
-        cursor: 0,
-        ..Default::default()
-    })
+    pb::client_frame::Frame::Hello(pb::Hello { device_id: vec![9; 16], ..Default::default() })
 }
 
 async fn get_document(
@@ -83,7 +69,6 @@ async fn another_customers_document_is_not_found_like_a_missing_one() {
     assert!(get_document(&server, &alice_token, doc.id().as_bytes()).await.is_ok());
 
     // Over the sync stream: a sync message for Alice's id is answered like one for a missing id.
-    let mut sync = SyncClient::new(server.channel().await);
     let message = cubby_core::session::PeerSession::new()
         .generate(&automerge::Automerge::new())
         .expect("a first message");
@@ -95,17 +80,12 @@ async fn another_customers_document_is_not_found_like_a_missing_one() {
             seq: 0,
         })
     };
-    let (_keep_open, stream) = frames(vec![hello(), ask(doc.id().as_bytes()), ask(&[42; 16])]);
-    let mut inbound =
-        sync.connect(authed(stream, &bob_token)).await.expect("bob connects").into_inner();
+    let mut raw = RawStream::connect(&server, &bob_token).await.expect("bob connects");
+    raw.send(ask(doc.id().as_bytes())).await;
+    raw.send(ask(&[42; 16])).await;
     let mut errors = Vec::new();
     while errors.len() < 2 {
-        let frame = tokio::time::timeout(cubby_tests::DEADLINE, inbound.message())
-            .await
-            .expect("answers arrive")
-            .expect("stream open")
-            .expect("a frame");
-        match frame.frame {
+        match raw.next().await.expect("stream open") {
             Some(pb::server_frame::Frame::Error(e)) => errors.push((e.code, e.message)),
             Some(pb::server_frame::Frame::Sync(_)) => panic!("bob received sync data"),
             _ => {}
@@ -168,21 +148,8 @@ async fn bad_tokens_are_refused_unauthenticated() {
 async fn stream_is_closed_when_its_token_expires() {
     let server = TestServer::start().await;
     let token = server.token_for("alice", Duration::from_secs(1));
-    let mut sync = SyncClient::new(server.channel().await);
-    let (_keep, stream) = frames(vec![hello()]);
-    let mut inbound =
-        sync.connect(authed(stream, &token)).await.expect("valid for now").into_inner();
-    let ended = tokio::time::timeout(cubby_tests::DEADLINE, async {
-        loop {
-            match inbound.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ends at expiry");
+    let mut raw = RawStream::connect(&server, &token).await.expect("valid for now");
+    let ended = raw.until_closed().await;
     assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
 }
 
@@ -280,7 +247,6 @@ async fn malformed_sync_message_is_refused_and_the_stream_stays_usable() {
     alice.client.wait_until_synced().await.expect("synced");
     let heads_before = doc.heads();
 
-    let mut sync = SyncClient::new(server.channel().await);
     let frame = |message: Vec<u8>| {
         pb::client_frame::Frame::Sync(pb::DocSync {
             doc_id: doc.id().as_bytes().to_vec(),
@@ -292,19 +258,18 @@ async fn malformed_sync_message_is_refused_and_the_stream_stays_usable() {
     let valid = cubby_core::session::PeerSession::new()
         .generate(&automerge::Automerge::new())
         .expect("message");
-    let (tx, stream) = frames(vec![hello(), frame(b"\x42garbage".to_vec())]);
-    let mut inbound =
-        sync.connect(authed(stream, &server.token("alice"))).await.expect("connects").into_inner();
+    let mut raw = RawStream::connect(&server, &server.token("alice")).await.expect("connects");
+    raw.send(frame(b"\x42garbage".to_vec())).await;
     loop {
-        if let Some(pb::server_frame::Frame::Error(e)) = next_frame(&mut inbound).await {
+        if let Some(pb::server_frame::Frame::Error(e)) = raw.next().await.expect("open") {
             assert_eq!(e.code, tonic::Code::InvalidArgument as i32);
             assert_eq!(e.doc_id, doc.id().as_bytes().to_vec());
             break;
         }
     }
-    tx.send(pb::ClientFrame { frame: Some(frame(valid)) }).await.expect("stream still open");
+    raw.send(frame(valid)).await;
     loop {
-        if let Some(pb::server_frame::Frame::Sync(s)) = next_frame(&mut inbound).await {
+        if let Some(pb::server_frame::Frame::Sync(s)) = raw.next().await.expect("still open") {
             assert_eq!(s.doc_id, doc.id().as_bytes().to_vec());
             break;
         }

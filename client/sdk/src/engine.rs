@@ -312,6 +312,20 @@ impl<'a> Session<'a> {
         })?;
         request.metadata_mut().insert("authorization", header);
         let mut inbound = client.connect(request).await.map_err(|s| classify(&s))?.into_inner();
+        // The server's first frame is a challenge: prove this device's key before anything else.
+        match inbound.message().await.map_err(|s| classify(&s))? {
+            Some(pb::ServerFrame {
+                frame: Some(pb::server_frame::Frame::Challenge(challenge)),
+            }) => {
+                let signature =
+                    self.inner.device_key.prove(self.inner.device_id.as_bytes(), &challenge.nonce);
+                self.send(pb::client_frame::Frame::Proof(pb::Proof { signature })).await?;
+            }
+            Some(_) => {
+                return Err(SyncFailure::Other("the server did not send a challenge".into()));
+            }
+            None => return Err(SyncFailure::Other("the server closed the stream".into())),
+        }
         // Sessions of documents still loaded from the last connection may wait for answers that
         // will never come: start them over, as if loaded from disk.
         self.inner.reconnect_sessions();
@@ -427,10 +441,8 @@ impl<'a> Session<'a> {
                 self.caught_up = true;
             }
             Some(pb::server_frame::Frame::Error(error)) => self.on_error(error).await?,
-            Some(pb::server_frame::Frame::Challenge(challenge)) => {
-                let signature =
-                    self.inner.device_key.prove(self.inner.device_id.as_bytes(), &challenge.nonce);
-                self.send(pb::client_frame::Frame::Proof(pb::Proof { signature })).await?;
+            Some(pb::server_frame::Frame::Challenge(_)) => {
+                return Err(SyncFailure::Other("the server sent a second challenge".into()));
             }
             None => {}
         }

@@ -1,0 +1,674 @@
+//! The customer owns the data: device keys, revocation, export, erasure, the business's admin API
+//! with private documents and an audit trail, and key rotation, against a real server over TLS.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use cubby_client::{SyncStatus, WipeReason};
+use cubby_crypto::signing::{DeviceKey, generate_pkcs8};
+use cubby_proto::pb;
+use cubby_proto::pb::account_client::AccountClient;
+use cubby_proto::pb::admin_client::AdminClient;
+use cubby_tests::{Device, RawStream, TestServer, authed, eventually, files_under};
+use serde_json::json;
+
+fn admin_token(server: &TestServer) -> String {
+    let signer = cubby_server::auth::dev_signer(server.data_dir(), false).expect("dev key");
+    cubby_server::auth::dev_service_token(&signer, "backend", Duration::from_secs(3600))
+}
+
+async fn account(server: &TestServer) -> AccountClient<tonic::transport::Channel> {
+    AccountClient::new(server.channel().await)
+}
+
+async fn admin(server: &TestServer) -> AdminClient<tonic::transport::Channel> {
+    AdminClient::new(server.channel().await)
+}
+
+fn new_key() -> DeviceKey {
+    DeviceKey::from_pkcs8(&generate_pkcs8()).expect("key")
+}
+
+async fn wiped(device: &Device) -> Option<WipeReason> {
+    match &*device.client.status().borrow() {
+        SyncStatus::Wiped { reason } => Some(*reason),
+        _ => None,
+    }
+}
+
+/// Reopening a wiped device's directory starts a new, empty device.
+async fn assert_wiped_on_disk(server: &TestServer, device: Device) {
+    let old_id = device.client.device_id();
+    let dir = device.close().await;
+    let reopened = Device::open(server, "nobody", dir, false).await;
+    assert_ne!(reopened.client.device_id(), old_id, "a wiped store starts a new device");
+    assert!(reopened.client.list().await.expect("lists").is_empty(), "nothing survives a wipe");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_without_the_device_key_cannot_sync_as_that_device() {
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let (key, id) = (new_key(), cubby_crypto::random_array());
+    let mut first = RawStream::connect_as(&server, &token, &key, id).await.expect("registers");
+    assert!(matches!(first.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    drop(first);
+    // The same device id with another key: refused, whatever the token.
+    let mut thief =
+        RawStream::connect_as(&server, &server.token("alice"), &new_key(), id).await.expect("ok");
+    let refused = thief.next().await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A proof that does not verify (signed over another challenge) is refused too.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = pb::Hello {
+        device_id: cubby_crypto::random_array::<16>().to_vec(),
+        public_key: key.public_key().to_vec(),
+        ..Default::default()
+    };
+    tx.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
+        .await
+        .expect("send");
+    let mut sync = pb::sync_client::SyncClient::new(server.channel().await);
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut inbound = sync.connect(authed(stream, &token)).await.expect("connects").into_inner();
+    assert!(matches!(
+        inbound.message().await,
+        Ok(Some(pb::ServerFrame { frame: Some(pb::server_frame::Frame::Challenge(_)) }))
+    ));
+    let proof = pb::Proof { signature: key.prove(&id, b"some other challenge") };
+    tx.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Proof(proof)) })
+        .await
+        .expect("send");
+    let refused = inbound.message().await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    // The rightful device still connects.
+    let mut again = RawStream::connect_as(&server, &token, &key, id).await.expect("connects");
+    assert!(matches!(again.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    // Only the rightful device was registered.
+    let list = account(&server)
+        .await
+        .list_devices(authed(pb::ListDevicesRequest {}, &token))
+        .await
+        .expect("lists")
+        .into_inner()
+        .devices;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].public_key, key.public_key().to_vec());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_is_cut_off_refused_and_wiped() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("notes").await.expect("create");
+    doc.put("text", json!("hello")).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    laptop.client.wait_until_synced().await.expect("synced");
+    eventually("the phone is connected", || async {
+        *phone.client.status().borrow() == SyncStatus::UpToDate
+    })
+    .await;
+    let devices = laptop.client.devices().await.expect("lists");
+    assert_eq!(devices.len(), 2);
+    assert!(devices.iter().any(|d| d.id == laptop.client.device_id() && d.this_device));
+
+    // Revoke the phone while it streams: it is told, and wipes itself.
+    let started = Instant::now();
+    let revoked = laptop.client.revoke_device(phone.client.device_id()).await.expect("revokes");
+    assert!(revoked.revoked_ms.is_some());
+    eventually("the phone wipes itself", || async {
+        wiped(&phone).await == Some(WipeReason::DeviceRevoked)
+    })
+    .await;
+    eprintln!("revoke to wiped phone: {:?}", started.elapsed());
+    assert!(phone.client.list().await.is_err(), "the wiped phone reads nothing");
+    assert!(doc.put("more", json!(1)).await.is_err(), "its open handles write nothing");
+    let doc_id = doc.id();
+    drop(doc);
+    assert_wiped_on_disk(&server, phone).await;
+
+    // Revoking it again, an unknown device, a malformed id: clear errors, nothing changes.
+    let again = laptop.client.revoke_device(revoked.id).await.expect_err("already revoked");
+    assert!(again.to_string().contains("FailedPrecondition"), "{again}");
+    let unknown = laptop
+        .client
+        .revoke_device("1111111111111111".parse().expect("id"))
+        .await
+        .expect_err("unknown");
+    assert!(unknown.to_string().contains("NotFound"), "{unknown}");
+    let malformed = account(&server)
+        .await
+        .revoke_device(authed(
+            pb::RevokeDeviceRequest { device_id: vec![1; 3] },
+            &server.token("alice"),
+        ))
+        .await
+        .expect_err("malformed");
+    assert_eq!(malformed.code(), tonic::Code::InvalidArgument);
+    // The laptop carries on.
+    let notes = laptop.client.open(doc_id).await.expect("the laptop has it");
+    notes.put("from", json!("laptop")).await.expect("put");
+    laptop.client.wait_until_synced().await.expect("the laptop still syncs");
+    let audit = laptop.client.audit().await.expect("audit");
+    assert!(
+        audit.iter().any(|e| e.action == "device.revoke" && e.target == revoked.id.to_string())
+    );
+    assert_eq!(audit.iter().filter(|e| e.action == "device.register").count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_reconnect_and_token_are_refused() {
+    let server = TestServer::start().await;
+    let (key, id) = (new_key(), cubby_crypto::random_array::<16>());
+    let device_token = server.token("alice");
+    let mut stream = RawStream::connect_as(&server, &device_token, &key, id).await.expect("ok");
+    assert!(matches!(stream.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
+    account(&server)
+        .await
+        .revoke_device(authed(request, &server.token("alice")))
+        .await
+        .expect("revoked");
+    // The open stream is closed with the wipe instruction.
+    let closed = stream.until_closed().await.expect("closed with a status");
+    assert_eq!(closed.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        closed.metadata().get(cubby_proto::WIPE_METADATA).and_then(|v| v.to_str().ok()),
+        Some(cubby_proto::WIPE_REVOKED)
+    );
+    // Its token is refused everywhere now, and a fresh token does not bring the device back.
+    let err = account(&server)
+        .await
+        .list_documents(authed(pb::ListDocumentsRequest {}, &device_token))
+        .await
+        .expect_err("the revoked device's token is refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut back =
+        RawStream::connect_as(&server, &server.token("alice"), &key, id).await.expect("proves");
+    let refused = back.next().await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.metadata().get(cubby_proto::WIPE_METADATA).is_some());
+}
+
+/// The files of a tar archive, by path.
+fn untar(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
+    let mut archive = tar::Archive::new(bytes);
+    let mut files = BTreeMap::new();
+    for entry in archive.entries().expect("a tar archive") {
+        let mut entry = entry.expect("an entry");
+        let path = entry.path().expect("a path").to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).expect("readable");
+        files.insert(path, data);
+    }
+    files
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_round_trips_every_document_with_the_servers_heads() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let notes = phone.client.create("notes").await.expect("create");
+    for i in 0..20 {
+        notes.put(&format!("line{i}"), json!(format!("text {i}"))).await.expect("put");
+    }
+    let todo = phone.client.create("todo").await.expect("create");
+    todo.put("items", json!(["milk", {"eggs": 12}])).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+
+    let mut archive = Vec::new();
+    let size = phone.client.export(&mut archive).await.expect("exports");
+    assert_eq!(size as usize, archive.len());
+    let files = untar(&archive);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&files["cubby-export/manifest.json"]).expect("manifest is JSON");
+    assert_eq!(manifest["format"], "cubby-export-v1");
+    let documents = manifest["documents"].as_array().expect("documents");
+    assert_eq!(documents.len(), 2);
+    for doc in [&notes, &todo] {
+        let entry = documents
+            .iter()
+            .find(|d| d["id"] == doc.id().to_string())
+            .expect("listed in the manifest");
+        assert_eq!(entry["title"], doc.meta().title);
+        let binary = &files[&format!("cubby-export/documents/{}.automerge", doc.id())];
+        assert_eq!(entry["automerge"]["sha256"], hex(&cubby_crypto::sha256(binary)));
+        assert_eq!(entry["automerge"]["size"], binary.len());
+        let loaded = automerge::Automerge::load(binary).expect("the binary loads with Automerge");
+        // The device is in sync, so its heads are the server's.
+        assert_eq!(loaded.get_heads(), doc.heads());
+        let heads: Vec<String> = doc.heads().iter().map(|h| h.to_string()).collect();
+        assert_eq!(entry["heads"], json!(heads));
+        let rendered: serde_json::Value =
+            serde_json::from_slice(&files[&format!("cubby-export/documents/{}.json", doc.id())])
+                .expect("JSON");
+        assert_eq!(rendered, doc.to_json());
+    }
+    let devices: serde_json::Value =
+        serde_json::from_slice(&files["cubby-export/devices.json"]).expect("JSON");
+    assert_eq!(devices[0]["id"], phone.client.device_id().to_string());
+    let audit: serde_json::Value =
+        serde_json::from_slice(&files["cubby-export/audit.json"]).expect("JSON");
+    assert!(audit.as_array().expect("a list").iter().any(|e| e["action"] == "device.register"));
+    assert_eq!(
+        manifest["audit"]["sha256"],
+        hex(&cubby_crypto::sha256(&files["cubby-export/audit.json"]))
+    );
+    // The export itself is on the record.
+    let log = phone.client.audit().await.expect("audit");
+    assert!(log.iter().any(|e| e.action == "export" && e.actor == "customer"));
+}
+
+const MARKER: &str = "ERASE-ME-5d1c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_destroys_the_key_first_and_nothing_readable_remains() {
+    let mut server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let bob = server.device("bob").await;
+    for title in ["one", "two"] {
+        let doc = phone.client.create(title).await.expect("create");
+        doc.put("secret", json!(MARKER)).await.expect("put");
+    }
+    let bobs = bob.client.create("bob's").await.expect("create");
+    bobs.put("x", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    bob.client.wait_until_synced().await.expect("synced");
+    laptop.client.wait_until_synced().await.expect("synced");
+    let alice = server.customer_id("alice");
+    let key_file = server.data_dir().join("db/keys").join(hex(alice.as_bytes()));
+    let wrapped = std::fs::read(&key_file).expect("alice has a key file");
+    let old_token = server.token("alice");
+
+    let receipt = phone.client.delete_account().await.expect("erases");
+    assert_eq!((receipt.documents, receipt.devices), (2, 2));
+    assert!(receipt.bytes > 0 && receipt.audit_entries >= 2);
+    assert_eq!(wiped(&phone).await, Some(WipeReason::AccountErased));
+    eventually("the laptop wipes on contact", || async {
+        wiped(&laptop).await == Some(WipeReason::AccountErased)
+    })
+    .await;
+
+    // Old tokens get a clear NOT_FOUND, also for a second erasure; the business cannot reach
+    // alice either.
+    for attempt in 0..2 {
+        let err = account(&server)
+            .await
+            .delete_account(authed(pb::DeleteAccountRequest {}, &old_token))
+            .await
+            .expect_err("erased");
+        assert_eq!(err.code(), tonic::Code::NotFound, "attempt {attempt}");
+    }
+    let err = admin(&server)
+        .await
+        .erase_customer(authed(
+            pb::CustomerRequest { subject: "alice".into() },
+            &admin_token(&server),
+        ))
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    // Bob is untouched.
+    bobs.put("y", json!(2)).await.expect("put");
+    bob.client.wait_until_synced().await.expect("bob still syncs");
+
+    assert_wiped_on_disk(&server, phone).await;
+    assert_wiped_on_disk(&server, laptop).await;
+    server.stop().await;
+    // The wrapped key is gone from every file; no record of alice is left; nothing reads.
+    assert!(!key_file.exists());
+    for file in files_under(server.data_dir()) {
+        let bytes = std::fs::read(&file).expect("readable");
+        assert!(
+            !bytes.windows(wrapped.len()).any(|w| w == wrapped.as_slice()),
+            "alice's wrapped key is still in {}",
+            file.display()
+        );
+        assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()));
+    }
+    let raw = cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw");
+    use cubby_store::{Space, Store};
+    assert!(!raw.list_customers().expect("list").contains(&alice));
+    assert!(raw.list_docs(&alice).expect("list").is_empty());
+    for space in [Space::DEVICES, Space::AUDIT, Space::PROFILE, Space::DENIED_TOKENS] {
+        assert!(raw.scan_records(&alice, space).expect("scan").is_empty());
+    }
+    assert_eq!(raw.list_docs(&server.customer_id("bob")).expect("list").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_change_reaches_the_device_live_and_is_audited() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let bob = server.device("bob").await;
+    let doc = phone.client.create("settings").await.expect("create");
+    doc.put("items", json!(["a"])).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    let bobs = bob.client.create("bob's").await.expect("create");
+    bob.client.wait_until_synced().await.expect("synced");
+    let token = admin_token(&server);
+    let mut admin = admin(&server).await;
+    let edit = |path: &str, op: pb::edit::Op| pb::Edit { path: path.into(), op: Some(op) };
+    let change = |doc: &[u8], edits: Vec<pb::Edit>| pb::ChangeDocumentRequest {
+        subject: "alice".into(),
+        doc_id: doc.to_vec(),
+        edits,
+    };
+
+    let answer = admin
+        .change_document(authed(
+            change(
+                doc.id().as_bytes(),
+                vec![
+                    edit("/theme", pb::edit::Op::SetJson("\"dark\"".into())),
+                    edit("/items/-", pb::edit::Op::InsertJson("{\"b\": 2}".into())),
+                ],
+            ),
+            &token,
+        ))
+        .await
+        .expect("applies")
+        .into_inner();
+    let expected = json!({"theme": "dark", "items": ["a", {"b": 2}]});
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&answer.json).expect("json"), expected);
+    eventually("the phone sees the business's change live", || async { doc.to_json() == expected })
+        .await;
+
+    // Bad input changes nothing.
+    let heads = doc.heads();
+    let bad = [
+        (
+            change(
+                doc.id().as_bytes(),
+                vec![edit("no-slash", pb::edit::Op::Delete(pb::Delete {}))],
+            ),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            change(
+                doc.id().as_bytes(),
+                vec![edit("/theme", pb::edit::Op::SetJson("{not json".into()))],
+            ),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            change(
+                doc.id().as_bytes(),
+                vec![
+                    edit("/theme", pb::edit::Op::SetJson("1".into())),
+                    edit("/missing", pb::edit::Op::Delete(pb::Delete {})),
+                ],
+            ),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            change(doc.id().as_bytes(), vec![pb::Edit { path: "/x".into(), op: None }]),
+            tonic::Code::InvalidArgument,
+        ),
+        (change(doc.id().as_bytes(), vec![]), tonic::Code::InvalidArgument),
+        (
+            change(&[7; 16], vec![edit("/x", pb::edit::Op::SetJson("1".into()))]),
+            tonic::Code::NotFound,
+        ),
+        (
+            change(bobs.id().as_bytes(), vec![edit("/x", pb::edit::Op::SetJson("1".into()))]),
+            tonic::Code::NotFound,
+        ),
+        (
+            change(&[7; 3], vec![edit("/x", pb::edit::Op::SetJson("1".into()))]),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            pb::ChangeDocumentRequest {
+                subject: "nobody".into(),
+                ..change(doc.id().as_bytes(), vec![edit("/x", pb::edit::Op::SetJson("1".into()))])
+            },
+            tonic::Code::NotFound,
+        ),
+    ];
+    for (i, (request, code)) in bad.into_iter().enumerate() {
+        let err = admin.change_document(authed(request, &token)).await.expect_err("refused");
+        assert_eq!(err.code(), code, "case {i}: {err:?}");
+    }
+    let read = admin
+        .read_document(authed(
+            pb::DocumentRequest { subject: "alice".into(), doc_id: doc.id().as_bytes().to_vec() },
+            &token,
+        ))
+        .await
+        .expect("reads")
+        .into_inner();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&read.json).expect("json"), expected);
+    assert_eq!(doc.heads(), heads, "nothing changed");
+    assert!(bob.client.open(bobs.id()).await.expect("open").to_json().get("x").is_none());
+
+    // Usage, and the audit trail the customer sees.
+    let customers = admin
+        .list_customers(authed(pb::ListCustomersRequest::default(), &token))
+        .await
+        .expect("lists")
+        .into_inner()
+        .customers;
+    let usage = customers.iter().find(|c| c.subject == "alice").expect("alice is listed");
+    assert_eq!((usage.documents, usage.devices), (1, 1));
+    assert!(usage.bytes > 0 && usage.last_seen_ms > 0);
+    let page = admin
+        .list_customers(authed(
+            pb::ListCustomersRequest { page_size: 1, ..Default::default() },
+            &token,
+        ))
+        .await
+        .expect("lists")
+        .into_inner();
+    assert_eq!(page.customers.len(), 1);
+    let rest = admin
+        .list_customers(authed(
+            pb::ListCustomersRequest { page_size: 1, page_token: page.next_page_token },
+            &token,
+        ))
+        .await
+        .expect("lists")
+        .into_inner();
+    assert_eq!(rest.customers.len(), 1);
+    assert_ne!(rest.customers[0].subject, page.customers[0].subject);
+    let log = phone.client.audit().await.expect("audit");
+    let target = doc.id().to_string();
+    assert!(log.iter().any(|e| e.actor == "business:backend"
+        && e.action == "admin.write"
+        && e.target == target
+        && e.outcome == "ok"));
+    assert!(log.iter().any(|e| e.action == "admin.read" && e.outcome == "ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_document_is_refused_to_the_business_and_the_attempt_audited() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let diary = phone.client.create("diary").await.expect("create");
+    diary.put("entry", json!("private thoughts")).await.expect("put");
+    let shared = phone.client.create("shared").await.expect("create");
+    shared.put("k", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    assert!(phone.client.set_private(diary.id(), true).await.expect("marks").private);
+
+    let token = admin_token(&server);
+    let mut admin = admin(&server).await;
+    let target = |doc: &cubby_client::DocHandle| pb::DocumentRequest {
+        subject: "alice".into(),
+        doc_id: doc.id().as_bytes().to_vec(),
+    };
+    let read = admin.read_document(authed(target(&diary), &token)).await.expect_err("refused");
+    assert_eq!(read.code(), tonic::Code::PermissionDenied);
+    assert!(!read.message().contains("private thoughts"));
+    let write = pb::ChangeDocumentRequest {
+        subject: "alice".into(),
+        doc_id: diary.id().as_bytes().to_vec(),
+        edits: vec![pb::Edit { path: "/x".into(), op: Some(pb::edit::Op::SetJson("1".into())) }],
+    };
+    let write = admin.change_document(authed(write, &token)).await.expect_err("refused");
+    assert_eq!(write.code(), tonic::Code::PermissionDenied);
+    admin.read_document(authed(target(&shared), &token)).await.expect("shared reads");
+
+    // The business's export withholds it.
+    let mut chunks = admin
+        .export_customer(authed(pb::CustomerRequest { subject: "alice".into() }, &token))
+        .await
+        .expect("exports")
+        .into_inner();
+    let mut archive = Vec::new();
+    while let Some(chunk) = chunks.message().await.expect("chunk") {
+        archive.extend_from_slice(&chunk.data);
+    }
+    let files = untar(&archive);
+    assert!(!files.contains_key(&format!("cubby-export/documents/{}.automerge", diary.id())));
+    assert!(files.contains_key(&format!("cubby-export/documents/{}.automerge", shared.id())));
+    assert!(!files.values().any(|f| f.windows(16).any(|w| w == b"private thoughts")));
+
+    let log = phone.client.audit().await.expect("audit");
+    let diary_id = diary.id().to_string();
+    for action in ["admin.read", "admin.write"] {
+        assert!(
+            log.iter().any(|e| e.action == action && e.target == diary_id && e.outcome == "denied"),
+            "{action} refusal is audited: {log:?}"
+        );
+    }
+    assert!(log.iter().any(|e| e.action == "export" && e.actor == "business:backend"));
+    // Shared again, the business can read it.
+    phone.client.set_private(diary.id(), false).await.expect("unmarks");
+    admin.read_document(authed(target(&diary), &token)).await.expect("reads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_tokens_are_refused_on_the_admin_api_and_service_tokens_on_the_customer_api() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("d").await.expect("create");
+    phone.client.wait_until_synced().await.expect("synced");
+    let customer = server.token("alice");
+    let mut admin = admin(&server).await;
+    let err = admin
+        .list_customers(authed(pb::ListCustomersRequest::default(), &customer))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let request =
+        pb::DocumentRequest { subject: "alice".into(), doc_id: doc.id().as_bytes().to_vec() };
+    let err = admin.read_document(authed(request, &customer)).await.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = admin
+        .list_customers(authed(pb::ListCustomersRequest::default(), "garbage"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = account(&server)
+        .await
+        .list_documents(authed(pb::ListDocumentsRequest {}, &admin_token(&server)))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let request = pb::CustomerRequest { subject: String::new() };
+    let err =
+        admin.erase_customer(authed(request, &admin_token(&server))).await.expect_err("empty");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_under_live_sync_fails_no_request() {
+    let mut server = TestServer::start_with(|c| c.limits.key_reload_secs = 1).await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let bob = server.device("bob").await;
+    let doc = phone.client.create("live").await.expect("create");
+    bob.client.create("bob's").await.expect("create");
+    phone.client.wait_until_synced().await.expect("synced");
+    bob.client.wait_until_synced().await.expect("synced");
+    let before = server.running().key_generations().await.expect("counts");
+    assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1]);
+
+    // Watch every status change of both devices for failures while edits flow.
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let watch = |device: &Device| {
+        let mut status = device.client.status();
+        let failures = failures.clone();
+        tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                if let SyncStatus::Offline { failure: Some(f) } = &*status.borrow_and_update() {
+                    failures.lock().expect("lock").push(f.to_string());
+                }
+            }
+        })
+    };
+    let watchers = [watch(&phone), watch(&laptop)];
+    let master = server.data_dir().join("master.key");
+    let mut rotated = false;
+    for i in 0..60u64 {
+        doc.put("n", json!(i)).await.expect("put");
+        if i == 10 {
+            assert_eq!(cubby_crypto::keys::MasterSecret::rotate(&master).expect("rotates"), 2);
+            rotated = true;
+        }
+        eventually("the laptop sees each edit", || async {
+            laptop.client.open(doc.id()).await.is_ok_and(|d| d.to_json()["n"] == json!(i))
+        })
+        .await;
+        let unary = account(&server)
+            .await
+            .list_documents(authed(pb::ListDocumentsRequest {}, &server.token("bob")))
+            .await;
+        assert!(unary.is_ok(), "a request failed during rotation: {unary:?}");
+        if rotated && server.running().key_generations().await.expect("counts").keys().eq([&2]) {
+            break;
+        }
+    }
+    eventually("every data key is re-wrapped", || async {
+        server.running().key_generations().await.expect("counts").keys().eq([&2])
+    })
+    .await;
+    doc.put("after", json!(true)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    watchers.iter().for_each(tokio::task::JoinHandle::abort);
+    let failures = failures.lock().expect("lock").clone();
+    assert!(failures.is_empty(), "sync failed during rotation: {failures:?}");
+    drop(doc);
+    for device in [phone, laptop, bob] {
+        device.close().await;
+    }
+
+    // Generation 1 is unused now: retire it, restart with only generation 2, read everything.
+    server.stop().await;
+    let store = server.data_dir().join("db");
+    cubby_crypto::keys::MasterSecret::retire(&master, 1, |generation| {
+        let keys = cubby_store_sled::wrapped_keys(&store).expect("key files");
+        Ok(keys
+            .iter()
+            .filter(|k| cubby_crypto::keys::Keyring::generation_of(k) == Some(generation))
+            .count())
+    })
+    .expect("generation 1 retires");
+    server.restart().await;
+    for subject in ["alice", "bob"] {
+        let docs = account(&server)
+            .await
+            .list_documents(authed(pb::ListDocumentsRequest {}, &server.token(subject)))
+            .await
+            .expect("lists")
+            .into_inner()
+            .documents;
+        assert_eq!(docs.len(), 1);
+        account(&server)
+            .await
+            .get_document(authed(
+                pb::GetDocumentRequest { doc_id: docs[0].doc_id.clone() },
+                &server.token(subject),
+            ))
+            .await
+            .expect("reads with only the new key");
+    }
+}
