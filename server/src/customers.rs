@@ -100,6 +100,21 @@ impl Customers {
     /// Lets a verified customer token through, or says why not. Records the customer's profile
     /// the first time this process sees them.
     pub(crate) async fn admit(&self, caller: Caller) -> Result<Caller, ApiError> {
+        let caller = self.admit_device_stream(caller).await?;
+        if self.token_denied(&caller) {
+            return Err(ApiError::Unauthenticated("this token was revoked with its device".into()));
+        }
+        Ok(caller)
+    }
+
+    /// Whether the caller's token was used by a device that has since been revoked.
+    pub(crate) fn token_denied(&self, caller: &Caller) -> bool {
+        self.denied.read().unwrap_or_else(PoisonError::into_inner).contains_key(&caller.token_hash)
+    }
+
+    /// Like [`Customers::admit`], but lets a refused token through: a sync stream checks it
+    /// only after the device proved its key, so that a revoked device still learns it must wipe.
+    pub(crate) async fn admit_device_stream(&self, caller: Caller) -> Result<Caller, ApiError> {
         if caller.admin {
             return Err(ApiError::PermissionDenied(
                 "a service token cannot act as a customer; use the admin API".into(),
@@ -107,14 +122,6 @@ impl Customers {
         }
         if self.is_erased(&caller.customer) {
             return Err(ApiError::AccountErased);
-        }
-        if self
-            .denied
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&caller.token_hash)
-        {
-            return Err(ApiError::Unauthenticated("this token was revoked with its device".into()));
         }
         let first_sight =
             self.profiled.lock().unwrap_or_else(PoisonError::into_inner).insert(caller.customer);

@@ -46,13 +46,16 @@ impl pb::sync_server::Sync for SyncService {
         &self,
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
-        let caller = self.shared.customer(request.metadata()).await?;
+        let caller = self.shared.auth.authenticate(request.metadata())?;
+        let caller = self.shared.customers.admit_device_stream(caller).await?;
+        let token_denied = self.shared.customers.token_denied(&caller);
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
             token_left: caller.remaining(),
             token: (caller.token_hash, caller.expires_at),
+            token_denied,
             stream: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
             outbox,
@@ -72,6 +75,9 @@ struct Connection {
     token_left: Duration,
     /// The stream's token (hash and expiry), remembered with the device.
     token: ([u8; 32], u64),
+    /// The token was used by a device since revoked: refused once the device has said who it is
+    /// (so that the revoked device itself is told to wipe).
+    token_denied: bool,
     /// This stream in the customer registry, once the device said who it is.
     stream: Option<u64>,
     peer: u64,
@@ -155,6 +161,11 @@ impl Connection {
                 shared.devices.admit(&*shared.store, &customer, &arrival)
             })
             .await?;
+        if self.token_denied {
+            return Err(
+                ApiError::Unauthenticated("this token was revoked with its device".into()).into()
+            );
+        }
         Ok((device, ejector))
     }
 

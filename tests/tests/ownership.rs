@@ -185,11 +185,19 @@ async fn revoked_device_reconnect_and_token_are_refused() {
         .await
         .expect_err("the revoked device's token is refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    let mut back =
-        RawStream::connect_as(&server, &server.token("alice"), &key, id).await.expect("proves");
-    let refused = back.next().await.expect_err("refused");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-    assert!(refused.metadata().get(cubby_proto::WIPE_METADATA).is_some());
+    // The device itself is still told to wipe, with its old token or a fresh one.
+    for token in [device_token.clone(), server.token("alice")] {
+        let mut back = RawStream::connect_as(&server, &token, &key, id).await.expect("proves");
+        let refused = back.next().await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.metadata().get(cubby_proto::WIPE_METADATA).is_some());
+    }
+    // Another device presenting the revoked token is refused once it has said who it is.
+    let refused = match RawStream::connect(&server, &device_token).await {
+        Ok(mut other) => other.next().await.expect_err("refused"),
+        Err(status) => status,
+    };
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
 
 /// The files of a tar archive, by path.

@@ -166,3 +166,46 @@ async fn errors_are_one_line_naming_the_problem() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no server configured"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customer_rights_through_the_cli() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Diary"]).await.trim().to_owned();
+    phone.ok(&["doc", "put", &id, "entry", "dear diary"]).await;
+    laptop.ok(&["sync"]).await;
+
+    assert_eq!(phone.ok(&["doc", "private", &id]).await.trim(), format!("{id}\tprivate"));
+    let devices = phone.ok(&["devices"]).await;
+    assert_eq!(devices.lines().count(), 2, "{devices}");
+    let this = devices.lines().find(|l| l.ends_with("(this device)")).expect("marked");
+    let laptop_id = devices.lines().find(|l| *l != this).expect("the laptop").split('\t').next();
+    let laptop_id = laptop_id.expect("an id").to_owned();
+
+    let archive = phone.home.path().join("export.tar");
+    let out = phone.ok(&["export", "--out", archive.to_str().expect("utf-8")]).await;
+    assert!(out.starts_with("exported "), "{out}");
+    let mut tar = tar::Archive::new(std::fs::File::open(&archive).expect("written"));
+    let names: Vec<String> = tar
+        .entries()
+        .expect("a tar file")
+        .map(|e| e.expect("entry").path().expect("path").to_string_lossy().into_owned())
+        .collect();
+    assert!(names.contains(&format!("cubby-export/documents/{id}.automerge")), "{names:?}");
+    assert!(names.contains(&"cubby-export/manifest.json".to_owned()));
+
+    assert_eq!(
+        phone.ok(&["devices", "revoke", &laptop_id]).await.split('\t').next(),
+        Some(format!("revoked {laptop_id}").as_str())
+    );
+    let refused = laptop.fails(&["sync"]).await;
+    assert!(refused.contains("wipe"), "{refused}");
+    let audit = phone.ok(&["audit"]).await;
+    assert!(audit.contains("device.revoke") && audit.contains("export"), "{audit}");
+
+    assert!(phone.fails(&["account", "delete"]).await.contains("--yes"));
+    let erased = phone.ok(&["account", "delete", "--yes"]).await;
+    assert!(erased.starts_with("erased: 1 documents"), "{erased}");
+    assert_eq!(phone.ok(&["doc", "list"]).await, "", "this device's copy is wiped");
+    assert!(phone.fails(&["devices"]).await.contains("erased"));
+}
