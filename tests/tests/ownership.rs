@@ -493,6 +493,24 @@ async fn admin_change_reaches_the_device_live_and_is_audited() {
         && e.target == target
         && e.outcome == "ok"));
     assert!(log.iter().any(|e| e.action == "admin.read" && e.outcome == "ok"));
+
+    // The business erases Bob on request: a receipt, and Bob's connected device wipes itself.
+    let receipt = admin
+        .erase_customer(authed(pb::CustomerRequest { subject: "bob".into() }, &token))
+        .await
+        .expect("erases")
+        .into_inner();
+    assert_eq!((receipt.documents, receipt.devices), (1, 1));
+    eventually("bob's device wipes", || async {
+        wiped(&bob).await == Some(WipeReason::AccountErased)
+    })
+    .await;
+    let again = admin
+        .erase_customer(authed(pb::CustomerRequest { subject: "bob".into() }, &token))
+        .await
+        .expect_err("already erased");
+    assert_eq!(again.code(), tonic::Code::NotFound);
+    assert!(doc.to_json() == expected, "alice is untouched");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
