@@ -16,6 +16,29 @@ use crate::durable::api_error;
 /// Titles longer than this are refused.
 pub(crate) const MAX_TITLE: usize = 1024;
 
+impl Shared {
+    /// Every document of the customer, with its metadata.
+    pub(crate) async fn documents(
+        &self,
+        customer: cubby_core::CustomerId,
+    ) -> Result<Vec<pb::DocInfo>, ApiError> {
+        let store = self.store.clone();
+        self.blocking(move || {
+            store
+                .list_docs(&customer)
+                .map_err(api_error)?
+                .into_iter()
+                .map(|(id, meta)| {
+                    let meta =
+                        DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
+                    Ok(cubby_proto::doc_info(&id, &meta))
+                })
+                .collect()
+        })
+        .await
+    }
+}
+
 /// The Account service.
 pub(crate) struct AccountService {
     pub(crate) shared: Arc<Shared>,
@@ -30,18 +53,7 @@ impl pb::account_server::Account for AccountService {
         request: Request<pb::ListDocumentsRequest>,
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
         let caller = self.shared.customer(request.metadata()).await?;
-        let store = self.shared.store.clone();
-        let docs = tokio::task::spawn_blocking(move || store.list_docs(&caller.customer))
-            .await
-            .map_err(|_| ApiError::Internal)?
-            .map_err(api_error)?;
-        let documents = docs
-            .into_iter()
-            .map(|(id, meta)| {
-                let meta = DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
-                Ok(cubby_proto::doc_info(&id, &meta))
-            })
-            .collect::<Result<_, ApiError>>()?;
+        let documents = self.shared.documents(caller.customer).await?;
         Ok(Response::new(pb::ListDocumentsResponse { documents }))
     }
 

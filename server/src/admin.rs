@@ -188,22 +188,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CustomerRequest>,
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
         let (_, customer) = self.target(request.metadata(), &request.get_ref().subject).await?;
-        let store = self.shared.store.clone();
-        let documents = self
-            .shared
-            .blocking(move || {
-                store
-                    .list_docs(&customer)
-                    .map_err(api_error)?
-                    .into_iter()
-                    .map(|(id, meta)| {
-                        let meta =
-                            DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
-                        Ok(cubby_proto::doc_info(&id, &meta))
-                    })
-                    .collect::<Result<_, ApiError>>()
-            })
-            .await?;
+        let documents = self.shared.documents(customer).await?;
         Ok(Response::new(pb::ListDocumentsResponse { documents }))
     }
 

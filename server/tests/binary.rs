@@ -70,17 +70,7 @@ async fn readme_command_starts_a_tls_server_that_answers() {
     assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
     let token = String::from_utf8(token.stdout).expect("utf-8").trim().to_owned();
 
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
-        tonic::transport::Certificate::from_pem(std::fs::read(cert).expect("cert")),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("TLS connection to the binary");
-    let mut account = pb::account_client::AccountClient::new(channel);
+    let mut account = pb::account_client::AccountClient::new(channel(&cert, &addr).await);
     let mut request = tonic::Request::new(pb::CreateDocumentRequest { title: "hello".into() });
     request
         .metadata_mut()
@@ -157,17 +147,22 @@ async fn alice_account(
         .expect("prints its https address");
     let token = run_in(dir, &["dev-token", "--customer", "alice"]);
     let token = String::from_utf8(token.stdout).expect("utf-8").trim().to_owned();
-    let cert = std::fs::read(dir.join("cubby-data/tls/cert.pem")).expect("cert");
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(cert));
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+    let channel = channel(&dir.join("cubby-data/tls/cert.pem"), addr).await;
+    (pb::account_client::AccountClient::new(channel), token)
+}
+
+/// A TLS channel to the binary at `addr`, trusting its certificate `cert`.
+async fn channel(cert: &Path, addr: &str) -> tonic::transport::Channel {
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(cert).expect("cert")),
+    );
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
         .expect("url")
         .tls_config(tls)
         .expect("tls")
         .connect()
         .await
-        .expect("connects");
-    (pb::account_client::AccountClient::new(channel), token)
+        .expect("TLS connection to the binary")
 }
 
 fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
