@@ -189,7 +189,8 @@ pub(crate) async fn run(
     loop {
         inner.status.send_replace(SyncStatus::Connecting);
         let started = Instant::now();
-        let failure = Session::new(&inner).run(&remote, refresh, &mut wakes).await;
+        let mut session = Session::new(&inner);
+        let failure = session.run(&remote, refresh, &mut wakes).await;
         tracing::debug!(device = %inner.device_id.short(), %failure, "sync connection ended");
         if let SyncFailure::Wipe(reason) = failure {
             inner.wipe(reason).await;
@@ -198,7 +199,9 @@ pub(crate) async fn run(
         let retry_token = matches!(failure, SyncFailure::Unauthenticated(_)) && !refresh;
         refresh = matches!(failure, SyncFailure::Unauthenticated(_));
         inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
-        if started.elapsed() > Duration::from_secs(30) {
+        // A connection that got up to date, or lived 30 s, was a good one: start backing off
+        // from the bottom again.
+        if session.reached_up_to_date || started.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(200);
         }
         if retry_token {
@@ -230,6 +233,8 @@ struct Session<'a> {
     announced: u64,
     cursor: u64,
     caught_up: bool,
+    /// This connection got up to date at least once.
+    reached_up_to_date: bool,
     out: Option<mpsc::Sender<pb::ClientFrame>>,
 }
 
@@ -245,6 +250,7 @@ impl<'a> Session<'a> {
             announced: 0,
             cursor: 0,
             caught_up: false,
+            reached_up_to_date: false,
             out: None,
         }
     }
@@ -257,7 +263,7 @@ impl<'a> Session<'a> {
     }
 
     async fn run(
-        mut self,
+        &mut self,
         remote: &Remote,
         refresh: bool,
         wakes: &mut mpsc::UnboundedReceiver<DocId>,
@@ -614,6 +620,7 @@ impl<'a> Session<'a> {
             self.unsynced.iter().copied().chain(self.pending.iter().map(|(_, d)| *d)).collect();
         let status = if self.caught_up && remaining.is_empty() {
             self.round.clear();
+            self.reached_up_to_date = true;
             SyncStatus::UpToDate
         } else {
             self.round.extend(remaining.iter().copied());
