@@ -17,7 +17,7 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A running server and its data directory.
 pub struct TestServer {
-    dir: TempDir,
+    _dir: TempDir,
     config: ServerConfig,
     running: Option<RunningServer>,
     /// The server's self-signed certificate, for clients to trust.
@@ -41,7 +41,7 @@ impl TestServer {
         config.listen = running.local_addr();
         let ca_pem =
             std::fs::read(&running.cert().expect("TLS on").cert).expect("certificate readable");
-        Self { dir, config, running: Some(running), ca_pem }
+        Self { _dir: dir, config, running: Some(running), ca_pem }
     }
 
     /// The running server.
@@ -68,15 +68,15 @@ impl TestServer {
         format!("https://{}", self.config.listen)
     }
 
-    /// The data directory.
+    /// The data directory (a temporary one unless the test chose another).
     pub fn data_dir(&self) -> &Path {
-        self.dir.path()
+        &self.config.data
     }
 
     /// The store key of a development-tenant customer (for raw storage checks).
     pub fn customer_id(&self, subject: &str) -> cubby_core::CustomerId {
         use cubby_crypto::keys::{Keyring, MasterSecret};
-        let master = MasterSecret::read(&self.dir.path().join("master.key")).expect("master key");
+        let master = MasterSecret::read(&self.data_dir().join("master.key")).expect("master key");
         let ids = Keyring::from_master(&master);
         cubby_core::CustomerId::from_bytes(ids.customer_id(auth::DEV_TENANT, subject))
     }
@@ -88,7 +88,7 @@ impl TestServer {
 
     /// A development token for `customer` valid for `ttl`.
     pub fn token_for(&self, customer: &str, ttl: Duration) -> String {
-        let signer = auth::dev_signer(self.dir.path(), false).expect("dev tenant key exists");
+        let signer = auth::dev_signer(self.data_dir(), false).expect("dev tenant key exists");
         auth::dev_token(&signer, customer, ttl)
     }
 

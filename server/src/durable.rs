@@ -127,7 +127,10 @@ fn run(store: &dyn Store, hub: &Hub, rx: &std_mpsc::Receiver<Job>, max_batch: us
             }
         }
         let results: Vec<_> = batch.iter().map(|job| apply(store, &job.write)).collect();
-        let flushed = store.flush();
+        let flushed = store.flush().map_err(|err| {
+            tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");
+            api_error(err)
+        });
         for (job, result) in batch.into_iter().zip(results) {
             let outcome = match (&flushed, result) {
                 (Ok(()), Ok(seq)) => {
@@ -137,10 +140,7 @@ fn run(store: &dyn Store, hub: &Hub, rx: &std_mpsc::Receiver<Job>, max_batch: us
                     Ok(seq)
                 }
                 (_, Err(err)) => Err(api_error(err)),
-                (Err(err), Ok(_)) => {
-                    tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");
-                    Err(ApiError::Unavailable("storage unavailable".into()))
-                }
+                (Err(err), Ok(_)) => Err(err.clone()),
             };
             // The writer may have gone away (connection closed); the write stands regardless.
             let _ = job.reply.send(outcome);

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use cubby_tests::TestServer;
 
@@ -208,4 +209,51 @@ async fn customer_rights_through_the_cli() {
     assert!(erased.starts_with("erased: 1 documents"), "{erased}");
     assert_eq!(phone.ok(&["doc", "list"]).await, "", "this device's copy is wiped");
     assert!(phone.fails(&["devices"]).await.contains("erased"));
+}
+
+/// `kill -9` of the CLI while it saves: the local store reopens, each edit is wholly present or
+/// wholly absent, and whatever is present syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_killed_mid_write_keeps_each_edit_whole_or_absent() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Crash"]).await.trim().to_owned();
+    let seed = u64::from_be_bytes(cubby_crypto::random_array()) % 1_000_000;
+    eprintln!("kill delays seeded with {seed}");
+    let big = "x".repeat(100 * 1024); // one argument may hold at most 128 KiB
+    let mut present = 0;
+    for round in 0..10u64 {
+        let mut cmd = phone.command(&["doc", "put", &id, &format!("key{round}"), &big]);
+        // The moment of the kill is the fault being injected: anywhere in the first 80 ms.
+        let delay = Duration::from_millis((seed + round * 7919) % 80);
+        tokio::task::spawn_blocking(move || {
+            let mut child =
+                cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawns");
+            std::thread::sleep(delay);
+            let _ = child.kill();
+            child.wait().expect("reaped");
+        })
+        .await
+        .expect("joined");
+        let doc = json(&phone.ok(&["doc", "get", &id]).await);
+        match doc.get(format!("key{round}")) {
+            None => {}
+            Some(value) => {
+                assert_eq!(
+                    value.as_str().map(str::len),
+                    Some(big.len()),
+                    "a torn edit in round {round}"
+                );
+                present += 1;
+            }
+        }
+    }
+    eprintln!("{present} of 10 killed edits were saved whole, the rest cleanly absent");
+    phone.ok(&["sync"]).await;
+    laptop.ok(&["sync"]).await;
+    assert_eq!(
+        json(&laptop.ok(&["doc", "get", &id]).await),
+        json(&phone.ok(&["doc", "get", &id]).await),
+        "what survived on the phone reached the laptop"
+    );
 }

@@ -20,6 +20,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
@@ -33,8 +34,41 @@ const CUSTOMER_PREFIXES: [u8; 7] = [b'm', b'c', b's', b'f', b'p', b'n', b'r'];
 /// A [`Store`] in a directory: a sled database plus a key directory.
 #[derive(Clone, Debug)]
 pub struct SledStore {
-    db: sled::Db,
+    db: Arc<Guarded>,
     keys: Arc<keys::KeyDir>,
+}
+
+/// The sled database, and whether it failed.
+///
+/// After an I/O error (a full disk, a vanished file) sled 0.34 can leave a write buffer that never
+/// becomes stable, and every later flush, including the one in `Db`'s destructor, then waits
+/// forever. So the first I/O error fails the store for writing: later writes and flushes get the
+/// same error without touching sled (reads still work), and the database is leaked rather than
+/// flushed on drop. Everything
+/// flushed before the failure is on disk; reopening after the cause is fixed recovers it.
+#[derive(Debug)]
+struct Guarded {
+    /// Always `Some` until dropped.
+    db: Option<sled::Db>,
+    /// 0: healthy; 1: failed because the disk was full; 2: failed otherwise.
+    failed: AtomicU8,
+}
+
+impl std::ops::Deref for Guarded {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        self.db.as_ref().expect("the database is present until the guard is dropped")
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if self.failed.load(Ordering::SeqCst) != 0 {
+            // Dropping would flush, and a failed sled may never finish a flush.
+            std::mem::forget(self.db.take());
+        }
+    }
 }
 
 fn backend(err: sled::Error) -> StoreError {
@@ -45,13 +79,6 @@ fn backend(err: sled::Error) -> StoreError {
         }
     }
     StoreError::Backend(Box::new(err))
-}
-
-fn tx_error(err: TransactionError<StoreError>) -> StoreError {
-    match err {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => backend(e),
-    }
 }
 
 fn key(prefix: u8, customer: &CustomerId, rest: &[&[u8]]) -> Vec<u8> {
@@ -96,6 +123,7 @@ impl SledStore {
                 Ok(db) => {
                     // Opened after sled, so its lock keeps a second process out of the keys too.
                     let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
+                    let db = Arc::new(Guarded { db: Some(db), failed: AtomicU8::new(0) });
                     return Ok(Self { db, keys });
                 }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
@@ -111,6 +139,41 @@ impl SledStore {
                 }
                 Err(err) => return Err(backend(err)),
             }
+        }
+    }
+
+    /// The database for a write, unless an earlier I/O error failed the store.
+    fn db(&self) -> Result<&sled::Db> {
+        match self.db.failed.load(Ordering::SeqCst) {
+            0 => Ok(&self.db),
+            1 => Err(StoreError::Full),
+            _ => Err(StoreError::Backend("the store failed earlier; restart to recover".into())),
+        }
+    }
+
+    /// Maps a sled error, failing the store on an I/O error.
+    fn fail(&self, err: sled::Error) -> StoreError {
+        let mapped = backend(err);
+        let state = match &mapped {
+            StoreError::Full => 1,
+            StoreError::Backend(e)
+                if e.downcast_ref::<sled::Error>()
+                    .is_some_and(|e| matches!(e, sled::Error::Io(_))) =>
+            {
+                2
+            }
+            _ => 0,
+        };
+        if state != 0 {
+            let _ = self.db.failed.compare_exchange(0, state, Ordering::SeqCst, Ordering::SeqCst);
+        }
+        mapped
+    }
+
+    fn fail_tx(&self, err: TransactionError<StoreError>) -> StoreError {
+        match err {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => self.fail(e),
         }
     }
 
@@ -136,8 +199,12 @@ impl SledStore {
         Ok(Seq(seq))
     }
 
-    fn scan(&self, prefix: Vec<u8>) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> {
-        self.db.scan_prefix(prefix).map(|r| r.map_err(backend))
+    fn scan(&self, prefix: Vec<u8>) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> + '_ {
+        let failed = self.db().err().map(Err);
+        let entries = failed
+            .is_none()
+            .then(|| self.db.scan_prefix(prefix).map(|r| r.map_err(|e| self.fail(e))));
+        failed.into_iter().chain(entries.into_iter().flatten())
     }
 }
 
@@ -169,7 +236,7 @@ impl Store for SledStore {
                 batch.remove(entry?.0);
             }
         }
-        self.db.apply_batch(batch).map_err(backend)
+        self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
     }
 
     fn write_doc(
@@ -190,14 +257,15 @@ impl Store for SledStore {
                 }
                 Self::bump_feed(tx, c, d)
             })
-            .map_err(tx_error)
+            .map_err(|e| self.fail_tx(e))
     }
 
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
-        let Some(meta) = self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(backend)? else {
+        let Some(meta) = self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))?
+        else {
             return Ok(None);
         };
-        let snapshot = match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(backend)? {
+        let snapshot = match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
             Some(v) if v.len() >= 8 => {
                 Some(Snapshot { through: u64_of(&v[..8])?, bytes: v[8..].to_vec() })
             }
@@ -212,7 +280,7 @@ impl Store for SledStore {
                 Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
             })
             .collect::<Result<_>>()?;
-        let seq = match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(backend)? {
+        let seq = match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
             Some(v) => Seq(u64_of(&v)?),
             None => Seq(0),
         };
@@ -220,7 +288,11 @@ impl Store for SledStore {
     }
 
     fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .db()?
+            .get(key(b'm', c, &[d.as_bytes()]))
+            .map_err(|e| self.fail(e))?
+            .map(|v| v.to_vec()))
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -241,7 +313,7 @@ impl Store for SledStore {
         for k in covered {
             batch.remove(k);
         }
-        self.db.apply_batch(batch).map_err(backend)
+        self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -258,7 +330,7 @@ impl Store for SledStore {
                 }
                 Self::bump_feed(tx, c, d)
             })
-            .map_err(tx_error)
+            .map_err(|e| self.fail_tx(e))
     }
 
     fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
@@ -276,7 +348,7 @@ impl Store for SledStore {
         let start = key(b'f', c, &[&(cursor.0.saturating_add(1)).to_be_bytes()]);
         self.db
             .range(start..)
-            .map(|r| r.map_err(backend))
+            .map(|r| r.map_err(|e| self.fail(e)))
             .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
             .map(|r| {
                 let (k, v) = r?;
@@ -286,16 +358,20 @@ impl Store for SledStore {
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
-        self.db.insert(key(b'r', c, &[&[space.0], k]), value).map_err(backend)?;
+        self.db()?.insert(key(b'r', c, &[&[space.0], k]), value).map_err(|e| self.fail(e))?;
         Ok(())
     }
 
     fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key(b'r', c, &[&[space.0], k])).map_err(backend)?.map(|v| v.to_vec()))
+        Ok(self
+            .db()?
+            .get(key(b'r', c, &[&[space.0], k]))
+            .map_err(|e| self.fail(e))?
+            .map(|v| v.to_vec()))
     }
 
     fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
-        self.db.remove(key(b'r', c, &[&[space.0], k])).map_err(backend)?;
+        self.db()?.remove(key(b'r', c, &[&[space.0], k])).map_err(|e| self.fail(e))?;
         Ok(())
     }
 
@@ -307,7 +383,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> Result<()> {
-        self.db.flush().map_err(backend)?;
+        self.db()?.flush().map_err(|e| self.fail(e))?;
         Ok(())
     }
 }

@@ -1,11 +1,12 @@
-//! Crash durability of the real binary: `kill -9` under sustained writes from several devices.
+//! Faults the real binary must survive without losing an acknowledged change: `kill -9` under
+//! sustained writes from several devices, and a full disk.
 //!
-//! Each round lets three SDK devices (two customers) write for a random while, kills the server
+//! In the crash test each round lets three SDK devices (two customers) write for a random while, kills the server
 //! with SIGKILL, opens its data directory directly and checks that every change the server had
 //! acknowledged to a device is on disk, then restarts it. At the end every device converges and
 //! the server holds every change any device made, acknowledged or not (devices resend).
 //!
-//! `CUBBY_CRASH_ROUNDS=200 cargo test -p cubby-server --test crash` is the long mode (default 10);
+//! `CUBBY_CRASH_ROUNDS=200 cargo test -p cubby-server --test faults` is the long mode (default 10);
 //! `CUBBY_CRASH_SEED=N` replays one schedule.
 
 use std::io::{BufRead, BufReader};
@@ -132,7 +133,8 @@ async fn writer(
                 Ok(Ok(())) => a.store(n, Ordering::SeqCst),
                 // Server down: keep writing offline, at the pace of status changes.
                 _ => {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(100), status.changed()).await;
                 }
             }
         }
@@ -275,4 +277,114 @@ async fn kill_9_under_write_load_loses_no_acknowledged_change() {
         "{rounds} kill -9 rounds in {:.1} s, {last_acked} acknowledged writes checked after the last kill",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// An 8 MiB tmpfs, unmounted on drop. Mounting needs root, which the CI machines have; without
+/// it the test fails rather than pretend.
+struct SmallDisk {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting an 8 MiB tmpfs needs root (CI runs as root)");
+        Self { path, _dir: dir }
+    }
+
+    /// Fills the disk with a file until only about `left` bytes remain; returns the file.
+    fn fill(&self, left: u64) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let mut written = 0u64;
+        while written + left < 8 << 20 && file.write_all(&chunk).is_ok() {
+            written += chunk.len() as u64;
+        }
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_refuses_writes_without_acknowledging_and_recovers_after_space_is_freed() {
+    let disk = SmallDisk::mount();
+    let data = disk.path.join("data");
+    let port = free_port();
+    let server = start(&data, port);
+    let url = format!("https://127.0.0.1:{port}");
+    let ca = std::fs::read(data.join("tls/cert.pem")).expect("cert");
+    let devices = tempfile::tempdir().expect("temp dir");
+    let open = |name: &str| {
+        Client::builder()
+            .with_data_dir(devices.path().join(name))
+            .with_local_key([5; 32])
+            .with_server(&url)
+            .with_token_provider(StaticToken::new(token(&data, "alice")))
+            .with_ca_pem(ca.clone())
+            .build()
+    };
+    let phone = open("phone").await.expect("client builds");
+    let doc = phone.create("big").await.expect("create");
+    phone.wait_until_synced().await.expect("synced");
+    let filler = disk.fill(3 << 20);
+
+    // Write 64 KiB values until the server refuses one; every write before was acknowledged.
+    let value = "v".repeat(64 * 1024);
+    let mut acked = 0;
+    let refusal = loop {
+        doc.put(&format!("k{}", acked + 1), json!(value)).await.expect("the device has room");
+        match phone.wait_until_synced().await {
+            Ok(()) => acked += 1,
+            Err(failure) => break failure,
+        }
+        assert!(acked < 200, "8 MiB cannot hold {acked} writes of 64 KiB");
+    };
+    assert!(refusal.to_string().contains("full"), "a clear refusal: {refusal}");
+    assert!(acked > 0, "some writes fit before the disk filled");
+    eprintln!("{acked} writes of 64 KiB acknowledged before the disk filled: {refusal}");
+
+    // The server stays up and answers promptly while full.
+    let again = tokio::time::timeout(DEADLINE, phone.wait_until_synced()).await;
+    assert!(matches!(again, Ok(Err(_))), "still refused, promptly: {again:?}");
+
+    // Free the space, restart: everything acknowledged is there, and the refused write syncs
+    // from the device, which kept it.
+    drop(server);
+    std::fs::remove_file(filler).expect("free space");
+    let _server = start(&data, port);
+    let deadline = Instant::now() + DEADLINE;
+    while phone.wait_until_synced().await.is_err() {
+        assert!(Instant::now() < deadline, "the phone never synced after space was freed");
+        let mut status = phone.status();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            status.wait_for(|s| *s == SyncStatus::UpToDate),
+        )
+        .await;
+    }
+    let laptop = open("laptop").await.expect("client builds");
+    laptop.wait_until_synced().await.expect("a fresh device syncs");
+    let json = laptop.open(doc.id()).await.expect("the laptop has it").to_json();
+    for n in 1..=acked + 1 {
+        assert_eq!(json[format!("k{n}")], json!(value), "write k{n} was lost");
+    }
+    drop(doc);
+    phone.shutdown().await;
+    laptop.shutdown().await;
 }
