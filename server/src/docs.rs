@@ -380,7 +380,11 @@ impl Actor {
                         kick,
                     });
                     let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        peer.session.receive(&mut live.doc, &message)
+                        let received = peer.session.receive(&mut live.doc, &message);
+                        // Tests panic here, after the changes were applied in memory, to
+                        // stand for a panic deep inside Automerge.
+                        fail::fail_point!("doc-after-apply");
+                        received
                     }));
                     let refusal = match applied {
                         Ok(Ok(_)) => None,
