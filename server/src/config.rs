@@ -82,6 +82,13 @@ pub struct Limits {
     pub token_leeway_secs: u64,
     /// How often the master key file is checked for a rotated key, seconds. Default 10.
     pub key_reload_secs: u64,
+    /// Largest history one document may have, bytes (before encryption). Default 64 MiB.
+    pub max_document_bytes: u64,
+    /// Largest history one customer may store in all, bytes. Default 1 GiB.
+    pub max_customer_bytes: u64,
+    /// Document writes one customer may make per second, sustained (bursts of five seconds'
+    /// worth pass). Default 200.
+    pub max_writes_per_sec: u32,
 }
 
 impl Default for Limits {
@@ -100,6 +107,9 @@ impl Default for Limits {
             compact_after_chunks: 256,
             token_leeway_secs: 60,
             key_reload_secs: 10,
+            max_document_bytes: 64 << 20,
+            max_customer_bytes: 1 << 30,
+            max_writes_per_sec: 200,
         }
     }
 }

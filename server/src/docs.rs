@@ -75,6 +75,7 @@ pub(crate) struct Ctx {
     pub(crate) policy: CompactionPolicy,
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
+    pub(crate) quotas: Arc<crate::quota::Quotas>,
 }
 
 type Key = (CustomerId, DocId);
@@ -524,13 +525,34 @@ impl Actor {
         let chunk_len = chunk.as_ref().map_or(0, |c| c.len() as u64);
         let mut meta = live.meta.clone();
         meta.record_write(chunk_len);
+        let ctx = &self.registry.ctx;
+        if changed {
+            ctx.quotas.take_write(&self.customer)?;
+            let (quotas, store, customer, size) =
+                (ctx.quotas.clone(), ctx.store.clone(), self.customer, meta.size);
+            if ctx.quotas.knows(&customer) {
+                quotas.reserve(&*store, &customer, size, chunk_len)?;
+            } else {
+                tokio::task::spawn_blocking(move || {
+                    quotas.reserve(&*store, &customer, size, chunk_len)
+                })
+                .await
+                .map_err(|_| ApiError::Internal)??;
+            }
+        }
         let write = Write::Doc {
             customer: self.customer,
             doc: self.doc,
             meta: meta.encode(),
             chunk: chunk.map(|bytes| (live.next_chunk, bytes)),
         };
-        let seq = self.registry.ctx.commit.commit(write).await?.unwrap_or(live.seq);
+        let seq = match ctx.commit.commit(write).await {
+            Ok(seq) => seq.unwrap_or(live.seq),
+            Err(err) => {
+                ctx.quotas.release(&self.customer, chunk_len);
+                return Err(err);
+            }
+        };
         live.meta = meta;
         live.seq = seq;
         if changed {
@@ -567,6 +589,9 @@ impl Actor {
                     match self.registry.ctx.commit.commit(write).await {
                         Ok(_) => {
                             // The commit thread announces the deletion.
+                            if let Some(live) = self.live() {
+                                self.registry.ctx.quotas.release(&self.customer, live.meta.size);
+                            }
                             self.state = Some(None);
                             for peer in self.peers.drain().map(|(_, p)| p) {
                                 let _ = peer.outbox.try_send(Ok(error_frame(

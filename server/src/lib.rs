@@ -35,6 +35,7 @@ mod docs;
 mod durable;
 mod hub;
 mod keys;
+mod quota;
 mod rights;
 mod sync;
 pub mod tls;
@@ -79,6 +80,7 @@ pub(crate) struct Shared {
     pub(crate) auth: auth::Authenticator,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) customers: customers::Customers,
+    pub(crate) quotas: Arc<quota::Quotas>,
     pub(crate) devices: devices::Devices,
     pub(crate) docs: docs::Docs,
     pub(crate) hub: Arc<hub::Hub>,
@@ -253,7 +255,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let hub = Arc::new(hub::Hub::default());
     let (committer, commit) =
         durable::Committer::start(store.clone(), hub.clone(), limits.max_commit_batch);
+    let quotas = Arc::new(quota::Quotas::new(quota::QuotaLimits {
+        max_document_bytes: limits.max_document_bytes,
+        max_customer_bytes: limits.max_customer_bytes,
+        writes_per_sec: limits.max_writes_per_sec,
+    }));
     let docs = docs::Docs::new(docs::Ctx {
+        quotas: quotas.clone(),
         store: store.clone(),
         commit,
         idle: Duration::from_secs(limits.idle_document_secs),
@@ -276,6 +284,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         auth,
         store,
         customers,
+        quotas,
         devices: devices::Devices::default(),
         docs,
         hub,

@@ -198,6 +198,7 @@ impl Shared {
         // from memory, then crypto-shred.
         self.customers.erasing(&customer);
         self.docs.evict_customer(&customer);
+        self.quotas.forget(&customer);
         let store = self.store.clone();
         self.blocking(move || store.erase_customer(&customer).map_err(api_error)).await?;
         tracing::info!(customer = %customer, documents, "customer erased");
