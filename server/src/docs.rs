@@ -616,11 +616,24 @@ impl Actor {
         let Some(Some(live)) = &self.state else { return };
         let doc = self.doc;
         self.peers.retain(|peer_id, peer| {
-            let message = if spoke.contains(peer_id) {
-                peer.session.answer(&live.doc)
-            } else {
-                let Some(message) = peer.session.generate(&live.doc) else { return true };
-                message
+            // A peer's session state came from its messages: contain a panic in Automerge while
+            // answering it (such as the divide by zero a crafted Bloom filter once caused) to
+            // that peer.
+            let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if spoke.contains(peer_id) {
+                    Some(peer.session.answer(&live.doc))
+                } else {
+                    peer.session.generate(&live.doc)
+                }
+            }));
+            let message = match made {
+                Ok(Some(message)) => message,
+                Ok(None) => return true,
+                Err(_) => {
+                    tracing::error!(doc = %doc.short(), peer = peer_id, "automerge panicked generating a sync message");
+                    let _ = peer.outbox.try_send(Ok(error_frame(&doc, &ApiError::Internal)));
+                    return false;
+                }
             };
             let frame = pb::ServerFrame {
                 frame: Some(pb::server_frame::Frame::Sync(pb::DocSync {

@@ -74,6 +74,10 @@ impl PeerSession {
             self.reset();
             return Err(SyncError::Malformed);
         };
+        if !message.have.iter().all(|have| bloom_is_sane(&have.bloom)) {
+            self.reset();
+            return Err(SyncError::Malformed);
+        }
         let before = doc.get_heads();
         if let Err(err) = doc.receive_sync_message(&mut self.state, message) {
             self.reset();
@@ -137,6 +141,42 @@ impl PeerSession {
         let heads = doc.get_heads();
         self.state.shared_heads == heads
             || self.their_heads().is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
+    }
+}
+
+/// Largest Bloom-filter parameters accepted from a peer. Automerge writes 10 bits per entry and
+/// 7 probes; a filter with 0 bits per entry makes automerge 0.12 divide by zero when it next
+/// generates a message (found by fuzzing, kept in `fuzz/regressions/sync_message/`), and a huge
+/// probe count makes it allocate and loop for each change it tests.
+const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
+const MAX_BLOOM_PROBES: u64 = 64;
+
+/// Whether a peer's Bloom filter is one Automerge can use safely.
+fn bloom_is_sane(bloom: &automerge::sync::BloomFilter) -> bool {
+    let bytes = bloom.to_bytes();
+    if bytes.is_empty() {
+        return true; // The empty filter.
+    }
+    let mut input = bytes.as_slice();
+    let mut next = || {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = input.split_first()?;
+            input = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    };
+    match (next(), next(), next()) {
+        (Some(entries), Some(bits_per_entry), Some(probes)) => {
+            entries == 0
+                || ((1..=MAX_BLOOM_BITS_PER_ENTRY).contains(&bits_per_entry)
+                    && (1..=MAX_BLOOM_PROBES).contains(&probes))
+        }
+        _ => false,
     }
 }
 
