@@ -207,7 +207,18 @@ impl Connection {
             tokio::select! {
                 frame = inbound.message() => match frame {
                     Ok(Some(frame)) => self.on_frame(frame).await?,
-                    Ok(None) | Err(_) => return Ok(()),
+                    Ok(None) => return Ok(()),
+                    // Say why; a device that is gone just does not hear it. tonic reports a
+                    // frame over the size limit as OUT_OF_RANGE; Cubby's limits answer
+                    // RESOURCE_EXHAUSTED.
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        return Err(ApiError::ResourceExhausted(format!(
+                            "a frame is larger than the limit of {} bytes",
+                            self.shared.limits.max_message_bytes
+                        ))
+                        .into());
+                    }
+                    Err(status) => return Err(status),
                 },
                 announcement = announcements.recv() => match announcement {
                     Ok(a) => self.announce(&a).await?,

@@ -108,7 +108,7 @@ fn run_configured(dir: &Path, data: &Path, master_key: &Path) -> std::process::O
 }
 
 #[test]
-fn configured_server_without_its_master_key_refuses_to_start() {
+fn row_25_configured_server_without_its_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = run_configured(dir.path(), &dir.path().join("data"), &dir.path().join("missing.key"));
     assert!(!out.status.success());
@@ -118,7 +118,7 @@ fn configured_server_without_its_master_key_refuses_to_start() {
 }
 
 #[test]
-fn wrong_master_key_refuses_to_start() {
+fn row_25_wrong_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (server, _) = start_in(dir.path());
     drop(server);

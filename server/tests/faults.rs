@@ -173,7 +173,7 @@ fn customer_id(data: &Path, subject: &str) -> CustomerId {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_under_write_load_loses_no_acknowledged_change() {
+async fn row_23_kill_9_under_write_load_loses_no_acknowledged_change() {
     let rounds: u64 =
         std::env::var("CUBBY_CRASH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(10);
     let seed: u64 = std::env::var("CUBBY_CRASH_SEED")
@@ -322,7 +322,7 @@ impl Drop for SmallDisk {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_full_refuses_writes_without_acknowledging_and_recovers_after_space_is_freed() {
+async fn row_24_disk_full_refuses_writes_without_acknowledging_and_recovers_after_space_is_freed() {
     let disk = SmallDisk::mount();
     let data = disk.path.join("data");
     let port = free_port();

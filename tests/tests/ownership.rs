@@ -159,7 +159,7 @@ async fn revoked_device_is_cut_off_refused_and_wiped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_device_reconnect_and_token_are_refused() {
+async fn row_19_revoked_device_reconnect_and_token_are_refused() {
     let server = TestServer::start().await;
     let (key, id) = (new_key(), cubby_crypto::random_array::<16>());
     let device_token = server.token("alice");
@@ -276,7 +276,7 @@ async fn export_round_trips_every_document_with_the_servers_heads() {
 const MARKER: &str = "ERASE-ME-5d1c";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn erasure_destroys_the_key_first_and_nothing_readable_remains() {
+async fn row_27_erasure_destroys_the_key_first_and_nothing_readable_remains() {
     let mut server = TestServer::start().await;
     let phone = server.device("alice").await;
     let laptop = server.device("alice").await;
@@ -606,7 +606,7 @@ async fn customer_tokens_are_refused_on_the_admin_api_and_service_tokens_on_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_rotation_under_live_sync_fails_no_request() {
+async fn row_26_key_rotation_under_live_sync_fails_no_request() {
     let mut server = TestServer::start_with(|c| c.limits.key_reload_secs = 1).await;
     let phone = server.device("alice").await;
     let laptop = server.device("alice").await;

@@ -145,7 +145,7 @@ async fn bad_tokens_are_refused_unauthenticated() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stream_is_closed_when_its_token_expires() {
+async fn row_11_stream_is_closed_when_its_token_expires() {
     let server = TestServer::start().await;
     let token = server.token_for("alice", Duration::from_secs(1));
     let mut raw = RawStream::connect(&server, &token).await.expect("valid for now");
@@ -192,7 +192,7 @@ async fn marker_written_into_a_document_is_in_no_file_on_disk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn record_copied_to_another_customer_or_document_fails_to_open() {
+async fn row_21_record_copied_to_another_customer_or_document_fails_to_open() {
     let mut server = TestServer::start().await;
     let alice_device = server.device("alice").await;
     let bob_device = server.device("bob").await;
@@ -239,7 +239,7 @@ async fn record_copied_to_another_customer_or_document_fails_to_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_sync_message_is_refused_and_the_stream_stays_usable() {
+async fn row_01_malformed_sync_message_is_refused_and_the_stream_stays_usable() {
     let server = TestServer::start().await;
     let alice = server.device("alice").await;
     let doc = alice.client.create("target").await.expect("create");
@@ -279,4 +279,40 @@ async fn malformed_sync_message_is_refused_and_the_stream_stays_usable() {
         get_document(&server, &server.token("alice"), doc.id().as_bytes()).await.expect("reads");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&json).expect("json"), json!({"k": "v"}));
     assert_eq!(doc.heads(), heads_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_04_a_message_over_the_size_limit_is_resource_exhausted() {
+    let server = TestServer::start().await;
+    let mut raw = RawStream::connect(&server, &server.token("alice")).await.expect("connects");
+    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
+        doc_id: vec![1; 16],
+        message: vec![0x42; 5 << 20],
+        create: None,
+        seq: 0,
+    }))
+    .await;
+    let refused = raw.until_closed().await.expect("closed with a status");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    // The server is fine.
+    let device = server.device("alice").await;
+    device.client.create("after").await.expect("create");
+    device.client.wait_until_synced().await.expect("still serving");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_09_a_connection_that_never_finishes_the_tls_handshake_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let server = TestServer::start_with(|c| c.limits.tls_handshake_timeout_secs = 1).await;
+    let addr = server.url().trim_start_matches("https://").to_owned();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.expect("connects");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(cubby_tests::DEADLINE, silent.read(&mut buf))
+        .await
+        .expect("the server closes the connection by itself");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed, not answered: {read:?}");
+    // Its slot is free: a real client still connects.
+    let device = server.device("alice").await;
+    device.client.create("after").await.expect("create");
+    device.client.wait_until_synced().await.expect("still serving");
 }

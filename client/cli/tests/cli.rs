@@ -214,7 +214,7 @@ async fn customer_rights_through_the_cli() {
 /// `kill -9` of the CLI while it saves: the local store reopens, each edit is wholly present or
 /// wholly absent, and whatever is present syncs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cli_killed_mid_write_keeps_each_edit_whole_or_absent() {
+async fn row_33_cli_killed_mid_write_keeps_each_edit_whole_or_absent() {
     let server = TestServer::start().await;
     let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
     let id = phone.ok(&["doc", "create", "--title", "Crash"]).await.trim().to_owned();

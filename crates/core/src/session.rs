@@ -378,4 +378,60 @@ mod tests {
         let restored_hello = restored.generate(&device).expect("hello").len();
         assert!(restored_hello < fresh_hello, "{restored_hello} >= {fresh_hello}");
     }
+
+    /// A message from `a` carrying its changes to an empty `b`, after one round trip.
+    fn message_with_changes(a: &Automerge) -> Vec<u8> {
+        let (mut a, mut b) = (a.clone(), Automerge::new());
+        let (mut a_side, mut b_side) = (PeerSession::new(), PeerSession::new());
+        let heads = a_side.generate(&a).expect("a advertises its heads");
+        b_side.receive(&mut b, &heads).expect("valid");
+        let need = b_side.generate(&b).expect("b says what it has");
+        a_side.receive(&mut a, &need).expect("valid");
+        a_side.generate(&a).expect("a sends its changes")
+    }
+
+    #[test]
+    fn row_03_a_tampered_change_is_never_accepted() {
+        let a = doc_with("secret", "original value");
+        let message = message_with_changes(&a);
+        let mut applied_unchanged = 0;
+        for i in 0..message.len() {
+            let mut tampered = message.clone();
+            tampered[i] ^= 0x20;
+            let mut b = Automerge::new();
+            let _ = PeerSession::new().receive(&mut b, &tampered);
+            let heads = b.get_heads();
+            // Either nothing was applied, or exactly A's own change (the flip hit a byte that
+            // does not belong to the change, such as an advertised head): never a change of
+            // someone's making.
+            assert!(
+                heads.is_empty() || heads == a.get_heads(),
+                "byte {i}: a tampered change was applied"
+            );
+            applied_unchanged += usize::from(heads == a.get_heads());
+        }
+        // The untampered message does apply.
+        let mut b = Automerge::new();
+        PeerSession::new().receive(&mut b, &message).expect("valid");
+        assert_eq!(b.get_heads(), a.get_heads());
+        assert!(applied_unchanged < message.len() / 2, "most flips hit the change and are refused");
+    }
+
+    #[test]
+    fn row_06_duplicate_delivery_is_idempotent() {
+        let a = doc_with("k", "v");
+        let message = message_with_changes(&a);
+        let mut b = Automerge::new();
+        let mut session = PeerSession::new();
+        session.receive(&mut b, &message).expect("valid");
+        let (heads, saved) = (b.get_heads(), b.save());
+        for _ in 0..3 {
+            let _ = session.receive(&mut b, &message);
+            assert_eq!(b.get_heads(), heads);
+            assert_eq!(b.save(), saved);
+        }
+        // A fresh session (a reconnect) replaying it is just as harmless.
+        let _ = PeerSession::new().receive(&mut b, &message);
+        assert_eq!(b.get_heads(), heads);
+    }
 }

@@ -77,7 +77,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_single_bit_flip_fails_to_open(data in proptest::collection::vec(any::<u8>(), 0..64),
+        fn row_22_any_single_bit_flip_fails_to_open(data in proptest::collection::vec(any::<u8>(), 0..64),
                                              bit in any::<prop::sample::Index>()) {
             let key = DataKey::generate();
             let mut sealed = seal(&key, b"aad", &data);
@@ -100,12 +100,19 @@ mod tests {
     }
 
     #[test]
-    fn nonces_do_not_repeat() {
-        let key = DataKey::generate();
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..100_000 {
-            let sealed = seal(&key, b"", b"");
-            assert!(seen.insert(sealed[1..1 + NONCE_LEN].to_vec()), "nonce repeated");
+    fn row_28_a_million_nonces_do_not_repeat_across_restarts() {
+        // Nonces are random, with no counter to persist: a "restart" is the same key bytes in a
+        // fresh key object.
+        let bytes: [u8; 32] = crate::random_array();
+        let mut seen = std::collections::HashSet::with_capacity(1_000_000);
+        for _restart in 0..4 {
+            let key = DataKey::from_bytes(bytes);
+            for _ in 0..250_000 {
+                let sealed = seal(&key, b"", b"");
+                let nonce: [u8; NONCE_LEN] =
+                    sealed[1..1 + NONCE_LEN].try_into().expect("a nonce follows the version");
+                assert!(seen.insert(nonce), "nonce repeated");
+            }
         }
     }
 

@@ -28,7 +28,7 @@ fn every_kept_input_passes_its_target() {
 }
 
 #[test]
-fn every_target_survives_truncations_and_bit_flips_of_its_seeds() {
+fn row_01_02_every_target_survives_truncations_and_bit_flips_of_its_seeds() {
     // BAD_INPUTS rows 1 and 2 without a fuzzer: every prefix of every seed, and every single
     // bit flip of the short ones.
     for (name, seed) in cubby_fuzz::seeds() {

@@ -125,14 +125,14 @@ fn hex_prefix() -> Vec<u8> {
 }
 
 #[test]
-fn alg_none_is_refused() {
+fn row_12_alg_none_is_refused() {
     let ed = ed();
     let token = format!("{}.", encode(&json!({"alg": "none"}), &claims()));
     assert_eq!(ed.verifier.verify(&token, NOW), Err(JwtError::InvalidAlgorithm("none".into())));
 }
 
 #[test]
-fn rsa_public_key_as_hmac_secret_is_refused() {
+fn row_13_rsa_public_key_as_hmac_secret_is_refused() {
     let verifier = Verifier::new(
         validation(Algorithm::RS256),
         vec![VerifyingKey::from_pem(RSA_PUB_PEM, Algorithm::RS256, None).expect("pem")],
@@ -145,7 +145,7 @@ fn rsa_public_key_as_hmac_secret_is_refused() {
 }
 
 #[test]
-fn expiry_and_not_before_respect_the_leeway() {
+fn row_20_clock_skew_within_the_leeway_passes_and_beyond_it_fails() {
     let ed = ed();
     let mut c = claims();
     c["exp"] = json!(NOW - 30);
@@ -160,7 +160,7 @@ fn expiry_and_not_before_respect_the_leeway() {
 }
 
 #[test]
-fn string_exp_and_nbf_are_refused_not_skipped() {
+fn row_16_string_exp_and_nbf_are_refused_not_skipped() {
     let ed = ed();
     let mut c = claims();
     c["exp"] = json!((NOW - 1000).to_string());
@@ -177,7 +177,7 @@ fn string_exp_and_nbf_are_refused_not_skipped() {
 }
 
 #[test]
-fn wrong_issuer_audience_type_and_missing_claims_are_refused() {
+fn row_15_wrong_issuer_audience_type_and_missing_claims_are_refused() {
     let ed = ed();
     let check = |edit: &dyn Fn(&mut Value), want: JwtError| {
         let mut c = claims();
