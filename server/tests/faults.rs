@@ -167,6 +167,21 @@ fn stored_prefix(data: &Path, writers: &[(CustomerId, DocId)]) -> Vec<u64> {
         .collect()
 }
 
+/// Waits until `client` is up to date, through the failures of reconnects, or panics with `what`
+/// after [`DEADLINE`].
+async fn synced_within_deadline(client: &Client, what: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    while client.wait_until_synced().await.is_err() {
+        assert!(Instant::now() < deadline, "{what}");
+        let mut status = client.status();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            status.wait_for(|s| *s == SyncStatus::UpToDate),
+        )
+        .await;
+    }
+}
+
 fn customer_id(data: &Path, subject: &str) -> CustomerId {
     let master = MasterSecret::read(&data.join("master.key")).expect("master key");
     CustomerId::from_bytes(Keyring::from_master(&master).customer_id("dev", subject))
@@ -233,16 +248,7 @@ async fn row_23_kill_9_under_write_load_loses_no_acknowledged_change() {
     }
     // Everything any device wrote, acknowledged or not, reaches the server and the other device.
     for (client, _, _) in &devices {
-        let deadline = Instant::now() + DEADLINE;
-        while client.wait_until_synced().await.is_err() {
-            assert!(Instant::now() < deadline, "a device did not converge (seed {seed})");
-            let mut status = client.status();
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                status.wait_for(|s| *s == SyncStatus::UpToDate),
-            )
-            .await;
-        }
+        synced_within_deadline(client, &format!("a device did not converge (seed {seed})")).await;
     }
     let alice_laptop = &devices[1].0;
     let phone_doc = devices[0].1.id();
@@ -368,16 +374,7 @@ async fn row_24_disk_full_refuses_writes_without_acknowledging_and_recovers_afte
     drop(server);
     std::fs::remove_file(filler).expect("free space");
     let _server = start(&data, port);
-    let deadline = Instant::now() + DEADLINE;
-    while phone.wait_until_synced().await.is_err() {
-        assert!(Instant::now() < deadline, "the phone never synced after space was freed");
-        let mut status = phone.status();
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            status.wait_for(|s| *s == SyncStatus::UpToDate),
-        )
-        .await;
-    }
+    synced_within_deadline(&phone, "the phone never synced after space was freed").await;
     let laptop = open("laptop").await.expect("client builds");
     laptop.wait_until_synced().await.expect("a fresh device syncs");
     let json = laptop.open(doc.id()).await.expect("the laptop has it").to_json();
