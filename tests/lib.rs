@@ -94,15 +94,21 @@ impl TestServer {
 
     /// A raw gRPC channel to the server over TLS, trusting its certificate.
     pub async fn channel(&self) -> tonic::transport::Channel {
+        self.channel_with(|endpoint| endpoint).await
+    }
+
+    /// A raw channel whose endpoint `adjust` configured (for example its flow-control windows).
+    pub async fn channel_with(
+        &self,
+        adjust: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+    ) -> tonic::transport::Channel {
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem));
-        tonic::transport::Endpoint::from_shared(self.url())
+        let endpoint = tonic::transport::Endpoint::from_shared(self.url())
             .expect("valid url")
             .tls_config(tls)
-            .expect("valid TLS config")
-            .connect()
-            .await
-            .expect("connects")
+            .expect("valid TLS config");
+        adjust(endpoint).connect().await.expect("connects")
     }
 
     /// A new device of `customer`, syncing in the background.
@@ -172,6 +178,16 @@ impl RawStream {
         key: &DeviceKey,
         device_id: [u8; 16],
     ) -> Result<Self, tonic::Status> {
+        Self::connect_on(server.channel().await, token, key, device_id).await
+    }
+
+    /// Like [`RawStream::connect_as`], over `channel`.
+    pub async fn connect_on(
+        channel: tonic::transport::Channel,
+        token: &str,
+        key: &DeviceKey,
+        device_id: [u8; 16],
+    ) -> Result<Self, tonic::Status> {
         use cubby_proto::pb;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let hello = pb::Hello {
@@ -182,7 +198,7 @@ impl RawStream {
         };
         tx.try_send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
             .expect("room for the hello");
-        let mut sync = pb::sync_client::SyncClient::new(server.channel().await);
+        let mut sync = pb::sync_client::SyncClient::new(channel);
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut inbound = sync.connect(authed(stream, token)).await?.into_inner();
         let first = tokio::time::timeout(DEADLINE, inbound.message())

@@ -80,6 +80,9 @@ pub struct Limits {
     pub compact_after_chunks: usize,
     /// Token clock leeway, seconds, for every tenant. Default 60.
     pub token_leeway_secs: u64,
+    /// How long a device may leave the server's frames unread (with its queue full) before its
+    /// stream is closed, seconds. Default 30.
+    pub slow_consumer_secs: u64,
     /// How often the master key file is checked for a rotated key, seconds. Default 10.
     pub key_reload_secs: u64,
     /// Largest history one document may have, bytes (before encryption). Default 64 MiB.
@@ -106,6 +109,7 @@ impl Default for Limits {
             max_commit_batch: 1024,
             compact_after_chunks: 256,
             token_leeway_secs: 60,
+            slow_consumer_secs: 30,
             key_reload_secs: 10,
             max_document_bytes: 64 << 20,
             max_customer_bytes: 1 << 30,

@@ -69,15 +69,18 @@ pub(crate) fn api_error(err: StoreError) -> ApiError {
 
 impl Committer {
     /// Starts the writer thread over `store`.
+    /// `degraded` is called once, at the first failed flush (the store then refuses writes
+    /// until the server restarts).
     pub(crate) fn start(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         max_batch: usize,
+        degraded: Box<dyn FnOnce() + Send>,
     ) -> (Self, CommitHandle) {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("cubby-commit".into())
-            .spawn(move || run(&*store, &hub, &rx, max_batch.max(1)))
+            .spawn(move || run(&*store, &hub, &rx, max_batch.max(1), degraded))
             .expect("spawning a thread fails only when the OS is out of resources");
         (Self { thread }, CommitHandle { tx })
     }
@@ -117,7 +120,14 @@ fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
     }
 }
 
-fn run(store: &dyn Store, hub: &Hub, rx: &std_mpsc::Receiver<Job>, max_batch: usize) {
+fn run(
+    store: &dyn Store,
+    hub: &Hub,
+    rx: &std_mpsc::Receiver<Job>,
+    max_batch: usize,
+    degraded: Box<dyn FnOnce() + Send>,
+) {
+    let mut degraded = Some(degraded);
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -129,6 +139,9 @@ fn run(store: &dyn Store, hub: &Hub, rx: &std_mpsc::Receiver<Job>, max_batch: us
         let results: Vec<_> = batch.iter().map(|job| apply(store, &job.write)).collect();
         let flushed = store.flush().map_err(|err| {
             tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");
+            if let Some(degraded) = degraded.take() {
+                degraded();
+            }
             api_error(err)
         });
         for (job, result) in batch.into_iter().zip(results) {

@@ -253,8 +253,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let hub = Arc::new(hub::Hub::default());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let degraded = {
+        let (health, runtime) = (health.clone(), tokio::runtime::Handle::current());
+        Box::new(move || {
+            tracing::error!("storage failed; health now reports NOT_SERVING until a restart");
+            runtime.spawn(async move {
+                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                health.set_not_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
+                health
+                    .set_not_serving::<pb::account_server::AccountServer<account::AccountService>>()
+                    .await;
+                health
+                    .set_not_serving::<pb::admin_server::AdminServer<admin::AdminService>>()
+                    .await;
+            });
+        })
+    };
     let (committer, commit) =
-        durable::Committer::start(store.clone(), hub.clone(), limits.max_commit_batch);
+        durable::Committer::start(store.clone(), hub.clone(), limits.max_commit_batch, degraded);
     let quotas = Arc::new(quota::Quotas::new(quota::QuotaLimits {
         max_document_bytes: limits.max_document_bytes,
         max_customer_bytes: limits.max_customer_bytes,
@@ -293,7 +310,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         stop: stop.clone(),
     });
 
-    let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
     health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
     health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;

@@ -28,8 +28,6 @@ use crate::hub::Announcement;
 
 /// Frames queued for one device before the server considers it too slow.
 const OUTBOX_FRAMES: usize = 256;
-/// How long a device may leave the server's frames unread before its stream is closed.
-const SLOW_CONSUMER: Duration = Duration::from_secs(30);
 
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
@@ -170,7 +168,8 @@ impl Connection {
     }
 
     async fn send(&self, frame: pb::ServerFrame) -> Result<(), Status> {
-        match tokio::time::timeout(SLOW_CONSUMER, self.outbox.send(Ok(frame))).await {
+        let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
+        match tokio::time::timeout(patience, self.outbox.send(Ok(frame))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Status::cancelled("stream closed")),
             Err(_) => Err(Status::resource_exhausted("device is not reading its stream")),

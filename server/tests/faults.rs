@@ -365,9 +365,30 @@ async fn row_24_disk_full_refuses_writes_without_acknowledging_and_recovers_afte
     assert!(acked > 0, "some writes fit before the disk filled");
     eprintln!("{acked} writes of 64 KiB acknowledged before the disk filled: {refusal}");
 
-    // The server stays up and answers promptly while full.
+    // The server stays up and answers promptly while full, and its health check says so.
     let again = tokio::time::timeout(DEADLINE, phone.wait_until_synced()).await;
     assert!(matches!(again, Ok(Err(_))), "still refused, promptly: {again:?}");
+    let channel = tonic::transport::Endpoint::from_shared(url.clone())
+        .expect("url")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
+        )
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connects");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let request = tonic_health::pb::HealthCheckRequest { service: String::new() };
+        let status = health.check(request).await.expect("health answers").into_inner().status;
+        if status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "health never reported the full disk");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Free the space, restart: everything acknowledged is there, and the refused write syncs
     // from the device, which kept it.

@@ -316,3 +316,37 @@ async fn row_09_a_connection_that_never_finishes_the_tls_handshake_is_closed() {
     device.client.create("after").await.expect("create");
     device.client.wait_until_synced().await.expect("still serving");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() {
+    let server = TestServer::start_with(|c| c.limits.slow_consumer_secs = 1).await;
+    let phone = server.device("alice").await;
+    // A device that connects and then never reads another frame, with small flow-control
+    // windows so that they fill quickly.
+    let channel = server
+        .channel_with(|e| {
+            e.initial_stream_window_size(16 * 1024).initial_connection_window_size(16 * 1024)
+        })
+        .await;
+    let key =
+        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let mut stalled =
+        RawStream::connect_on(channel, &server.token("alice"), &key, cubby_crypto::random_array())
+            .await
+            .expect("connects");
+    // Each write is announced, with the document's title, to every device of the customer:
+    // enough of them fill the stalled device's windows and then its queue on the server.
+    let doc = phone.client.create(&"t".repeat(1000)).await.expect("create");
+    for i in 0..2000 {
+        doc.put("n", json!(i)).await.expect("put");
+        if i % 100 == 0 {
+            phone.client.wait_until_synced().await.expect("the phone is never held up");
+        }
+    }
+    phone.client.wait_until_synced().await.expect("the phone is never held up");
+    // The stalled stream was dropped: past whatever it had buffered, it ends (with no status:
+    // there is no room left in its queue to say why, which is the point).
+    let ended = stalled.until_closed().await;
+    assert!(ended.as_ref().is_none_or(|s| s.code() == tonic::Code::ResourceExhausted), "{ended:?}");
+}
