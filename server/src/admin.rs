@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use cubby_core::json::Edit;
-use cubby_core::{CustomerId, DocId, DocMeta};
+use cubby_core::{CustomerId, DocId};
 use cubby_proto::{ApiError, pb};
 
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,6 +22,7 @@ use crate::auth::Caller;
 use crate::devices;
 use crate::docs::DocMsg;
 use crate::durable::api_error;
+use crate::quota::history_bytes;
 
 /// Edits in one change, at most.
 const MAX_EDITS: usize = 1000;
@@ -158,11 +159,7 @@ impl pb::admin_server::Admin for AdminService {
                         break;
                     }
                     let docs = store.list_docs(&customer).map_err(api_error)?;
-                    let bytes = docs
-                        .iter()
-                        .filter_map(|(_, m)| DocMeta::decode(m).ok())
-                        .map(|m| m.size)
-                        .sum();
+                    let bytes = history_bytes(&docs);
                     let devices = devices::list(store, &customer)?;
                     let last_seen_ms =
                         devices.iter().map(|(_, d)| d.last_seen_ms).max().unwrap_or(0);

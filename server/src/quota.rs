@@ -9,11 +9,17 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-use cubby_core::{CustomerId, DocMeta};
+use cubby_core::{CustomerId, DocId, DocMeta};
 use cubby_proto::ApiError;
 use cubby_store::Store;
 
 use crate::durable::api_error;
+
+/// Bytes of history in a customer's documents, from the metadata `Store::list_docs` returns
+/// (what the storage limit counts).
+pub(crate) fn history_bytes(docs: &[(DocId, Vec<u8>)]) -> u64 {
+    docs.iter().filter_map(|(_, meta)| DocMeta::decode(meta).ok()).map(|meta| meta.size).sum()
+}
 
 /// The limits, from the config.
 #[derive(Clone, Copy, Debug)]
@@ -81,13 +87,7 @@ impl Quotas {
             )));
         }
         if !self.usage.lock().unwrap_or_else(PoisonError::into_inner).contains_key(customer) {
-            let total = store
-                .list_docs(customer)
-                .map_err(api_error)?
-                .iter()
-                .filter_map(|(_, meta)| DocMeta::decode(meta).ok())
-                .map(|meta| meta.size)
-                .sum();
+            let total = history_bytes(&store.list_docs(customer).map_err(api_error)?);
             self.usage
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)

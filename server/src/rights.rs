@@ -184,11 +184,7 @@ impl Shared {
         let (documents, bytes, device_count, audit_entries) = self
             .blocking(move || {
                 let docs = store.list_docs(&customer).map_err(api_error)?;
-                let bytes = docs
-                    .iter()
-                    .filter_map(|(_, m)| DocMeta::decode(m).ok())
-                    .map(|m| m.size)
-                    .sum::<u64>();
+                let bytes = crate::quota::history_bytes(&docs);
                 let devices = store.scan_records(&customer, Space::DEVICES).map_err(api_error)?;
                 let audit = store.scan_records(&customer, Space::AUDIT).map_err(api_error)?;
                 Ok((docs.len() as u64, bytes, devices.len() as u64, audit.len() as u64))

@@ -79,7 +79,7 @@ impl Client {
     /// Handles a refusal that tells this device to wipe (revoked, or the account erased).
     async fn refused_or_wiped(&self, status: tonic::Status) -> ClientError {
         if let Some(reason) = wipe_reason(&status) {
-            self.stop_sync();
+            let _ = self.stop_sync();
             self.inner.wipe(reason).await;
         }
         refused(status)
@@ -183,7 +183,7 @@ impl Client {
                 Ok(response) => response.into_inner(),
                 Err(status) => return Err(self.refused_or_wiped(status).await),
             };
-        self.stop_sync();
+        let _ = self.stop_sync();
         self.inner.wipe(WipeReason::AccountErased).await;
         Ok(ErasureReceipt {
             erased_ms: receipt.erased_ms,

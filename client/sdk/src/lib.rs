@@ -545,25 +545,20 @@ impl Client {
         }
     }
 
-    /// Stops the background sync task, if it runs.
-    fn stop_sync(&self) {
+    /// Stops the background sync task, if it runs, and returns it to await if wanted.
+    fn stop_sync(&self) -> Option<tokio::task::JoinHandle<()>> {
         let task = std::mem::replace(
             &mut *self.sync.lock().unwrap_or_else(PoisonError::into_inner),
             SyncTask::Stopped,
         );
-        if let SyncTask::Running(task) = task {
-            task.abort();
-        }
+        let SyncTask::Running(task) = task else { return None };
+        task.abort();
+        Some(task)
     }
 
     /// Stops syncing and closes the local store. Local data is already on disk.
     pub async fn shutdown(self) {
-        let task = std::mem::replace(
-            &mut *self.sync.lock().unwrap_or_else(PoisonError::into_inner),
-            SyncTask::Stopped,
-        );
-        if let SyncTask::Running(task) = task {
-            task.abort();
+        if let Some(task) = self.stop_sync() {
             let _ = task.await;
         }
         // Let store work already started finish, so the store closes with this client (unless
