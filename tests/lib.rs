@@ -12,6 +12,33 @@ use cubby_crypto::signing::DeviceKey;
 use cubby_server::{RunningServer, ServerConfig, auth};
 use tempfile::TempDir;
 
+pub mod sim_disk;
+
+/// splitmix64: a few lines of deterministic randomness, so a seeded schedule replays.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// A duration in `lo..hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next_u64() % (hi - lo).max(1))
+    }
+}
+
 /// How long a test waits for a condition before failing.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

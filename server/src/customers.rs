@@ -58,11 +58,16 @@ pub(crate) struct Customers {
     /// Customers whose profile this process has written or seen.
     profiled: Mutex<HashSet<CustomerId>>,
     streams: Mutex<Streams>,
+    work: crate::StorageWork,
 }
 
 impl Customers {
     /// Loads erased customers and refused tokens (blocking).
-    pub(crate) fn load(store: Arc<dyn Store>, erased: Vec<CustomerId>) -> Result<Self, StoreError> {
+    pub(crate) fn load(
+        store: Arc<dyn Store>,
+        erased: Vec<CustomerId>,
+        work: crate::StorageWork,
+    ) -> Result<Self, StoreError> {
         let now = crate::auth::now();
         let mut denied = HashMap::new();
         for customer in store.list_customers()? {
@@ -89,6 +94,7 @@ impl Customers {
             denied: RwLock::new(denied),
             profiled: Mutex::new(HashSet::new()),
             streams: Mutex::new(Streams::default()),
+            work,
         })
     }
 
@@ -131,15 +137,17 @@ impl Customers {
                 caller.customer,
                 Profile { tenant: caller.tenant.clone(), subject: caller.subject.clone() },
             );
-            let written = tokio::task::spawn_blocking(move || {
-                if store.get_record(&customer, Space::PROFILE, b"identity")?.is_none() {
-                    let bytes = serde_json::to_vec(&profile).expect("strings always serialize");
-                    store.put_record(&customer, Space::PROFILE, b"identity", &bytes)?;
-                }
-                Ok::<_, StoreError>(())
-            })
-            .await
-            .map_err(|_| ApiError::Internal)?;
+            let written = self
+                .work
+                .run(move || {
+                    if store.get_record(&customer, Space::PROFILE, b"identity")?.is_none() {
+                        let bytes = serde_json::to_vec(&profile).expect("strings always serialize");
+                        store.put_record(&customer, Space::PROFILE, b"identity", &bytes)?;
+                    }
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .map_err(|_| ApiError::Internal)?;
             if let Err(err) = written {
                 self.profiled
                     .lock()

@@ -76,6 +76,7 @@ pub(crate) struct Ctx {
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
     pub(crate) quotas: Arc<crate::quota::Quotas>,
+    pub(crate) work: crate::StorageWork,
 }
 
 type Key = (CustomerId, DocId);
@@ -300,35 +301,38 @@ impl Actor {
     /// Loads the document from storage (again), dropping anything not durable.
     async fn load(&mut self) -> Result<(), ApiError> {
         let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
-        let loaded = tokio::task::spawn_blocking(move || {
-            let Some(records) = store.load(&customer, &doc).map_err(api_error)? else {
-                return Ok(None);
-            };
-            let meta =
-                DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
-            let snapshot = records.snapshot.as_ref();
-            let rebuilt = std::panic::catch_unwind(|| {
-                lifecycle::rebuild(
-                    snapshot.map(|s| s.bytes.as_slice()),
-                    records.chunks.iter().map(|(_, b)| b.as_slice()),
-                )
-            });
-            let Ok(Ok(automerge)) = rebuilt else {
-                tracing::error!(doc = %doc.short(), "stored document does not load");
-                return Err(ApiError::DataLoss("document"));
-            };
-            let next_chunk = records.next_chunk();
-            Ok(Some(Live {
-                doc: automerge,
-                meta,
-                next_chunk,
-                chunks_since_snapshot: records.chunks.len(),
-                bytes_since_snapshot: records.chunk_bytes(),
-                seq: records.seq,
-            }))
-        })
-        .await
-        .map_err(|_| ApiError::Internal)??;
+        let loaded = self
+            .ctx()
+            .work
+            .run(move || {
+                let Some(records) = store.load(&customer, &doc).map_err(api_error)? else {
+                    return Ok(None);
+                };
+                let meta =
+                    DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
+                let snapshot = records.snapshot.as_ref();
+                let rebuilt = std::panic::catch_unwind(|| {
+                    lifecycle::rebuild(
+                        snapshot.map(|s| s.bytes.as_slice()),
+                        records.chunks.iter().map(|(_, b)| b.as_slice()),
+                    )
+                });
+                let Ok(Ok(automerge)) = rebuilt else {
+                    tracing::error!(doc = %doc.short(), "stored document does not load");
+                    return Err(ApiError::DataLoss("document"));
+                };
+                let next_chunk = records.next_chunk();
+                Ok(Some(Live {
+                    doc: automerge,
+                    meta,
+                    next_chunk,
+                    chunks_since_snapshot: records.chunks.len(),
+                    bytes_since_snapshot: records.chunk_bytes(),
+                    seq: records.seq,
+                }))
+            })
+            .await
+            .map_err(|_| ApiError::Internal)??;
         self.state = Some(loaded);
         for peer in self.peers.values_mut() {
             peer.session.reset();
@@ -533,11 +537,10 @@ impl Actor {
             if ctx.quotas.knows(&customer) {
                 quotas.reserve(&*store, &customer, size, chunk_len)?;
             } else {
-                tokio::task::spawn_blocking(move || {
-                    quotas.reserve(&*store, &customer, size, chunk_len)
-                })
-                .await
-                .map_err(|_| ApiError::Internal)??;
+                ctx.work
+                    .run(move || quotas.reserve(&*store, &customer, size, chunk_len))
+                    .await
+                    .map_err(|_| ApiError::Internal)??;
             }
         }
         let write = Write::Doc {
@@ -641,6 +644,7 @@ impl Actor {
                     message,
                     create: None,
                     seq: live.seq.0,
+                    more: false,
                 })),
             };
             match peer.outbox.try_send(Ok(frame)) {

@@ -1,4 +1,4 @@
-//! Group commit: one writer thread applies writes in batches and flushes once per batch.
+//! Group commit: one writer (a thread; a task under simulation) applies writes in batches and flushes once per batch.
 //!
 //! A document actor hands its write to [`CommitHandle::commit`] and learns the result only after
 //! the flush that made it durable. While one flush runs, the next writes queue up and share the
@@ -10,14 +10,13 @@
 //! a customer's announcements in increasing order and only once they are durable.
 
 use std::sync::Arc;
-use std::sync::mpsc as std_mpsc;
-use std::thread::JoinHandle;
 
 use cubby_core::{CustomerId, DocId, DocMeta, Seq};
 use cubby_proto::ApiError;
 use cubby_store::{Chunk, Snapshot, Store, StoreError};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::StorageWork;
 use crate::hub::{Announcement, Hub};
 
 /// A write the committer applies.
@@ -36,16 +35,18 @@ struct Job {
     reply: oneshot::Sender<Result<Option<Seq>, ApiError>>,
 }
 
-/// Submits writes to the committer thread. Cheap to clone.
+/// Submits writes to the committer. Cheap to clone.
 #[derive(Clone, Debug)]
 pub(crate) struct CommitHandle {
-    tx: std_mpsc::Sender<Job>,
+    tx: mpsc::UnboundedSender<Job>,
 }
 
-/// The committer thread; joined at shutdown once every handle is gone.
+/// The committer: its own thread on a real server, a task under simulation
+/// ([`StorageWork::Inline`]). Joined at shutdown once every handle is gone.
 #[derive(Debug)]
-pub(crate) struct Committer {
-    thread: JoinHandle<()>,
+pub(crate) enum Committer {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 /// The one place storage errors become API errors. Details go to the log, not the client.
@@ -68,7 +69,7 @@ pub(crate) fn api_error(err: StoreError) -> ApiError {
 }
 
 impl Committer {
-    /// Starts the writer thread over `store`.
+    /// Starts the writer over `store`.
     /// `degraded` is called once, at the first failed flush (the store then refuses writes
     /// until the server restarts).
     pub(crate) fn start(
@@ -76,19 +77,41 @@ impl Committer {
         hub: Arc<Hub>,
         max_batch: usize,
         degraded: Box<dyn FnOnce() + Send>,
+        work: StorageWork,
     ) -> (Self, CommitHandle) {
-        let (tx, rx) = std_mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name("cubby-commit".into())
-            .spawn(move || run(&*store, &hub, &rx, max_batch.max(1), degraded))
-            .expect("spawning a thread fails only when the OS is out of resources");
-        (Self { thread }, CommitHandle { tx })
+        let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
+        let mut writer =
+            Writer { store, hub, max_batch: max_batch.max(1), degraded: Some(degraded) };
+        let committer = match work {
+            StorageWork::Inline => Self::Task(tokio::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    writer.commit_batch(first, &mut rx);
+                }
+            })),
+            StorageWork::BlockingPool => Self::Thread(
+                std::thread::Builder::new()
+                    .name("cubby-commit".into())
+                    .spawn(move || {
+                        while let Some(first) = rx.blocking_recv() {
+                            writer.commit_batch(first, &mut rx);
+                        }
+                    })
+                    .expect("spawning a thread fails only when the OS is out of resources"),
+            ),
+        };
+        (committer, CommitHandle { tx })
     }
 
-    /// Waits for the thread to finish (after every [`CommitHandle`] is dropped).
-    pub(crate) fn join(self) {
-        if self.thread.join().is_err() {
-            tracing::error!("commit thread panicked");
+    /// Waits for the writer to finish (after every [`CommitHandle`] is dropped).
+    pub(crate) async fn join(self) {
+        let finished = match self {
+            Self::Thread(thread) => {
+                tokio::task::spawn_blocking(move || thread.join().is_ok()).await.unwrap_or(false)
+            }
+            Self::Task(task) => task.await.is_ok(),
+        };
+        if !finished {
+            tracing::error!("the committer panicked");
         }
     }
 }
@@ -120,26 +143,30 @@ fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
     }
 }
 
-fn run(
-    store: &dyn Store,
-    hub: &Hub,
-    rx: &std_mpsc::Receiver<Job>,
+/// What the committer owns.
+struct Writer {
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
     max_batch: usize,
-    degraded: Box<dyn FnOnce() + Send>,
-) {
-    let mut degraded = Some(degraded);
-    while let Ok(first) = rx.recv() {
+    degraded: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Writer {
+    /// Applies `first` and every write queued behind it (up to `max_batch`), flushes once, then
+    /// answers each write and announces the durable ones in feed order.
+    fn commit_batch(&mut self, first: Job, rx: &mut mpsc::UnboundedReceiver<Job>) {
         let mut batch = vec![first];
-        while batch.len() < max_batch {
+        while batch.len() < self.max_batch {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
+        let store = &*self.store;
         let results: Vec<_> = batch.iter().map(|job| apply(store, &job.write)).collect();
         let flushed = store.flush().map_err(|err| {
             tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");
-            if let Some(degraded) = degraded.take() {
+            if let Some(degraded) = self.degraded.take() {
                 degraded();
             }
             api_error(err)
@@ -148,7 +175,7 @@ fn run(
             let outcome = match (&flushed, result) {
                 (Ok(()), Ok(seq)) => {
                     if let Some((customer, a)) = seq.and_then(|seq| announcement(&job.write, seq)) {
-                        hub.publish(customer, a);
+                        self.hub.publish(customer, a);
                     }
                     Ok(seq)
                 }

@@ -11,24 +11,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cubby_crypto::keys::{Keyring, MasterSecret};
-use cubby_store::EncryptedStore;
-use cubby_store_sled::SledStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::{StorageWork, Vault};
+
 /// Re-wraps keys now and after every change of the master key file.
 pub(crate) fn spawn_rotation(
-    vault: Arc<EncryptedStore<SledStore>>,
+    vault: Arc<Vault>,
     path: PathBuf,
     every: Duration,
+    work: StorageWork,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    let tracker_for_work = tracker.clone();
     tracker.spawn(async move {
         let mut seen = std::fs::read(&path).ok();
         // A rotation made while the server was down is finished now.
-        rewrap(&vault, &tracker_for_work).await;
+        rewrap(&vault, work).await;
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -49,7 +49,7 @@ pub(crate) fn spawn_rotation(
                         "master key file changed; re-wrapping data keys"
                     );
                     match vault.set_keyring(keyring) {
-                        Ok(()) => rewrap(&vault, &tracker_for_work).await,
+                        Ok(()) => rewrap(&vault, work).await,
                         Err(err) => tracing::error!(%err, "the changed master key file is not this store's; keeping the old keys"),
                     }
                 }
@@ -59,9 +59,9 @@ pub(crate) fn spawn_rotation(
     });
 }
 
-async fn rewrap(vault: &Arc<EncryptedStore<SledStore>>, tracker: &TaskTracker) {
+async fn rewrap(vault: &Arc<Vault>, work: StorageWork) {
     let vault = vault.clone();
-    match tracker.spawn_blocking(move || vault.rewrap_keys()).await {
+    match work.run(move || vault.rewrap_keys()).await {
         Ok(Ok(0)) => {}
         Ok(Ok(count)) => {
             tracing::info!(count, "data keys re-wrapped with the current key-encryption key")

@@ -20,7 +20,6 @@ use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::{EncryptedStore, Store, StoreError};
 use cubby_store_sled::SledStore;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,12 +34,17 @@ mod docs;
 mod durable;
 mod hub;
 mod keys;
+mod listen;
 mod quota;
 mod rights;
 mod sync;
 pub mod tls;
 
 pub use config::{ConfigError, Limits, ServerConfig, TenantConfig, TlsConfig};
+pub use listen::{Conn, Listener};
+
+/// The encrypted store every part of the server writes through.
+pub(crate) type Vault = EncryptedStore<Arc<dyn Store>>;
 
 /// Why the server did not start. Each message tells the operator what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +91,7 @@ pub(crate) struct Shared {
     pub(crate) limits: Limits,
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
+    pub(crate) work: StorageWork,
 }
 
 impl Shared {
@@ -118,7 +123,35 @@ impl Shared {
         &self,
         work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        tokio::task::spawn_blocking(work).await.map_err(|_| ApiError::Internal)?
+        self.work.run(work).await?
+    }
+}
+
+/// Where synchronous storage work runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorageWork {
+    /// On tokio's blocking pool, and group commit on its own thread: a real server.
+    #[default]
+    BlockingPool,
+    /// On the calling task, and group commit as a task: for a deterministic simulation, whose
+    /// store lives in memory and never blocks. Exports still run on the blocking pool.
+    Inline,
+}
+
+impl StorageWork {
+    /// Runs `work` here or on the blocking pool. A panic inside it becomes `INTERNAL` either way.
+    pub(crate) async fn run<T: Send + 'static>(
+        self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        match self {
+            Self::Inline => std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+                .map_err(|_| ApiError::Internal),
+            Self::BlockingPool => {
+                tokio::task::spawn_blocking(work).await.map_err(|_| ApiError::Internal)
+            }
+        }
     }
 }
 
@@ -133,7 +166,8 @@ pub struct RunningServer {
     serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     committer: durable::Committer,
     docs: docs::Docs,
-    vault: Arc<EncryptedStore<SledStore>>,
+    vault: Arc<Vault>,
+    work: StorageWork,
 }
 
 impl RunningServer {
@@ -163,9 +197,10 @@ impl RunningServer {
         &self,
     ) -> Result<std::collections::BTreeMap<u32, usize>, StoreError> {
         let vault = self.vault.clone();
-        tokio::task::spawn_blocking(move || vault.key_generations())
+        self.work
+            .run(move || vault.key_generations())
             .await
-            .map_err(|e| StoreError::Backend(Box::new(e)))?
+            .map_err(|e| StoreError::Backend(e.to_string().into()))?
     }
 
     /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
@@ -181,8 +216,7 @@ impl RunningServer {
         self.tracker.wait().await;
         // Every other commit handle lived in a task or service that has now ended.
         drop(self.docs);
-        let committer = self.committer;
-        let _ = tokio::task::spawn_blocking(move || committer.join()).await;
+        self.committer.join().await;
     }
 }
 
@@ -205,17 +239,59 @@ fn master_key(config: &ServerConfig) -> Result<(MasterSecret, Option<PathBuf>), 
     }
 }
 
-/// Starts a server. Returns once it is listening.
+/// What a server runs on besides its configuration: where it stores, how it takes
+/// connections, and where storage work runs. [`start`] uses the machine (sled in the data
+/// directory, a TCP listener on `listen`, the blocking pool); the deterministic simulation
+/// supplies an in-memory disk and a simulated network.
+pub struct Platform<L> {
+    /// The storage backend. The server seals everything it writes with the master key.
+    pub store: Arc<dyn Store>,
+    /// Where connections come from.
+    pub listener: L,
+    /// Where synchronous storage work runs.
+    pub work: StorageWork,
+}
+
+/// Starts a server on this machine. Returns once it is listening.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
-    tls::install_ring_provider();
-    std::fs::create_dir_all(&config.data).map_err(|e| {
-        ConfigError(format!("cannot create data directory {}: {e}", config.data.display()))
-    })?;
-    let (master, master_key_created) = master_key(&config)?;
+    create_data_dir(&config)?;
+    // The key first: without it nothing may be written.
+    let master = master_key(&config)?;
     let db_path = store_path(&config);
     let sled = SledStore::open(&db_path)
         .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
-    let vault = match EncryptedStore::open(sled, Keyring::from_master(&master)) {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let platform = Platform { store: Arc::new(sled), listener, work: StorageWork::BlockingPool };
+    launch(config, master, platform).await
+}
+
+/// Starts a server on `platform`. Returns once it is listening.
+pub async fn start_on<L: Listener>(
+    config: ServerConfig,
+    platform: Platform<L>,
+) -> Result<RunningServer, StartError> {
+    create_data_dir(&config)?;
+    let master = master_key(&config)?;
+    launch(config, master, platform).await
+}
+
+fn create_data_dir(config: &ServerConfig) -> Result<(), StartError> {
+    std::fs::create_dir_all(&config.data).map_err(|e| {
+        ConfigError(format!("cannot create data directory {}: {e}", config.data.display())).into()
+    })
+}
+
+async fn launch<L: Listener>(
+    config: ServerConfig,
+    (master, master_key_created): (MasterSecret, Option<PathBuf>),
+    platform: Platform<L>,
+) -> Result<RunningServer, StartError> {
+    tls::install_ring_provider();
+    let Platform { store: backend, listener, work } = platform;
+    let db_path = store_path(&config);
+    let vault = match EncryptedStore::open(backend, Keyring::from_master(&master)) {
         Ok(store) => Arc::new(store),
         Err(StoreError::WrongMasterKey) => {
             return Err(StartError::WrongMasterKey(config.data.clone()));
@@ -225,7 +301,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
-    let customers = customers::Customers::load(store.clone(), erased).map_err(store_error)?;
+    let customers = customers::Customers::load(store.clone(), erased, work).map_err(store_error)?;
     let auth = auth::Authenticator::new(&config, Keyring::from_master(&master))?;
     drop(master);
 
@@ -242,9 +318,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     };
     let tls_config = cert.as_ref().map(tls::server_config).transpose()?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -270,8 +343,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             });
         })
     };
-    let (committer, commit) =
-        durable::Committer::start(store.clone(), hub.clone(), limits.max_commit_batch, degraded);
+    let (committer, commit) = durable::Committer::start(
+        store.clone(),
+        hub.clone(),
+        limits.max_commit_batch,
+        degraded,
+        work,
+    );
     let quotas = Arc::new(quota::Quotas::new(quota::QuotaLimits {
         max_document_bytes: limits.max_document_bytes,
         max_customer_bytes: limits.max_customer_bytes,
@@ -288,12 +366,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         },
         tracker: tracker.clone(),
         stop: stop.clone(),
+        work,
     });
     let live_docs = docs.clone();
     keys::spawn_rotation(
         vault.clone(),
         master_key_path(&config),
         Duration::from_secs(limits.key_reload_secs.max(1)),
+        work,
         &tracker,
         stop.clone(),
     );
@@ -308,6 +388,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         limits: limits.clone(),
         tracker: tracker.clone(),
         stop: stop.clone(),
+        work,
     });
 
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
@@ -359,7 +440,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         }
         None => {
             tracing::warn!("serving PLAINTEXT: for local development behind a trusted proxy only");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let incoming = listen::plaintext(listener, &tracker, stop.clone());
+            let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
     };
@@ -373,5 +455,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         committer,
         docs: live_docs,
         vault,
+        work,
     })
 }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use cubby_core::{CustomerId, DocId, DocMeta};
 use cubby_proto::ApiError;

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use cubby_core::{DeviceId, DocId, DocMeta, Seq};
 use cubby_crypto::signing::verify_device_proof;
+use cubby_proto::parts::{self, Reassembly};
 use cubby_proto::{ApiError, pb};
+use futures_util::StreamExt;
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +40,9 @@ pub(crate) struct SyncService {
 
 #[tonic::async_trait]
 impl pb::sync_server::Sync for SyncService {
-    type ConnectStream = ReceiverStream<Result<pb::ServerFrame, Status>>;
+    type ConnectStream = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<pb::ServerFrame, Status>> + Send + 'static>,
+    >;
 
     async fn connect(
         &self,
@@ -61,9 +65,18 @@ impl pb::sync_server::Sync for SyncService {
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             announced: Seq(0),
             kick: CancellationToken::new(),
+            parts: Reassembly::new(self.shared.limits.max_document_bytes as usize),
         };
         self.shared.tracker.spawn(connection.run(request.into_inner()));
-        Ok(Response::new(ReceiverStream::new(frames)))
+        // A queued frame is one sync message; on the wire it may take several parts.
+        let frames = ReceiverStream::new(frames).flat_map(|frame| {
+            let parts = match frame {
+                Ok(frame) => parts::split_server_frame(frame).into_iter().map(Ok).collect(),
+                Err(status) => vec![Err(status)],
+            };
+            futures_util::stream::iter(parts)
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 }
 
@@ -86,6 +99,8 @@ struct Connection {
     announced: Seq,
     /// Cancelled by a document actor when this device cannot keep up.
     kick: CancellationToken,
+    /// Sync messages arriving in parts.
+    parts: Reassembly,
 }
 
 impl Connection {
@@ -237,25 +252,28 @@ impl Connection {
     /// Announces every document changed after `self.announced`, from storage.
     async fn catch_up(&mut self) -> Result<(), Status> {
         let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
-        let changes = tokio::task::spawn_blocking(move || {
-            let feed = store.feed_since(&customer, cursor)?;
-            let changes = feed
-                .into_iter()
-                .map(|(seq, doc)| {
-                    let meta = store.doc_meta(&customer, &doc)?;
-                    Ok((seq, doc, meta))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            // Reads see writes before their group commit is flushed; flush, so nothing announced
-            // here can be lost in a crash (and its feed position taken again after restart).
-            if !changes.is_empty() {
-                store.flush()?;
-            }
-            Ok::<_, cubby_store::StoreError>(changes)
-        })
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(api_error)?;
+        let changes = self
+            .shared
+            .work
+            .run(move || {
+                let feed = store.feed_since(&customer, cursor)?;
+                let changes = feed
+                    .into_iter()
+                    .map(|(seq, doc)| {
+                        let meta = store.doc_meta(&customer, &doc)?;
+                        Ok((seq, doc, meta))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Reads see writes before their group commit is flushed; flush, so nothing announced
+                // here can be lost in a crash (and its feed position taken again after restart).
+                if !changes.is_empty() {
+                    store.flush()?;
+                }
+                Ok::<_, cubby_store::StoreError>(changes)
+            })
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .map_err(api_error)?;
         for (seq, doc, meta) in changes {
             let info = match meta.map(|m| DocMeta::decode(&m)) {
                 Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
@@ -277,7 +295,8 @@ impl Connection {
 
     async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), Status> {
         match frame.frame {
-            Some(pb::client_frame::Frame::Sync(sync)) => {
+            Some(pb::client_frame::Frame::Sync(part)) => {
+                let Some(sync) = self.parts.push(part)? else { return Ok(()) };
                 let doc = match cubby_proto::doc_id(&sync.doc_id) {
                     Ok(doc) => doc,
                     Err(err) => {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -17,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ConfigError;
+use crate::listen::{Conn, Listener};
 
 /// Installs ring as the process's rustls provider (idempotent).
 pub fn install_ring_provider() {
@@ -85,14 +85,14 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, each within `timeout`
 /// and at most `max_handshakes` at once; yields finished connections to tonic.
-pub(crate) fn incoming(
-    listener: TcpListener,
+pub(crate) fn incoming<L: Listener>(
+    mut listener: L,
     config: Arc<rustls::ServerConfig>,
     timeout: Duration,
     max_handshakes: usize,
     tracker: &TaskTracker,
     stop: CancellationToken,
-) -> mpsc::Receiver<std::io::Result<TlsStream<TcpStream>>> {
+) -> mpsc::Receiver<std::io::Result<TlsStream<Conn<L::Io>>>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(Semaphore::new(max_handshakes));
@@ -104,14 +104,14 @@ pub(crate) fn incoming(
                 accepted = listener.accept() => accepted,
                 () = stop.cancelled() => return,
             };
-            let (tcp, peer) = match accepted {
+            let (io, peer) = match accepted {
                 Ok(conn) => conn,
                 Err(err) => {
                     tracing::warn!(%err, "accept failed");
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
+            let tcp = Conn::new(io, peer);
             let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), stop.clone());
             handshakes.spawn(async move {
                 let _slot = slot;

@@ -78,6 +78,7 @@ async fn another_customers_document_is_not_found_like_a_missing_one() {
             message: message.clone(),
             create: None,
             seq: 0,
+            more: false,
         })
     };
     let mut raw = RawStream::connect(&server, &bob_token).await.expect("bob connects");
@@ -253,6 +254,7 @@ async fn row_01_malformed_sync_message_is_refused_and_the_stream_stays_usable() 
             message,
             create: None,
             seq: 0,
+            more: false,
         })
     };
     let valid = cubby_core::session::PeerSession::new()
@@ -290,6 +292,7 @@ async fn row_04_a_message_over_the_size_limit_is_resource_exhausted() {
         message: vec![0x42; 5 << 20],
         create: None,
         seq: 0,
+        more: false,
     }))
     .await;
     let refused = raw.until_closed().await.expect("closed with a status");

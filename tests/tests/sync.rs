@@ -316,3 +316,58 @@ async fn an_expired_token_is_refreshed_from_the_provider() {
     })
     .await;
 }
+
+/// Random letters: Automerge's compression leaves about 60% of their size.
+fn random_text(bytes: usize, salt: u64) -> String {
+    let mut rng = cubby_tests::Rng(salt);
+    (0..bytes).map(|_| char::from(b'a' + rng.below(26) as u8)).collect()
+}
+
+/// BAD_INPUTS row 31: a device comes back from a long time offline with more history than one
+/// gRPC message may carry (4 MiB), while the server gained changes too. The sync messages go in
+/// parts under the limit; everything converges; a new device then receives the whole document
+/// (Automerge sends it as one saved document, again larger than one message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_31_offline_device_with_history_over_the_message_limit_syncs_in_parts() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("Journal").await.expect("create");
+    doc.put("start", json!(true)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has the journal", || async {
+        laptop.client.open(doc.id()).await.is_ok()
+    })
+    .await;
+
+    // The phone goes offline for a long time and writes 10 MiB (about 6 MiB compressed); the
+    // laptop writes meanwhile.
+    let id = doc.id();
+    drop(doc);
+    let phone = Device::open(&server, "alice", phone.close().await, false).await;
+    let on_phone = phone.client.open(id).await.expect("open");
+    for i in 0..160u64 {
+        on_phone.put(&format!("entry-{i}"), json!(random_text(64 * 1024, i))).await.expect("put");
+    }
+    let on_laptop = laptop.client.open(id).await.expect("open");
+    for i in 0..20 {
+        on_laptop.put(&format!("laptop-{i}"), json!(i)).await.expect("put");
+    }
+    laptop.client.wait_until_synced().await.expect("laptop synced");
+
+    phone.client.wait_until_synced().await.expect("the phone's history reaches the server");
+    eventually("both hold the same heads", || async {
+        phone.client.wait_until_synced().await.is_ok()
+            && laptop.client.wait_until_synced().await.is_ok()
+            && on_phone.heads() == on_laptop.heads()
+    })
+    .await;
+    assert_eq!(on_laptop.to_json()["entry-159"], json!(random_text(64 * 1024, 159)));
+
+    let tablet = server.device("alice").await;
+    eventually("a new device receives the whole journal", || async {
+        tablet.client.wait_until_synced().await.is_ok()
+            && tablet.client.open(id).await.is_ok_and(|d| d.heads() == on_phone.heads())
+    })
+    .await;
+}

@@ -143,6 +143,9 @@ pub struct ClientBuilder {
     device_name: Option<String>,
     platform: Option<String>,
     autosync: bool,
+    store: Option<Arc<dyn Store>>,
+    dialer: Option<engine::Dialer>,
+    inline_storage: bool,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -206,10 +209,35 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps the local store in `backend` instead of a sled store in the data directory. The
+    /// client still encrypts every value with the local key. For tests and simulation (an
+    /// in-memory backend), or a platform's own storage.
+    pub fn with_store(mut self, backend: Arc<dyn Store>) -> Self {
+        self.store = Some(backend);
+        self
+    }
+
+    /// Reaches the server through `dial` instead of TCP; TLS still runs on top for an
+    /// `https://` server, checked against the URL's host name. For a simulated network.
+    pub fn with_transport<F, Fut, T>(mut self, dial: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::io::Result<T>> + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        self.dialer = Some(engine::Dialer::new(dial));
+        self
+    }
+
+    /// Runs local store calls on the calling task instead of the blocking pool. Only for a
+    /// backend that never blocks (the deterministic simulation's in-memory disk).
+    pub fn with_inline_storage(mut self, inline: bool) -> Self {
+        self.inline_storage = inline;
+        self
+    }
+
     /// Opens the local store and, with a server, starts syncing.
     pub async fn build(self) -> Result<Client, ClientError> {
-        let dir =
-            self.data_dir.ok_or_else(|| ClientError::Config("with_data_dir is required".into()))?;
         let key = self
             .local_key
             .ok_or_else(|| ClientError::Config("with_local_key is required".into()))?;
@@ -218,35 +246,19 @@ impl ClientBuilder {
                 let token = self.token.ok_or_else(|| {
                     ClientError::Config("a server needs with_token_provider".into())
                 })?;
-                Some(engine::Remote::new(&url, token, self.ca_pem)?)
+                Some(engine::Remote::new(&url, token, self.ca_pem, self.dialer)?)
             }
             None => None,
         };
-        let store = tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ClientError> {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                ClientError::Config(format!("cannot create {}: {e}", dir.display()))
-            })?;
-            let open = || -> Result<EncryptedStore<SledStore>, ClientError> {
-                let sled = SledStore::open(&dir.join("store"))?;
-                let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
-                Ok(EncryptedStore::open(sled, keyring)?)
-            };
-            let mut store = open()?;
-            if store.erased_at(&LOCAL)?.is_some() {
-                // Wiped (revoked or erased): what is left is unreadable. Start a new device.
-                drop(store);
-                std::fs::remove_dir_all(dir.join("store")).map_err(|e| {
-                    ClientError::Config(format!(
-                        "cannot clear the wiped store in {}: {e}",
-                        dir.display()
-                    ))
-                })?;
-                store = open()?;
+        let store = match self.store {
+            Some(backend) => open_supplied(backend, key)?,
+            None => {
+                let dir = self
+                    .data_dir
+                    .ok_or_else(|| ClientError::Config("with_data_dir is required".into()))?;
+                open_sled(dir, key).await?
             }
-            Ok(Arc::new(store))
-        })
-        .await
-        .map_err(|_| ClientError::Closed)??;
+        };
         let (device_id, device_key) = identity(&*store)?;
         let (wake, wakes) = mpsc::unbounded_channel();
         let (status, _) = watch::channel(SyncStatus::Offline { failure: None });
@@ -261,6 +273,7 @@ impl ClientBuilder {
             platform: self.platform.unwrap_or_else(|| std::env::consts::OS.into()),
             events: broadcast::channel(256).0,
             tasks: TaskTracker::new(),
+            inline_storage: self.inline_storage,
         });
         let client = Client { inner, remote, sync: Mutex::new(SyncTask::Idle(wakes)) };
         if self.autosync {
@@ -268,6 +281,47 @@ impl ClientBuilder {
         }
         Ok(client)
     }
+}
+
+/// Opens a supplied backend. A wiped one cannot be reused: the caller supplies a fresh one.
+fn open_supplied(backend: Arc<dyn Store>, key: [u8; 32]) -> Result<Arc<dyn Store>, ClientError> {
+    let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
+    let store = EncryptedStore::open(backend, keyring)?;
+    if store.erased_at(&LOCAL)?.is_some() {
+        return Err(ClientError::Config(
+            "this local store was wiped (device revoked or account erased); supply an empty one"
+                .into(),
+        ));
+    }
+    Ok(Arc::new(store))
+}
+
+/// Opens (or creates) the sled store in `dir`; a wiped store is cleared and started afresh.
+async fn open_sled(dir: PathBuf, key: [u8; 32]) -> Result<Arc<dyn Store>, ClientError> {
+    tokio::task::spawn_blocking(move || -> Result<Arc<dyn Store>, ClientError> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ClientError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        let open = || -> Result<EncryptedStore<SledStore>, ClientError> {
+            let sled = SledStore::open(&dir.join("store"))?;
+            let keyring = Keyring::from_master(&MasterSecret::from_bytes(key));
+            Ok(EncryptedStore::open(sled, keyring)?)
+        };
+        let mut store = open()?;
+        if store.erased_at(&LOCAL)?.is_some() {
+            // Wiped (revoked or erased): what is left is unreadable. Start a new device.
+            drop(store);
+            std::fs::remove_dir_all(dir.join("store")).map_err(|e| {
+                ClientError::Config(format!(
+                    "cannot clear the wiped store in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+            store = open()?;
+        }
+        Ok(Arc::new(store))
+    })
+    .await
+    .map_err(|_| ClientError::Closed)?
 }
 
 /// The device's id and Ed25519 key, made on first run and kept in the encrypted local store.
@@ -315,6 +369,8 @@ pub(crate) struct Inner {
     pub(crate) events: broadcast::Sender<(DocId, DocEvent)>,
     /// Blocking store work in flight; `shutdown` waits for it, so the store is closed after.
     tasks: TaskTracker,
+    /// Store calls run on the calling task (simulation), not the blocking pool.
+    inline_storage: bool,
 }
 
 impl Inner {
@@ -328,6 +384,9 @@ impl Inner {
         E: Send + 'static,
         ClientError: From<E>,
     {
+        if self.inline_storage {
+            return Ok(f(&*self.store)?);
+        }
         let store = self.store.clone();
         Ok(self
             .tasks

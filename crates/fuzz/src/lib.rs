@@ -129,6 +129,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             message: vec![0x42, 1, 2],
             create: Some(pb::NewDoc { title: "t".into() }),
             seq: 3,
+            more: false,
         })),
     };
     let doc = Automerge::load(base_document()).expect("loads");

@@ -6,6 +6,8 @@
 
 use cubby_core::{DocId, DocMeta};
 
+pub mod parts;
+
 /// Generated protobuf and gRPC code for `cubby.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -140,6 +142,7 @@ impl std::fmt::Debug for pb::DocSync {
             )
             .field("message_bytes", &self.message.len())
             .field("seq", &self.seq)
+            .field("more", &self.more)
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +178,7 @@ mod tests {
                 message: b"SECRET PAYLOAD".to_vec(),
                 create: Some(pb::NewDoc { title: "t".into() }),
                 seq: 0,
+                more: false,
             })),
         };
         let decoded = pb::ClientFrame::decode(frame.encode_to_vec().as_slice()).expect("decodes");

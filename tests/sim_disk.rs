@@ -1,0 +1,201 @@
+//! A disk for the simulation: a [`Store`] in memory that a crash can tear.
+//!
+//! Writes are visible at once and durable only after `flush`, as on sled; wrapped data keys are
+//! durable when the call returns, as the sled backend's fsynced key files are. [`SimDisk::crash`]
+//! forgets every write not yet flushed. The disk keeps the operations it has made durable and
+//! replays them into a fresh [`MemoryStore`] after a crash, so what survives is exactly what a
+//! flush covered.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_store::{Chunk, DocRecords, MemoryStore, Result, Snapshot, Space, Store};
+
+/// A write, kept so that it can be replayed after a crash.
+#[derive(Clone, Debug)]
+enum Op {
+    PutKey(CustomerId, Vec<u8>),
+    ReplaceKey(CustomerId, Vec<u8>, Vec<u8>),
+    DestroyKey(CustomerId),
+    EraseCustomer(CustomerId),
+    WriteDoc(CustomerId, DocId, Vec<u8>, Option<(u64, Vec<u8>)>),
+    Compact(CustomerId, DocId, Snapshot),
+    DeleteDoc(CustomerId, DocId),
+    PutRecord(CustomerId, Space, Vec<u8>, Vec<u8>),
+    RemoveRecord(CustomerId, Space, Vec<u8>),
+}
+
+impl Op {
+    fn apply(&self, store: &MemoryStore) -> Result<()> {
+        match self {
+            Op::PutKey(c, key) => store.put_key_if_absent(c, key).map(drop),
+            Op::ReplaceKey(c, old, new) => store.replace_key(c, old, new).map(drop),
+            Op::DestroyKey(c) => store.destroy_key(c),
+            Op::EraseCustomer(c) => store.erase_customer(c),
+            Op::WriteDoc(c, d, meta, chunk) => {
+                let chunk = chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+                store.write_doc(c, d, meta, chunk).map(drop)
+            }
+            Op::Compact(c, d, snapshot) => store.compact(c, d, snapshot),
+            Op::DeleteDoc(c, d) => store.delete_doc(c, d).map(drop),
+            Op::PutRecord(c, space, k, v) => store.put_record(c, *space, k, v),
+            Op::RemoveRecord(c, space, k) => store.remove_record(c, *space, k),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// What the software sees.
+    live: MemoryStore,
+    /// Every write a flush (or a durable key call) covered, in order.
+    durable: Vec<Op>,
+    /// Writes since the last flush.
+    pending: Vec<Op>,
+    /// Writes a crash has thrown away, over the disk's life.
+    lost: usize,
+}
+
+/// A simulated disk. Clones share it (the same disk, seen by the next incarnation of a host).
+#[derive(Clone, Default)]
+pub struct SimDisk {
+    state: Arc<Mutex<State>>,
+}
+
+impl SimDisk {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Power loss: every write not flushed is gone. Returns how many were lost.
+    pub fn crash(&self) -> usize {
+        let mut state = self.lock();
+        let lost = std::mem::take(&mut state.pending).len();
+        state.lost += lost;
+        state.live = replay(&state.durable);
+        lost
+    }
+
+    /// Writes lost to crashes so far.
+    pub fn lost(&self) -> usize {
+        self.lock().lost
+    }
+
+    /// A copy of what is durable now, as a store of its own.
+    pub fn durable(&self) -> MemoryStore {
+        replay(&self.lock().durable)
+    }
+
+    /// Applies `op` to what the software sees; it becomes durable at the next flush, or now.
+    fn write<T>(
+        &self,
+        op: Op,
+        durable_now: bool,
+        run: impl FnOnce(&MemoryStore) -> Result<T>,
+    ) -> Result<T> {
+        let mut state = self.lock();
+        let result = run(&state.live)?;
+        if durable_now {
+            state.durable.push(op);
+        } else {
+            state.pending.push(op);
+        }
+        Ok(result)
+    }
+}
+
+fn replay(ops: &[Op]) -> MemoryStore {
+    let store = MemoryStore::new();
+    for op in ops {
+        op.apply(&store).expect("a write that succeeded once replays");
+    }
+    store
+}
+
+impl Store for SimDisk {
+    fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
+        self.lock().live.get_key(c)
+    }
+    fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        self.write(Op::PutKey(*c, wrapped.to_vec()), true, |s| s.put_key_if_absent(c, wrapped))
+    }
+    fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        let op = Op::ReplaceKey(*c, expected.to_vec(), new.to_vec());
+        self.write(op, true, |s| s.replace_key(c, expected, new))
+    }
+    fn destroy_key(&self, c: &CustomerId) -> Result<()> {
+        self.write(Op::DestroyKey(*c), true, |s| s.destroy_key(c))
+    }
+    fn list_customers(&self) -> Result<Vec<CustomerId>> {
+        self.lock().live.list_customers()
+    }
+    fn erase_customer(&self, c: &CustomerId) -> Result<()> {
+        self.write(Op::EraseCustomer(*c), false, |s| s.erase_customer(c))
+    }
+    fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
+        let op = Op::WriteDoc(*c, *d, m.to_vec(), ch.map(|ch| (ch.index, ch.bytes.to_vec())));
+        self.write(op, false, |s| s.write_doc(c, d, m, ch))
+    }
+    fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
+        self.lock().live.load(c, d)
+    }
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+        self.lock().live.doc_meta(c, d)
+    }
+    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
+        self.write(Op::Compact(*c, *d, snapshot.clone()), false, |s| s.compact(c, d, snapshot))
+    }
+    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+        self.write(Op::DeleteDoc(*c, *d), false, |s| s.delete_doc(c, d))
+    }
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+        self.lock().live.list_docs(c)
+    }
+    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+        self.lock().live.feed_since(c, cursor)
+    }
+    fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], v: &[u8]) -> Result<()> {
+        let op = Op::PutRecord(*c, space, k.to_vec(), v.to_vec());
+        self.write(op, false, |s| s.put_record(c, space, k, v))
+    }
+    fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.lock().live.get_record(c, space, k)
+    }
+    fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
+        self.write(Op::RemoveRecord(*c, space, k.to_vec()), false, |s| s.remove_record(c, space, k))
+    }
+    fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.lock().live.scan_records(c, space)
+    }
+    fn flush(&self) -> Result<()> {
+        let mut state = self.lock();
+        let pending = std::mem::take(&mut state.pending);
+        state.durable.extend(pending);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_crash_keeps_exactly_what_was_flushed() -> Result<()> {
+        let disk = SimDisk::default();
+        let (c, a, b) = (
+            CustomerId::from_bytes([1; 16]),
+            DocId::from_bytes([2; 16]),
+            DocId::from_bytes([3; 16]),
+        );
+        disk.put_key_if_absent(&c, b"key")?;
+        disk.write_doc(&c, &a, b"a", Some(Chunk { index: 0, bytes: b"x" }))?;
+        disk.flush()?;
+        disk.write_doc(&c, &b, b"b", None)?;
+        assert_eq!(disk.list_docs(&c)?.len(), 2, "unflushed writes are visible");
+        assert_eq!(disk.crash(), 1);
+        assert_eq!(disk.list_docs(&c)?, vec![(a, b"a".to_vec())]);
+        assert_eq!(disk.get_key(&c)?.as_deref(), Some(&b"key"[..]));
+        assert_eq!(disk.feed_since(&c, Seq(0))?, vec![(Seq(1), a)]);
+        Ok(())
+    }
+}
