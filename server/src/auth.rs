@@ -4,7 +4,9 @@
 //! keyring's id hash. Nothing in a request body can name another customer.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cubby_core::CustomerId;
 use cubby_crypto::jwt::{self, Algorithm, JwtError, Validation, Verifier, VerifyingKey};
@@ -59,8 +61,61 @@ impl Caller {
 
 struct Tenant {
     name: String,
-    verifier: Verifier,
+    /// Swapped whole when the JWKS file is read again.
+    verifier: RwLock<Arc<Verifier>>,
     admin_scope: String,
+    jwks: Option<JwksFile>,
+}
+
+/// The most often a tenant's JWKS file is read again for a token whose key it does not know.
+pub const JWKS_REFRESH_EVERY: Duration = Duration::from_secs(60);
+
+/// A tenant's JWKS file, read again when a token names a key it lacks (an IdP key rotation),
+/// at most once per [`JWKS_REFRESH_EVERY`].
+struct JwksFile {
+    path: PathBuf,
+    validation: Validation,
+    last_read: Mutex<Option<Instant>>,
+    reads: AtomicU64,
+}
+
+impl Tenant {
+    fn verifier(&self) -> Arc<Verifier> {
+        self.verifier.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Reads the JWKS file again unless that happened within the last minute; true when new
+    /// keys were installed. Failures keep the cached keys.
+    fn refresh_keys(&self, now: Instant) -> bool {
+        let Some(jwks) = &self.jwks else { return false };
+        {
+            let mut last = jwks.last_read.lock().unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|at| now.saturating_duration_since(at) < JWKS_REFRESH_EVERY) {
+                return false;
+            }
+            *last = Some(now);
+        }
+        jwks.reads.fetch_add(1, Ordering::Relaxed);
+        let keys = std::fs::read_to_string(&jwks.path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| {
+                VerifyingKey::from_jwks(&text, jwks.validation.algorithm).map_err(|e| e.to_string())
+            })
+            .and_then(|keys| {
+                Verifier::new(jwks.validation.clone(), keys).map_err(|e| e.to_string())
+            });
+        match keys {
+            Ok(verifier) => {
+                tracing::info!(tenant = %self.name, "read the JWKS file again for an unknown key id");
+                *self.verifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(tenant = %self.name, path = %jwks.path.display(), %err, "cannot read the JWKS file again; keeping the cached keys");
+                false
+            }
+        }
+    }
 }
 
 /// Whether the claims grant `scope`, in a space-separated `scope` string or an `scp` list.
@@ -177,12 +232,19 @@ impl Authenticator {
                 algorithm: t.algorithm,
                 leeway_secs,
             };
-            let verifier = Verifier::new(validation, tenant_keys(t)?)
+            let verifier = Verifier::new(validation.clone(), tenant_keys(t)?)
                 .map_err(|e| ConfigError(format!("tenant {}: {e}", t.name)))?;
+            let jwks = t.jwks_file.clone().map(|path| JwksFile {
+                path,
+                validation,
+                last_read: Mutex::new(None),
+                reads: AtomicU64::new(0),
+            });
             tenants.push(Tenant {
                 name: t.name.clone(),
-                verifier,
+                verifier: RwLock::new(Arc::new(verifier)),
                 admin_scope: t.admin_scope.clone(),
+                jwks,
             });
         }
         if config.dev_tenant_enabled() {
@@ -197,8 +259,9 @@ impl Authenticator {
                 .map_err(|e| ConfigError(format!("development tenant: {e}")))?;
             tenants.push(Tenant {
                 name: DEV_TENANT.into(),
-                verifier,
+                verifier: RwLock::new(Arc::new(verifier)),
                 admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
+                jwks: None,
             });
         }
         if tenants.is_empty() {
@@ -206,7 +269,8 @@ impl Authenticator {
                 "no tenants configured and the development tenant is off".into(),
             ));
         }
-        let mut issuers: Vec<_> = tenants.iter().map(|t| &t.verifier.validation().issuer).collect();
+        let mut issuers: Vec<_> =
+            tenants.iter().map(|t| t.verifier().validation().issuer.clone()).collect();
         issuers.sort();
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
@@ -216,14 +280,26 @@ impl Authenticator {
 
     /// Verifies a raw token.
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        self.verify_at(token, now(), Instant::now())
+    }
+
+    /// Verifies a raw token at `unix_now`; `mono_now` paces re-reading a JWKS file.
+    fn verify_at(&self, token: &str, unix_now: u64, mono_now: Instant) -> Result<Caller, ApiError> {
         let refuse = |e: JwtError| ApiError::Unauthenticated(format!("invalid token: {e}"));
         let issuer = jwt::unverified_issuer(token).map_err(refuse)?;
         let tenant = self
             .tenants
             .iter()
-            .find(|t| t.verifier.validation().issuer == issuer)
+            .find(|t| t.verifier().validation().issuer == issuer)
             .ok_or_else(|| refuse(JwtError::WrongIssuer))?;
-        let claims = tenant.verifier.verify(token, now()).map_err(refuse)?;
+        let claims = match tenant.verifier().verify(token, unix_now) {
+            // The IdP may have rotated its keys: read the JWKS again (at most once a minute).
+            Err(JwtError::UnknownKey) if tenant.refresh_keys(mono_now) => {
+                tenant.verifier().verify(token, unix_now)
+            }
+            verified => verified,
+        }
+        .map_err(refuse)?;
         Ok(Caller {
             tenant: tenant.name.clone(),
             customer: self.customer_id(&tenant.name, &claims.sub),
@@ -249,5 +325,100 @@ impl Authenticator {
                 ApiError::Unauthenticated("authorization must be `Bearer <token>`".into())
             })?;
         self.verify(token.trim())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cubby_crypto::keys::MasterSecret;
+    use serde_json::json;
+
+    const ISSUER: &str = "https://idp.example";
+
+    fn signer() -> TokenSigner {
+        TokenSigner::from_pkcs8(&generate_pkcs8()).expect("a fresh key pair")
+    }
+
+    fn publish(path: &Path, signers: &[&TokenSigner]) {
+        let keys: Vec<_> = signers.iter().map(|s| s.jwk()).collect();
+        std::fs::write(path, json!({ "keys": keys }).to_string()).expect("write JWKS");
+    }
+
+    fn token(signer: &TokenSigner) -> String {
+        let now = now();
+        signer.sign_jwt(&json!({
+            "iss": ISSUER, "aud": "cubby", "sub": "alice", "nbf": now, "exp": now + 600,
+        }))
+    }
+
+    fn authenticator(jwks: &Path) -> Authenticator {
+        let data = jwks.parent().expect("a directory");
+        let mut config = ServerConfig::dev(data, "127.0.0.1:0".parse().expect("address"));
+        config.dev_tenant = Some(false);
+        config.tenants.push(TenantConfig {
+            name: "acme".into(),
+            issuer: ISSUER.into(),
+            audience: "cubby".into(),
+            algorithm: Algorithm::EdDSA,
+            jwks_file: Some(jwks.to_path_buf()),
+            public_key_pem: None,
+            admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
+        });
+        Authenticator::new(&config, Keyring::from_master(&MasterSecret::from_bytes([1; 32])))
+            .expect("the tenant configures")
+    }
+
+    fn reads(auth: &Authenticator) -> u64 {
+        auth.tenants[0].jwks.as_ref().map_or(0, |j| j.reads.load(Ordering::Relaxed))
+    }
+
+    fn refused(result: Result<Caller, ApiError>) -> bool {
+        matches!(result, Err(ApiError::Unauthenticated(_)))
+    }
+
+    #[test]
+    fn row_17_a_flood_of_unknown_key_ids_reads_the_jwks_at_most_once_a_minute() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let jwks = dir.path().join("jwks.json");
+        let (idp, rogue) = (signer(), signer());
+        publish(&jwks, &[&idp]);
+        let auth = authenticator(&jwks);
+        let (start, forged) = (Instant::now(), token(&rogue));
+        for i in 0..10_000 {
+            let at = start + Duration::from_millis(i * 5); // 50 s of flood
+            assert!(refused(auth.verify_at(&forged, now(), at)), "unknown key accepted");
+        }
+        assert_eq!(reads(&auth), 1, "one read of the JWKS for 10,000 unknown key ids in 50 s");
+        assert!(refused(auth.verify_at(&forged, now(), start + Duration::from_secs(61))));
+        assert_eq!(reads(&auth), 2, "and one more a minute later");
+        assert!(auth.verify_at(&token(&idp), now(), start).is_ok(), "real tokens still verify");
+    }
+
+    #[test]
+    fn row_18_jwks_unreadable_during_a_key_rotation_keeps_cached_keys_and_fails_new_ones_closed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let jwks = dir.path().join("jwks.json");
+        let (old, new) = (signer(), signer());
+        publish(&jwks, &[&old]);
+        let auth = authenticator(&jwks);
+        let start = Instant::now();
+
+        // The IdP starts signing with a new key while its key set cannot be had: gone, then
+        // garbage.
+        std::fs::remove_file(&jwks).expect("remove");
+        assert!(refused(auth.verify_at(&token(&new), now(), start)));
+        assert!(auth.verify_at(&token(&old), now(), start).is_ok(), "cached keys keep working");
+        std::fs::write(&jwks, "{ not json").expect("write");
+        let later = start + Duration::from_secs(61);
+        assert!(refused(auth.verify_at(&token(&new), now(), later)));
+        assert!(auth.verify_at(&token(&old), now(), later).is_ok());
+
+        // The key set is back, with both keys: the new one verifies at the next allowed read.
+        publish(&jwks, &[&old, &new]);
+        let again = later + JWKS_REFRESH_EVERY;
+        assert!(auth.verify_at(&token(&new), now(), again).is_ok(), "the rotated key is picked up");
+        assert!(auth.verify_at(&token(&old), now(), again).is_ok());
+        assert_eq!(reads(&auth), 3);
     }
 }

@@ -92,6 +92,10 @@ pub struct Limits {
     /// Document writes one customer may make per second, sustained (bursts of five seconds'
     /// worth pass). Default 200.
     pub max_writes_per_sec: u32,
+    /// How long applying one large sync message (over 64 KiB; it runs off the async workers) may
+    /// take, milliseconds. Past it the message is refused with `RESOURCE_EXHAUSTED`, nothing of
+    /// it is kept, and the customer's write budget is charged ten seconds. Default 10000.
+    pub apply_deadline_ms: u64,
 }
 
 impl Default for Limits {
@@ -114,6 +118,7 @@ impl Default for Limits {
             max_document_bytes: 64 << 20,
             max_customer_bytes: 1 << 30,
             max_writes_per_sec: 200,
+            apply_deadline_ms: 10_000,
         }
     }
 }

@@ -77,6 +77,8 @@ pub(crate) struct Ctx {
     pub(crate) stop: CancellationToken,
     pub(crate) quotas: Arc<crate::quota::Quotas>,
     pub(crate) work: crate::StorageWork,
+    /// How long one large sync message may take to apply.
+    pub(crate) apply_deadline: Duration,
 }
 
 type Key = (CustomerId, DocId);
@@ -187,6 +189,53 @@ struct Peer {
     session: PeerSession,
     outbox: Outbox,
     kick: CancellationToken,
+}
+
+/// Sync messages up to this size are applied on the actor's task; larger ones (a long offline
+/// history) on the blocking pool, under `apply_deadline_ms`.
+const INLINE_APPLY_BYTES: usize = 64 << 10;
+
+type Applied = std::thread::Result<Result<cubby_core::session::Received, SyncError>>;
+
+/// Applies a device's sync message to the document.
+fn apply(
+    session: &mut PeerSession,
+    doc: &mut Automerge,
+    message: &[u8],
+) -> Result<cubby_core::session::Received, SyncError> {
+    let received = session.receive(doc, message);
+    // Tests panic here, after the changes were applied in memory, to stand for a panic deep
+    // inside Automerge.
+    fail::fail_point!("doc-after-apply");
+    received
+}
+
+/// Applies a large message on the blocking pool. `None` when it did not finish within
+/// `deadline`: the document and the peer's session stay with the thread (Automerge cannot be
+/// interrupted), and `live.doc` is left empty for the caller to reload.
+async fn apply_off_thread(
+    live: &mut Live,
+    peer: &mut Peer,
+    message: Vec<u8>,
+    deadline: Duration,
+) -> Option<Applied> {
+    let mut doc = std::mem::replace(&mut live.doc, Automerge::new());
+    let mut session = std::mem::take(&mut peer.session);
+    let work = tokio::task::spawn_blocking(move || {
+        let applied =
+            std::panic::catch_unwind(AssertUnwindSafe(|| apply(&mut session, &mut doc, &message)));
+        (doc, session, applied)
+    });
+    match tokio::time::timeout(deadline, work).await {
+        Ok(Ok((doc, session, applied))) => {
+            live.doc = doc;
+            peer.session = session;
+            Some(applied)
+        }
+        // The closure catches panics; a join error means the runtime is shutting down.
+        Ok(Err(_)) => Some(Err(Box::new("apply task failed"))),
+        Err(_) => None,
+    }
 }
 
 struct Actor {
@@ -362,7 +411,8 @@ impl Actor {
         let mut touched = false;
         let mut poisoned = false;
         let mut deferred = Vec::new();
-        for msg in batch {
+        let mut batch = batch.into_iter();
+        while let Some(msg) = batch.next() {
             match msg {
                 DocMsg::Sync { peer, outbox, message, create, permit, kick } => {
                     spoke.insert(peer);
@@ -384,13 +434,34 @@ impl Actor {
                         outbox,
                         kick,
                     });
-                    let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        let received = peer.session.receive(&mut live.doc, &message);
-                        // Tests panic here, after the changes were applied in memory, to
-                        // stand for a panic deep inside Automerge.
-                        fail::fail_point!("doc-after-apply");
-                        received
-                    }));
+                    let off_thread = message.len() > INLINE_APPLY_BYTES
+                        && self.registry.ctx.work == crate::StorageWork::BlockingPool;
+                    let applied = if off_thread {
+                        let deadline = self.registry.ctx.apply_deadline;
+                        match apply_off_thread(live, peer, message, deadline).await {
+                            Some(applied) => applied,
+                            None => {
+                                // The document went with the thread: refuse the rest of the
+                                // batch, and start again from what is durable.
+                                tracing::warn!(doc = %self.doc.short(), ?deadline, "a sync message took too long to apply; refused");
+                                self.registry.ctx.quotas.penalize(&self.customer, 10.0);
+                                let refusal = ApiError::ResourceExhausted(
+                                    "this change took too long to apply".into(),
+                                );
+                                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &refusal)));
+                                drop(permit);
+                                self.state = None;
+                                poisoned = true;
+                                let busy = ApiError::Unavailable("document busy; retry".into());
+                                self.refuse_all(batch.collect(), &busy);
+                                break;
+                            }
+                        }
+                    } else {
+                        std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            apply(&mut peer.session, &mut live.doc, &message)
+                        }))
+                    };
                     let refusal = match applied {
                         Ok(Ok(_)) => None,
                         Ok(Err(SyncError::Malformed)) => {

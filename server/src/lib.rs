@@ -360,6 +360,7 @@ async fn launch<L: Listener>(
         store: store.clone(),
         commit,
         idle: Duration::from_secs(limits.idle_document_secs),
+        apply_deadline: Duration::from_millis(limits.apply_deadline_ms.max(1)),
         policy: CompactionPolicy {
             max_chunks: limits.compact_after_chunks.max(1),
             ..CompactionPolicy::default()

@@ -52,8 +52,8 @@ impl Quotas {
         self.usage.lock().unwrap_or_else(PoisonError::into_inner).contains_key(customer)
     }
 
-    /// Takes one write from the customer's rate budget.
-    pub(crate) fn take_write(&self, customer: &CustomerId) -> Result<(), ApiError> {
+    /// Runs `f` on the customer's rate bucket, refilled up to now, with the rate per second.
+    fn bucket<T>(&self, customer: &CustomerId, f: impl FnOnce(&mut Bucket, f64) -> T) -> T {
         let rate = f64::from(self.limits.writes_per_sec.max(1));
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
@@ -61,13 +61,25 @@ impl Quotas {
         bucket.tokens =
             (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(rate * 5.0);
         bucket.at = now;
-        if bucket.tokens < 1.0 {
-            return Err(ApiError::ResourceExhausted(
-                "too many writes for this account; slow down".into(),
-            ));
-        }
-        bucket.tokens -= 1.0;
-        Ok(())
+        f(bucket, rate)
+    }
+
+    /// Takes one write from the customer's rate budget.
+    pub(crate) fn take_write(&self, customer: &CustomerId) -> Result<(), ApiError> {
+        self.bucket(customer, |bucket, _| {
+            if bucket.tokens < 1.0 {
+                return Err(ApiError::ResourceExhausted(
+                    "too many writes for this account; slow down".into(),
+                ));
+            }
+            bucket.tokens -= 1.0;
+            Ok(())
+        })
+    }
+
+    /// Charges the customer's rate budget `seconds` worth of writes (work that ran too long).
+    pub(crate) fn penalize(&self, customer: &CustomerId, seconds: f64) {
+        self.bucket(customer, |bucket, rate| bucket.tokens -= rate * seconds);
     }
 
     /// Checks that a document of `document_bytes` after a write of `bytes` fits both limits, and

@@ -2,7 +2,8 @@
 //! over the limit.
 
 use cubby_client::SyncFailure;
-use cubby_tests::TestServer;
+use cubby_proto::pb;
+use cubby_tests::{TestServer, authed};
 use serde_json::json;
 
 fn refused_for(failure: &SyncFailure, what: &str) -> bool {
@@ -76,4 +77,48 @@ async fn write_rate_limit_slows_one_customer_and_loses_nothing() {
     let bob = server.device("bob").await;
     bob.client.create("bob's").await.expect("create");
     bob.client.wait_until_synced().await.expect("bob has his own budget");
+}
+
+/// BAD_INPUTS row 8: a history that takes longer to apply than the server allows (here a 1 ms
+/// deadline and one change of 20,000 operations) is refused with RESOURCE_EXHAUSTED, none of it
+/// is kept, the customer's write budget is charged, and other customers are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_08_a_history_too_slow_to_apply_is_refused_charged_and_others_are_served() {
+    let server = TestServer::start_with(|c| c.limits.apply_deadline_ms = 1).await;
+    let phone = server.device("alice").await;
+    let log = phone.client.create("log").await.expect("create");
+    log.put("start", json!(true)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("a small change applies inline");
+
+    log.change(|tx| {
+        for i in 0..20_000 {
+            automerge::transaction::Transactable::put(tx, automerge::ROOT, format!("k{i}"), i)?;
+        }
+        Ok(())
+    })
+    .await
+    .expect("saved locally");
+    let bob = server.device("bob").await;
+    let failure = phone.client.wait_until_synced().await.expect_err("refused");
+    assert!(refused_for(&failure, "took too long to apply"), "{failure:?}");
+
+    // Bob is served; Alice's budget was charged, so her other device's small write waits.
+    let bobs = bob.client.create("bob's").await.expect("create");
+    bobs.put("k", json!(1)).await.expect("put");
+    bob.client.wait_until_synced().await.expect("bob is not affected");
+    let laptop = server.device("alice").await;
+    let note = laptop.client.create("note").await.expect("create");
+    note.put("k", json!(1)).await.expect("saved locally");
+    let failure = laptop.client.wait_until_synced().await.expect_err("alice is charged");
+    assert!(refused_for(&failure, "too many writes"), "{failure:?}");
+
+    // Nothing of the refused history reached the server.
+    let mut account = pb::account_client::AccountClient::new(server.channel().await);
+    let request = pb::GetDocumentRequest { doc_id: log.id().as_bytes().to_vec() };
+    let stored = account
+        .get_document(authed(request, &server.token("alice")))
+        .await
+        .expect("the log reads")
+        .into_inner();
+    assert_eq!(stored.json, json!({"start": true}).to_string());
 }

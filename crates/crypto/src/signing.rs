@@ -55,6 +55,14 @@ impl TokenSigner {
         VerifyingKey::ed25519(self.pair.public_key().as_ref(), Some(self.kid.clone()))
     }
 
+    /// The public key as a JWK (an entry of a JWKS `keys` array).
+    pub fn jwk(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kty": "OKP", "crv": "Ed25519", "alg": "EdDSA", "use": "sig", "kid": self.kid,
+            "x": URL_SAFE_NO_PAD.encode(self.pair.public_key().as_ref()),
+        })
+    }
+
     /// Signs `claims` as an EdDSA JWT.
     pub fn sign_jwt(&self, claims: &serde_json::Value) -> String {
         let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
