@@ -289,6 +289,13 @@ async fn launch<L: Listener>(
     platform: Platform<L>,
 ) -> Result<RunningServer, StartError> {
     tls::install_ring_provider();
+    if config.limits.max_message_bytes < 2 * cubby_proto::parts::PART_BYTES {
+        return Err(ConfigError(
+            "limits.max_message_bytes must be at least 2 MiB (sync messages travel in 1 MiB parts)"
+                .into(),
+        )
+        .into());
+    }
     let Platform { store: backend, listener, work } = platform;
     let db_path = store_path(&config);
     let vault = match EncryptedStore::open(backend, Keyring::from_master(&master)) {

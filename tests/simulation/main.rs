@@ -97,8 +97,13 @@ fn main() {
         total.simulated.as_secs_f64() / 3600.0,
         total.outcome,
     );
-    // Row 30's herd, at a size CI affords, unless one seed or a seed range was asked for.
+    // Row 29's scripted partitions and row 30's herd (at a size CI affords), unless one seed
+    // or a seed range was asked for.
     if value("--seed").is_none() && value("--seeds").is_none() {
+        match row_29_partition_mid_sync_both_sides_edit_offline() {
+            Ok(outcome) => eprintln!("row 29: ok, {outcome}"),
+            Err(failure) => fail(&format!("row 29 FAILED: {failure}")),
+        }
         herd::run(HERD_CI, 1);
     }
 }
@@ -492,10 +497,32 @@ enum Undo {
     Bounce(String),
 }
 
+/// Which faults a run injects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// Every kind, at random.
+    All,
+    /// Partitions only, one after another, so that many cut a sync round in the middle.
+    Partitions,
+}
+
+/// BAD_INPUTS row 29: one customer's two devices edit continuously; one of them is cut off again
+/// and again (for 1 to 20 s, every 0.3 to 3 s), so that partitions land in the middle of sync
+/// rounds, and both sides keep editing. After repair, both hold identical heads and every edit,
+/// and no acknowledged change is lost.
+fn row_29_partition_mid_sync_both_sides_edit_offline() -> Result<Outcome, String> {
+    run(29, Plan::Partitions, 1, 2)
+}
+
 fn run_seed(seed: u64) -> Result<Outcome, String> {
     let mut rng = Rng(seed);
     let customers = 2 + rng.below(2);
     let devices_each = 2 + rng.below(2);
+    run(seed, Plan::All, customers, devices_each)
+}
+
+fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<Outcome, String> {
+    let mut rng = Rng(seed ^ 0xFA17);
     let world = World::new(seed, customers, devices_each);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -531,7 +558,11 @@ fn run_seed(seed: u64) -> Result<Outcome, String> {
         }
         next_fault = now + rng.millis(300, 3000);
         let device = world.devices[rng.below(world.devices.len())].name.clone();
-        match rng.below(10) {
+        let kind = match plan {
+            Plan::All => rng.below(10),
+            Plan::Partitions => 0,
+        };
+        match kind {
             // A device goes offline mid-sync and keeps editing (row 29).
             0..=2 => {
                 sim.partition(device.as_str(), "server");

@@ -41,7 +41,7 @@ async fn get_document(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_customers_document_is_not_found_like_a_missing_one() {
+async fn row_14_another_customers_document_is_not_found_like_a_missing_one() {
     let server = TestServer::start().await;
     let alice = server.device("alice").await;
     let doc = alice.client.create("private").await.expect("create");
