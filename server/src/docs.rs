@@ -17,9 +17,9 @@ use std::time::Duration;
 use automerge::Automerge;
 use cubby_core::lifecycle::{self, CompactionPolicy};
 use cubby_core::session::{PeerSession, SyncError};
-use cubby_core::{CustomerId, DocId, DocMeta, Seq};
+use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 use cubby_proto::{ApiError, pb};
-use cubby_store::{Snapshot, Store};
+use cubby_store::{Snapshot, Space, Store};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +34,8 @@ pub(crate) enum DocMsg {
     /// One Automerge sync message from a device.
     Sync {
         peer: u64,
+        /// The device on the stream (its sync state is kept between connections).
+        device: DeviceId,
         outbox: Outbox,
         message: Vec<u8>,
         /// Create the document with this title if it does not exist.
@@ -186,6 +188,7 @@ struct Live {
 }
 
 struct Peer {
+    device: DeviceId,
     session: PeerSession,
     outbox: Outbox,
     kick: CancellationToken,
@@ -414,8 +417,13 @@ impl Actor {
         let mut batch = batch.into_iter();
         while let Some(msg) = batch.next() {
             match msg {
-                DocMsg::Sync { peer, outbox, message, create, permit, kick } => {
+                DocMsg::Sync { peer, device, outbox, message, create, permit, kick } => {
                     spoke.insert(peer);
+                    if !self.peers.contains_key(&peer) {
+                        let session = self.saved_session(device).await;
+                        self.peers
+                            .insert(peer, Peer { device, session, outbox: outbox.clone(), kick });
+                    }
                     if self.live().is_none() {
                         match create {
                             Some(title) => touched |= self.create(title),
@@ -429,11 +437,7 @@ impl Actor {
                         }
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
-                    let peer = self.peers.entry(peer).or_insert_with(|| Peer {
-                        session: PeerSession::new(),
-                        outbox,
-                        kick,
-                    });
+                    let Some(peer) = self.peers.get_mut(&peer) else { continue };
                     let off_thread = message.len() > INLINE_APPLY_BYTES
                         && self.registry.ctx.work == crate::StorageWork::BlockingPool;
                     let applied = if off_thread {
@@ -483,7 +487,9 @@ impl Actor {
                     drop(permit);
                 }
                 DocMsg::Leave { peer } => {
-                    self.peers.remove(&peer);
+                    if let Some(peer) = self.peers.remove(&peer) {
+                        self.save_session(&peer).await;
+                    }
                 }
                 DocMsg::Create { title, reply } => {
                     if self.live().is_none() {
@@ -542,6 +548,46 @@ impl Actor {
         self.answer(deferred).await;
         self.fan_out(&spoke);
         self.maybe_compact().await;
+    }
+
+    /// The device's sync state for this document from its last connection, if any: with it,
+    /// a device that reconnects with new changes is not sent a Bloom filter over the whole
+    /// history. A stream of the same device still here (its end not yet noticed) lends its own.
+    async fn saved_session(&self, device: DeviceId) -> PeerSession {
+        let Some(live) = self.live() else { return PeerSession::new() };
+        if let Some(old) = self.peers.values().find(|p| p.device == device) {
+            return PeerSession::restore_for(&old.session.persist(), &live.doc);
+        }
+        let (store, customer, key) =
+            (self.ctx().store.clone(), self.customer, self.session_key(device));
+        let saved = self
+            .ctx()
+            .work
+            .run(move || store.get_record(&customer, Space::SYNC_STATES, &key))
+            .await;
+        match (saved, self.live()) {
+            (Ok(Ok(Some(bytes))), Some(live)) => PeerSession::restore_for(&bytes, &live.doc),
+            _ => PeerSession::new(),
+        }
+    }
+
+    /// Keeps a leaving device's sync state. Not flushed: the next group commit carries it, and
+    /// losing it costs one larger exchange.
+    async fn save_session(&self, peer: &Peer) {
+        let (store, customer) = (self.ctx().store.clone(), self.customer);
+        let (key, value) = (self.session_key(peer.device), peer.session.persist());
+        let saved = self
+            .ctx()
+            .work
+            .run(move || store.put_record(&customer, Space::SYNC_STATES, &key, &value))
+            .await;
+        if let Ok(Err(err)) = saved {
+            tracing::debug!(%err, "could not keep a device's sync state");
+        }
+    }
+
+    fn session_key(&self, device: DeviceId) -> Vec<u8> {
+        [self.doc.as_bytes().as_slice(), device.as_bytes()].concat()
     }
 
     fn live(&self) -> Option<&Live> {

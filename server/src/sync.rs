@@ -59,6 +59,7 @@ impl pb::sync_server::Sync for SyncService {
             token: (caller.token_hash, caller.expires_at),
             token_denied,
             stream: None,
+            device: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
             outbox,
             joined: HashSet::new(),
@@ -91,6 +92,8 @@ struct Connection {
     token_denied: bool,
     /// This stream in the customer registry, once the device said who it is.
     stream: Option<u64>,
+    /// The device, once it proved who it is.
+    device: Option<DeviceId>,
     peer: u64,
     outbox: Outbox,
     joined: HashSet<DocId>,
@@ -136,6 +139,7 @@ impl Connection {
         // refuses it or closes it.
         let (stream, ejector) = self.shared.customers.open_stream(self.customer, device);
         self.stream = Some(stream);
+        self.device = Some(device);
         let nonce: [u8; 32] = cubby_crypto::random_array();
         self.send(pb::ServerFrame {
             frame: Some(pb::server_frame::Frame::Challenge(pb::Challenge {
@@ -316,8 +320,11 @@ impl Connection {
                     self.inflight.clone().acquire_owned().await.map_err(|_| ApiError::Internal)?;
                 self.joined.insert(doc);
                 tracing::debug!(peer = self.peer, doc = %doc.short(), "frame in");
+                // Frames are relayed only after the device proved its key.
+                let device = self.device.ok_or(ApiError::Internal)?;
                 let msg = DocMsg::Sync {
                     peer: self.peer,
+                    device,
                     outbox: self.outbox.clone(),
                     message: sync.message,
                     create: sync.create.map(|c| c.title),

@@ -48,6 +48,23 @@ impl PeerSession {
         Ok(Self { state })
     }
 
+    /// Restores a saved session for `doc`, or starts a new one when it does not decode or names
+    /// heads `doc` lacks (the document was reloaded from storage since it was saved).
+    pub fn restore_for(bytes: &[u8], doc: &Automerge) -> Self {
+        match Self::restore(bytes) {
+            Ok(session)
+                if session
+                    .state
+                    .shared_heads
+                    .iter()
+                    .all(|h| doc.get_change_by_hash(h).is_some()) =>
+            {
+                session
+            }
+            _ => Self::new(),
+        }
+    }
+
     /// The part of the session worth keeping between connections (the heads both sides share).
     pub fn persist(&self) -> Vec<u8> {
         self.state.encode()
