@@ -1,0 +1,223 @@
+//! The limits Cubby's figures are measured against, on the same machine in the same run: a bare
+//! gRPC stream over TLS, the cipher, the disk, the embedded database, and Automerge itself.
+
+use std::io::Write as _;
+use std::time::Instant;
+
+use automerge::transaction::Transactable;
+use automerge::Automerge;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::echo::echo_client::EchoClient;
+use crate::echo::echo_server::{Echo, EchoServer};
+use crate::echo::Blob;
+use crate::stats::{Samples, ms, us};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Echoes every message of a stream.
+struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    type EchoStream = ReceiverStream<Result<Blob, tonic::Status>>;
+
+    async fn echo(
+        &self,
+        request: tonic::Request<tonic::Streaming<Blob>>,
+    ) -> Result<tonic::Response<Self::EchoStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            while let Some(Ok(blob)) = inbound.next().await {
+                if tx.send(Ok(blob)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A bare tonic bidirectional stream over rustls TLS 1.3 on loopback (the same TLS setup as the
+/// server), with `size`-byte messages: round trip, one at a time, and messages per second with
+/// many in flight.
+pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value, Error> {
+    cubby_server::tls::install_ring_provider();
+    let dir = tempfile::tempdir()?;
+    let cert = cubby_server::tls::ensure_self_signed(dir.path())?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(cubby_server::tls::server_config(&cert)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = async_stream(listener, acceptor);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(incoming),
+    );
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&cert.cert)?))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut replies = EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
+    let blob = Blob { data: vec![7; size] };
+
+    let mut rtt = Samples::default();
+    for _ in 0..round_trips {
+        let started = Instant::now();
+        tx.send(blob.clone()).await?;
+        replies.message().await?.ok_or("the echo stream ended")?;
+        rtt.push(started.elapsed());
+    }
+    let pipelined = round_trips * 10;
+    let started = Instant::now();
+    let sender = {
+        let (tx, blob) = (tx.clone(), blob.clone());
+        tokio::spawn(async move {
+            for _ in 0..pipelined {
+                if tx.send(blob.clone()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    for _ in 0..pipelined {
+        replies.message().await?.ok_or("the echo stream ended")?;
+    }
+    sender.await?;
+    let rate = pipelined as f64 / started.elapsed().as_secs_f64();
+    Ok(json!({
+        "workload": "limit",
+        "limit": "tls_grpc_stream",
+        "message_bytes": size,
+        "rtt_p50_ms": ms(rtt.quantile(0.5)),
+        "rtt_p99_ms": ms(rtt.quantile(0.99)),
+        "messages_per_sec": rate.round(),
+    }))
+}
+
+/// TLS handshakes on accepted connections, handed to tonic as they finish.
+fn async_stream(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                if tx.send(Ok(tls)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// AES-256-GCM seal and open (ring, through Cubby's envelope) at `size` bytes.
+pub(crate) fn cipher(size: usize) -> Value {
+    let key = cubby_crypto::keys::DataKey::generate();
+    let plaintext = vec![5u8; size];
+    let rounds = (64 << 20) / size.max(1);
+    let started = Instant::now();
+    let mut sealed = Vec::new();
+    for _ in 0..rounds {
+        sealed = cubby_crypto::envelope::seal(&key, b"aad", &plaintext);
+    }
+    let seal = started.elapsed() / rounds as u32;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let opened = cubby_crypto::envelope::open(&key, b"aad", &sealed);
+        assert!(opened.is_ok(), "a record sealed just now opens");
+    }
+    let open = started.elapsed() / rounds as u32;
+    json!({
+        "workload": "limit", "limit": "aes_256_gcm", "record_bytes": size,
+        "seal_us": us(seal), "open_us": us(open),
+        "seal_mb_per_sec": (size as f64 / seal.as_secs_f64() / 1e6).round(),
+    })
+}
+
+/// `fdatasync` after a 4 KiB write, in a temporary file on the disk the server uses.
+pub(crate) fn fdatasync(rounds: usize) -> Result<Value, Error> {
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("sync"))?;
+    let block = [1u8; 4096];
+    let mut samples = Samples::default();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        samples.push(started.elapsed());
+    }
+    Ok(json!({
+        "workload": "limit", "limit": "fdatasync",
+        "p50_us": us(samples.quantile(0.5)), "p99_us": us(samples.quantile(0.99)),
+        "per_sec_at_p50": (1.0 / samples.quantile(0.5).as_secs_f64()).round(),
+    }))
+}
+
+/// sled inserts of `value`-byte values: without a flush, and with a flush after each.
+pub(crate) fn sled(inserts: usize, value: usize) -> Result<Value, Error> {
+    let dir = tempfile::tempdir()?;
+    let db = sled::open(dir.path())?;
+    let bytes = vec![3u8; value];
+    let started = Instant::now();
+    for i in 0..inserts as u64 {
+        db.insert(i.to_be_bytes(), bytes.as_slice())?;
+    }
+    let unflushed = inserts as f64 / started.elapsed().as_secs_f64();
+    let flushed_rounds = inserts / 10;
+    let started = Instant::now();
+    for i in 0..flushed_rounds as u64 {
+        db.insert((u64::MAX - i).to_be_bytes(), bytes.as_slice())?;
+        db.flush()?;
+    }
+    let flushed = flushed_rounds as f64 / started.elapsed().as_secs_f64();
+    Ok(json!({
+        "workload": "limit", "limit": "sled_insert", "value_bytes": value,
+        "inserts_per_sec": unflushed.round(), "flushed_inserts_per_sec": flushed.round(),
+    }))
+}
+
+/// Automerge alone: applying `changes` small changes one at a time and as one batch, and loading
+/// the saved document.
+pub(crate) fn automerge(changes: usize) -> Result<Value, Error> {
+    let mut source = Automerge::new();
+    for n in 0..changes as u64 {
+        let mut tx = source.transaction();
+        tx.put(automerge::ROOT, "n", n)?;
+        tx.commit();
+    }
+    let all = source.get_changes(&[]);
+    let mut one_by_one = Automerge::new();
+    let started = Instant::now();
+    for change in &all {
+        one_by_one.apply_changes([change.clone()])?;
+    }
+    let single = started.elapsed() / changes as u32;
+    let mut batched = Automerge::new();
+    let started = Instant::now();
+    batched.apply_changes(all)?;
+    let batch = started.elapsed() / changes as u32;
+    let saved = source.save();
+    let started = Instant::now();
+    let loaded = Automerge::load(&saved)?;
+    let load = started.elapsed();
+    assert_eq!(loaded.get_heads(), source.get_heads(), "the saved document loads whole");
+    Ok(json!({
+        "workload": "limit", "limit": "automerge", "changes": changes,
+        "apply_one_at_a_time_us_per_change": us(single),
+        "apply_batch_us_per_change": us(batch),
+        "load_ms": ms(load), "saved_bytes": saved.len(),
+    }))
+}
+

@@ -1,0 +1,114 @@
+//! `cubby-bench`: Cubby's load generator.
+//!
+//! Runs Cubby's workloads against the real `cubby-server` binary (its own process, so its CPU
+//! time and memory are its own) with real SDK devices over TLS on loopback, and measures in the
+//! same run the limits those figures stand against: a bare gRPC stream over the same TLS, the
+//! cipher, `fdatasync`, sled, and Automerge. One JSON object per line on stdout; a summary
+//! with each Cubby figure beside its limit on stderr.
+//!
+//! ```text
+//! cargo build --release -p cubby-server -p cubby-bench
+//! target/release/cubby-bench [all|fanout|reconnect|limits] [--quick] [--server PATH]
+//! ```
+
+mod limits;
+mod server;
+mod stats;
+mod workloads;
+
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod echo {
+    tonic::include_proto!("cubby.bench");
+}
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("cubby-bench: {err}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.iter().find(|a| !a.starts_with("--")).map_or("all", String::as_str);
+    let quick = args.iter().any(|a| a == "--quick");
+    let server = match args.iter().position(|a| a == "--server") {
+        Some(at) => PathBuf::from(args.get(at + 1).ok_or("--server needs a path")?),
+        // Built beside this binary by `cargo build -p cubby-server -p cubby-bench`.
+        None => std::env::current_exe()?.with_file_name("cubby-server"),
+    };
+    if !server.exists() {
+        return Err(format!(
+            "{} not found: build it (cargo build --release -p cubby-server) or pass --server",
+            server.display()
+        )
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut results = Vec::new();
+    let mut emit = |result: Value| {
+        println!("{result}");
+        results.push(result);
+    };
+    let scale = if quick { 10 } else { 1 };
+    if matches!(what, "all" | "limits") {
+        emit(runtime.block_on(limits::tls_stream(256, 2000 / scale))?);
+        for size in [256, 4096, 65_536] {
+            emit(limits::cipher(size));
+        }
+        emit(limits::fdatasync(1000 / scale)?);
+        emit(limits::sled(20_000 / scale, 256)?);
+        emit(limits::automerge(10_000 / scale)?);
+    }
+    if matches!(what, "all" | "fanout") {
+        for receivers in [1, 4, 16] {
+            let edits = if receivers == 16 { 500 } else { 1000 } / scale;
+            emit(runtime.block_on(workloads::fanout(&server, receivers, edits))?);
+        }
+    }
+    if matches!(what, "all" | "reconnect") {
+        for missing in [1, 100, 1000] {
+            emit(runtime.block_on(workloads::reconnect(&server, 2000 / scale, missing / scale.min(missing)))?);
+        }
+    }
+    summarize(&results);
+    Ok(())
+}
+
+/// Prints each Cubby figure beside its limit, as a ratio.
+fn summarize(results: &[Value]) {
+    let find = |key: &str, value: &str| results.iter().find(|r| r[key] == value);
+    let floor = find("limit", "tls_grpc_stream").and_then(|r| r["rtt_p50_ms"].as_f64());
+    let fsync = find("limit", "fdatasync").and_then(|r| r["per_sec_at_p50"].as_f64());
+    for r in results.iter().filter(|r| r["workload"] == "fanout") {
+        let p50 = r["p50_ms"].as_f64().unwrap_or(0.0);
+        let ratio = floor.map(|f| format!("{:.1}x two TLS stream round trips", p50 / (2.0 * f)));
+        eprintln!(
+            "fanout to {:>2}: p50 {p50:.2} ms ({}), p99 {} ms, server CPU {:.0} us/change, {:.0} wire bytes/change",
+            r["receivers"],
+            ratio.unwrap_or_else(|| "no floor measured".into()),
+            r["p99_ms"],
+            r["server_cpu_us_per_change"].as_f64().unwrap_or(0.0),
+            r["wire_bytes_per_change"].as_f64().unwrap_or(0.0),
+        );
+    }
+    for r in results.iter().filter(|r| r["workload"] == "reconnect") {
+        eprintln!(
+            "reconnect after missing {:>4}: {} wire bytes ({} for an empty reconnect), {:.2}x the missing changes' {} bytes",
+            r["missing"],
+            r["reconnect_wire_bytes"],
+            r["empty_reconnect_wire_bytes"],
+            r["ratio_to_missing"].as_f64().unwrap_or(0.0),
+            r["missing_change_bytes"],
+        );
+    }
+    if let Some(fsync) = fsync {
+        eprintln!("one fdatasync per change would allow {fsync:.0} changes per second");
+    }
+}

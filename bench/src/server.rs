@@ -1,0 +1,168 @@
+//! The system under test: the real `cubby-server` binary in its own process (so its CPU time is
+//! its own), and devices that are real SDK clients whose bytes on the wire are counted.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use cubby_client::{Client, StaticToken};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A `cubby-server` process with its own data directory; killed on drop.
+pub(crate) struct ServerProcess {
+    child: Child,
+    data: tempfile::TempDir,
+    /// `https://127.0.0.1:PORT`.
+    pub(crate) url: String,
+    /// Its self-signed certificate.
+    pub(crate) ca_pem: Vec<u8>,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ServerProcess {
+    /// Starts `bin` on a free loopback port in development mode and waits until it listens.
+    pub(crate) fn start(bin: &Path) -> Result<Self, Error> {
+        let data = tempfile::tempdir()?;
+        let mut child = Command::new(bin)
+            .arg("--data")
+            .arg(data.path())
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("CUBBY_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut url = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(rest) = line.strip_prefix("cubby-server listening on ") {
+                url = Some(rest.trim().to_owned());
+            }
+            if line.starts_with("development tenant on") {
+                break;
+            }
+        }
+        let url = url.ok_or("the server did not say where it listens")?;
+        let ca_pem = std::fs::read(data.path().join("tls/cert.pem"))?;
+        Ok(Self { child, data, url, ca_pem })
+    }
+
+    /// A development token for `subject`, valid for a day.
+    pub(crate) fn token(&self, subject: &str) -> Result<String, Error> {
+        let signer = cubby_server::auth::dev_signer(self.data.path(), false)?;
+        Ok(cubby_server::auth::dev_token(&signer, subject, Duration::from_secs(86_400)))
+    }
+
+    /// CPU time the server process has used so far, all threads (`/proc/PID/task/*/schedstat`,
+    /// nanoseconds).
+    pub(crate) fn cpu(&self) -> Result<Duration, Error> {
+        let mut total = 0u64;
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
+            let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+            total += stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+        Ok(Duration::from_nanos(total))
+    }
+
+    /// The server's resident memory, bytes.
+    pub(crate) fn rss(&self) -> Result<u64, Error> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .ok_or("no VmRSS")?;
+        Ok(kb * 1024)
+    }
+
+    /// A device of `subject` with its own sled store, its bytes counted in `wire`.
+    pub(crate) async fn device(&self, subject: &str, dir: &Path, wire: &Wire) -> Result<Client, Error> {
+        let addr = self.url.trim_start_matches("https://").to_owned();
+        let wire = wire.clone();
+        let client = Client::builder()
+            .with_data_dir(dir)
+            .with_local_key([7; 32])
+            .with_server(self.url.clone())
+            .with_ca_pem(self.ca_pem.clone())
+            .with_token_provider(StaticToken::new(self.token(subject)?))
+            .with_transport(move || {
+                let (addr, wire) = (addr.clone(), wire.clone());
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    Ok(Counted { inner: tcp, wire })
+                }
+            })
+            .build()
+            .await?;
+        Ok(client)
+    }
+}
+
+/// Bytes that crossed the wire (TLS records included), both directions, over many connections.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Wire(Arc<AtomicU64>);
+
+impl Wire {
+    /// Bytes so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A byte stream that adds what passes through it to a [`Wire`].
+struct Counted<T> {
+    inner: T,
+    wire: Wire,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.wire.0.fetch_add(read as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.wire.0.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
