@@ -4,15 +4,15 @@
 use std::io::Write as _;
 use std::time::Instant;
 
-use automerge::transaction::Transactable;
 use automerge::Automerge;
+use automerge::transaction::Transactable;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::echo::Blob;
 use crate::echo::echo_client::EchoClient;
 use crate::echo::echo_server::{Echo, EchoServer};
-use crate::echo::Blob;
 use crate::stats::{Samples, ms, us};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -220,4 +220,3 @@ pub(crate) fn automerge(changes: usize) -> Result<Value, Error> {
         "load_ms": ms(load), "saved_bytes": saved.len(),
     }))
 }
-

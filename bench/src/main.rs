@@ -8,7 +8,8 @@
 //!
 //! ```text
 //! cargo build --release -p cubby-server -p cubby-bench
-//! target/release/cubby-bench [all|fanout|reconnect|limits] [--quick] [--server PATH]
+//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|reconnect] [--quick]
+//!     [--server PATH]
 //! ```
 
 mod limits;
@@ -72,9 +73,24 @@ fn run() -> Result<(), Error> {
             emit(runtime.block_on(workloads::fanout(&server, receivers, edits))?);
         }
     }
+    if matches!(what, "all" | "burst") {
+        emit(runtime.block_on(workloads::burst(&server, 10_000 / scale, 4))?);
+    }
+    if matches!(what, "all" | "idle") {
+        for devices in [1000, 5000, 10_000] {
+            emit(runtime.block_on(workloads::idle(&server, devices / scale, 1000 / scale))?);
+        }
+    }
+    if matches!(what, "all" | "durability") {
+        emit(runtime.block_on(workloads::durability(&server, 64 / scale.min(8), 10))?);
+    }
     if matches!(what, "all" | "reconnect") {
         for missing in [1, 100, 1000] {
-            emit(runtime.block_on(workloads::reconnect(&server, 2000 / scale, missing / scale.min(missing)))?);
+            emit(runtime.block_on(workloads::reconnect(
+                &server,
+                2000 / scale,
+                missing / scale.min(missing),
+            ))?);
         }
     }
     summarize(&results);
@@ -108,7 +124,31 @@ fn summarize(results: &[Value]) {
             r["missing_change_bytes"],
         );
     }
-    if let Some(fsync) = fsync {
-        eprintln!("one fdatasync per change would allow {fsync:.0} changes per second");
+    for r in results.iter().filter(|r| r["workload"] == "idle") {
+        eprintln!(
+            "{:>5} idle devices: {} bytes of server memory each, {} connections/s, one edit p50 {} ms p99 {} ms",
+            r["devices"],
+            r["server_bytes_per_device"],
+            r["connections_per_sec"],
+            r["edit_p50_ms"],
+            r["edit_p99_ms"],
+        );
+    }
+    for r in results.iter().filter(|r| r["workload"] == "burst") {
+        eprintln!(
+            "burst of {} changes: all {} devices have them after {} ms; server CPU {} us/change",
+            r["changes"], r["receivers"], r["ms_until_all_have_all"], r["server_cpu_us_per_change"],
+        );
+    }
+    for r in results.iter().filter(|r| r["workload"] == "durability") {
+        let acked = r["acked_changes_per_sec"].as_f64().unwrap_or(0.0);
+        let ratio = fsync.map(|f| format!("{:.1}x one fdatasync per change", acked / f));
+        eprintln!(
+            "durability, {} writers: {acked:.0} acknowledged changes/s ({}), ack p50 {} ms p99 {} ms",
+            r["writers"],
+            ratio.unwrap_or_default(),
+            r["ack_p50_ms"],
+            r["ack_p99_ms"],
+        );
     }
 }

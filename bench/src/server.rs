@@ -91,7 +91,12 @@ impl ServerProcess {
     }
 
     /// A device of `subject` with its own sled store, its bytes counted in `wire`.
-    pub(crate) async fn device(&self, subject: &str, dir: &Path, wire: &Wire) -> Result<Client, Error> {
+    pub(crate) async fn device(
+        &self,
+        subject: &str,
+        dir: &Path,
+        wire: &Wire,
+    ) -> Result<Client, Error> {
         let addr = self.url.trim_start_matches("https://").to_owned();
         let wire = wire.clone();
         let client = Client::builder()

@@ -12,6 +12,16 @@ impl Samples {
         self.0.push(sample);
     }
 
+    /// How many.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Adds all of `other`.
+    pub(crate) fn extend(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+
     /// The `q` quantile (nearest rank), zero when empty.
     pub(crate) fn quantile(&mut self, q: f64) -> Duration {
         if self.0.is_empty() {

@@ -73,9 +73,9 @@ pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result
     let mut latency = Samples::default();
     for n in 1..=edits as u64 {
         let started = Instant::now();
-        let arrivals = join_all(copies.iter().map(|copy| async move {
-            has(copy, n).await.map(|()| started.elapsed())
-        }));
+        let arrivals = join_all(
+            copies.iter().map(|copy| async move { has(copy, n).await.map(|()| started.elapsed()) }),
+        );
         let (put, arrived) = tokio::join!(doc.put("n", json!(n)), arrivals);
         put?;
         for at in arrived {
@@ -129,7 +129,8 @@ pub(crate) async fn reconnect(bin: &Path, history: usize, missing: usize) -> Res
         doc.put("n", json!(history as u64 + n)).await?;
     }
     synced(&writer).await?;
-    let changes: usize = doc.read(|d| d.get_changes(&before).iter().map(|c| c.raw_bytes().len()).sum());
+    let changes: usize =
+        doc.read(|d| d.get_changes(&before).iter().map(|c| c.raw_bytes().len()).sum());
     let catching_up = Wire::default();
     let started = Instant::now();
     let reader = server.device("reconnect", &reader_dir, &catching_up).await?;
@@ -147,5 +148,201 @@ pub(crate) async fn reconnect(bin: &Path, history: usize, missing: usize) -> Res
         "empty_reconnect_wire_bytes": idle.bytes(),
         "ratio_to_missing": extra as f64 / changes.max(1) as f64,
         "ms_to_synced": ms(took),
+    }))
+}
+
+/// A device whose own storage is not under test: in memory, so thousands fit in one process.
+async fn light_device(server: &ServerProcess, subject: &str) -> Result<Client, Error> {
+    Ok(Client::builder()
+        .with_store(std::sync::Arc::new(cubby_store::MemoryStore::new()))
+        .with_local_key([7; 32])
+        .with_server(server.url.clone())
+        .with_ca_pem(server.ca_pem.clone())
+        .with_token_provider(cubby_client::StaticToken::new(server.token(subject)?))
+        .build()
+        .await?)
+}
+
+/// Workload 3: `devices` idle devices connected across `customers` customers. Reports the
+/// server's memory per connected device, the connection rate, and the latency of one edit
+/// between two devices of one customer at that scale.
+pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result<Value, Error> {
+    let server = ServerProcess::start(bin)?;
+    let baseline = server.rss()?;
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(devices);
+    for chunk in (0..devices).collect::<Vec<_>>().chunks(100) {
+        let batch = join_all(chunk.iter().map(|i| {
+            let subject = format!("idle-{}", i % customers);
+            let server = &server;
+            async move {
+                let client = light_device(server, &subject).await?;
+                synced(&client).await?;
+                Ok::<_, Error>(client)
+            }
+        }))
+        .await;
+        for client in batch {
+            clients.push(client?);
+        }
+    }
+    let connect_rate = devices as f64 / started.elapsed().as_secs_f64();
+    // Let allocations settle, then read the server's memory.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = server.rss()?;
+
+    // One edit from customer 0's idle device to one more device of theirs.
+    let extra = light_device(&server, "idle-0").await?;
+    synced(&extra).await?;
+    let (a, b) = (&clients[0], &extra);
+    let doc = a.create("edit at scale").await?;
+    doc.put("n", json!(0)).await?;
+    synced(a).await?;
+    let deadline = Instant::now() + PATIENCE;
+    let copy = loop {
+        if let Ok(copy) = b.open(doc.id()).await {
+            break copy;
+        }
+        if Instant::now() > deadline {
+            return Err("the other device never got the document".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut latency = Samples::default();
+    for n in 1..=100u64 {
+        let started = Instant::now();
+        let (put, arrived) = tokio::join!(doc.put("n", json!(n)), has(&copy, n));
+        put?;
+        arrived?;
+        latency.push(started.elapsed());
+    }
+    let per_device = rss.saturating_sub(baseline) / devices as u64;
+    for client in clients {
+        client.shutdown().await;
+    }
+    extra.shutdown().await;
+    Ok(json!({
+        "workload": "idle",
+        "system": "cubby",
+        "devices": devices,
+        "customers": customers,
+        "server_rss_bytes": rss,
+        "server_bytes_per_device": per_device,
+        "connections_per_sec": connect_rate.round(),
+        "edit_p50_ms": ms(latency.quantile(0.5)),
+        "edit_p99_ms": ms(latency.quantile(0.99)),
+    }))
+}
+
+/// Workload 6: `writers` devices (one customer each) write as fast as the server acknowledges,
+/// for `secs` seconds. Reports acknowledged changes per second and the acknowledgement latency.
+pub(crate) async fn durability(bin: &Path, writers: usize, secs: u64) -> Result<Value, Error> {
+    let server = ServerProcess::start(bin)?;
+    let dirs = tempfile::tempdir()?;
+    let wire = Wire::default();
+    let mut clients = Vec::new();
+    for i in 0..writers {
+        let client =
+            server.device(&format!("writer-{i}"), &dirs.path().join(i.to_string()), &wire).await?;
+        synced(&client).await?;
+        clients.push(client);
+    }
+    let until = Instant::now() + Duration::from_secs(secs);
+    let cpu = server.cpu()?;
+    let runs = join_all(clients.iter().map(|client| async move {
+        let doc = client.create("log").await?;
+        let mut acks = Samples::default();
+        let mut n = 0u64;
+        while Instant::now() < until {
+            let started = Instant::now();
+            doc.put("n", json!(n)).await?;
+            synced(client).await?;
+            acks.push(started.elapsed());
+            n += 1;
+        }
+        Ok::<_, Error>(acks)
+    }))
+    .await;
+    let cpu = server.cpu()? - cpu;
+    let mut all = Samples::default();
+    let mut count = 0usize;
+    for run in runs {
+        let run = run?;
+        count += run.len();
+        all.extend(run);
+    }
+    Ok(json!({
+        "workload": "durability",
+        "system": "cubby",
+        "writers": writers,
+        "seconds": secs,
+        "acked_changes_per_sec": (count as f64 / secs as f64).round(),
+        "ack_p50_ms": ms(all.quantile(0.5)),
+        "ack_p99_ms": ms(all.quantile(0.99)),
+        "server_cpu_us_per_change": (cpu.as_secs_f64() * 1e6 / count.max(1) as f64).round(),
+    }))
+}
+
+/// Workload 2: one device makes `changes` changes offline, then syncs; `receivers` other
+/// devices of the customer are connected. Reports the time until every device has all of
+/// them, and the server's CPU per change.
+pub(crate) async fn burst(bin: &Path, changes: usize, receivers: usize) -> Result<Value, Error> {
+    let server = ServerProcess::start(bin)?;
+    let dirs = tempfile::tempdir()?;
+    let wire = Wire::default();
+    let writer = server.device("burst", &dirs.path().join("writer"), &wire).await?;
+    let doc = writer.create("burst").await?;
+    doc.put("n", json!(0)).await?;
+    synced(&writer).await?;
+    let mut copies = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..receivers {
+        let device = server.device("burst", &dirs.path().join(format!("r{i}")), &wire).await?;
+        synced(&device).await?;
+        let deadline = Instant::now() + PATIENCE;
+        let copy = loop {
+            if let Ok(copy) = device.open(doc.id()).await {
+                break copy;
+            }
+            if Instant::now() > deadline {
+                return Err("a receiver never got the document".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        copies.push(copy);
+        devices.push(device);
+    }
+    let id = doc.id();
+    drop(doc);
+    writer.shutdown().await;
+    // Offline: the same device, not syncing, makes the burst.
+    let offline = Client::builder()
+        .with_data_dir(dirs.path().join("writer"))
+        .with_local_key([7; 32])
+        .with_server(server.url.clone())
+        .with_ca_pem(server.ca_pem.clone())
+        .with_token_provider(cubby_client::StaticToken::new(server.token("burst")?))
+        .with_autosync(false)
+        .build()
+        .await?;
+    let doc = offline.open(id).await?;
+    for n in 1..=changes as u64 {
+        doc.put("n", json!(n)).await?;
+    }
+    let cpu = server.cpu()?;
+    let started = Instant::now();
+    offline.start_sync();
+    for copy in &copies {
+        has(copy, changes as u64).await?;
+    }
+    let took = started.elapsed();
+    let cpu = server.cpu()? - cpu;
+    Ok(json!({
+        "workload": "burst",
+        "system": "cubby",
+        "changes": changes,
+        "receivers": receivers,
+        "ms_until_all_have_all": ms(took),
+        "server_cpu_us_per_change": (cpu.as_secs_f64() * 1e6 / changes as f64).round(),
     }))
 }
