@@ -39,6 +39,39 @@ async fn has(doc: &DocHandle, value: u64) -> Result<(), Error> {
     Ok(())
 }
 
+/// `device`'s copy of `doc`, once it has one.
+async fn arrived(device: &Client, doc: cubby_core::DocId) -> Result<DocHandle, Error> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(copy) = device.open(doc).await {
+            return Ok(copy);
+        }
+        if Instant::now() > deadline {
+            return Err("a device never got the document".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `count` more devices of `subject`, each synced and holding `doc`.
+async fn receiving(
+    server: &ServerProcess,
+    subject: &str,
+    dirs: &Path,
+    wire: &Wire,
+    count: usize,
+    doc: cubby_core::DocId,
+) -> Result<(Vec<Client>, Vec<DocHandle>), Error> {
+    let (mut devices, mut copies) = (Vec::new(), Vec::new());
+    for i in 0..count {
+        let device = server.device(subject, &dirs.join(format!("r{i}")), wire).await?;
+        synced(&device).await?;
+        copies.push(arrived(&device, doc).await?);
+        devices.push(device);
+    }
+    Ok((devices, copies))
+}
+
 /// Workload 1: one device makes `edits` isolated small edits (each waits for the last to reach
 /// everyone); `receivers` other devices of the same customer receive each.
 pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result<Value, Error> {
@@ -49,24 +82,10 @@ pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result
     let doc = writer.create("bench").await?;
     doc.put("n", json!(0)).await?;
     synced(&writer).await?;
-    let mut devices = Vec::new();
-    let mut copies = Vec::new();
-    for i in 0..receivers {
-        let device = server.device("fanout", &dirs.path().join(format!("r{i}")), &wire).await?;
-        synced(&device).await?;
-        let deadline = Instant::now() + PATIENCE;
-        let copy = loop {
-            if let Ok(copy) = device.open(doc.id()).await {
-                break copy;
-            }
-            if Instant::now() > deadline {
-                return Err("a receiver never got the document".into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        has(&copy, 0).await?;
-        copies.push(copy);
-        devices.push(device);
+    let (_devices, copies) =
+        receiving(&server, "fanout", dirs.path(), &wire, receivers, doc.id()).await?;
+    for copy in &copies {
+        has(copy, 0).await?;
     }
 
     let (cpu, bytes) = (server.cpu()?, wire.bytes());
@@ -198,16 +217,7 @@ pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result
     let doc = a.create("edit at scale").await?;
     doc.put("n", json!(0)).await?;
     synced(a).await?;
-    let deadline = Instant::now() + PATIENCE;
-    let copy = loop {
-        if let Ok(copy) = b.open(doc.id()).await {
-            break copy;
-        }
-        if Instant::now() > deadline {
-            return Err("the other device never got the document".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let copy = arrived(b, doc.id()).await?;
     let mut latency = Samples::default();
     for n in 1..=100u64 {
         let started = Instant::now();
@@ -294,24 +304,8 @@ pub(crate) async fn burst(bin: &Path, changes: usize, receivers: usize) -> Resul
     let doc = writer.create("burst").await?;
     doc.put("n", json!(0)).await?;
     synced(&writer).await?;
-    let mut copies = Vec::new();
-    let mut devices = Vec::new();
-    for i in 0..receivers {
-        let device = server.device("burst", &dirs.path().join(format!("r{i}")), &wire).await?;
-        synced(&device).await?;
-        let deadline = Instant::now() + PATIENCE;
-        let copy = loop {
-            if let Ok(copy) = device.open(doc.id()).await {
-                break copy;
-            }
-            if Instant::now() > deadline {
-                return Err("a receiver never got the document".into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        copies.push(copy);
-        devices.push(device);
-    }
+    let (_devices, copies) =
+        receiving(&server, "burst", dirs.path(), &wire, receivers, doc.id()).await?;
     let id = doc.id();
     drop(doc);
     writer.shutdown().await;
