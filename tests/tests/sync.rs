@@ -455,3 +455,34 @@ async fn reconnecting_to_a_long_history_costs_about_what_changed() {
         assert!(bytes < 1024, "the server sent {bytes} bytes ({replies:?})");
     }
 }
+
+/// `DocEvent::Synced` tells the app when the server has acknowledged its changes: by then they
+/// are durable on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_is_told_when_the_server_acknowledged_its_changes() {
+    use cubby_client::DocEvent;
+    use cubby_proto::pb;
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("Notes").await.expect("create");
+    let mut events = doc.subscribe();
+    doc.put("title", json!("acknowledged")).await.expect("put");
+    let synced = tokio::time::timeout(cubby_tests::DEADLINE, async {
+        while let Ok(event) = events.recv().await {
+            if event == DocEvent::Synced {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(synced, Ok(true), "no Synced event");
+    let mut account = pb::account_client::AccountClient::new(server.channel().await);
+    let request = pb::GetDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
+    let stored = account
+        .get_document(cubby_tests::authed(request, &server.token("alice")))
+        .await
+        .expect("reads")
+        .into_inner();
+    assert_eq!(stored.json, json!({"title": "acknowledged"}).to_string());
+}

@@ -20,6 +20,8 @@ pub enum DocEvent {
     Local,
     /// Changes from another device or the business arrived.
     Remote,
+    /// The server acknowledged every change this device made to it: they are durable there.
+    Synced,
 }
 
 /// A document as this device holds it.

@@ -568,21 +568,29 @@ impl<'a> Session<'a> {
         }
         let check = shared.clone();
         let device = self.inner.device_id;
-        self.blocking(move |store| {
-            write.apply(store, &id)?;
-            // Clear the unsynced mark only if, under the document's lock, the server still has
-            // everything: a local edit may have landed since.
-            let state = check.lock();
-            if state.session.peer_has_everything(&state.doc) {
-                tracing::debug!(device = %device.short(), doc = %id.short(), heads = ?state.doc.get_heads(),
-                    theirs = ?state.session.their_heads(), "server holds everything: unsynced mark cleared");
-                store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-            } else if was_unconfirmed {
-                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
-            }
-            Ok(())
-        })
-        .await?;
+        let acknowledged = self
+            .blocking(move |store| {
+                write.apply(store, &id)?;
+                // Clear the unsynced mark only if, under the document's lock, the server still
+                // has everything: a local edit may have landed since.
+                let state = check.lock();
+                if state.session.peer_has_everything(&state.doc) {
+                    tracing::debug!(device = %device.short(), doc = %id.short(), heads = ?state.doc.get_heads(),
+                        theirs = ?state.session.their_heads(), "server holds everything: unsynced mark cleared");
+                    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    return Ok(marked.is_some());
+                }
+                if was_unconfirmed {
+                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+                }
+                Ok(false)
+            })
+            .await?;
+        if acknowledged {
+            shared.emit(DocEvent::Synced);
+            let _ = self.inner.events.send((id, DocEvent::Synced));
+        }
         self.inner.wrote(id);
         tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq, holds,
             server_has_all, changed, settled, reply = reply.is_some(), "server message");
