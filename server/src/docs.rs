@@ -419,11 +419,6 @@ impl Actor {
             match msg {
                 DocMsg::Sync { peer, device, outbox, message, create, permit, kick } => {
                     spoke.insert(peer);
-                    if !self.peers.contains_key(&peer) {
-                        let session = self.saved_session(device).await;
-                        self.peers
-                            .insert(peer, Peer { device, session, outbox: outbox.clone(), kick });
-                    }
                     if self.live().is_none() {
                         match create {
                             Some(title) => touched |= self.create(title),
@@ -435,6 +430,10 @@ impl Actor {
                                 continue;
                             }
                         }
+                    }
+                    if !self.peers.contains_key(&peer) {
+                        let session = self.saved_session(device).await;
+                        self.peers.insert(peer, Peer { device, session, outbox, kick });
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
                     let Some(peer) = self.peers.get_mut(&peer) else { continue };
@@ -574,6 +573,9 @@ impl Actor {
     /// Keeps a leaving device's sync state. Not flushed: the next group commit carries it, and
     /// losing it costs one larger exchange.
     async fn save_session(&self, peer: &Peer) {
+        if peer.session.shared_heads().is_empty() {
+            return; // Nothing worth keeping (a document the device never synced, say).
+        }
         let (store, customer) = (self.ctx().store.clone(), self.customer);
         let (key, value) = (self.session_key(peer.device), peer.session.persist());
         let saved = self

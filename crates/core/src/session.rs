@@ -65,6 +65,11 @@ impl PeerSession {
         }
     }
 
+    /// The heads both sides are known to share.
+    pub fn shared_heads(&self) -> &[automerge::ChangeHash] {
+        &self.state.shared_heads
+    }
+
     /// The part of the session worth keeping between connections (the heads both sides share).
     pub fn persist(&self) -> Vec<u8> {
         self.state.encode()
