@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo build --release -p cubby-server -p cubby-bench
-//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|reconnect] [--quick]
+//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect] [--quick]
 //!     [--server PATH]
 //! ```
 
@@ -84,6 +84,14 @@ fn run() -> Result<(), Error> {
     if matches!(what, "all" | "durability") {
         emit(runtime.block_on(workloads::durability(&server, 64 / scale.min(8), 10))?);
     }
+    if matches!(what, "all" | "large") {
+        emit(runtime.block_on(workloads::large_account(
+            &server,
+            1000 / scale,
+            200,
+            100_000 / scale,
+        ))?);
+    }
     if matches!(what, "all" | "reconnect") {
         for missing in [1, 100, 1000] {
             emit(runtime.block_on(workloads::reconnect(
@@ -132,6 +140,18 @@ fn summarize(results: &[Value]) {
             r["connections_per_sec"],
             r["edit_p50_ms"],
             r["edit_p99_ms"],
+        );
+    }
+    for r in results.iter().filter(|r| r["workload"] == "large_account") {
+        eprintln!(
+            "large account ({} documents, {} bytes at rest): a fresh device synced in {} ms with {} wire bytes ({:.2}x at rest); after a restart, an edit to the large document was acknowledged in {} ms cold, {} ms warm",
+            r["documents"],
+            r["bytes_at_rest"],
+            r["fresh_device_ms"],
+            r["fresh_device_wire_bytes"],
+            r["wire_to_rest_ratio"].as_f64().unwrap_or(0.0),
+            r["cold_edit_ack_ms"],
+            r["warm_edit_ack_ms"],
         );
     }
     for r in results.iter().filter(|r| r["workload"] == "burst") {

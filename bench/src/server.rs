@@ -18,6 +18,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// A `cubby-server` process with its own data directory; killed on drop.
 pub(crate) struct ServerProcess {
     child: Child,
+    bin: std::path::PathBuf,
     data: tempfile::TempDir,
     /// `https://127.0.0.1:PORT`.
     pub(crate) url: String,
@@ -36,30 +37,18 @@ impl ServerProcess {
     /// Starts `bin` on a free loopback port in development mode and waits until it listens.
     pub(crate) fn start(bin: &Path) -> Result<Self, Error> {
         let data = tempfile::tempdir()?;
-        let mut child = Command::new(bin)
-            .arg("--data")
-            .arg(data.path())
-            .args(["--listen", "127.0.0.1:0"])
-            .env_remove("CUBBY_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut url = None;
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            if let Some(rest) = line.strip_prefix("cubby-server listening on ") {
-                url = Some(rest.trim().to_owned());
-            }
-            if line.starts_with("development tenant on") {
-                break;
-            }
-        }
-        let url = url.ok_or("the server did not say where it listens")?;
+        let (child, url) = spawn(bin, data.path(), "127.0.0.1:0")?;
         let ca_pem = std::fs::read(data.path().join("tls/cert.pem"))?;
-        Ok(Self { child, data, url, ca_pem })
+        Ok(Self { child, data, url, ca_pem, bin: bin.to_path_buf() })
+    }
+
+    /// Stops the process and starts it again on the same data directory and port.
+    pub(crate) fn restart(&mut self) -> Result<(), Error> {
+        self.child.kill()?;
+        self.child.wait()?;
+        let addr = self.url.trim_start_matches("https://").to_owned();
+        self.child = spawn(&self.bin, self.data.path(), &addr)?.0;
+        Ok(())
     }
 
     /// A development token for `subject`, valid for a day.
@@ -117,6 +106,33 @@ impl ServerProcess {
             .await?;
         Ok(client)
     }
+}
+
+/// Runs the server binary on `data` and `listen`; returns once it listens, with its URL.
+fn spawn(bin: &Path, data: &Path, listen: &str) -> Result<(Child, String), Error> {
+    let mut child = Command::new(bin)
+        .arg("--data")
+        .arg(data)
+        .args(["--listen", listen])
+        .env_remove("CUBBY_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut url = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if let Some(rest) = line.strip_prefix("cubby-server listening on ") {
+            url = Some(rest.trim().to_owned());
+        }
+        if line.starts_with("development tenant on") {
+            break;
+        }
+    }
+    let url = url.ok_or("the server did not say where it listens")?;
+    Ok((child, url))
 }
 
 /// Bytes that crossed the wire (TLS records included), both directions, over many connections.
