@@ -23,6 +23,20 @@ async fn synced(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// Waits for the server's acknowledgement of the document's changes (`DocEvent::Synced`).
+async fn acknowledged(
+    events: &mut tokio::sync::broadcast::Receiver<cubby_client::DocEvent>,
+) -> Result<(), Error> {
+    loop {
+        match tokio::time::timeout(PATIENCE, events.recv()).await {
+            Ok(Ok(cubby_client::DocEvent::Synced)) => return Ok(()),
+            Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(_)) => return Err("the document closed".into()),
+            Err(_) => return Err("no acknowledgement within a minute".into()),
+        }
+    }
+}
+
 /// Waits until `doc`'s root `n` is `value`.
 async fn has(doc: &DocHandle, value: u64) -> Result<(), Error> {
     let mut events = doc.subscribe();
@@ -53,38 +67,44 @@ async fn arrived(device: &Client, doc: cubby_core::DocId) -> Result<DocHandle, E
     }
 }
 
-/// `count` more devices of `subject`, each synced and holding `doc`.
-async fn receiving(
-    server: &ServerProcess,
-    subject: &str,
-    dirs: &Path,
-    wire: &Wire,
-    count: usize,
-    doc: cubby_core::DocId,
-) -> Result<(Vec<Client>, Vec<DocHandle>), Error> {
-    let (mut devices, mut copies) = (Vec::new(), Vec::new());
-    for i in 0..count {
-        let device = server.device(subject, &dirs.join(format!("r{i}")), wire).await?;
-        synced(&device).await?;
-        copies.push(arrived(&device, doc).await?);
-        devices.push(device);
+/// A server, a writer device with one document (`n` = 0), and `receivers` more devices of the
+/// same customer holding it, every one with a sled store and its bytes counted.
+struct Scene {
+    server: ServerProcess,
+    dirs: tempfile::TempDir,
+    wire: Wire,
+    writer: Client,
+    doc: DocHandle,
+    _receivers: Vec<Client>,
+    copies: Vec<DocHandle>,
+}
+
+impl Scene {
+    async fn new(bin: &Path, subject: &str, receivers: usize) -> Result<Self, Error> {
+        let server = ServerProcess::start(bin)?;
+        let dirs = tempfile::tempdir()?;
+        let wire = Wire::default();
+        let writer = server.device(subject, &dirs.path().join("writer"), &wire).await?;
+        let doc = writer.create(subject).await?;
+        doc.put("n", json!(0)).await?;
+        synced(&writer).await?;
+        let (mut devices, mut copies) = (Vec::new(), Vec::new());
+        for i in 0..receivers {
+            let device = server.device(subject, &dirs.path().join(format!("r{i}")), &wire).await?;
+            synced(&device).await?;
+            copies.push(arrived(&device, doc.id()).await?);
+            devices.push(device);
+        }
+        Ok(Self { server, dirs, wire, writer, doc, _receivers: devices, copies })
     }
-    Ok((devices, copies))
 }
 
 /// Workload 1: one device makes `edits` isolated small edits (each waits for the last to reach
 /// everyone); `receivers` other devices of the same customer receive each.
 pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result<Value, Error> {
-    let server = ServerProcess::start(bin)?;
-    let dirs = tempfile::tempdir()?;
-    let wire = Wire::default();
-    let writer = server.device("fanout", &dirs.path().join("writer"), &wire).await?;
-    let doc = writer.create("bench").await?;
-    doc.put("n", json!(0)).await?;
-    synced(&writer).await?;
-    let (_devices, copies) =
-        receiving(&server, "fanout", dirs.path(), &wire, receivers, doc.id()).await?;
-    for copy in &copies {
+    let scene = Scene::new(bin, "fanout", receivers).await?;
+    let Scene { server, wire, doc, copies, .. } = &scene;
+    for copy in copies {
         has(copy, 0).await?;
     }
 
@@ -172,12 +192,21 @@ pub(crate) async fn reconnect(bin: &Path, history: usize, missing: usize) -> Res
 
 /// A device whose own storage is not under test: in memory, so thousands fit in one process.
 async fn light_device(server: &ServerProcess, subject: &str) -> Result<Client, Error> {
+    light_device_with(server, subject, true).await
+}
+
+async fn light_device_with(
+    server: &ServerProcess,
+    subject: &str,
+    autosync: bool,
+) -> Result<Client, Error> {
     Ok(Client::builder()
         .with_store(std::sync::Arc::new(cubby_store::MemoryStore::new()))
         .with_local_key([7; 32])
         .with_server(server.url.clone())
         .with_ca_pem(server.ca_pem.clone())
         .with_token_provider(cubby_client::StaticToken::new(server.token(subject)?))
+        .with_autosync(autosync)
         .build()
         .await?)
 }
@@ -267,15 +296,7 @@ pub(crate) async fn durability(bin: &Path, writers: usize, secs: u64) -> Result<
         while Instant::now() < until {
             let started = Instant::now();
             doc.put("n", json!(n)).await?;
-            // The server's acknowledgement of this change (DocEvent::Synced).
-            loop {
-                match tokio::time::timeout(PATIENCE, events.recv()).await {
-                    Ok(Ok(cubby_client::DocEvent::Synced)) => break,
-                    Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                    Ok(Err(_)) => return Err("the document closed".into()),
-                    Err(_) => return Err("no acknowledgement within a minute".into()),
-                }
-            }
+            acknowledged(&mut events).await?;
             acks.push(started.elapsed());
             n += 1;
         }
@@ -306,15 +327,8 @@ pub(crate) async fn durability(bin: &Path, writers: usize, secs: u64) -> Result<
 /// devices of the customer are connected. Reports the time until every device has all of
 /// them, and the server's CPU per change.
 pub(crate) async fn burst(bin: &Path, changes: usize, receivers: usize) -> Result<Value, Error> {
-    let server = ServerProcess::start(bin)?;
-    let dirs = tempfile::tempdir()?;
-    let wire = Wire::default();
-    let writer = server.device("burst", &dirs.path().join("writer"), &wire).await?;
-    let doc = writer.create("burst").await?;
-    doc.put("n", json!(0)).await?;
-    synced(&writer).await?;
-    let (_devices, copies) =
-        receiving(&server, "burst", dirs.path(), &wire, receivers, doc.id()).await?;
+    let Scene { server, dirs, writer, doc, copies, _receivers, .. } =
+        Scene::new(bin, "burst", receivers).await?;
     let id = doc.id();
     drop(doc);
     writer.shutdown().await;
@@ -350,19 +364,6 @@ pub(crate) async fn burst(bin: &Path, changes: usize, receivers: usize) -> Resul
     }))
 }
 
-/// A light device of `subject` that does not sync until told to.
-async fn offline_light_device(server: &ServerProcess, subject: &str) -> Result<Client, Error> {
-    Ok(Client::builder()
-        .with_store(std::sync::Arc::new(cubby_store::MemoryStore::new()))
-        .with_local_key([7; 32])
-        .with_server(server.url.clone())
-        .with_ca_pem(server.ca_pem.clone())
-        .with_token_provider(cubby_client::StaticToken::new(server.token(subject)?))
-        .with_autosync(false)
-        .build()
-        .await?)
-}
-
 /// Workloads 4 and 7: an account of `docs` documents of `changes` changes each plus one text
 /// document of `text_changes` one-character insertions, written on one device and synced.
 /// Then (4) a fresh device with a sled store syncs the whole account: time and wire bytes
@@ -378,7 +379,7 @@ pub(crate) async fn large_account(
 ) -> Result<Value, Error> {
     use automerge::transaction::Transactable;
     let mut server = ServerProcess::start(bin)?;
-    let author = offline_light_device(&server, "large").await?;
+    let author = light_device_with(&server, "large", false).await?;
     let mut at_rest = 0usize;
     for d in 0..docs {
         let doc = author.create(&format!("doc {d}")).await?;
@@ -443,14 +444,7 @@ pub(crate) async fn large_account(
         let mut events = copy.subscribe();
         let started = Instant::now();
         copy.change(move |tx| tx.splice_text(&obj, at, 0, "b")).await?;
-        loop {
-            match tokio::time::timeout(PATIENCE, events.recv()).await {
-                Ok(Ok(cubby_client::DocEvent::Synced)) => break,
-                Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(_)) => return Err("the document closed".into()),
-                Err(_) => return Err("no acknowledgement within a minute".into()),
-            }
-        }
+        acknowledged(&mut events).await?;
         edit_times.push(started.elapsed());
     }
     let (cold, warm) = (edit_times[0], edit_times[1]);
