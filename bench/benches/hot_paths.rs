@@ -1,0 +1,131 @@
+//! Criterion micro-benchmarks of the per-change hot paths: the sync frame codec, sealing and
+//! opening a record, the document actor's apply of one device change, and sync messages in
+//! parts. `cargo bench -p cubby-bench`.
+
+use automerge::Automerge;
+use automerge::transaction::Transactable;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use cubby_core::session::PeerSession;
+use cubby_proto::pb;
+use prost::Message;
+
+fn frame_codec(c: &mut Criterion) {
+    let frame = pb::ClientFrame {
+        frame: Some(pb::client_frame::Frame::Sync(pb::DocSync {
+            doc_id: vec![1; 16],
+            message: vec![7; 256],
+            create: None,
+            seq: 0,
+            more: false,
+        })),
+    };
+    c.bench_function("frame_codec/encode_decode_256B", |b| {
+        b.iter(|| {
+            let bytes = std::hint::black_box(&frame).encode_to_vec();
+            pb::ClientFrame::decode(bytes.as_slice()).expect("decodes")
+        });
+    });
+}
+
+fn seal_open(c: &mut Criterion) {
+    let key = cubby_crypto::keys::DataKey::generate();
+    for size in [256usize, 4096] {
+        let plaintext = vec![5u8; size];
+        let sealed = cubby_crypto::envelope::seal(&key, b"aad", &plaintext);
+        c.bench_function(&format!("seal/{size}B"), |b| {
+            b.iter(|| cubby_crypto::envelope::seal(&key, b"aad", std::hint::black_box(&plaintext)));
+        });
+        c.bench_function(&format!("open/{size}B"), |b| {
+            b.iter(|| cubby_crypto::envelope::open(&key, b"aad", std::hint::black_box(&sealed)));
+        });
+    }
+}
+
+/// A document with `changes` small changes.
+fn history(changes: u64) -> Automerge {
+    let mut doc = Automerge::new();
+    for n in 0..changes {
+        let mut tx = doc.transaction();
+        tx.put(automerge::ROOT, "n", n).expect("put");
+        tx.commit();
+    }
+    doc
+}
+
+/// The server's copy of a document of `changes` changes, its session with a device (settled:
+/// the heads both share), and that device's sync message carrying one new change (what the
+/// document actor applies for an isolated edit).
+fn one_change_message(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
+    let mut server = history(changes);
+    let mut device = server.fork();
+    let (mut on_server, mut on_device) = (PeerSession::new(), PeerSession::new());
+    for _ in 0..4 {
+        if let Some(m) = on_device.generate(&device) {
+            on_server.receive(&mut server, &m).expect("valid");
+        }
+        if let Some(m) = on_server.generate(&server) {
+            on_device.receive(&mut device, &m).expect("valid");
+        }
+    }
+    let mut tx = device.transaction();
+    tx.put(automerge::ROOT, "n", changes + 1).expect("put");
+    tx.commit();
+    let message = on_device.generate(&device).expect("a message with the change");
+    let mut check = server.clone();
+    PeerSession::restore(&on_server.persist())
+        .expect("restores")
+        .receive(&mut check, &message)
+        .expect("applies");
+    assert_eq!(check.get_heads(), device.get_heads(), "the message carries the change");
+    (server, on_server.persist(), message)
+}
+
+fn actor_apply(c: &mut Criterion) {
+    for changes in [100u64, 1_000, 10_000] {
+        let (server, session, message) = one_change_message(changes);
+        let setup =
+            || (server.clone(), PeerSession::restore(&session).expect("a saved session restores"));
+        c.bench_function(&format!("actor_apply/one_change_into_{changes}"), |b| {
+            b.iter_batched(
+                setup,
+                |(mut doc, mut session)| {
+                    session.receive(&mut doc, &message).expect("applies");
+                    (doc, session)
+                },
+                BatchSize::SmallInput,
+            );
+        });
+        c.bench_function(&format!("actor_answer/after_one_change_into_{changes}"), |b| {
+            b.iter_batched(
+                || {
+                    let (mut doc, mut session) = setup();
+                    session.receive(&mut doc, &message).expect("applies");
+                    (doc, session)
+                },
+                |(doc, mut session)| session.answer(&doc),
+                BatchSize::SmallInput,
+            );
+        });
+    }
+}
+
+fn parts(c: &mut Criterion) {
+    let sync = pb::DocSync { doc_id: vec![2; 16], message: vec![9; 4 << 20], ..Default::default() };
+    c.bench_function("parts/split_and_reassemble_4MiB", |b| {
+        b.iter_batched(
+            || sync.clone(),
+            |sync| {
+                let mut reassembly = cubby_proto::parts::Reassembly::new(8 << 20);
+                let mut whole = None;
+                for part in cubby_proto::parts::split(sync) {
+                    whole = reassembly.push(part).expect("fits");
+                }
+                whole.expect("the last part completes it")
+            },
+            BatchSize::LargeInput,
+        );
+    });
+}
+
+criterion_group!(benches, frame_codec, seal_open, actor_apply, parts);
+criterion_main!(benches);
