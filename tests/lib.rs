@@ -119,6 +119,14 @@ impl TestServer {
         auth::dev_token(&signer, customer, ttl)
     }
 
+    /// A document as the server holds it (the account API's JSON), read with `token`.
+    pub async fn document_json(&self, token: &str, id: &[u8]) -> Result<String, tonic::Status> {
+        use cubby_proto::pb;
+        let mut account = pb::account_client::AccountClient::new(self.channel().await);
+        let request = pb::GetDocumentRequest { doc_id: id.to_vec() };
+        account.get_document(authed(request, token)).await.map(|r| r.into_inner().json)
+    }
+
     /// A raw gRPC channel to the server over TLS, trusting its certificate.
     pub async fn channel(&self) -> tonic::transport::Channel {
         self.channel_with(|endpoint| endpoint).await

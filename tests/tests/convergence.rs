@@ -108,12 +108,9 @@ async fn report(server: &TestServer, slots: &[Slot]) {
             ids.insert(id);
         }
     }
-    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
     for id in ids {
-        let request = cubby_proto::pb::GetDocumentRequest { doc_id: id.as_bytes().to_vec() };
-        let answer =
-            account.get_document(cubby_tests::authed(request, &server.token("alice"))).await;
-        eprintln!("server {}: {:?}", id.short(), answer.map(|r| r.into_inner().json));
+        let answer = server.document_json(&server.token("alice"), id.as_bytes()).await;
+        eprintln!("server {}: {:?}", id.short(), answer);
     }
 }
 

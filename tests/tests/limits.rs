@@ -2,8 +2,7 @@
 //! over the limit.
 
 use cubby_client::SyncFailure;
-use cubby_proto::pb;
-use cubby_tests::{TestServer, authed};
+use cubby_tests::TestServer;
 use serde_json::json;
 
 fn refused_for(failure: &SyncFailure, what: &str) -> bool {
@@ -113,12 +112,9 @@ async fn row_08_a_history_too_slow_to_apply_is_refused_charged_and_others_are_se
     assert!(refused_for(&failure, "too many writes"), "{failure:?}");
 
     // Nothing of the refused history reached the server.
-    let mut account = pb::account_client::AccountClient::new(server.channel().await);
-    let request = pb::GetDocumentRequest { doc_id: log.id().as_bytes().to_vec() };
-    let stored = account
-        .get_document(authed(request, &server.token("alice")))
+    let stored = server
+        .document_json(&server.token("alice"), log.id().as_bytes())
         .await
-        .expect("the log reads")
-        .into_inner();
-    assert_eq!(stored.json, json!({"start": true}).to_string());
+        .expect("the log reads");
+    assert_eq!(stored, json!({"start": true}).to_string());
 }

@@ -28,11 +28,8 @@ async fn row_34_panic_while_applying_a_sync_message_is_contained() {
     // Nothing half-applied is visible, and the server keeps serving other customers.
     let account = pb::account_client::AccountClient::new(server.channel().await);
     let read = |token: String, id: Vec<u8>| {
-        let mut account = account.clone();
-        async move {
-            let request = pb::GetDocumentRequest { doc_id: id };
-            account.get_document(authed(request, &token)).await.map(|r| r.into_inner().json)
-        }
+        let server = &server;
+        async move { server.document_json(&token, &id).await }
     };
     let alice_view =
         read(server.token("alice"), doc.id().as_bytes().to_vec()).await.expect("reads");

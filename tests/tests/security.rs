@@ -30,16 +30,6 @@ fn hello() -> pb::client_frame::Frame {
     pb::client_frame::Frame::Hello(pb::Hello { device_id: vec![9; 16], ..Default::default() })
 }
 
-async fn get_document(
-    server: &TestServer,
-    token: &str,
-    id: &[u8],
-) -> Result<String, tonic::Status> {
-    let mut account = AccountClient::new(server.channel().await);
-    let request = pb::GetDocumentRequest { doc_id: id.to_vec() };
-    account.get_document(authed(request, token)).await.map(|r| r.into_inner().json)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_14_another_customers_document_is_not_found_like_a_missing_one() {
     let server = TestServer::start().await;
@@ -50,14 +40,15 @@ async fn row_14_another_customers_document_is_not_found_like_a_missing_one() {
     let (alice_token, bob_token) = (server.token("alice"), server.token("bob"));
 
     assert!(
-        get_document(&server, &alice_token, doc.id().as_bytes())
+        server
+            .document_json(&alice_token, doc.id().as_bytes())
             .await
             .expect("alice reads")
             .contains("alice's")
     );
     let foreign =
-        get_document(&server, &bob_token, doc.id().as_bytes()).await.expect_err("bob is refused");
-    let missing = get_document(&server, &bob_token, &[42; 16]).await.expect_err("no such document");
+        server.document_json(&bob_token, doc.id().as_bytes()).await.expect_err("bob is refused");
+    let missing = server.document_json(&bob_token, &[42; 16]).await.expect_err("no such document");
     assert_eq!(foreign.code(), tonic::Code::NotFound);
     assert_eq!((foreign.code(), foreign.message()), (missing.code(), missing.message()));
 
@@ -66,7 +57,7 @@ async fn row_14_another_customers_document_is_not_found_like_a_missing_one() {
     let request = pb::DeleteDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
     let deleted = account.delete_document(authed(request, &bob_token)).await.expect_err("refused");
     assert_eq!(deleted.code(), tonic::Code::NotFound);
-    assert!(get_document(&server, &alice_token, doc.id().as_bytes()).await.is_ok());
+    assert!(server.document_json(&alice_token, doc.id().as_bytes()).await.is_ok());
 
     // Over the sync stream: a sync message for Alice's id is answered like one for a missing id.
     let message = cubby_core::session::PeerSession::new()
@@ -223,7 +214,8 @@ async fn row_21_record_copied_to_another_customer_or_document_fails_to_open() {
     }
     server.restart().await;
     for (token, id) in [(server.token("bob"), doc.id()), (server.token("alice"), other.id())] {
-        let err = get_document(&server, &token, id.as_bytes())
+        let err = server
+            .document_json(&token, id.as_bytes())
             .await
             .expect_err("a moved record does not open");
         assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
@@ -231,12 +223,13 @@ async fn row_21_record_copied_to_another_customer_or_document_fails_to_open() {
     }
     // Everything else still reads.
     assert!(
-        get_document(&server, &server.token("alice"), doc.id().as_bytes())
+        server
+            .document_json(&server.token("alice"), doc.id().as_bytes())
             .await
             .expect("alice's own")
             .contains("alice's")
     );
-    assert!(get_document(&server, &server.token("bob"), bobs.id().as_bytes()).await.is_ok());
+    assert!(server.document_json(&server.token("bob"), bobs.id().as_bytes()).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,7 +271,7 @@ async fn row_01_malformed_sync_message_is_refused_and_the_stream_stays_usable() 
     }
     // The document is untouched.
     let json =
-        get_document(&server, &server.token("alice"), doc.id().as_bytes()).await.expect("reads");
+        server.document_json(&server.token("alice"), doc.id().as_bytes()).await.expect("reads");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&json).expect("json"), json!({"k": "v"}));
     assert_eq!(doc.heads(), heads_before);
 }

@@ -306,13 +306,10 @@ async fn an_expired_token_is_refreshed_from_the_provider() {
     let doc = device.create("after refresh").await.expect("create");
     doc.put("ok", json!(true)).await.expect("put");
     eventually("the change reaches the server", || async {
-        let mut account =
-            cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
-        let request = cubby_proto::pb::GetDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
-        account
-            .get_document(cubby_tests::authed(request, &server.token("alice")))
+        server
+            .document_json(&server.token("alice"), doc.id().as_bytes())
             .await
-            .is_ok_and(|r| r.into_inner().json.contains("\"ok\":true"))
+            .is_ok_and(|json| json.contains("\"ok\":true"))
     })
     .await;
 }
@@ -461,7 +458,6 @@ async fn reconnecting_to_a_long_history_costs_about_what_changed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_is_told_when_the_server_acknowledged_its_changes() {
     use cubby_client::DocEvent;
-    use cubby_proto::pb;
     let server = TestServer::start().await;
     let phone = server.device("alice").await;
     let doc = phone.client.create("Notes").await.expect("create");
@@ -477,12 +473,7 @@ async fn the_app_is_told_when_the_server_acknowledged_its_changes() {
     })
     .await;
     assert_eq!(synced, Ok(true), "no Synced event");
-    let mut account = pb::account_client::AccountClient::new(server.channel().await);
-    let request = pb::GetDocumentRequest { doc_id: doc.id().as_bytes().to_vec() };
-    let stored = account
-        .get_document(cubby_tests::authed(request, &server.token("alice")))
-        .await
-        .expect("reads")
-        .into_inner();
-    assert_eq!(stored.json, json!({"title": "acknowledged"}).to_string());
+    let stored =
+        server.document_json(&server.token("alice"), doc.id().as_bytes()).await.expect("reads");
+    assert_eq!(stored, json!({"title": "acknowledged"}).to_string());
 }
