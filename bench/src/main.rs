@@ -8,11 +8,15 @@
 //!
 //! ```text
 //! cargo build --release -p cubby-server -p cubby-bench
-//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect] [--quick]
-//!     [--server PATH]
+//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers]
+//!     [--quick] [--server PATH]
 //! ```
+//!
+//! `peers` (part of `all`) runs the fan-out and idle workloads against automerge-repo's sync
+//! server, samod and y-sweet; `bench/peers/install.sh` installs them, and `bench/run.sh` runs both.
 
 mod limits;
+mod peers;
 mod server;
 mod stats;
 mod workloads;
@@ -101,6 +105,17 @@ fn run() -> Result<(), Error> {
             ))?);
         }
     }
+    if matches!(what, "all" | "peers") {
+        for peer in peers::Peer::ALL {
+            // automerge-repo's clients wait out its 100 ms throttle between edits.
+            let edits = if peer.gap().is_zero() { 1000 } else { 200 } / scale;
+            for receivers in [1, 4, 16] {
+                let edits = if receivers == 16 { edits / 2 } else { edits };
+                emit(peers::fanout(peer, receivers, edits)?);
+            }
+            emit(peers::idle(peer, 1000 / scale, 1000 / scale)?);
+        }
+    }
     summarize(&results);
     Ok(())
 }
@@ -110,16 +125,38 @@ fn summarize(results: &[Value]) {
     let find = |key: &str, value: &str| results.iter().find(|r| r[key] == value);
     let floor = find("limit", "tls_grpc_stream").and_then(|r| r["rtt_p50_ms"].as_f64());
     let fsync = find("limit", "fdatasync").and_then(|r| r["per_sec_at_p50"].as_f64());
+    // Fan-out and idle devices: Cubby and the peers, from this run.
+    let y_sweet = |receivers: &Value, key: &str| {
+        results
+            .iter()
+            .find(|r| {
+                r["workload"] == "fanout"
+                    && r["system"] == "y-sweet"
+                    && &r["receivers"] == receivers
+            })
+            .and_then(|r| r[key].as_f64())
+    };
     for r in results.iter().filter(|r| r["workload"] == "fanout") {
         let p50 = r["p50_ms"].as_f64().unwrap_or(0.0);
-        let ratio = floor.map(|f| format!("{:.1}x two TLS stream round trips", p50 / (2.0 * f)));
+        let p99 = r["p99_ms"].as_f64().unwrap_or(0.0);
+        let mut against = Vec::new();
+        if let Some(f) = floor {
+            against.push(format!("{:.1}x two TLS stream round trips", p50 / (2.0 * f)));
+        }
+        if r["system"] == "cubby" {
+            if let (Some(y50), Some(y99)) =
+                (y_sweet(&r["receivers"], "p50_ms"), y_sweet(&r["receivers"], "p99_ms"))
+            {
+                against.push(format!("{:.1}x / {:.1}x y-sweet's p50 / p99", p50 / y50, p99 / y99));
+            }
+        }
         eprintln!(
-            "fanout to {:>2}: p50 {p50:.2} ms ({}), p99 {} ms, server CPU {:.0} us/change, {:.0} wire bytes/change",
+            "fanout to {:>2}, {:<14} p50 {p50:>6.2} ms, p99 {p99:>6.2} ms, server CPU {:>6.0} us/change, {:>5.0} wire bytes/change ({})",
             r["receivers"],
-            ratio.unwrap_or_else(|| "no floor measured".into()),
-            r["p99_ms"],
+            r["system"].as_str().unwrap_or("?"),
             r["server_cpu_us_per_change"].as_f64().unwrap_or(0.0),
             r["wire_bytes_per_change"].as_f64().unwrap_or(0.0),
+            against.join(", "),
         );
     }
     for r in results.iter().filter(|r| r["workload"] == "reconnect") {
@@ -134,8 +171,9 @@ fn summarize(results: &[Value]) {
     }
     for r in results.iter().filter(|r| r["workload"] == "idle") {
         eprintln!(
-            "{:>5} idle devices: {} bytes of server memory each, {} connections/s, one edit p50 {} ms p99 {} ms",
+            "{:>5} idle devices, {:<14} {:>7} bytes of server memory each, {:>5} connections/s, one edit p50 {} ms p99 {} ms",
             r["devices"],
+            r["system"].as_str().unwrap_or("?"),
             r["server_bytes_per_device"],
             r["connections_per_sec"],
             r["edit_p50_ms"],

@@ -57,26 +57,14 @@ impl ServerProcess {
         Ok(cubby_server::auth::dev_token(&signer, subject, Duration::from_secs(86_400)))
     }
 
-    /// CPU time the server process has used so far, all threads (`/proc/PID/task/*/schedstat`,
-    /// nanoseconds).
+    /// CPU time the server process has used so far, all threads.
     pub(crate) fn cpu(&self) -> Result<Duration, Error> {
-        let mut total = 0u64;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))? {
-            let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
-            total += stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-        }
-        Ok(Duration::from_nanos(total))
+        cpu_of(self.child.id())
     }
 
     /// The server's resident memory, bytes.
     pub(crate) fn rss(&self) -> Result<u64, Error> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kb = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .ok_or("no VmRSS")?;
-        Ok(kb * 1024)
+        rss_of(self.child.id())
     }
 
     /// A device of `subject` with its own sled store, its bytes counted in `wire`.
@@ -106,6 +94,28 @@ impl ServerProcess {
             .await?;
         Ok(client)
     }
+}
+
+/// CPU time process `pid` has used so far, all threads (`/proc/PID/task/*/schedstat`,
+/// nanoseconds).
+pub(crate) fn cpu_of(pid: u32) -> Result<Duration, Error> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
+        total += stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    }
+    Ok(Duration::from_nanos(total))
+}
+
+/// Process `pid`'s resident memory, bytes.
+pub(crate) fn rss_of(pid: u32) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kb * 1024)
 }
 
 /// Runs the server binary on `data` and `listen`; returns once it listens, with its URL.
