@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 tools=../../target/peers
-[ -d node_modules ] || npm ci --no-audit --no-fund --ignore-scripts
+# `npm install`, not `npm ci`: the lock leaves out cbor-extract's optional per-platform builds.
+[ -d node_modules ] || npm install --no-audit --no-fund --ignore-scripts
 [ -x "$tools/bin/y-sweet" ] ||
   CARGO_TARGET_DIR="$tools/build" cargo install y-sweet --version 0.9.1 --locked --root "$tools"
 CARGO_TARGET_DIR="$tools/build" cargo build --release --locked --manifest-path samod-server/Cargo.toml
