@@ -2,6 +2,8 @@
 //! gRPC stream over TLS, the cipher, the disk, the embedded database, and Automerge itself.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use automerge::Automerge;
@@ -45,26 +47,9 @@ impl Echo for EchoService {
 /// server), with `size`-byte messages: round trip, one at a time, and messages per second with
 /// many in flight.
 pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value, Error> {
-    cubby_server::tls::install_ring_provider();
     let dir = tempfile::tempdir()?;
-    let cert = cubby_server::tls::ensure_self_signed(dir.path())?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(cubby_server::tls::server_config(&cert)?);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let incoming = async_stream(listener, acceptor);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(EchoServer::new(EchoService))
-            .serve_with_incoming(incoming),
-    );
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(&cert.cert)?))
-        .domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-        .tls_config(tls)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let (addr, cert) = echo_server(dir.path()).await?;
+    let channel = echo_channel(addr, &cert).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mut replies = EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
     let blob = Blob { data: vec![7; size] };
@@ -101,6 +86,93 @@ pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value,
         "rtt_p99_ms": ms(rtt.quantile(0.99)),
         "messages_per_sec": rate.round(),
     }))
+}
+
+/// Starts the echo service on loopback with the server's TLS setup (its certificate in `dir`).
+/// Returns its address and certificate.
+async fn echo_server(dir: &Path) -> Result<(SocketAddr, Vec<u8>), Error> {
+    cubby_server::tls::install_ring_provider();
+    let cert = cubby_server::tls::ensure_self_signed(dir)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(cubby_server::tls::server_config(&cert)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = async_stream(listener, acceptor);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoService))
+            .serve_with_incoming(incoming),
+    );
+    Ok((addr, std::fs::read(&cert.cert)?))
+}
+
+/// A new TLS connection to the echo service.
+async fn echo_channel(addr: SocketAddr, cert: &[u8]) -> Result<tonic::transport::Channel, Error> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(cert))
+        .domain_name("localhost");
+    Ok(tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// `cubby-bench echo-server`: the echo service in a process of its own, so that its memory can
+/// be read apart from its clients'. Prints `echo ADDR CERT_PATH` and serves until killed.
+pub(crate) async fn serve_echo() -> Result<(), Error> {
+    let dir = tempfile::tempdir()?;
+    let (addr, _) = echo_server(dir.path()).await?;
+    println!("echo {addr} {}", dir.path().join("tls/cert.pem").display());
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The floor for workload 3: the echo service's memory per connected client that holds one
+/// open stream and is otherwise idle, the service in its own process, `count` clients.
+pub(crate) async fn idle_streams(count: usize) -> Result<Value, Error> {
+    let mut server = EchoProcess(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("echo-server")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?,
+    );
+    let mut line = String::new();
+    let stdout = server.0.stdout.take().ok_or("no stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let mut words = line.split_whitespace().skip(1);
+    let addr: SocketAddr = words.next().ok_or("the echo server said nothing")?.parse()?;
+    let cert = std::fs::read(words.next().ok_or("no certificate path")?)?;
+    let baseline = crate::server::rss_of(server.0.id())?;
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let channel = echo_channel(addr, &cert).await?;
+        let mut replies =
+            EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
+        tx.send(Blob { data: vec![7; 64] }).await?;
+        replies.message().await?.ok_or("the echo stream ended")?;
+        streams.push((tx, replies));
+    }
+    // Let allocations settle, as for Cubby, then read the service's memory.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let rss = crate::server::rss_of(server.0.id())?;
+    drop(streams);
+    Ok(json!({
+        "workload": "limit",
+        "limit": "idle_tls_grpc_streams",
+        "connections": count,
+        "server_bytes_per_connection": rss.saturating_sub(baseline) / count as u64,
+    }))
+}
+
+/// `cubby-bench echo-server` as a child process; killed on drop.
+struct EchoProcess(std::process::Child);
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// TLS handshakes on accepted connections, handed to tonic as they finish.

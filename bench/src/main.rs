@@ -42,6 +42,11 @@ fn main() {
 fn run() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.iter().find(|a| !a.starts_with("--")).map_or("all", String::as_str);
+    if what == "echo-server" {
+        // The idle-connection limit's service, in a process of its own (see `limits`).
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return runtime.block_on(limits::serve_echo());
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let server = match args.iter().position(|a| a == "--server") {
         Some(at) => PathBuf::from(args.get(at + 1).ok_or("--server needs a path")?),
@@ -64,6 +69,7 @@ fn run() -> Result<(), Error> {
     let scale = if quick { 10 } else { 1 };
     if matches!(what, "all" | "limits") {
         emit(runtime.block_on(limits::tls_stream(256, 2000 / scale))?);
+        emit(runtime.block_on(limits::idle_streams(10_000 / scale))?);
         for size in [256, 4096, 65_536] {
             emit(limits::cipher(size));
         }
@@ -169,12 +175,18 @@ fn summarize(results: &[Value]) {
             r["missing_change_bytes"],
         );
     }
+    let idle_floor = find("limit", "idle_tls_grpc_streams")
+        .and_then(|r| r["server_bytes_per_connection"].as_f64());
     for r in results.iter().filter(|r| r["workload"] == "idle") {
+        let bytes = r["server_bytes_per_device"].as_f64().unwrap_or(0.0);
+        let ratio = idle_floor
+            .filter(|_| r["system"] == "cubby")
+            .map(|f| format!(" ({:.1}x a bare idle TLS gRPC stream)", bytes / f));
         eprintln!(
-            "{:>5} idle devices, {:<14} {:>7} bytes of server memory each, {:>5} connections/s, one edit p50 {} ms p99 {} ms",
+            "{:>5} idle devices, {:<14} {bytes:>7} bytes of server memory each{}, {:>5} connections/s, one edit p50 {} ms p99 {} ms",
             r["devices"],
             r["system"].as_str().unwrap_or("?"),
-            r["server_bytes_per_device"],
+            ratio.unwrap_or_default(),
             r["connections_per_sec"],
             r["edit_p50_ms"],
             r["edit_p99_ms"],

@@ -2,9 +2,15 @@
 //!
 //! Every sync stream of a customer subscribes; a document actor publishes after each durable
 //! write. The channel is lossy on purpose: a stream that lags re-reads the feed from storage.
+//!
+//! A broadcast channel allocates all its slots when it is made, and a customer's channel lives
+//! as long as one of their devices is connected: slots are an `Arc` (so a slot is small) and
+//! few, because a stream that falls behind loses nothing. 256 slots holding the 104-byte
+//! announcement itself took about 33 KB per customer: `cubby-bench idle`, 10,000 devices of
+//! 1,000 customers, went from 56 KB to 53 KB of server memory per device.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_proto::pb;
@@ -35,13 +41,14 @@ impl Announcement {
 /// Announcement channels, one per customer with a connected device.
 #[derive(Debug, Default)]
 pub(crate) struct Hub {
-    channels: Mutex<HashMap<CustomerId, broadcast::Sender<Announcement>>>,
+    channels: Mutex<HashMap<CustomerId, broadcast::Sender<Arc<Announcement>>>>,
 }
 
-const CAPACITY: usize = 256;
+/// Announcements a stream may fall behind by before it re-reads the feed.
+const CAPACITY: usize = 32;
 
 impl Hub {
-    pub(crate) fn subscribe(&self, customer: CustomerId) -> broadcast::Receiver<Announcement> {
+    pub(crate) fn subscribe(&self, customer: CustomerId) -> broadcast::Receiver<Arc<Announcement>> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         channels.retain(|_, tx| tx.receiver_count() > 0);
         channels.entry(customer).or_insert_with(|| broadcast::channel(CAPACITY).0).subscribe()
@@ -51,7 +58,7 @@ impl Hub {
         let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(tx) = channels.get(&customer) {
             // No receivers is fine: nobody of this customer is connected.
-            let _ = tx.send(announcement);
+            let _ = tx.send(Arc::new(announcement));
         }
     }
 }

@@ -477,3 +477,33 @@ async fn the_app_is_told_when_the_server_acknowledged_its_changes() {
         server.document_json(&server.token("alice"), doc.id().as_bytes()).await.expect("reads");
     assert_eq!(stored, json!({"title": "acknowledged"}).to_string());
 }
+
+/// Announcements are a small lossy channel per customer (`hub.rs`): a stream that falls behind
+/// re-reads the change feed. A device must hear of every document however many arrive at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_device_hears_of_every_document_of_a_burst() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    laptop.client.wait_until_synced().await.expect("laptop connected");
+
+    let made = futures_util::future::join_all((0..150).map(|i| {
+        let phone = &phone;
+        async move {
+            let doc = phone.client.create(&format!("d{i}")).await.expect("create");
+            doc.put("i", json!(i)).await.expect("put");
+            doc.id()
+        }
+    }))
+    .await;
+    eventually("the laptop lists all 150 documents", || async {
+        let listed = laptop.client.list().await.expect("list");
+        made.iter().all(|id| listed.iter().any(|(d, _)| d == id))
+    })
+    .await;
+    for id in made.iter().step_by(37) {
+        let copy = laptop.client.open(*id).await.expect("open");
+        eventually("a document's contents arrive", || async { copy.to_json().get("i").is_some() })
+            .await;
+    }
+}
