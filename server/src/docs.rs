@@ -29,6 +29,27 @@ use crate::durable::{CommitHandle, Write, api_error};
 /// Where a document actor sends frames for one connected device.
 pub(crate) type Outbox = mpsc::Sender<Result<pb::ServerFrame, tonic::Status>>;
 
+/// What one connected device is known to hold: per document, the feed position of the newest
+/// durable state the device has confirmed it has (its sync message named every head). Document
+/// actors write it; the device's stream reads it to leave out announcements of changes the
+/// device already has.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Held(Arc<std::sync::Mutex<HashMap<DocId, Seq>>>);
+
+impl Held {
+    fn record(&self, doc: DocId, seq: Seq) {
+        let mut held = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = held.entry(doc).or_default();
+        *at = (*at).max(seq);
+    }
+
+    /// Whether the device holds `doc` as of feed position `seq`.
+    pub(crate) fn holds(&self, doc: &DocId, seq: Seq) -> bool {
+        let held = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        held.get(doc).is_some_and(|at| *at >= seq)
+    }
+}
+
 /// What a document actor is asked to do.
 pub(crate) enum DocMsg {
     /// One Automerge sync message from a device.
@@ -37,6 +58,8 @@ pub(crate) enum DocMsg {
         /// The device on the stream (its sync state is kept between connections).
         device: DeviceId,
         outbox: Outbox,
+        /// What the device holds, kept up to date by the actor.
+        held: Held,
         message: Vec<u8>,
         /// Create the document with this title if it does not exist.
         create: Option<String>,
@@ -191,6 +214,7 @@ struct Peer {
     device: DeviceId,
     session: PeerSession,
     outbox: Outbox,
+    held: Held,
     kick: CancellationToken,
 }
 
@@ -417,7 +441,7 @@ impl Actor {
         let mut batch = batch.into_iter();
         while let Some(msg) = batch.next() {
             match msg {
-                DocMsg::Sync { peer, device, outbox, message, create, permit, kick } => {
+                DocMsg::Sync { peer, device, outbox, held, message, create, permit, kick } => {
                     spoke.insert(peer);
                     if self.live().is_none() {
                         match create {
@@ -433,7 +457,7 @@ impl Actor {
                     }
                     if !self.peers.contains_key(&peer) {
                         let session = self.saved_session(device).await;
-                        self.peers.insert(peer, Peer { device, session, outbox, kick });
+                        self.peers.insert(peer, Peer { device, session, outbox, held, kick });
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
                     let Some(peer) = self.peers.get_mut(&peer) else { continue };
@@ -748,6 +772,10 @@ impl Actor {
                     peer.session.generate(&live.doc)
                 }
             }));
+            if spoke.contains(peer_id) && peer.session.peer_has_everything(&live.doc) {
+                // Its message named every head of the durable document.
+                peer.held.record(doc, live.seq);
+            }
             let message = match made {
                 Ok(Some(message)) => message,
                 Ok(None) => return true,

@@ -6,7 +6,7 @@
 //! device. The stream ends when the device leaves, its token expires, it is revoked, its account
 //! is erased, or the server stops.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Shared;
 use crate::customers::Ejector;
 use crate::devices::Arrival;
-use crate::docs::{DocMsg, Outbox};
+use crate::docs::{DocMsg, Held, Outbox};
 use crate::durable::api_error;
 use crate::hub::Announcement;
 
@@ -63,6 +63,8 @@ impl pb::sync_server::Sync for SyncService {
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
             outbox,
             joined: HashSet::new(),
+            held: Held::default(),
+            deferred: HashMap::new(),
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             announced: Seq(0),
             kick: CancellationToken::new(),
@@ -97,6 +99,12 @@ struct Connection {
     peer: u64,
     outbox: Outbox,
     joined: HashSet<DocId>,
+    /// What the device holds of the documents it syncs here (kept by their actors).
+    held: Held,
+    /// Announcements of documents the device syncs live on this stream, held back: their
+    /// actors send the changes themselves. Each is sent before any later announcement unless
+    /// the device holds it by then, so the device's cursor never passes a change it lacks.
+    deferred: HashMap<DocId, Arc<Announcement>>,
     inflight: Arc<Semaphore>,
     /// The highest feed position announced on this stream.
     announced: Seq,
@@ -239,7 +247,7 @@ impl Connection {
                     Err(status) => return Err(status),
                 },
                 announcement = announcements.recv() => match announcement {
-                    Ok(a) => self.announce(&a).await?,
+                    Ok(a) => self.on_announcement(a).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
@@ -284,17 +292,37 @@ impl Connection {
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
                 None => None,
             };
-            self.announce(&Announcement { doc, seq, info }).await?;
+            self.on_announcement(Arc::new(Announcement { doc, seq, info })).await?;
         }
         Ok(())
     }
 
-    async fn announce(&mut self, a: &Announcement) -> Result<(), Status> {
+    /// Announces a durable change, or holds it back when the device syncs that document live
+    /// here. Left out, an announcement per change to every device of the customer cost each
+    /// device a frame (and the server a TLS record) for a change it was receiving anyway.
+    async fn on_announcement(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
         if a.seq <= self.announced {
             return Ok(());
         }
-        self.announced = a.seq;
-        self.send(a.frame()).await
+        if a.info.is_some() && self.joined.contains(&a.doc) {
+            if !self.held.holds(&a.doc, a.seq) {
+                self.deferred.insert(a.doc, a);
+            }
+            return Ok(());
+        }
+        // Deletions and other documents: first whatever held-back announcement before this one
+        // the device does not hold yet, in feed order.
+        let (later, owed): (HashMap<_, _>, HashMap<_, _>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|(_, d)| d.seq > a.seq);
+        self.deferred = later;
+        let mut owed: Vec<_> = owed.into_values().collect();
+        owed.retain(|d| !self.held.holds(&d.doc, d.seq));
+        owed.sort_by_key(|d| d.seq);
+        for d in owed.iter().chain([&a]) {
+            self.announced = d.seq;
+            self.send(d.frame()).await?;
+        }
+        Ok(())
     }
 
     async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), Status> {
@@ -326,6 +354,7 @@ impl Connection {
                     peer: self.peer,
                     device,
                     outbox: self.outbox.clone(),
+                    held: self.held.clone(),
                     message: sync.message,
                     create: sync.create.map(|c| c.title),
                     permit,
