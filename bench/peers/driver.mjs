@@ -199,24 +199,30 @@ async function idle({ devices: count, customers }, go) {
   }
   const connectionsPerSec = count / ((performance.now() - started) / 1000)
   await go({ connections_per_sec: Math.round(connectionsPerSec) })
-  // One edit at that scale, from customer 0's first device to one more device of theirs.
-  const extra = await system.device()
-  const copy = await system.open(extra, docs[0].id)
-  const latency = []
-  for (let n = 1; n <= 100; n++) {
-    await sleep(110)
-    const started = performance.now()
-    const arrived = until(copy, n)
-    docs[0].set(n)
-    latency.push((await arrived) - started)
+  const result = { devices: count, customers }
+  try {
+    // One edit at that scale, from the last customer's first device to one more device of
+    // theirs.
+    const last = docs[docs.length - 1]
+    const extra = await system.device()
+    devices.push(extra)
+    const copy = await within(system.open(extra, last.id), "a new device opening a document")
+    const latency = []
+    for (let n = 1; n <= 100; n++) {
+      await sleep(110)
+      const started = performance.now()
+      const arrived = until(copy, n)
+      last.set(n)
+      latency.push((await arrived) - started)
+    }
+    result.edit_p50_ms = round3(quantile(latency, 0.5))
+    result.edit_p99_ms = round3(quantile(latency, 0.99))
+  } catch (e) {
+    // Reported, not fatal: the memory figure stands on its own.
+    result.edit_error = e.message
   }
-  for (const d of [...devices, extra]) d.close()
-  return {
-    devices: count,
-    customers,
-    edit_p50_ms: round3(quantile(latency, 0.5)),
-    edit_p99_ms: round3(quantile(latency, 0.99)),
-  }
+  for (const d of devices) d.close()
+  return result
 }
 
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]()

@@ -221,8 +221,11 @@ pub(crate) fn idle(peer: Peer, devices: usize, customers: usize) -> Result<Value
     let baseline = server.rss()?;
     let ready =
         driver.ready(&json!({"run": "idle", "devices": devices, "customers": customers}))?;
-    // Let allocations settle, as for Cubby, then read the server's memory.
+    // Let allocations settle, as for Cubby, then read the server's memory; its CPU meanwhile
+    // is what idle devices cost it.
+    let cpu = server.cpu()?;
     std::thread::sleep(Duration::from_secs(2));
+    let idle_cpu = server.cpu()? - cpu;
     let rss = server.rss()?;
     driver.send("go")?;
     let mut result = driver.read()?;
@@ -231,5 +234,6 @@ pub(crate) fn idle(peer: Peer, devices: usize, customers: usize) -> Result<Value
     result["server_rss_bytes"] = json!(rss);
     result["server_bytes_per_device"] = json!(rss.saturating_sub(baseline) / devices as u64);
     result["connections_per_sec"] = ready["connections_per_sec"].clone();
+    result["idle_server_cpu_percent"] = json!((idle_cpu.as_secs_f64() / 2.0 * 100.0).round());
     Ok(result)
 }

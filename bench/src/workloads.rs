@@ -235,8 +235,11 @@ pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result
         }
     }
     let connect_rate = devices as f64 / started.elapsed().as_secs_f64();
-    // Let allocations settle, then read the server's memory.
+    // Let allocations settle, then read the server's memory; its CPU meanwhile is what idle
+    // devices cost it.
+    let cpu = server.cpu()?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_cpu = server.cpu()? - cpu;
     let rss = server.rss()?;
 
     // One edit from customer 0's idle device to one more device of theirs.
@@ -268,6 +271,7 @@ pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result
         "server_rss_bytes": rss,
         "server_bytes_per_device": per_device,
         "connections_per_sec": connect_rate.round(),
+        "idle_server_cpu_percent": (idle_cpu.as_secs_f64() / 2.0 * 100.0).round(),
         "edit_p50_ms": ms(latency.quantile(0.5)),
         "edit_p99_ms": ms(latency.quantile(0.99)),
     }))
@@ -325,42 +329,61 @@ pub(crate) async fn durability(bin: &Path, writers: usize, secs: u64) -> Result<
 
 /// Workload 2: one device makes `changes` changes offline, then syncs; `receivers` other
 /// devices of the customer are connected. Reports the time until every device has all of
-/// them, and the server's CPU per change.
-pub(crate) async fn burst(bin: &Path, changes: usize, receivers: usize) -> Result<Value, Error> {
+/// them, and the server's CPU per change, for each of `rounds` bursts into the same document
+/// (so each lands on a longer history: the CPU per change should stay flat).
+pub(crate) async fn burst(
+    bin: &Path,
+    changes: usize,
+    receivers: usize,
+    rounds: usize,
+) -> Result<Value, Error> {
     let Scene { server, dirs, writer, doc, copies, _receivers, .. } =
         Scene::new(bin, "burst", receivers).await?;
     let id = doc.id();
     drop(doc);
     writer.shutdown().await;
-    // Offline: the same device, not syncing, makes the burst.
-    let offline = Client::builder()
-        .with_data_dir(dirs.path().join("writer"))
-        .with_local_key([7; 32])
-        .with_server(server.url.clone())
-        .with_ca_pem(server.ca_pem.clone())
-        .with_token_provider(cubby_client::StaticToken::new(server.token("burst")?))
-        .with_autosync(false)
-        .build()
-        .await?;
-    let doc = offline.open(id).await?;
-    for n in 1..=changes as u64 {
-        doc.put("n", json!(n)).await?;
+    let mut each = Vec::new();
+    for round in 0..rounds {
+        // Offline: the same device, not syncing, makes the burst.
+        let offline = Client::builder()
+            .with_data_dir(dirs.path().join("writer"))
+            .with_local_key([7; 32])
+            .with_server(server.url.clone())
+            .with_ca_pem(server.ca_pem.clone())
+            .with_token_provider(cubby_client::StaticToken::new(server.token("burst")?))
+            .with_autosync(false)
+            .build()
+            .await?;
+        let doc = offline.open(id).await?;
+        let first = (round * changes) as u64 + 1;
+        let last = ((round + 1) * changes) as u64;
+        for n in first..=last {
+            doc.put("n", json!(n)).await?;
+        }
+        let cpu = server.cpu()?;
+        let started = Instant::now();
+        offline.start_sync();
+        for copy in &copies {
+            has(copy, last).await?;
+        }
+        let took = started.elapsed();
+        let cpu = server.cpu()? - cpu;
+        synced(&offline).await?;
+        offline.shutdown().await;
+        each.push(json!({
+            "history_before": round * changes,
+            "ms_until_all_have_all": ms(took),
+            "server_cpu_us_per_change": (cpu.as_secs_f64() * 1e6 / changes as f64).round(),
+        }));
     }
-    let cpu = server.cpu()?;
-    let started = Instant::now();
-    offline.start_sync();
-    for copy in &copies {
-        has(copy, changes as u64).await?;
-    }
-    let took = started.elapsed();
-    let cpu = server.cpu()? - cpu;
     Ok(json!({
         "workload": "burst",
         "system": "cubby",
         "changes": changes,
         "receivers": receivers,
-        "ms_until_all_have_all": ms(took),
-        "server_cpu_us_per_change": (cpu.as_secs_f64() * 1e6 / changes as f64).round(),
+        "ms_until_all_have_all": each[0]["ms_until_all_have_all"],
+        "server_cpu_us_per_change": each[0]["server_cpu_us_per_change"],
+        "rounds": each,
     }))
 }
 
