@@ -32,6 +32,11 @@ use serde_json::Value;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+const WORKLOADS: [&str; 9] =
+    ["all", "limits", "fanout", "burst", "idle", "durability", "large", "reconnect", "peers"];
+const USAGE: &str = "usage: cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers] \
+                     [--quick] [--server PATH]";
+
 fn main() {
     if let Err(err) = run() {
         eprintln!("cubby-bench: {err}");
@@ -40,16 +45,37 @@ fn main() {
 }
 
 fn run() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.iter().find(|a| !a.starts_with("--")).map_or("all", String::as_str);
+    let mut what = None;
+    let mut quick = false;
+    let mut server = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            "--quick" => quick = true,
+            "--server" => server = Some(PathBuf::from(args.next().ok_or("--server needs a path")?)),
+            _ if arg.starts_with('-') => {
+                return Err(format!("unknown option {arg}\n{USAGE}").into());
+            }
+            _ if what.is_some() => return Err(format!("one workload at a time\n{USAGE}").into()),
+            _ => what = Some(arg),
+        }
+    }
+    let what = what.unwrap_or_else(|| "all".to_owned());
+    let what = what.as_str();
     if what == "echo-server" {
         // The idle-connection limit's service, in a process of its own (see `limits`).
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return runtime.block_on(limits::serve_echo());
     }
-    let quick = args.iter().any(|a| a == "--quick");
-    let server = match args.iter().position(|a| a == "--server") {
-        Some(at) => PathBuf::from(args.get(at + 1).ok_or("--server needs a path")?),
+    if !WORKLOADS.contains(&what) {
+        return Err(format!("no workload named {what}\n{USAGE}").into());
+    }
+    let server = match server {
+        Some(path) => path,
         // Built beside this binary by `cargo build -p cubby-server -p cubby-bench`.
         None => std::env::current_exe()?.with_file_name("cubby-server"),
     };
