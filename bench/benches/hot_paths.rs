@@ -109,6 +109,47 @@ fn actor_apply(c: &mut Criterion) {
     }
 }
 
+/// The server's copy of a document of `changes` changes after one more change reached it from
+/// another device, its session with a receiving device it has just sent that change to, and the
+/// receiver's reply (its new heads: the acknowledgement the actor answers for every receiver).
+fn acknowledgement(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
+    let mut server = history(changes);
+    let mut receiver = server.fork();
+    let (mut on_server, mut on_receiver) = (PeerSession::new(), PeerSession::new());
+    for _ in 0..4 {
+        if let Some(m) = on_receiver.generate(&receiver) {
+            on_server.receive(&mut server, &m).expect("valid");
+        }
+        if let Some(m) = on_server.generate(&server) {
+            on_receiver.receive(&mut receiver, &m).expect("valid");
+        }
+    }
+    let mut tx = server.transaction();
+    tx.put(automerge::ROOT, "n", changes + 1).expect("put");
+    tx.commit();
+    let push = on_server.generate(&server).expect("the change for the receiver");
+    on_receiver.receive(&mut receiver, &push).expect("applies");
+    assert_eq!(receiver.get_heads(), server.get_heads(), "the receiver has the change");
+    let reply = on_receiver.generate(&receiver).expect("the receiver's new heads");
+    (server, on_server.persist(), reply)
+}
+
+fn actor_acknowledgement(c: &mut Criterion) {
+    for changes in [100u64, 1_000, 10_000] {
+        let (server, session, reply) = acknowledgement(changes);
+        c.bench_function(&format!("actor_ack/receive_and_answer_in_{changes}"), |b| {
+            b.iter_batched(
+                || (server.clone(), PeerSession::restore(&session).expect("restores")),
+                |(mut doc, mut session)| {
+                    session.receive(&mut doc, &reply).expect("valid");
+                    session.answer(&doc)
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+}
+
 fn parts(c: &mut Criterion) {
     let sync = pb::DocSync { doc_id: vec![2; 16], message: vec![9; 4 << 20], ..Default::default() };
     c.bench_function("parts/split_and_reassemble_4MiB", |b| {
@@ -127,5 +168,5 @@ fn parts(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame_codec, seal_open, actor_apply, parts);
+criterion_group!(benches, frame_codec, seal_open, actor_apply, actor_acknowledgement, parts);
 criterion_main!(benches);
