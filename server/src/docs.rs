@@ -691,6 +691,7 @@ impl Actor {
             doc: self.doc,
             meta: meta.encode(),
             chunk: chunk.map(|bytes| (live.next_chunk, bytes)),
+            metadata: touched,
         };
         let seq = match ctx.commit.commit(write).await {
             Ok(seq) => seq.unwrap_or(live.seq),

@@ -23,7 +23,14 @@ use crate::hub::{Announcement, Hub};
 #[derive(Debug)]
 pub(crate) enum Write {
     /// Metadata and optionally a change chunk.
-    Doc { customer: CustomerId, doc: DocId, meta: Vec<u8>, chunk: Option<(u64, Vec<u8>)> },
+    Doc {
+        customer: CustomerId,
+        doc: DocId,
+        meta: Vec<u8>,
+        chunk: Option<(u64, Vec<u8>)>,
+        /// The document was created or its metadata changed (see [`Announcement::metadata`]).
+        metadata: bool,
+    },
     /// Fold chunks into a snapshot.
     Compact { customer: CustomerId, doc: DocId, snapshot: Snapshot },
     /// Delete a document.
@@ -118,7 +125,7 @@ impl Committer {
 
 fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
     match write {
-        Write::Doc { customer, doc, meta, chunk } => {
+        Write::Doc { customer, doc, meta, chunk, .. } => {
             let chunk = chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
             store.write_doc(customer, doc, meta, chunk).map(Some)
         }
@@ -132,12 +139,12 @@ fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
 /// What a durable write tells the customer's devices.
 fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
     match write {
-        Write::Doc { customer, doc, meta, .. } => {
+        Write::Doc { customer, doc, meta, metadata, .. } => {
             let info = DocMeta::decode(meta).ok().map(|m| cubby_proto::doc_info(doc, &m));
-            Some((*customer, Announcement { doc: *doc, seq, info }))
+            Some((*customer, Announcement { doc: *doc, seq, info, metadata: *metadata }))
         }
         Write::Delete { customer, doc } => {
-            Some((*customer, Announcement { doc: *doc, seq, info: None }))
+            Some((*customer, Announcement { doc: *doc, seq, info: None, metadata: true }))
         }
         Write::Compact { .. } => None,
     }

@@ -23,6 +23,9 @@ pub(crate) struct Announcement {
     pub(crate) seq: Seq,
     /// `None` when the document was deleted.
     pub(crate) info: Option<pb::DocInfo>,
+    /// The document was created or its title or private flag changed (or, read back from the
+    /// feed, may have): even a device syncing it live hears of it at once.
+    pub(crate) metadata: bool,
 }
 
 impl Announcement {

@@ -292,7 +292,9 @@ impl Connection {
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
                 None => None,
             };
-            self.on_announcement(Arc::new(Announcement { doc, seq, info })).await?;
+            // The feed keeps no record of what changed: announce it as it used to be.
+            let a = Announcement { doc, seq, info, metadata: true };
+            self.on_announcement(Arc::new(a)).await?;
         }
         Ok(())
     }
@@ -304,14 +306,14 @@ impl Connection {
         if a.seq <= self.announced {
             return Ok(());
         }
-        if a.info.is_some() && self.joined.contains(&a.doc) {
+        if a.info.is_some() && !a.metadata && self.joined.contains(&a.doc) {
             if !self.held.holds(&a.doc, a.seq) {
                 self.deferred.insert(a.doc, a);
             }
             return Ok(());
         }
-        // Deletions and other documents: first whatever held-back announcement before this one
-        // the device does not hold yet, in feed order.
+        // Deletions, metadata changes and other documents: first whatever held-back announcement
+        // before this one the device does not hold yet, in feed order.
         let (later, owed): (HashMap<_, _>, HashMap<_, _>) =
             std::mem::take(&mut self.deferred).into_iter().partition(|(_, d)| d.seq > a.seq);
         self.deferred = later;

@@ -507,3 +507,44 @@ async fn a_connected_device_hears_of_every_document_of_a_burst() {
             .await;
     }
 }
+
+/// A stream holds back announcements of a document its device syncs live (the document's actor
+/// sends the change itself), but never one of a change to its metadata: a device syncing a
+/// document hears at once that it was made private elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_syncing_a_document_live_hears_that_it_was_made_private() {
+    use automerge::transaction::Transactable;
+    use cubby_proto::pb;
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let id = cubby_crypto::random_array::<16>();
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "note", "hello").expect("put");
+    tx.commit();
+    let mut session = cubby_core::session::PeerSession::new();
+    let mut raw = cubby_tests::RawStream::connect(&server, &token).await.expect("connects");
+    sync_raw(&mut raw, &mut session, &mut doc, id, true).await;
+
+    let mut account = pb::account_client::AccountClient::new(server.channel().await);
+    let request = pb::SetDocumentPrivateRequest { doc_id: id.to_vec(), private: true };
+    let info = account
+        .set_document_private(cubby_tests::authed(request, &token))
+        .await
+        .expect("made private")
+        .into_inner();
+    assert!(info.private);
+    // `next` panics if no frame comes within the harness's deadline.
+    loop {
+        match raw.next().await.expect("the stream stays up") {
+            Some(pb::server_frame::Frame::Changed(changed)) if changed.doc_id == id => {
+                let info = changed.info.expect("not a deletion");
+                if info.private {
+                    break;
+                }
+            }
+            Some(_) => {}
+            None => panic!("the stream ended"),
+        }
+    }
+}
