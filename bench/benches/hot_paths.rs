@@ -52,10 +52,9 @@ fn history(changes: u64) -> Automerge {
     doc
 }
 
-/// The server's copy of a document of `changes` changes, its session with a device (settled:
-/// the heads both share), and that device's sync message carrying one new change (what the
-/// document actor applies for an isolated edit).
-fn one_change_message(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
+/// A document of `changes` changes on the server and on a device, and the two sessions
+/// between them, settled: each side knows the heads the other has.
+fn settled(changes: u64) -> (Automerge, Automerge, PeerSession, PeerSession) {
     let mut server = history(changes);
     let mut device = server.fork();
     let (mut on_server, mut on_device) = (PeerSession::new(), PeerSession::new());
@@ -67,6 +66,14 @@ fn one_change_message(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
             on_device.receive(&mut device, &m).expect("valid");
         }
     }
+    (server, device, on_server, on_device)
+}
+
+/// The server's copy of a document of `changes` changes, its session with a device (settled:
+/// the heads both share), and that device's sync message carrying one new change (what the
+/// document actor applies for an isolated edit).
+fn one_change_message(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
+    let (server, mut device, on_server, mut on_device) = settled(changes);
     let mut tx = device.transaction();
     tx.put(automerge::ROOT, "n", changes + 1).expect("put");
     tx.commit();
@@ -113,17 +120,7 @@ fn actor_apply(c: &mut Criterion) {
 /// another device, its session with a receiving device it has just sent that change to, and the
 /// receiver's reply (its new heads: the acknowledgement the actor answers for every receiver).
 fn acknowledgement(changes: u64) -> (Automerge, Vec<u8>, Vec<u8>) {
-    let mut server = history(changes);
-    let mut receiver = server.fork();
-    let (mut on_server, mut on_receiver) = (PeerSession::new(), PeerSession::new());
-    for _ in 0..4 {
-        if let Some(m) = on_receiver.generate(&receiver) {
-            on_server.receive(&mut server, &m).expect("valid");
-        }
-        if let Some(m) = on_server.generate(&server) {
-            on_receiver.receive(&mut receiver, &m).expect("valid");
-        }
-    }
+    let (mut server, mut receiver, mut on_server, mut on_receiver) = settled(changes);
     let mut tx = server.transaction();
     tx.put(automerge::ROOT, "n", changes + 1).expect("put");
     tx.commit();
