@@ -768,12 +768,12 @@ impl Actor {
         let Some(Some(live)) = &self.state else { return };
         let doc = self.doc;
         self.peers.retain(|peer_id, peer| {
-            // A peer's session state came from its messages: contain a panic in Automerge while
-            // answering it (such as the divide by zero a crafted Bloom filter once caused) to
-            // that peer.
             if !spoke.contains(peer_id) && !moved {
                 return true;
             }
+            // A peer's session state came from its messages: contain a panic in Automerge while
+            // answering it (such as the divide by zero a crafted Bloom filter once caused) to
+            // that peer.
             let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 if spoke.contains(peer_id) {
                     Some(peer.session.answer(&live.doc))
