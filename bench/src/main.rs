@@ -34,8 +34,10 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const WORKLOADS: [&str; 9] =
     ["all", "limits", "fanout", "burst", "idle", "durability", "large", "reconnect", "peers"];
-const USAGE: &str = "usage: cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers] \
-                     [--quick] [--server PATH]";
+
+fn usage() -> String {
+    format!("usage: cubby-bench [{}] [--quick] [--server PATH]", WORKLOADS.join("|"))
+}
 
 fn main() {
     if let Err(err) = run() {
@@ -52,15 +54,17 @@ fn run() -> Result<(), Error> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => {
-                println!("{USAGE}");
+                println!("{}", usage());
                 return Ok(());
             }
             "--quick" => quick = true,
             "--server" => server = Some(PathBuf::from(args.next().ok_or("--server needs a path")?)),
             _ if arg.starts_with('-') => {
-                return Err(format!("unknown option {arg}\n{USAGE}").into());
+                return Err(format!("unknown option {arg}\n{}", usage()).into());
             }
-            _ if what.is_some() => return Err(format!("one workload at a time\n{USAGE}").into()),
+            _ if what.is_some() => {
+                return Err(format!("one workload at a time\n{}", usage()).into());
+            }
             _ => what = Some(arg),
         }
     }
@@ -72,7 +76,7 @@ fn run() -> Result<(), Error> {
         return runtime.block_on(limits::serve_echo());
     }
     if !WORKLOADS.contains(&what) {
-        return Err(format!("no workload named {what}\n{USAGE}").into());
+        return Err(format!("no workload named {what}\n{}", usage()).into());
     }
     let server = match server {
         Some(path) => path,

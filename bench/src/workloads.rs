@@ -381,8 +381,6 @@ pub(crate) async fn burst(
         "system": "cubby",
         "changes": changes,
         "receivers": receivers,
-        "ms_until_all_have_all": each[0]["ms_until_all_have_all"],
-        "server_cpu_us_per_change": each[0]["server_cpu_us_per_change"],
         "rounds": each,
     }))
 }
