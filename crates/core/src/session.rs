@@ -101,6 +101,10 @@ impl PeerSession {
             return Err(SyncError::Malformed);
         }
         let before = doc.get_heads();
+        if in_step(&message, &before) {
+            self.receive_in_step(message);
+            return Ok(Received { changed: false });
+        }
         if let Err(err) = doc.receive_sync_message(&mut self.state, message) {
             self.reset();
             return Err(SyncError::Rejected(err));
@@ -114,6 +118,31 @@ impl PeerSession {
             }
         }
         Ok(Received { changed: doc.get_heads() != before })
+    }
+
+    /// Receives a message for which [`in_step`] holds, with the same effect on the session as
+    /// `receive_sync_message` in automerge 0.12 (the test `in_step_matches_automerge` compares
+    /// the two). Automerge trims the changes sent this session to those the peer's heads do not
+    /// cover by walking every ancestor of those heads: here that is the whole change graph, for
+    /// every acknowledgement, to conclude that all of them are covered.
+    fn receive_in_step(&mut self, message: sync::Message) {
+        use sync::{Capability, MessageFlags};
+        let state = &mut self.state;
+        state.in_flight = false;
+        if let Some(flags) = message.flags {
+            let mut capabilities = vec![Capability::MessageV2];
+            if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
+                capabilities.push(Capability::SyncReset);
+            }
+            state.their_capabilities = Some(capabilities);
+            state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
+        }
+        state.sent_hashes.clear();
+        state.last_sent_heads.clone_from(&message.heads);
+        state.shared_heads.clone_from(&message.heads);
+        state.their_have = Some(message.have);
+        state.their_heads = Some(message.heads);
+        state.their_need = Some(message.need);
     }
 
     /// The next message for the peer, if there is anything to say.
@@ -164,6 +193,12 @@ impl PeerSession {
         self.state.shared_heads == heads
             || self.their_heads().is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
     }
+}
+
+/// Whether `message` carries no changes and names exactly `heads`, the document's own: the peer
+/// holds everything we hold, the common acknowledgement.
+fn in_step(message: &sync::Message, heads: &[ChangeHash]) -> bool {
+    message.changes.is_empty() && message.heads == heads
 }
 
 /// Largest Bloom-filter parameters accepted from a peer. Automerge writes 10 bits per entry and
@@ -490,6 +525,137 @@ mod tests {
         sync_pair(&mut a, &mut b);
         assert_eq!(a.get_heads(), b.get_heads());
         assert_eq!(crate::json::to_json(&b), crate::json::to_json(&a));
+    }
+
+    /// One step of two peers syncing over a connection that can queue, repeat and drop messages.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Edit {
+            side: usize,
+        },
+        Send {
+            side: usize,
+            answer: bool,
+        },
+        Deliver {
+            to: usize,
+            again: bool,
+        },
+        /// Both sides send and deliver in turn until neither has anything to say.
+        Settle,
+        Reconnect,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..2usize).prop_map(|side| Step::Edit { side }),
+            (0..2usize, any::<bool>()).prop_map(|(side, answer)| Step::Send { side, answer }),
+            (0..2usize, any::<bool>()).prop_map(|(to, again)| Step::Deliver { to, again }),
+            Just(Step::Settle),
+            Just(Step::Reconnect),
+        ]
+    }
+
+    /// What `receive` must do: automerge's own `receive_sync_message`, then the sent-again rule.
+    fn automerge_receive(state: &mut sync::State, doc: &mut Automerge, message: &[u8]) {
+        let message = sync::Message::decode(message).expect("messages here are valid");
+        doc.receive_sync_message(state, message).expect("messages here apply");
+        for hash in state.their_need.clone().unwrap_or_default() {
+            state.sent_hashes.remove(&hash);
+        }
+    }
+
+    /// Delivers `message`, checking that `receive` leaves the session exactly as automerge would
+    /// have; returns whether it took the in-step path.
+    fn deliver(session: &mut PeerSession, doc: &mut Automerge, message: &[u8]) -> bool {
+        let (mut expected, mut expected_doc) = (session.state.clone(), doc.clone());
+        automerge_receive(&mut expected, &mut expected_doc, message);
+        let fast = in_step(&sync::Message::decode(message).expect("valid"), &doc.get_heads());
+        session.receive(doc, message).expect("valid");
+        assert_eq!(session.state, expected, "in step: {fast}");
+        assert_eq!(doc.get_heads(), expected_doc.get_heads());
+        fast
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn in_step_matches_automerge(
+            steps in proptest::collection::vec(step(), 1..60),
+            read_only in proptest::bool::ANY,
+        ) {
+            // Both start from the same change, so that even a read-only peer (which never takes
+            // the other's changes) can be in step.
+            let first = doc_with("a", "0");
+            let mut docs = [first.fork(), first];
+            let mut sessions = [PeerSession::new(), PeerSession::new()];
+            // A read-only peer flags its messages so (automerge's publish-only mode).
+            sessions[1].state.read_only = read_only;
+            let mut wire: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+            for (n, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Edit { side } => {
+                        docs[side]
+                            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                                tx.put(ROOT, format!("k{}", n % 3), n as i64)?;
+                                Ok(())
+                            })
+                            .expect("put");
+                    }
+                    Step::Send { side, answer } => {
+                        let message = if answer {
+                            Some(sessions[side].answer(&docs[side]))
+                        } else {
+                            sessions[side].generate(&docs[side])
+                        };
+                        wire[1 - side].extend(message);
+                    }
+                    Step::Deliver { to, again } => {
+                        if let Some(message) = wire[to].first().cloned() {
+                            if !again {
+                                wire[to].remove(0);
+                            }
+                            deliver(&mut sessions[to], &mut docs[to], &message);
+                        }
+                    }
+                    Step::Settle => {
+                        for _ in 0..10 {
+                            let mut quiet = true;
+                            for side in [0, 1] {
+                                if let Some(m) = sessions[side].generate(&docs[side]) {
+                                    deliver(&mut sessions[1 - side], &mut docs[1 - side], &m);
+                                    quiet = false;
+                                }
+                            }
+                            if quiet {
+                                break;
+                            }
+                        }
+                    }
+                    Step::Reconnect => {
+                        wire = [Vec::new(), Vec::new()];
+                        sessions.iter_mut().for_each(PeerSession::reconnect);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_skips_the_walk_and_ends_the_same() {
+        let mut device = doc_with("k", "v");
+        let mut server = Automerge::new();
+        let (mut to_server, mut to_device) = (PeerSession::new(), PeerSession::new());
+        let mut in_step = 0;
+        for _ in 0..5 {
+            if let Some(m) = to_server.generate(&device) {
+                in_step += usize::from(deliver(&mut to_device, &mut server, &m));
+            }
+            let m = to_device.answer(&server);
+            in_step += usize::from(deliver(&mut to_server, &mut device, &m));
+        }
+        assert_eq!(server.get_heads(), device.get_heads());
+        assert!(in_step >= 2, "acknowledgements took the in-step path {in_step} times");
     }
 
     #[test]
