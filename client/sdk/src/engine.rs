@@ -545,12 +545,16 @@ impl<'a> Session<'a> {
             let mut state = shared.lock();
             let state = &mut *state;
             let before = state.doc.get_heads();
+            let shared_before = state.session.shared_heads().to_vec();
             if let Err(err) = state.session.receive(&mut state.doc, &sync.message) {
                 tracing::warn!(doc = %id.short(), %err, "server sync message refused");
                 return Ok(());
             }
-            let write = state.write_since(&before, true).expect("a session is always written");
-            let changed = write.chunk.is_some();
+            // The session is saved only when what it keeps (the shared heads) moved: an
+            // acknowledgement of what the device already knew costs no local write or flush.
+            let moved = state.session.shared_heads() != shared_before;
+            let write = state.write_since(&before, moved);
+            let changed = write.as_ref().is_some_and(|w| w.chunk.is_some());
             let was_unconfirmed = std::mem::take(&mut state.unconfirmed);
             let holds = state.session.has_everything_peer_has(&state.doc);
             let server_has_all = state.session.peer_has_everything(&state.doc);
@@ -570,7 +574,9 @@ impl<'a> Session<'a> {
         let device = self.inner.device_id;
         let acknowledged = self
             .blocking(move |store| {
-                write.apply(store, &id)?;
+                if let Some(write) = &write {
+                    write.apply(store, &id)?;
+                }
                 // Clear the unsynced mark only if, under the document's lock, the server still
                 // has everything: a local edit may have landed since.
                 let state = check.lock();
