@@ -572,6 +572,42 @@ async fn private_document_is_refused_to_the_business_and_the_attempt_audited() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_shows_a_document_made_private_or_shared_again() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let diary = phone.client.create("diary").await.expect("create");
+    diary.put("entry", json!("private thoughts")).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop holds the diary", || async {
+        laptop.client.list().await.expect("lists").iter().any(|(id, _)| *id == diary.id())
+    })
+    .await;
+    // The laptop has it open: its loaded copy must change too, not only the stored one.
+    let on_laptop = laptop.client.open(diary.id()).await.expect("opens");
+    let id = diary.id();
+    let private_on = |device, want| shows_private(device, id, want);
+
+    assert!(phone.client.set_private(diary.id(), true).await.expect("marks").private);
+    assert!(private_on(&phone, true).await, "the device that marked it shows it at once");
+    eventually("the laptop shows the diary private", || private_on(&laptop, true)).await;
+    // A later edit on the laptop keeps the flag it stores with the change.
+    on_laptop.put("entry", json!("more thoughts")).await.expect("put");
+    assert!(private_on(&laptop, true).await, "an edit does not store the old flag");
+
+    laptop.client.set_private(diary.id(), false).await.expect("unmarks");
+    assert!(private_on(&laptop, false).await);
+    eventually("the phone shows the diary shared again", || private_on(&phone, false)).await;
+}
+
+/// Whether `device` lists document `id` with the private flag `want`, and its open copy agrees.
+async fn shows_private(device: &Device, id: cubby_core::DocId, want: bool) -> bool {
+    let listed = device.client.list().await.expect("lists");
+    let open = device.client.open(id).await.expect("opens").meta();
+    listed.iter().any(|(d, meta)| *d == id && meta.private == want) && open.private == want
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_tokens_are_refused_on_the_admin_api_and_service_tokens_on_the_customer_api() {
     let server = TestServer::start().await;
     let phone = server.device("alice").await;

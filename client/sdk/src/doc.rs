@@ -41,12 +41,14 @@ pub(crate) struct LocalDoc {
 pub(crate) struct DocShared {
     pub(crate) id: DocId,
     state: Mutex<LocalDoc>,
+    /// Taken around each write of this document to the local store (see [`DocShared::write_meta`]).
+    store_turn: Mutex<()>,
     events: broadcast::Sender<DocEvent>,
 }
 
-/// A write for the local store: a new chunk and/or the persisted sync session.
+/// A write for the local store: a new chunk and/or the persisted sync session. The metadata
+/// stored with a chunk is the document's when the write runs, not when it was made.
 pub(crate) struct LocalWrite {
-    pub(crate) meta: Vec<u8>,
     pub(crate) chunk: Option<(u64, Vec<u8>)>,
     /// Set when the chunk makes the history long enough to fold into a snapshot.
     pub(crate) snapshot: Option<Snapshot>,
@@ -54,16 +56,21 @@ pub(crate) struct LocalWrite {
 }
 
 impl LocalWrite {
-    /// Applies the write and flushes. Blocking.
-    pub(crate) fn apply(&self, store: &dyn Store, id: &DocId) -> Result<(), StoreError> {
-        if let Some((index, bytes)) = &self.chunk {
-            store.write_doc(&LOCAL, id, &self.meta, Some(Chunk { index: *index, bytes }))?;
-        }
-        if let Some(snapshot) = &self.snapshot {
-            store.compact(&LOCAL, id, snapshot)?;
-        }
-        if let Some(session) = &self.session {
-            store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
+    /// Applies the write to `shared`'s document and flushes. Blocking.
+    pub(crate) fn apply(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
+        let id = &shared.id;
+        {
+            let _turn = shared.store_turn();
+            if let Some((index, bytes)) = &self.chunk {
+                let meta = shared.meta().encode();
+                store.write_doc(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
+            }
+            if let Some(snapshot) = &self.snapshot {
+                store.compact(&LOCAL, id, snapshot)?;
+            }
+            if let Some(session) = &self.session {
+                store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
+            }
         }
         store.flush()
     }
@@ -94,7 +101,12 @@ impl DocShared {
     }
 
     fn from_parts(id: DocId, state: LocalDoc) -> Self {
-        Self { id, state: Mutex::new(state), events: broadcast::channel(64).0 }
+        Self {
+            id,
+            state: Mutex::new(state),
+            store_turn: Mutex::new(()),
+            events: broadcast::channel(64).0,
+        }
     }
 
     /// Loads a document from the local store. Blocking.
@@ -133,6 +145,33 @@ impl DocShared {
 
     pub(crate) fn meta(&self) -> DocMeta {
         self.lock().meta.clone()
+    }
+
+    fn store_turn(&self) -> MutexGuard<'_, ()> {
+        self.store_turn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes what the customer controls in the server's metadata (the title and the private
+    /// flag); returns whether anything changed.
+    pub(crate) fn take_server_meta(&self, server: &DocMeta) -> bool {
+        let meta = &mut self.lock().meta;
+        let changed = meta.title != server.title || meta.private != server.private;
+        meta.title.clone_from(&server.title);
+        meta.private = server.private;
+        changed
+    }
+
+    /// Stores the document's metadata as it is now, and flushes. Blocking.
+    ///
+    /// Every write of this document to the store takes its turn and stores the metadata current
+    /// at that moment, so a write made before the metadata changed cannot land after this one
+    /// with the old copy.
+    pub(crate) fn write_meta(&self, store: &dyn Store) -> Result<(), StoreError> {
+        {
+            let _turn = self.store_turn();
+            store.write_doc(&LOCAL, &self.id, &self.meta().encode(), None)?;
+        }
+        store.flush()
     }
 
     pub(crate) fn emit(&self, event: DocEvent) {
@@ -174,7 +213,7 @@ impl LocalDoc {
             return None;
         }
         let session = session.then(|| self.session.persist());
-        Some(LocalWrite { meta: self.meta.encode(), chunk, snapshot, session })
+        Some(LocalWrite { chunk, snapshot, session })
     }
 }
 
@@ -222,6 +261,7 @@ impl DocHandle {
         };
         let Some(write) = write else { return Ok(out) };
         let id = self.shared.id;
+        let shared = self.shared.clone();
         // Mark the document unsynced before the sync engine can see the change, so the mark
         // can never land after the engine has cleared it...
         self.client
@@ -235,7 +275,7 @@ impl DocHandle {
         // ...then let the engine send it while this device's own flush runs: the server's
         // copy is durable on its own, and this call still returns only after the local flush.
         let _ = self.client.wake.send(id);
-        self.client.blocking(move |store| write.apply(store, &id)).await?;
+        self.client.blocking(move |store| write.apply(store, &shared)).await?;
         self.client.wrote(id);
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));

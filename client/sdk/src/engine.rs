@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cubby_core::DocId;
+use cubby_core::{DocId, DocMeta};
 use cubby_proto::parts::Reassembly;
 use cubby_proto::pb;
 use cubby_store::{Space, StoreError};
@@ -575,7 +575,7 @@ impl<'a> Session<'a> {
         let acknowledged = self
             .blocking(move |store| {
                 if let Some(write) = &write {
-                    write.apply(store, &id)?;
+                    write.apply(store, &check)?;
                 }
                 // Clear the unsynced mark only if, under the document's lock, the server still
                 // has everything: a local edit may have landed since.
@@ -642,14 +642,26 @@ impl<'a> Session<'a> {
                 })
                 .await;
         }
+        let meta = changed.info.as_ref().map(cubby_proto::doc_meta).unwrap_or_default();
+        let stored = self.blocking(move |store| store.doc_meta(&LOCAL, &id)).await?;
+        let known = stored.is_some();
+        // A document made private or public, from this device or another: its contents may be
+        // held already (see `held`), its metadata is news.
+        let differs =
+            |stored: DocMeta| stored.title != meta.title || stored.private != meta.private;
+        if changed.info.is_some()
+            && stored.is_some_and(|stored| DocMeta::decode(&stored).is_ok_and(differs))
+        {
+            if let Err(err) = self.inner.take_server_meta(id, meta.clone()).await {
+                tracing::warn!(doc = %id.short(), %err, "cannot update local document metadata");
+            }
+        }
         if self.held.get(&id).is_some_and(|held| *held >= changed.seq) {
             return Ok(());
         }
         self.pending.insert((changed.seq, id));
         self.round.insert(id);
-        let meta = changed.info.as_ref().map(cubby_proto::doc_meta).unwrap_or_default();
-        let exists = self.blocking(move |store| Ok(store.doc_meta(&LOCAL, &id)?.is_some())).await?;
-        if !exists {
+        if !known {
             // Register the copy before the document is visible in the store, so an app that
             // opens it meanwhile gets this copy rather than loading a second one.
             let shared = self.inner.adopt(Arc::new(DocShared::announced(id, meta.clone())));

@@ -395,6 +395,25 @@ impl Inner {
             .map_err(|_| ClientError::Closed)??)
     }
 
+    /// Takes the title and private flag the server holds for a document, if this device has it.
+    pub(crate) async fn take_server_meta(
+        self: &Arc<Self>,
+        id: DocId,
+        server: DocMeta,
+    ) -> Result<(), ClientError> {
+        let shared = match self.doc(id).await {
+            Ok(shared) => shared,
+            Err(ClientError::UnknownDocument(_)) => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        if shared.take_server_meta(&server) {
+            let writer = shared.clone();
+            self.blocking(move |store| writer.write_meta(store)).await?;
+            self.wrote(id);
+        }
+        Ok(())
+    }
+
     /// The loaded document, loading it from the local store if needed.
     pub(crate) async fn doc(
         self: &Arc<Self>,
