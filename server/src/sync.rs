@@ -74,7 +74,7 @@ impl pb::sync_server::Sync for SyncService {
         // A queued frame is one sync message; on the wire it may take several parts.
         let frames = ReceiverStream::new(frames).flat_map(|frame| {
             let parts = match frame {
-                Ok(frame) => parts::split_server_frame(frame).into_iter().map(Ok).collect(),
+                Ok(frame) => parts::split_server_frame(*frame).into_iter().map(Ok).collect(),
                 Err(status) => vec![Err(status)],
             };
             futures_util::stream::iter(parts)
@@ -196,7 +196,7 @@ impl Connection {
 
     async fn send(&self, frame: pb::ServerFrame) -> Result<(), Status> {
         let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
-        match tokio::time::timeout(patience, self.outbox.send(Ok(frame))).await {
+        match tokio::time::timeout(patience, self.outbox.send(Ok(Box::new(frame)))).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Status::cancelled("stream closed")),
             Err(_) => Err(Status::resource_exhausted("device is not reading its stream")),
