@@ -7,6 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = root.join("echo.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&root])?;
-    tonic_prost_build::configure().build_transport(false).compile_fds(fds)?;
+    // The same codec as Cubby's services (small starting buffers), so the floor is the transport's.
+    tonic_prost_build::configure()
+        .build_transport(false)
+        .codec_path("cubby_proto::codec::LeanCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -17,8 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("cubby_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
     // No generated `connect` constructors: they would clash with the `Connect` RPC, and clients
     // build their own TLS channel anyway. Payload-carrying messages get a hand-written Debug.
+    // Every call uses `codec::LeanCodec` (small starting buffers; see there).
     tonic_prost_build::configure()
         .build_transport(false)
+        .codec_path("crate::codec::LeanCodec")
         .skip_debug(["cubby.v1.DocSync", "cubby.v1.ExportChunk", "cubby.v1.Edit"])
         .compile_fds(fds)?;
     Ok(())

@@ -6,6 +6,7 @@
 
 use cubby_core::{DocId, DocMeta};
 
+pub mod codec;
 pub mod parts;
 
 /// Generated protobuf and gRPC code for `cubby.v1`.
