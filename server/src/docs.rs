@@ -717,7 +717,10 @@ impl Actor {
         for d in deferred {
             match d {
                 Deferred::Info(reply) => {
-                    let info = self.live().map(|l| cubby_proto::doc_info(&self.doc, &l.meta));
+                    let info = self.live().map(|l| pb::DocInfo {
+                        seq: l.seq.0,
+                        ..cubby_proto::doc_info(&self.doc, &l.meta)
+                    });
                     let _ = reply.send(info.ok_or(ApiError::Internal));
                 }
                 Deferred::Read(reply) => {

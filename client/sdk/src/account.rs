@@ -126,11 +126,12 @@ impl Client {
     pub async fn set_private(&self, doc: DocId, private: bool) -> Result<DocMeta, ClientError> {
         let (mut account, token) = self.remote()?.account().await?;
         let request = pb::SetDocumentPrivateRequest { doc_id: doc.as_bytes().to_vec(), private };
-        let meta = match account.set_document_private(authed(request, &token)?).await {
-            Ok(response) => cubby_proto::doc_meta(&response.into_inner()),
+        let info = match account.set_document_private(authed(request, &token)?).await {
+            Ok(response) => response.into_inner(),
             Err(status) => return Err(self.refused_or_wiped(status).await),
         };
-        self.inner.take_server_meta(doc, meta.clone()).await?;
+        let meta = cubby_proto::doc_meta(&info);
+        self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
         Ok(meta)
     }
 

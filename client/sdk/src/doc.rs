@@ -151,14 +151,12 @@ impl DocShared {
         self.store_turn.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes what the customer controls in the server's metadata (the title and the private
-    /// flag); returns whether anything changed.
-    pub(crate) fn take_server_meta(&self, server: &DocMeta) -> bool {
+    /// Takes what the customer controls in the server's metadata: the title and the private
+    /// flag.
+    pub(crate) fn take_server_meta(&self, server: &DocMeta) {
         let meta = &mut self.lock().meta;
-        let changed = meta.title != server.title || meta.private != server.private;
         meta.title.clone_from(&server.title);
         meta.private = server.private;
-        changed
     }
 
     /// Stores the document's metadata as it is now, and flushes. Blocking.

@@ -652,7 +652,7 @@ impl<'a> Session<'a> {
         if changed.info.is_some()
             && stored.is_some_and(|stored| DocMeta::decode(&stored).is_ok_and(differs))
         {
-            if let Err(err) = self.inner.take_server_meta(id, meta.clone()).await {
+            if let Err(err) = self.inner.take_server_meta(id, meta.clone(), changed.seq).await {
                 tracing::warn!(doc = %id.short(), %err, "cannot update local document metadata");
             }
         }

@@ -351,6 +351,9 @@ fn identity(store: &dyn Store) -> Result<(DeviceId, DeviceKey), ClientError> {
 struct Loaded {
     copies: HashMap<DocId, Weak<doc::DocShared>>,
     writes: HashMap<DocId, u64>,
+    /// Per document, the feed position of the newest server metadata taken (see
+    /// [`Inner::take_server_meta`]).
+    meta_seq: HashMap<DocId, u64>,
 }
 
 /// What the client's parts share.
@@ -395,22 +398,34 @@ impl Inner {
             .map_err(|_| ClientError::Closed)??)
     }
 
-    /// Takes the title and private flag the server holds for a document, if this device has it.
+    /// Takes the title and private flag the server held for a document at feed position `seq`,
+    /// if this device has the document and has not taken metadata from a later position: an
+    /// announcement still on its way when `set_private` answered is older than that answer.
     pub(crate) async fn take_server_meta(
         self: &Arc<Self>,
         id: DocId,
         server: DocMeta,
+        seq: u64,
     ) -> Result<(), ClientError> {
         let shared = match self.doc(id).await {
             Ok(shared) => shared,
             Err(ClientError::UnknownDocument(_)) => return Ok(()),
             Err(err) => return Err(err),
         };
-        if shared.take_server_meta(&server) {
-            let writer = shared.clone();
-            self.blocking(move |store| writer.write_meta(store)).await?;
-            self.wrote(id);
+        {
+            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            let taken = docs.meta_seq.entry(id).or_default();
+            if seq < *taken {
+                return Ok(());
+            }
+            *taken = seq;
+            shared.take_server_meta(&server);
         }
+        // Written even when the loaded copy had it already: whoever changed that copy may not
+        // have stored it yet, and the caller may read the store next.
+        let writer = shared.clone();
+        self.blocking(move |store| writer.write_meta(store)).await?;
+        self.wrote(id);
         Ok(())
     }
 

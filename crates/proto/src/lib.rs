@@ -120,6 +120,7 @@ pub fn doc_info(id: &DocId, meta: &DocMeta) -> pb::DocInfo {
         updated_ms: meta.updated_ms,
         size: meta.size,
         private: meta.private,
+        seq: 0,
     }
 }
 
