@@ -1,5 +1,10 @@
 //! Devices of one customer converge through a real server.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_store::{Result as StoreResult, Space};
 use cubby_tests::{Device, TestServer, eventually};
 use serde_json::json;
 
@@ -547,4 +552,133 @@ async fn a_device_syncing_a_document_live_hears_that_it_was_made_private() {
             None => panic!("the stream ended"),
         }
     }
+}
+
+/// A device's local backend that can hold back the next unsynced mark on its way to the disk, as
+/// a slow blocking pool can.
+struct LateMarks {
+    inner: cubby_store::MemoryStore,
+    gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl cubby_store::Store for LateMarks {
+    fn get_key(&self, c: &CustomerId) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.get_key(c)
+    }
+    fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> StoreResult<Vec<u8>> {
+        self.inner.put_key_if_absent(c, wrapped)
+    }
+    fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> StoreResult<bool> {
+        self.inner.replace_key(c, expected, new)
+    }
+    fn destroy_key(&self, c: &CustomerId) -> StoreResult<()> {
+        self.inner.destroy_key(c)
+    }
+    fn list_customers(&self) -> StoreResult<Vec<CustomerId>> {
+        self.inner.list_customers()
+    }
+    fn erase_customer(&self, c: &CustomerId) -> StoreResult<()> {
+        self.inner.erase_customer(c)
+    }
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<cubby_store::Chunk<'_>>,
+    ) -> StoreResult<Seq> {
+        self.inner.write_doc(c, d, meta, chunk)
+    }
+    fn load(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<cubby_store::DocRecords>> {
+        self.inner.load(c, d)
+    }
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.doc_meta(c, d)
+    }
+    fn compact(&self, c: &CustomerId, d: &DocId, s: &cubby_store::Snapshot) -> StoreResult<()> {
+        self.inner.compact(c, d, s)
+    }
+    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> StoreResult<Seq> {
+        self.inner.delete_doc(c, d)
+    }
+    fn list_docs(&self, c: &CustomerId) -> StoreResult<Vec<(DocId, Vec<u8>)>> {
+        self.inner.list_docs(c)
+    }
+    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> StoreResult<Vec<(Seq, DocId)>> {
+        self.inner.feed_since(c, cursor)
+    }
+    fn put_record(&self, c: &CustomerId, s: Space, k: &[u8], v: &[u8]) -> StoreResult<()> {
+        if s == Space::UNSYNCED {
+            let held = self.gate.lock().expect("gate").take();
+            if let Some(gate) = held {
+                let _ = gate.recv();
+            }
+        }
+        self.inner.put_record(c, s, k, v)
+    }
+    fn get_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        self.inner.get_record(c, s, k)
+    }
+    fn remove_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> StoreResult<()> {
+        self.inner.remove_record(c, s, k)
+    }
+    fn scan_records(&self, c: &CustomerId, s: Space) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.inner.scan_records(c, s)
+    }
+    fn flush(&self) -> StoreResult<()> {
+        self.inner.flush()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_unsynced() {
+    let server = TestServer::start().await;
+    let backend = Arc::new(LateMarks {
+        inner: cubby_store::MemoryStore::new(),
+        gate: std::sync::Mutex::new(None),
+    });
+    let phone = cubby_client::Client::builder()
+        .with_store(backend.clone())
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
+        .with_ca_pem(server.ca_pem.clone())
+        .build()
+        .await
+        .expect("client builds");
+    let laptop = server.device("alice").await;
+    let doc = phone.create("notes").await.expect("create");
+    doc.put("a", json!(1)).await.expect("put");
+    phone.wait_until_synced().await.expect("synced");
+    eventually("the laptop holds the notes", || async {
+        laptop.client.list().await.expect("lists").iter().any(|(id, _)| *id == doc.id())
+    })
+    .await;
+    let on_laptop = laptop.client.open(doc.id()).await.expect("opens");
+
+    // The phone's next edit is in its document, but its unsynced mark waits on the way to disk.
+    let (release, gate) = std::sync::mpsc::channel();
+    *backend.gate.lock().expect("gate") = Some(gate);
+    let edit = {
+        let doc = doc.clone();
+        tokio::spawn(async move { doc.put("b", json!(2)).await })
+    };
+    // An edit from the laptop makes the phone answer, and that answer carries the phone's edit:
+    // the server acknowledges it before its mark exists.
+    on_laptop.put("c", json!(3)).await.expect("put");
+    eventually("the phone's edit reaches the laptop", || async {
+        on_laptop.to_json().get("b") == Some(&json!(2))
+    })
+    .await;
+    release.send(()).expect("the mark is waiting");
+    edit.await.expect("joins").expect("put");
+
+    eventually("the phone has nothing left unsynced", || async {
+        phone.unsynced().await.expect("lists").is_empty()
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), phone.wait_until_synced())
+        .await
+        .expect("wait_until_synced returns")
+        .expect("synced");
 }
