@@ -471,7 +471,10 @@ impl<'a> Session<'a> {
         let cleared = self
             .blocking(move |store| {
                 let state = shared.lock();
-                if !state.session.peer_has_everything(&state.doc) {
+                // Only on the server's word in this connection, and never for a document the
+                // server has not confirmed: an empty new document "has everything" trivially.
+                let heard = state.session.their_heads().is_some();
+                if state.unconfirmed || !heard || !state.session.peer_has_everything(&state.doc) {
                     return Ok(false);
                 }
                 let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
