@@ -468,27 +468,29 @@ impl<'a> Session<'a> {
     /// `wait_until_synced` polling for 20 minutes in one test run).
     async fn clear_acknowledged_mark(&self, id: DocId) -> Result<(), SyncFailure> {
         let Some(shared) = self.active.get(&id).cloned() else { return Ok(()) };
+        let check = shared.clone();
         let cleared = self
             .blocking(move |store| {
-                let state = shared.lock();
+                let state = check.lock();
                 // Only on the server's word in this connection, and never for a document the
                 // server has not confirmed: an empty new document "has everything" trivially.
                 let heard = state.session.their_heads().is_some();
                 if state.unconfirmed || !heard || !state.session.peer_has_everything(&state.doc) {
                     return Ok(false);
                 }
-                let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                Ok(marked.is_some())
+                remove_mark(store, id)
             })
             .await?;
         if cleared {
-            if let Some(shared) = self.active.get(&id) {
-                shared.emit(DocEvent::Synced);
-            }
-            let _ = self.inner.events.send((id, DocEvent::Synced));
+            self.synced(&shared);
         }
         Ok(())
+    }
+
+    /// Tells the app the server holds every change this device made to `shared`'s document.
+    fn synced(&self, shared: &DocShared) {
+        shared.emit(DocEvent::Synced);
+        let _ = self.inner.events.send((shared.id, DocEvent::Synced));
     }
 
     /// Liveness: documents still owed after [`STALL`] without a word from the server start a
@@ -614,9 +616,7 @@ impl<'a> Session<'a> {
                 if state.session.peer_has_everything(&state.doc) {
                     tracing::debug!(device = %device.short(), doc = %id.short(), heads = ?state.doc.get_heads(),
                         theirs = ?state.session.their_heads(), "server holds everything: unsynced mark cleared");
-                    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                    return Ok(marked.is_some());
+                    return remove_mark(store, id);
                 }
                 if was_unconfirmed {
                     store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
@@ -625,8 +625,7 @@ impl<'a> Session<'a> {
             })
             .await?;
         if acknowledged {
-            shared.emit(DocEvent::Synced);
-            let _ = self.inner.events.send((id, DocEvent::Synced));
+            self.synced(&shared);
         }
         self.inner.wrote(id);
         tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq, holds,
@@ -778,4 +777,11 @@ impl<'a> Session<'a> {
             changed
         });
     }
+}
+
+/// Removes a document's unsynced mark; returns whether there was one. Blocking.
+fn remove_mark(store: &dyn cubby_store::Store, id: DocId) -> Result<bool, StoreError> {
+    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+    Ok(marked.is_some())
 }
