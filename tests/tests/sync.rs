@@ -682,3 +682,80 @@ async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_u
         .expect("wait_until_synced returns")
         .expect("synced");
 }
+
+/// A device stores what the server sends without waiting for its disk: the server already holds
+/// it durably. Power lost before the device's next flush takes those changes with it, and the
+/// device's next connection brings them back.
+#[tokio::test]
+async fn changes_a_device_lost_with_its_unflushed_writes_come_back_at_its_next_connection() {
+    let server = TestServer::start().await;
+    let disk = cubby_tests::sim_disk::SimDisk::default();
+    let laptop_on = |disk: Arc<cubby_tests::sim_disk::SimDisk>, sync: bool| {
+        cubby_client::Client::builder()
+            .with_store(disk)
+            .with_local_key([7; 32])
+            .with_server(server.url())
+            .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
+            .with_ca_pem(server.ca_pem.clone())
+            .with_autosync(sync)
+            .build()
+    };
+    let backend = Arc::new(disk.clone());
+    let laptop = laptop_on(backend.clone(), true).await.expect("client builds");
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("notes").await.expect("create");
+    doc.put("a", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop holds the notes", || async {
+        match laptop.open(doc.id()).await {
+            Ok(copy) => copy.to_json().get("a") == Some(&json!(1)),
+            Err(_) => false,
+        }
+    })
+    .await;
+    // Anything the laptop flushes from here on (its own edit) makes what came before durable.
+    laptop.open(doc.id()).await.expect("opens").put("mine", json!(true)).await.expect("put");
+    laptop.wait_until_synced().await.expect("synced");
+
+    doc.put("b", json!(2)).await.expect("put");
+    let copy = laptop.open(doc.id()).await.expect("opens");
+    eventually("the laptop shows the phone's edit", || async {
+        copy.to_json().get("b") == Some(&json!(2))
+    })
+    .await;
+    // The edit shows before it is stored: power goes once the client has let go of its store.
+    drop((copy, laptop));
+    eventually("the laptop's writes have all landed", || async {
+        Arc::strong_count(&backend) == 1
+    })
+    .await;
+    assert!(disk.crash() > 0, "the received edit was waiting for a flush");
+
+    let backend = Arc::new(disk.clone());
+    let laptop = laptop_on(backend.clone(), false).await.expect("client reopens");
+    let copy = laptop.open(doc.id()).await.expect("opens offline");
+    let offline = copy.to_json();
+    assert_eq!(offline.get("mine"), Some(&json!(true)), "the laptop's own edit was flushed");
+    assert_eq!(offline.get("b"), None, "the crash took the received edit");
+    laptop.start_sync();
+    eventually("the edit comes back", || async { copy.to_json().get("b") == Some(&json!(2)) })
+        .await;
+    assert_eq!(copy.to_json()["mine"], json!(true));
+
+    // Once the laptop says it is synced, its copy is on its disk.
+    doc.put("c", json!(3)).await.expect("put");
+    eventually("the laptop shows the next edit", || async {
+        copy.to_json().get("c") == Some(&json!(3))
+    })
+    .await;
+    laptop.wait_until_synced().await.expect("synced");
+    drop((copy, laptop));
+    eventually("the laptop's writes have all landed", || async {
+        Arc::strong_count(&backend) == 1
+    })
+    .await;
+    disk.crash();
+    let laptop = laptop_on(Arc::new(disk.clone()), false).await.expect("client reopens");
+    let offline = laptop.open(doc.id()).await.expect("opens offline").to_json();
+    assert_eq!((offline.get("b"), offline.get("c")), (Some(&json!(2)), Some(&json!(3))));
+}

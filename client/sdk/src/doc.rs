@@ -56,23 +56,35 @@ pub(crate) struct LocalWrite {
 }
 
 impl LocalWrite {
-    /// Applies the write to `shared`'s document and flushes. Blocking.
+    /// Applies the write to `shared`'s document and flushes: for this device's own changes,
+    /// which exist nowhere else yet. Blocking.
     pub(crate) fn apply(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
-        let id = &shared.id;
-        {
-            let _turn = shared.store_turn();
-            if let Some((index, bytes)) = &self.chunk {
-                let meta = shared.meta().encode();
-                store.write_doc(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
-            }
-            if let Some(snapshot) = &self.snapshot {
-                store.compact(&LOCAL, id, snapshot)?;
-            }
-            if let Some(session) = &self.session {
-                store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
-            }
-        }
+        self.apply_unflushed(store, shared)?;
         store.flush()
+    }
+
+    /// Applies the write without waiting for the disk: for changes the server sent, which it
+    /// already holds durably. The store's next flush (the next local change, or its own timer)
+    /// carries it; a crash before then loses only writes made after everything flushed, and
+    /// the next sync brings those changes again. Blocking.
+    pub(crate) fn apply_unflushed(
+        &self,
+        store: &dyn Store,
+        shared: &DocShared,
+    ) -> Result<(), StoreError> {
+        let id = &shared.id;
+        let _turn = shared.store_turn();
+        if let Some((index, bytes)) = &self.chunk {
+            let meta = shared.meta().encode();
+            store.write_doc(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
+        }
+        if let Some(snapshot) = &self.snapshot {
+            store.compact(&LOCAL, id, snapshot)?;
+        }
+        if let Some(session) = &self.session {
+            store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
+        }
+        Ok(())
     }
 }
 
@@ -121,8 +133,10 @@ impl DocShared {
         let next_chunk = records.next_chunk();
         let (chunks_since_snapshot, bytes_since_snapshot) =
             (records.chunks.len(), records.chunk_bytes());
+        // A session naming changes the store lost (written after them, kept by a crash that
+        // tore them away) starts over rather than tell the server the device has them.
         let session = match store.get_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())? {
-            Some(bytes) => PeerSession::restore(&bytes).unwrap_or_default(),
+            Some(bytes) => PeerSession::restore_for(&bytes, &doc),
             None => PeerSession::new(),
         };
         let unconfirmed =
@@ -260,20 +274,21 @@ impl DocHandle {
         let Some(write) = write else { return Ok(out) };
         let id = self.shared.id;
         let shared = self.shared.clone();
-        // Mark the document unsynced before the sync engine can see the change, so the mark
-        // can never land after the engine has cleared it...
+        let wake = self.client.wake.clone();
         self.client
             .blocking(move |store| -> Result<(), StoreError> {
+                // Mark the document unsynced before the sync engine can see the change, so the
+                // mark can never land after the engine has cleared it...
                 if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
                     store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
                 }
-                Ok(())
+                // ...then let the engine send it while this device's own flush runs: the
+                // server's copy is durable on its own, and this call still returns only after
+                // the local flush.
+                let _ = wake.send(id);
+                write.apply(store, &shared)
             })
             .await?;
-        // ...then let the engine send it while this device's own flush runs: the server's
-        // copy is durable on its own, and this call still returns only after the local flush.
-        let _ = self.client.wake.send(id);
-        self.client.blocking(move |store| write.apply(store, &shared)).await?;
         self.client.wrote(id);
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));

@@ -598,7 +598,8 @@ impl<'a> Session<'a> {
             let settled = reply.is_none() && state.session.settled(&state.doc);
             (write, reply, holds, server_has_all, changed, was_unconfirmed, settled)
         };
-        // The server holds these changes durably: show them now, persist them right after.
+        // The server holds these changes durably: show them now, store them right after, and
+        // leave the flush to the store's next one (see `LocalWrite::apply_unflushed`).
         if changed {
             shared.emit(DocEvent::Remote);
             let _ = self.inner.events.send((id, DocEvent::Remote));
@@ -608,7 +609,7 @@ impl<'a> Session<'a> {
         let acknowledged = self
             .blocking(move |store| {
                 if let Some(write) = &write {
-                    write.apply(store, &check)?;
+                    write.apply_unflushed(store, &check)?;
                 }
                 // Clear the unsynced mark only if, under the document's lock, the server still
                 // has everything: a local edit may have landed since.

@@ -202,7 +202,6 @@ impl ClientBuilder {
     }
 
     /// Whether to start syncing in the background at once (default true with a server). When
-    /// off, call [`Client::start_sync`]. When
     /// off, call [`Client::start_sync`].
     pub fn with_autosync(mut self, on: bool) -> Self {
         self.autosync = on;
@@ -600,8 +599,9 @@ impl Client {
         }
     }
 
-    /// Waits until this device and the server hold the same changes, or until a sync attempt
-    /// fails (the engine keeps retrying in the background either way). Starts sync if needed.
+    /// Waits until this device and the server hold the same changes, with this device's copy on
+    /// its disk, or until a sync attempt fails (the engine keeps retrying in the background
+    /// either way). Starts sync if needed.
     pub async fn wait_until_synced(&self) -> Result<(), SyncFailure> {
         if self.remote.is_none() {
             return Err(SyncFailure::Other("no server configured".into()));
@@ -631,7 +631,12 @@ impl Client {
             // nothing is marked unsynced, and look again shortly if something still is.
             let unsynced = self.unsynced().await.map_err(|e| SyncFailure::Other(e.to_string()))?;
             if unsynced.is_empty() {
-                return Ok(());
+                // Changes from the server are stored without a flush of their own.
+                return self
+                    .inner
+                    .blocking(|store| store.flush())
+                    .await
+                    .map_err(|e| SyncFailure::Other(e.to_string()));
             }
             let _ =
                 tokio::time::timeout(std::time::Duration::from_millis(50), status.changed()).await;

@@ -173,8 +173,11 @@ impl PeerSession {
 
     /// Whether `doc` holds every change the peer last said it has.
     pub fn has_everything_peer_has(&self, doc: &Automerge) -> bool {
-        self.their_heads()
-            .is_some_and(|heads| heads.iter().all(|h| doc.get_change_by_hash(h).is_some()))
+        let Some(theirs) = self.their_heads() else { return false };
+        // Usually the peer's heads are our own; only otherwise ask Automerge, which rebuilds
+        // each change it is asked about from its columns.
+        let ours = doc.get_heads();
+        theirs.iter().all(|h| ours.contains(h) || doc.get_change_by_hash(h).is_some())
     }
 
     /// Whether this exchange has settled: each side holds every change the other advertised and
