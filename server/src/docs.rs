@@ -764,7 +764,9 @@ impl Actor {
     }
 
     /// Sends every peer whatever the sync protocol has for it now; peers in `spoke` sent a
-    /// message in this batch and always get an answer (their acknowledgement). Unless the
+    /// message in this batch and get an answer whenever they have not yet heard the document's
+    /// current heads on this connection (their acknowledgement; `PeerSession::reply`): a
+    /// receiver's acknowledgement of the change just sent to it is not answered. Unless the
     /// document's heads `moved`, a peer that did not speak is skipped: its session changes only
     /// by its own messages, so whatever Automerge could say to it has been said already, and
     /// building the message to find that out walks the change graph, once per peer for every
@@ -781,7 +783,7 @@ impl Actor {
             // that peer.
             let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 if spoke.contains(peer_id) {
-                    Some(peer.session.answer(&live.doc))
+                    peer.session.reply(&live.doc)
                 } else {
                     peer.session.generate(&live.doc)
                 }

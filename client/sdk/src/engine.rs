@@ -594,8 +594,9 @@ impl<'a> Session<'a> {
             let reply = state.session.generate(&state.doc);
             // Changes whose dependencies have not arrived wait in the document's queue, which
             // is not persisted, and the server will not send them twice on this connection: keep
-            // the document loaded until the exchange has settled.
-            let settled = reply.is_none() && state.session.settled(&state.doc);
+            // the document loaded until the exchange has settled. A reply sent once it has
+            // settled only acknowledges, and the server does not answer that.
+            let settled = state.session.settled(&state.doc);
             (write, reply, holds, server_has_all, changed, was_unconfirmed, settled)
         };
         // The server holds these changes durably: show them now, store them right after, and

@@ -31,9 +31,11 @@ pub struct Received {
 }
 
 /// One peer's sync state for one document.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PeerSession {
     state: sync::State,
+    /// The heads our last message on this connection carried, if we sent one.
+    told: Option<Vec<ChangeHash>>,
 }
 
 impl PeerSession {
@@ -45,7 +47,7 @@ impl PeerSession {
     /// Restores a session saved with [`PeerSession::persist`].
     pub fn restore(bytes: &[u8]) -> Result<Self, SyncError> {
         let state = sync::State::decode(bytes).map_err(|_| SyncError::BadState)?;
-        Ok(Self { state })
+        Ok(Self { state, told: None })
     }
 
     /// Restores a saved session for `doc`, or starts a new one when it does not decode or names
@@ -78,7 +80,7 @@ impl PeerSession {
     /// Forgets everything about the peer, shared heads included: the next round starts from
     /// scratch.
     pub fn reset(&mut self) {
-        self.state = sync::State::new();
+        *self = Self::new();
     }
 
     /// Starts over on a new connection: keeps the heads both sides are known to share (what
@@ -86,6 +88,7 @@ impl PeerSession {
     /// as a message still in flight on it.
     pub fn reconnect(&mut self) {
         self.state = sync::State::decode(&self.state.encode()).unwrap_or_default();
+        self.told = None;
     }
 
     /// Decodes and applies one sync message from the peer.
@@ -147,19 +150,38 @@ impl PeerSession {
 
     /// The next message for the peer, if there is anything to say.
     pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
-        doc.generate_sync_message(&mut self.state).map(sync::Message::encode)
+        let message = doc.generate_sync_message(&mut self.state)?;
+        self.told = Some(message.heads.clone());
+        Some(message.encode())
     }
 
-    /// A message answering the peer, even when the protocol has nothing new to say.
+    /// The answer to the peer's latest messages: what Automerge has to say, or else our heads,
+    /// unless our last message on this connection already carried exactly these.
     ///
     /// Automerge stays silent once both sides advertise the same heads. A peer that sent its
     /// change and then another message before hearing back can make us record its heads as
-    /// already answered, so it never learns that we hold its change. A server answers every
-    /// message so that each device always gets its acknowledgement.
-    pub fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
+    /// already answered, so it never learns that we hold its change: we answer with our heads
+    /// whenever the peer has not been told them on this connection. A peer that has (its
+    /// acknowledgement of the change we sent it, the common case) gets nothing back: it knows.
+    pub fn reply(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
         if let Some(message) = self.generate(doc) {
-            return message;
+            return Some(message);
         }
+        if self.told.as_deref() == Some(doc.get_heads().as_slice()) {
+            return None;
+        }
+        Some(self.forced(doc))
+    }
+
+    /// A message for the peer even when the protocol has nothing new to say.
+    pub fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
+        match self.generate(doc) {
+            Some(message) => message,
+            None => self.forced(doc),
+        }
+    }
+
+    fn forced(&mut self, doc: &Automerge) -> Vec<u8> {
         self.state.last_sent_heads.clear();
         self.state.have_responded = false;
         self.generate(doc)
@@ -383,8 +405,8 @@ mod tests {
         to_device.receive(&mut server, &with_change).expect("valid");
         to_device.receive(&mut server, &heads_only).expect("valid");
         assert_eq!(server.get_heads(), device.get_heads());
-        // Plain generate may stay silent here; an answer always tells the device.
-        let answer = to_device.answer(&server);
+        // Plain generate may stay silent here; the reply tells the device.
+        let answer = to_device.reply(&server).expect("the device has not heard these heads");
         to_server.receive(&mut device, &answer).expect("valid");
         assert!(
             to_server.peer_has_everything(&device),
@@ -678,5 +700,150 @@ mod tests {
         assert_eq!(crate::json::to_json(&phone), crate::json::to_json(&laptop));
         // The conflict stays visible to apps that want it.
         assert_eq!(phone.get_all(ROOT, "title").expect("read").len(), 2);
+    }
+
+    /// What happens on one device's connection to the server, in the order the test picks.
+    #[derive(Clone, Debug)]
+    enum Event {
+        /// The app edits on the device; the engine pushes.
+        DeviceEdit,
+        /// Another device's change reaches the server, which sends it on (the heads moved).
+        ServerEdit,
+        /// The server's actor takes up to this many queued messages as one batch, then replies.
+        ServerTakes(usize),
+        /// The device takes the next message from the server and answers it if it has anything
+        /// to say, as the SDK does.
+        DeviceTakes,
+        /// The device heard nothing for a while and starts a fresh round on the same
+        /// connection: its earlier messages may still be on their way.
+        DeviceStalls,
+        /// A new connection: messages in flight are lost; the server restores its saved session.
+        Reconnect,
+    }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Event::DeviceEdit),
+            Just(Event::ServerEdit),
+            (1..4usize).prop_map(Event::ServerTakes),
+            Just(Event::DeviceTakes),
+            Just(Event::DeviceStalls),
+            Just(Event::Reconnect),
+        ]
+    }
+
+    fn put(doc: &mut Automerge, n: usize) {
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, format!("k{}", n % 3), n as i64)?;
+            Ok(())
+        })
+        .expect("put");
+    }
+
+    /// The server's side of one batch, as the document actor does it.
+    fn server_takes(
+        batch: usize,
+        server: &mut Automerge,
+        session: &mut PeerSession,
+        inbox: &mut std::collections::VecDeque<Vec<u8>>,
+        outbox: &mut std::collections::VecDeque<Vec<u8>>,
+    ) {
+        let taken: Vec<_> = inbox.drain(..batch.min(inbox.len())).collect();
+        for message in &taken {
+            session.receive(server, message).expect("valid");
+        }
+        if !taken.is_empty() {
+            outbox.extend(session.reply(server));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the interleaving, once the connection is left to run both sides hold the same
+        /// changes and each knows the other holds them: the server's silence after a device's
+        /// acknowledgement never leaves a device waiting for its own.
+        #[test]
+        fn every_device_hears_that_the_server_holds_its_changes(
+            events in proptest::collection::vec(event(), 1..50),
+        ) {
+            use std::collections::VecDeque;
+            let first = doc_with("a", "0");
+            let (mut device, mut server) = (first.fork(), first);
+            let (mut on_device, mut on_server) = (PeerSession::new(), PeerSession::new());
+            // The device opens the connection by saying where it stands.
+            let mut to_server: VecDeque<_> = on_device.generate(&device).into_iter().collect();
+            let mut to_device = VecDeque::new();
+            for (n, event) in events.into_iter().enumerate() {
+                match event {
+                    Event::DeviceEdit => {
+                        put(&mut device, n);
+                        to_server.extend(on_device.generate(&device));
+                    }
+                    Event::ServerEdit => {
+                        put(&mut server, n);
+                        to_device.extend(on_server.generate(&server));
+                    }
+                    Event::ServerTakes(batch) => server_takes(
+                        batch, &mut server, &mut on_server, &mut to_server, &mut to_device,
+                    ),
+                    Event::DeviceTakes => {
+                        if let Some(message) = to_device.pop_front() {
+                            on_device.receive(&mut device, &message).expect("valid");
+                            to_server.extend(on_device.generate(&device));
+                        }
+                    }
+                    Event::DeviceStalls => {
+                        on_device.reconnect();
+                        to_server.extend(on_device.generate(&device));
+                    }
+                    Event::Reconnect => {
+                        (to_server, to_device) = (VecDeque::new(), VecDeque::new());
+                        on_device.reconnect();
+                        on_server = PeerSession::restore_for(&on_server.persist(), &server);
+                        to_server.extend(on_device.generate(&device));
+                    }
+                }
+            }
+            // Left to run: the server takes what is queued, the device takes what comes back.
+            for _ in 0..20 {
+                if to_server.is_empty() && to_device.is_empty() {
+                    break;
+                }
+                server_takes(
+                    usize::MAX, &mut server, &mut on_server, &mut to_server, &mut to_device,
+                );
+                while let Some(message) = to_device.pop_front() {
+                    on_device.receive(&mut device, &message).expect("valid");
+                    to_server.extend(on_device.generate(&device));
+                }
+            }
+            proptest::prop_assert!(to_server.is_empty() && to_device.is_empty(), "still talking");
+            proptest::prop_assert_eq!(device.get_heads(), server.get_heads());
+            proptest::prop_assert!(
+                on_device.peer_has_everything(&device),
+                "the device never heard that the server holds its changes"
+            );
+            proptest::prop_assert!(on_server.peer_has_everything(&server));
+        }
+    }
+
+    #[test]
+    fn an_acknowledgement_of_what_the_server_sent_is_not_answered() {
+        let mut server = doc_with("k", "v");
+        let mut device = Automerge::new();
+        sync_pair(&mut server, &mut device);
+        let (mut on_server, mut on_device) = (PeerSession::new(), PeerSession::new());
+        let hello = on_device.generate(&device).expect("hello");
+        on_server.receive(&mut server, &hello).expect("valid");
+        let answer = on_server.reply(&server).expect("a new connection is answered");
+        on_device.receive(&mut device, &answer).expect("valid");
+        // Another device's change: the server sends it on, the device acknowledges it.
+        put(&mut server, 1);
+        let push = on_server.generate(&server).expect("the change");
+        on_device.receive(&mut device, &push).expect("valid");
+        let ack = on_device.generate(&device).expect("the device's new heads");
+        on_server.receive(&mut server, &ack).expect("valid");
+        assert_eq!(on_server.reply(&server), None, "the device already heard these heads");
+        assert!(on_device.peer_has_everything(&device));
     }
 }

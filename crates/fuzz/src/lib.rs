@@ -73,6 +73,7 @@ pub fn sync_message(data: &[u8]) {
     }
     // The session still works after anything.
     let _ = session.generate(&doc);
+    let _ = session.reply(&doc);
     let _ = session.answer(&doc);
 }
 
