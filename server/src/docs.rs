@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use automerge::Automerge;
 use cubby_core::lifecycle::{self, CompactionPolicy};
-use cubby_core::session::{PeerSession, SyncError};
+use cubby_core::session::{PeerSession, SharedMessages, SyncError};
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 use cubby_proto::{ApiError, pb};
 use cubby_store::{Snapshot, Space, Store};
@@ -774,6 +774,8 @@ impl Actor {
     fn fan_out(&mut self, spoke: &HashSet<u64>, moved: bool) {
         let Some(Some(live)) = &self.state else { return };
         let doc = self.doc;
+        // Receivers that were in step share one message (see `SharedMessages`).
+        let mut shared = SharedMessages::default();
         self.peers.retain(|peer_id, peer| {
             if !spoke.contains(peer_id) && !moved {
                 return true;
@@ -785,7 +787,7 @@ impl Actor {
                 if spoke.contains(peer_id) {
                     peer.session.reply(&live.doc)
                 } else {
-                    peer.session.generate(&live.doc)
+                    shared.generate(&mut peer.session, &live.doc)
                 }
             }));
             if spoke.contains(peer_id) && peer.session.peer_has_everything(&live.doc) {

@@ -31,7 +31,7 @@ pub struct Received {
 }
 
 /// One peer's sync state for one document.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeerSession {
     state: sync::State,
     /// The heads our last message on this connection carried, if we sent one.
@@ -235,6 +235,31 @@ impl PeerSession {
         let heads = doc.get_heads();
         self.state.shared_heads == heads
             || self.their_heads().is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
+    }
+}
+
+/// Messages for several peers of one document in one pass, generated once per distinct session
+/// state: peers in the same state (receivers that were in step before a change) get the same
+/// message and end in the same state, so Automerge builds it, rebuilding each change from its
+/// columns, only once.
+#[derive(Debug, Default)]
+pub struct SharedMessages {
+    /// The state before, the state after, and the message.
+    made: Vec<(PeerSession, PeerSession, Option<Vec<u8>>)>,
+}
+
+impl SharedMessages {
+    /// What [`PeerSession::generate`] would give `session` for `doc`, which must not change
+    /// between calls.
+    pub fn generate(&mut self, session: &mut PeerSession, doc: &Automerge) -> Option<Vec<u8>> {
+        if let Some((_, after, message)) = self.made.iter().find(|(before, ..)| before == session) {
+            session.clone_from(after);
+            return message.clone();
+        }
+        let before = session.clone();
+        let message = session.generate(doc);
+        self.made.push((before, session.clone(), message.clone()));
+        message
     }
 }
 
@@ -867,5 +892,32 @@ mod tests {
         on_server.receive(&mut server, &ack).expect("valid");
         assert_eq!(on_server.reply(&server), None, "the device already heard these heads");
         assert!(on_device.peer_has_everything(&device));
+    }
+
+    #[test]
+    fn peers_in_the_same_state_share_a_message_and_the_others_get_their_own() {
+        let mut server = doc_with("k", "v");
+        let (mut early, mut late) = (Automerge::new(), Automerge::new());
+        let mut sessions = vec![PeerSession::new(), PeerSession::new(), PeerSession::new()];
+        // Two receivers in step with the server, a third that has heard nothing yet.
+        for (session, device) in sessions.iter_mut().zip([&mut early, &mut late]) {
+            let mut on_device = PeerSession::new();
+            for _ in 0..4 {
+                if let Some(m) = on_device.generate(device) {
+                    session.receive(&mut server, &m).expect("valid");
+                }
+                if let Some(m) = session.generate(&server) {
+                    on_device.receive(device, &m).expect("valid");
+                }
+            }
+        }
+        put(&mut server, 1);
+        let mut alone = sessions.clone();
+        let mut shared = SharedMessages::default();
+        for (session, alone) in sessions.iter_mut().zip(&mut alone) {
+            assert_eq!(shared.generate(session, &server), alone.generate(&server));
+            assert_eq!(session, alone);
+        }
+        assert_eq!(shared.made.len(), 2, "one message for the two in step, one for the third");
     }
 }
