@@ -191,14 +191,6 @@ impl PeerSession {
         Some(self.forced(doc))
     }
 
-    /// A message for the peer even when the protocol has nothing new to say.
-    pub fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
-        match self.generate(doc) {
-            Some(message) => message,
-            None => self.forced(doc),
-        }
-    }
-
     fn forced(&mut self, doc: &Automerge) -> Vec<u8> {
         self.state.last_sent_heads.clear();
         self.state.have_responded = false;
@@ -309,6 +301,17 @@ fn bloom_is_sane(bloom: &automerge::sync::BloomFilter) -> bool {
 mod tests {
     use super::*;
     use automerge::{ROOT, transaction::Transactable};
+
+    impl PeerSession {
+        /// A message for the peer even when the protocol has nothing new to say: lets a test
+        /// send whenever it likes.
+        fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
+            match self.generate(doc) {
+                Some(message) => message,
+                None => self.forced(doc),
+            }
+        }
+    }
 
     fn doc_with(key: &str, value: &str) -> Automerge {
         let mut doc = Automerge::new();
