@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the per-change hot paths: the sync frame codec, sealing and
-//! opening a record, the document actor's apply of one device change, and sync messages in
-//! parts. `cargo bench -p cubby-bench`.
+//! opening a record, the document actor's apply of one device change, loading a document from
+//! its stored snapshot and chunks, and sync messages in parts. `cargo bench -p cubby-bench`.
 
 use automerge::Automerge;
 use automerge::transaction::Transactable;
@@ -170,5 +170,54 @@ fn parts(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, frame_codec, seal_open, actor_apply, actor_acknowledgement, parts);
+/// A text of `typed` characters saved as a snapshot, then `chunks` more characters typed one per
+/// stored chunk (each an `Automerge::save_after`), as a device or the server keeps them before
+/// the next compaction.
+fn stored_text(typed: usize, chunks: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let mut doc = Automerge::new();
+    let text = doc
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put_object(automerge::ROOT, "text", automerge::ObjType::Text)
+        })
+        .expect("creates the text")
+        .result;
+    let type_one = |doc: &mut Automerge, at: usize| {
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.splice_text(&text, at, 0, "a"))
+            .expect("types");
+    };
+    for at in 0..typed {
+        type_one(&mut doc, at);
+    }
+    let snapshot = doc.save();
+    let stored = (0..chunks)
+        .map(|n| {
+            let heads = doc.get_heads();
+            type_one(&mut doc, typed + n);
+            doc.save_after(&heads)
+        })
+        .collect();
+    (snapshot, stored)
+}
+
+fn rebuild(c: &mut Criterion) {
+    for typed in [10_000, 100_000] {
+        let (snapshot, chunks) = stored_text(typed, 256);
+        c.bench_function(&format!("rebuild/text_of_{typed}_plus_256_chunks"), |b| {
+            b.iter(|| {
+                cubby_core::lifecycle::rebuild(Some(&snapshot), chunks.iter().map(Vec::as_slice))
+                    .expect("loads")
+            });
+        });
+    }
+}
+
+criterion_group!(
+    benches,
+    frame_codec,
+    seal_open,
+    actor_apply,
+    actor_acknowledgement,
+    rebuild,
+    parts
+);
 criterion_main!(benches);

@@ -42,8 +42,12 @@ pub fn rebuild<'a>(
         Some(bytes) => Automerge::load(bytes)?,
         None => Automerge::new(),
     };
-    for chunk in chunks {
-        doc.load_incremental(chunk)?;
+    // The chunks go to Automerge as one run, which it applies as one batch. Applied one chunk at
+    // a time, each batch walked the document: 256 chunks after a 100,000-character text took
+    // 7 s to load (criterion `rebuild`).
+    let run = chunks.into_iter().collect::<Vec<_>>().concat();
+    if !run.is_empty() {
+        doc.load_incremental(&run)?;
     }
     Ok(doc)
 }
@@ -73,6 +77,25 @@ mod tests {
         }
         let loaded = rebuild(snapshot.as_deref(), chunks.iter().map(Vec::as_slice)).expect("loads");
         assert_eq!(loaded.get_heads(), doc.get_heads());
+    }
+
+    #[test]
+    fn chunks_alone_rebuild_concurrent_edits() {
+        let mut phone = Automerge::new();
+        let mut chunks = vec![phone.save()];
+        let mut laptop = phone.fork();
+        for i in 0..5i64 {
+            for (doc, key) in [(&mut phone, "phone"), (&mut laptop, "laptop")] {
+                let before = doc.get_heads();
+                doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, key, i))
+                    .expect("put");
+                chunks.push(doc.save_after(&before));
+            }
+        }
+        phone.merge(&mut laptop).expect("merges");
+        let loaded = rebuild(None, chunks.iter().map(Vec::as_slice)).expect("loads");
+        assert_eq!(loaded.get_heads(), phone.get_heads());
+        assert_eq!(crate::json::to_json(&loaded), crate::json::to_json(&phone));
     }
 
     #[test]
