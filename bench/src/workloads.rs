@@ -1,6 +1,7 @@
 //! Cubby's workloads, each against a fresh server process.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cubby_client::{Client, DocHandle};
@@ -14,6 +15,9 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long any one wait may take before the run is abandoned.
 const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Characters typed into the large text while a second device holds it closed.
+const KEYSTROKES: usize = 20;
 
 async fn synced(client: &Client) -> Result<(), Error> {
     tokio::time::timeout(PATIENCE, client.wait_until_synced())
@@ -200,8 +204,19 @@ async fn light_device_with(
     subject: &str,
     autosync: bool,
 ) -> Result<Client, Error> {
+    light_device_on(server, subject, autosync, Arc::new(cubby_store::MemoryStore::new())).await
+}
+
+/// A light device on a store of the caller's: built again on the same store, it is the same
+/// device, with what it held.
+async fn light_device_on(
+    server: &ServerProcess,
+    subject: &str,
+    autosync: bool,
+    store: Arc<cubby_store::MemoryStore>,
+) -> Result<Client, Error> {
     Ok(Client::builder()
-        .with_store(std::sync::Arc::new(cubby_store::MemoryStore::new()))
+        .with_store(store)
         .with_local_key([7; 32])
         .with_server(server.url.clone())
         .with_ca_pem(server.ca_pem.clone())
@@ -400,7 +415,8 @@ pub(crate) async fn large_account(
 ) -> Result<Value, Error> {
     use automerge::transaction::Transactable;
     let mut server = ServerProcess::start(bin)?;
-    let author = light_device_with(&server, "large", false).await?;
+    let author_store = Arc::new(cubby_store::MemoryStore::new());
+    let author = light_device_on(&server, "large", false, author_store.clone()).await?;
     let mut at_rest = 0usize;
     for d in 0..docs {
         let doc = author.create(&format!("doc {d}")).await?;
@@ -469,6 +485,29 @@ pub(crate) async fn large_account(
         edit_times.push(started.elapsed());
     }
     let (cold, warm) = (edit_times[0], edit_times[1]);
+
+    // The author comes back online with the text closed, as a second device in the background
+    // would be, while the first types into it: how long until each keystroke is on the author's
+    // device (shown to the app, `DocEvent::Remote`).
+    let background = light_device_on(&server, "large", true, author_store).await?;
+    synced(&background).await?;
+    let mut events = background.events();
+    let mut keystrokes = Samples::default();
+    for at in 0..KEYSTROKES {
+        let obj = text_obj.clone();
+        let started = Instant::now();
+        copy.change(move |tx| tx.splice_text(&obj, at, 0, "c")).await?;
+        loop {
+            match tokio::time::timeout(PATIENCE, events.recv()).await {
+                Ok(Ok((id, cubby_client::DocEvent::Remote))) if id == text.id() => break,
+                Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(_)) => return Err("the background device stopped".into()),
+                Err(_) => return Err("a keystroke did not reach the background device".into()),
+            }
+        }
+        keystrokes.push(started.elapsed());
+    }
+    background.shutdown().await;
     Ok(json!({
         "workload": "large_account",
         "system": "cubby",
@@ -481,5 +520,7 @@ pub(crate) async fn large_account(
         "wire_to_rest_ratio": fresh_bytes as f64 / at_rest.max(1) as f64,
         "cold_edit_ack_ms": ms(cold),
         "warm_edit_ack_ms": ms(warm),
+        "background_keystroke_p50_ms": ms(keystrokes.quantile(0.5)),
+        "background_keystroke_max_ms": ms(keystrokes.quantile(1.0)),
     }))
 }

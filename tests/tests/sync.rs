@@ -554,14 +554,22 @@ async fn a_device_syncing_a_document_live_hears_that_it_was_made_private() {
     }
 }
 
-/// A device's local backend that can hold back the next unsynced mark on its way to the disk, as
-/// a slow blocking pool can.
-struct LateMarks {
+/// A device's local backend that counts the documents loaded from it, and can hold back the next
+/// unsynced mark on its way to the disk, as a slow blocking pool can.
+#[derive(Default)]
+struct Watched {
     inner: cubby_store::MemoryStore,
     gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    loads: std::sync::atomic::AtomicUsize,
 }
 
-impl cubby_store::Store for LateMarks {
+impl Watched {
+    fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl cubby_store::Store for Watched {
     fn get_key(&self, c: &CustomerId) -> StoreResult<Option<Vec<u8>>> {
         self.inner.get_key(c)
     }
@@ -590,6 +598,7 @@ impl cubby_store::Store for LateMarks {
         self.inner.write_doc(c, d, meta, chunk)
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<cubby_store::DocRecords>> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.load(c, d)
     }
     fn doc_meta(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<Vec<u8>>> {
@@ -633,10 +642,7 @@ impl cubby_store::Store for LateMarks {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_unsynced() {
     let server = TestServer::start().await;
-    let backend = Arc::new(LateMarks {
-        inner: cubby_store::MemoryStore::new(),
-        gate: std::sync::Mutex::new(None),
-    });
+    let backend = Arc::new(Watched::default());
     let phone = cubby_client::Client::builder()
         .with_store(backend.clone())
         .with_local_key([7; 32])
@@ -681,6 +687,65 @@ async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_u
         .await
         .expect("wait_until_synced returns")
         .expect("synced");
+}
+
+/// Waits until `events` show a change to `id` from elsewhere.
+async fn arrived(
+    events: &mut tokio::sync::broadcast::Receiver<(DocId, cubby_client::DocEvent)>,
+    id: DocId,
+) {
+    let wait = async {
+        loop {
+            match events.recv().await.expect("events flow") {
+                (doc, cubby_client::DocEvent::Remote) if doc == id => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(cubby_tests::DEADLINE, wait).await.expect("the change arrives");
+}
+
+/// A device keeps a document it syncs in the background loaded between changes: someone typing
+/// on another device sends one per keystroke, and loading the document from the local store for
+/// each would cost the whole document per keystroke. It does not keep every document it syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
+    let server = TestServer::start().await;
+    let backend = Arc::new(Watched::default());
+    let laptop = cubby_client::Client::builder()
+        .with_store(backend.clone())
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
+        .with_ca_pem(server.ca_pem.clone())
+        .build()
+        .await
+        .expect("client builds");
+    let phone = server.device("alice").await;
+    let mut events = laptop.events();
+    // The laptop never opens the document: each change is shown to its app as an event.
+    let notes = phone.client.create("notes").await.expect("create");
+    notes.put("n", json!(0)).await.expect("put");
+    arrived(&mut events, notes.id()).await;
+    let before = backend.loads();
+    for n in 1..=5 {
+        notes.put("n", json!(n)).await.expect("put");
+        arrived(&mut events, notes.id()).await;
+    }
+    assert_eq!(backend.loads(), before, "the laptop loaded the notes again for a change");
+
+    // Changes to many other documents since: the notes are no longer kept loaded.
+    for title in 0..16 {
+        let other = phone.client.create(&format!("other {title}")).await.expect("create");
+        other.put("n", json!(title)).await.expect("put");
+        arrived(&mut events, other.id()).await;
+    }
+    let before = backend.loads();
+    notes.put("n", json!(6)).await.expect("put");
+    arrived(&mut events, notes.id()).await;
+    assert_eq!(backend.loads(), before + 1, "the notes were loaded again, once");
+    let on_laptop = laptop.open(notes.id()).await.expect("opens");
+    assert_eq!(on_laptop.to_json(), json!({"n": 6}));
 }
 
 /// A device stores what the server sends without waiting for its disk: the server already holds

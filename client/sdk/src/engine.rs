@@ -95,6 +95,13 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// How long documents may stay owed with no word from the server before a fresh sync round.
 const STALL: Duration = Duration::from_secs(2);
 
+/// How many settled documents stay loaded after their exchange, and for how long after the
+/// last one. A document someone types into on another device gets a change per keystroke;
+/// loading it from the local store again for each costs the whole document (seconds of CPU per
+/// keystroke for a long text) where applying the change costs the change.
+const WARM_DOCS: usize = 8;
+const WARM_FOR: Duration = Duration::from_secs(30);
+
 /// How to reach the server.
 #[derive(Clone)]
 pub(crate) struct Remote {
@@ -293,6 +300,8 @@ struct Session<'a> {
     inner: &'a Arc<Inner>,
     /// Documents involved in this connection, kept loaded until they are synced.
     active: HashMap<DocId, Arc<DocShared>>,
+    /// Documents settled lately, oldest first, kept loaded (see [`WARM_DOCS`]).
+    warm: Vec<(Instant, Arc<DocShared>)>,
     /// Announced feed positions this device does not hold yet.
     pending: BTreeSet<(u64, DocId)>,
     /// Per document, the highest feed position whose changes this device holds.
@@ -316,6 +325,7 @@ impl<'a> Session<'a> {
         Self {
             inner,
             active: HashMap::new(),
+            warm: Vec::new(),
             pending: BTreeSet::new(),
             held: HashMap::new(),
             unsynced: HashSet::new(),
@@ -428,6 +438,7 @@ impl<'a> Session<'a> {
         loop {
             tokio::select! {
                 _ = watchdog.tick() => {
+                    self.warm.retain(|(settled, _)| settled.elapsed() < WARM_FOR);
                     if heard.elapsed() >= STALL {
                         self.resync_stalled().await?;
                         heard = Instant::now();
@@ -663,6 +674,7 @@ impl<'a> Session<'a> {
         if changed.deleted {
             self.inner.forget(&id);
             self.active.remove(&id);
+            self.warm.retain(|(_, kept)| kept.id != id);
             self.unsynced.remove(&id);
             self.pending.retain(|(_, doc)| *doc != id);
             return self
@@ -737,10 +749,18 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Drops a settled document from the session once nothing is owed for it.
+    /// Drops a settled document from the session once nothing is owed for it, keeping it
+    /// loaded a while among the [`WARM_DOCS`] settled last.
     fn release(&mut self, id: DocId) {
-        if !self.unsynced.contains(&id) && !self.pending.iter().any(|(_, doc)| *doc == id) {
-            self.active.remove(&id);
+        if self.unsynced.contains(&id) || self.pending.iter().any(|(_, doc)| *doc == id) {
+            return;
+        }
+        if let Some(shared) = self.active.remove(&id) {
+            self.warm.retain(|(_, kept)| kept.id != id);
+            if self.warm.len() == WARM_DOCS {
+                self.warm.remove(0);
+            }
+            self.warm.push((Instant::now(), shared));
         }
     }
 
