@@ -569,6 +569,24 @@ impl Watched {
     }
 }
 
+/// A device of alice's on `backend`, syncing from the start if `sync`.
+async fn alice_on(
+    server: &TestServer,
+    backend: Arc<dyn cubby_store::Store>,
+    sync: bool,
+) -> cubby_client::Client {
+    cubby_client::Client::builder()
+        .with_store(backend)
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
+        .with_ca_pem(server.ca_pem.clone())
+        .with_autosync(sync)
+        .build()
+        .await
+        .expect("client builds")
+}
+
 impl cubby_store::Store for Watched {
     fn get_key(&self, c: &CustomerId) -> StoreResult<Option<Vec<u8>>> {
         self.inner.get_key(c)
@@ -643,15 +661,7 @@ impl cubby_store::Store for Watched {
 async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_unsynced() {
     let server = TestServer::start().await;
     let backend = Arc::new(Watched::default());
-    let phone = cubby_client::Client::builder()
-        .with_store(backend.clone())
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
-        .with_ca_pem(server.ca_pem.clone())
-        .build()
-        .await
-        .expect("client builds");
+    let phone = alice_on(&server, backend.clone(), true).await;
     let laptop = server.device("alice").await;
     let doc = phone.create("notes").await.expect("create");
     doc.put("a", json!(1)).await.expect("put");
@@ -712,15 +722,7 @@ async fn arrived(
 async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
     let server = TestServer::start().await;
     let backend = Arc::new(Watched::default());
-    let laptop = cubby_client::Client::builder()
-        .with_store(backend.clone())
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
-        .with_ca_pem(server.ca_pem.clone())
-        .build()
-        .await
-        .expect("client builds");
+    let laptop = alice_on(&server, backend.clone(), true).await;
     let phone = server.device("alice").await;
     let mut events = laptop.events();
     // The laptop never opens the document: each change is shown to its app as an event.
@@ -755,18 +757,8 @@ async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
 async fn changes_a_device_lost_with_its_unflushed_writes_come_back_at_its_next_connection() {
     let server = TestServer::start().await;
     let disk = cubby_tests::sim_disk::SimDisk::default();
-    let laptop_on = |disk: Arc<cubby_tests::sim_disk::SimDisk>, sync: bool| {
-        cubby_client::Client::builder()
-            .with_store(disk)
-            .with_local_key([7; 32])
-            .with_server(server.url())
-            .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
-            .with_ca_pem(server.ca_pem.clone())
-            .with_autosync(sync)
-            .build()
-    };
     let backend = Arc::new(disk.clone());
-    let laptop = laptop_on(backend.clone(), true).await.expect("client builds");
+    let laptop = alice_on(&server, backend.clone(), true).await;
     let phone = server.device("alice").await;
     let doc = phone.client.create("notes").await.expect("create");
     doc.put("a", json!(1)).await.expect("put");
@@ -797,7 +789,7 @@ async fn changes_a_device_lost_with_its_unflushed_writes_come_back_at_its_next_c
     assert!(disk.crash() > 0, "the received edit was waiting for a flush");
 
     let backend = Arc::new(disk.clone());
-    let laptop = laptop_on(backend.clone(), false).await.expect("client reopens");
+    let laptop = alice_on(&server, backend.clone(), false).await;
     let copy = laptop.open(doc.id()).await.expect("opens offline");
     let offline = copy.to_json();
     assert_eq!(offline.get("mine"), Some(&json!(true)), "the laptop's own edit was flushed");
@@ -820,7 +812,7 @@ async fn changes_a_device_lost_with_its_unflushed_writes_come_back_at_its_next_c
     })
     .await;
     disk.crash();
-    let laptop = laptop_on(Arc::new(disk.clone()), false).await.expect("client reopens");
+    let laptop = alice_on(&server, Arc::new(disk.clone()), false).await;
     let offline = laptop.open(doc.id()).await.expect("opens offline").to_json();
     assert_eq!((offline.get("b"), offline.get("c")), (Some(&json!(2)), Some(&json!(3))));
 }
