@@ -302,14 +302,10 @@ struct Session<'a> {
     active: HashMap<DocId, Arc<DocShared>>,
     /// Documents settled lately, oldest first, kept loaded (see [`WARM_DOCS`]).
     warm: Vec<(Instant, Arc<DocShared>)>,
-    /// Announced feed positions this device does not hold yet.
-    pending: BTreeSet<(u64, DocId)>,
+    /// What the device and the server still owe each other, by document.
+    owed: Owed,
     /// Per document, the highest feed position whose changes this device holds.
     held: HashMap<DocId, u64>,
-    /// Documents with local changes the server has not acknowledged.
-    unsynced: HashSet<DocId>,
-    /// Documents that entered this round, for progress.
-    round: HashSet<DocId>,
     announced: u64,
     cursor: u64,
     caught_up: bool,
@@ -326,10 +322,8 @@ impl<'a> Session<'a> {
             inner,
             active: HashMap::new(),
             warm: Vec::new(),
-            pending: BTreeSet::new(),
+            owed: Owed::default(),
             held: HashMap::new(),
-            unsynced: HashSet::new(),
-            round: HashSet::new(),
             announced: 0,
             cursor: 0,
             caught_up: false,
@@ -427,8 +421,7 @@ impl<'a> Session<'a> {
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         for (key, _) in unsynced {
             if let Ok(doc) = DocId::from_slice(&key) {
-                self.unsynced.insert(doc);
-                self.round.insert(doc);
+                self.owed.unsynced(doc);
                 self.push(doc).await?;
             }
         }
@@ -453,8 +446,7 @@ impl<'a> Session<'a> {
                     Err(status) => return Err(classify(&status)),
                 },
                 Some(doc) = wakes.recv() => {
-                    self.unsynced.insert(doc);
-                    self.round.insert(doc);
+                    self.owed.unsynced(doc);
                     self.push(doc).await?;
                     // A wake can be stale: an earlier push may already have carried this change
                     // and been acknowledged. Then nothing was sent and no reply will clear it.
@@ -463,7 +455,7 @@ impl<'a> Session<'a> {
                         state.session.peer_has_everything(&state.doc)
                     }) {
                         self.clear_acknowledged_mark(doc).await?;
-                        self.unsynced.remove(&doc);
+                        self.owed.acknowledged(doc);
                         self.release(doc);
                     }
                     self.report();
@@ -507,8 +499,7 @@ impl<'a> Session<'a> {
     /// Liveness: documents still owed after [`STALL`] without a word from the server start a
     /// fresh sync round. The sync protocol is idempotent, so this costs at most a message.
     async fn resync_stalled(&mut self) -> Result<(), SyncFailure> {
-        let owed: HashSet<DocId> =
-            self.unsynced.iter().copied().chain(self.pending.iter().map(|(_, d)| *d)).collect();
+        let owed: Vec<DocId> = self.owed.docs().collect();
         for id in owed {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), "no progress; starting a fresh sync round");
             if let Some(shared) = self.active.get(&id) {
@@ -647,10 +638,10 @@ impl<'a> Session<'a> {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);
             let held = *held;
-            self.pending.retain(|(seq, doc)| !(*doc == id && *seq <= held));
+            self.owed.held(id, held);
         }
         if server_has_all {
-            self.unsynced.remove(&id);
+            self.owed.acknowledged(id);
         }
         if let Some(message) = reply {
             let frame = pb::DocSync {
@@ -675,8 +666,7 @@ impl<'a> Session<'a> {
             self.inner.forget(&id);
             self.active.remove(&id);
             self.warm.retain(|(_, kept)| kept.id != id);
-            self.unsynced.remove(&id);
-            self.pending.retain(|(_, doc)| *doc != id);
+            self.owed.forget(id);
             return self
                 .blocking(move |store| {
                     store.delete_doc(&LOCAL, &id)?;
@@ -703,8 +693,7 @@ impl<'a> Session<'a> {
         if self.held.get(&id).is_some_and(|held| *held >= changed.seq) {
             return Ok(());
         }
-        self.pending.insert((changed.seq, id));
-        self.round.insert(id);
+        self.owed.announced(changed.seq, id);
         if !known {
             // Register the copy before the document is visible in the store, so an app that
             // opens it meanwhile gets this copy rather than loading a second one.
@@ -734,8 +723,7 @@ impl<'a> Session<'a> {
             tonic::Code::NotFound => {
                 // Deleted on the server (its deletion is announced too): nothing to send.
                 tracing::warn!(doc = %id.short(), "the server does not know this document");
-                self.unsynced.remove(&id);
-                self.pending.retain(|(_, doc)| *doc != id);
+                self.owed.forget(id);
                 self.blocking(move |store| {
                     store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
                 })
@@ -752,7 +740,7 @@ impl<'a> Session<'a> {
     /// Drops a settled document from the session once nothing is owed for it, keeping it
     /// loaded a while among the [`WARM_DOCS`] settled last.
     fn release(&mut self, id: DocId) {
-        if self.unsynced.contains(&id) || self.pending.iter().any(|(_, doc)| *doc == id) {
+        if self.owed.contains(&id) {
             return;
         }
         if let Some(shared) = self.active.remove(&id) {
@@ -765,8 +753,8 @@ impl<'a> Session<'a> {
     }
 
     async fn advance_cursor(&mut self) -> Result<(), SyncFailure> {
-        let candidate = match self.pending.first() {
-            Some((seq, _)) => seq - 1,
+        let candidate = match self.owed.first_pending() {
+            Some(seq) => seq - 1,
             None => self.announced,
         };
         if candidate > self.cursor && self.caught_up {
@@ -780,18 +768,13 @@ impl<'a> Session<'a> {
     }
 
     fn report(&mut self) {
-        let remaining: HashSet<DocId> =
-            self.unsynced.iter().copied().chain(self.pending.iter().map(|(_, d)| *d)).collect();
-        let status = if self.caught_up && remaining.is_empty() {
-            self.round.clear();
+        let status = if self.caught_up && self.owed.is_empty() {
+            self.owed.round.clear();
             self.reached_up_to_date = true;
             SyncStatus::UpToDate
         } else {
-            self.round.extend(remaining.iter().copied());
-            SyncStatus::Syncing {
-                done: self.round.len() - remaining.len(),
-                total: self.round.len(),
-            }
+            let (done, total) = self.owed.progress();
+            SyncStatus::Syncing { done, total }
         };
         self.inner.status.send_if_modified(|current| {
             let changed = *current != status;
@@ -801,9 +784,135 @@ impl<'a> Session<'a> {
     }
 }
 
+/// What the device and the server still owe each other in one connection, by document: local
+/// changes the server has not acknowledged, and announced feed positions the device does not hold
+/// yet. The engine asks about it on every frame, so each question costs one document: asked of
+/// every document instead, a fresh device's sync of thousands of them grew with their square.
+#[derive(Default)]
+struct Owed {
+    /// Documents with local changes the server has not acknowledged.
+    unsynced: HashSet<DocId>,
+    /// Announced feed positions this device does not hold yet, in feed order.
+    pending: BTreeSet<(u64, DocId)>,
+    /// The same positions, by document.
+    pending_by_doc: HashMap<DocId, BTreeSet<u64>>,
+    /// Documents in either.
+    docs: HashSet<DocId>,
+    /// Documents owed at some point since the device was last up to date, for progress.
+    round: HashSet<DocId>,
+}
+
+impl Owed {
+    /// `id` has local changes the server has not acknowledged.
+    fn unsynced(&mut self, id: DocId) {
+        self.unsynced.insert(id);
+        self.refresh(id);
+    }
+
+    /// The server holds every local change of `id`.
+    fn acknowledged(&mut self, id: DocId) {
+        self.unsynced.remove(&id);
+        self.refresh(id);
+    }
+
+    /// The server announced a change of `id` at feed position `seq`.
+    fn announced(&mut self, seq: u64, id: DocId) {
+        self.pending.insert((seq, id));
+        self.pending_by_doc.entry(id).or_default().insert(seq);
+        self.refresh(id);
+    }
+
+    /// The device holds what the server had of `id` at feed position `held`.
+    fn held(&mut self, id: DocId, held: u64) {
+        if let Some(seqs) = self.pending_by_doc.get_mut(&id) {
+            while let Some(seq) = seqs.first().copied().filter(|seq| *seq <= held) {
+                seqs.remove(&seq);
+                self.pending.remove(&(seq, id));
+            }
+        }
+        self.refresh(id);
+    }
+
+    /// Nothing is owed of `id` any more (deleted, or unknown to the server).
+    fn forget(&mut self, id: DocId) {
+        self.unsynced.remove(&id);
+        for seq in self.pending_by_doc.remove(&id).unwrap_or_default() {
+            self.pending.remove(&(seq, id));
+        }
+        self.refresh(id);
+    }
+
+    fn refresh(&mut self, id: DocId) {
+        let pending = self.pending_by_doc.get(&id).is_some_and(|seqs| !seqs.is_empty());
+        if pending || self.unsynced.contains(&id) {
+            self.docs.insert(id);
+            self.round.insert(id);
+        } else {
+            self.pending_by_doc.remove(&id);
+            self.docs.remove(&id);
+        }
+    }
+
+    fn contains(&self, id: &DocId) -> bool {
+        self.docs.contains(id)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    fn docs(&self) -> impl Iterator<Item = DocId> + '_ {
+        self.docs.iter().copied()
+    }
+
+    /// The lowest announced feed position the device does not hold yet.
+    fn first_pending(&self) -> Option<u64> {
+        self.pending.first().map(|(seq, _)| *seq)
+    }
+
+    /// Documents of this round done, and in all.
+    fn progress(&self) -> (usize, usize) {
+        (self.round.len() - self.docs.len(), self.round.len())
+    }
+}
+
 /// Removes a document's unsynced mark; returns whether there was one. Blocking.
 fn remove_mark(store: &dyn cubby_store::Store, id: DocId) -> Result<bool, StoreError> {
     let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
     store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
     Ok(marked.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(n: u8) -> DocId {
+        DocId::from_slice(&[n; 16]).expect("16 bytes")
+    }
+
+    #[test]
+    fn a_document_is_owed_while_it_has_unacknowledged_changes_or_unheld_positions() {
+        let mut owed = Owed::default();
+        owed.unsynced(doc(1));
+        owed.announced(7, doc(1));
+        owed.announced(9, doc(1));
+        owed.announced(8, doc(2));
+        assert_eq!(owed.first_pending(), Some(7));
+        assert_eq!(owed.progress(), (0, 2));
+
+        owed.acknowledged(doc(1));
+        assert!(owed.contains(&doc(1)), "position 7 and 9 are not held yet");
+        owed.held(doc(1), 8);
+        assert_eq!(owed.first_pending(), Some(8), "7 is held, 8 (of the other document) is not");
+        assert!(owed.contains(&doc(1)), "position 9 is not held yet");
+        owed.held(doc(1), 9);
+        assert!(!owed.contains(&doc(1)));
+        assert_eq!(owed.progress(), (1, 2));
+
+        owed.forget(doc(2));
+        assert!(owed.is_empty());
+        assert_eq!(owed.first_pending(), None);
+        assert_eq!(owed.progress(), (2, 2));
+    }
 }
