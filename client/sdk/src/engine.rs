@@ -700,10 +700,13 @@ impl<'a> Session<'a> {
             let shared = self.inner.adopt(Arc::new(DocShared::announced(id, meta.clone())));
             self.active.insert(id, shared);
             let encoded = meta.encode();
+            // No flush: until its changes arrive the record says only that the document exists,
+            // and every write of those changes carries the metadata again. Lost in a crash, it
+            // is announced again, since the cursor cannot pass a change the device lacks. A
+            // flush each cost a fresh device's sync of 4,000 documents a tenth of its time.
             self.blocking(move |store| {
                 if store.doc_meta(&LOCAL, &id)?.is_none() {
                     store.write_doc(&LOCAL, &id, &encoded, None)?;
-                    store.flush()?;
                 }
                 Ok(())
             })
