@@ -6,7 +6,7 @@
 //! device. The stream ends when the device leaves, its token expires, it is revoked, its account
 //! is erased, or the server stops.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,8 +28,13 @@ use crate::docs::{DocMsg, Held, Outbox};
 use crate::durable::api_error;
 use crate::hub::Announcement;
 
-/// Frames queued for one device before the server considers it too slow.
+/// Frames document actors may have queued for one device before the server considers it too
+/// slow.
 const OUTBOX_FRAMES: usize = 256;
+
+/// Frames of the stream's own (announcements, errors) queued for its device; the rest wait in
+/// the connection's backlog.
+const OWN_FRAMES: usize = 32;
 
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
@@ -52,6 +57,7 @@ impl pb::sync_server::Sync for SyncService {
         let caller = self.shared.customers.admit_device_stream(caller).await?;
         let token_denied = self.shared.customers.token_denied(&caller);
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
+        let (own, own_frames) = mpsc::channel(OWN_FRAMES);
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
@@ -62,6 +68,9 @@ impl pb::sync_server::Sync for SyncService {
             device: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
             outbox,
+            own,
+            backlog: VecDeque::new(),
+            backlog_moved: tokio::time::Instant::now(),
             joined: HashSet::new(),
             held: Held::default(),
             deferred: HashMap::new(),
@@ -71,8 +80,15 @@ impl pb::sync_server::Sync for SyncService {
             parts: Reassembly::new(self.shared.limits.max_document_bytes as usize),
         };
         self.shared.tracker.spawn(connection.run(request.into_inner()));
+        // The actors' frames go first: they answer what the device asked, while the stream's own
+        // can be the announcements of a whole feed.
+        let frames = futures_util::stream::select_with_strategy(
+            ReceiverStream::new(frames),
+            ReceiverStream::new(own_frames).map(Ok),
+            |_: &mut ()| futures_util::stream::PollNext::Left,
+        );
         // A queued frame is one sync message; on the wire it may take several parts.
-        let frames = ReceiverStream::new(frames).flat_map(|frame| {
+        let frames = frames.flat_map(|frame| {
             let parts = match frame {
                 Ok(frame) => parts::split_server_frame(*frame).into_iter().map(Ok).collect(),
                 Err(status) => vec![Err(status)],
@@ -97,7 +113,16 @@ struct Connection {
     /// The device, once it proved who it is.
     device: Option<DeviceId>,
     peer: u64,
+    /// Where document actors queue frames for the device; full, the device is too slow.
     outbox: Outbox,
+    /// Where the stream queues its own frames, from `backlog`.
+    own: mpsc::Sender<Box<pb::ServerFrame>>,
+    /// The stream's own frames waiting for room in `own`. The stream keeps reading the
+    /// device's requests meanwhile: announcing a large feed while not reading, with the device
+    /// blocked sending its requests for it, would leave both ends waiting on each other.
+    backlog: VecDeque<pb::ServerFrame>,
+    /// When the backlog last moved (or filled from empty).
+    backlog_moved: tokio::time::Instant,
     joined: HashSet<DocId>,
     /// What the device holds of the documents it syncs here (kept by their actors).
     held: Held,
@@ -153,8 +178,7 @@ impl Connection {
             frame: Some(pb::server_frame::Frame::Challenge(pb::Challenge {
                 nonce: nonce.to_vec(),
             })),
-        })
-        .await?;
+        });
         let answer = tokio::time::timeout_at(deadline, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no proof of the device key"))??;
@@ -194,12 +218,21 @@ impl Connection {
         Ok((device, ejector))
     }
 
-    async fn send(&self, frame: pb::ServerFrame) -> Result<(), Status> {
-        let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
-        match tokio::time::timeout(patience, self.outbox.send(Ok(Box::new(frame)))).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Status::cancelled("stream closed")),
-            Err(_) => Err(Status::resource_exhausted("device is not reading its stream")),
+    /// Queues one of the stream's own frames, after those already waiting.
+    fn send(&mut self, frame: pb::ServerFrame) {
+        if self.backlog.is_empty() {
+            match self.own.try_send(Box::new(frame)) {
+                Ok(()) => {}
+                Err(
+                    mpsc::error::TrySendError::Full(frame)
+                    | mpsc::error::TrySendError::Closed(frame),
+                ) => {
+                    self.backlog_moved = tokio::time::Instant::now();
+                    self.backlog.push_back(*frame);
+                }
+            }
+        } else {
+            self.backlog.push_back(frame);
         }
     }
 
@@ -223,14 +256,25 @@ impl Connection {
             frame: Some(pb::server_frame::Frame::CaughtUp(pb::CaughtUp {
                 cursor: self.announced.0,
             })),
-        })
-        .await?;
+        });
 
         let expiry = tokio::time::sleep(self.token_left);
         tokio::pin!(expiry);
         let stop = self.shared.stop.clone();
+        let own = self.own.clone();
+        let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
         loop {
             tokio::select! {
+                room = own.reserve(), if !self.backlog.is_empty() => {
+                    let room = room.map_err(|_| Status::cancelled("stream closed"))?;
+                    if let Some(frame) = self.backlog.pop_front() {
+                        room.send(Box::new(frame));
+                    }
+                    self.backlog_moved = tokio::time::Instant::now();
+                }
+                () = tokio::time::sleep_until(self.backlog_moved + patience), if !self.backlog.is_empty() => {
+                    return Err(ApiError::ResourceExhausted("device is not reading its stream".into()).into());
+                }
                 frame = inbound.message() => match frame {
                     Ok(Some(frame)) => self.on_frame(frame).await?,
                     Ok(None) => return Ok(()),
@@ -322,7 +366,7 @@ impl Connection {
         owed.sort_by_key(|d| d.seq);
         for d in owed.iter().chain([&a]) {
             self.announced = d.seq;
-            self.send(d.frame()).await?;
+            self.send(d.frame());
         }
         Ok(())
     }
@@ -339,11 +383,10 @@ impl Connection {
                             code: err.code() as i32,
                             message: err.to_string(),
                         };
-                        return self
-                            .send(pb::ServerFrame {
-                                frame: Some(pb::server_frame::Frame::Error(frame)),
-                            })
-                            .await;
+                        self.send(pb::ServerFrame {
+                            frame: Some(pb::server_frame::Frame::Error(frame)),
+                        });
+                        return Ok(());
                     }
                 };
                 let permit =

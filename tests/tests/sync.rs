@@ -816,3 +816,52 @@ async fn changes_a_device_lost_with_its_unflushed_writes_come_back_at_its_next_c
     let offline = laptop.open(doc.id()).await.expect("opens offline").to_json();
     assert_eq!((offline.get("b"), offline.get("c")), (Some(&json!(2)), Some(&json!(3))));
 }
+
+/// The server keeps serving a device's requests while it announces a feed larger than what one
+/// connection buffers: a device that asks for a document before reading the announcements gets
+/// its answer ahead of the rest of them. When the server announced the whole feed before reading
+/// again, a device blocked on sending its requests and the server blocked on announcing waited on
+/// each other; a fresh device of an account of 16,000 documents lost its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_answered_while_a_large_feed_is_still_being_announced() {
+    use cubby_proto::pb;
+    let server =
+        TestServer::start_with(|config| config.limits.max_writes_per_sec = 1_000_000).await;
+    let writer = server.device("alice").await;
+    let docs = 1500;
+    let mut last = None;
+    for n in 0..docs {
+        let doc = writer.client.create(&format!("doc {n}")).await.expect("create");
+        doc.put("n", json!(n)).await.expect("put");
+        last = Some(doc.id());
+    }
+    writer.client.wait_until_synced().await.expect("the writer synced");
+    let id = last.expect("documents were written");
+
+    // A new device, whose feed starts at the beginning, asks for the last document at once.
+    let mut raw =
+        cubby_tests::RawStream::connect(&server, &server.token("alice")).await.expect("connects");
+    let mut session = cubby_core::session::PeerSession::new();
+    let message = session.generate(&automerge::Automerge::new()).expect("a first message");
+    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
+        doc_id: id.as_bytes().to_vec(),
+        message,
+        create: None,
+        seq: 0,
+        more: false,
+    }))
+    .await;
+    let mut announced = 0;
+    loop {
+        match raw.next().await.expect("the stream stays up") {
+            Some(pb::server_frame::Frame::Changed(_)) => announced += 1,
+            Some(pb::server_frame::Frame::Sync(sync)) if sync.doc_id == id.as_bytes() => break,
+            Some(pb::server_frame::Frame::CaughtUp(_)) => {
+                panic!("the answer waited for the whole feed ({announced} announcements)")
+            }
+            Some(_) => {}
+            None => panic!("the stream ended"),
+        }
+    }
+    assert!(announced < docs, "{announced} announcements came first");
+}
