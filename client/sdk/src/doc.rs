@@ -94,11 +94,6 @@ impl DocShared {
         Self::empty(id, DocMeta::new(title), true)
     }
 
-    /// A document the server announced, known so far only by its metadata.
-    pub(crate) fn announced(id: DocId, meta: DocMeta) -> Self {
-        Self::empty(id, meta, false)
-    }
-
     fn empty(id: DocId, meta: DocMeta, unconfirmed: bool) -> Self {
         let state = LocalDoc {
             doc: Automerge::new(),

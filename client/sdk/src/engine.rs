@@ -5,7 +5,7 @@
 //! documents. The cursor only moves past a feed position once this device holds every change the
 //! server had at that position, so a reconnect never skips anything.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +101,11 @@ const STALL: Duration = Duration::from_secs(2);
 /// keystroke for a long text) where applying the change costs the change.
 const WARM_DOCS: usize = 8;
 const WARM_FOR: Duration = Duration::from_secs(30);
+
+/// Announced documents this device asks the server for at once; the others wait their turn. The
+/// server closes the stream of a device that leaves too many of its answers unread, and asking
+/// for every document of a large account at once (a fresh device) did exactly that.
+const MAX_ASKING: usize = 32;
 
 /// How to reach the server.
 #[derive(Clone)]
@@ -302,6 +307,8 @@ struct Session<'a> {
     active: HashMap<DocId, Arc<DocShared>>,
     /// Documents settled lately, oldest first, kept loaded (see [`WARM_DOCS`]).
     warm: Vec<(Instant, Arc<DocShared>)>,
+    /// Announced documents waiting for their turn to be asked for (see [`MAX_ASKING`]).
+    waiting: VecDeque<DocId>,
     /// What the device and the server still owe each other, by document.
     owed: Owed,
     /// Per document, the highest feed position whose changes this device holds.
@@ -322,6 +329,7 @@ impl<'a> Session<'a> {
             inner,
             active: HashMap::new(),
             warm: Vec::new(),
+            waiting: VecDeque::new(),
             owed: Owed::default(),
             held: HashMap::new(),
             announced: 0,
@@ -499,7 +507,9 @@ impl<'a> Session<'a> {
     /// Liveness: documents still owed after [`STALL`] without a word from the server start a
     /// fresh sync round. The sync protocol is idempotent, so this costs at most a message.
     async fn resync_stalled(&mut self) -> Result<(), SyncFailure> {
-        let owed: Vec<DocId> = self.owed.docs().collect();
+        // Documents waiting their turn are asked for when it comes.
+        let waiting: HashSet<DocId> = self.waiting.iter().copied().collect();
+        let owed: Vec<DocId> = self.owed.docs().filter(|id| !waiting.contains(id)).collect();
         for id in owed {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), "no progress; starting a fresh sync round");
             if let Some(shared) = self.active.get(&id) {
@@ -568,8 +578,21 @@ impl<'a> Session<'a> {
             }
             None => {}
         }
+        self.ask_waiting().await?;
         self.advance_cursor().await?;
         self.report();
+        Ok(())
+    }
+
+    /// Asks for announced documents while fewer than [`MAX_ASKING`] are in an exchange.
+    async fn ask_waiting(&mut self) -> Result<(), SyncFailure> {
+        while self.active.len() < MAX_ASKING {
+            let Some(id) = self.waiting.pop_front() else { break };
+            // Held meanwhile, deleted, or asked for already by a local edit.
+            if self.owed.contains(&id) && !self.active.contains_key(&id) {
+                self.push(id).await?;
+            }
+        }
         Ok(())
     }
 
@@ -695,10 +718,8 @@ impl<'a> Session<'a> {
         }
         self.owed.announced(changed.seq, id);
         if !known {
-            // Register the copy before the document is visible in the store, so an app that
-            // opens it meanwhile gets this copy rather than loading a second one.
-            let shared = self.inner.adopt(Arc::new(DocShared::announced(id, meta.clone())));
-            self.active.insert(id, shared);
+            // The app sees the document at once; its copy loads (empty) when it is asked for,
+            // or when the app opens it, whichever comes first (`Inner::doc` keeps it one copy).
             let encoded = meta.encode();
             // No flush: until its changes arrive the record says only that the document exists,
             // and every write of those changes carries the metadata again. Lost in a crash, it
@@ -712,7 +733,13 @@ impl<'a> Session<'a> {
             })
             .await?;
         }
-        self.push(id).await
+        if self.active.contains_key(&id) {
+            self.push(id).await
+        } else {
+            // Announced twice while waiting, it is asked for once (see `ask_waiting`).
+            self.waiting.push_back(id);
+            self.ask_waiting().await
+        }
     }
 
     async fn on_error(&mut self, error: pb::DocError) -> Result<(), SyncFailure> {
