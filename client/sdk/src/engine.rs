@@ -465,6 +465,7 @@ impl<'a> Session<'a> {
                         self.clear_acknowledged_mark(doc).await?;
                         self.owed.acknowledged(doc);
                         self.release(doc);
+                        self.ask_waiting().await?;
                     }
                     self.report();
                 }
