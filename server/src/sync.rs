@@ -272,8 +272,11 @@ impl Connection {
                     }
                     self.backlog_moved = tokio::time::Instant::now();
                 }
-                () = tokio::time::sleep_until(self.backlog_moved + patience), if !self.backlog.is_empty() => {
-                    return Err(ApiError::ResourceExhausted("device is not reading its stream".into()).into());
+                () = tokio::time::sleep_until(self.backlog_moved + patience),
+                    if !self.backlog.is_empty() =>
+                {
+                    let reason = "device is not reading its stream";
+                    return Err(ApiError::ResourceExhausted(reason.into()).into());
                 }
                 frame = inbound.message() => match frame {
                     Ok(Some(frame)) => self.on_frame(frame).await?,

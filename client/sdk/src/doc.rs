@@ -91,18 +91,14 @@ impl LocalWrite {
 impl DocShared {
     /// A document this device just created.
     pub(crate) fn new(id: DocId, title: &str) -> Self {
-        Self::empty(id, DocMeta::new(title), true)
-    }
-
-    fn empty(id: DocId, meta: DocMeta, unconfirmed: bool) -> Self {
         let state = LocalDoc {
             doc: Automerge::new(),
-            meta,
+            meta: DocMeta::new(title),
             next_chunk: 0,
             chunks_since_snapshot: 0,
             bytes_since_snapshot: 0,
             session: PeerSession::new(),
-            unconfirmed,
+            unconfirmed: true,
         };
         Self::from_parts(id, state)
     }

@@ -735,12 +735,12 @@ impl<'a> Session<'a> {
             .await?;
         }
         if self.active.contains_key(&id) {
-            self.push(id).await
-        } else {
-            // Announced twice while waiting, it is asked for once (see `ask_waiting`).
-            self.waiting.push_back(id);
-            self.ask_waiting().await
+            return self.push(id).await;
         }
+        // Asked for after this frame if there is room (`on_frame`); announced twice while
+        // waiting, it is asked for once (see `ask_waiting`).
+        self.waiting.push_back(id);
+        Ok(())
     }
 
     async fn on_error(&mut self, error: pb::DocError) -> Result<(), SyncFailure> {
@@ -800,7 +800,7 @@ impl<'a> Session<'a> {
 
     fn report(&mut self) {
         let status = if self.caught_up && self.owed.is_empty() {
-            self.owed.round.clear();
+            self.owed.new_round();
             self.reached_up_to_date = true;
             SyncStatus::UpToDate
         } else {
@@ -899,6 +899,11 @@ impl Owed {
     /// The lowest announced feed position the device does not hold yet.
     fn first_pending(&self) -> Option<u64> {
         self.pending.first().map(|(seq, _)| *seq)
+    }
+
+    /// Up to date: the next round counts from nothing.
+    fn new_round(&mut self) {
+        self.round.clear();
     }
 
     /// Documents of this round done, and in all.

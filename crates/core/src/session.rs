@@ -172,8 +172,9 @@ impl PeerSession {
     pub fn reply(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
         // The common acknowledgement: the peer names the heads we told it and needs nothing.
         // Automerge would stay silent too (its Bloom filter covers every change: it holds them
-        // all), after walking the change graph since the peer's last sync to find nothing; the test `in_step_matches_automerge` compares the
-        // two after every delivery. (Of an empty document Automerge would send the whole.)
+        // all), after walking the change graph since the peer's last sync to find nothing; the
+        // test `in_step_matches_automerge` compares the two after every delivery. (Of an empty
+        // document Automerge would send the whole.)
         let heads = doc.get_heads();
         if self.acked && !heads.is_empty() && self.told.as_deref() == Some(heads.as_slice()) {
             return None;
