@@ -1,4 +1,5 @@
-//! Device-to-device propagation latency and fresh-device sync time, on loopback.
+//! Device-to-device propagation latency, a fresh device's sync time, and the sync time of a
+//! device that made as many documents offline, on loopback.
 //!
 //! ```text
 //! cargo run --release -p cubby-tests --example propagation -- [EDITS] [DOCS]
@@ -10,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use cubby_client::DocEvent;
-use cubby_tests::TestServer;
+use cubby_tests::{Device, TestServer};
 use serde_json::json;
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -82,5 +83,22 @@ async fn main() {
     println!(
         "{}",
         json!({"result": "fresh_device_sync", "documents": docs, "seconds": elapsed.as_secs_f64()})
+    );
+
+    // 3. A device that created DOCS documents offline connects and pushes them all.
+    let offline =
+        Device::open(&server, "carol", tempfile::tempdir().expect("temp dir"), false).await;
+    for i in 0..docs {
+        let d = offline.client.create(&format!("doc {i}")).await.expect("create");
+        d.put("i", json!(i)).await.expect("put");
+    }
+    let dir = offline.close().await;
+    let started = Instant::now();
+    let online = Device::open(&server, "carol", dir, true).await;
+    online.client.wait_until_synced().await.expect("the offline writer synced");
+    let elapsed = started.elapsed();
+    println!(
+        "{}",
+        json!({"result": "offline_writer_sync", "documents": docs, "seconds": elapsed.as_secs_f64()})
     );
 }

@@ -561,6 +561,8 @@ struct Watched {
     inner: cubby_store::MemoryStore,
     gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     loads: std::sync::atomic::AtomicUsize,
+    /// How many loads there had been when the first unsynced mark was removed.
+    loads_at_first_sync: std::sync::OnceLock<usize>,
 }
 
 impl Watched {
@@ -647,6 +649,9 @@ impl cubby_store::Store for Watched {
         self.inner.get_record(c, s, k)
     }
     fn remove_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> StoreResult<()> {
+        if s == Space::UNSYNCED {
+            self.loads_at_first_sync.get_or_init(|| self.loads());
+        }
         self.inner.remove_record(c, s, k)
     }
     fn scan_records(&self, c: &CustomerId, s: Space) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -864,4 +869,41 @@ async fn a_request_is_answered_while_a_large_feed_is_still_being_announced() {
         }
     }
     assert!(announced < docs, "{announced} announcements came first");
+}
+
+/// A device that made more documents offline than the server queues for one device syncs them
+/// a few at a time, reading the answers as they come. When it sent every one before reading any
+/// answer, 16,000 documents made offline (release build) lost the connection every time: the
+/// server's answers piled up unread until the device's HTTP/2 layer closed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() {
+    let server =
+        TestServer::start_with(|config| config.limits.max_writes_per_sec = 1_000_000).await;
+    let backend = Arc::new(Watched::default());
+    let offline = alice_on(&server, backend.clone(), false).await;
+    let docs = 1000;
+    for n in 0..docs {
+        offline
+            .create(&format!("doc {n}"))
+            .await
+            .expect("create")
+            .put("n", json!(n))
+            .await
+            .expect("put");
+    }
+    offline.shutdown().await;
+
+    let before = backend.loads();
+    let online = alice_on(&server, backend.clone(), true).await;
+    online.wait_until_synced().await.expect("every document made offline is synced");
+    assert!(online.unsynced().await.expect("unsynced").is_empty());
+    let loaded = backend.loads_at_first_sync.get().expect("marks were removed") - before;
+    assert!(
+        loaded <= 64,
+        "{loaded} documents were loaded to be sent before the first answer was read"
+    );
+
+    let fresh = server.device("alice").await;
+    fresh.client.wait_until_synced().await.expect("a new device syncs");
+    assert_eq!(fresh.client.list().await.expect("list").len(), docs);
 }

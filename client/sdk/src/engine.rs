@@ -102,9 +102,13 @@ const STALL: Duration = Duration::from_secs(2);
 const WARM_DOCS: usize = 8;
 const WARM_FOR: Duration = Duration::from_secs(30);
 
-/// Announced documents this device asks the server for at once; the others wait their turn. The
-/// server closes the stream of a device that leaves too many of its answers unread, and asking
-/// for every document of a large account at once (a fresh device) did exactly that.
+/// Documents this device syncs at once when it connects, announced ones and its own unsynced
+/// ones alike; the others wait their turn. A device that sends more than that before it reads
+/// the answers loses its connection: the server closes the stream of a device that leaves too
+/// many answers unread, and the device's own HTTP/2 layer closes a connection holding too many
+/// small unread frames (h2's `too_many_data_frames`, half the connection window's worth of
+/// per-frame overhead). A fresh device of a 16,000-document account hit the first; a device that
+/// made 16,000 documents offline, the second.
 const MAX_ASKING: usize = 32;
 
 /// How to reach the server.
@@ -307,7 +311,7 @@ struct Session<'a> {
     active: HashMap<DocId, Arc<DocShared>>,
     /// Documents settled lately, oldest first, kept loaded (see [`WARM_DOCS`]).
     warm: Vec<(Instant, Arc<DocShared>)>,
-    /// Announced documents waiting for their turn to be asked for (see [`MAX_ASKING`]).
+    /// Documents waiting for their turn to be synced (see [`MAX_ASKING`]).
     waiting: VecDeque<DocId>,
     /// What the device and the server still owe each other, by document.
     owed: Owed,
@@ -427,12 +431,15 @@ impl<'a> Session<'a> {
 
         tracing::debug!(device = %self.inner.device_id.short(), cursor, unsynced = unsynced.len(), "connected");
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
+        // Documents edited offline take turns with announced ones: a device that sent all of
+        // thousands before reading an answer had its connection closed under it.
         for (key, _) in unsynced {
             if let Ok(doc) = DocId::from_slice(&key) {
                 self.owed.unsynced(doc);
-                self.push(doc).await?;
+                self.waiting.push_back(doc);
             }
         }
+        self.ask_waiting().await?;
         let mut watchdog = tokio::time::interval(STALL);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
@@ -585,7 +592,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Asks for announced documents while fewer than [`MAX_ASKING`] are in an exchange.
+    /// Syncs waiting documents while fewer than [`MAX_ASKING`] are in an exchange.
     async fn ask_waiting(&mut self) -> Result<(), SyncFailure> {
         while self.active.len() < MAX_ASKING {
             let Some(id) = self.waiting.pop_front() else { break };
@@ -755,6 +762,7 @@ impl<'a> Session<'a> {
                 // Deleted on the server (its deletion is announced too): nothing to send.
                 tracing::warn!(doc = %id.short(), "the server does not know this document");
                 self.owed.forget(id);
+                self.active.remove(&id);
                 self.blocking(move |store| {
                     store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
                 })
