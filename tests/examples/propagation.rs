@@ -2,17 +2,22 @@
 //! device that made as many documents offline, on loopback.
 //!
 //! ```text
-//! cargo run --release -p cubby-tests --example propagation -- [EDITS] [DOCS]
+//! cargo run --release -p cubby-tests --example propagation -- [EDITS] [DOCS] [RTT_MS]
 //! ```
+//!
+//! With RTT_MS, a second fresh device also syncs the DOCS documents over a link that delays
+//! every byte by half of RTT_MS each way (latency only, no bandwidth limit).
 //!
 //! A real server (TLS, sled, group commit) and real SDK devices run in this process. Prints one
 //! JSON line per result.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use cubby_client::DocEvent;
 use cubby_tests::{Device, TestServer};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -24,6 +29,8 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let edits: usize = args.next().map_or(1000, |a| a.parse().expect("EDITS is a number"));
     let docs: usize = args.next().map_or(1000, |a| a.parse().expect("DOCS is a number"));
+    let rtt: Option<Duration> =
+        args.next().map(|a| Duration::from_millis(a.parse().expect("RTT_MS is a number")));
     // The writer below creates DOCS documents as fast as it can: lift the per-account write rate
     // limit, or it is told to slow down past about a thousand.
     let server =
@@ -85,6 +92,32 @@ async fn main() {
         json!({"result": "fresh_device_sync", "documents": docs, "seconds": elapsed.as_secs_f64()})
     );
 
+    if let Some(rtt) = rtt {
+        // 2b. The same over a slow link.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let addr = server.running().local_addr();
+        let started = Instant::now();
+        let far = cubby_client::Client::builder()
+            .with_data_dir(dir.path())
+            .with_local_key([7; 32])
+            .with_server(server.url())
+            .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
+            .with_ca_pem(server.ca_pem.clone())
+            .with_transport(move || delayed_link(addr, rtt))
+            .build()
+            .await
+            .expect("client builds");
+        far.wait_until_synced().await.expect("the far device synced");
+        let elapsed = started.elapsed();
+        assert_eq!(far.list().await.expect("list").len(), docs);
+        println!(
+            "{}",
+            json!({"result": "fresh_device_sync_over_link", "rtt_ms": rtt.as_millis() as u64,
+                   "documents": docs, "seconds": elapsed.as_secs_f64()})
+        );
+        far.shutdown().await;
+    }
+
     // 3. A device that created DOCS documents offline connects and pushes them all.
     let offline =
         Device::open(&server, "carol", tempfile::tempdir().expect("temp dir"), false).await;
@@ -101,4 +134,42 @@ async fn main() {
         "{}",
         json!({"result": "offline_writer_sync", "documents": docs, "seconds": elapsed.as_secs_f64()})
     );
+}
+
+/// A connection to `addr` whose bytes each arrive half of `rtt` after they were sent, in order.
+async fn delayed_link(addr: SocketAddr, rtt: Duration) -> std::io::Result<tokio::io::DuplexStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (app, link) = tokio::io::duplex(1 << 20);
+    let (from_server, to_server) = tcp.into_split();
+    let (from_app, to_app) = tokio::io::split(link);
+    tokio::spawn(carry(from_app, to_server, rtt / 2));
+    tokio::spawn(carry(from_server, to_app, rtt / 2));
+    Ok(app)
+}
+
+/// Copies `from` to `to`, each read delivered `delay` after it was read.
+async fn carry(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin + Send + 'static,
+    delay: Duration,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let deliver = tokio::spawn(async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        if tx.send((tokio::time::Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = deliver.await;
 }

@@ -563,6 +563,8 @@ struct Watched {
     loads: std::sync::atomic::AtomicUsize,
     /// How many loads there had been when the first unsynced mark was removed.
     loads_at_first_sync: std::sync::OnceLock<usize>,
+    /// How many loads there had been when the first change from the server was stored.
+    loads_at_first_arrival: std::sync::OnceLock<usize>,
 }
 
 impl Watched {
@@ -615,6 +617,9 @@ impl cubby_store::Store for Watched {
         meta: &[u8],
         chunk: Option<cubby_store::Chunk<'_>>,
     ) -> StoreResult<Seq> {
+        if chunk.is_some() {
+            self.loads_at_first_arrival.get_or_init(|| self.loads());
+        }
         self.inner.write_doc(c, d, meta, chunk)
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<cubby_store::DocRecords>> {
@@ -897,13 +902,37 @@ async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() 
     let online = alice_on(&server, backend.clone(), true).await;
     online.wait_until_synced().await.expect("every document made offline is synced");
     assert!(online.unsynced().await.expect("unsynced").is_empty());
+    // The SDK syncs up to 128 documents at once.
     let loaded = backend.loads_at_first_sync.get().expect("marks were removed") - before;
     assert!(
-        loaded <= 64,
+        loaded <= 128,
         "{loaded} documents were loaded to be sent before the first answer was read"
     );
 
     let fresh = server.device("alice").await;
     fresh.client.wait_until_synced().await.expect("a new device syncs");
     assert_eq!(fresh.client.list().await.expect("list").len(), docs);
+}
+
+/// A new device asks for large documents a few at a time: each is loaded whole while its
+/// exchange lasts, so how many it asks for at once is bounded by their announced size as well
+/// as by their number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_asks_for_large_documents_a_few_at_a_time() {
+    let server = TestServer::start().await;
+    let writer = server.device("alice").await;
+    let docs = 16;
+    for n in 0..docs {
+        let doc = writer.client.create(&format!("scan {n}")).await.expect("create");
+        // About 1 MiB stored each: four fill the window.
+        doc.put("pixels", json!(random_text(1 << 20, n))).await.expect("put");
+    }
+    writer.client.wait_until_synced().await.expect("the writer synced");
+
+    let backend = Arc::new(Watched::default());
+    let fresh = alice_on(&server, backend.clone(), true).await;
+    fresh.wait_until_synced().await.expect("the new device synced");
+    assert_eq!(fresh.list().await.expect("list").len(), docs as usize);
+    let asked = *backend.loads_at_first_arrival.get().expect("changes arrived");
+    assert!(asked <= 8, "{asked} documents of about 1 MiB were asked for before the first arrived");
 }
