@@ -6,7 +6,8 @@
 //! ```
 //!
 //! With RTT_MS, a second fresh device also syncs the DOCS documents over a link that delays
-//! every byte by half of RTT_MS each way (latency only, no bandwidth limit).
+//! every byte by half of RTT_MS each way (latency only, no bandwidth limit; the TCP handshake is
+//! not delayed), then reconnects over it after missing one change.
 //!
 //! A real server (TLS, sled, group commit) and real SDK devices run in this process. Prints one
 //! JSON line per result.
@@ -114,6 +115,34 @@ async fn main() {
             "{}",
             json!({"result": "fresh_device_sync_over_link", "rtt_ms": rtt.as_millis() as u64,
                    "documents": docs, "seconds": elapsed.as_secs_f64()})
+        );
+        far.shutdown().await;
+
+        // 2c. That device comes back after one change to one document.
+        let first = writer.client.list().await.expect("list")[0].0;
+        let doc = writer.client.open(first).await.expect("open");
+        doc.put("missed", json!(true)).await.expect("put");
+        writer.client.wait_until_synced().await.expect("writer synced");
+        let started = Instant::now();
+        let far = cubby_client::Client::builder()
+            .with_data_dir(dir.path())
+            .with_local_key([7; 32])
+            .with_server(server.url())
+            .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
+            .with_ca_pem(server.ca_pem.clone())
+            .with_transport(move || delayed_link(addr, rtt))
+            .build()
+            .await
+            .expect("client builds");
+        far.wait_until_synced().await.expect("the far device synced again");
+        let elapsed = started.elapsed();
+        let copy = far.open(first).await.expect("open");
+        assert_eq!(copy.to_json()["missed"], json!(true));
+        println!(
+            "{}",
+            json!({"result": "reconnect_over_link", "rtt_ms": rtt.as_millis() as u64,
+                   "round_trips": elapsed.as_secs_f64() / rtt.as_secs_f64(),
+                   "seconds": elapsed.as_secs_f64()})
         );
         far.shutdown().await;
     }
