@@ -914,25 +914,31 @@ async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() 
     assert_eq!(fresh.client.list().await.expect("list").len(), docs);
 }
 
-/// A new device asks for large documents a few at a time: each is loaded whole while its
-/// exchange lasts, so how many it asks for at once is bounded by their announced size as well
-/// as by their number.
+/// Large documents are synced a few at a time, those a device made offline and those a new
+/// device is told of alike: each is loaded whole while its exchange lasts, so how many go at once
+/// is bounded by their stored size as well as by their number.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_device_asks_for_large_documents_a_few_at_a_time() {
+async fn large_documents_are_synced_a_few_at_a_time() {
     let server = TestServer::start().await;
-    let writer = server.device("alice").await;
+    let written = Arc::new(Watched::default());
+    let offline = alice_on(&server, written.clone(), false).await;
     let docs = 16;
     for n in 0..docs {
-        let doc = writer.client.create(&format!("scan {n}")).await.expect("create");
+        let doc = offline.create(&format!("scan {n}")).await.expect("create");
         // About 1 MiB stored each: four fill the window.
         doc.put("pixels", json!(random_text(1 << 20, n))).await.expect("put");
     }
-    writer.client.wait_until_synced().await.expect("the writer synced");
+    offline.shutdown().await;
+    let before = written.loads();
+    let writer = alice_on(&server, written.clone(), true).await;
+    writer.wait_until_synced().await.expect("the writer synced");
+    let sent = written.loads_at_first_sync.get().expect("marks were removed") - before;
+    assert!(sent <= 8, "{sent} documents of about 1 MiB were sent before the first answer");
 
-    let backend = Arc::new(Watched::default());
-    let fresh = alice_on(&server, backend.clone(), true).await;
+    let told = Arc::new(Watched::default());
+    let fresh = alice_on(&server, told.clone(), true).await;
     fresh.wait_until_synced().await.expect("the new device synced");
     assert_eq!(fresh.list().await.expect("list").len(), docs as usize);
-    let asked = *backend.loads_at_first_arrival.get().expect("changes arrived");
+    let asked = *told.loads_at_first_arrival.get().expect("changes arrived");
     assert!(asked <= 8, "{asked} documents of about 1 MiB were asked for before the first arrived");
 }

@@ -113,9 +113,10 @@ const WARM_FOR: Duration = Duration::from_secs(30);
 /// 32 at once, 1.5 s with 128 (1.3 s on loopback).
 const MAX_ASKING: usize = 128;
 
-/// Stored bytes of announced documents (their `DocInfo.size`) asked for at once: each is loaded
-/// whole while in an exchange, so a window of large documents waits on memory, not on count.
-/// With nothing in an exchange, the next document is asked for however large it is.
+/// Stored bytes of documents synced at once (an announced document's `DocInfo.size`, or the
+/// local size of one edited offline): each is loaded whole while in an exchange, so a window of
+/// large documents waits on memory, not on count. With nothing in an exchange, the next
+/// document goes however large it is.
 const MAX_ASKING_BYTES: u64 = 4 << 20;
 
 /// How to reach the server.
@@ -617,6 +618,9 @@ impl<'a> Session<'a> {
             // Held meanwhile, deleted, or asked for already by a local edit.
             if self.owed.contains(&id) && !self.active.contains_key(&id) {
                 self.push(id).await?;
+                // A document edited offline is weighed by its local copy, now loaded.
+                let local = self.active.get(&id).map_or(0, |d| d.lock().meta.size);
+                let size = size.max(local);
                 self.asking.insert(id, size);
                 bytes += size;
             }
