@@ -34,7 +34,12 @@ impl Announcement {
             frame: Some(pb::server_frame::Frame::Changed(pb::DocChanged {
                 doc_id: self.doc.as_bytes().to_vec(),
                 seq: self.seq.0,
-                info: self.info.clone(),
+                // The frame names the document; its metadata need not again (18 bytes of each
+                // announcement, a fifth of a small one).
+                info: self
+                    .info
+                    .as_ref()
+                    .map(|info| pb::DocInfo { doc_id: Vec::new(), ..info.clone() }),
                 deleted: self.info.is_none(),
             })),
         }

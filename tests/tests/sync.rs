@@ -544,6 +544,7 @@ async fn a_device_syncing_a_document_live_hears_that_it_was_made_private() {
         match raw.next().await.expect("the stream stays up") {
             Some(pb::server_frame::Frame::Changed(changed)) if changed.doc_id == id => {
                 let info = changed.info.expect("not a deletion");
+                assert!(info.doc_id.is_empty(), "the announcement names the document once");
                 if info.private {
                     break;
                 }
