@@ -96,18 +96,8 @@ async fn main() {
     if let Some(rtt) = rtt {
         // 2b. The same over a slow link.
         let dir = tempfile::tempdir().expect("temp dir");
-        let addr = server.running().local_addr();
         let started = Instant::now();
-        let far = cubby_client::Client::builder()
-            .with_data_dir(dir.path())
-            .with_local_key([7; 32])
-            .with_server(server.url())
-            .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
-            .with_ca_pem(server.ca_pem.clone())
-            .with_transport(move || delayed_link(addr, rtt))
-            .build()
-            .await
-            .expect("client builds");
+        let far = far_device(&server, dir.path(), rtt).await;
         far.wait_until_synced().await.expect("the far device synced");
         let elapsed = started.elapsed();
         assert_eq!(far.list().await.expect("list").len(), docs);
@@ -124,16 +114,7 @@ async fn main() {
         doc.put("missed", json!(true)).await.expect("put");
         writer.client.wait_until_synced().await.expect("writer synced");
         let started = Instant::now();
-        let far = cubby_client::Client::builder()
-            .with_data_dir(dir.path())
-            .with_local_key([7; 32])
-            .with_server(server.url())
-            .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
-            .with_ca_pem(server.ca_pem.clone())
-            .with_transport(move || delayed_link(addr, rtt))
-            .build()
-            .await
-            .expect("client builds");
+        let far = far_device(&server, dir.path(), rtt).await;
         far.wait_until_synced().await.expect("the far device synced again");
         let elapsed = started.elapsed();
         let copy = far.open(first).await.expect("open");
@@ -163,6 +144,25 @@ async fn main() {
         "{}",
         json!({"result": "offline_writer_sync", "documents": docs, "seconds": elapsed.as_secs_f64()})
     );
+}
+
+/// A device of bob's in `dir` that reaches the server over a link with `rtt` round trips.
+async fn far_device(
+    server: &TestServer,
+    dir: &std::path::Path,
+    rtt: Duration,
+) -> cubby_client::Client {
+    let addr = server.running().local_addr();
+    cubby_client::Client::builder()
+        .with_data_dir(dir)
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
+        .with_ca_pem(server.ca_pem.clone())
+        .with_transport(move || delayed_link(addr, rtt))
+        .build()
+        .await
+        .expect("client builds")
 }
 
 /// A connection to `addr` whose bytes each arrive half of `rtt` after they were sent, in order.
