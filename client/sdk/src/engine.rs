@@ -441,7 +441,8 @@ impl<'a> Session<'a> {
         // will never come: start them over, as if loaded from disk.
         self.inner.reconnect_sessions();
 
-        tracing::debug!(device = %self.inner.device_id.short(), cursor, unsynced = unsynced.len(), "connected");
+        tracing::debug!(device = %self.inner.device_id.short(), cursor,
+            unsynced = unsynced.len(), "connected");
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         // Documents edited offline take turns with announced ones: a device that sent all of
         // thousands before reading an answer had its connection closed under it.
@@ -469,7 +470,9 @@ impl<'a> Session<'a> {
                         heard = Instant::now();
                         self.on_frame(frame).await?;
                     }
-                    Ok(None) => return Err(SyncFailure::Other("the server closed the stream".into())),
+                    Ok(None) => {
+                        return Err(SyncFailure::Other("the server closed the stream".into()));
+                    }
                     Err(status) => return Err(classify(&status)),
                 },
                 Some(doc) = wakes.recv() => {
@@ -531,7 +534,8 @@ impl<'a> Session<'a> {
         let waiting: HashSet<DocId> = self.waiting.iter().map(|(id, _)| *id).collect();
         let owed: Vec<DocId> = self.owed.docs().filter(|id| !waiting.contains(id)).collect();
         for id in owed {
-            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), "no progress; starting a fresh sync round");
+            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
+                "no progress; starting a fresh sync round");
             if let Some(shared) = self.active.get(&id) {
                 shared.lock().session.reconnect();
             }
@@ -570,10 +574,12 @@ impl<'a> Session<'a> {
             let state = &mut *state;
             let Some(message) = state.session.generate(&state.doc) else {
                 tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
-                    ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(), "push: nothing to say");
+                    ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
+                    "push: nothing to say");
                 return Ok(());
             };
-            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), ours = ?state.doc.get_heads(), "push");
+            tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
+                ours = ?state.doc.get_heads(), "push");
             let create = state.unconfirmed.then(|| pb::NewDoc { title: state.meta.title.clone() });
             pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0, more: false }
         };
@@ -673,8 +679,9 @@ impl<'a> Session<'a> {
                 // has everything: a local edit may have landed since.
                 let state = check.lock();
                 if state.session.peer_has_everything(&state.doc) {
-                    tracing::debug!(device = %device.short(), doc = %id.short(), heads = ?state.doc.get_heads(),
-                        theirs = ?state.session.their_heads(), "server holds everything: unsynced mark cleared");
+                    tracing::debug!(device = %device.short(), doc = %id.short(),
+                        heads = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
+                        "server holds everything: unsynced mark cleared");
                     return remove_mark(store, id);
                 }
                 if was_unconfirmed {
@@ -687,8 +694,8 @@ impl<'a> Session<'a> {
             self.synced(&shared);
         }
         self.inner.wrote(id);
-        tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq, holds,
-            server_has_all, changed, settled, reply = reply.is_some(), "server message");
+        tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq,
+            holds, server_has_all, changed, settled, reply = reply.is_some(), "server message");
         if holds {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);
