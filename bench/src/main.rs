@@ -140,6 +140,7 @@ fn run() -> Result<(), Error> {
                 missing / scale.min(missing),
             ))?);
         }
+        emit(runtime.block_on(workloads::token_renewal(&server, 50 / scale, 5))?);
     }
     if matches!(what, "all" | "peers") {
         for peer in peers::Peer::ALL {
@@ -193,6 +194,18 @@ fn summarize(results: &[Value]) {
             r["server_cpu_us_per_change"].as_f64().unwrap_or(0.0),
             r["wire_bytes_per_change"].as_f64().unwrap_or(0.0),
             against.join(", "),
+        );
+    }
+    for r in results.iter().filter(|r| r["workload"] == "token_renewal") {
+        eprintln!(
+            "{} devices over {} token lifetimes of {} s: {} connections; per device and token lifetime {:.0} wire bytes, {:.0} us of server CPU, {:.1} ms not up to date",
+            r["devices"],
+            r["token_lifetimes"],
+            r["token_life_s"],
+            r["connections"],
+            r["wire_bytes_per_token_life"].as_f64().unwrap_or(0.0),
+            r["server_cpu_us_per_token_life"].as_f64().unwrap_or(0.0),
+            r["ms_not_up_to_date_per_token_life"].as_f64().unwrap_or(0.0),
         );
     }
     for r in results.iter().filter(|r| r["workload"] == "reconnect") {

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use cubby_client::{Client, StaticToken};
+use cubby_client::{Client, StaticToken, TokenProvider};
+use cubby_crypto::signing::TokenSigner;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -53,8 +54,12 @@ impl ServerProcess {
 
     /// A development token for `subject`, valid for a day.
     pub(crate) fn token(&self, subject: &str) -> Result<String, Error> {
-        let signer = cubby_server::auth::dev_signer(self.data.path(), false)?;
-        Ok(cubby_server::auth::dev_token(&signer, subject, Duration::from_secs(86_400)))
+        Ok(cubby_server::auth::dev_token(&self.signer()?, subject, Duration::from_secs(86_400)))
+    }
+
+    /// What signs the development tenant's tokens.
+    pub(crate) fn signer(&self) -> Result<TokenSigner, Error> {
+        Ok(cubby_server::auth::dev_signer(self.data.path(), false)?)
     }
 
     /// CPU time the server process has used so far, all threads.
@@ -74,6 +79,16 @@ impl ServerProcess {
         dir: &Path,
         wire: &Wire,
     ) -> Result<Client, Error> {
+        self.device_with_tokens(dir, wire, StaticToken::new(self.token(subject)?)).await
+    }
+
+    /// Like [`ServerProcess::device`], with its tokens from `tokens`.
+    pub(crate) async fn device_with_tokens(
+        &self,
+        dir: &Path,
+        wire: &Wire,
+        tokens: impl TokenProvider,
+    ) -> Result<Client, Error> {
         let addr = self.url.trim_start_matches("https://").to_owned();
         let wire = wire.clone();
         let client = Client::builder()
@@ -81,10 +96,11 @@ impl ServerProcess {
             .with_local_key([7; 32])
             .with_server(self.url.clone())
             .with_ca_pem(self.ca_pem.clone())
-            .with_token_provider(StaticToken::new(self.token(subject)?))
+            .with_token_provider(tokens)
             .with_transport(move || {
                 let (addr, wire) = (addr.clone(), wire.clone());
                 async move {
+                    wire.connections.fetch_add(1, Ordering::Relaxed);
                     let tcp = tokio::net::TcpStream::connect(addr).await?;
                     tcp.set_nodelay(true)?;
                     Ok(Counted { inner: tcp, wire })
@@ -145,14 +161,23 @@ fn spawn(bin: &Path, data: &Path, listen: &str) -> Result<(Child, String), Error
     Ok((child, url))
 }
 
-/// Bytes that crossed the wire (TLS records included), both directions, over many connections.
+/// Bytes that crossed the wire (TLS records included), both directions, over many connections,
+/// and how many connections were made.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Wire(Arc<AtomicU64>);
+pub(crate) struct Wire {
+    bytes: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
+}
 
 impl Wire {
     /// Bytes so far.
     pub(crate) fn bytes(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Connections made so far.
+    pub(crate) fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 }
 
@@ -171,7 +196,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len() - before;
-        self.wire.0.fetch_add(read as u64, Ordering::Relaxed);
+        self.wire.bytes.fetch_add(read as u64, Ordering::Relaxed);
         polled
     }
 }
@@ -184,7 +209,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.wire.0.fetch_add(n as u64, Ordering::Relaxed);
+            self.wire.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
         polled
     }

@@ -1,7 +1,9 @@
 //! Cubby's workloads, each against a fresh server process.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cubby_client::{Client, DocHandle};
@@ -192,6 +194,92 @@ pub(crate) async fn reconnect(bin: &Path, history: usize, missing: usize) -> Res
         "ratio_to_missing": extra as f64 / changes.max(1) as f64,
         "ms_to_synced": ms(took),
     }))
+}
+
+/// How long the tokens of [`token_renewal`]'s devices live.
+const TOKEN_LIFE: Duration = Duration::from_secs(4);
+
+/// `devices` devices whose tokens live [`TOKEN_LIFE`] stay connected, idle, for `lifetimes` of
+/// them: what each token lifetime costs in connections, wire bytes and server CPU, and how long
+/// a device is not up to date. The server asks for a fresh token before one expires and the
+/// device sends it on its open stream; a server that does not ask closes the stream at the
+/// expiry, and the device reconnects.
+pub(crate) async fn token_renewal(
+    bin: &Path,
+    devices: usize,
+    lifetimes: u32,
+) -> Result<Value, Error> {
+    let server = ServerProcess::start(bin)?;
+    let dirs = tempfile::tempdir()?;
+    let wire = Wire::default();
+    let signer = Arc::new(server.signer()?);
+    let asked = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for n in 0..devices {
+        let (signer, asked) = (signer.clone(), asked.clone());
+        let tokens = move |refresh: bool| {
+            if refresh {
+                asked.fetch_add(1, Ordering::Relaxed);
+            }
+            let token = cubby_server::auth::dev_token(&signer, &format!("renewal-{n}"), TOKEN_LIFE);
+            async move { Ok::<_, cubby_client::TokenError>(token) }
+        };
+        let device =
+            server.device_with_tokens(&dirs.path().join(n.to_string()), &wire, tokens).await?;
+        device.create("renewal").await?;
+        synced(&device).await?;
+        clients.push(device);
+    }
+    let away: Vec<_> = clients.iter().map(|c| tokio::spawn(time_not_up_to_date(c))).collect();
+    let (bytes, connections, cpu) = (wire.bytes(), wire.connections(), server.cpu()?);
+    asked.store(0, Ordering::Relaxed);
+    // The workload is the devices sitting connected while their tokens run out.
+    tokio::time::sleep(TOKEN_LIFE * lifetimes).await;
+    let (bytes, connections, cpu) =
+        (wire.bytes() - bytes, wire.connections() - connections, server.cpu()? - cpu);
+    let fresh = asked.load(Ordering::Relaxed);
+    for device in clients {
+        device.shutdown().await;
+    }
+    let mut away_total = Duration::ZERO;
+    for device in away {
+        away_total += device.await?;
+    }
+    let n = devices as f64 * f64::from(lifetimes);
+    Ok(json!({
+        "workload": "token_renewal",
+        "system": "cubby",
+        "devices": devices,
+        "token_lifetimes": lifetimes,
+        "token_life_s": TOKEN_LIFE.as_secs(),
+        "fresh_tokens": fresh,
+        "connections": connections,
+        "wire_bytes_per_token_life": bytes as f64 / n,
+        "server_cpu_us_per_token_life": cpu.as_secs_f64() * 1e6 / n,
+        "ms_not_up_to_date_per_token_life": ms(away_total) / n,
+    }))
+}
+
+/// How long `client` is not up to date from now until it shuts down, from its status.
+fn time_not_up_to_date(client: &Client) -> impl Future<Output = Duration> + use<> {
+    let mut status = client.status();
+    async move {
+        let (mut away, mut since) = (Duration::ZERO, None);
+        loop {
+            let up = matches!(*status.borrow_and_update(), cubby_client::SyncStatus::UpToDate);
+            match (up, since) {
+                (false, None) => since = Some(Instant::now()),
+                (true, Some(at)) => {
+                    away += Instant::now().duration_since(at);
+                    since = None;
+                }
+                _ => {}
+            }
+            if status.changed().await.is_err() {
+                return away + since.map_or(Duration::ZERO, |at| at.elapsed());
+            }
+        }
+    }
 }
 
 /// A device whose own storage is not under test: in memory, so thousands fit in one process.

@@ -137,7 +137,7 @@ impl pb::account_server::Account for AccountService {
             .shared
             .blocking(move || {
                 let record = shared.devices.revoke(&*shared.store, &caller.customer, &device)?;
-                shared.customers.revoked(&caller.customer, &device, record.last_token)?;
+                shared.customers.revoked(&caller.customer, &device, record.tokens())?;
                 Ok(record)
             })
             .await?;

@@ -53,9 +53,12 @@ impl std::fmt::Debug for Caller {
 }
 
 impl Caller {
-    /// Time left before the token expires.
+    /// Time left before the token expires (to the instant: a stream closes at its token's
+    /// expiry, not up to a second after).
     pub fn remaining(&self) -> Duration {
-        Duration::from_secs(self.expires_at.saturating_sub(now()))
+        (UNIX_EPOCH + Duration::from_secs(self.expires_at))
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
     }
 }
 

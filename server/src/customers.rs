@@ -193,20 +193,24 @@ impl Customers {
         closed
     }
 
-    /// After a device was revoked: refuses its last token until it expires and closes its
+    /// After a device was revoked: refuses its tokens until they expire and closes its
     /// streams (blocking: the refusal is stored).
     pub(crate) fn revoked(
         &self,
         customer: &CustomerId,
         device: &DeviceId,
-        token: Option<([u8; 32], u64)>,
+        tokens: impl IntoIterator<Item = ([u8; 32], u64)>,
     ) -> Result<(), ApiError> {
-        if let Some((hash, exp)) = token {
-            self.store
-                .put_record(customer, Space::DENIED_TOKENS, &hash, &exp.to_be_bytes())
+        let tokens: Vec<_> = tokens.into_iter().collect();
+        if !tokens.is_empty() {
+            tokens
+                .iter()
+                .try_for_each(|(hash, exp)| {
+                    self.store.put_record(customer, Space::DENIED_TOKENS, hash, &exp.to_be_bytes())
+                })
                 .and_then(|()| self.store.flush())
                 .map_err(api_error)?;
-            self.denied.write().unwrap_or_else(PoisonError::into_inner).insert(hash, exp);
+            self.denied.write().unwrap_or_else(PoisonError::into_inner).extend(tokens);
         }
         let closed = self.eject(customer, Some(device), &ApiError::DeviceRevoked);
         tracing::info!(device = %device.short(), streams = closed, "device revoked");

@@ -29,9 +29,28 @@ pub(crate) struct DeviceRecord {
     /// SHA-256 and expiry of the token its latest stream used, refused once it is revoked.
     #[serde(default)]
     pub(crate) last_token: Option<([u8; 32], u64)>,
+    /// Tokens the device replaced on an open stream that were still accepted then: refused
+    /// with the last one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) earlier_tokens: Vec<([u8; 32], u64)>,
 }
 
 impl DeviceRecord {
+    /// Every token revoking this device must refuse (SHA-256 and expiry).
+    pub(crate) fn tokens(&self) -> impl Iterator<Item = ([u8; 32], u64)> + '_ {
+        self.last_token.iter().chain(&self.earlier_tokens).copied()
+    }
+
+    /// Makes `token` the device's last token, keeping those it replaces that are still
+    /// accepted (they expire at `expired_before` or later).
+    fn use_token(&mut self, token: ([u8; 32], u64), expired_before: u64) {
+        if self.last_token == Some(token) {
+            return;
+        }
+        self.earlier_tokens.extend(self.last_token.replace(token));
+        self.earlier_tokens.retain(|(hash, exp)| *exp >= expired_before && *hash != token.0);
+    }
+
     pub(crate) fn info(&self, id: &DeviceId) -> pb::DeviceInfo {
         pb::DeviceInfo {
             device_id: id.as_bytes().to_vec(),
@@ -52,6 +71,8 @@ pub(crate) struct Arrival<'a> {
     pub(crate) name: &'a str,
     pub(crate) platform: &'a str,
     pub(crate) token: ([u8; 32], u64),
+    /// Tokens that expired before this (seconds since the epoch) are no longer accepted.
+    pub(crate) expired_before: u64,
 }
 
 fn read(
@@ -111,13 +132,13 @@ impl Devices {
                     "this device id is registered with another key".into(),
                 ));
             }
-            Some(record) => DeviceRecord {
-                name: clip(arrival.name, 256),
-                platform: clip(arrival.platform, 64),
-                last_seen_ms: now,
-                last_token: Some(arrival.token),
-                ..record
-            },
+            Some(mut record) => {
+                record.name = clip(arrival.name, 256);
+                record.platform = clip(arrival.platform, 64);
+                record.last_seen_ms = now;
+                record.use_token(arrival.token, arrival.expired_before);
+                record
+            }
             None => {
                 let record = DeviceRecord {
                     name: clip(arrival.name, 256),
@@ -127,6 +148,7 @@ impl Devices {
                     last_seen_ms: now,
                     revoked_ms: None,
                     last_token: Some(arrival.token),
+                    earlier_tokens: Vec::new(),
                 };
                 write(store, customer, &arrival.id, &record)?;
                 let target = arrival.id.to_string();
@@ -143,6 +165,26 @@ impl Devices {
             }
         };
         write(store, customer, &arrival.id, &record)
+    }
+
+    /// Records the fresh token a connected device sent on its stream, keeping the tokens it
+    /// replaces that expire at `expired_before` or later; refuses a device revoked meanwhile
+    /// (blocking).
+    pub(crate) fn renew(
+        &self,
+        store: &dyn Store,
+        customer: &CustomerId,
+        id: &DeviceId,
+        token: ([u8; 32], u64),
+        expired_before: u64,
+    ) -> Result<(), ApiError> {
+        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = read(store, customer, id)?.ok_or(ApiError::NotFound("device"))?;
+        if record.revoked_ms.is_some() {
+            return Err(ApiError::DeviceRevoked);
+        }
+        record.use_token(token, expired_before);
+        write(store, customer, id, &record)
     }
 
     /// Revokes a device durably and returns its record (blocking). The caller closes its streams

@@ -36,6 +36,10 @@ const OUTBOX_FRAMES: usize = 256;
 /// the connection's backlog.
 const OWN_FRAMES: usize = 32;
 
+/// How long before its token expires a stream asks its device for a fresh one (a token that
+/// lives less than twice this is asked for halfway through what is left of it).
+const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
 /// The Sync service.
@@ -61,7 +65,7 @@ impl pb::sync_server::Sync for SyncService {
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
-            token_left: caller.remaining(),
+            token_expires: tokio::time::Instant::now() + caller.remaining(),
             token: (caller.token_hash, caller.expires_at),
             token_denied,
             stream: None,
@@ -102,7 +106,8 @@ impl pb::sync_server::Sync for SyncService {
 struct Connection {
     shared: Arc<Shared>,
     customer: cubby_core::CustomerId,
-    token_left: Duration,
+    /// When the stream's token expires; a fresh token sent on the stream moves it.
+    token_expires: tokio::time::Instant,
     /// The stream's token (hash and expiry), remembered with the device.
     token: ([u8; 32], u64),
     /// The token was used by a device since revoked: refused once the device has said who it is
@@ -196,6 +201,7 @@ impl Connection {
         }
         let shared = self.shared.clone();
         let (customer, token) = (self.customer, self.token);
+        let expired_before = self.expired_before();
         let (public_key, name, platform) =
             (hello.public_key.clone(), hello.device_name.clone(), hello.platform.clone());
         self.shared
@@ -206,6 +212,7 @@ impl Connection {
                     name: &name,
                     platform: &platform,
                     token,
+                    expired_before,
                 };
                 shared.devices.admit(&*shared.store, &customer, &arrival)
             })
@@ -258,8 +265,11 @@ impl Connection {
             })),
         });
 
-        let expiry = tokio::time::sleep(self.token_left);
+        let expiry = tokio::time::sleep_until(self.token_expires);
         tokio::pin!(expiry);
+        let renewal = tokio::time::sleep_until(renew_at(self.token_expires));
+        tokio::pin!(renewal);
+        let mut asked = false;
         let stop = self.shared.stop.clone();
         let own = self.own.clone();
         let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
@@ -278,7 +288,25 @@ impl Connection {
                     let reason = "device is not reading its stream";
                     return Err(ApiError::ResourceExhausted(reason.into()).into());
                 }
+                () = &mut renewal, if !asked => {
+                    asked = true;
+                    let left = self.token_expires.saturating_duration_since(tokio::time::Instant::now());
+                    self.send(pb::ServerFrame {
+                        frame: Some(pb::server_frame::Frame::TokenExpiring(pb::TokenExpiring {
+                            seconds_left: left.as_secs(),
+                        })),
+                    });
+                }
                 frame = inbound.message() => match frame {
+                    Ok(Some(pb::ClientFrame {
+                        frame: Some(pb::client_frame::Frame::FreshToken(fresh)),
+                    })) => {
+                        if self.renew(&fresh.token).await? {
+                            expiry.as_mut().reset(self.token_expires);
+                            renewal.as_mut().reset(renew_at(self.token_expires));
+                            asked = false;
+                        }
+                    }
                     Ok(Some(frame)) => self.on_frame(frame).await?,
                     Ok(None) => return Ok(()),
                     // Say why; a device that is gone just does not hear it. tonic reports a
@@ -306,6 +334,47 @@ impl Connection {
                 () = stop.cancelled() => return Err(Status::unavailable("server shutting down")),
             }
         }
+    }
+
+    /// Makes a fresh token sent on the stream its token, once it verifies for this customer, and
+    /// records it with the device, so that revoking the device refuses it too. False, and
+    /// nothing changes, when it expires no later than the stream's token.
+    async fn renew(&mut self, token: &str) -> Result<bool, Status> {
+        let caller = self.shared.auth.verify(token.trim())?;
+        if caller.admin {
+            let reason = "a service token cannot act as a customer; use the admin API";
+            return Err(ApiError::PermissionDenied(reason.into()).into());
+        }
+        if caller.customer != self.customer {
+            let reason = "the fresh token is for another customer";
+            return Err(ApiError::PermissionDenied(reason.into()).into());
+        }
+        if self.shared.customers.token_denied(&caller) {
+            let reason = "this token was revoked with its device";
+            return Err(ApiError::Unauthenticated(reason.into()).into());
+        }
+        if caller.expires_at <= self.token.1 {
+            return Ok(false);
+        }
+        let device = self.device.ok_or(ApiError::Internal)?;
+        let token = (caller.token_hash, caller.expires_at);
+        let expired_before = self.expired_before();
+        let (shared, customer) = (self.shared.clone(), self.customer);
+        self.shared
+            .blocking(move || {
+                shared.devices.renew(&*shared.store, &customer, &device, token, expired_before)
+            })
+            .await?;
+        self.token = token;
+        self.token_expires = tokio::time::Instant::now() + caller.remaining();
+        tracing::debug!(peer = self.peer, device = %device.short(), "stream token renewed");
+        Ok(true)
+    }
+
+    /// Tokens that expired before this are no longer accepted (the clock leeway allows the
+    /// later ones).
+    fn expired_before(&self) -> u64 {
+        crate::auth::now().saturating_sub(self.shared.limits.token_leeway_secs)
     }
 
     /// Announces every document changed after `self.announced`, from storage.
@@ -411,6 +480,8 @@ impl Connection {
                 self.shared.docs.send(self.customer, doc, msg);
                 Ok(())
             }
+            // Taken by `serve`, which owns the stream's clock.
+            Some(pb::client_frame::Frame::FreshToken(_)) => Err(ApiError::Internal.into()),
             Some(pb::client_frame::Frame::Hello(_) | pb::client_frame::Frame::Proof(_)) => {
                 Err(ApiError::InvalidArgument("hello and proof may only be sent once".into())
                     .into())
@@ -418,4 +489,10 @@ impl Connection {
             None => Err(ApiError::InvalidArgument("empty frame".into()).into()),
         }
     }
+}
+
+/// When a stream whose token expires at `expires` asks its device for a fresh one.
+fn renew_at(expires: tokio::time::Instant) -> tokio::time::Instant {
+    let left = expires.saturating_duration_since(tokio::time::Instant::now());
+    expires - RENEW_BEFORE.min(left / 2)
 }

@@ -200,6 +200,52 @@ async fn row_19_revoked_device_reconnect_and_token_are_refused() {
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);
 }
 
+/// Revoking a device refuses every token it used that is still valid: the one it connected
+/// with, a fresh one it sent on that stream, and the one of a later connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_19_a_revoked_device_s_earlier_and_fresh_tokens_are_refused_too() {
+    let server = TestServer::start().await;
+    let (key, id) = (new_key(), cubby_crypto::random_array::<16>());
+    let (first, fresh) =
+        (server.token("alice"), server.token_for("alice", Duration::from_secs(7200)));
+    let mut stream = RawStream::connect_as(&server, &first, &key, id).await.expect("connects");
+    stream.send(pb::client_frame::Frame::FreshToken(pb::FreshToken { token: fresh.clone() })).await;
+    // Frames are handled in order: once this is refused, the fresh token has been taken.
+    stream
+        .send(pb::client_frame::Frame::Sync(pb::DocSync {
+            doc_id: vec![1; 3],
+            ..Default::default()
+        }))
+        .await;
+    loop {
+        match stream.next().await.expect("the stream stays up") {
+            Some(pb::server_frame::Frame::Error(_)) => break,
+            Some(_) => {}
+            None => panic!("the stream ended"),
+        }
+    }
+    drop(stream);
+    let later = server.token("alice");
+    let mut again = RawStream::connect_as(&server, &later, &key, id).await.expect("reconnects");
+    assert!(matches!(again.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    drop(again);
+
+    let other = server.token("alice");
+    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
+    account(&server).await.revoke_device(authed(request, &other)).await.expect("revoked");
+    for (name, token) in [("first", &first), ("fresh", &fresh), ("later", &later)] {
+        let err = account(&server)
+            .await
+            .list_documents(authed(pb::ListDocumentsRequest {}, token))
+            .await
+            .expect_err(name);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{name}");
+    }
+    // A token the device never used still works.
+    let mut account = account(&server).await;
+    assert!(account.list_documents(authed(pb::ListDocumentsRequest {}, &other)).await.is_ok());
+}
+
 /// The files of a tar archive, by path.
 fn untar(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
     let mut archive = tar::Archive::new(bytes);

@@ -346,3 +346,155 @@ async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() 
     let ended = stalled.until_closed().await;
     assert!(ended.as_ref().is_none_or(|s| s.code() == tonic::Code::ResourceExhausted), "{ended:?}");
 }
+
+/// Reads `raw` until the server asks for a fresh token; returns the seconds it says are left.
+async fn until_token_expiring(raw: &mut RawStream) -> u64 {
+    loop {
+        match raw.next().await {
+            Ok(Some(pb::server_frame::Frame::TokenExpiring(expiring))) => {
+                return expiring.seconds_left;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("the stream ended before asking for a fresh token: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_11_a_fresh_token_sent_on_the_stream_keeps_it_open_past_the_first() {
+    let server = TestServer::start().await;
+    let mut raw = RawStream::connect(&server, &server.token_for("alice", Duration::from_secs(3)))
+        .await
+        .expect("valid for now");
+    // Its token expires a second later and is never renewed: once it is closed, the first
+    // stream's own token has expired too.
+    let mut control =
+        RawStream::connect(&server, &server.token_for("alice", Duration::from_secs(4)))
+            .await
+            .expect("valid for now");
+    let left = until_token_expiring(&mut raw).await;
+    assert!(left <= 3, "asked with {left} s left of a 3 s token");
+    raw.send(pb::client_frame::Frame::FreshToken(pb::FreshToken { token: server.token("alice") }))
+        .await;
+    let ended = control.until_closed().await;
+    assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+
+    // The renewed stream still answers: a document created on it syncs.
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    automerge::transaction::Transactable::put(&mut tx, automerge::ROOT, "k", 1).expect("put");
+    tx.commit();
+    let mut session = cubby_core::session::PeerSession::new();
+    let message = session.generate(&doc).expect("a first message");
+    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
+        doc_id: cubby_crypto::random_array::<16>().to_vec(),
+        message,
+        create: Some(pb::NewDoc { title: "after the first token".into() }),
+        seq: 0,
+        more: false,
+    }))
+    .await;
+    loop {
+        match raw.next().await {
+            Ok(Some(pb::server_frame::Frame::Sync(_))) => break,
+            Ok(Some(_)) => {}
+            other => panic!("the renewed stream ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_11_the_same_token_sent_back_is_asked_for_once_and_the_stream_still_closes() {
+    let server = TestServer::start().await;
+    let token = server.token_for("alice", Duration::from_secs(2));
+    let mut raw = RawStream::connect(&server, &token).await.expect("valid for now");
+    until_token_expiring(&mut raw).await;
+    raw.send(pb::client_frame::Frame::FreshToken(pb::FreshToken { token })).await;
+    loop {
+        match raw.next().await {
+            Ok(Some(pb::server_frame::Frame::TokenExpiring(_))) => panic!("asked again"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unauthenticated);
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_11_a_fresh_token_for_another_customer_or_forged_closes_the_stream() {
+    let server = TestServer::start().await;
+    let foreign =
+        cubby_crypto::signing::TokenSigner::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let cases = [
+        ("bob's", server.token("bob"), tonic::Code::PermissionDenied),
+        (
+            "forged",
+            cubby_server::auth::dev_token(&foreign, "alice", Duration::from_secs(3600)),
+            tonic::Code::Unauthenticated,
+        ),
+        ("garbage", "not-a-token".to_owned(), tonic::Code::Unauthenticated),
+    ];
+    for (name, token, code) in cases {
+        let mut raw = RawStream::connect(&server, &server.token("alice")).await.expect("valid");
+        raw.send(pb::client_frame::Frame::FreshToken(pb::FreshToken { token })).await;
+        let ended = raw.until_closed().await;
+        assert_eq!(ended.map(|s| s.code()), Some(code), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_keeps_one_stream_across_short_lived_tokens() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let server = TestServer::start().await;
+    let signer = Arc::new(cubby_server::auth::dev_signer(server.data_dir(), false).expect("key"));
+    let fresh = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let (signer, fresh) = (signer.clone(), fresh.clone());
+        move |refresh: bool| {
+            if refresh {
+                fresh.fetch_add(1, Ordering::SeqCst);
+            }
+            let token = cubby_server::auth::dev_token(&signer, "alice", Duration::from_secs(4));
+            async move { Ok::<_, cubby_client::TokenError>(token) }
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let phone = cubby_client::Client::builder()
+        .with_data_dir(dir.path())
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(provider)
+        .with_ca_pem(server.ca_pem.clone())
+        .build()
+        .await
+        .expect("client builds");
+    let laptop = server.device("alice").await;
+    let doc = phone.create("notes").await.expect("create");
+    doc.put("n", json!(0)).await.expect("put");
+    phone.wait_until_synced().await.expect("synced");
+    // The phone's first token was made before this, so it expires before `first_expired`.
+    let first_expired = std::time::SystemTime::now() + Duration::from_secs(4);
+    let last_seen = || async {
+        let devices = laptop.client.devices().await.expect("devices");
+        let phone = devices.iter().find(|d| d.id == phone.device_id()).expect("listed");
+        phone.last_seen_ms
+    };
+    let connected = last_seen().await;
+
+    cubby_tests::eventually("the phone renewed its token three times", || async {
+        fresh.load(Ordering::SeqCst) >= 3 && std::time::SystemTime::now() > first_expired
+    })
+    .await;
+    doc.put("n", json!(1)).await.expect("put");
+    cubby_tests::eventually("the laptop has the phone's edit", || async {
+        laptop.client.open(doc.id()).await.is_ok_and(|d| d.to_json()["n"] == json!(1))
+    })
+    .await;
+    // A reconnect would have recorded the device as seen again.
+    assert_eq!(last_seen().await, connected, "the phone reconnected");
+}

@@ -291,8 +291,12 @@ pub(crate) async fn run(
             inner.wipe(reason).await;
             return;
         }
-        let retry_token = matches!(failure, SyncFailure::Unauthenticated(_)) && !refresh;
-        refresh = matches!(failure, SyncFailure::Unauthenticated(_));
+        let refused = matches!(failure, SyncFailure::Unauthenticated(_));
+        // Reconnect at once with a fresh token unless the refused one was fresh already: then
+        // back off. A stream that was up longer than the first backoff and lost its token under
+        // it (it expired, and no fresh one reached the server in time) is not such a refusal.
+        let retry_token = refused && (!refresh || started.elapsed() >= FIRST_BACKOFF);
+        refresh = refused;
         inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
         // A connection that got up to date, or lived 30 s, was a good one: start backing off
         // from the bottom again.
@@ -456,6 +460,8 @@ impl<'a> Session<'a> {
         let mut watchdog = tokio::time::interval(STALL);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut heard = Instant::now();
+        // A fresh token being fetched for this stream, which the server asked for.
+        let mut renewing: Option<crate::TokenFuture> = None;
         loop {
             tokio::select! {
                 _ = watchdog.tick() => {
@@ -466,6 +472,16 @@ impl<'a> Session<'a> {
                     }
                 }
                 frame = inbound.message() => match frame {
+                    Ok(Some(pb::ServerFrame {
+                        frame: Some(pb::server_frame::Frame::TokenExpiring(expiring)),
+                    })) => {
+                        // The stream lasts as long as its token: send a fresh one on it rather
+                        // than reconnect when it expires.
+                        heard = Instant::now();
+                        tracing::debug!(device = %self.inner.device_id.short(),
+                            seconds_left = expiring.seconds_left, "fetching a fresh token");
+                        renewing = Some(remote.token.token(true));
+                    }
                     Ok(Some(frame)) => {
                         heard = Instant::now();
                         self.on_frame(frame).await?;
@@ -475,6 +491,22 @@ impl<'a> Session<'a> {
                     }
                     Err(status) => return Err(classify(&status)),
                 },
+                token = async { renewing.as_mut().expect("guarded").await },
+                    if renewing.is_some() =>
+                {
+                    renewing = None;
+                    match token {
+                        Ok(token) => {
+                            self.send(pb::client_frame::Frame::FreshToken(pb::FreshToken {
+                                token,
+                            }))
+                            .await?;
+                        }
+                        // The stream closes when its token expires; the reconnect asks again.
+                        Err(err) => tracing::warn!(device = %self.inner.device_id.short(),
+                            %err, "no fresh token for the sync stream"),
+                    }
+                }
                 Some(doc) = wakes.recv() => {
                     self.owed.unsynced(doc);
                     self.push(doc).await?;
@@ -602,6 +634,8 @@ impl<'a> Session<'a> {
             Some(pb::server_frame::Frame::Challenge(_)) => {
                 return Err(SyncFailure::Other("the server sent a second challenge".into()));
             }
+            // Taken by `serve`, which fetches the token.
+            Some(pb::server_frame::Frame::TokenExpiring(_)) => {}
             None => {}
         }
         self.ask_waiting().await?;

@@ -94,7 +94,9 @@ pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, TokenError>> +
 /// Supplies access tokens from the app's identity provider.
 pub trait TokenProvider: Send + Sync + 'static {
     /// A current token. `refresh` is true when the server refused the last one (expired or
-    /// revoked): fetch a new one rather than returning a cached token.
+    /// revoked) or asked for a fresh one because it is about to expire: fetch a new one rather
+    /// than returning a cached token. A fresh token is sent on the open sync stream, which then
+    /// lasts until that token expires.
     fn token(&self, refresh: bool) -> TokenFuture;
 }
 

@@ -42,6 +42,7 @@ pub fn client_frame(data: &[u8]) {
         Some(pb::client_frame::Frame::Hello(hello)) => {
             let _ = cubby_proto::device_id(&hello.device_id);
         }
+        Some(pb::client_frame::Frame::FreshToken(fresh)) => token(fresh.token.as_bytes()),
         Some(pb::client_frame::Frame::Proof(_)) | None => {}
     }
 }
