@@ -62,13 +62,15 @@ pub(crate) struct Customers {
 }
 
 impl Customers {
-    /// Loads erased customers and refused tokens (blocking).
+    /// Loads erased customers and refused tokens (blocking), dropping refusals of tokens that
+    /// expired more than `leeway_secs` ago (no longer accepted anyway).
     pub(crate) fn load(
         store: Arc<dyn Store>,
         erased: Vec<CustomerId>,
+        leeway_secs: u64,
         work: crate::StorageWork,
     ) -> Result<Self, StoreError> {
-        let now = crate::auth::now();
+        let now = crate::auth::now().saturating_sub(leeway_secs);
         let mut denied = HashMap::new();
         for customer in store.list_customers()? {
             if customer == cubby_store::SYSTEM {

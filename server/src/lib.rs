@@ -308,7 +308,9 @@ async fn launch<L: Listener>(
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
-    let customers = customers::Customers::load(store.clone(), erased, work).map_err(store_error)?;
+    let leeway = config.limits.token_leeway_secs;
+    let customers =
+        customers::Customers::load(store.clone(), erased, leeway, work).map_err(store_error)?;
     let auth = auth::Authenticator::new(&config, Keyring::from_master(&master))?;
     drop(master);
 

@@ -246,6 +246,33 @@ async fn row_19_a_revoked_device_s_earlier_and_fresh_tokens_are_refused_too() {
     assert!(account.list_documents(authed(pb::ListDocumentsRequest {}, &other)).await.is_ok());
 }
 
+/// A revoked device's token stays refused after a restart for as long as the clock leeway still
+/// accepts it, past its expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_19_a_revoked_token_stays_refused_across_a_restart_within_the_leeway() {
+    let mut server = TestServer::start().await;
+    let (key, id) = (new_key(), cubby_crypto::random_array::<16>());
+    let token = server.token_for("alice", Duration::from_secs(1));
+    let expired = std::time::SystemTime::now() + Duration::from_secs(2);
+    let mut stream = RawStream::connect_as(&server, &token, &key, id).await.expect("connects");
+    assert!(matches!(stream.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
+    account(&server)
+        .await
+        .revoke_device(authed(request, &server.token("alice")))
+        .await
+        .expect("revoked");
+    eventually("the token has expired", || async { std::time::SystemTime::now() > expired }).await;
+    server.restart().await;
+    let err = account(&server)
+        .await
+        .list_documents(authed(pb::ListDocumentsRequest {}, &token))
+        .await
+        .expect_err("still refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{err:?}");
+}
+
 /// The files of a tar archive, by path.
 fn untar(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
     let mut archive = tar::Archive::new(bytes);
