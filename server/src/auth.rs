@@ -109,12 +109,14 @@ impl Tenant {
             });
         match keys {
             Ok(verifier) => {
-                tracing::info!(tenant = %self.name, "read the JWKS file again for an unknown key id");
+                tracing::info!(tenant = %self.name,
+                    "read the JWKS file again for an unknown key id");
                 *self.verifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
                 true
             }
             Err(err) => {
-                tracing::warn!(tenant = %self.name, path = %jwks.path.display(), %err, "cannot read the JWKS file again; keeping the cached keys");
+                tracing::warn!(tenant = %self.name, path = %jwks.path.display(), %err,
+                    "cannot read the JWKS file again; keeping the cached keys");
                 false
             }
         }
@@ -164,7 +166,8 @@ pub fn dev_signer(data: &Path, create: bool) -> Result<TokenSigner, ConfigError>
     }
     let bytes = std::fs::read(&path).map_err(|e| {
         ConfigError(format!(
-            "cannot read the development tenant key {} ({e}); start the server once with this data directory first",
+            "cannot read the development tenant key {} ({e}); start the server once with this \
+             data directory first",
             path.display()
         ))
     })?;

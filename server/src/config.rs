@@ -182,7 +182,8 @@ impl ServerConfig {
             .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
         if config.master_key_file.is_none() {
             return Err(ConfigError(format!(
-                "config {} must set master_key_file (create one with `cubby-server keys create --out FILE`)",
+                "config {} must set master_key_file (create one with \
+                 `cubby-server keys create --out FILE`)",
                 path.display()
             )));
         }

@@ -472,7 +472,8 @@ impl Actor {
                             None => {
                                 // The document went with the thread: refuse the rest of the
                                 // batch, and start again from what is durable.
-                                tracing::warn!(doc = %self.doc.short(), ?deadline, "a sync message took too long to apply; refused");
+                                tracing::warn!(doc = %self.doc.short(), ?deadline,
+                                    "a sync message took too long to apply; refused");
                                 self.registry.ctx.quotas.penalize(&self.customer, 10.0);
                                 let refusal = ApiError::ResourceExhausted(
                                     "this change took too long to apply".into(),
@@ -501,7 +502,8 @@ impl Actor {
                             Some(ApiError::InvalidArgument("sync message rejected".into()))
                         }
                         Err(_) => {
-                            tracing::error!(doc = %self.doc.short(), "automerge panicked on a sync message");
+                            tracing::error!(doc = %self.doc.short(),
+                                "automerge panicked on a sync message");
                             poisoned = true;
                             Some(ApiError::Internal)
                         }
@@ -798,7 +800,8 @@ impl Actor {
                 Ok(Some(message)) => message,
                 Ok(None) => return true,
                 Err(_) => {
-                    tracing::error!(doc = %doc.short(), peer = peer_id, "automerge panicked generating a sync message");
+                    tracing::error!(doc = %doc.short(), peer = peer_id,
+                        "automerge panicked generating a sync message");
                     let _ = peer.outbox.try_send(Ok(error_frame(&doc, &ApiError::Internal)));
                     return false;
                 }
@@ -814,13 +817,15 @@ impl Actor {
             };
             match peer.outbox.try_send(Ok(Box::new(frame))) {
                 Ok(()) => {
-                    tracing::debug!(peer = peer_id, doc = %doc.short(), seq = live.seq.0, "frame out");
+                    tracing::debug!(peer = peer_id, doc = %doc.short(), seq = live.seq.0,
+                        "frame out");
                     true
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     // A device this far behind would wait for a reply that was never queued:
                     // close its stream. It reconnects and starts every session over.
-                    tracing::info!(doc = %doc.short(), peer = peer_id, "device too slow; closing its stream");
+                    tracing::info!(doc = %doc.short(), peer = peer_id,
+                        "device too slow; closing its stream");
                     peer.kick.cancel();
                     false
                 }

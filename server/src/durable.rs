@@ -1,4 +1,5 @@
-//! Group commit: one writer (a thread; a task under simulation) applies writes in batches and flushes once per batch.
+//! Group commit: one writer (a thread; a task under simulation) applies writes in batches and
+//! flushes once per batch.
 //!
 //! A document actor hands its write to [`CommitHandle::commit`] and learns the result only after
 //! the flush that made it durable. While one flush runs, the next writes queue up and share the

@@ -50,10 +50,13 @@ pub(crate) fn spawn_rotation(
                     );
                     match vault.set_keyring(keyring) {
                         Ok(()) => rewrap(&vault, work).await,
-                        Err(err) => tracing::error!(%err, "the changed master key file is not this store's; keeping the old keys"),
+                        Err(err) => tracing::error!(%err,
+                            "the changed master key file is not this store's; keeping the old \
+                             keys"),
                     }
                 }
-                Err(err) => tracing::error!(%err, "master key file changed but does not read; keeping the old keys"),
+                Err(err) => tracing::error!(%err,
+                    "master key file changed but does not read; keeping the old keys"),
             }
         }
     });

@@ -119,7 +119,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = cubby_server::master_key_path(&config(&cli)?);
             let generation = MasterSecret::rotate(&path)?;
             println!(
-                "added key-encryption key {generation} to {}; a running server re-wraps every data key with it",
+                "added key-encryption key {generation} to {}; a running server re-wraps every \
+                 data key with it",
                 path.display()
             );
             Ok(())

@@ -254,7 +254,8 @@ impl Connection {
             return Err(ApiError::InvalidArgument("the first frame must be a hello".into()).into());
         };
         let (device, ejector) = self.prove_device(inbound, &hello, deadline).await?;
-        tracing::debug!(peer = self.peer, device = %device.short(), cursor = hello.cursor, "device connected");
+        tracing::debug!(peer = self.peer, device = %device.short(), cursor = hello.cursor,
+            "device connected");
         // Subscribe before reading the feed, so nothing falls between the two.
         let mut announcements = self.shared.hub.subscribe(self.customer);
         self.announced = Seq(hello.cursor);
@@ -290,7 +291,9 @@ impl Connection {
                 }
                 () = &mut renewal, if !asked => {
                     asked = true;
-                    let left = self.token_expires.saturating_duration_since(tokio::time::Instant::now());
+                    let left = self
+                        .token_expires
+                        .saturating_duration_since(tokio::time::Instant::now());
                     self.send(pb::ServerFrame {
                         frame: Some(pb::server_frame::Frame::TokenExpiring(pb::TokenExpiring {
                             seconds_left: left.as_secs(),
@@ -326,10 +329,13 @@ impl Connection {
                     Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
-                () = &mut expiry => return Err(ApiError::Unauthenticated("token expired".into()).into()),
+                () = &mut expiry => {
+                    return Err(ApiError::Unauthenticated("token expired".into()).into());
+                }
                 reason = ejector.ejected() => return Err(reason.into()),
                 () = self.kick.cancelled() => {
-                    return Err(ApiError::ResourceExhausted("device is not reading its stream".into()).into());
+                    let reason = "device is not reading its stream";
+                    return Err(ApiError::ResourceExhausted(reason.into()).into());
                 }
                 () = stop.cancelled() => return Err(Status::unavailable("server shutting down")),
             }
@@ -392,8 +398,9 @@ impl Connection {
                         Ok((seq, doc, meta))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                // Reads see writes before their group commit is flushed; flush, so nothing announced
-                // here can be lost in a crash (and its feed position taken again after restart).
+                // Reads see writes before their group commit is flushed; flush, so nothing
+                // announced here can be lost in a crash (and its feed position taken again after
+                // restart).
                 if !changes.is_empty() {
                     store.flush()?;
                 }
