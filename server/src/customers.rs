@@ -195,8 +195,8 @@ impl Customers {
         closed
     }
 
-    /// After a device was revoked: refuses its tokens until they expire and closes its
-    /// streams (blocking: the refusal is stored).
+    /// After a device was revoked: refuses its tokens while they would be accepted and closes
+    /// its streams (blocking: the refusal is stored).
     pub(crate) fn revoked(
         &self,
         customer: &CustomerId,

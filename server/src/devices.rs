@@ -16,6 +16,11 @@ use serde::{Deserialize, Serialize};
 use crate::audit::{self, Actor, Outcome};
 use crate::durable::api_error;
 
+/// Earlier tokens a device record keeps. An app that fetches a new token for every
+/// connection of a flaky device would otherwise grow its record with each one; SDKs cache
+/// their token until it is refused or about to expire, so a device uses a few per lifetime.
+const EARLIER_TOKENS: usize = 16;
+
 /// What the server keeps about a device (sealed in the customer's store).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct DeviceRecord {
@@ -29,8 +34,9 @@ pub(crate) struct DeviceRecord {
     /// SHA-256 and expiry of the token its latest stream used, refused once it is revoked.
     #[serde(default)]
     pub(crate) last_token: Option<([u8; 32], u64)>,
-    /// Tokens the device replaced on an open stream that were still accepted then: refused
-    /// with the last one.
+    /// Tokens it used before the last (on an earlier stream, or replaced on an open one) that
+    /// were still accepted then, oldest first, at most [`EARLIER_TOKENS`]: refused with the
+    /// last one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) earlier_tokens: Vec<([u8; 32], u64)>,
 }
@@ -49,6 +55,8 @@ impl DeviceRecord {
         }
         self.earlier_tokens.extend(self.last_token.replace(token));
         self.earlier_tokens.retain(|(hash, exp)| *exp >= expired_before && *hash != token.0);
+        let surplus = self.earlier_tokens.len().saturating_sub(EARLIER_TOKENS);
+        self.earlier_tokens.drain(..surplus);
     }
 
     pub(crate) fn info(&self, id: &DeviceId) -> pb::DeviceInfo {
@@ -231,4 +239,40 @@ pub(crate) fn list(
             Ok((id, record))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hashes(record: &DeviceRecord) -> Vec<u8> {
+        record.tokens().map(|(hash, _)| hash[0]).collect()
+    }
+
+    #[test]
+    fn a_device_keeps_its_earlier_tokens_while_they_are_accepted_and_a_few_at_most() {
+        let mut record = DeviceRecord {
+            name: String::new(),
+            platform: String::new(),
+            public_key: Vec::new(),
+            first_seen_ms: 0,
+            last_seen_ms: 0,
+            revoked_ms: None,
+            last_token: Some(([0; 32], 100)),
+            earlier_tokens: Vec::new(),
+        };
+        record.use_token(([1; 32], 200), 50);
+        assert_eq!(hashes(&record), [1, 0]);
+        record.use_token(([1; 32], 200), 50);
+        assert_eq!(hashes(&record), [1, 0], "the same token again changes nothing");
+        record.use_token(([2; 32], 300), 150);
+        assert_eq!(hashes(&record), [2, 1], "token 0 expired before 150");
+        for n in 3..40 {
+            record.use_token(([n; 32], 1_000), 0);
+        }
+        let kept = hashes(&record);
+        assert_eq!(kept.len(), 1 + EARLIER_TOKENS);
+        assert_eq!(kept[0], 39);
+        assert_eq!(&kept[1..], (23..39).collect::<Vec<u8>>(), "the newest earlier tokens");
+    }
 }
