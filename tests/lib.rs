@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cubby_client::{Client, StaticToken};
@@ -150,6 +152,43 @@ impl TestServer {
     pub async fn device(&self, customer: &str) -> Device {
         Device::open(self, customer, tempfile::tempdir().expect("temp dir"), true).await
     }
+}
+
+/// A token provider that makes development tokens for `customer` living `ttl` each, and the
+/// count of the calls that asked for a fresh one.
+pub fn counting_tokens(
+    server: &TestServer,
+    customer: &str,
+    ttl: Duration,
+) -> (impl cubby_client::TokenProvider, Arc<AtomicUsize>) {
+    let signer = auth::dev_signer(server.data_dir(), false).expect("dev tenant key exists");
+    let (fresh, customer) = (Arc::new(AtomicUsize::new(0)), customer.to_owned());
+    let counted = fresh.clone();
+    let provider = move |refresh: bool| {
+        if refresh {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        let token = auth::dev_token(&signer, &customer, ttl);
+        async move { Ok::<_, cubby_client::TokenError>(token) }
+    };
+    (provider, fresh)
+}
+
+/// A device of the customer `tokens` issues tokens for, in `dir`, syncing in the background.
+pub async fn client_with_tokens(
+    server: &TestServer,
+    dir: &Path,
+    tokens: impl cubby_client::TokenProvider,
+) -> Client {
+    Client::builder()
+        .with_data_dir(dir)
+        .with_local_key([7; 32])
+        .with_server(server.url())
+        .with_token_provider(tokens)
+        .with_ca_pem(server.ca_pem.clone())
+        .build()
+        .await
+        .expect("client builds")
 }
 
 /// A device: an SDK client with its own local store.

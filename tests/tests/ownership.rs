@@ -26,6 +26,13 @@ async fn admin(server: &TestServer) -> AdminClient<tonic::transport::Channel> {
     AdminClient::new(server.channel().await)
 }
 
+/// Revokes alice's device `id` through the account API.
+async fn revoke(server: &TestServer, id: [u8; 16]) {
+    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
+    let mut account = account(server).await;
+    account.revoke_device(authed(request, &server.token("alice"))).await.expect("revoked");
+}
+
 fn new_key() -> DeviceKey {
     DeviceKey::from_pkcs8(&generate_pkcs8()).expect("key")
 }
@@ -165,12 +172,7 @@ async fn row_19_revoked_device_reconnect_and_token_are_refused() {
     let device_token = server.token("alice");
     let mut stream = RawStream::connect_as(&server, &device_token, &key, id).await.expect("ok");
     assert!(matches!(stream.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
-    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
-    account(&server)
-        .await
-        .revoke_device(authed(request, &server.token("alice")))
-        .await
-        .expect("revoked");
+    revoke(&server, id).await;
     // The open stream is closed with the wipe instruction.
     let closed = stream.until_closed().await.expect("closed with a status");
     assert_eq!(closed.code(), tonic::Code::PermissionDenied);
@@ -230,9 +232,8 @@ async fn row_19_a_revoked_device_s_earlier_and_fresh_tokens_are_refused_too() {
     assert!(matches!(again.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
     drop(again);
 
+    revoke(&server, id).await;
     let other = server.token("alice");
-    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
-    account(&server).await.revoke_device(authed(request, &other)).await.expect("revoked");
     for (name, token) in [("first", &first), ("fresh", &fresh), ("later", &later)] {
         let err = account(&server)
             .await
@@ -256,12 +257,7 @@ async fn row_19_a_revoked_token_stays_refused_across_a_restart_within_the_leeway
     let expired = std::time::SystemTime::now() + Duration::from_secs(2);
     let mut stream = RawStream::connect_as(&server, &token, &key, id).await.expect("connects");
     assert!(matches!(stream.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
-    let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
-    account(&server)
-        .await
-        .revoke_device(authed(request, &server.token("alice")))
-        .await
-        .expect("revoked");
+    revoke(&server, id).await;
     eventually("the token has expired", || async { std::time::SystemTime::now() > expired }).await;
     server.restart().await;
     let err = account(&server)

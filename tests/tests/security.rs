@@ -448,31 +448,11 @@ async fn row_11_a_fresh_token_for_another_customer_or_forged_closes_the_stream()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_keeps_one_stream_across_short_lived_tokens() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
     let server = TestServer::start().await;
-    let signer = Arc::new(cubby_server::auth::dev_signer(server.data_dir(), false).expect("key"));
-    let fresh = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let (signer, fresh) = (signer.clone(), fresh.clone());
-        move |refresh: bool| {
-            if refresh {
-                fresh.fetch_add(1, Ordering::SeqCst);
-            }
-            let token = cubby_server::auth::dev_token(&signer, "alice", Duration::from_secs(4));
-            async move { Ok::<_, cubby_client::TokenError>(token) }
-        }
-    };
+    let (provider, fresh) = cubby_tests::counting_tokens(&server, "alice", Duration::from_secs(4));
     let dir = tempfile::tempdir().expect("temp dir");
-    let phone = cubby_client::Client::builder()
-        .with_data_dir(dir.path())
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(provider)
-        .with_ca_pem(server.ca_pem.clone())
-        .build()
-        .await
-        .expect("client builds");
+    let phone = cubby_tests::client_with_tokens(&server, dir.path(), provider).await;
     let laptop = server.device("alice").await;
     let doc = phone.create("notes").await.expect("create");
     doc.put("n", json!(0)).await.expect("put");

@@ -277,31 +277,14 @@ async fn connected_devices_reconnect_by_themselves_after_a_server_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_is_refreshed_from_the_provider() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let server = Arc::new(TestServer::start().await);
-    let refreshes = Arc::new(AtomicUsize::new(0));
-    let provider = {
-        let (server, refreshes) = (server.clone(), refreshes.clone());
-        move |refresh: bool| {
-            if refresh {
-                refreshes.fetch_add(1, Ordering::SeqCst);
-            }
-            // Every token lives one second: the stream is closed at expiry and must come back.
-            let token = server.token_for("alice", std::time::Duration::from_secs(1));
-            async move { Ok(token) }
-        }
-    };
+    use std::sync::atomic::Ordering;
+    let server = TestServer::start().await;
+    // Every token lives one second: the stream gets a fresh one on it, or is closed at the
+    // expiry and comes back with one.
+    let (provider, refreshes) =
+        cubby_tests::counting_tokens(&server, "alice", std::time::Duration::from_secs(1));
     let dir = tempfile::tempdir().expect("temp dir");
-    let device = cubby_client::Client::builder()
-        .with_data_dir(dir.path())
-        .with_local_key([5; 32])
-        .with_server(server.url())
-        .with_token_provider(provider)
-        .with_ca_pem(server.ca_pem.clone())
-        .build()
-        .await
-        .expect("builds");
+    let device = cubby_tests::client_with_tokens(&server, dir.path(), provider).await;
     device.wait_until_synced().await.expect("synced");
     eventually("the provider is asked for a fresh token", || async {
         refreshes.load(Ordering::SeqCst) >= 1
