@@ -67,6 +67,9 @@ pub struct Limits {
     pub keepalive_interval_secs: u64,
     /// Seconds to wait for a keepalive answer before closing. Default 20.
     pub keepalive_timeout_secs: u64,
+    /// Seconds a shutdown waits for open connections to close before closing them itself (a
+    /// device gone silent, such as a suspended app, would hold it up for good). Default 10.
+    pub shutdown_grace_secs: u64,
     /// Seconds a device has to send its Hello after opening a sync stream. Default 10.
     pub hello_timeout_secs: u64,
     /// Seconds a document with no connected device stays in memory. Default 60.
@@ -107,6 +110,7 @@ impl Default for Limits {
             tls_handshake_timeout_secs: 10,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 20,
+            shutdown_grace_secs: 10,
             hello_timeout_secs: 10,
             idle_document_secs: 60,
             max_inflight_per_stream: 32,

@@ -162,6 +162,10 @@ pub struct RunningServer {
     cert: Option<tls::CertPaths>,
     master_key_created: Option<PathBuf>,
     stop: CancellationToken,
+    /// Fails every open connection: a shutdown whose grace ran out.
+    hangup: CancellationToken,
+    /// How long a shutdown waits for connections to close on their own.
+    grace: Duration,
     tracker: TaskTracker,
     serve: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     committer: durable::Committer,
@@ -205,9 +209,22 @@ impl RunningServer {
 
     /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
     /// the store.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.stop.cancel();
-        match self.serve.await {
+        // Connections close once their streams have ended, which needs the devices' side too: a
+        // device gone silent (a suspended app, a dead network) would hold the server up for good.
+        let served = match tokio::time::timeout(self.grace, &mut self.serve).await {
+            Ok(served) => served,
+            Err(_) => {
+                tracing::warn!(
+                    grace_secs = self.grace.as_secs(),
+                    "connections still open after the shutdown grace; closing them"
+                );
+                self.hangup.cancel();
+                self.serve.await
+            }
+        };
+        match served {
             Ok(Err(err)) => tracing::warn!(%err, "server ended with an error"),
             Err(err) => tracing::warn!(%err, "server task failed"),
             Ok(Ok(())) => {}
@@ -333,6 +350,7 @@ async fn launch<L: Listener>(
 
     let limits = config.limits.clone();
     let stop = CancellationToken::new();
+    let hangup = CancellationToken::new();
     let tracker = TaskTracker::new();
     let hub = Arc::new(hub::Hub::default());
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -444,13 +462,14 @@ async fn launch<L: Listener>(
                 256,
                 &tracker,
                 stop.clone(),
+                hangup.clone(),
             );
             let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
         None => {
             tracing::warn!("serving PLAINTEXT: for local development behind a trusted proxy only");
-            let incoming = listen::plaintext(listener, &tracker, stop.clone());
+            let incoming = listen::plaintext(listener, &tracker, stop.clone(), hangup.clone());
             let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
@@ -460,6 +479,8 @@ async fn launch<L: Listener>(
         cert,
         master_key_created,
         stop,
+        hangup,
+        grace: Duration::from_secs(limits.shutdown_grace_secs),
         tracker,
         serve,
         committer,

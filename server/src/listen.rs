@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
@@ -40,16 +40,33 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
-/// An accepted connection and its peer.
-#[derive(Debug)]
+/// An accepted connection and its peer. It fails its reads and writes once the server hangs
+/// up on every connection (a shutdown whose grace ran out).
 pub struct Conn<Io> {
     io: Io,
     peer: SocketAddr,
+    hangup: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl<Io> std::fmt::Debug for Conn<Io> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("peer", &self.peer).finish_non_exhaustive()
+    }
 }
 
 impl<Io> Conn<Io> {
-    pub(crate) fn new(io: Io, peer: SocketAddr) -> Self {
-        Self { io, peer }
+    /// `hangup` is the server's; each connection waits on a child of it, so that one
+    /// connection's polls do not contend with another's.
+    pub(crate) fn new(io: Io, peer: SocketAddr, hangup: &CancellationToken) -> Self {
+        Self { io, peer, hangup: Box::pin(hangup.child_token().cancelled_owned()) }
+    }
+
+    /// The error reads and writes fail with once the server hung up. A pending read waits on
+    /// the hangup too, so an idle connection hears it.
+    fn hung_up(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.hangup.as_mut().poll(cx).is_ready().then(|| {
+            io::Error::new(io::ErrorKind::ConnectionAborted, "the server closed the connection")
+        })
     }
 }
 
@@ -67,6 +84,9 @@ impl<Io: AsyncRead + Unpin> AsyncRead for Conn<Io> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(err) = self.hung_up(cx) {
+            return Poll::Ready(Err(err));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -77,6 +97,9 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Conn<Io> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.hung_up(cx) {
+            return Poll::Ready(Err(err));
+        }
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -85,6 +108,9 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Conn<Io> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(err) = self.hung_up(cx) {
+            return Poll::Ready(Err(err));
+        }
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -101,11 +127,13 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Conn<Io> {
     }
 }
 
-/// Plaintext connections, handed on as they are accepted.
+/// Plaintext connections, handed on as they are accepted. `stop` ends accepting; `hangup`
+/// fails every connection accepted (see [`Conn`]).
 pub(crate) fn plaintext<L: Listener>(
     mut listener: L,
     tracker: &TaskTracker,
     stop: CancellationToken,
+    hangup: CancellationToken,
 ) -> mpsc::Receiver<io::Result<Conn<L::Io>>> {
     let (tx, rx) = mpsc::channel(64);
     tracker.spawn(async move {
@@ -116,7 +144,7 @@ pub(crate) fn plaintext<L: Listener>(
             };
             match accepted {
                 Ok((io, peer)) => {
-                    if tx.send(Ok(Conn::new(io, peer))).await.is_err() {
+                    if tx.send(Ok(Conn::new(io, peer, &hangup))).await.is_err() {
                         return;
                     }
                 }

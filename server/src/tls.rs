@@ -84,7 +84,8 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, each within `timeout`
-/// and at most `max_handshakes` at once; yields finished connections to tonic.
+/// and at most `max_handshakes` at once; yields finished connections to tonic. `stop` ends
+/// accepting; `hangup` fails every connection accepted (see [`Conn`]).
 pub(crate) fn incoming<L: Listener>(
     mut listener: L,
     config: Arc<rustls::ServerConfig>,
@@ -92,6 +93,7 @@ pub(crate) fn incoming<L: Listener>(
     max_handshakes: usize,
     tracker: &TaskTracker,
     stop: CancellationToken,
+    hangup: CancellationToken,
 ) -> mpsc::Receiver<std::io::Result<TlsStream<Conn<L::Io>>>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -111,7 +113,7 @@ pub(crate) fn incoming<L: Listener>(
                     continue;
                 }
             };
-            let tcp = Conn::new(io, peer);
+            let tcp = Conn::new(io, peer, &hangup);
             let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), stop.clone());
             handshakes.spawn(async move {
                 let _slot = slot;

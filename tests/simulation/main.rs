@@ -20,6 +20,7 @@
 //! cargo test -p cubby-tests --test simulation                 # the CI seeds
 //! cargo test -p cubby-tests --test simulation -- --seeds 500  # the long mode
 //! cargo test -p cubby-tests --test simulation -- --seed 17    # replay one seed
+//! CUBBY_TEST_LOG=debug cargo test -p cubby-tests --test simulation -- --seed 17  # with logs
 //! cargo test -p cubby-tests --test simulation -- --herd 1000  # BAD_INPUTS row 30
 //! ```
 
@@ -62,6 +63,10 @@ fn main() {
     };
     if args.iter().any(|a| a == "--list") {
         return; // `cargo test -- --list`: nothing to enumerate here.
+    }
+    // `CUBBY_TEST_LOG=debug` (any `RUST_LOG`-style filter) prints the server's and devices' logs.
+    if let Ok(filter) = std::env::var("CUBBY_TEST_LOG") {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     }
     if let Some(clients) = value("--herd") {
         herd::run(clients as usize, value("--seed").unwrap_or(1));

@@ -83,3 +83,81 @@ async fn row_30_server_restart_with_200_connected_devices_all_reconnect_and_conv
         client.shutdown().await;
     }
 }
+
+/// A TCP relay to `server` for one connection that stops passing bytes, both ways, once
+/// `freeze` says so, and keeps both sockets open: a device gone silent without closing its
+/// connection (a suspended app, a dead network).
+async fn freezing_relay(
+    server: std::net::SocketAddr,
+    freeze: tokio::sync::watch::Receiver<bool>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("binds");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(async move {
+        let (device, _) = listener.accept().await.expect("accepts");
+        let upstream = tokio::net::TcpStream::connect(server).await.expect("connects");
+        let (device_rx, device_tx) = device.into_split();
+        let (server_rx, server_tx) = upstream.into_split();
+        tokio::join!(
+            pass(device_rx, server_tx, freeze.clone()),
+            pass(server_rx, device_tx, freeze),
+        );
+    });
+    addr
+}
+
+/// Copies `from` to `to` until `freeze`, then holds both open and silent for good.
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut freeze: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0; 16 * 1024];
+    loop {
+        tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if to.write_all(&buf[..n]).await.is_err() { break },
+            },
+            () = async { drop(freeze.wait_for(|frozen| *frozen).await) } => break,
+        }
+    }
+    std::future::pending::<()>().await;
+}
+
+/// A server stops within its shutdown grace even when a device went silent on an open stream:
+/// it does not wait for that device to close its side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_stops_in_time_with_a_silent_device_connected() {
+    let mut server = TestServer::start_with(|c| c.limits.shutdown_grace_secs = 1).await;
+    let (freeze, frozen) = tokio::sync::watch::channel(false);
+    let addr = server.url().trim_start_matches("https://").parse().expect("an address");
+    let relay = freezing_relay(addr, frozen).await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&server.ca_pem));
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{relay}"))
+        .expect("valid url")
+        .tls_config(tls)
+        .expect("valid TLS config")
+        .connect()
+        .await
+        .expect("connects through the relay");
+    let key =
+        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let mut raw = cubby_tests::RawStream::connect_on(
+        channel,
+        &server.token("alice"),
+        &key,
+        cubby_crypto::random_array(),
+    )
+    .await
+    .expect("connects");
+    assert!(matches!(
+        raw.next().await,
+        Ok(Some(cubby_proto::pb::server_frame::Frame::CaughtUp(_)))
+    ));
+    freeze.send_replace(true);
+    tokio::time::timeout(DEADLINE, server.stop()).await.expect("the server stopped in time");
+}

@@ -491,7 +491,9 @@ impl<'a> Session<'a> {
                     }
                     Err(status) => return Err(classify(&status)),
                 },
-                token = async { renewing.as_mut().expect("guarded").await },
+                token = async {
+                    renewing.as_mut().expect("polled only while a token is being fetched").await
+                },
                     if renewing.is_some() =>
                 {
                     renewing = None;
