@@ -208,7 +208,8 @@ impl RunningServer {
     }
 
     /// Stops accepting, closes every stream, waits for pending writes to be flushed, and closes
-    /// the store.
+    /// the store. Connections get `limits.shutdown_grace_secs` to close on their own; the
+    /// server then hangs up on those left.
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         // Connections close once their streams have ended, which needs the devices' side too: a
