@@ -68,7 +68,8 @@ pub struct Limits {
     /// Seconds to wait for a keepalive answer before closing. Default 20.
     pub keepalive_timeout_secs: u64,
     /// Seconds a shutdown waits for open connections to close before closing them itself (a
-    /// device gone silent, such as a suspended app, would hold it up for good). Default 10.
+    /// device gone silent, such as a suspended app, holds it up until the HTTP/2 keepalive gives
+    /// up on it). Default 10.
     pub shutdown_grace_secs: u64,
     /// Seconds a device has to send its Hello after opening a sync stream. Default 10.
     pub hello_timeout_secs: u64,

@@ -213,7 +213,8 @@ impl RunningServer {
     pub async fn shutdown(mut self) {
         self.stop.cancel();
         // Connections close once their streams have ended, which needs the devices' side too: a
-        // device gone silent (a suspended app, a dead network) would hold the server up for good.
+        // device gone silent (a suspended app, a dead network) holds them open until the keepalive
+        // gives up on it.
         let served = match tokio::time::timeout(self.grace, &mut self.serve).await {
             Ok(served) => served,
             Err(_) => {
