@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cubby_client::{Client, StaticToken};
+use cubby_client::{Client, ClientBuilder, StaticToken};
 use cubby_crypto::signing::DeviceKey;
 use cubby_server::{RunningServer, ServerConfig, auth};
 use tempfile::TempDir;
@@ -148,6 +148,16 @@ impl TestServer {
         adjust(endpoint).connect().await.expect("connects")
     }
 
+    /// A client builder for this server (its URL and certificate) with the test devices' local
+    /// key and tokens from `tokens`; the caller adds where the device stores and connects.
+    pub fn client_builder(&self, tokens: impl cubby_client::TokenProvider) -> ClientBuilder {
+        Client::builder()
+            .with_local_key(LOCAL_KEY)
+            .with_server(self.url())
+            .with_token_provider(tokens)
+            .with_ca_pem(self.ca_pem.clone())
+    }
+
     /// A new device of `customer`, syncing in the background.
     pub async fn device(&self, customer: &str) -> Device {
         Device::open(self, customer, tempfile::tempdir().expect("temp dir"), true).await
@@ -180,12 +190,23 @@ pub async fn client_with_tokens(
     dir: &Path,
     tokens: impl cubby_client::TokenProvider,
 ) -> Client {
-    Client::builder()
+    client(server, dir, tokens, true).await
+}
+
+/// The local key every test device encrypts its store with.
+const LOCAL_KEY: [u8; 32] = [7; 32];
+
+/// An SDK client of `server` with its store in `dir`, syncing in the background if `sync`.
+async fn client(
+    server: &TestServer,
+    dir: &Path,
+    tokens: impl cubby_client::TokenProvider,
+    sync: bool,
+) -> Client {
+    server
+        .client_builder(tokens)
         .with_data_dir(dir)
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(tokens)
-        .with_ca_pem(server.ca_pem.clone())
+        .with_autosync(sync)
         .build()
         .await
         .expect("client builds")
@@ -203,18 +224,9 @@ pub struct Device {
 impl Device {
     /// Opens a device in `dir` (a reopen when the directory was used before).
     pub async fn open(server: &TestServer, customer: &str, dir: TempDir, sync: bool) -> Self {
-        let key = [7u8; 32];
-        let client = Client::builder()
-            .with_data_dir(dir.path())
-            .with_local_key(key)
-            .with_server(server.url())
-            .with_token_provider(StaticToken::new(server.token(customer)))
-            .with_ca_pem(server.ca_pem.clone())
-            .with_autosync(sync)
-            .build()
-            .await
-            .expect("client builds");
-        Self { dir, client, key }
+        let tokens = StaticToken::new(server.token(customer));
+        let client = client(server, dir.path(), tokens, sync).await;
+        Self { dir, client, key: LOCAL_KEY }
     }
 
     /// The key its local store is encrypted with.

@@ -153,12 +153,9 @@ async fn far_device(
     rtt: Duration,
 ) -> cubby_client::Client {
     let addr = server.running().local_addr();
-    cubby_client::Client::builder()
+    server
+        .client_builder(cubby_client::StaticToken::new(server.token("bob")))
         .with_data_dir(dir)
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(cubby_client::StaticToken::new(server.token("bob")))
-        .with_ca_pem(server.ca_pem.clone())
         .with_transport(move || delayed_link(addr, rtt))
         .build()
         .await

@@ -26,6 +26,14 @@ async fn admin(server: &TestServer) -> AdminClient<tonic::transport::Channel> {
     AdminClient::new(server.channel().await)
 }
 
+/// The account API's document list, asked for with `token`.
+async fn list_documents(
+    server: &TestServer,
+    token: &str,
+) -> Result<tonic::Response<pb::ListDocumentsResponse>, tonic::Status> {
+    account(server).await.list_documents(authed(pb::ListDocumentsRequest {}, token)).await
+}
+
 /// Revokes alice's device `id` through the account API.
 async fn revoke(server: &TestServer, id: [u8; 16]) {
     let request = pb::RevokeDeviceRequest { device_id: id.to_vec() };
@@ -181,9 +189,7 @@ async fn row_19_revoked_device_reconnect_and_token_are_refused() {
         Some(cubby_proto::WIPE_REVOKED)
     );
     // Its token is refused everywhere now, and a fresh token does not bring the device back.
-    let err = account(&server)
-        .await
-        .list_documents(authed(pb::ListDocumentsRequest {}, &device_token))
+    let err = list_documents(&server, &device_token)
         .await
         .expect_err("the revoked device's token is refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
@@ -235,16 +241,11 @@ async fn row_19_a_revoked_device_s_earlier_and_fresh_tokens_are_refused_too() {
     revoke(&server, id).await;
     let other = server.token("alice");
     for (name, token) in [("first", &first), ("fresh", &fresh), ("later", &later)] {
-        let err = account(&server)
-            .await
-            .list_documents(authed(pb::ListDocumentsRequest {}, token))
-            .await
-            .expect_err(name);
+        let err = list_documents(&server, token).await.expect_err(name);
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{name}");
     }
     // A token the device never used still works.
-    let mut account = account(&server).await;
-    assert!(account.list_documents(authed(pb::ListDocumentsRequest {}, &other)).await.is_ok());
+    assert!(list_documents(&server, &other).await.is_ok());
 }
 
 /// A revoked device's token stays refused after a restart for as long as the clock leeway still
@@ -260,11 +261,7 @@ async fn row_19_a_revoked_token_stays_refused_across_a_restart_within_the_leeway
     revoke(&server, id).await;
     eventually("the token has expired", || async { std::time::SystemTime::now() > expired }).await;
     server.restart().await;
-    let err = account(&server)
-        .await
-        .list_documents(authed(pb::ListDocumentsRequest {}, &token))
-        .await
-        .expect_err("still refused");
+    let err = list_documents(&server, &token).await.expect_err("still refused");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("revoked"), "{err:?}");
 }

@@ -16,12 +16,9 @@ const DEVICES_EACH: usize = 4;
 async fn device(server: &TestServer, customer: usize) -> Client {
     // The devices' own storage is not under test here: keep it in memory, so 200 of them are
     // cheap. The server and the network are real.
-    Client::builder()
+    server
+        .client_builder(StaticToken::new(server.token(&format!("herd-{customer}"))))
         .with_store(Arc::new(MemoryStore::new()))
-        .with_local_key([9; 32])
-        .with_server(server.url())
-        .with_token_provider(StaticToken::new(server.token(&format!("herd-{customer}"))))
-        .with_ca_pem(server.ca_pem.clone())
         .build()
         .await
         .expect("client builds")

@@ -563,12 +563,9 @@ async fn alice_on(
     backend: Arc<dyn cubby_store::Store>,
     sync: bool,
 ) -> cubby_client::Client {
-    cubby_client::Client::builder()
+    server
+        .client_builder(cubby_client::StaticToken::new(server.token("alice")))
         .with_store(backend)
-        .with_local_key([7; 32])
-        .with_server(server.url())
-        .with_token_provider(cubby_client::StaticToken::new(server.token("alice")))
-        .with_ca_pem(server.ca_pem.clone())
         .with_autosync(sync)
         .build()
         .await
