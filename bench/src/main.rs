@@ -117,8 +117,10 @@ fn run() -> Result<(), Error> {
         emit(runtime.block_on(workloads::burst(&server, 10_000 / scale, 4, 3))?);
     }
     if matches!(what, "all" | "idle") {
-        for devices in [1000, 5000, 10_000] {
-            emit(runtime.block_on(workloads::idle(&server, devices / scale, 1000 / scale))?);
+        // Ten devices per customer, then one each (a consumer app: most customers have one
+        // device connected), which also measures what each connected customer costs.
+        for (devices, customers) in [(1000, 1000), (5000, 1000), (10_000, 1000), (10_000, 10_000)] {
+            emit(runtime.block_on(workloads::idle(&server, devices / scale, customers / scale))?);
         }
     }
     if matches!(what, "all" | "durability") {
@@ -230,8 +232,9 @@ fn summarize(results: &[Value]) {
             None => format!("one edit p50 {} ms p99 {} ms", r["edit_p50_ms"], r["edit_p99_ms"]),
         };
         eprintln!(
-            "{:>5} idle devices, {:<14} {bytes:>7} bytes of server memory each{}, server CPU {}% while idle, {:>5} connections/s, {edit}",
+            "{:>5} idle devices of {:>5} customers, {:<14} {bytes:>7} bytes of server memory each{}, server CPU {}% while idle, {:>5} connections/s, {edit}",
             r["devices"],
+            r["customers"],
             r["system"].as_str().unwrap_or("?"),
             ratio.unwrap_or_default(),
             r["idle_server_cpu_percent"],

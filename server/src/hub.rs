@@ -10,7 +10,7 @@
 //! 1,000 customers, went from 56 KB to 53 KB of server memory per device.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_proto::pb;
@@ -56,17 +56,94 @@ pub(crate) struct Hub {
 const CAPACITY: usize = 32;
 
 impl Hub {
-    pub(crate) fn subscribe(&self, customer: CustomerId) -> broadcast::Receiver<Arc<Announcement>> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels.retain(|_, tx| tx.receiver_count() > 0);
-        channels.entry(customer).or_insert_with(|| broadcast::channel(CAPACITY).0).subscribe()
+    /// Subscribes one stream to `customer`'s announcements. The customer's channel goes with
+    /// its last subscription, so connecting costs the same however many customers are online
+    /// (it used to sweep every customer's channel under the lock the commit thread publishes
+    /// through).
+    pub(crate) fn subscribe(self: &Arc<Self>, customer: CustomerId) -> Subscription {
+        let receiver = self
+            .lock()
+            .entry(customer)
+            .or_insert_with(|| broadcast::channel(CAPACITY).0)
+            .subscribe();
+        Subscription { hub: self.clone(), customer, receiver }
     }
 
     pub(crate) fn publish(&self, customer: CustomerId, announcement: Announcement) {
-        let channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = channels.get(&customer) {
+        if let Some(tx) = self.lock().get(&customer) {
             // No receivers is fine: nobody of this customer is connected.
             let _ = tx.send(Arc::new(announcement));
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<CustomerId, broadcast::Sender<Arc<Announcement>>>> {
+        self.channels.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One stream's subscription to its customer's announcements.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    hub: Arc<Hub>,
+    customer: CustomerId,
+    receiver: broadcast::Receiver<Arc<Announcement>>,
+}
+
+impl Subscription {
+    pub(crate) async fn recv(&mut self) -> Result<Arc<Announcement>, broadcast::error::RecvError> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut channels = self.hub.lock();
+        // Under the lock no stream can subscribe in between; this receiver still counts.
+        if channels.get(&self.customer).is_some_and(|tx| tx.receiver_count() <= 1) {
+            channels.remove(&self.customer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announcement(seq: u64) -> Announcement {
+        Announcement { doc: DocId::from_bytes([9; 16]), seq: Seq(seq), info: None, metadata: false }
+    }
+
+    #[tokio::test]
+    async fn a_customer_s_channel_lasts_as_long_as_its_last_subscription() {
+        let hub = Arc::new(Hub::default());
+        let (alice, bob) = (CustomerId::from_bytes([1; 16]), CustomerId::from_bytes([2; 16]));
+        let first = hub.subscribe(alice);
+        let mut second = hub.subscribe(alice);
+        let other = hub.subscribe(bob);
+        assert_eq!(hub.lock().len(), 2);
+
+        drop(first);
+        hub.publish(alice, announcement(7));
+        let heard = second.recv().await.expect("the other stream still hears");
+        assert_eq!(heard.seq, Seq(7));
+
+        drop(second);
+        assert!(!hub.lock().contains_key(&alice), "alice's channel outlived her streams");
+        assert!(hub.lock().contains_key(&bob));
+        drop(other);
+        assert!(hub.lock().is_empty());
+    }
+
+    #[test]
+    fn customers_who_come_and_go_leave_no_channels_behind() {
+        let hub = Arc::new(Hub::default());
+        for i in 0..1000u16 {
+            let mut bytes = [0; 16];
+            bytes[..2].copy_from_slice(&i.to_le_bytes());
+            let subscription = hub.subscribe(CustomerId::from_bytes(bytes));
+            assert_eq!(hub.lock().len(), 1);
+            drop(subscription);
+        }
+        assert!(hub.lock().is_empty());
     }
 }
