@@ -24,6 +24,38 @@ pub const DEV_ISSUER: &str = "cubby-dev";
 /// The `aud` of development tokens.
 pub const DEV_AUDIENCE: &str = "cubby";
 
+/// The time of day tokens are judged by: their `exp` and `nbf`, how long a stream's token has
+/// left, how long a refused token stays on the list.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Clock {
+    /// The machine's clock.
+    #[default]
+    System,
+    /// Another clock, read as a duration since the Unix epoch: the deterministic simulation's,
+    /// whose time moves only as the simulation runs.
+    Simulated(fn() -> Duration),
+}
+
+impl Clock {
+    /// Now, as a duration since the Unix epoch.
+    fn since_epoch(&self) -> Duration {
+        match self {
+            Clock::System => SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(),
+            Clock::Simulated(now) => now(),
+        }
+    }
+
+    /// Now, in whole seconds since the Unix epoch.
+    pub fn unix_now(&self) -> u64 {
+        self.since_epoch().as_secs()
+    }
+
+    /// Time left until the Unix second `unix` (zero once it has passed), to the instant.
+    pub fn until(&self, unix: u64) -> Duration {
+        Duration::from_secs(unix).saturating_sub(self.since_epoch())
+    }
+}
+
 /// A verified caller.
 #[derive(Clone)]
 pub struct Caller {
@@ -49,16 +81,6 @@ impl std::fmt::Debug for Caller {
             .field("customer", &self.customer)
             .field("admin", &self.admin)
             .finish_non_exhaustive()
-    }
-}
-
-impl Caller {
-    /// Time left before the token expires (to the instant: a stream closes at its token's
-    /// expiry, not up to a second after).
-    pub fn remaining(&self) -> Duration {
-        (UNIX_EPOCH + Duration::from_secs(self.expires_at))
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
     }
 }
 
@@ -140,6 +162,7 @@ fn has_scope(claims: &serde_json::Map<String, serde_json::Value>, scope: &str) -
 pub struct Authenticator {
     tenants: Vec<Tenant>,
     ids: Keyring,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -149,8 +172,8 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn now() -> u64 {
+    Clock::System.unix_now()
 }
 
 fn dev_key_path(data: &Path) -> PathBuf {
@@ -177,12 +200,17 @@ pub fn dev_signer(data: &Path, create: bool) -> Result<TokenSigner, ConfigError>
 
 /// A development token for `subject`, valid for `ttl`. Every token is distinct (`jti`).
 pub fn dev_token(signer: &TokenSigner, subject: &str, ttl: Duration) -> String {
-    dev_token_with(signer, subject, ttl, None)
+    dev_token_with(signer, subject, ttl, None, now())
+}
+
+/// [`dev_token`] issued at `clock`'s now: the simulation's tokens live in simulated time.
+pub fn dev_token_at(signer: &TokenSigner, subject: &str, ttl: Duration, clock: Clock) -> String {
+    dev_token_with(signer, subject, ttl, None, clock.unix_now())
 }
 
 /// A development service token for the admin API (scope `cubby:admin`), for `service`.
 pub fn dev_service_token(signer: &TokenSigner, service: &str, ttl: Duration) -> String {
-    dev_token_with(signer, service, ttl, Some(crate::config::DEFAULT_ADMIN_SCOPE))
+    dev_token_with(signer, service, ttl, Some(crate::config::DEFAULT_ADMIN_SCOPE), now())
 }
 
 fn dev_token_with(
@@ -190,8 +218,8 @@ fn dev_token_with(
     subject: &str,
     ttl: Duration,
     scope: Option<&str>,
+    now: u64,
 ) -> String {
-    let now = now();
     let jti = bs58::encode(cubby_crypto::random_array::<12>()).into_string();
     let mut claims = serde_json::json!({
         "iss": DEV_ISSUER, "aud": DEV_AUDIENCE, "sub": subject,
@@ -222,7 +250,7 @@ fn tenant_keys(t: &TenantConfig) -> Result<Vec<VerifyingKey>, ConfigError> {
 
 impl Authenticator {
     /// Builds verifiers for the configured tenants (and the development tenant if enabled).
-    pub fn new(config: &ServerConfig, ids: Keyring) -> Result<Self, ConfigError> {
+    pub fn new(config: &ServerConfig, ids: Keyring, clock: Clock) -> Result<Self, ConfigError> {
         let leeway_secs = config.limits.token_leeway_secs;
         let mut tenants = Vec::new();
         for t in &config.tenants {
@@ -281,12 +309,17 @@ impl Authenticator {
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
         }
-        Ok(Self { tenants, ids })
+        Ok(Self { tenants, ids, clock })
     }
 
     /// Verifies a raw token.
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        self.verify_at(token, now(), Instant::now())
+        self.verify_at(token, self.clock.unix_now(), Instant::now())
+    }
+
+    /// The clock tokens are judged by.
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// Verifies a raw token at `unix_now`; `mono_now` paces re-reading a JWKS file.
@@ -371,8 +404,12 @@ mod tests {
             public_key_pem: None,
             admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
         });
-        Authenticator::new(&config, Keyring::from_master(&MasterSecret::from_bytes([1; 32])))
-            .expect("the tenant configures")
+        Authenticator::new(
+            &config,
+            Keyring::from_master(&MasterSecret::from_bytes([1; 32])),
+            Clock::System,
+        )
+        .expect("the tenant configures")
     }
 
     fn reads(auth: &Authenticator) -> u64 {

@@ -63,14 +63,13 @@ pub(crate) struct Customers {
 
 impl Customers {
     /// Loads erased customers and refused tokens (blocking), dropping refusals of tokens that
-    /// expired more than `leeway_secs` ago (no longer accepted anyway).
+    /// expired before `expired_before` (the clock leeway no longer accepts them anyway).
     pub(crate) fn load(
         store: Arc<dyn Store>,
         erased: Vec<CustomerId>,
-        leeway_secs: u64,
+        expired_before: u64,
         work: crate::StorageWork,
     ) -> Result<Self, StoreError> {
-        let now = crate::auth::now().saturating_sub(leeway_secs);
         let mut denied = HashMap::new();
         for customer in store.list_customers()? {
             if customer == cubby_store::SYSTEM {
@@ -83,7 +82,7 @@ impl Customers {
                     continue;
                 };
                 let exp = u64::from_be_bytes(exp);
-                if exp > now {
+                if exp > expired_before {
                     denied.insert(hash, exp);
                 } else {
                     store.remove_record(&customer, Space::DENIED_TOKENS, &key)?;

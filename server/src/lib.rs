@@ -269,6 +269,8 @@ pub struct Platform<L> {
     pub listener: L,
     /// Where synchronous storage work runs.
     pub work: StorageWork,
+    /// The time of day tokens are judged by.
+    pub clock: auth::Clock,
 }
 
 /// Starts a server on this machine. Returns once it is listening.
@@ -282,7 +284,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let platform = Platform { store: Arc::new(sled), listener, work: StorageWork::BlockingPool };
+    let platform = Platform {
+        store: Arc::new(sled),
+        listener,
+        work: StorageWork::BlockingPool,
+        clock: auth::Clock::System,
+    };
     launch(config, master, platform).await
 }
 
@@ -315,7 +322,7 @@ async fn launch<L: Listener>(
         )
         .into());
     }
-    let Platform { store: backend, listener, work } = platform;
+    let Platform { store: backend, listener, work, clock } = platform;
     let db_path = store_path(&config);
     let vault = match EncryptedStore::open(backend, Keyring::from_master(&master)) {
         Ok(store) => Arc::new(store),
@@ -327,10 +334,10 @@ async fn launch<L: Listener>(
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
-    let leeway = config.limits.token_leeway_secs;
-    let customers =
-        customers::Customers::load(store.clone(), erased, leeway, work).map_err(store_error)?;
-    let auth = auth::Authenticator::new(&config, Keyring::from_master(&master))?;
+    let expired_before = clock.unix_now().saturating_sub(config.limits.token_leeway_secs);
+    let customers = customers::Customers::load(store.clone(), erased, expired_before, work)
+        .map_err(store_error)?;
+    let auth = auth::Authenticator::new(&config, Keyring::from_master(&master), clock)?;
     drop(master);
 
     let cert = if config.tls.insecure_plaintext {

@@ -65,7 +65,8 @@ impl pb::sync_server::Sync for SyncService {
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
-            token_expires: tokio::time::Instant::now() + caller.remaining(),
+            token_expires: tokio::time::Instant::now()
+                + self.shared.auth.clock().until(caller.expires_at),
             token: (caller.token_hash, caller.expires_at),
             token_denied,
             stream: None,
@@ -372,7 +373,8 @@ impl Connection {
             })
             .await?;
         self.token = token;
-        self.token_expires = tokio::time::Instant::now() + caller.remaining();
+        self.token_expires =
+            tokio::time::Instant::now() + self.shared.auth.clock().until(caller.expires_at);
         tracing::debug!(peer = self.peer, device = %device.short(), "stream token renewed");
         Ok(true)
     }
@@ -380,7 +382,7 @@ impl Connection {
     /// Tokens that expired before this are no longer accepted (the clock leeway allows the
     /// later ones).
     fn expired_before(&self) -> u64 {
-        crate::auth::now().saturating_sub(self.shared.limits.token_leeway_secs)
+        self.shared.auth.clock().unix_now().saturating_sub(self.shared.limits.token_leeway_secs)
     }
 
     /// Announces every document changed after `self.announced`, from storage.

@@ -31,9 +31,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
-use cubby_client::{Client, StaticToken};
+use cubby_client::{Client, TokenProvider};
 use cubby_core::{CustomerId, DocId};
 use cubby_crypto::keys::{Keyring, MasterSecret};
+use cubby_crypto::signing::TokenSigner;
 use cubby_server::{Listener, Platform, ServerConfig, StorageWork, auth};
 use cubby_store::{EncryptedStore, Store};
 use cubby_tests::Rng;
@@ -53,6 +54,18 @@ const FAULT_PHASE: Duration = Duration::from_secs(60);
 /// How long devices may take to converge once faults stop (the HTTP/2 keepalive of a
 /// connection stalled by a partition alone takes up to 50 s to notice).
 const CONVERGE_WITHIN: Duration = Duration::from_secs(300);
+/// How long a device's token lives: short, so that tokens run out amid the faults. The server
+/// asks for a fresh one halfway, so an open stream renews its token every 4 s, and one stalled
+/// longer than that past the server's ask is closed at its token's expiry.
+const TOKEN_TTL: Duration = Duration::from_secs(8);
+/// Unix time when a simulation starts (2026-09-21); tokens are issued and judged in simulated
+/// time from there.
+const SIM_EPOCH: Duration = Duration::from_secs(1_790_000_000);
+
+/// The simulation's time of day, for the server's token clock and the devices' tokens alike.
+fn sim_clock() -> Duration {
+    SIM_EPOCH + turmoil::sim_elapsed().unwrap_or_default()
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -144,7 +157,8 @@ struct World {
 struct DeviceSlot {
     name: String,
     customer: usize,
-    token: String,
+    /// Mints the device's tokens, each `TOKEN_TTL` from simulated now.
+    signer: Arc<TokenSigner>,
     key: [u8; 32],
     disk: SimDisk,
 }
@@ -189,7 +203,7 @@ impl World {
         let master = MasterSecret::create(&cubby_server::master_key_path(&config)).expect("key");
         let cert = cubby_server::tls::ensure_self_signed(dir.path()).expect("certificate");
         let ca_pem = std::fs::read(&cert.cert).expect("certificate readable");
-        let signer = auth::dev_signer(dir.path(), true).expect("dev tenant key");
+        let signer = Arc::new(auth::dev_signer(dir.path(), true).expect("dev tenant key"));
         let keyring = Keyring::from_master(&master);
         let mut rng = Rng(seed ^ 0x0005_EED0_FDE7_1CE5);
         let mut devices = Vec::new();
@@ -203,7 +217,7 @@ impl World {
                 devices.push(DeviceSlot {
                     name: format!("c{c}-d{d}"),
                     customer: c,
-                    token: auth::dev_token(&signer, &subject, Duration::from_secs(24 * 3600)),
+                    signer: signer.clone(),
                     key,
                     disk: SimDisk::default(),
                 });
@@ -331,6 +345,7 @@ async fn server(world: Arc<World>) -> turmoil::Result {
             store: Arc::new(world.server_disk.clone()),
             listener,
             work: StorageWork::Inline,
+            clock: auth::Clock::Simulated(sim_clock),
         };
         let running = cubby_server::start_on(world.config.clone(), platform).await?;
         world.restart.notified().await;
@@ -358,6 +373,16 @@ impl Listener for SimListener {
     }
 }
 
+/// A device's token provider: a fresh token, issued in simulated time, whenever it is asked.
+fn sim_tokens(slot: &DeviceSlot) -> impl TokenProvider {
+    let (signer, subject) = (slot.signer.clone(), tag(slot.customer));
+    move |_refresh| {
+        let token =
+            auth::dev_token_at(&signer, &subject, TOKEN_TTL, auth::Clock::Simulated(sim_clock));
+        std::future::ready(Ok(token))
+    }
+}
+
 /// An SDK client on the simulated network and its own simulated disk.
 async fn sim_client(
     slot: &DeviceSlot,
@@ -370,7 +395,7 @@ async fn sim_client(
         .with_local_key(slot.key)
         .with_server(format!("https://localhost:{PORT}"))
         .with_ca_pem(ca_pem.to_vec())
-        .with_token_provider(StaticToken::new(slot.token.clone()))
+        .with_token_provider(sim_tokens(slot))
         .with_device_name(slot.name.clone())
         .with_transport(|| turmoil::net::TcpStream::connect(("server", PORT)))
         .with_autosync(autosync)
