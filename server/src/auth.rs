@@ -163,6 +163,7 @@ pub struct Authenticator {
     tenants: Vec<Tenant>,
     ids: Keyring,
     clock: Clock,
+    leeway_secs: u64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -309,7 +310,7 @@ impl Authenticator {
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
         }
-        Ok(Self { tenants, ids, clock })
+        Ok(Self { tenants, ids, clock, leeway_secs })
     }
 
     /// Verifies a raw token.
@@ -320,6 +321,12 @@ impl Authenticator {
     /// The clock tokens are judged by.
     pub fn clock(&self) -> Clock {
         self.clock
+    }
+
+    /// Tokens that expired before this Unix second are no longer accepted; the clock leeway
+    /// still accepts those that expired since.
+    pub(crate) fn expired_before(&self) -> u64 {
+        self.clock.unix_now().saturating_sub(self.leeway_secs)
     }
 
     /// Verifies a raw token at `unix_now`; `mono_now` paces re-reading a JWKS file.

@@ -334,10 +334,9 @@ async fn launch<L: Listener>(
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
-    let expired_before = clock.unix_now().saturating_sub(config.limits.token_leeway_secs);
-    let customers = customers::Customers::load(store.clone(), erased, expired_before, work)
-        .map_err(store_error)?;
     let auth = auth::Authenticator::new(&config, Keyring::from_master(&master), clock)?;
+    let customers = customers::Customers::load(store.clone(), erased, auth.expired_before(), work)
+        .map_err(store_error)?;
     drop(master);
 
     let cert = if config.tls.insecure_plaintext {

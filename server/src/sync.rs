@@ -202,7 +202,7 @@ impl Connection {
         }
         let shared = self.shared.clone();
         let (customer, token) = (self.customer, self.token);
-        let expired_before = self.expired_before();
+        let expired_before = self.shared.auth.expired_before();
         let (public_key, name, platform) =
             (hello.public_key.clone(), hello.device_name.clone(), hello.platform.clone());
         self.shared
@@ -365,7 +365,7 @@ impl Connection {
         }
         let device = self.device.ok_or(ApiError::Internal)?;
         let token = (caller.token_hash, caller.expires_at);
-        let expired_before = self.expired_before();
+        let expired_before = self.shared.auth.expired_before();
         let (shared, customer) = (self.shared.clone(), self.customer);
         self.shared
             .blocking(move || {
@@ -377,12 +377,6 @@ impl Connection {
             tokio::time::Instant::now() + self.shared.auth.clock().until(caller.expires_at);
         tracing::debug!(peer = self.peer, device = %device.short(), "stream token renewed");
         Ok(true)
-    }
-
-    /// Tokens that expired before this are no longer accepted (the clock leeway allows the
-    /// later ones).
-    fn expired_before(&self) -> u64 {
-        self.shared.auth.clock().unix_now().saturating_sub(self.shared.limits.token_leeway_secs)
     }
 
     /// Announces every document changed after `self.announced`, from storage.
