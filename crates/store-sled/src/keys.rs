@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cubby_core::CustomerId;
 use cubby_store::{Result, StoreError};
@@ -17,9 +17,10 @@ use cubby_store::{Result, StoreError};
 #[derive(Debug)]
 pub(crate) struct KeyDir {
     dir: PathBuf,
-    /// Serialises read-modify-write sequences within the process (sled's lock keeps other
-    /// processes out of the whole store).
-    lock: Mutex<()>,
+    /// Serialise a customer's read-modify-write sequences within the process (sled's lock
+    /// keeps other processes out of the whole store), one lock per stripe of customers, so that
+    /// one customer's `fsync`s hold up no other customer's.
+    locks: [Mutex<()>; 64],
 }
 
 fn io_error(err: io::Error) -> StoreError {
@@ -51,7 +52,13 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl KeyDir {
     pub(crate) fn open(dir: PathBuf) -> Result<Self> {
         fs::create_dir_all(&dir).map_err(io_error)?;
-        Ok(Self { dir, lock: Mutex::new(()) })
+        Ok(Self { dir, locks: std::array::from_fn(|_| Mutex::new(())) })
+    }
+
+    fn lock(&self, customer: &CustomerId) -> MutexGuard<'_, ()> {
+        // Customer ids are keyed hashes: their first byte spreads them evenly.
+        let stripe = usize::from(customer.as_bytes()[0]) % self.locks.len();
+        self.locks[stripe].lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn path(&self, customer: &CustomerId) -> PathBuf {
@@ -81,7 +88,7 @@ impl KeyDir {
     }
 
     pub(crate) fn put_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.lock(customer);
         if let Some(existing) = self.get(customer)? {
             return Ok(existing);
         }
@@ -95,7 +102,7 @@ impl KeyDir {
         expected: &[u8],
         new: &[u8],
     ) -> Result<bool> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.lock(customer);
         if self.get(customer)?.as_deref() != Some(expected) {
             return Ok(false);
         }
@@ -105,7 +112,7 @@ impl KeyDir {
 
     /// Overwrites the key file with zeros in place, flushes, and unlinks it.
     pub(crate) fn destroy(&self, customer: &CustomerId) -> Result<()> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.lock(customer);
         let path = self.path(customer);
         let mut file = match OpenOptions::new().write(true).open(&path) {
             Ok(file) => file,

@@ -51,7 +51,26 @@ pub struct EncryptedStore<S> {
     keyring: RwLock<Arc<Keyring>>,
     /// The store's own data key (the key check), which seals its records such as tombstones.
     system: DataKey,
+    /// Unwrapped data keys, by customer. Held only to look up or insert, never across I/O.
     keys: Mutex<HashMap<CustomerId, DataKey>>,
+    /// Serialise fetching or making a customer's key with destroying it, per customer (by
+    /// stripe): a customer's key made on disk (two `fsync`s) holds up no other customer.
+    key_locks: KeyLocks,
+}
+
+/// One lock per stripe of customers.
+struct KeyLocks([Mutex<()>; 64]);
+
+impl KeyLocks {
+    fn new() -> Self {
+        Self(std::array::from_fn(|_| Mutex::new(())))
+    }
+
+    fn lock(&self, customer: &CustomerId) -> std::sync::MutexGuard<'_, ()> {
+        // Customer ids are keyed hashes: their first byte spreads them evenly.
+        let stripe = usize::from(customer.as_bytes()[0]) % self.0.len();
+        self.0[stripe].lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl<S> fmt::Debug for EncryptedStore<S> {
@@ -89,6 +108,7 @@ impl<S: Store> EncryptedStore<S> {
             keyring: RwLock::new(Arc::new(keyring)),
             system,
             keys: Mutex::new(HashMap::new()),
+            key_locks: KeyLocks::new(),
         })
     }
 
@@ -182,9 +202,14 @@ impl<S: Store> EncryptedStore<S> {
         if *customer == SYSTEM {
             return Ok(self.system.clone());
         }
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(key) = keys.get(customer) {
-            return Ok(key.clone());
+        if let Some(key) = self.cached_key(customer) {
+            return Ok(key);
+        }
+        // Checking the tombstone and making the key must not interleave with an erasure's
+        // destroying it: both hold the customer's lock.
+        let _guard = self.key_locks.lock(customer);
+        if let Some(key) = self.cached_key(customer) {
+            return Ok(key);
         }
         let keyring = self.keyring();
         let wrapped = match self.inner.get_key(customer)? {
@@ -200,8 +225,16 @@ impl<S: Store> EncryptedStore<S> {
         let key = keyring
             .unwrap(customer.as_bytes(), &wrapped)
             .map_err(|_| StoreError::Corrupt("data key"))?;
-        keys.insert(*customer, key.clone());
+        self.cache().insert(*customer, key.clone());
         Ok(key)
+    }
+
+    fn cached_key(&self, customer: &CustomerId) -> Option<DataKey> {
+        self.cache().get(customer).cloned()
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<CustomerId, DataKey>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn open_doc_records(
@@ -246,8 +279,8 @@ impl<S: Store> Store for EncryptedStore<S> {
     }
 
     fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
-        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.remove(customer);
+        let _guard = self.key_locks.lock(customer);
+        self.cache().remove(customer);
         self.inner.destroy_key(customer)
     }
 
@@ -508,5 +541,123 @@ mod tests {
         assert_eq!(store.doc_meta(&ALICE, &DOC).expect("meta").as_deref(), Some(&b"alice"[..]));
         assert_eq!(store.doc_meta(&BOB, &DOC).expect("meta").as_deref(), Some(&b"bob"[..]));
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A backend whose making of one customer's key waits until the test lets it go, as a
+    /// slow disk's two `fsync`s would.
+    struct SlowKeyFor {
+        inner: MemoryStore,
+        customer: CustomerId,
+        entered: Mutex<std::sync::mpsc::Sender<()>>,
+        release: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Store for SlowKeyFor {
+        fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
+            self.inner.get_key(c)
+        }
+        fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+            if *c == self.customer {
+                let _ = self.entered.lock().expect("entered").send(());
+                let _ = self.release.lock().expect("release").recv();
+            }
+            self.inner.put_key_if_absent(c, wrapped)
+        }
+        fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+            self.inner.replace_key(c, expected, new)
+        }
+        fn destroy_key(&self, c: &CustomerId) -> Result<()> {
+            self.inner.destroy_key(c)
+        }
+        fn list_customers(&self) -> Result<Vec<CustomerId>> {
+            self.inner.list_customers()
+        }
+        fn erase_customer(&self, c: &CustomerId) -> Result<()> {
+            self.inner.erase_customer(c)
+        }
+        fn write_doc(
+            &self,
+            c: &CustomerId,
+            d: &DocId,
+            m: &[u8],
+            ch: Option<Chunk<'_>>,
+        ) -> Result<Seq> {
+            self.inner.write_doc(c, d, m, ch)
+        }
+        fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
+            self.inner.load(c, d)
+        }
+        fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+            self.inner.doc_meta(c, d)
+        }
+        fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
+            self.inner.compact(c, d, snapshot)
+        }
+        fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+            self.inner.delete_doc(c, d)
+        }
+        fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+            self.inner.list_docs(c)
+        }
+        fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
+            self.inner.feed_since(c, cursor)
+        }
+        fn put_record(&self, c: &CustomerId, sp: Space, k: &[u8], v: &[u8]) -> Result<()> {
+            self.inner.put_record(c, sp, k, v)
+        }
+        fn get_record(&self, c: &CustomerId, sp: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+            self.inner.get_record(c, sp, k)
+        }
+        fn remove_record(&self, c: &CustomerId, sp: Space, k: &[u8]) -> Result<()> {
+            self.inner.remove_record(c, sp, k)
+        }
+        fn scan_records(&self, c: &CustomerId, sp: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            self.inner.scan_records(c, sp)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+    }
+
+    #[test]
+    fn a_customer_whose_key_is_being_made_holds_up_no_other_customer() {
+        const CAROL: CustomerId = CustomerId::from_bytes([5; 16]);
+        let (entered, alice_entered) = std::sync::mpsc::channel();
+        let (let_alice_go, release) = std::sync::mpsc::channel();
+        let backend = SlowKeyFor {
+            inner: MemoryStore::new(),
+            customer: ALICE,
+            entered: Mutex::new(entered),
+            release: Mutex::new(release),
+        };
+        let store = Arc::new(EncryptedStore::open(backend, keyring(9)).expect("opens"));
+        store.write_doc(&BOB, &DOC, b"bob", None).expect("bob's key is made at once");
+
+        let alice = {
+            let store = store.clone();
+            std::thread::spawn(move || store.write_doc(&ALICE, &DOC, b"alice", None))
+        };
+        let deadline = std::time::Duration::from_secs(10);
+        alice_entered.recv_timeout(deadline).expect("alice's key is being made");
+
+        // Meanwhile bob (key known) and carol (key still to make) read and write.
+        let (served, others) = std::sync::mpsc::channel();
+        {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _ = served.send(
+                    store
+                        .write_doc(&BOB, &OTHER_DOC, b"bob again", None)
+                        .and_then(|_| store.write_doc(&CAROL, &DOC, b"carol", None))
+                        .and_then(|_| store.doc_meta(&BOB, &DOC)),
+                );
+            });
+        }
+        let read = others.recv_timeout(deadline).expect("other customers waited on alice's key");
+        assert_eq!(read.expect("bob and carol are served").as_deref(), Some(&b"bob"[..]));
+
+        let_alice_go.send(()).expect("alice is waiting");
+        alice.join().expect("no panic").expect("alice's write lands once her key is made");
+        assert_eq!(store.doc_meta(&ALICE, &DOC).expect("meta").as_deref(), Some(&b"alice"[..]));
     }
 }
