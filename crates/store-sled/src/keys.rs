@@ -5,13 +5,11 @@
 //! own file lets erasure overwrite it in place, flush, and unlink it. Every change is durable when
 //! it returns (write a temporary file, fsync, rename, fsync the directory).
 
+use cubby_core::CustomerId;
+use cubby_store::{CustomerLocks, Result, StoreError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
-use cubby_core::CustomerId;
-use cubby_store::{Result, StoreError};
 
 /// The key directory.
 #[derive(Debug)]
@@ -20,7 +18,7 @@ pub(crate) struct KeyDir {
     /// Serialise a customer's read-modify-write sequences within the process (sled's lock
     /// keeps other processes out of the whole store), one lock per stripe of customers, so that
     /// one customer's `fsync`s hold up no other customer's.
-    locks: [Mutex<()>; 64],
+    locks: CustomerLocks,
 }
 
 fn io_error(err: io::Error) -> StoreError {
@@ -52,13 +50,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl KeyDir {
     pub(crate) fn open(dir: PathBuf) -> Result<Self> {
         fs::create_dir_all(&dir).map_err(io_error)?;
-        Ok(Self { dir, locks: std::array::from_fn(|_| Mutex::new(())) })
-    }
-
-    fn lock(&self, customer: &CustomerId) -> MutexGuard<'_, ()> {
-        // Customer ids are keyed hashes: their first byte spreads them evenly.
-        let stripe = usize::from(customer.as_bytes()[0]) % self.locks.len();
-        self.locks[stripe].lock().unwrap_or_else(PoisonError::into_inner)
+        Ok(Self { dir, locks: CustomerLocks::default() })
     }
 
     fn path(&self, customer: &CustomerId) -> PathBuf {
@@ -88,7 +80,7 @@ impl KeyDir {
     }
 
     pub(crate) fn put_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        let _guard = self.lock(customer);
+        let _guard = self.locks.lock(customer);
         if let Some(existing) = self.get(customer)? {
             return Ok(existing);
         }
@@ -102,7 +94,7 @@ impl KeyDir {
         expected: &[u8],
         new: &[u8],
     ) -> Result<bool> {
-        let _guard = self.lock(customer);
+        let _guard = self.locks.lock(customer);
         if self.get(customer)?.as_deref() != Some(expected) {
             return Ok(false);
         }
@@ -112,7 +104,7 @@ impl KeyDir {
 
     /// Overwrites the key file with zeros in place, flushes, and unlinks it.
     pub(crate) fn destroy(&self, customer: &CustomerId) -> Result<()> {
-        let _guard = self.lock(customer);
+        let _guard = self.locks.lock(customer);
         let path = self.path(customer);
         let mut file = match OpenOptions::new().write(true).open(&path) {
             Ok(file) => file,

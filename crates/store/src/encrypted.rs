@@ -14,7 +14,7 @@ use cubby_core::{CustomerId, DocId, Seq};
 use cubby_crypto::envelope;
 use cubby_crypto::keys::{DataKey, Keyring};
 
-use crate::{Chunk, DocRecords, Result, SYSTEM, Snapshot, Space, Store, StoreError};
+use crate::{Chunk, CustomerLocks, DocRecords, Result, SYSTEM, Snapshot, Space, Store, StoreError};
 
 const META: u8 = b'm';
 const CHUNK: u8 = b'c';
@@ -55,22 +55,7 @@ pub struct EncryptedStore<S> {
     keys: Mutex<HashMap<CustomerId, DataKey>>,
     /// Serialise fetching or making a customer's key with destroying it, per customer (by
     /// stripe): a customer's key made on disk (two `fsync`s) holds up no other customer.
-    key_locks: KeyLocks,
-}
-
-/// One lock per stripe of customers.
-struct KeyLocks([Mutex<()>; 64]);
-
-impl KeyLocks {
-    fn new() -> Self {
-        Self(std::array::from_fn(|_| Mutex::new(())))
-    }
-
-    fn lock(&self, customer: &CustomerId) -> std::sync::MutexGuard<'_, ()> {
-        // Customer ids are keyed hashes: their first byte spreads them evenly.
-        let stripe = usize::from(customer.as_bytes()[0]) % self.0.len();
-        self.0[stripe].lock().unwrap_or_else(PoisonError::into_inner)
-    }
+    key_locks: CustomerLocks,
 }
 
 impl<S> fmt::Debug for EncryptedStore<S> {
@@ -108,7 +93,7 @@ impl<S: Store> EncryptedStore<S> {
             keyring: RwLock::new(Arc::new(keyring)),
             system,
             keys: Mutex::new(HashMap::new()),
-            key_locks: KeyLocks::new(),
+            key_locks: CustomerLocks::default(),
         })
     }
 

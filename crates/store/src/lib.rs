@@ -24,9 +24,11 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod encrypted;
+mod locks;
 mod memory;
 
 pub use encrypted::EncryptedStore;
+pub use locks::CustomerLocks;
 pub use memory::MemoryStore;
 
 use cubby_core::{CustomerId, DocId, Seq};
