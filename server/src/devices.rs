@@ -5,12 +5,10 @@
 //! prove the same key, so a bearer token alone cannot sync as a device whose key it does not
 //! hold; a revoked device is refused for good.
 
-use std::sync::{Mutex, PoisonError};
-
 use cubby_core::meta::unix_ms;
 use cubby_core::{CustomerId, DeviceId};
 use cubby_proto::{ApiError, pb};
-use cubby_store::{Space, Store};
+use cubby_store::{CustomerLocks, Space, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Actor, Outcome};
@@ -114,11 +112,12 @@ fn clip(text: &str, max: usize) -> String {
     text[..end].to_owned()
 }
 
-/// Device records are read, changed and written under one lock, so a registration and a
-/// revocation of the same device never interleave.
+/// Device records are read, changed and written under their customer's lock, so a
+/// registration and a revocation of the same device never interleave, and no customer's wait
+/// on storage holds up another's.
 #[derive(Default)]
 pub(crate) struct Devices {
-    lock: Mutex<()>,
+    locks: CustomerLocks,
 }
 
 impl Devices {
@@ -131,7 +130,7 @@ impl Devices {
         customer: &CustomerId,
         arrival: &Arrival<'_>,
     ) -> Result<(), ApiError> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.locks.lock(customer);
         let now = unix_ms();
         let record = match read(store, customer, &arrival.id)? {
             Some(record) if record.revoked_ms.is_some() => return Err(ApiError::DeviceRevoked),
@@ -186,7 +185,7 @@ impl Devices {
         token: ([u8; 32], u64),
         expired_before: u64,
     ) -> Result<(), ApiError> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.locks.lock(customer);
         let mut record = read(store, customer, id)?.ok_or(ApiError::NotFound("device"))?;
         if record.revoked_ms.is_some() {
             return Err(ApiError::DeviceRevoked);
@@ -203,7 +202,7 @@ impl Devices {
         customer: &CustomerId,
         id: &DeviceId,
     ) -> Result<DeviceRecord, ApiError> {
-        let _guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _guard = self.locks.lock(customer);
         let mut record = read(store, customer, id)?.ok_or(ApiError::NotFound("device"))?;
         if record.revoked_ms.is_some() {
             return Err(ApiError::FailedPrecondition("the device is already revoked".into()));
