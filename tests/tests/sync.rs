@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::{Result as StoreResult, Space};
+use cubby_core::DocId;
+use cubby_store::Space;
+use cubby_store::hooked::{Call, Hooked};
 use cubby_tests::{Device, TestServer, eventually};
 use serde_json::json;
 
@@ -538,11 +539,10 @@ async fn a_device_syncing_a_document_live_hears_that_it_was_made_private() {
     }
 }
 
-/// A device's local backend that counts the documents loaded from it, and can hold back the next
-/// unsynced mark on its way to the disk, as a slow blocking pool can.
+/// Watches a device's local backend: counts the documents loaded from it, and can hold back the
+/// next unsynced mark on its way to the disk, as a slow blocking pool can.
 #[derive(Default)]
 struct Watched {
-    inner: cubby_store::MemoryStore,
     gate: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
     loads: std::sync::atomic::AtomicUsize,
     /// How many loads there had been when the first unsynced mark was removed.
@@ -554,6 +554,35 @@ struct Watched {
 impl Watched {
     fn loads(&self) -> usize {
         self.loads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A backend in memory that this watches.
+    fn backend(self: &Arc<Self>) -> Arc<dyn cubby_store::Store> {
+        let watched = self.clone();
+        Arc::new(Hooked::new(cubby_store::MemoryStore::new(), move |call: Call<'_>| {
+            watched.hear(call);
+        }))
+    }
+
+    fn hear(&self, call: Call<'_>) {
+        match call {
+            Call::WriteDoc { chunk: true } => {
+                self.loads_at_first_arrival.get_or_init(|| self.loads());
+            }
+            Call::Load => {
+                self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Call::PutRecord(Space::UNSYNCED) => {
+                let held = self.gate.lock().expect("gate").take();
+                if let Some(gate) = held {
+                    let _ = gate.recv();
+                }
+            }
+            Call::RemoveRecord(Space::UNSYNCED) => {
+                self.loads_at_first_sync.get_or_init(|| self.loads());
+            }
+            _ => {}
+        }
     }
 }
 
@@ -572,86 +601,11 @@ async fn alice_on(
         .expect("client builds")
 }
 
-impl cubby_store::Store for Watched {
-    fn get_key(&self, c: &CustomerId) -> StoreResult<Option<Vec<u8>>> {
-        self.inner.get_key(c)
-    }
-    fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> StoreResult<Vec<u8>> {
-        self.inner.put_key_if_absent(c, wrapped)
-    }
-    fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> StoreResult<bool> {
-        self.inner.replace_key(c, expected, new)
-    }
-    fn destroy_key(&self, c: &CustomerId) -> StoreResult<()> {
-        self.inner.destroy_key(c)
-    }
-    fn list_customers(&self) -> StoreResult<Vec<CustomerId>> {
-        self.inner.list_customers()
-    }
-    fn erase_customer(&self, c: &CustomerId) -> StoreResult<()> {
-        self.inner.erase_customer(c)
-    }
-    fn write_doc(
-        &self,
-        c: &CustomerId,
-        d: &DocId,
-        meta: &[u8],
-        chunk: Option<cubby_store::Chunk<'_>>,
-    ) -> StoreResult<Seq> {
-        if chunk.is_some() {
-            self.loads_at_first_arrival.get_or_init(|| self.loads());
-        }
-        self.inner.write_doc(c, d, meta, chunk)
-    }
-    fn load(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<cubby_store::DocRecords>> {
-        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.load(c, d)
-    }
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> StoreResult<Option<Vec<u8>>> {
-        self.inner.doc_meta(c, d)
-    }
-    fn compact(&self, c: &CustomerId, d: &DocId, s: &cubby_store::Snapshot) -> StoreResult<()> {
-        self.inner.compact(c, d, s)
-    }
-    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> StoreResult<Seq> {
-        self.inner.delete_doc(c, d)
-    }
-    fn list_docs(&self, c: &CustomerId) -> StoreResult<Vec<(DocId, Vec<u8>)>> {
-        self.inner.list_docs(c)
-    }
-    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> StoreResult<Vec<(Seq, DocId)>> {
-        self.inner.feed_since(c, cursor)
-    }
-    fn put_record(&self, c: &CustomerId, s: Space, k: &[u8], v: &[u8]) -> StoreResult<()> {
-        if s == Space::UNSYNCED {
-            let held = self.gate.lock().expect("gate").take();
-            if let Some(gate) = held {
-                let _ = gate.recv();
-            }
-        }
-        self.inner.put_record(c, s, k, v)
-    }
-    fn get_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> StoreResult<Option<Vec<u8>>> {
-        self.inner.get_record(c, s, k)
-    }
-    fn remove_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> StoreResult<()> {
-        if s == Space::UNSYNCED {
-            self.loads_at_first_sync.get_or_init(|| self.loads());
-        }
-        self.inner.remove_record(c, s, k)
-    }
-    fn scan_records(&self, c: &CustomerId, s: Space) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>> {
-        self.inner.scan_records(c, s)
-    }
-    fn flush(&self) -> StoreResult<()> {
-        self.inner.flush()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_unsynced() {
     let server = TestServer::start().await;
-    let backend = Arc::new(Watched::default());
+    let watched = Arc::new(Watched::default());
+    let backend = watched.backend();
     let phone = alice_on(&server, backend.clone(), true).await;
     let laptop = server.device("alice").await;
     let doc = phone.create("notes").await.expect("create");
@@ -665,7 +619,7 @@ async fn an_edit_whose_mark_lands_after_the_server_acknowledged_it_is_not_left_u
 
     // The phone's next edit is in its document, but its unsynced mark waits on the way to disk.
     let (release, gate) = std::sync::mpsc::channel();
-    *backend.gate.lock().expect("gate") = Some(gate);
+    *watched.gate.lock().expect("gate") = Some(gate);
     let edit = {
         let doc = doc.clone();
         tokio::spawn(async move { doc.put("b", json!(2)).await })
@@ -712,7 +666,8 @@ async fn arrived(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
     let server = TestServer::start().await;
-    let backend = Arc::new(Watched::default());
+    let watched = Arc::new(Watched::default());
+    let backend = watched.backend();
     let laptop = alice_on(&server, backend.clone(), true).await;
     let phone = server.device("alice").await;
     let mut events = laptop.events();
@@ -720,12 +675,12 @@ async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
     let notes = phone.client.create("notes").await.expect("create");
     notes.put("n", json!(0)).await.expect("put");
     arrived(&mut events, notes.id()).await;
-    let before = backend.loads();
+    let before = watched.loads();
     for n in 1..=5 {
         notes.put("n", json!(n)).await.expect("put");
         arrived(&mut events, notes.id()).await;
     }
-    assert_eq!(backend.loads(), before, "the laptop loaded the notes again for a change");
+    assert_eq!(watched.loads(), before, "the laptop loaded the notes again for a change");
 
     // Changes to many other documents since: the notes are no longer kept loaded.
     for title in 0..16 {
@@ -733,10 +688,10 @@ async fn a_closed_document_takes_changes_without_being_loaded_for_each() {
         other.put("n", json!(title)).await.expect("put");
         arrived(&mut events, other.id()).await;
     }
-    let before = backend.loads();
+    let before = watched.loads();
     notes.put("n", json!(6)).await.expect("put");
     arrived(&mut events, notes.id()).await;
-    assert_eq!(backend.loads(), before + 1, "the notes were loaded again, once");
+    assert_eq!(watched.loads(), before + 1, "the notes were loaded again, once");
     let on_laptop = laptop.open(notes.id()).await.expect("opens");
     assert_eq!(on_laptop.to_json(), json!({"n": 6}));
 }
@@ -865,7 +820,8 @@ async fn a_request_is_answered_while_a_large_feed_is_still_being_announced() {
 async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() {
     let server =
         TestServer::start_with(|config| config.limits.max_writes_per_sec = 1_000_000).await;
-    let backend = Arc::new(Watched::default());
+    let watched = Arc::new(Watched::default());
+    let backend = watched.backend();
     let offline = alice_on(&server, backend.clone(), false).await;
     let docs = 1000;
     for n in 0..docs {
@@ -879,12 +835,12 @@ async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() 
     }
     offline.shutdown().await;
 
-    let before = backend.loads();
+    let before = watched.loads();
     let online = alice_on(&server, backend.clone(), true).await;
     online.wait_until_synced().await.expect("every document made offline is synced");
     assert!(online.unsynced().await.expect("unsynced").is_empty());
     // The SDK syncs up to 128 documents at once.
-    let loaded = backend.loads_at_first_sync.get().expect("marks were removed") - before;
+    let loaded = watched.loads_at_first_sync.get().expect("marks were removed") - before;
     assert!(
         loaded <= 128,
         "{loaded} documents were loaded to be sent before the first answer was read"
@@ -902,7 +858,8 @@ async fn a_device_with_many_documents_made_offline_syncs_them_a_few_at_a_time() 
 async fn large_documents_are_synced_a_few_at_a_time() {
     let server = TestServer::start().await;
     let written = Arc::new(Watched::default());
-    let offline = alice_on(&server, written.clone(), false).await;
+    let written_to = written.backend();
+    let offline = alice_on(&server, written_to.clone(), false).await;
     let docs = 16;
     for n in 0..docs {
         let doc = offline.create(&format!("scan {n}")).await.expect("create");
@@ -911,13 +868,14 @@ async fn large_documents_are_synced_a_few_at_a_time() {
     }
     offline.shutdown().await;
     let before = written.loads();
-    let writer = alice_on(&server, written.clone(), true).await;
+    let writer = alice_on(&server, written_to.clone(), true).await;
     writer.wait_until_synced().await.expect("the writer synced");
     let sent = written.loads_at_first_sync.get().expect("marks were removed") - before;
     assert!(sent <= 8, "{sent} documents of about 1 MiB were sent before the first answer");
 
     let told = Arc::new(Watched::default());
-    let fresh = alice_on(&server, told.clone(), true).await;
+    let told_to = told.backend();
+    let fresh = alice_on(&server, told_to.clone(), true).await;
     fresh.wait_until_synced().await.expect("the new device synced");
     assert_eq!(fresh.list().await.expect("list").len(), docs as usize);
     let asked = *told.loads_at_first_arrival.get().expect("changes arrived");

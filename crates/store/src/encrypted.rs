@@ -396,6 +396,7 @@ impl<S: Store> Store for EncryptedStore<S> {
 mod tests {
     use super::*;
     use crate::MemoryStore;
+    use crate::hooked::{Call, Hooked};
     use cubby_crypto::keys::MasterSecret;
 
     fn keyring(byte: u8) -> Keyring {
@@ -528,93 +529,19 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
-    /// A backend whose making of one customer's key waits until the test lets it go, as a
-    /// slow disk's two `fsync`s would.
-    struct SlowKeyFor {
-        inner: MemoryStore,
-        customer: CustomerId,
-        entered: Mutex<std::sync::mpsc::Sender<()>>,
-        release: Mutex<std::sync::mpsc::Receiver<()>>,
-    }
-
-    impl Store for SlowKeyFor {
-        fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
-            self.inner.get_key(c)
-        }
-        fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-            if *c == self.customer {
-                let _ = self.entered.lock().expect("entered").send(());
-                let _ = self.release.lock().expect("release").recv();
-            }
-            self.inner.put_key_if_absent(c, wrapped)
-        }
-        fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
-            self.inner.replace_key(c, expected, new)
-        }
-        fn destroy_key(&self, c: &CustomerId) -> Result<()> {
-            self.inner.destroy_key(c)
-        }
-        fn list_customers(&self) -> Result<Vec<CustomerId>> {
-            self.inner.list_customers()
-        }
-        fn erase_customer(&self, c: &CustomerId) -> Result<()> {
-            self.inner.erase_customer(c)
-        }
-        fn write_doc(
-            &self,
-            c: &CustomerId,
-            d: &DocId,
-            m: &[u8],
-            ch: Option<Chunk<'_>>,
-        ) -> Result<Seq> {
-            self.inner.write_doc(c, d, m, ch)
-        }
-        fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
-            self.inner.load(c, d)
-        }
-        fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
-            self.inner.doc_meta(c, d)
-        }
-        fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
-            self.inner.compact(c, d, snapshot)
-        }
-        fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
-            self.inner.delete_doc(c, d)
-        }
-        fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
-            self.inner.list_docs(c)
-        }
-        fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
-            self.inner.feed_since(c, cursor)
-        }
-        fn put_record(&self, c: &CustomerId, sp: Space, k: &[u8], v: &[u8]) -> Result<()> {
-            self.inner.put_record(c, sp, k, v)
-        }
-        fn get_record(&self, c: &CustomerId, sp: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-            self.inner.get_record(c, sp, k)
-        }
-        fn remove_record(&self, c: &CustomerId, sp: Space, k: &[u8]) -> Result<()> {
-            self.inner.remove_record(c, sp, k)
-        }
-        fn scan_records(&self, c: &CustomerId, sp: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-            self.inner.scan_records(c, sp)
-        }
-        fn flush(&self) -> Result<()> {
-            self.inner.flush()
-        }
-    }
-
     #[test]
     fn a_customer_whose_key_is_being_made_holds_up_no_other_customer() {
         const CAROL: CustomerId = CustomerId::from_bytes([5; 16]);
         let (entered, alice_entered) = std::sync::mpsc::channel();
-        let (let_alice_go, release) = std::sync::mpsc::channel();
-        let backend = SlowKeyFor {
-            inner: MemoryStore::new(),
-            customer: ALICE,
-            entered: Mutex::new(entered),
-            release: Mutex::new(release),
-        };
+        let (let_alice_go, release) = std::sync::mpsc::channel::<()>();
+        let (entered, release) = (Mutex::new(entered), Mutex::new(release));
+        // Making alice's key waits until the test lets it go, as a slow disk's `fsync`s would.
+        let backend = Hooked::new(MemoryStore::new(), move |call: Call<'_>| {
+            if let Call::PutKey(&ALICE) = call {
+                let _ = entered.lock().expect("entered").send(());
+                let _ = release.lock().expect("release").recv();
+            }
+        });
         let store = Arc::new(EncryptedStore::open(backend, keyring(9)).expect("opens"));
         store.write_doc(&BOB, &DOC, b"bob", None).expect("bob's key is made at once");
 

@@ -24,6 +24,8 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod encrypted;
+#[cfg(feature = "conformance")]
+pub mod hooked;
 mod locks;
 mod memory;
 
