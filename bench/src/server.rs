@@ -112,15 +112,17 @@ impl ServerProcess {
     }
 }
 
-/// CPU time process `pid` has used so far, all threads (`/proc/PID/task/*/schedstat`,
-/// nanoseconds).
+/// CPU time process `pid` has used so far, all its threads, those that have exited included
+/// (the process's CPU-time clock, `clock_getcpuclockid`).
+///
+/// Summing the live threads' `/proc/PID/task/*/schedstat` instead loses every thread that
+/// exits before the second reading, with all its time, and can go backwards: sled's I/O pool
+/// starts a thread whenever fewer than seven wait and lets it go after a second without work,
+/// and tokio's blocking pool does the same after ten.
 pub(crate) fn cpu_of(pid: u32) -> Result<Duration, Error> {
-    let mut total = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let stat = std::fs::read_to_string(task?.path().join("schedstat")).unwrap_or_default();
-        total += stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
-    }
-    Ok(Duration::from_nanos(total))
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+    let now = nix::time::ClockId::pid_cpu_clock_id(pid)?.now()?;
+    Ok(Duration::from(now))
 }
 
 /// Process `pid`'s resident memory, bytes.
