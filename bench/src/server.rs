@@ -79,7 +79,17 @@ impl ServerProcess {
         dir: &Path,
         wire: &Wire,
     ) -> Result<Client, Error> {
-        self.device_with_tokens(dir, wire, StaticToken::new(self.token(subject)?)).await
+        self.build_device(dir, wire, StaticToken::new(self.token(subject)?), true).await
+    }
+
+    /// Like [`ServerProcess::device`], but it syncs only once told to (`Client::start_sync`).
+    pub(crate) async fn offline_device(
+        &self,
+        subject: &str,
+        dir: &Path,
+        wire: &Wire,
+    ) -> Result<Client, Error> {
+        self.build_device(dir, wire, StaticToken::new(self.token(subject)?), false).await
     }
 
     /// Like [`ServerProcess::device`], with its tokens from `tokens`.
@@ -89,6 +99,16 @@ impl ServerProcess {
         wire: &Wire,
         tokens: impl TokenProvider,
     ) -> Result<Client, Error> {
+        self.build_device(dir, wire, tokens, true).await
+    }
+
+    async fn build_device(
+        &self,
+        dir: &Path,
+        wire: &Wire,
+        tokens: impl TokenProvider,
+        autosync: bool,
+    ) -> Result<Client, Error> {
         let addr = self.url.trim_start_matches("https://").to_owned();
         let wire = wire.clone();
         let client = Client::builder()
@@ -97,6 +117,7 @@ impl ServerProcess {
             .with_server(self.url.clone())
             .with_ca_pem(self.ca_pem.clone())
             .with_token_provider(tokens)
+            .with_autosync(autosync)
             .with_transport(move || {
                 let (addr, wire) = (addr.clone(), wire.clone());
                 async move {
