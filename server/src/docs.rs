@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::durable::{CommitHandle, Write, api_error};
+use crate::hub::Announcement;
 
 /// Where a document actor sends frames for one connected device. Frames are boxed: a tokio
 /// channel allocates its first block of 32 slots when it is made, and a `ServerFrame` inline
@@ -69,6 +70,20 @@ pub(crate) enum DocMsg {
         permit: OwnedSemaphorePermit,
         /// Cancelled to close the device's stream when it is too slow to keep up.
         kick: CancellationToken,
+    },
+    /// A reconnecting device's stream announces a changed document through its actor, which
+    /// joins the device to the document and, when it kept the device's sync state, sends what
+    /// changed right behind the announcement, unasked: the device need not ask, which saves a
+    /// round trip. `queued` says whether the actor sent the announcement (false, or dropped:
+    /// the stream sends it itself).
+    Push {
+        peer: u64,
+        device: DeviceId,
+        outbox: Outbox,
+        held: Held,
+        kick: CancellationToken,
+        announcement: Arc<Announcement>,
+        queued: oneshot::Sender<bool>,
     },
     /// The device's stream closed.
     Leave { peer: u64 },
@@ -303,6 +318,11 @@ impl Deferred {
     }
 }
 
+/// Where a device's sync state for a document is kept (`Space::SYNC_STATES`).
+pub(crate) fn session_key(doc: &DocId, device: &DeviceId) -> Vec<u8> {
+    [doc.as_bytes().as_slice(), device.as_bytes()].concat()
+}
+
 fn error_frame(doc: &DocId, err: &ApiError) -> Box<pb::ServerFrame> {
     Box::new(pb::ServerFrame {
         frame: Some(pb::server_frame::Frame::Error(pb::DocError {
@@ -440,6 +460,7 @@ impl Actor {
         let mut touched = false;
         let mut poisoned = false;
         let mut deferred = Vec::new();
+        let mut pushes = Vec::new();
         let mut batch = batch.into_iter();
         while let Some(msg) = batch.next() {
             match msg {
@@ -513,6 +534,16 @@ impl Actor {
                     }
                     drop(permit);
                 }
+                DocMsg::Push { peer, device, outbox, held, kick, announcement, queued } => {
+                    if self.live().is_none() {
+                        continue; // Deleted meanwhile: the stream announces it as it was.
+                    }
+                    if !self.peers.contains_key(&peer) {
+                        let session = self.saved_session(device).await;
+                        self.peers.insert(peer, Peer { device, session, outbox, held, kick });
+                    }
+                    pushes.push((peer, announcement, queued));
+                }
                 DocMsg::Leave { peer } => {
                     if let Some(peer) = self.peers.remove(&peer) {
                         self.save_session(&peer).await;
@@ -573,6 +604,7 @@ impl Actor {
             return;
         }
         self.answer(deferred).await;
+        self.push(pushes);
         let moved = before != self.live().map(|l| l.doc.get_heads());
         self.fan_out(&spoke, moved);
         self.maybe_compact().await;
@@ -587,7 +619,7 @@ impl Actor {
             return PeerSession::restore_for(&old.session.persist(), &live.doc);
         }
         let (store, customer, key) =
-            (self.ctx().store.clone(), self.customer, self.session_key(device));
+            (self.ctx().store.clone(), self.customer, session_key(&self.doc, &device));
         let saved = self
             .ctx()
             .work
@@ -606,7 +638,7 @@ impl Actor {
             return; // Nothing worth keeping (a document the device never synced, say).
         }
         let (store, customer) = (self.ctx().store.clone(), self.customer);
-        let (key, value) = (self.session_key(peer.device), peer.session.persist());
+        let (key, value) = (session_key(&self.doc, &peer.device), peer.session.persist());
         let saved = self
             .ctx()
             .work
@@ -615,10 +647,6 @@ impl Actor {
         if let Ok(Err(err)) = saved {
             tracing::debug!(%err, "could not keep a device's sync state");
         }
-    }
-
-    fn session_key(&self, device: DeviceId) -> Vec<u8> {
-        [self.doc.as_bytes().as_slice(), device.as_bytes()].concat()
     }
 
     fn live(&self) -> Option<&Live> {
@@ -765,6 +793,44 @@ impl Actor {
         }
     }
 
+    /// Announces the document to each reconnecting peer in `pushes`, with what changed since its
+    /// saved sync state right behind, unasked (`PeerSession::push`), now that the batch is
+    /// durable.
+    fn push(&mut self, pushes: Vec<(u64, Arc<Announcement>, oneshot::Sender<bool>)>) {
+        let Some(Some(live)) = &self.state else { return };
+        for (peer_id, announcement, queued) in pushes {
+            let Some(peer) = self.peers.get_mut(&peer_id) else { continue };
+            // Contained like every message built from a peer's state (see `fan_out`).
+            let message =
+                std::panic::catch_unwind(AssertUnwindSafe(|| peer.session.push(&live.doc)))
+                    .ok()
+                    .flatten();
+            tracing::debug!(peer = peer_id, doc = %self.doc.short(), pushed = message.is_some(),
+                "catch-up announced by the document's actor");
+            let mut frames = vec![Box::new(announcement.frame(message.is_some()))];
+            if let Some(message) = message {
+                frames.push(Box::new(pb::ServerFrame {
+                    frame: Some(pb::server_frame::Frame::Sync(pb::DocSync {
+                        doc_id: self.doc.as_bytes().to_vec(),
+                        message,
+                        create: None,
+                        seq: live.seq.0,
+                        more: false,
+                    })),
+                }));
+            }
+            let mut sent = true;
+            for frame in frames {
+                sent &= peer.outbox.try_send(Ok(frame)).is_ok();
+            }
+            if !sent {
+                // Its queue is full: it is not reading (and is kicked like any slow peer).
+                peer.kick.cancel();
+            }
+            let _ = queued.send(sent);
+        }
+    }
+
     /// Sends every peer whatever the sync protocol has for it now; peers in `spoke` sent a
     /// message in this batch and get an answer whenever they have not yet heard the document's
     /// current heads on this connection (their acknowledgement; `PeerSession::reply`): a
@@ -858,7 +924,7 @@ impl Actor {
                 DocMsg::Sync { outbox, .. } => {
                     let _ = outbox.try_send(Ok(error_frame(&self.doc, err)));
                 }
-                DocMsg::Leave { .. } => {}
+                DocMsg::Leave { .. } | DocMsg::Push { .. } => {}
                 DocMsg::Create { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::SetPrivate { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::Read { reply, .. } | DocMsg::Edit { reply, .. } => {

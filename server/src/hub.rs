@@ -29,7 +29,9 @@ pub(crate) struct Announcement {
 }
 
 impl Announcement {
-    pub(crate) fn frame(&self) -> pb::ServerFrame {
+    /// The announcement as a frame; `pushed` when the document's actor sends the change right
+    /// behind it (see `DocMsg::Push`).
+    pub(crate) fn frame(&self, pushed: bool) -> pb::ServerFrame {
         pb::ServerFrame {
             frame: Some(pb::server_frame::Frame::Changed(pb::DocChanged {
                 doc_id: self.doc.as_bytes().to_vec(),
@@ -41,6 +43,7 @@ impl Announcement {
                     .as_ref()
                     .map(|info| pb::DocInfo { doc_id: Vec::new(), ..info.clone() }),
                 deleted: self.info.is_none(),
+                pushed,
             })),
         }
     }

@@ -15,8 +15,9 @@ use cubby_core::{DeviceId, DocId, DocMeta, Seq};
 use cubby_crypto::signing::verify_device_proof;
 use cubby_proto::parts::{self, Reassembly};
 use cubby_proto::{ApiError, pb};
+use cubby_store::Space;
 use futures_util::StreamExt;
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Shared;
 use crate::customers::Ejector;
 use crate::devices::Arrival;
-use crate::docs::{DocMsg, Held, Outbox};
+use crate::docs::{DocMsg, Held, Outbox, session_key};
 use crate::durable::api_error;
 use crate::hub::Announcement;
 
@@ -39,6 +40,12 @@ const OWN_FRAMES: usize = 32;
 /// How long before its token expires a stream asks its device for a fresh one (a token that
 /// lives less than twice this is asked for halfway through what is left of it).
 const RENEW_BEFORE: Duration = Duration::from_secs(60);
+
+/// A catch-up of at most this many documents is pushed: each document's actor sends the
+/// announcement with what changed right behind it, so the device need not ask (a round trip
+/// less). Each costs the server a document load, so a longer catch-up (a device away for long)
+/// is announced, and the device asks at its own pace.
+const PUSH_AT_MOST: usize = 16;
 
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
@@ -260,7 +267,7 @@ impl Connection {
         // Subscribe before reading the feed, so nothing falls between the two.
         let mut announcements = self.shared.hub.subscribe(self.customer);
         self.announced = Seq(hello.cursor);
-        self.catch_up().await?;
+        self.catch_up(true).await?;
         self.send(pb::ServerFrame {
             frame: Some(pb::server_frame::Frame::CaughtUp(pb::CaughtUp {
                 cursor: self.announced.0,
@@ -327,7 +334,7 @@ impl Connection {
                 },
                 announcement = announcements.recv() => match announcement {
                     Ok(a) => self.on_announcement(a).await?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up().await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up(false).await?,
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 () = &mut expiry => {
@@ -379,19 +386,29 @@ impl Connection {
         Ok(true)
     }
 
-    /// Announces every document changed after `self.announced`, from storage.
-    async fn catch_up(&mut self) -> Result<(), Status> {
+    /// Announces every document changed after `self.announced`, from storage. With `push` (the
+    /// catch-up on connecting, before `CaughtUp`), a short one is pushed where the device's sync
+    /// state was kept. Not later: the device, caught up already, could advance its cursor on a
+    /// pushed document's frames past an earlier announcement still queued behind them.
+    async fn catch_up(&mut self, push: bool) -> Result<(), Status> {
         let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
+        let device = self.device.ok_or(ApiError::Internal)?;
         let changes = self
             .shared
             .work
             .run(move || {
                 let feed = store.feed_since(&customer, cursor)?;
+                let push = push && feed.len() <= PUSH_AT_MOST;
                 let changes = feed
                     .into_iter()
                     .map(|(seq, doc)| {
                         let meta = store.doc_meta(&customer, &doc)?;
-                        Ok((seq, doc, meta))
+                        // Only a document whose sync state with this device was kept can be
+                        // pushed (see `DocMsg::Push`).
+                        let key = session_key(&doc, &device);
+                        let push = push
+                            && store.get_record(&customer, Space::SYNC_STATES, &key)?.is_some();
+                        Ok((seq, doc, meta, push))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 // Reads see writes before their group commit is flushed; flush, so nothing
@@ -405,17 +422,51 @@ impl Connection {
             .await
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
-        for (seq, doc, meta) in changes {
+        let mut pushed = Vec::new();
+        for (seq, doc, meta, push) in changes {
             let info = match meta.map(|m| DocMeta::decode(&m)) {
                 Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
                 None => None,
             };
             // The feed keeps no record of what changed: announce it as it used to be.
-            let a = Announcement { doc, seq, info, metadata: true };
-            self.on_announcement(Arc::new(a)).await?;
+            let a = Arc::new(Announcement { doc, seq, info, metadata: true });
+            if push && a.info.is_some() && a.seq > self.announced && !self.joined.contains(&doc) {
+                pushed.push(self.push(a)?);
+            } else {
+                self.on_announcement(a).await?;
+            }
+        }
+        // Every pushed frame is queued before `CaughtUp` (the actors' frames go first), so the
+        // device's cursor never passes a pushed change it has not been sent.
+        for (a, queued) in pushed {
+            if !queued.await.unwrap_or(false) {
+                self.send(a.frame(false));
+            }
         }
         Ok(())
+    }
+
+    /// Hands a catch-up announcement to the document's actor to push (`DocMsg::Push`).
+    fn push(
+        &mut self,
+        a: Arc<Announcement>,
+    ) -> Result<(Arc<Announcement>, oneshot::Receiver<bool>), Status> {
+        let device = self.device.ok_or(ApiError::Internal)?;
+        let (queued, answer) = oneshot::channel();
+        self.joined.insert(a.doc);
+        self.announced = a.seq;
+        let msg = DocMsg::Push {
+            peer: self.peer,
+            device,
+            outbox: self.outbox.clone(),
+            held: self.held.clone(),
+            kick: self.kick.clone(),
+            announcement: a.clone(),
+            queued,
+        };
+        self.shared.docs.send(self.customer, a.doc, msg);
+        Ok((a, answer))
     }
 
     /// Announces a durable change, or holds it back when the device syncs that document live
@@ -441,7 +492,7 @@ impl Connection {
         owed.sort_by_key(|d| d.seq);
         for d in owed.iter().chain([&a]) {
             self.announced = d.seq;
-            self.send(d.frame());
+            self.send(d.frame(false));
         }
         Ok(())
     }

@@ -881,3 +881,85 @@ async fn large_documents_are_synced_a_few_at_a_time() {
     let asked = *told.loads_at_first_arrival.get().expect("changes arrived");
     assert!(asked <= 8, "{asked} documents of about 1 MiB were asked for before the first arrived");
 }
+
+/// A device that reconnects to a document it synced before is sent what changed right behind
+/// the announcement, before it says anything: the server kept its sync state, so the device
+/// need not ask, which saves a round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
+    use automerge::transaction::Transactable;
+    use cubby_core::session::PeerSession;
+    use cubby_proto::pb::{self, server_frame::Frame};
+    use cubby_tests::RawStream;
+
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let key =
+        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let device: [u8; 16] = cubby_crypto::random_array();
+    let id = DocId::from_bytes(cubby_crypto::random_array());
+
+    // A device speaking the protocol frame by frame makes a document and syncs it.
+    let mut doc = automerge::Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "n", 1).map(drop))
+        .expect("put");
+    let mut session = PeerSession::new();
+    let mut raw = RawStream::connect_as(&server, &token, &key, device).await.expect("connects");
+    let first = session.generate(&doc).expect("the device's first message");
+    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
+        doc_id: id.as_bytes().to_vec(),
+        message: first,
+        create: Some(pb::NewDoc { title: "notes".into() }),
+        ..Default::default()
+    }))
+    .await;
+    while !session.peer_has_everything(&doc) || session.their_heads() != Some(&doc.get_heads()) {
+        let Ok(Some(Frame::Sync(sync))) = raw.next().await else { continue };
+        session.receive(&mut doc, &sync.message).expect("a valid server message");
+        if let Some(reply) = session.generate(&doc) {
+            let frame = pb::DocSync {
+                doc_id: id.as_bytes().to_vec(),
+                message: reply,
+                ..Default::default()
+            };
+            raw.send(pb::client_frame::Frame::Sync(frame)).await;
+        }
+    }
+    drop(raw);
+
+    // Meanwhile another device of the customer edits it.
+    let laptop = server.device("alice").await;
+    let copy = eventually_open(&laptop, id).await;
+    copy.put("late", json!("edit")).await.expect("put");
+    laptop.client.wait_until_synced().await.expect("synced");
+    let heads = copy.heads();
+
+    // Back, the device says nothing after its proof: the change comes anyway, announced as
+    // pushed, and before the server says the device is caught up.
+    let mut raw = RawStream::connect_as(&server, &token, &key, device).await.expect("reconnects");
+    session.reconnect();
+    let mut announced_pushed = false;
+    loop {
+        match raw.next().await.expect("the stream stays open").expect("a frame") {
+            Frame::Changed(changed) if changed.doc_id == id.as_bytes() => {
+                announced_pushed |= changed.pushed;
+            }
+            Frame::Sync(sync) => {
+                session.receive(&mut doc, &sync.message).expect("a valid server message");
+            }
+            Frame::CaughtUp(_) => break,
+            _ => {}
+        }
+    }
+    assert!(announced_pushed, "the announcement says the change follows");
+    assert_eq!(doc.get_heads(), heads, "the change arrived unasked, before CaughtUp");
+}
+
+async fn eventually_open(device: &Device, id: DocId) -> cubby_client::DocHandle {
+    eventually("the document reaches the device", || async {
+        device.client.open(id).await.is_ok()
+    })
+    .await;
+    device.client.open(id).await.expect("open")
+}

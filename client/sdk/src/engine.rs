@@ -808,6 +808,12 @@ impl<'a> Session<'a> {
             })
             .await?;
         }
+        if changed.pushed {
+            // The server sends what changed right behind this (it kept this device's sync
+            // state); the device answers that. Should it not come, the document stays owed and
+            // is asked for once it stalls.
+            return Ok(());
+        }
         if self.active.contains_key(&id) {
             return self.push(id).await;
         }

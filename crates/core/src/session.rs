@@ -161,6 +161,26 @@ impl PeerSession {
         Some(message.encode())
     }
 
+    /// The first message of a reconnection, sent before the peer has said anything: what
+    /// changed since the heads both sides shared when the session was saved. Automerge puts
+    /// changes in a message only once it knows what the peer has and needs, and a restored
+    /// session knows neither, so this presumes the peer holds exactly the shared heads and needs
+    /// nothing else, as a device that kept its copy does. A wrong guess (the device lost some of
+    /// it) costs one more exchange: its answer says what it has and needs. `None` when nothing
+    /// is shared (a session never saved), when the peer has spoken already (the exchange is
+    /// under way), or when nothing changed: the peer starts the exchange itself.
+    pub fn push(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+        let shared = self.state.shared_heads.clone();
+        if shared.is_empty() || self.state.their_heads.is_some() || shared == doc.get_heads() {
+            return None;
+        }
+        self.state.their_heads = Some(shared.clone());
+        self.state.their_need = Some(Vec::new());
+        self.state.their_have =
+            Some(vec![sync::Have { last_sync: shared, bloom: sync::BloomFilter::default() }]);
+        self.generate(doc)
+    }
+
     /// The answer to the peer's latest messages: what Automerge has to say, or else our heads,
     /// unless our last message on this connection already carried exactly these.
     ///
@@ -506,6 +526,96 @@ mod tests {
         let fresh_hello = PeerSession::new().generate(&device).expect("hello").len();
         let restored_hello = restored.generate(&device).expect("hello").len();
         assert!(restored_hello < fresh_hello, "{restored_hello} >= {fresh_hello}");
+    }
+
+    /// Syncs `device` with `server` until both are quiet; returns the server's session with it.
+    fn settle(server: &mut Automerge, device: &mut Automerge) -> PeerSession {
+        let (mut to_server, mut to_device) = (PeerSession::new(), PeerSession::new());
+        loop {
+            let m1 = to_server.generate(device);
+            if let Some(m) = &m1 {
+                to_device.receive(server, m).expect("valid");
+            }
+            let m2 = to_device.generate(server);
+            if let Some(m) = &m2 {
+                to_server.receive(device, m).expect("valid");
+            }
+            if m1.is_none() && m2.is_none() {
+                return to_device;
+            }
+        }
+    }
+
+    #[test]
+    fn a_pushed_message_carries_what_changed_since_the_saved_session() {
+        let mut server = doc_with("title", "notes");
+        let mut device = Automerge::new();
+        let saved = settle(&mut server, &mut device).persist();
+        let mut writer = server.fork();
+        writer
+            .transact::<_, _, automerge::AutomergeError>(|tx| {
+                tx.put(ROOT, "late", "edit").map(drop)
+            })
+            .expect("put");
+        server.merge(&mut writer).expect("merge");
+
+        // The device has said nothing on its new connection: the first message carries the change.
+        let mut restored = PeerSession::restore_for(&saved, &server);
+        let pushed = restored.push(&server).expect("something changed");
+        let mut from_server = PeerSession::new();
+        assert!(from_server.receive(&mut device, &pushed).expect("valid").changed);
+        assert_eq!(device.get_heads(), server.get_heads());
+        // Its answer acknowledges, and the exchange ends there.
+        let answer = from_server.generate(&device).expect("the device's new heads");
+        restored.receive(&mut server, &answer).expect("valid");
+        assert!(restored.peer_has_everything(&server));
+        assert_eq!(restored.reply(&server), None);
+
+        // Nothing to push: in step, never synced, or the peer spoke first on this connection.
+        assert_eq!(PeerSession::restore_for(&restored.persist(), &server).push(&server), None);
+        assert_eq!(PeerSession::new().push(&server), None);
+        let mut spoken = PeerSession::restore_for(&saved, &server);
+        let hello = PeerSession::restore_for(&saved, &device).generate(&device).expect("hello");
+        spoken.receive(&mut server, &hello).expect("valid");
+        assert_eq!(spoken.push(&server), None);
+    }
+
+    #[test]
+    fn a_push_to_a_device_that_lost_part_of_what_it_shared_converges_after_one_more_exchange() {
+        let mut server = doc_with("a", "1");
+        let mut device = Automerge::new();
+        settle(&mut server, &mut device);
+        server
+            .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "b", "2").map(drop))
+            .expect("put");
+        let mut kept = device.clone(); // what the device still has after a crash
+        let saved = settle(&mut server, &mut device).persist();
+        server
+            .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "c", "3").map(drop))
+            .expect("put");
+
+        let mut to_device = PeerSession::restore_for(&saved, &server);
+        let mut to_server = PeerSession::new();
+        let pushed = to_device.push(&server).expect("something changed");
+        to_server.receive(&mut kept, &pushed).expect("valid");
+        assert_ne!(kept.get_heads(), server.get_heads(), "the pushed change lacks its dependency");
+        let mut exchanges = 0;
+        loop {
+            let m1 = to_server.generate(&kept);
+            if let Some(m) = &m1 {
+                to_device.receive(&mut server, m).expect("valid");
+            }
+            let m2 = to_device.generate(&server);
+            if let Some(m) = &m2 {
+                to_server.receive(&mut kept, m).expect("valid");
+            }
+            if m1.is_none() && m2.is_none() {
+                break;
+            }
+            exchanges += 1;
+            assert!(exchanges < 10, "no convergence");
+        }
+        assert_eq!(kept.get_heads(), server.get_heads());
     }
 
     /// A message from `a` carrying its changes to an empty `b`, after one round trip.
