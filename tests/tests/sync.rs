@@ -889,7 +889,7 @@ async fn large_documents_are_synced_a_few_at_a_time() {
 async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
     use automerge::transaction::Transactable;
     use cubby_core::session::PeerSession;
-    use cubby_proto::pb::{self, server_frame::Frame};
+    use cubby_proto::pb::server_frame::Frame;
     use cubby_tests::RawStream;
 
     let server = TestServer::start().await;
@@ -897,8 +897,8 @@ async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
     let key =
         cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
             .expect("key");
-    let device: [u8; 16] = cubby_crypto::random_array();
-    let id = DocId::from_bytes(cubby_crypto::random_array());
+    let (device, raw_id) = (cubby_crypto::random_array::<16>(), cubby_crypto::random_array());
+    let id = DocId::from_bytes(raw_id);
 
     // A device speaking the protocol frame by frame makes a document and syncs it.
     let mut doc = automerge::Automerge::new();
@@ -906,26 +906,7 @@ async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
         .expect("put");
     let mut session = PeerSession::new();
     let mut raw = RawStream::connect_as(&server, &token, &key, device).await.expect("connects");
-    let first = session.generate(&doc).expect("the device's first message");
-    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
-        doc_id: id.as_bytes().to_vec(),
-        message: first,
-        create: Some(pb::NewDoc { title: "notes".into() }),
-        ..Default::default()
-    }))
-    .await;
-    while !session.peer_has_everything(&doc) || session.their_heads() != Some(&doc.get_heads()) {
-        let Ok(Some(Frame::Sync(sync))) = raw.next().await else { continue };
-        session.receive(&mut doc, &sync.message).expect("a valid server message");
-        if let Some(reply) = session.generate(&doc) {
-            let frame = pb::DocSync {
-                doc_id: id.as_bytes().to_vec(),
-                message: reply,
-                ..Default::default()
-            };
-            raw.send(pb::client_frame::Frame::Sync(frame)).await;
-        }
-    }
+    sync_raw(&mut raw, &mut session, &mut doc, raw_id, true).await;
     drop(raw);
 
     // Meanwhile another device of the customer edits it.

@@ -346,7 +346,17 @@ mod tests {
 
     /// Runs the protocol until neither side has anything to say; returns the rounds it took.
     fn sync_pair(a: &mut Automerge, b: &mut Automerge) -> usize {
-        let (mut a_to_b, mut b_to_a) = (PeerSession::new(), PeerSession::new());
+        exchange(a, &mut PeerSession::new(), b, &mut PeerSession::new())
+    }
+
+    /// Runs the protocol between `a` (its session with `b` is `a_to_b`) and `b` until neither
+    /// side has anything to say; returns the rounds it took.
+    fn exchange(
+        a: &mut Automerge,
+        a_to_b: &mut PeerSession,
+        b: &mut Automerge,
+        b_to_a: &mut PeerSession,
+    ) -> usize {
         for round in 1..100 {
             let ma = a_to_b.generate(a);
             if let Some(m) = &ma {
@@ -360,7 +370,7 @@ mod tests {
                 return round;
             }
         }
-        panic!("sync did not converge in 100 rounds");
+        panic!("no convergence in 100 rounds");
     }
 
     #[test]
@@ -507,20 +517,7 @@ mod tests {
         }
         let mut device = Automerge::new();
         let mut to_server = PeerSession::new();
-        let mut to_device = PeerSession::new();
-        loop {
-            let m1 = to_server.generate(&device);
-            if let Some(m) = &m1 {
-                to_device.receive(&mut server, m).expect("valid");
-            }
-            let m2 = to_device.generate(&server);
-            if let Some(m) = &m2 {
-                to_server.receive(&mut device, m).expect("valid");
-            }
-            if m1.is_none() && m2.is_none() {
-                break;
-            }
-        }
+        exchange(&mut device, &mut to_server, &mut server, &mut PeerSession::new());
         let saved = to_server.persist();
         let mut restored = PeerSession::restore(&saved).expect("decodes");
         let fresh_hello = PeerSession::new().generate(&device).expect("hello").len();
@@ -530,20 +527,9 @@ mod tests {
 
     /// Syncs `device` with `server` until both are quiet; returns the server's session with it.
     fn settle(server: &mut Automerge, device: &mut Automerge) -> PeerSession {
-        let (mut to_server, mut to_device) = (PeerSession::new(), PeerSession::new());
-        loop {
-            let m1 = to_server.generate(device);
-            if let Some(m) = &m1 {
-                to_device.receive(server, m).expect("valid");
-            }
-            let m2 = to_device.generate(server);
-            if let Some(m) = &m2 {
-                to_server.receive(device, m).expect("valid");
-            }
-            if m1.is_none() && m2.is_none() {
-                return to_device;
-            }
-        }
+        let mut to_device = PeerSession::new();
+        exchange(device, &mut PeerSession::new(), server, &mut to_device);
+        to_device
     }
 
     #[test]
@@ -599,22 +585,8 @@ mod tests {
         let pushed = to_device.push(&server).expect("something changed");
         to_server.receive(&mut kept, &pushed).expect("valid");
         assert_ne!(kept.get_heads(), server.get_heads(), "the pushed change lacks its dependency");
-        let mut exchanges = 0;
-        loop {
-            let m1 = to_server.generate(&kept);
-            if let Some(m) = &m1 {
-                to_device.receive(&mut server, m).expect("valid");
-            }
-            let m2 = to_device.generate(&server);
-            if let Some(m) = &m2 {
-                to_server.receive(&mut kept, m).expect("valid");
-            }
-            if m1.is_none() && m2.is_none() {
-                break;
-            }
-            exchanges += 1;
-            assert!(exchanges < 10, "no convergence");
-        }
+        let rounds = exchange(&mut kept, &mut to_server, &mut server, &mut to_device);
+        assert!(rounds <= 3, "{rounds} rounds");
         assert_eq!(kept.get_heads(), server.get_heads());
     }
 
