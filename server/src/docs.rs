@@ -72,13 +72,14 @@ pub(crate) enum DocMsg {
         kick: CancellationToken,
     },
     /// A reconnecting device's stream announces a changed document through its actor, which
-    /// joins the device to the document and, when it kept the device's sync state, sends what
-    /// changed right behind the announcement, unasked: the device need not ask, which saves a
-    /// round trip. `queued` says whether the actor sent the announcement (false, or dropped:
-    /// the stream sends it itself).
+    /// joins the device to the document and sends what changed since the device's `saved` sync
+    /// state (as the stream read it from storage) right behind the announcement, unasked: the
+    /// device need not ask, which saves a round trip. `queued` says whether the actor sent the
+    /// announcement (false, or dropped: the stream sends it itself).
     Push {
         peer: u64,
         device: DeviceId,
+        saved: Vec<u8>,
         outbox: Outbox,
         held: Held,
         kick: CancellationToken,
@@ -479,7 +480,7 @@ impl Actor {
                         }
                     }
                     if !self.peers.contains_key(&peer) {
-                        let session = self.saved_session(device).await;
+                        let session = self.saved_session(device, None).await;
                         self.peers.insert(peer, Peer { device, session, outbox, held, kick });
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
@@ -534,12 +535,12 @@ impl Actor {
                     }
                     drop(permit);
                 }
-                DocMsg::Push { peer, device, outbox, held, kick, announcement, queued } => {
+                DocMsg::Push { peer, device, saved, outbox, held, kick, announcement, queued } => {
                     if self.live().is_none() {
                         continue; // Deleted meanwhile: the stream announces it as it was.
                     }
                     if !self.peers.contains_key(&peer) {
-                        let session = self.saved_session(device).await;
+                        let session = self.saved_session(device, Some(saved)).await;
                         self.peers.insert(peer, Peer { device, session, outbox, held, kick });
                     }
                     pushes.push((peer, announcement, queued));
@@ -613,20 +614,23 @@ impl Actor {
     /// The device's sync state for this document from its last connection, if any: with it,
     /// a device that reconnects with new changes is not sent a Bloom filter over the whole
     /// history. A stream of the same device still here (its end not yet noticed) lends its own.
-    async fn saved_session(&self, device: DeviceId) -> PeerSession {
+    /// `stored` is the saved state when the caller has read it already (a pushed catch-up).
+    async fn saved_session(&self, device: DeviceId, stored: Option<Vec<u8>>) -> PeerSession {
         let Some(live) = self.live() else { return PeerSession::new() };
         if let Some(old) = self.peers.values().find(|p| p.device == device) {
             return PeerSession::restore_for(&old.session.persist(), &live.doc);
         }
-        let (store, customer, key) =
-            (self.ctx().store.clone(), self.customer, session_key(&self.doc, &device));
-        let saved = self
-            .ctx()
-            .work
-            .run(move || store.get_record(&customer, Space::SYNC_STATES, &key))
-            .await;
-        match (saved, self.live()) {
-            (Ok(Ok(Some(bytes))), Some(live)) => PeerSession::restore_for(&bytes, &live.doc),
+        let stored = match stored {
+            Some(bytes) => Some(bytes),
+            None => {
+                let (store, customer, key) =
+                    (self.ctx().store.clone(), self.customer, session_key(&self.doc, &device));
+                let read = move || store.get_record(&customer, Space::SYNC_STATES, &key);
+                self.ctx().work.run(read).await.ok().and_then(Result::ok).flatten()
+            }
+        };
+        match (stored, self.live()) {
+            (Some(bytes), Some(live)) => PeerSession::restore_for(&bytes, &live.doc),
             _ => PeerSession::new(),
         }
     }

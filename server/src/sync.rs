@@ -404,11 +404,17 @@ impl Connection {
                     .map(|(seq, doc)| {
                         let meta = store.doc_meta(&customer, &doc)?;
                         // Only a document whose sync state with this device was kept can be
-                        // pushed (see `DocMsg::Push`).
-                        let key = session_key(&doc, &device);
-                        let push = push
-                            && store.get_record(&customer, Space::SYNC_STATES, &key)?.is_some();
-                        Ok((seq, doc, meta, push))
+                        // pushed (see `DocMsg::Push`); its actor starts from what is read here.
+                        let saved = if push {
+                            store.get_record(
+                                &customer,
+                                Space::SYNC_STATES,
+                                &session_key(&doc, &device),
+                            )?
+                        } else {
+                            None
+                        };
+                        Ok((seq, doc, meta, saved))
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 // Reads see writes before their group commit is flushed; flush, so nothing
@@ -423,7 +429,7 @@ impl Connection {
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
         let mut pushed = Vec::new();
-        for (seq, doc, meta, push) in changes {
+        for (seq, doc, meta, saved) in changes {
             let info = match meta.map(|m| DocMeta::decode(&m)) {
                 Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
@@ -431,10 +437,15 @@ impl Connection {
             };
             // The feed keeps no record of what changed: announce it as it used to be.
             let a = Arc::new(Announcement { doc, seq, info, metadata: true });
-            if push && a.info.is_some() && a.seq > self.announced && !self.joined.contains(&doc) {
-                pushed.push(self.push(a)?);
-            } else {
-                self.on_announcement(a).await?;
+            match saved {
+                Some(saved)
+                    if a.info.is_some()
+                        && a.seq > self.announced
+                        && !self.joined.contains(&doc) =>
+                {
+                    pushed.push(self.push(a, saved)?);
+                }
+                _ => self.on_announcement(a).await?,
             }
         }
         // Every pushed frame is queued before `CaughtUp` (the actors' frames go first), so the
@@ -451,6 +462,7 @@ impl Connection {
     fn push(
         &mut self,
         a: Arc<Announcement>,
+        saved: Vec<u8>,
     ) -> Result<(Arc<Announcement>, oneshot::Receiver<bool>), Status> {
         let device = self.device.ok_or(ApiError::Internal)?;
         let (queued, answer) = oneshot::channel();
@@ -459,6 +471,7 @@ impl Connection {
         let msg = DocMsg::Push {
             peer: self.peer,
             device,
+            saved,
             outbox: self.outbox.clone(),
             held: self.held.clone(),
             kick: self.kick.clone(),

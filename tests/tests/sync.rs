@@ -911,7 +911,8 @@ async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
 
     // Meanwhile another device of the customer edits it.
     let laptop = server.device("alice").await;
-    let copy = eventually_open(&laptop, id).await;
+    eventually("the laptop has it", || async { laptop.client.open(id).await.is_ok() }).await;
+    let copy = laptop.client.open(id).await.expect("open");
     copy.put("late", json!("edit")).await.expect("put");
     laptop.client.wait_until_synced().await.expect("synced");
     let heads = copy.heads();
@@ -935,12 +936,4 @@ async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
     }
     assert!(announced_pushed, "the announcement says the change follows");
     assert_eq!(doc.get_heads(), heads, "the change arrived unasked, before CaughtUp");
-}
-
-async fn eventually_open(device: &Device, id: DocId) -> cubby_client::DocHandle {
-    eventually("the document reaches the device", || async {
-        device.client.open(id).await.is_ok()
-    })
-    .await;
-    device.client.open(id).await.expect("open")
 }

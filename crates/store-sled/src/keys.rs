@@ -5,11 +5,12 @@
 //! own file lets erasure overwrite it in place, flush, and unlink it. Every change is durable when
 //! it returns (write a temporary file, fsync, rename, fsync the directory).
 
-use cubby_core::CustomerId;
-use cubby_store::{CustomerLocks, Result, StoreError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+
+use cubby_core::CustomerId;
+use cubby_store::{CustomerLocks, Result, StoreError};
 
 /// The key directory.
 #[derive(Debug)]
