@@ -4,7 +4,7 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use automerge::Automerge;
 use automerge::transaction::Transactable;
@@ -45,15 +45,54 @@ impl Echo for EchoService {
 
 /// A bare tonic bidirectional stream over rustls TLS 1.3 on loopback (the same TLS setup as the
 /// server), with `size`-byte messages: round trip, one at a time, and messages per second with
-/// many in flight.
+/// many in flight. Measured twice: with the echo service in this process, and in a process of
+/// its own, as `cubby-server` is to the bench's devices; the second also reads the service's
+/// CPU time per round trip.
 pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value, Error> {
     let dir = tempfile::tempdir()?;
     let (addr, cert) = echo_server(dir.path()).await?;
-    let channel = echo_channel(addr, &cert).await?;
+    let mut in_process = echo_rounds(addr, &cert, size, round_trips, None).await?;
+    let service = EchoProcess::start()?;
+    let mut apart =
+        echo_rounds(service.addr, &service.cert, size, round_trips, Some(service.pid())).await?;
+    Ok(json!({
+        "workload": "limit",
+        "limit": "tls_grpc_stream",
+        "message_bytes": size,
+        "rtt_p50_ms": ms(apart.rtt.quantile(0.5)),
+        "rtt_p99_ms": ms(apart.rtt.quantile(0.99)),
+        "server_cpu_us_per_round_trip": apart.cpu_per_round_trip.map(us),
+        "messages_per_sec": apart.rate.round(),
+        "in_process_rtt_p50_ms": ms(in_process.rtt.quantile(0.5)),
+        "in_process_rtt_p99_ms": ms(in_process.rtt.quantile(0.99)),
+        "in_process_messages_per_sec": in_process.rate.round(),
+    }))
+}
+
+/// What [`echo_rounds`] measured.
+struct EchoRounds {
+    rtt: Samples,
+    /// The service's CPU time per isolated round trip, when it runs in process `pid`.
+    cpu_per_round_trip: Option<Duration>,
+    /// Messages per second, many in flight.
+    rate: f64,
+}
+
+/// Round trips one at a time on a new stream to the echo service at `addr`, then ten times as
+/// many pipelined.
+async fn echo_rounds(
+    addr: SocketAddr,
+    cert: &[u8],
+    size: usize,
+    round_trips: usize,
+    pid: Option<u32>,
+) -> Result<EchoRounds, Error> {
+    let channel = echo_channel(addr, cert).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mut replies = EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
     let blob = Blob { data: vec![7; size] };
 
+    let cpu = pid.map(crate::server::cpu_of).transpose()?;
     let mut rtt = Samples::default();
     for _ in 0..round_trips {
         let started = Instant::now();
@@ -61,6 +100,12 @@ pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value,
         replies.message().await?.ok_or("the echo stream ended")?;
         rtt.push(started.elapsed());
     }
+    let cpu_per_round_trip = match (pid, cpu) {
+        (Some(pid), Some(before)) => {
+            Some((crate::server::cpu_of(pid)? - before) / round_trips as u32)
+        }
+        _ => None,
+    };
     let pipelined = round_trips * 10;
     let started = Instant::now();
     let sender = {
@@ -78,14 +123,7 @@ pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value,
     }
     sender.await?;
     let rate = pipelined as f64 / started.elapsed().as_secs_f64();
-    Ok(json!({
-        "workload": "limit",
-        "limit": "tls_grpc_stream",
-        "message_bytes": size,
-        "rtt_p50_ms": ms(rtt.quantile(0.5)),
-        "rtt_p99_ms": ms(rtt.quantile(0.99)),
-        "messages_per_sec": rate.round(),
-    }))
+    Ok(EchoRounds { rtt, cpu_per_round_trip, rate })
 }
 
 /// Starts the echo service on loopback with the server's TLS setup (its certificate in `dir`).
@@ -130,19 +168,9 @@ pub(crate) async fn serve_echo() -> Result<(), Error> {
 /// The floor for workload 3: the echo service's memory per connected client that holds one
 /// open stream and is otherwise idle, the service in its own process, `count` clients.
 pub(crate) async fn idle_streams(count: usize) -> Result<Value, Error> {
-    let mut server = EchoProcess(
-        std::process::Command::new(std::env::current_exe()?)
-            .arg("echo-server")
-            .stdout(std::process::Stdio::piped())
-            .spawn()?,
-    );
-    let mut line = String::new();
-    let stdout = server.0.stdout.take().ok_or("no stdout")?;
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    let mut words = line.split_whitespace().skip(1);
-    let addr: SocketAddr = words.next().ok_or("the echo server said nothing")?.parse()?;
-    let cert = std::fs::read(words.next().ok_or("no certificate path")?)?;
-    let baseline = crate::server::rss_of(server.0.id())?;
+    let server = EchoProcess::start()?;
+    let (addr, cert) = (server.addr, server.cert.clone());
+    let baseline = crate::server::rss_of(server.pid())?;
     let mut streams = Vec::with_capacity(count);
     for _ in 0..count {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -155,7 +183,7 @@ pub(crate) async fn idle_streams(count: usize) -> Result<Value, Error> {
     }
     // Let allocations settle, as for Cubby, then read the service's memory.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    let rss = crate::server::rss_of(server.0.id())?;
+    let rss = crate::server::rss_of(server.pid())?;
     drop(streams);
     Ok(json!({
         "workload": "limit",
@@ -166,12 +194,38 @@ pub(crate) async fn idle_streams(count: usize) -> Result<Value, Error> {
 }
 
 /// `cubby-bench echo-server` as a child process; killed on drop.
-struct EchoProcess(std::process::Child);
+struct EchoProcess {
+    child: std::process::Child,
+    addr: SocketAddr,
+    cert: Vec<u8>,
+}
+
+impl EchoProcess {
+    fn start() -> Result<Self, Error> {
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg("echo-server")
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        // Killed on drop from here on.
+        let mut service = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], 0)), cert: vec![] };
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        let mut words = line.split_whitespace().skip(1);
+        service.addr = words.next().ok_or("the echo server said nothing")?.parse()?;
+        service.cert = std::fs::read(words.next().ok_or("no certificate path")?)?;
+        Ok(service)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
 
 impl Drop for EchoProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -224,16 +278,22 @@ pub(crate) fn fdatasync(rounds: usize) -> Result<Value, Error> {
     let mut file = std::fs::File::create(dir.path().join("sync"))?;
     let block = [1u8; 4096];
     let mut samples = Samples::default();
+    // This thread's CPU time, the kernel's share included: what a write and its flush cost the
+    // machine besides the wait for the disk.
+    let thread_cpu = || nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID.now().map(Duration::from);
+    let cpu = thread_cpu()?;
     for _ in 0..rounds {
         let started = Instant::now();
         file.write_all(&block)?;
         file.sync_data()?;
         samples.push(started.elapsed());
     }
+    let cpu = (thread_cpu()? - cpu) / rounds as u32;
     Ok(json!({
         "workload": "limit", "limit": "fdatasync",
         "p50_us": us(samples.quantile(0.5)), "p99_us": us(samples.quantile(0.99)),
         "per_sec_at_p50": (1.0 / samples.quantile(0.5).as_secs_f64()).round(),
+        "cpu_us": us(cpu),
     }))
 }
 
@@ -248,15 +308,21 @@ pub(crate) fn sled(inserts: usize, value: usize) -> Result<Value, Error> {
     }
     let unflushed = inserts as f64 / started.elapsed().as_secs_f64();
     let flushed_rounds = inserts / 10;
+    // This process's CPU time, sled's I/O threads included (the bench's other threads are idle
+    // here).
+    let process_cpu = || nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID.now().map(Duration::from);
+    let cpu = process_cpu()?;
     let started = Instant::now();
     for i in 0..flushed_rounds as u64 {
         db.insert((u64::MAX - i).to_be_bytes(), bytes.as_slice())?;
         db.flush()?;
     }
     let flushed = flushed_rounds as f64 / started.elapsed().as_secs_f64();
+    let cpu = (process_cpu()? - cpu) / flushed_rounds as u32;
     Ok(json!({
         "workload": "limit", "limit": "sled_insert", "value_bytes": value,
         "inserts_per_sec": unflushed.round(), "flushed_inserts_per_sec": flushed.round(),
+        "cpu_us_per_flushed_insert": us(cpu),
     }))
 }
 

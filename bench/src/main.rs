@@ -106,6 +106,10 @@ fn run() -> Result<(), Error> {
         emit(limits::fdatasync(1000 / scale)?);
         emit(limits::sled(20_000 / scale, 256)?);
         emit(limits::automerge(10_000 / scale)?);
+        // The fan-out workload's documents: one value overwritten 1,000 times (500 at K = 16).
+        for changes in [1000, 500] {
+            emit(limits::automerge(changes / scale)?);
+        }
     }
     if matches!(what, "all" | "fanout") {
         for receivers in [1, 4, 16] {
@@ -159,11 +163,45 @@ fn run() -> Result<(), Error> {
     Ok(())
 }
 
+/// A Cubby fan-out row's server CPU per change against what the limits measured in the same run
+/// say the least such a change can cost a server: a bare TLS stream's CPU for a round trip per
+/// device involved (the sender's change in and the answer out; each receiver's change out and
+/// its acknowledgement in), one 4 KiB write and `fdatasync`, Automerge applying the change to a
+/// document of the same history one change at a time, and sealing it.
+fn cpu_floor(results: &[Value], r: &Value) -> Option<String> {
+    let limit = |name: &'static str| results.iter().filter(move |l| l["limit"] == name);
+    let round_trip =
+        limit("tls_grpc_stream").find_map(|l| l["server_cpu_us_per_round_trip"].as_f64())?;
+    let fsync = limit("fdatasync").find_map(|l| l["cpu_us"].as_f64())?;
+    let apply = limit("automerge")
+        .find(|l| l["changes"] == r["edits"])
+        .and_then(|l| l["apply_one_at_a_time_us_per_change"].as_f64())?;
+    let seal = limit("aes_256_gcm")
+        .find(|l| l["record_bytes"] == 256)
+        .and_then(|l| l["seal_us"].as_f64())?;
+    let cpu = r["server_cpu_us_per_change"].as_f64()?;
+    if r["system"] != "cubby" {
+        return None;
+    }
+    let devices = r["receivers"].as_f64()? + 1.0;
+    let floor = devices * round_trip + fsync + apply + seal;
+    Some(format!(
+        "CPU {:.1}x the floor of {floor:.0} us: {devices} round trips {:.0}, fdatasync {fsync:.0}, Automerge {apply:.0}, seal {seal:.1}",
+        cpu / floor,
+        devices * round_trip,
+    ))
+}
+
 /// Prints each Cubby figure beside its limit, as a ratio.
 fn summarize(results: &[Value]) {
     let find = |key: &str, value: &str| results.iter().find(|r| r[key] == value);
+    // Round trips to an echo service in a process of its own, as the server is to the devices;
+    // in one process too, as runs before the ninth round measured it, for comparison.
     let floor = find("limit", "tls_grpc_stream").and_then(|r| r["rtt_p50_ms"].as_f64());
+    let in_process =
+        find("limit", "tls_grpc_stream").and_then(|r| r["in_process_rtt_p50_ms"].as_f64());
     let fsync = find("limit", "fdatasync").and_then(|r| r["per_sec_at_p50"].as_f64());
+    let cpu_floor = |r: &Value| cpu_floor(results, r);
     // Fan-out and idle devices: Cubby and the peers, from this run.
     let y_sweet = |receivers: &Value, key: &str| {
         results
@@ -179,8 +217,15 @@ fn summarize(results: &[Value]) {
         let p50 = r["p50_ms"].as_f64().unwrap_or(0.0);
         let p99 = r["p99_ms"].as_f64().unwrap_or(0.0);
         let mut against = Vec::new();
-        if let Some(f) = floor {
-            against.push(format!("{:.1}x two TLS stream round trips", p50 / (2.0 * f)));
+        if let (Some(f), Some(i)) = (floor, in_process) {
+            against.push(format!(
+                "{:.1}x two TLS stream round trips, {:.1}x two in one process",
+                p50 / (2.0 * f),
+                p50 / (2.0 * i)
+            ));
+        }
+        if let Some(floor) = cpu_floor(r) {
+            against.push(floor);
         }
         if r["system"] == "cubby" {
             if let (Some(y50), Some(y99)) =
