@@ -69,6 +69,57 @@ pub(crate) async fn tls_stream(size: usize, round_trips: usize) -> Result<Value,
     }))
 }
 
+/// The bare stream at the durability workload's concurrency: `streams` connections to the
+/// echo service in its own process, each sending `size`-byte messages one round trip at a time
+/// for `secs` seconds, as its writers wait for each acknowledgement. Round trips per second and
+/// the service's CPU per round trip: what the transport alone allows on this machine, with its
+/// clients sharing it as the writers do.
+pub(crate) async fn tls_streams_concurrent(
+    streams: usize,
+    size: usize,
+    secs: u64,
+) -> Result<Value, Error> {
+    let service = EchoProcess::start()?;
+    let mut clients = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let channel = echo_channel(service.addr, &service.cert).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let replies = EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
+        clients.push((tx, replies));
+    }
+    let blob = Blob { data: vec![7; size] };
+    let until = Instant::now() + Duration::from_secs(secs);
+    let cpu = crate::server::cpu_of(service.pid())?;
+    let started = Instant::now();
+    let counts = futures_util::future::join_all(clients.iter_mut().map(|(tx, replies)| {
+        let blob = blob.clone();
+        async move {
+            let mut count = 0u64;
+            while Instant::now() < until {
+                tx.send(blob.clone()).await?;
+                replies.message().await?.ok_or("the echo stream ended")?;
+                count += 1;
+            }
+            Ok::<_, Error>(count)
+        }
+    }))
+    .await;
+    let elapsed = started.elapsed();
+    let cpu = crate::server::cpu_of(service.pid())? - cpu;
+    let mut total = 0u64;
+    for count in counts {
+        total += count?;
+    }
+    Ok(json!({
+        "workload": "limit",
+        "limit": "tls_grpc_streams_concurrent",
+        "streams": streams,
+        "message_bytes": size,
+        "round_trips_per_sec": (total as f64 / elapsed.as_secs_f64()).round(),
+        "server_cpu_us_per_round_trip": us(cpu / u32::try_from(total.max(1))?),
+    }))
+}
+
 /// What [`echo_rounds`] measured.
 struct EchoRounds {
     rtt: Samples,

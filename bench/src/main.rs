@@ -100,6 +100,7 @@ fn run() -> Result<(), Error> {
     if matches!(what, "all" | "limits") {
         emit(runtime.block_on(limits::tls_stream(256, 2000 / scale))?);
         emit(runtime.block_on(limits::idle_streams(10_000 / scale))?);
+        emit(runtime.block_on(limits::tls_streams_concurrent(64 / scale.min(8), 256, 5))?);
         for size in [256, 4096, 65_536] {
             emit(limits::cipher(size));
         }
@@ -314,7 +315,15 @@ fn summarize(results: &[Value]) {
     }
     for r in results.iter().filter(|r| r["workload"] == "durability") {
         let acked = r["acked_changes_per_sec"].as_f64().unwrap_or(0.0);
-        let ratio = fsync.map(|f| format!("{:.1}x one fdatasync per change", acked / f));
+        let bare = find("limit", "tls_grpc_streams_concurrent")
+            .filter(|l| l["streams"] == r["writers"])
+            .and_then(|l| l["round_trips_per_sec"].as_f64());
+        let ratio = fsync.map(|f| {
+            let bare = bare.map(|b| {
+                format!(", {:.2}x a bare TLS stream's round trips with as many streams", acked / b)
+            });
+            format!("{:.1}x one fdatasync per change{}", acked / f, bare.unwrap_or_default())
+        });
         eprintln!(
             "durability, {} writers: {acked:.0} acknowledged changes/s ({}), ack p50 {} ms p99 {} ms",
             r["writers"],
