@@ -44,7 +44,7 @@ fn unhex(name: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -16,7 +16,8 @@
 //! | `r` | space, record key | record |
 //!
 //! A document write (metadata, chunk, feed move) is one sled transaction. Nothing is durable
-//! until [`Store::flush`], which calls `sled::Db::flush`.
+//! until [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush does
+//! not (`files.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use cubby_core::{CustomerId, DocId, Seq};
 use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
+mod files;
 mod keys;
 
 /// Record-type prefixes that hold a customer's data (everything but the key).
@@ -35,6 +37,7 @@ const CUSTOMER_PREFIXES: [u8; 7] = [b'm', b'c', b's', b'f', b'p', b'n', b'r'];
 #[derive(Clone, Debug)]
 pub struct SledStore {
     db: Arc<Guarded>,
+    files: Arc<files::SledFiles>,
     keys: Arc<keys::KeyDir>,
 }
 
@@ -121,10 +124,12 @@ impl SledStore {
         loop {
             match sled::Config::new().path(dir.join("sled")).open() {
                 Ok(db) => {
+                    let files = files::SledFiles::open(&dir.join("sled"))
+                        .map_err(|e| StoreError::Backend(Box::new(e)))?;
                     // Opened after sled, so its lock keeps a second process out of the keys too.
                     let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
                     let db = Arc::new(Guarded { db: Some(db), failed: AtomicU8::new(0) });
-                    return Ok(Self { db, keys });
+                    return Ok(Self { db, files: Arc::new(files), keys });
                 }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
                 // `config.rs`).
@@ -384,6 +389,8 @@ impl Store for SledStore {
 
     fn flush(&self) -> Result<()> {
         self.db()?.flush().map_err(|e| self.fail(e))?;
+        // A failed sync may have dropped the dirty pages it could not write: never try again.
+        self.files.sync().map_err(|e| self.fail(sled::Error::Io(e)))?;
         Ok(())
     }
 }
@@ -396,6 +403,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         move || SledStore::open(dir.path()).expect("sled opens")
     });
+
+    /// A chunk over a quarter of a log segment goes to a blob file of its own, which sled's
+    /// flush never syncs: the store's flush does.
+    #[test]
+    fn a_flush_syncs_the_blob_files_sled_leaves_unsynced() {
+        use cubby_store::{Chunk, Store};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SledStore::open(dir.path()).expect("opens");
+        let customer = cubby_core::CustomerId::from_bytes([1; 16]);
+        let doc = cubby_core::DocId::from_bytes([2; 16]);
+        let large: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let blobs = || std::fs::read_dir(dir.path().join("sled/blobs")).expect("blobs").count();
+
+        store.write_doc(&customer, &doc, b"meta", Some(Chunk { index: 0, bytes: &large })).unwrap();
+        store.flush().expect("flush");
+        assert!(blobs() > 0, "sled wrote the large chunk to a blob file");
+        assert_eq!(store.files.sync().expect("sync"), 0, "the store's flush synced it already");
+
+        // sled's own flush leaves the next one for the store to sync.
+        store.write_doc(&customer, &doc, b"meta", Some(Chunk { index: 1, bytes: &large })).unwrap();
+        store.db.flush().expect("sled's flush");
+        assert!(store.files.sync().expect("sync") > 0, "sled left a blob file unsynced");
+    }
 
     #[test]
     fn a_second_open_of_the_same_directory_is_refused_as_in_use() {
