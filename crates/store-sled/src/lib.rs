@@ -416,13 +416,14 @@ mod tests {
         let large: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let blobs = || std::fs::read_dir(dir.path().join("sled/blobs")).expect("blobs").count();
 
-        store.write_doc(&customer, &doc, b"meta", Some(Chunk { index: 0, bytes: &large })).unwrap();
+        let chunk = |index| Some(Chunk { index, bytes: &large });
+        store.write_doc(&customer, &doc, b"meta", chunk(0)).expect("write");
         store.flush().expect("flush");
         assert!(blobs() > 0, "sled wrote the large chunk to a blob file");
         assert_eq!(store.files.sync().expect("sync"), 0, "the store's flush synced it already");
 
         // sled's own flush leaves the next one for the store to sync.
-        store.write_doc(&customer, &doc, b"meta", Some(Chunk { index: 1, bytes: &large })).unwrap();
+        store.write_doc(&customer, &doc, b"meta", chunk(1)).expect("write");
         store.db.flush().expect("sled's flush");
         assert!(store.files.sync().expect("sync") > 0, "sled left a blob file unsynced");
     }
