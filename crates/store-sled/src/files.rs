@@ -29,11 +29,13 @@ pub(crate) struct SledFiles {
 }
 
 impl SledFiles {
-    /// Opens the files of the sled database in `dir` (opened by sled already), and makes the
-    /// entries sled created for them durable.
+    /// Opens the files of the sled database in `dir` (opened by sled already), and makes its
+    /// configuration, which sled writes without a sync, and the directory entries durable.
     pub(crate) fn open(dir: &Path) -> io::Result<Self> {
         // Writable: Windows flushes a file only through a handle that may write to it.
-        let log = File::options().read(true).write(true).open(dir.join("db"))?;
+        let writable = |name| File::options().read(true).write(true).open(dir.join(name));
+        writable("conf")?.sync_all()?;
+        let log = writable("db")?;
         sync_dir(dir)?;
         Ok(Self { log, blobs: dir.join("blobs"), synced: Mutex::default() })
     }
