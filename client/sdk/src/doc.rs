@@ -76,7 +76,7 @@ impl LocalWrite {
         let _turn = shared.store_turn();
         if let Some((index, bytes)) = &self.chunk {
             let meta = shared.meta().encode();
-            store.write_doc(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
+            store.write_doc_off_feed(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
         }
         if let Some(snapshot) = &self.snapshot {
             store.compact(&LOCAL, id, snapshot)?;
@@ -172,7 +172,7 @@ impl DocShared {
     pub(crate) fn write_meta(&self, store: &dyn Store) -> Result<(), StoreError> {
         {
             let _turn = self.store_turn();
-            store.write_doc(&LOCAL, &self.id, &self.meta().encode(), None)?;
+            store.write_doc_off_feed(&LOCAL, &self.id, &self.meta().encode(), None)?;
         }
         store.flush()
     }

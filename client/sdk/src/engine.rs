@@ -802,7 +802,7 @@ impl<'a> Session<'a> {
             // flush each cost a fresh device's sync of 4,000 documents a tenth of its time.
             self.blocking(move |store| {
                 if store.doc_meta(&LOCAL, &id)?.is_none() {
-                    store.write_doc(&LOCAL, &id, &encoded, None)?;
+                    store.write_doc_off_feed(&LOCAL, &id, &encoded, None)?;
                 }
                 Ok(())
             })

@@ -546,7 +546,7 @@ impl Client {
         let meta = shared.meta().encode();
         self.inner
             .blocking(move |store| {
-                store.write_doc(&LOCAL, &id, &meta, None)?;
+                store.write_doc_off_feed(&LOCAL, &id, &meta, None)?;
                 store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"new")?;
                 store.flush()
             })

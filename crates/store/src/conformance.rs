@@ -31,6 +31,12 @@ macro_rules! conformance_tests {
             $crate::conformance::feed_lists_each_document_at_its_latest_write(($new_backend)());
         }
         #[test]
+        fn conformance_writes_off_the_feed_store_the_document_and_leave_the_feed() {
+            $crate::conformance::writes_off_the_feed_store_the_document_and_leave_the_feed(
+                ($new_backend)(),
+            );
+        }
+        #[test]
         fn conformance_compaction_replaces_covered_chunks() {
             $crate::conformance::compaction_replaces_covered_chunks(($new_backend)());
         }
@@ -172,6 +178,35 @@ pub fn feed_lists_each_document_at_its_latest_write<S: Store>(mut open: impl FnM
     assert!(store.feed_since(&c, s3).expect("feed").is_empty());
     let s4 = store.delete_doc(&c, &doc(2)).expect("delete");
     assert_eq!(store.feed_since(&c, s3).expect("feed"), vec![(s4, doc(2))]);
+}
+
+/// `write_doc_off_feed` stores what `write_doc` does and leaves the feed as it was.
+pub fn writes_off_the_feed_store_the_document_and_leave_the_feed<S: Store>(
+    mut open: impl FnMut() -> S,
+) {
+    let store = open();
+    let c = customer(0);
+    let s1 = store.write_doc(&c, &doc(1), b"m1", chunk(0, b"a")).expect("write");
+    store.write_doc_off_feed(&c, &doc(2), b"m2", chunk(0, b"b")).expect("write off the feed");
+    store.write_doc_off_feed(&c, &doc(1), b"m1'", chunk(1, b"c")).expect("write off the feed");
+    store.write_doc_off_feed(&c, &doc(2), b"m2'", None).expect("metadata alone");
+
+    assert_eq!(store.feed_since(&c, Seq(0)).expect("feed"), vec![(s1, doc(1))]);
+    let want = |meta: &[u8], chunks: &[(u64, &[u8])], seq| DocRecords {
+        meta: meta.to_vec(),
+        snapshot: None,
+        chunks: chunks.iter().map(|(i, b)| (*i, b.to_vec())).collect(),
+        seq,
+    };
+    assert_eq!(
+        store.load(&c, &doc(1)).expect("load"),
+        Some(want(b"m1'", &[(0, b"a"), (1, b"c")], s1))
+    );
+    assert_eq!(store.load(&c, &doc(2)).expect("load"), Some(want(b"m2'", &[(0, b"b")], Seq(0))));
+    assert_eq!(store.list_docs(&c).expect("list").len(), 2);
+    let s2 = store.delete_doc(&c, &doc(2)).expect("delete");
+    assert_eq!(store.load(&c, &doc(2)).expect("load"), None);
+    assert_eq!(store.feed_since(&c, s1).expect("feed"), vec![(s2, doc(2))]);
 }
 
 /// A snapshot replaces the chunks it covers and keeps the later ones.

@@ -307,6 +307,21 @@ impl<S: Store> Store for EncryptedStore<S> {
         self.inner.write_doc(c, d, &meta, chunk)
     }
 
+    fn write_doc_off_feed(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<()> {
+        let key = self.key(c)?;
+        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
+        let sealed = chunk
+            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+        self.inner.write_doc_off_feed(c, d, &meta, chunk)
+    }
+
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         match self.inner.load(c, d)? {
             Some(records) => Ok(Some(self.open_doc_records(c, d, records)?)),

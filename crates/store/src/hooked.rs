@@ -9,7 +9,7 @@ use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store};
 pub enum Call<'a> {
     /// `put_key_if_absent` for this customer.
     PutKey(&'a CustomerId),
-    /// `write_doc`, with a change chunk or without.
+    /// `write_doc` or `write_doc_off_feed`, with a change chunk or without.
     WriteDoc {
         /// The write carries a change chunk.
         chunk: bool,
@@ -59,6 +59,16 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
     fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
         (self.hook)(Call::WriteDoc { chunk: ch.is_some() });
         self.inner.write_doc(c, d, m, ch)
+    }
+    fn write_doc_off_feed(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        m: &[u8],
+        ch: Option<Chunk<'_>>,
+    ) -> Result<()> {
+        (self.hook)(Call::WriteDoc { chunk: ch.is_some() });
+        self.inner.write_doc_off_feed(c, d, m, ch)
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         (self.hook)(Call::Load);

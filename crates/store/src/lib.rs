@@ -173,6 +173,20 @@ pub trait Store: Send + Sync + 'static {
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq>;
 
+    /// Writes a document's metadata and optionally one change chunk, as [`Store::write_doc`]
+    /// does, but leaves the customer's change feed as it is. For a store whose feed nobody reads
+    /// (a device's): in the sled backend, moving the document in the feed is most of a small
+    /// write's cost. A backend without a cheaper way keeps this default, a `write_doc`.
+    fn write_doc_off_feed(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<()> {
+        self.write_doc(customer, doc, meta, chunk).map(drop)
+    }
+
     /// Everything stored for a document, or `None` if it does not exist (or was deleted).
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>>;
 
@@ -241,6 +255,15 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
         (**self).write_doc(c, d, m, ch)
+    }
+    fn write_doc_off_feed(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        m: &[u8],
+        ch: Option<Chunk<'_>>,
+    ) -> Result<()> {
+        (**self).write_doc_off_feed(c, d, m, ch)
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         (**self).load(c, d)

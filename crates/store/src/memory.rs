@@ -35,6 +35,16 @@ struct Feed {
     by_doc: HashMap<DocId, u64>,
 }
 
+impl Inner {
+    fn put_doc(&mut self, c: &CustomerId, d: &DocId, meta: &[u8], chunk: Option<Chunk<'_>>) {
+        let entry = self.docs.entry((*c, *d)).or_default();
+        entry.meta = meta.to_vec();
+        if let Some(chunk) = chunk {
+            entry.chunks.insert(chunk.index, chunk.bytes.to_vec());
+        }
+    }
+}
+
 impl Feed {
     fn bump(&mut self, doc: DocId) -> Seq {
         self.last += 1;
@@ -105,12 +115,19 @@ impl Store for MemoryStore {
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
         let mut inner = self.lock();
-        let entry = inner.docs.entry((*customer, *doc)).or_default();
-        entry.meta = meta.to_vec();
-        if let Some(chunk) = chunk {
-            entry.chunks.insert(chunk.index, chunk.bytes.to_vec());
-        }
+        inner.put_doc(customer, doc, meta, chunk);
         Ok(inner.feed.entry(*customer).or_default().bump(*doc))
+    }
+
+    fn write_doc_off_feed(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<()> {
+        self.lock().put_doc(customer, doc, meta, chunk);
+        Ok(())
     }
 
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>> {
