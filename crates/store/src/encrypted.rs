@@ -71,6 +71,9 @@ pub struct Erased {
     pub at_ms: u64,
 }
 
+/// A chunk's index and its sealed bytes.
+type SealedChunk = (u64, Vec<u8>);
+
 impl<S: Store> EncryptedStore<S> {
     /// Wraps `inner`. The first open stores a key check; later opens verify it, so a wrong
     /// master key is refused here rather than discovered one record at a time.
@@ -222,6 +225,22 @@ impl<S: Store> EncryptedStore<S> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// A document's metadata and chunk (its index and sealed bytes) sealed under the customer's
+    /// key, each bound to where it is stored.
+    fn seal_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<(Vec<u8>, Option<SealedChunk>)> {
+        let key = self.key(c)?;
+        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
+        let chunk = chunk
+            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        Ok((meta, chunk))
+    }
+
     fn open_doc_records(
         &self,
         c: &CustomerId,
@@ -299,10 +318,7 @@ impl<S: Store> Store for EncryptedStore<S> {
         meta: &[u8],
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
-        let key = self.key(c)?;
-        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
-        let sealed = chunk
-            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
         self.inner.write_doc(c, d, &meta, chunk)
     }
@@ -314,10 +330,7 @@ impl<S: Store> Store for EncryptedStore<S> {
         meta: &[u8],
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
-        let key = self.key(c)?;
-        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
-        let sealed = chunk
-            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
         self.inner.write_doc_off_feed(c, d, &meta, chunk)
     }
