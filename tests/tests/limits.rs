@@ -1,7 +1,7 @@
 //! Per-customer limits answer RESOURCE_EXHAUSTED for that customer alone and acknowledge nothing
 //! over the limit.
 
-use cubby_client::SyncFailure;
+use cubby_client::{SyncFailure, SyncStatus};
 use cubby_tests::TestServer;
 use serde_json::json;
 
@@ -76,6 +76,59 @@ async fn write_rate_limit_slows_one_customer_and_loses_nothing() {
     let bob = server.device("bob").await;
     bob.client.create("bob's").await.expect("create");
     bob.client.wait_until_synced().await.expect("bob has his own budget");
+}
+
+/// A refused document does not end the device's connection: the device pauses that document,
+/// offers its changes again, and never goes offline or reconnects meanwhile, while the server
+/// takes them as the customer's budget refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_document_is_offered_again_on_the_same_connection() {
+    let server = TestServer::start_with(|c| c.limits.max_writes_per_sec = 2).await;
+    let erin = server.device("erin").await;
+    let doc = erin.client.create("fast").await.expect("create");
+    erin.client.wait_until_synced().await.expect("created");
+
+    // Every status the device passes through from here on.
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut status = erin.client.status();
+    let recorder = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return seen,
+                changed = status.changed() => match changed {
+                    Ok(()) => seen.push(status.borrow_and_update().clone()),
+                    Err(_) => return seen,
+                },
+            }
+        }
+    });
+    // Ten seconds' worth of writes as fast as they go: the burst passes, then the server refuses.
+    for i in 0..20 {
+        doc.put(&format!("k{i}"), json!(i)).await.expect("put");
+        let _ = erin.client.wait_until_synced().await;
+    }
+    let laptop = server.device("erin").await;
+    cubby_tests::eventually("every write arrives", || async {
+        laptop.client.open(doc.id()).await.is_ok_and(|d| d.to_json().get("k19").is_some())
+    })
+    .await;
+    erin.client.wait_until_synced().await.expect("the device is up to date again");
+
+    let _ = stop.send(());
+    let seen = recorder.await.expect("recorder");
+    let refused = seen.iter().position(|s| {
+        matches!(s, SyncStatus::Refused { failure }
+        if refused_for(failure, "too many writes"))
+    });
+    let refused = refused.unwrap_or_else(|| panic!("the server refused some writes: {seen:?}"));
+    assert!(
+        !seen[refused..]
+            .iter()
+            .any(|s| matches!(s, SyncStatus::Connecting | SyncStatus::Offline { .. })),
+        "the connection stayed up through the refusals: {seen:?}"
+    );
 }
 
 /// BAD_INPUTS row 8: a history that takes longer to apply than the server allows (here a 1 ms

@@ -369,6 +369,7 @@ async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                     }
                     cubby_client::SyncStatus::Offline { failure: Some(f) } => eprintln!("cubby: offline ({f}); retrying"),
                     cubby_client::SyncStatus::UpToDate => eprintln!("cubby: up to date"),
+                    cubby_client::SyncStatus::Refused { failure } => eprintln!("cubby: changes refused for now ({failure}); kept, and offered again"),
                     cubby_client::SyncStatus::Wiped { reason } => bail!("the server told this device to wipe ({reason:?}); its local copy is gone"),
                     _ => {}
                 }

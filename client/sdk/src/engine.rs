@@ -44,6 +44,14 @@ pub enum SyncStatus {
     },
     /// Connected, and this device and the server hold the same changes.
     UpToDate,
+    /// Connected, but the server refused this device's changes to a document for now: a limit of
+    /// the customer's (writes per second, a document's or the account's size). They stay on this
+    /// device and are offered again after a pause (1 s, doubling to 30 s while refused); every
+    /// other document keeps syncing on the same connection.
+    Refused {
+        /// The server's refusal.
+        failure: SyncFailure,
+    },
     /// The server told this device to wipe its local copy, and it did; syncing has stopped.
     Wiped {
         /// Why.
@@ -91,6 +99,9 @@ const MAX_REASSEMBLY: usize = 1 << 30;
 /// failure. A second spreads the devices of a restarted server over a second; 200 ms put half of
 /// them on it within the first 100 ms (the simulation's herd, BAD_INPUTS row 30).
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The longest pause between reconnections, and between offers of a refused document.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long documents may stay owed with no word from the server before a fresh sync round.
 const STALL: Duration = Duration::from_secs(2);
@@ -269,6 +280,14 @@ pub(crate) fn classify(status: &tonic::Status) -> SyncFailure {
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn store_failure(err: impl std::fmt::Display) -> SyncFailure {
     SyncFailure::Other(format!("local store: {err}"))
 }
@@ -310,7 +329,7 @@ pub(crate) async fn run(
         // met by every device at the same instant.
         let jitter = u16::from_be_bytes(cubby_crypto::random_array::<2>());
         let delay = backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX));
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
         let deadline = tokio::time::Instant::now() + delay;
         // Local edits made meanwhile are already marked unsynced on disk; just drain the wakes.
         while tokio::time::timeout_at(deadline, wakes.recv()).await.is_ok_and(|w| w.is_some()) {}
@@ -340,6 +359,17 @@ struct Session<'a> {
     out: Option<mpsc::Sender<pb::ClientFrame>>,
     /// Sync messages arriving in parts.
     parts: Reassembly,
+    /// Documents whose changes the server refused on this connection, until it takes them.
+    refused: HashMap<DocId, Refusal>,
+}
+
+/// A document the server refused changes to (`RESOURCE_EXHAUSTED`: a limit of the customer's).
+struct Refusal {
+    /// When to offer its changes again; `None` once offered, until the server answers.
+    retry_at: Option<Instant>,
+    /// How long the last pause was (it doubles with each refusal).
+    pause: Duration,
+    failure: SyncFailure,
 }
 
 impl<'a> Session<'a> {
@@ -358,6 +388,7 @@ impl<'a> Session<'a> {
             reached_up_to_date: false,
             out: None,
             parts: Reassembly::new(MAX_REASSEMBLY),
+            refused: HashMap::new(),
         }
     }
 
@@ -463,7 +494,12 @@ impl<'a> Session<'a> {
         // A fresh token being fetched for this stream, which the server asked for.
         let mut renewing: Option<crate::TokenFuture> = None;
         loop {
+            let next_offer = self.refused.values().filter_map(|r| r.retry_at).min();
             tokio::select! {
+                () = sleep_until_or_never(next_offer) => {
+                    self.offer_refused_again().await?;
+                    self.report();
+                }
                 _ = watchdog.tick() => {
                     self.warm.retain(|(settled, _)| settled.elapsed() < WARM_FOR);
                     if heard.elapsed() >= STALL {
@@ -511,6 +547,10 @@ impl<'a> Session<'a> {
                 }
                 Some(doc) = wakes.recv() => {
                     self.owed.unsynced(doc);
+                    if self.refused.get(&doc).is_some_and(|r| r.retry_at.is_some()) {
+                        // Refused and pausing: this edit goes with the next offer.
+                        continue;
+                    }
                     self.push(doc).await?;
                     // A wake can be stale: an earlier push may already have carried this change
                     // and been acknowledged. Then nothing was sent and no reply will clear it.
@@ -564,9 +604,12 @@ impl<'a> Session<'a> {
     /// Liveness: documents still owed after [`STALL`] without a word from the server start a
     /// fresh sync round. The sync protocol is idempotent, so this costs at most a message.
     async fn resync_stalled(&mut self) -> Result<(), SyncFailure> {
-        // Documents waiting their turn are asked for when it comes.
+        // Documents waiting their turn are asked for when it comes, refused ones after their
+        // pause.
         let waiting: HashSet<DocId> = self.waiting.iter().map(|(id, _)| *id).collect();
-        let owed: Vec<DocId> = self.owed.docs().filter(|id| !waiting.contains(id)).collect();
+        let pausing = |id: &DocId| self.refused.get(id).is_some_and(|r| r.retry_at.is_some());
+        let owed: Vec<DocId> =
+            self.owed.docs().filter(|id| !waiting.contains(id) && !pausing(id)).collect();
         for id in owed {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                 "no progress; starting a fresh sync round");
@@ -740,6 +783,7 @@ impl<'a> Session<'a> {
         }
         if server_has_all {
             self.owed.acknowledged(id);
+            self.refused.remove(&id);
         }
         if let Some(message) = reply {
             let frame = pb::DocSync {
@@ -837,17 +881,47 @@ impl<'a> Session<'a> {
                 tracing::warn!(doc = %id.short(), "the server does not know this document");
                 self.owed.forget(id);
                 self.active.remove(&id);
+                self.refused.remove(&id);
                 self.blocking(move |store| {
                     store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
                 })
                 .await
             }
-            code => Err(SyncFailure::Other(format!(
-                "document {}: {code:?}: {}",
-                id.short(),
-                error.message
-            ))),
+            code => {
+                let failure = SyncFailure::Other(format!(
+                    "document {}: {code:?}: {}",
+                    id.short(),
+                    error.message
+                ));
+                if code != tonic::Code::ResourceExhausted {
+                    return Err(failure);
+                }
+                // A limit of the customer's: the connection, and every other document on it,
+                // carry on. The changes stay marked unsynced and are offered again after a pause;
+                // the document leaves the exchange meanwhile, so that it holds no place others
+                // could use.
+                let pause =
+                    self.refused.get(&id).map_or(FIRST_BACKOFF, |r| (r.pause * 2).min(MAX_BACKOFF));
+                tracing::warn!(device = %self.inner.device_id.short(), doc = %id.short(),
+                    ?pause, %failure, "changes refused; offering them again after a pause");
+                self.refused
+                    .insert(id, Refusal { retry_at: Some(Instant::now() + pause), pause, failure });
+                self.active.remove(&id);
+                Ok(())
+            }
         }
+    }
+
+    /// Offers again the refused documents whose pause is over, taking their turn with the others.
+    async fn offer_refused_again(&mut self) -> Result<(), SyncFailure> {
+        let now = Instant::now();
+        for (id, refusal) in &mut self.refused {
+            if refusal.retry_at.is_some_and(|at| at <= now) {
+                refusal.retry_at = None;
+                self.waiting.push_front((*id, 0));
+            }
+        }
+        self.ask_waiting().await
     }
 
     /// Drops a settled document from the session once nothing is owed for it, keeping it
@@ -881,7 +955,14 @@ impl<'a> Session<'a> {
     }
 
     fn report(&mut self) {
-        let status = if self.caught_up && self.owed.is_empty() {
+        // A refusal lasts until nothing of the document is owed any more (however that came
+        // about); the one kept longest (the pause grows with each) speaks for all.
+        let owed = &self.owed;
+        self.refused.retain(|id, _| owed.contains(id));
+        let refusal = self.refused.values().max_by_key(|r| r.pause);
+        let status = if let Some(refusal) = refusal {
+            SyncStatus::Refused { failure: refusal.failure.clone() }
+        } else if self.caught_up && self.owed.is_empty() {
             self.owed.new_round();
             self.reached_up_to_date = true;
             SyncStatus::UpToDate

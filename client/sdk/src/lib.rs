@@ -617,6 +617,7 @@ impl Client {
                         s,
                         SyncStatus::UpToDate
                             | SyncStatus::Offline { failure: Some(_) }
+                            | SyncStatus::Refused { .. }
                             | SyncStatus::Wiped { .. }
                     )
                 })
@@ -624,7 +625,10 @@ impl Client {
                 .map_err(|_| SyncFailure::Other("sync stopped".into()))?
                 .clone();
             match current {
-                SyncStatus::Offline { failure: Some(failure) } => return Err(failure),
+                SyncStatus::Offline { failure: Some(failure) }
+                | SyncStatus::Refused { failure } => {
+                    return Err(failure);
+                }
                 SyncStatus::Wiped { reason } => return Err(SyncFailure::Wipe(reason)),
                 _ => {}
             }
