@@ -257,7 +257,15 @@ async fn row_19_a_revoked_token_stays_refused_across_a_restart_within_the_leeway
     let token = server.token_for("alice", Duration::from_secs(1));
     let expired = std::time::SystemTime::now() + Duration::from_secs(2);
     let mut stream = RawStream::connect_as(&server, &token, &key, id).await.expect("connects");
-    assert!(matches!(stream.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    // On a loaded machine the server may already ask for a fresh token (halfway through the
+    // second): the device is connected either way.
+    loop {
+        match stream.next().await {
+            Ok(Some(pb::server_frame::Frame::CaughtUp(_))) => break,
+            Ok(Some(pb::server_frame::Frame::TokenExpiring(_))) => {}
+            other => panic!("connected and caught up, not {other:?}"),
+        }
+    }
     revoke(&server, id).await;
     eventually("the token has expired", || async { std::time::SystemTime::now() > expired }).await;
     server.restart().await;
