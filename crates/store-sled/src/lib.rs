@@ -15,7 +15,8 @@
 //! | `n` | | last feed position (BE u64) |
 //! | `r` | space, record key | record |
 //!
-//! A document write (metadata, chunk, feed move) is one sled transaction. Nothing is durable
+//! A document write (metadata, chunk, feed move) is one sled transaction; one off the feed (a
+//! device's) is one batch of two inserts. Nothing is durable
 //! until [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush does
 //! not (`files.rs`).
 
