@@ -228,6 +228,9 @@ fn summarize(results: &[Value]) {
         if let Some(floor) = cpu_floor(r) {
             against.push(floor);
         }
+        if let Some(devices) = r["devices_cpu_us_per_change"].as_f64() {
+            against.push(format!("the devices' CPU {devices:.0} us/change"));
+        }
         if r["system"] == "cubby" {
             if let (Some(y50), Some(y99)) =
                 (y_sweet(&r["receivers"], "p50_ms"), y_sweet(&r["receivers"], "p99_ms"))

@@ -115,6 +115,8 @@ pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result
     }
 
     let (cpu, bytes) = (server.cpu()?, wire.bytes());
+    // This process's CPU: the devices', which share the machine with the server.
+    let devices_cpu = crate::server::cpu_of(std::process::id())?;
     let mut latency = Samples::default();
     for n in 1..=edits as u64 {
         let started = Instant::now();
@@ -128,6 +130,7 @@ pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result
         }
     }
     let cpu = server.cpu()? - cpu;
+    let devices_cpu = crate::server::cpu_of(std::process::id())? - devices_cpu;
     let bytes = wire.bytes() - bytes;
     let per_change = |total: f64| total / edits as f64;
     Ok(json!({
@@ -139,6 +142,7 @@ pub(crate) async fn fanout(bin: &Path, receivers: usize, edits: usize) -> Result
         "p99_ms": ms(latency.quantile(0.99)),
         "p999_ms": ms(latency.quantile(0.999)),
         "server_cpu_us_per_change": per_change(cpu.as_secs_f64() * 1e6),
+        "devices_cpu_us_per_change": per_change(devices_cpu.as_secs_f64() * 1e6),
         "wire_bytes_per_change": per_change(bytes as f64),
         "server_rss_bytes": server.rss()?,
     }))
