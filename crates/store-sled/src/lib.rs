@@ -277,9 +277,8 @@ impl Store for SledStore {
         // batch or transaction (`PageCache::pin_log` rolls it before and after), each a job for
         // its I/O threads and a `sync_file_range`, where plain inserts wait for the next flush. A
         // 60-byte metadata record and a 200-byte chunk: 19 to 27 µs of CPU as a batch, 7 to 8 as
-        // two inserts. sled's log makes them durable in order, so a crash keeps the metadata
-        // alone at worst: the document as it was before this chunk, which only a write not yet
-        // flushed can lose.
+        // two inserts. sled's log makes them durable in order, so at worst a crash keeps the new
+        // metadata without the chunk, and only a write not yet flushed can lose its chunk.
         let db = self.db()?;
         db.insert(key(b'm', c, &[d.as_bytes()]), meta).map_err(|e| self.fail(e))?;
         if let Some(chunk) = chunk {

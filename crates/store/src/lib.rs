@@ -176,7 +176,9 @@ pub trait Store: Send + Sync + 'static {
     /// Writes a document's metadata and optionally one change chunk, as [`Store::write_doc`]
     /// does, but leaves the customer's change feed as it is. For a store whose feed nobody reads
     /// (a device's): in the sled backend, moving the document in the feed is most of a small
-    /// write's cost. A backend without a cheaper way keeps this default, a `write_doc`.
+    /// write's cost. Not atomic: a crash before [`Store::flush`] may keep the metadata without
+    /// the chunk, never the chunk without the metadata. A backend without a cheaper way keeps
+    /// this default, a `write_doc`.
     fn write_doc_off_feed(
         &self,
         customer: &CustomerId,
