@@ -170,6 +170,9 @@ fn run() -> Result<(), Error> {
 /// its acknowledgement in), one 4 KiB write and `fdatasync`, Automerge applying the change to a
 /// document of the same history one change at a time, and sealing it.
 fn cpu_floor(results: &[Value], r: &Value) -> Option<String> {
+    if r["system"] != "cubby" {
+        return None;
+    }
     let limit = |name: &'static str| results.iter().filter(move |l| l["limit"] == name);
     let round_trip =
         limit("tls_grpc_stream").find_map(|l| l["server_cpu_us_per_round_trip"].as_f64())?;
@@ -181,9 +184,6 @@ fn cpu_floor(results: &[Value], r: &Value) -> Option<String> {
         .find(|l| l["record_bytes"] == 256)
         .and_then(|l| l["seal_us"].as_f64())?;
     let cpu = r["server_cpu_us_per_change"].as_f64()?;
-    if r["system"] != "cubby" {
-        return None;
-    }
     let devices = r["receivers"].as_f64()? + 1.0;
     let floor = devices * round_trip + fsync + apply + seal;
     Some(format!(
@@ -202,7 +202,6 @@ fn summarize(results: &[Value]) {
     let in_process =
         find("limit", "tls_grpc_stream").and_then(|r| r["in_process_rtt_p50_ms"].as_f64());
     let fsync = find("limit", "fdatasync").and_then(|r| r["per_sec_at_p50"].as_f64());
-    let cpu_floor = |r: &Value| cpu_floor(results, r);
     // Fan-out and idle devices: Cubby and the peers, from this run.
     let y_sweet = |receivers: &Value, key: &str| {
         results
@@ -225,7 +224,7 @@ fn summarize(results: &[Value]) {
                 p50 / (2.0 * i)
             ));
         }
-        if let Some(floor) = cpu_floor(r) {
+        if let Some(floor) = cpu_floor(results, r) {
             against.push(floor);
         }
         if let Some(devices) = r["devices_cpu_us_per_change"].as_f64() {
