@@ -143,7 +143,8 @@ async fn echo_rounds(
     let mut replies = EchoClient::new(channel).echo(ReceiverStream::new(rx)).await?.into_inner();
     let blob = Blob { data: vec![7; size] };
 
-    let cpu = pid.map(crate::server::cpu_of).transpose()?;
+    // The service's CPU time before, when it runs in a process of its own.
+    let before = pid.map(|pid| crate::server::cpu_of(pid).map(|cpu| (pid, cpu))).transpose()?;
     let mut rtt = Samples::default();
     for _ in 0..round_trips {
         let started = Instant::now();
@@ -151,11 +152,9 @@ async fn echo_rounds(
         replies.message().await?.ok_or("the echo stream ended")?;
         rtt.push(started.elapsed());
     }
-    let cpu_per_round_trip = match (pid, cpu) {
-        (Some(pid), Some(before)) => {
-            Some((crate::server::cpu_of(pid)? - before) / round_trips as u32)
-        }
-        _ => None,
+    let cpu_per_round_trip = match before {
+        Some((pid, cpu)) => Some((crate::server::cpu_of(pid)? - cpu) / round_trips as u32),
+        None => None,
     };
     let pipelined = round_trips * 10;
     let started = Instant::now();
@@ -361,15 +360,14 @@ pub(crate) fn sled(inserts: usize, value: usize) -> Result<Value, Error> {
     let flushed_rounds = inserts / 10;
     // This process's CPU time, sled's I/O threads included (the bench's other threads are idle
     // here).
-    let process_cpu = || nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID.now().map(Duration::from);
-    let cpu = process_cpu()?;
+    let cpu = crate::server::cpu_of(std::process::id())?;
     let started = Instant::now();
     for i in 0..flushed_rounds as u64 {
         db.insert((u64::MAX - i).to_be_bytes(), bytes.as_slice())?;
         db.flush()?;
     }
     let flushed = flushed_rounds as f64 / started.elapsed().as_secs_f64();
-    let cpu = (process_cpu()? - cpu) / flushed_rounds as u32;
+    let cpu = (crate::server::cpu_of(std::process::id())? - cpu) / flushed_rounds as u32;
     Ok(json!({
         "workload": "limit", "limit": "sled_insert", "value_bytes": value,
         "inserts_per_sec": unflushed.round(), "flushed_inserts_per_sec": flushed.round(),
