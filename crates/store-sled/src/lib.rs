@@ -15,14 +15,16 @@
 //! | `n` | | last feed position (BE u64) |
 //! | `r` | space, record key | record |
 //!
-//! A document write (metadata, chunk, feed move) is one sled transaction; one off the feed (a
-//! device's) is two inserts, metadata first. Nothing is durable
-//! until [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush does
-//! not (`files.rs`).
+//! A document write (metadata, feed move, chunk) is a sequence of plain inserts in an order a
+//! crash can cut anywhere without harm (see [`SledStore::doc_write_steps`]); one off the feed (a
+//! device's) is two inserts, metadata first. A deletion is one sled transaction. Nothing is
+//! durable until [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush
+//! does not (`files.rs`).
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
@@ -40,6 +42,17 @@ pub struct SledStore {
     db: Arc<Guarded>,
     files: Arc<files::SledFiles>,
     keys: Arc<keys::KeyDir>,
+    /// Held by every write that moves documents in a feed (or erases one): the feed's records
+    /// are read and written by plain operations, which sled does not isolate. On a server only
+    /// the commit thread writes, so it is never contended there.
+    feed: Arc<Mutex<()>>,
+}
+
+/// One step of a document write: [`SledStore::doc_write_steps`].
+#[derive(Debug)]
+enum Step {
+    Insert(Vec<u8>, sled::IVec),
+    Remove(Vec<u8>),
 }
 
 /// The sled database, and whether it failed.
@@ -130,7 +143,8 @@ impl SledStore {
                     // Opened after sled, so its lock keeps a second process out of the keys too.
                     let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
                     let db = Arc::new(Guarded { db: Some(db), failed: AtomicU8::new(0) });
-                    return Ok(Self { db, files: Arc::new(files), keys });
+                    let feed = Arc::default();
+                    return Ok(Self { db, files: Arc::new(files), keys, feed });
                 }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
                 // `config.rs`).
@@ -181,6 +195,81 @@ impl SledStore {
             TransactionError::Abort(e) => e,
             TransactionError::Storage(e) => self.fail(e),
         }
+    }
+
+    fn lock_feed(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.feed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The steps of `write_doc`, each a plain sled operation, and the document's new feed
+    /// position. Reads the feed: call with [`Self::lock_feed`] held, and take the steps in order.
+    ///
+    /// Not one transaction: sled 0.34 writes its log buffer out twice for every transaction or
+    /// batch (`PageCache::pin_log` rolls it before and after), each a job for its I/O threads
+    /// and a `sync_file_range`, where plain operations wait for the next flush. sled's log is
+    /// durable in order, so a crash before the flush keeps some first steps and drops the rest.
+    /// Nothing in the write was acknowledged, and devices resend what the server lost; the order
+    /// makes every prefix harmless until they do:
+    ///
+    /// 1. the customer's last feed position, so that none is handed out twice;
+    /// 2. the feed entry at the new position: from here on, devices that catch up are told of
+    ///    the document, which is harmless before anything else changed;
+    /// 3. the document's feed position;
+    /// 4. the removal of its old feed entry (a crash before it leaves the entry behind, and
+    ///    `feed_since` skips it);
+    /// 5. the metadata, then 6. the chunk, last: a chunk kept without its feed entry would
+    ///    never be announced, as the sender's resend would change nothing.
+    ///
+    /// A new document (no feed position yet) has its metadata written first instead: a feed
+    /// entry without metadata reads as a deletion, and would tell the creating device to drop
+    /// it. A crash can then keep a document that has no feed position: it loads with position
+    /// 0, and the server writes it again when it next loads it (`persist` in `docs.rs`).
+    fn doc_write_steps(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        meta: &[u8],
+        chunk: Option<Chunk<'_>>,
+    ) -> Result<(Seq, Vec<Step>)> {
+        let db = self.db()?;
+        let last_key = key(b'n', c, &[]);
+        let last = match db.get(&last_key).map_err(|e| self.fail(e))? {
+            Some(v) => u64_of(&v)?,
+            None => 0,
+        };
+        let seq = (last + 1).to_be_bytes();
+        let pos_key = key(b'p', c, &[d.as_bytes()]);
+        let old = db.get(&pos_key).map_err(|e| self.fail(e))?;
+        let meta = Step::Insert(key(b'm', c, &[d.as_bytes()]), meta.into());
+        let mut steps = Vec::with_capacity(6);
+        let meta = if old.is_none() {
+            steps.push(meta);
+            None
+        } else {
+            Some(meta)
+        };
+        steps.push(Step::Insert(last_key, seq.as_slice().into()));
+        steps.push(Step::Insert(key(b'f', c, &[&seq]), d.as_bytes().as_slice().into()));
+        steps.push(Step::Insert(pos_key, seq.as_slice().into()));
+        if let Some(old) = old {
+            steps.push(Step::Remove(key(b'f', c, &[&old])));
+        }
+        steps.extend(meta);
+        if let Some(chunk) = chunk {
+            let k = key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]);
+            steps.push(Step::Insert(k, chunk.bytes.into()));
+        }
+        Ok((Seq(last + 1), steps))
+    }
+
+    fn take(&self, step: Step) -> Result<()> {
+        let db = self.db()?;
+        match step {
+            Step::Insert(k, v) => db.insert(k, v),
+            Step::Remove(k) => db.remove(k),
+        }
+        .map(drop)
+        .map_err(|e| self.fail(e))
     }
 
     /// Moves `doc` to the head of the customer's feed inside a transaction.
@@ -236,6 +325,7 @@ impl Store for SledStore {
     }
 
     fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        let _feed = self.lock_feed();
         let mut batch = sled::Batch::default();
         for prefix in CUSTOMER_PREFIXES {
             for entry in self.scan(key(prefix, customer, &[])) {
@@ -252,18 +342,10 @@ impl Store for SledStore {
         meta: &[u8],
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
-        self.db
-            .transaction(|tx| {
-                tx.insert(key(b'm', c, &[d.as_bytes()]), meta)?;
-                if let Some(chunk) = chunk {
-                    tx.insert(
-                        key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]),
-                        chunk.bytes,
-                    )?;
-                }
-                Self::bump_feed(tx, c, d)
-            })
-            .map_err(|e| self.fail_tx(e))
+        let _feed = self.lock_feed();
+        let (seq, steps) = self.doc_write_steps(c, d, meta, chunk)?;
+        steps.into_iter().try_for_each(|step| self.take(step))?;
+        Ok(seq)
     }
 
     fn write_doc_off_feed(
@@ -349,6 +431,8 @@ impl Store for SledStore {
             .scan(key(b'c', c, &[d.as_bytes()]))
             .map(|r| r.map(|(k, _)| k))
             .collect::<Result<_>>()?;
+        // One transaction: a deletion cut short could drop the metadata without telling anyone.
+        let _feed = self.lock_feed();
         self.db
             .transaction(|tx| {
                 tx.remove(key(b'm', c, &[d.as_bytes()]))?;
@@ -374,7 +458,8 @@ impl Store for SledStore {
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         let prefix = key(b'f', c, &[]);
         let start = key(b'f', c, &[&(cursor.0.saturating_add(1)).to_be_bytes()]);
-        self.db
+        let mut feed = self
+            .db
             .range(start..)
             .map(|r| r.map_err(|e| self.fail(e)))
             .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&prefix)))
@@ -382,7 +467,14 @@ impl Store for SledStore {
                 let (k, v) = r?;
                 Ok((Seq(u64_of(&k[prefix.len()..])?), doc_of(&v)?))
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // A crash in the middle of a write can leave a document's older entry behind (step 5 of
+        // `doc_write_steps`): keep each document's latest.
+        let mut seen = HashSet::with_capacity(feed.len());
+        feed.reverse();
+        feed.retain(|(_, doc)| seen.insert(*doc));
+        feed.reverse();
+        Ok(feed)
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
@@ -449,6 +541,82 @@ mod tests {
         store.write_doc(&customer, &doc, b"meta", chunk(1)).expect("write");
         store.db.flush().expect("sled's flush");
         assert!(store.files.sync().expect("sync") > 0, "sled left a blob file unsynced");
+    }
+
+    /// A crash keeps some first steps of a document write and drops the rest (sled's log is
+    /// durable in order). For every such prefix, of a new and of an existing document, with and
+    /// without a chunk: what survives the reopen is consistent, and the server's repair (write
+    /// again what is missing once the sender resends) leaves the document announced once, with
+    /// its chunk.
+    #[test]
+    fn every_prefix_of_a_document_write_a_crash_can_keep_is_harmless() {
+        use cubby_core::{CustomerId, DocId, Seq};
+        use cubby_store::{Chunk, Store};
+        let c = CustomerId::from_bytes([1; 16]);
+        let (d, other) = (DocId::from_bytes([2; 16]), DocId::from_bytes([3; 16]));
+        let bytes = b"the lost change".as_slice();
+        for existing in [false, true] {
+            for with_chunk in [false, true] {
+                for kept in 0.. {
+                    let case = format!("existing {existing}, chunk {with_chunk}, {kept} steps");
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let store = SledStore::open(dir.path()).expect("opens");
+                    if existing {
+                        store
+                            .write_doc(&c, &d, b"m0", Some(Chunk { index: 0, bytes: b"a" }))
+                            .expect("write");
+                    }
+                    let before = store.write_doc(&c, &other, b"m", None).expect("write");
+                    let index = u64::from(existing);
+                    let chunk = with_chunk.then_some(Chunk { index, bytes });
+                    let (_, steps) = store.doc_write_steps(&c, &d, b"m1", chunk).expect("steps");
+                    let all = steps.len();
+                    steps.into_iter().take(kept).for_each(|s| store.take(s).expect("step"));
+                    store.flush().expect("flush");
+                    drop(store);
+                    let store = SledStore::open(dir.path()).expect("reopens");
+
+                    let feed = store.feed_since(&c, Seq(0)).expect("feed");
+                    let at: Vec<Seq> =
+                        feed.iter().filter(|(_, f)| *f == d).map(|(s, _)| *s).collect();
+                    assert!(at.len() <= 1, "{case}: the document is in the feed once");
+                    let loaded = store.load(&c, &d).expect("load");
+                    let has_chunk =
+                        |l: &cubby_store::DocRecords| l.chunks.iter().any(|(_, b)| b == bytes);
+                    if loaded.as_ref().is_some_and(has_chunk) {
+                        let announced = at.first().is_some_and(|s| *s > before);
+                        assert!(announced, "{case}: a kept chunk is announced");
+                    }
+                    match &loaded {
+                        // Position 0: the server writes it again when it loads it.
+                        Some(l) if l.seq == Seq(0) => assert!(!existing, "{case}"),
+                        // At its position, or at a later one whose write was cut short.
+                        Some(l) => assert!(at.len() == 1 && at[0] >= l.seq, "{case}: in the feed"),
+                        None => assert!(at.is_empty(), "{case}: never announced as deleted"),
+                    }
+
+                    // The repair: devices resend a lost change or retry a lost metadata
+                    // change; a document without a feed position is written again.
+                    let lost_chunk = with_chunk && !loaded.as_ref().is_some_and(has_chunk);
+                    let stale = loaded.as_ref().is_none_or(|l| l.seq == Seq(0) || l.meta != b"m1");
+                    if lost_chunk || stale {
+                        let next = loaded.as_ref().map_or(0, |l| l.next_chunk());
+                        let chunk = lost_chunk.then_some(Chunk { index: next, bytes });
+                        store.write_doc(&c, &d, b"m1", chunk).expect("the resend");
+                    }
+                    let feed = store.feed_since(&c, Seq(0)).expect("feed");
+                    let loaded = store.load(&c, &d).expect("load").expect("the document exists");
+                    assert_eq!(feed.last(), Some(&(loaded.seq, d)), "{case}: announced last");
+                    assert_eq!(feed.iter().filter(|(_, f)| *f == d).count(), 1, "{case}");
+                    assert_eq!(feed.iter().filter(|(_, f)| *f == other).count(), 1, "{case}");
+                    assert_eq!(loaded.meta, b"m1", "{case}");
+                    assert_eq!(has_chunk(&loaded), with_chunk, "{case}: the chunk is stored");
+                    if kept == all {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     #[test]

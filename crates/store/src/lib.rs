@@ -165,6 +165,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Writes a document's metadata and optionally one change chunk, and moves the document to
     /// the head of the customer's change feed. Returns the document's new feed position.
+    ///
+    /// A backend may make the parts durable separately, so that a crash before [`Store::flush`]
+    /// keeps some of them, if every state it can keep is harmless: a document is never in the
+    /// feed without its metadata (that reads as a deletion), a chunk is never kept without the
+    /// feed move (it would never be announced), and a document kept without any feed position
+    /// loads with position 0, which tells the caller to write it again.
     fn write_doc(
         &self,
         customer: &CustomerId,
