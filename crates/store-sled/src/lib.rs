@@ -220,10 +220,11 @@ impl SledStore {
     /// 5. the metadata, then 6. the chunk, last: a chunk kept without its feed entry would
     ///    never be announced, as the sender's resend would change nothing.
     ///
-    /// A new document (no feed position yet) has its metadata written first instead: a feed
-    /// entry without metadata reads as a deletion, and would tell the creating device to drop
-    /// it. A crash can then keep a document that has no feed position: it loads with position
-    /// 0, and the server writes it again when it next loads it (`persist` in `docs.rs`).
+    /// A document with no metadata (new, or deleted earlier) has its metadata written first
+    /// instead, after its old feed position (a deletion's) is removed: a feed entry without
+    /// metadata reads as a deletion, and would tell the creating device to drop it. A crash can
+    /// then keep a document that has no feed position: it loads with position 0, and the server
+    /// writes it again when it next loads it (`persist` in `docs.rs`).
     fn doc_write_steps(
         &self,
         c: &CustomerId,
@@ -240,9 +241,14 @@ impl SledStore {
         let seq = (last + 1).to_be_bytes();
         let pos_key = key(b'p', c, &[d.as_bytes()]);
         let old = db.get(&pos_key).map_err(|e| self.fail(e))?;
-        let meta = Step::Insert(key(b'm', c, &[d.as_bytes()]), meta.into());
-        let mut steps = Vec::with_capacity(6);
-        let meta = if old.is_none() {
+        let meta_key = key(b'm', c, &[d.as_bytes()]);
+        let fresh = !db.contains_key(&meta_key).map_err(|e| self.fail(e))?;
+        let meta = Step::Insert(meta_key, meta.into());
+        let mut steps = Vec::with_capacity(7);
+        let meta = if fresh {
+            if old.is_some() {
+                steps.push(Step::Remove(pos_key.clone()));
+            }
             steps.push(meta);
             None
         } else {
@@ -468,7 +474,7 @@ impl Store for SledStore {
                 Ok((Seq(u64_of(&k[prefix.len()..])?), doc_of(&v)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        // A crash in the middle of a write can leave a document's older entry behind (step 5 of
+        // A crash in the middle of a write can leave a document's older entry behind (step 4 of
         // `doc_write_steps`): keep each document's latest.
         let mut seen = HashSet::with_capacity(feed.len());
         feed.reverse();
@@ -544,10 +550,10 @@ mod tests {
     }
 
     /// A crash keeps some first steps of a document write and drops the rest (sled's log is
-    /// durable in order). For every such prefix, of a new and of an existing document, with and
-    /// without a chunk: what survives the reopen is consistent, and the server's repair (write
-    /// again what is missing once the sender resends) leaves the document announced once, with
-    /// its chunk.
+    /// durable in order). For every such prefix, of a new, an existing and a deleted document,
+    /// with and without a chunk: what survives the reopen tells devices nothing false, and the
+    /// repair (devices resend what was lost; the server writes again a document without a feed
+    /// position) leaves the document announced once, last, with its chunk.
     #[test]
     fn every_prefix_of_a_document_write_a_crash_can_keep_is_harmless() {
         use cubby_core::{CustomerId, DocId, Seq};
@@ -555,19 +561,23 @@ mod tests {
         let c = CustomerId::from_bytes([1; 16]);
         let (d, other) = (DocId::from_bytes([2; 16]), DocId::from_bytes([3; 16]));
         let bytes = b"the lost change".as_slice();
-        for existing in [false, true] {
+        for earlier in ["none", "written", "deleted"] {
             for with_chunk in [false, true] {
                 for kept in 0.. {
-                    let case = format!("existing {existing}, chunk {with_chunk}, {kept} steps");
+                    let case = format!("earlier {earlier}, chunk {with_chunk}, {kept} steps");
                     let dir = tempfile::tempdir().expect("temp dir");
                     let store = SledStore::open(dir.path()).expect("opens");
-                    if existing {
+                    let mut deleted_at = None;
+                    if earlier != "none" {
                         store
                             .write_doc(&c, &d, b"m0", Some(Chunk { index: 0, bytes: b"a" }))
                             .expect("write");
                     }
+                    if earlier == "deleted" {
+                        deleted_at = Some(store.delete_doc(&c, &d).expect("delete"));
+                    }
                     let before = store.write_doc(&c, &other, b"m", None).expect("write");
-                    let index = u64::from(existing);
+                    let index = u64::from(earlier == "written");
                     let chunk = with_chunk.then_some(Chunk { index, bytes });
                     let (_, steps) = store.doc_write_steps(&c, &d, b"m1", chunk).expect("steps");
                     let all = steps.len();
@@ -589,10 +599,11 @@ mod tests {
                     }
                     match &loaded {
                         // Position 0: the server writes it again when it loads it.
-                        Some(l) if l.seq == Seq(0) => assert!(!existing, "{case}"),
+                        Some(l) if l.seq == Seq(0) => assert!(earlier != "written", "{case}"),
                         // At its position, or at a later one whose write was cut short.
                         Some(l) => assert!(at.len() == 1 && at[0] >= l.seq, "{case}: in the feed"),
-                        None => assert!(at.is_empty(), "{case}: never announced as deleted"),
+                        // Only the deletion the devices were told of already.
+                        None => assert_eq!(at, Vec::from_iter(deleted_at), "{case}: no deletion"),
                     }
 
                     // The repair: devices resend a lost change or retry a lost metadata
