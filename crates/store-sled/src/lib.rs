@@ -331,13 +331,15 @@ impl Store for SledStore {
     }
 
     fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
-        let _feed = self.lock_feed();
         let mut batch = sled::Batch::default();
         for prefix in CUSTOMER_PREFIXES {
             for entry in self.scan(key(prefix, customer, &[])) {
                 batch.remove(entry?.0);
             }
         }
+        // The lock for the batch alone, so that it never lands between a feed write's steps:
+        // the scan of a large customer would hold up every customer's writes.
+        let _feed = self.lock_feed();
         self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
     }
 
