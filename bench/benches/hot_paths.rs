@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the per-change hot paths: the sync frame codec, sealing and
-//! opening a record, the document actor's apply of one device change, loading a document from
-//! its stored snapshot and chunks, and sync messages in parts. `cargo bench -p cubby-bench`.
+//! opening a record, the document actor's apply of one device change, the sled store's document
+//! writes, loading a document from its stored snapshot and chunks, and sync messages in parts.
+//! `cargo bench -p cubby-bench`.
 
 use automerge::Automerge;
 use automerge::transaction::Transactable;
@@ -199,6 +200,33 @@ fn stored_text(typed: usize, chunks: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
     (snapshot, stored)
 }
 
+/// The sled store's document writes, without the flush that follows them: the server's
+/// (metadata, feed move, chunk) and a device's (off the feed), at the fan-out workload's sizes
+/// (a 60-byte metadata record, a 200-byte chunk), round 64 documents of one customer.
+fn store_write(c: &mut Criterion) {
+    use cubby_store::{Chunk, Store};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = cubby_store_sled::SledStore::open(dir.path()).expect("opens");
+    let customer = cubby_core::CustomerId::from_bytes([1; 16]);
+    let docs: Vec<_> = (0..64u8).map(|i| cubby_core::DocId::from_bytes([i; 16])).collect();
+    let (meta, bytes) = ([3u8; 60], [4u8; 200]);
+    let mut index = 0u64;
+    c.bench_function("store_write/server_write_doc", |b| {
+        b.iter(|| {
+            index += 1;
+            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { index, bytes: &bytes });
+            store.write_doc(&customer, doc, &meta, Some(chunk)).expect("writes")
+        });
+    });
+    c.bench_function("store_write/device_write_doc_off_feed", |b| {
+        b.iter(|| {
+            index += 1;
+            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { index, bytes: &bytes });
+            store.write_doc_off_feed(&customer, doc, &meta, Some(chunk)).expect("writes")
+        });
+    });
+}
+
 fn rebuild(c: &mut Criterion) {
     for typed in [10_000, 100_000] {
         let (snapshot, chunks) = stored_text(typed, 256);
@@ -217,6 +245,7 @@ criterion_group!(
     seal_open,
     actor_apply,
     actor_acknowledgement,
+    store_write,
     rebuild,
     parts
 );
