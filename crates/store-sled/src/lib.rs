@@ -243,17 +243,14 @@ impl SledStore {
         let old = db.get(&pos_key).map_err(|e| self.fail(e))?;
         let meta_key = key(b'm', c, &[d.as_bytes()]);
         let fresh = !db.contains_key(&meta_key).map_err(|e| self.fail(e))?;
-        let meta = Step::Insert(meta_key, meta.into());
+        let mut meta = Some(Step::Insert(meta_key, meta.into()));
         let mut steps = Vec::with_capacity(7);
-        let meta = if fresh {
+        if fresh {
             if old.is_some() {
                 steps.push(Step::Remove(pos_key.clone()));
             }
-            steps.push(meta);
-            None
-        } else {
-            Some(meta)
-        };
+            steps.extend(meta.take());
+        }
         steps.push(Step::Insert(last_key, seq.as_slice().into()));
         steps.push(Step::Insert(key(b'f', c, &[&seq]), d.as_bytes().as_slice().into()));
         steps.push(Step::Insert(pos_key, seq.as_slice().into()));
@@ -268,7 +265,7 @@ impl SledStore {
         Ok((Seq(last + 1), steps))
     }
 
-    fn take(&self, step: Step) -> Result<()> {
+    fn apply_step(&self, step: Step) -> Result<()> {
         let db = self.db()?;
         match step {
             Step::Insert(k, v) => db.insert(k, v),
@@ -352,7 +349,7 @@ impl Store for SledStore {
     ) -> Result<Seq> {
         let _feed = self.lock_feed();
         let (seq, steps) = self.doc_write_steps(c, d, meta, chunk)?;
-        steps.into_iter().try_for_each(|step| self.take(step))?;
+        steps.into_iter().try_for_each(|step| self.apply_step(step))?;
         Ok(seq)
     }
 
@@ -583,7 +580,7 @@ mod tests {
                     let chunk = with_chunk.then_some(Chunk { index, bytes });
                     let (_, steps) = store.doc_write_steps(&c, &d, b"m1", chunk).expect("steps");
                     let all = steps.len();
-                    steps.into_iter().take(kept).for_each(|s| store.take(s).expect("step"));
+                    steps.into_iter().take(kept).for_each(|s| store.apply_step(s).expect("step"));
                     store.flush().expect("flush");
                     drop(store);
                     let store = SledStore::open(dir.path()).expect("reopens");
