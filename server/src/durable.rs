@@ -34,6 +34,9 @@ pub(crate) enum Write {
     },
     /// Fold chunks into a snapshot.
     Compact { customer: CustomerId, doc: DocId, snapshot: Snapshot },
+    /// Metadata alone, without a move in the feed: nothing devices need to hear of (the size
+    /// a compaction recounted).
+    Meta { customer: CustomerId, doc: DocId, meta: Vec<u8> },
     /// Delete a document.
     Delete { customer: CustomerId, doc: DocId },
 }
@@ -133,6 +136,9 @@ fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
         Write::Compact { customer, doc, snapshot } => {
             store.compact(customer, doc, snapshot).map(|()| None)
         }
+        Write::Meta { customer, doc, meta } => {
+            store.write_doc_off_feed(customer, doc, meta, None).map(|()| None)
+        }
         Write::Delete { customer, doc } => store.delete_doc(customer, doc).map(Some),
     }
 }
@@ -147,7 +153,7 @@ fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
         Write::Delete { customer, doc } => {
             Some((*customer, Announcement { doc: *doc, seq, info: None, metadata: true }))
         }
-        Write::Compact { .. } => None,
+        Write::Compact { .. } | Write::Meta { .. } => None,
     }
 }
 

@@ -175,3 +175,25 @@ async fn row_08_a_history_too_slow_to_apply_is_refused_charged_and_others_are_se
         .expect("the log reads");
     assert_eq!(stored, json!({"start": true}).to_string());
 }
+
+/// The limits count what a document holds, not every change it was ever sent: a compaction
+/// folds a hundred-byte chunk per edit into a snapshot of a few hundred bytes, and recounts the
+/// document's size and the customer's use. 150 edits of one key send about 15 KB of chunks,
+/// well over both limits here, and hold well under them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_gives_back_what_the_limits_counted_for_folded_chunks() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_document_bytes = 4 * 1024;
+        c.limits.max_customer_bytes = 6 * 1024;
+        c.limits.compact_after_chunks = 8;
+    })
+    .await;
+    let phone = server.device("erin").await;
+    let doc = phone.client.create("counter").await.expect("create");
+    for n in 0..150 {
+        doc.put("n", json!(n)).await.expect("put");
+        if let Err(failure) = phone.client.wait_until_synced().await {
+            panic!("edit {n} refused: {failure:?}");
+        }
+    }
+}
