@@ -202,13 +202,17 @@ pub(crate) fn fanout(peer: Peer, receivers: usize, edits: usize) -> Result<Value
     driver.ready(
         &json!({"run": "fanout", "receivers": receivers, "edits": edits, "gap_ms": gap_ms}),
     )?;
-    let cpu = server.cpu()?;
+    // The driver's CPU is its devices', as the bench process's is Cubby's devices'.
+    let (cpu, devices_cpu) = (server.cpu()?, cpu_of(driver.child.id())?);
     driver.send("go")?;
     let mut result = driver.read()?;
     let cpu = server.cpu()? - cpu;
+    let devices_cpu = cpu_of(driver.child.id())? - devices_cpu;
+    let per_change = |cpu: Duration| json!((cpu.as_secs_f64() * 1e6 / edits as f64).round());
     result["workload"] = json!("fanout");
     result["system"] = json!(peer.name());
-    result["server_cpu_us_per_change"] = json!((cpu.as_secs_f64() * 1e6 / edits as f64).round());
+    result["server_cpu_us_per_change"] = per_change(cpu);
+    result["devices_cpu_us_per_change"] = per_change(devices_cpu);
     result["server_rss_bytes"] = json!(server.rss()?);
     Ok(result)
 }
