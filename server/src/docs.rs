@@ -916,8 +916,14 @@ impl Actor {
             return;
         }
         let snapshot = Snapshot { through: live.next_chunk - 1, bytes: live.doc.save() };
+        // The size counted every chunk written; the document now holds the snapshot alone,
+        // usually far smaller (10,000 one-key changes: about 1 MB of chunks, an 18 KB snapshot).
+        // Recount it with the compaction, and give the difference back to the customer's quota.
         let stored = snapshot.bytes.len() as u64;
-        let write = Write::Compact { customer: self.customer, doc: self.doc, snapshot };
+        let recounted =
+            (stored < live.meta.size).then(|| DocMeta { size: stored, ..live.meta.clone() });
+        let meta = recounted.as_ref().map(DocMeta::encode);
+        let write = Write::Compact { customer: self.customer, doc: self.doc, snapshot, meta };
         let ctx = &self.registry.ctx;
         if let Err(err) = ctx.commit.commit(write).await {
             tracing::warn!(doc = %self.doc.short(), %err, "compaction failed; will retry");
@@ -925,20 +931,9 @@ impl Actor {
         }
         live.chunks_since_snapshot = 0;
         live.bytes_since_snapshot = 0;
-        // The size counted every chunk written; the document now holds the snapshot alone,
-        // usually far smaller (10,000 one-key changes: about 1 MB of chunks, an 18 KB snapshot).
-        // Recount it, and give the difference back to the customer's quota.
-        if stored < live.meta.size {
-            let mut meta = live.meta.clone();
-            meta.size = stored;
-            let write = Write::Meta { customer: self.customer, doc: self.doc, meta: meta.encode() };
-            match ctx.commit.commit(write).await {
-                Ok(_) => {
-                    ctx.quotas.release(&self.customer, live.meta.size - stored);
-                    live.meta = meta;
-                }
-                Err(err) => tracing::warn!(doc = %self.doc.short(), %err, "size not recounted"),
-            }
+        if let Some(meta) = recounted {
+            ctx.quotas.release(&self.customer, live.meta.size - stored);
+            live.meta = meta;
         }
     }
 

@@ -32,11 +32,9 @@ pub(crate) enum Write {
         /// The document was created or its metadata changed (see [`Announcement::metadata`]).
         metadata: bool,
     },
-    /// Fold chunks into a snapshot.
-    Compact { customer: CustomerId, doc: DocId, snapshot: Snapshot },
-    /// Metadata alone, without a move in the feed: nothing devices need to hear of (the size
-    /// a compaction recounted).
-    Meta { customer: CustomerId, doc: DocId, meta: Vec<u8> },
+    /// Fold chunks into a snapshot, then store `meta` (the document's size recounted as the
+    /// snapshot's) if given: off the feed, as nothing changed that devices need to hear of.
+    Compact { customer: CustomerId, doc: DocId, snapshot: Snapshot, meta: Option<Vec<u8>> },
     /// Delete a document.
     Delete { customer: CustomerId, doc: DocId },
 }
@@ -133,11 +131,14 @@ fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
             let chunk = chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
             store.write_doc(customer, doc, meta, chunk).map(Some)
         }
-        Write::Compact { customer, doc, snapshot } => {
-            store.compact(customer, doc, snapshot).map(|()| None)
-        }
-        Write::Meta { customer, doc, meta } => {
-            store.write_doc_off_feed(customer, doc, meta, None).map(|()| None)
+        Write::Compact { customer, doc, snapshot, meta } => {
+            store.compact(customer, doc, snapshot)?;
+            // After the snapshot: a crash between the two leaves the size counted high, never
+            // low, until the next compaction.
+            if let Some(meta) = meta {
+                store.write_doc_off_feed(customer, doc, meta, None)?;
+            }
+            Ok(None)
         }
         Write::Delete { customer, doc } => store.delete_doc(customer, doc).map(Some),
     }
@@ -153,7 +154,7 @@ fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
         Write::Delete { customer, doc } => {
             Some((*customer, Announcement { doc: *doc, seq, info: None, metadata: true }))
         }
-        Write::Compact { .. } | Write::Meta { .. } => None,
+        Write::Compact { .. } => None,
     }
 }
 
