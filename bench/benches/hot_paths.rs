@@ -225,6 +225,29 @@ fn store_write(c: &mut Criterion) {
             store.write_doc_off_feed(&customer, doc, &meta, Some(chunk)).expect("writes")
         });
     });
+    // A compaction at the default policy's 256 chunks (a new document each time), then the
+    // writes after it, which remove the chunks it covered a few at a time.
+    let mut fresh = 0u32;
+    c.bench_function("store_write/compact_256_chunks", |b| {
+        b.iter_batched(
+            || {
+                fresh += 1;
+                let mut id = [0xcc; 16];
+                id[..4].copy_from_slice(&fresh.to_be_bytes());
+                let doc = cubby_core::DocId::from_bytes(id);
+                for index in 0..256 {
+                    let chunk = Chunk { index, bytes: &bytes };
+                    store.write_doc_off_feed(&customer, &doc, &meta, Some(chunk)).expect("writes");
+                }
+                doc
+            },
+            |doc| {
+                let snapshot = cubby_store::Snapshot { through: 255, bytes: vec![5; 600] };
+                store.compact(&customer, &doc, &snapshot).expect("compacts")
+            },
+            BatchSize::PerIteration,
+        );
+    });
 }
 
 fn rebuild(c: &mut Criterion) {

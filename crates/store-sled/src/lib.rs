@@ -17,11 +17,13 @@
 //!
 //! A document write (metadata, feed move, chunk) is a sequence of plain inserts in an order a
 //! crash can cut anywhere without harm (see [`SledStore::doc_write_steps`]); one off the feed (a
-//! device's) is two inserts, metadata first. A deletion is one sled transaction. Nothing is
-//! durable until [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush
-//! does not (`files.rs`).
+//! device's) is two inserts, metadata first. A deletion is one sled transaction. A compaction
+//! writes the snapshot and leaves the chunks it covers to be removed a few at a time by the
+//! writes after it ([`SledStore::sweep`]); loads skip them meanwhile. Nothing is durable until
+//! [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush does not
+//! (`files.rs`).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -46,7 +48,22 @@ pub struct SledStore {
     /// are read and written by plain operations, which sled does not isolate. On a server only
     /// the commit thread writes, so it is never contended there.
     feed: Arc<Mutex<()>>,
+    /// Chunks that compactions covered and that are still on disk, oldest first.
+    covered: Arc<Mutex<VecDeque<Covered>>>,
 }
+
+/// A document's chunks up to a snapshot's `through`: covered by it, still to be removed.
+#[derive(Debug)]
+struct Covered {
+    /// The document's chunk keys' prefix.
+    prefix: Vec<u8>,
+    through: u64,
+}
+
+/// How many covered chunks each write removes ([`SledStore::sweep`]). Four times the one chunk
+/// a write adds, so the covered chunks of a compaction (256 by default) are gone within 64
+/// writes, long before the next one.
+const SWEEP_PER_WRITE: usize = 4;
 
 /// One step of a document write: [`SledStore::doc_write_steps`].
 #[derive(Debug)]
@@ -143,8 +160,8 @@ impl SledStore {
                     // Opened after sled, so its lock keeps a second process out of the keys too.
                     let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
                     let db = Arc::new(Guarded { db: Some(db), failed: AtomicU8::new(0) });
-                    let feed = Arc::default();
-                    return Ok(Self { db, files: Arc::new(files), keys, feed });
+                    let (feed, covered) = (Arc::default(), Arc::default());
+                    return Ok(Self { db, files: Arc::new(files), keys, feed, covered });
                 }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
                 // `config.rs`).
@@ -199,6 +216,63 @@ impl SledStore {
 
     fn lock_feed(&self) -> std::sync::MutexGuard<'_, ()> {
         self.feed.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_covered(&self) -> std::sync::MutexGuard<'_, VecDeque<Covered>> {
+        self.covered.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a document's chunks up to `through` for removal, once.
+    fn cover(&self, prefix: Vec<u8>, through: u64) {
+        let mut covered = self.lock_covered();
+        match covered.iter_mut().find(|c| c.prefix == prefix) {
+            Some(c) => c.through = c.through.max(through),
+            None => covered.push_back(Covered { prefix, through }),
+        }
+    }
+
+    /// Removes up to [`SWEEP_PER_WRITE`] covered chunks, oldest compaction first. Every write
+    /// calls it. Removing a compaction's chunks all at once cost about 1 ms of sled work (256
+    /// removals), in the server's commit (holding up every customer's writes in it) and on a
+    /// device's way to acknowledging a change; spread over the writes after it, it is a few µs
+    /// each. Any prefix of the removals a crash keeps is harmless: loads skip covered chunks,
+    /// and a load that finds some queues them again.
+    fn sweep(&self) -> Result<()> {
+        let mut covered = self.lock_covered();
+        let mut budget = SWEEP_PER_WRITE;
+        while let Some(front) = covered.front() {
+            let found = self.covered_keys(&front.prefix, front.through, budget)?;
+            if found.len() < budget {
+                covered.pop_front();
+            }
+            budget -= found.len();
+            for k in found {
+                self.db()?.remove(k).map_err(|e| self.fail(e))?;
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` chunk keys under `prefix` with an index up to `through`, lowest first.
+    fn covered_keys(&self, prefix: &[u8], through: u64, limit: usize) -> Result<Vec<sled::IVec>> {
+        self.scan(prefix.to_vec())
+            .map(|r| r.map(|(k, _)| k))
+            .take_while(|k| {
+                k.as_ref().map_or(true, |k| u64_of(&k[prefix.len()..]).is_ok_and(|i| i <= through))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Forgets queued removals under `prefix` (a document's or a customer's): its chunks are
+    /// going, and a document made again under the same id must keep its new ones.
+    fn uncover(&self, prefix: &[u8]) -> std::sync::MutexGuard<'_, VecDeque<Covered>> {
+        let mut covered = self.lock_covered();
+        covered.retain(|c| !c.prefix.starts_with(prefix));
+        covered
     }
 
     /// The steps of `write_doc`, each a plain sled operation, and the document's new feed
@@ -337,6 +411,7 @@ impl Store for SledStore {
         // The lock for the batch alone, so that it never lands between a feed write's steps:
         // the scan of a large customer would hold up every customer's writes.
         let _feed = self.lock_feed();
+        let _covered = self.uncover(&key(b'c', customer, &[]));
         self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
     }
 
@@ -350,6 +425,7 @@ impl Store for SledStore {
         let _feed = self.lock_feed();
         let (seq, steps) = self.doc_write_steps(c, d, meta, chunk)?;
         steps.into_iter().try_for_each(|step| self.apply_step(step))?;
+        self.sweep()?;
         Ok(seq)
     }
 
@@ -372,7 +448,7 @@ impl Store for SledStore {
             let k = key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]);
             db.insert(k, chunk.bytes).map_err(|e| self.fail(e))?;
         }
-        Ok(())
+        self.sweep()
     }
 
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
@@ -388,13 +464,22 @@ impl Store for SledStore {
             None => None,
         };
         let prefix = key(b'c', c, &[d.as_bytes()]);
-        let chunks = self
+        let mut chunks: Vec<(u64, Vec<u8>)> = self
             .scan(prefix.clone())
             .map(|r| {
                 let (k, v) = r?;
                 Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
             })
             .collect::<Result<_>>()?;
+        // Chunks the snapshot covers that no write has removed yet (see `sweep`), some of them
+        // perhaps left by a crash: skip them, and have them removed.
+        if let Some(through) = snapshot.as_ref().map(|s| s.through) {
+            let covered = chunks.partition_point(|(index, _)| *index <= through);
+            if covered > 0 {
+                chunks.drain(..covered);
+                self.cover(prefix, through);
+            }
+        }
         let seq = match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
             Some(v) => Seq(u64_of(&v)?),
             None => Seq(0),
@@ -411,24 +496,11 @@ impl Store for SledStore {
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
-        let prefix = key(b'c', c, &[d.as_bytes()]);
-        let covered: Vec<sled::IVec> = self
-            .scan(prefix.clone())
-            .map(|r| r.map(|(k, _)| k))
-            .take_while(|k| {
-                k.as_ref().map_or(true, |k| {
-                    u64_of(&k[prefix.len()..]).is_ok_and(|i| i <= snapshot.through)
-                })
-            })
-            .collect::<Result<_>>()?;
         let mut value = snapshot.through.to_be_bytes().to_vec();
         value.extend_from_slice(&snapshot.bytes);
-        let mut batch = sled::Batch::default();
-        batch.insert(key(b's', c, &[d.as_bytes()]), value);
-        for k in covered {
-            batch.remove(k);
-        }
-        self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
+        self.db()?.insert(key(b's', c, &[d.as_bytes()]), value).map_err(|e| self.fail(e))?;
+        self.cover(key(b'c', c, &[d.as_bytes()]), snapshot.through);
+        self.sweep()
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -438,6 +510,7 @@ impl Store for SledStore {
             .collect::<Result<_>>()?;
         // One transaction: a deletion cut short could drop the metadata without telling anyone.
         let _feed = self.lock_feed();
+        let _covered = self.uncover(&key(b'c', c, &[d.as_bytes()]));
         self.db
             .transaction(|tx| {
                 tx.remove(key(b'm', c, &[d.as_bytes()]))?;
@@ -626,6 +699,129 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The chunks of `doc` on disk, covered or not.
+    fn chunks_on_disk(
+        store: &SledStore,
+        c: &cubby_core::CustomerId,
+        doc: &cubby_core::DocId,
+    ) -> usize {
+        store.db.scan_prefix(super::key(b'c', c, &[doc.as_bytes()])).count()
+    }
+
+    /// Writes chunks `indexes` of `doc`, each a write of its own.
+    fn write_chunks(
+        store: &SledStore,
+        c: &cubby_core::CustomerId,
+        doc: &cubby_core::DocId,
+        indexes: std::ops::Range<u64>,
+    ) {
+        use cubby_store::{Chunk, Store};
+        for index in indexes {
+            let bytes = index.to_be_bytes();
+            store.write_doc(c, doc, b"meta", Some(Chunk { index, bytes: &bytes })).expect("write");
+        }
+    }
+
+    /// A compaction leaves the chunks it covers for the writes after it to remove, a few each
+    /// (of any document), so that no write pays for all of them; a load never returns them,
+    /// and the chunks after the snapshot stay.
+    #[test]
+    fn covered_chunks_are_removed_a_few_per_write_and_never_loaded() {
+        use super::SWEEP_PER_WRITE;
+        use cubby_core::{CustomerId, DocId};
+        use cubby_store::{Snapshot, Store};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SledStore::open(dir.path()).expect("opens");
+        let c = CustomerId::from_bytes([1; 16]);
+        let (a, b) = (DocId::from_bytes([2; 16]), DocId::from_bytes([3; 16]));
+        write_chunks(&store, &c, &a, 0..300);
+        store
+            .compact(&c, &a, &Snapshot { through: 299, bytes: b"snap".to_vec() })
+            .expect("compact");
+        assert_eq!(chunks_on_disk(&store, &c, &a), 300 - SWEEP_PER_WRITE);
+
+        let mut next = 300;
+        while chunks_on_disk(&store, &c, &a) > (next - 300) as usize {
+            let before = chunks_on_disk(&store, &c, &a);
+            // Every other write is to another document: it sweeps too.
+            if next % 2 == 0 {
+                write_chunks(&store, &c, &a, next..next + 1);
+                next += 1;
+            } else {
+                write_chunks(&store, &c, &b, next..next + 1);
+            }
+            let loaded = store.load(&c, &a).expect("load").expect("exists");
+            assert_eq!(loaded.snapshot.expect("snapshot").through, 299);
+            let indexes: Vec<u64> = loaded.chunks.iter().map(|(i, _)| *i).collect();
+            assert_eq!(indexes, (300..next).collect::<Vec<_>>(), "only the chunks after it");
+            assert!(chunks_on_disk(&store, &c, &a) < before, "each write removed some");
+        }
+        assert!(next - 300 <= (300 / SWEEP_PER_WRITE) as u64, "gone within {} writes", next - 300);
+        // Once they are gone, writes remove nothing more.
+        write_chunks(&store, &c, &b, 1000..1010);
+        let loaded = store.load(&c, &a).expect("load").expect("exists");
+        assert_eq!(loaded.chunks.len() as u64, next - 300);
+        assert_eq!(chunks_on_disk(&store, &c, &a) as u64, next - 300);
+    }
+
+    /// Covered chunks still on disk at a restart (the queue of them is in memory) are found by
+    /// the next load, which skips them and has the writes after it remove them.
+    #[test]
+    fn covered_chunks_left_at_a_restart_are_removed_after_the_next_load() {
+        use cubby_core::{CustomerId, DocId};
+        use cubby_store::{Snapshot, Store};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let c = CustomerId::from_bytes([1; 16]);
+        let (a, b) = (DocId::from_bytes([2; 16]), DocId::from_bytes([3; 16]));
+        let left = {
+            let store = SledStore::open(dir.path()).expect("opens");
+            write_chunks(&store, &c, &a, 0..100);
+            store
+                .compact(&c, &a, &Snapshot { through: 99, bytes: b"snap".to_vec() })
+                .expect("compact");
+            store.flush().expect("flush");
+            chunks_on_disk(&store, &c, &a)
+        };
+        assert!(left > 0);
+        let store = SledStore::open(dir.path()).expect("reopens");
+        write_chunks(&store, &c, &b, 0..10);
+        assert_eq!(chunks_on_disk(&store, &c, &a), left, "nothing queued them");
+        let loaded = store.load(&c, &a).expect("load").expect("exists");
+        assert!(loaded.chunks.is_empty(), "the load skipped them");
+        write_chunks(&store, &c, &b, 10..60);
+        assert_eq!(chunks_on_disk(&store, &c, &a), 0, "and queued them");
+    }
+
+    /// Deleting a document (or erasing its customer) forgets its queued removals: a document
+    /// made again under the same id keeps its new chunks, which start at index 0 again.
+    #[test]
+    fn a_document_made_again_keeps_its_chunks_from_an_earlier_compaction() {
+        use cubby_core::{CustomerId, DocId};
+        use cubby_store::{Snapshot, Store};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SledStore::open(dir.path()).expect("opens");
+        let c = CustomerId::from_bytes([1; 16]);
+        let (a, b) = (DocId::from_bytes([2; 16]), DocId::from_bytes([3; 16]));
+        for erase in [false, true] {
+            write_chunks(&store, &c, &a, 0..100);
+            store
+                .compact(&c, &a, &Snapshot { through: 99, bytes: b"snap".to_vec() })
+                .expect("compact");
+            if erase {
+                store.erase_customer(&c).expect("erase");
+            } else {
+                store.delete_doc(&c, &a).expect("delete");
+            }
+            write_chunks(&store, &c, &a, 0..10);
+            write_chunks(&store, &c, &b, 0..30);
+            let loaded = store.load(&c, &a).expect("load").expect("made again");
+            assert!(loaded.snapshot.is_none());
+            let indexes: Vec<u64> = loaded.chunks.iter().map(|(i, _)| *i).collect();
+            assert_eq!(indexes, (0..10).collect::<Vec<_>>(), "erase: {erase}");
+            store.delete_doc(&c, &a).expect("delete");
         }
     }
 

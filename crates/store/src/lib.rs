@@ -201,7 +201,9 @@ pub trait Store: Send + Sync + 'static {
     /// A document's metadata alone, or `None` if it does not exist.
     fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<Vec<u8>>>;
 
-    /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`.
+    /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`: loads
+    /// never return them again. A backend may remove them from disk later (the sled backend
+    /// removes a few with each write after the compaction, so that no one write pays for all).
     fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()>;
 
     /// Deletes a document's content and metadata; its feed entry moves to the head, so devices
