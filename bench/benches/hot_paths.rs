@@ -225,8 +225,8 @@ fn store_write(c: &mut Criterion) {
             store.write_doc_off_feed(&customer, doc, &meta, Some(chunk)).expect("writes")
         });
     });
-    // A compaction at the default policy's 256 chunks (a new document each time), then the
-    // writes after it, which remove the chunks it covered a few at a time.
+    // A compaction at the default policy's 256 chunks (a new document each time). The chunks it
+    // covers are removed a few at a time by the writes after it: here the next setup's, untimed.
     let mut fresh = 0u32;
     c.bench_function("store_write/compact_256_chunks", |b| {
         b.iter_batched(
