@@ -1,10 +1,11 @@
 //! `cubby.v1.Admin`: the business's backend acting on a customer's store.
 //!
 //! Callers hold a service token from the tenant's issuer with the tenant's admin scope, and name
-//! customers by their subject; only that tenant's customers are reachable. Every read, change,
-//! export and refused attempt lands in the customer's audit log (an erasure removes the log with
-//! everything else; its receipt goes to the caller). Documents the customer made private are
-//! refused.
+//! customers by their subject; only that tenant's customers are reachable. Every call that
+//! touches a customer (listings and usage included, and refused attempts) lands in the
+//! customer's audit log before the answer goes out (an erasure removes the log with everything
+//! else; its receipt goes to the caller). Documents the customer made private are refused, and
+//! left out of listings and exports.
 
 use std::sync::Arc;
 
@@ -18,7 +19,7 @@ use tonic::{Request, Response, Status};
 use crate::Shared;
 use crate::account::MAX_TITLE;
 use crate::audit::{self, Actor, Outcome};
-use crate::auth::Caller;
+use crate::auth::{self, Caller};
 use crate::devices;
 use crate::docs::DocMsg;
 use crate::durable::api_error;
@@ -40,8 +41,11 @@ impl AdminService {
         subject: &str,
     ) -> Result<(Caller, CustomerId), ApiError> {
         let caller = self.shared.business(metadata)?;
-        if subject.is_empty() || subject.len() > 1024 {
-            return Err(ApiError::InvalidArgument("subject must be 1 to 1024 bytes".into()));
+        if subject.is_empty() || subject.len() > auth::MAX_SUBJECT_BYTES {
+            return Err(ApiError::InvalidArgument(format!(
+                "subject must be 1 to {} bytes",
+                auth::MAX_SUBJECT_BYTES
+            )));
         }
         let customer = self.shared.auth.customer_id(&caller.tenant, subject);
         if self.shared.customers.is_erased(&customer) {
@@ -165,6 +169,9 @@ impl pb::admin_server::Admin for AdminService {
                     let devices = devices::list(store, &customer)?;
                     let last_seen_ms =
                         devices.iter().map(|(_, d)| d.last_seen_ms).max().unwrap_or(0);
+                    let actor = Actor::Business(&caller.subject).to_string();
+                    audit::append(store, &customer, &actor, "admin.usage", "", Outcome::Ok)
+                        .map_err(api_error)?;
                     page.push((
                         customer,
                         pb::CustomerUsage {
@@ -176,6 +183,11 @@ impl pb::admin_server::Admin for AdminService {
                         },
                     ));
                 }
+                // Every customer listed was read: their audit entries are durable before the
+                // answer goes out.
+                if !page.is_empty() {
+                    store.flush().map_err(api_error)?;
+                }
                 Ok((page.into_iter().map(|(_, usage)| usage).collect(), next))
             })
             .await?;
@@ -186,8 +198,12 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::CustomerRequest>,
     ) -> Result<Response<pb::ListDocumentsResponse>, Status> {
-        let (_, customer) = self.target(request.metadata(), &request.get_ref().subject).await?;
-        let documents = self.shared.documents(customer).await?;
+        let (caller, customer) =
+            self.target(request.metadata(), &request.get_ref().subject).await?;
+        self.audit(customer, &caller, "admin.list", String::new(), Outcome::Ok).await?;
+        let mut documents = self.shared.documents(customer).await?;
+        // Nothing of a private document reaches the business, its title included.
+        documents.retain(|d| !d.private);
         Ok(Response::new(pb::ListDocumentsResponse { documents }))
     }
 

@@ -56,6 +56,19 @@ pub(crate) fn record(
     target: &str,
     outcome: Outcome,
 ) -> Result<(), StoreError> {
+    append(store, customer, actor, action, target, outcome)?;
+    store.flush()
+}
+
+/// Appends an entry; durable at the caller's next flush (blocking).
+pub(crate) fn append(
+    store: &dyn Store,
+    customer: &CustomerId,
+    actor: &str,
+    action: &str,
+    target: &str,
+    outcome: Outcome,
+) -> Result<(), StoreError> {
     let at_ms = unix_ms();
     let entry = Entry {
         at_ms,
@@ -70,8 +83,7 @@ pub(crate) fn record(
     };
     let key = [at_ms.to_be_bytes(), cubby_crypto::random_array::<8>()].concat();
     let value = serde_json::to_vec(&entry).expect("strings and integers always serialize");
-    store.put_record(customer, Space::AUDIT, &key, &value)?;
-    store.flush()
+    store.put_record(customer, Space::AUDIT, &key, &value)
 }
 
 /// The whole log, oldest first (blocking).

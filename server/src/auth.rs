@@ -24,6 +24,10 @@ pub const DEV_ISSUER: &str = "cubby-dev";
 /// The `aud` of development tokens.
 pub const DEV_AUDIENCE: &str = "cubby";
 
+/// The longest subject (`sub`) Cubby accepts, in bytes, on every API: a token with a longer
+/// one is refused, so every customer a token can reach can also be named to the admin API.
+pub const MAX_SUBJECT_BYTES: usize = 1024;
+
 /// The time of day tokens are judged by: their `exp` and `nbf`, how long a stream's token has
 /// left, how long a refused token stays on the list.
 #[derive(Clone, Copy, Debug, Default)]
@@ -346,6 +350,11 @@ impl Authenticator {
             verified => verified,
         }
         .map_err(refuse)?;
+        if claims.sub.len() > MAX_SUBJECT_BYTES {
+            return Err(ApiError::Unauthenticated(format!(
+                "invalid token: its subject is longer than {MAX_SUBJECT_BYTES} bytes"
+            )));
+        }
         Ok(Caller {
             tenant: tenant.name.clone(),
             customer: self.customer_id(&tenant.name, &claims.sub),

@@ -93,6 +93,10 @@ pub struct Limits {
     pub max_document_bytes: u64,
     /// Largest history one customer may store in all, bytes. Default 1 GiB.
     pub max_customer_bytes: u64,
+    /// Bytes of sync messages in parts (`DocSync.more`) the server holds for one customer's
+    /// streams together while they arrive, ids and bookkeeping included. One stream, and one
+    /// connection, may hold up to `max_document_bytes`. Default 128 MiB.
+    pub max_partial_bytes_per_customer: u64,
     /// Document writes one customer may make per second, sustained (bursts of five seconds'
     /// worth pass). Default 200.
     pub max_writes_per_sec: u32,
@@ -122,6 +126,7 @@ impl Default for Limits {
             key_reload_secs: 10,
             max_document_bytes: 64 << 20,
             max_customer_bytes: 1 << 30,
+            max_partial_bytes_per_customer: 128 << 20,
             max_writes_per_sec: 200,
             apply_deadline_ms: 10_000,
         }

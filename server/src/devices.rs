@@ -79,6 +79,9 @@ pub(crate) struct Arrival<'a> {
     pub(crate) token: ([u8; 32], u64),
     /// Tokens that expired before this (seconds since the epoch) are no longer accepted.
     pub(crate) expired_before: u64,
+    /// Its token was used by a device since revoked: refused, and nothing is registered or
+    /// recorded for it (a revoked device presenting it is still told to wipe).
+    pub(crate) token_denied: bool,
 }
 
 fn read(
@@ -121,9 +124,9 @@ pub(crate) struct Devices {
 }
 
 impl Devices {
-    /// Admits a device whose proof verified: registers it on first sight, refuses a revoked one or
-    /// one whose key differs from the registered key, and records when it was last seen
-    /// (blocking).
+    /// Admits a device whose proof verified: registers it on first sight, refuses a revoked one,
+    /// one whose key differs from the registered key, or one presenting a refused token (and then
+    /// writes nothing), and records when it was last seen (blocking).
     pub(crate) fn admit(
         &self,
         store: &dyn Store,
@@ -137,6 +140,11 @@ impl Devices {
             Some(record) if record.public_key != arrival.public_key => {
                 return Err(ApiError::PermissionDenied(
                     "this device id is registered with another key".into(),
+                ));
+            }
+            _ if arrival.token_denied => {
+                return Err(ApiError::Unauthenticated(
+                    "this token was revoked with its device".into(),
                 ));
             }
             Some(mut record) => {

@@ -36,6 +36,7 @@ mod hub;
 mod keys;
 mod listen;
 mod quota;
+mod reflection;
 mod rights;
 mod sync;
 pub mod tls;
@@ -92,6 +93,8 @@ pub(crate) struct Shared {
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
     pub(crate) work: StorageWork,
+    /// Limits on sync messages in parts, per customer and per connection.
+    pub(crate) part_budgets: sync::PartBudgets,
 }
 
 impl Shared {
@@ -425,16 +428,17 @@ async fn launch<L: Listener>(
         tracker: tracker.clone(),
         stop: stop.clone(),
         work,
+        part_budgets: sync::PartBudgets::default(),
     });
 
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
     health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
     health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cubby_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ConfigError(format!("reflection: {e}")))?;
+    let reflection = reflection::service(&[
+        cubby_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])
+    .map_err(|e| ConfigError(format!("reflection: {e}")))?;
     let max = limits.max_message_bytes;
     let sync_service =
         pb::sync_server::SyncServer::new(sync::SyncService { shared: shared.clone() })

@@ -85,7 +85,7 @@ fn add_file(
     Ok(json!({"path": path, "size": data.len(), "sha256": hex(&cubby_crypto::sha256(data))}))
 }
 
-/// Writes the customer's export archive (blocking). `business` withholds private documents.
+/// Writes the customer's export archive (blocking). `business` leaves private documents out.
 fn write_export(
     store: &dyn Store,
     customer: &CustomerId,
@@ -96,15 +96,13 @@ fn write_export(
     let mut documents = Vec::new();
     for (id, meta) in store.list_docs(customer).map_err(api_error)? {
         let meta = DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
+        if business && meta.private {
+            continue; // Nothing of a private document reaches the business, its title included.
+        }
         let mut entry = json!({
             "id": id.to_string(), "title": meta.title, "created_ms": meta.created_ms,
             "updated_ms": meta.updated_ms, "private": meta.private,
         });
-        if business && meta.private {
-            entry["withheld"] = "private".into();
-            documents.push(entry);
-            continue;
-        }
         // A document deleted since the listing is simply left out.
         let Some(records) = store.load(customer, &id).map_err(api_error)? else { continue };
         let doc = lifecycle::rebuild(

@@ -7,13 +7,14 @@
 //! is erased, or the server stops.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cubby_core::{DeviceId, DocId, DocMeta, Seq};
 use cubby_crypto::signing::verify_device_proof;
-use cubby_proto::parts::{self, Reassembly};
+use cubby_proto::parts::{self, Budget, Reassembly};
 use cubby_proto::{ApiError, pb};
 use cubby_store::Space;
 use futures_util::StreamExt;
@@ -67,6 +68,11 @@ impl pb::sync_server::Sync for SyncService {
         let caller = self.shared.auth.authenticate(request.metadata())?;
         let caller = self.shared.customers.admit_device_stream(caller).await?;
         let token_denied = self.shared.customers.token_denied(&caller);
+        let parts = self.shared.part_budgets.reassembly(
+            &self.shared.limits,
+            caller.customer,
+            request.remote_addr(),
+        );
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
         let (own, own_frames) = mpsc::channel(OWN_FRAMES);
         let connection = Connection {
@@ -89,7 +95,7 @@ impl pb::sync_server::Sync for SyncService {
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             announced: Seq(0),
             kick: CancellationToken::new(),
-            parts: Reassembly::new(self.shared.limits.max_document_bytes as usize),
+            parts,
         };
         self.shared.tracker.spawn(connection.run(request.into_inner()));
         // The actors' frames go first: they answer what the device asked, while the stream's own
@@ -209,7 +215,7 @@ impl Connection {
         }
         let shared = self.shared.clone();
         let (customer, token) = (self.customer, self.token);
-        let expired_before = self.shared.auth.expired_before();
+        let (expired_before, token_denied) = (self.shared.auth.expired_before(), self.token_denied);
         let (public_key, name, platform) =
             (hello.public_key.clone(), hello.device_name.clone(), hello.platform.clone());
         self.shared
@@ -221,15 +227,11 @@ impl Connection {
                     platform: &platform,
                     token,
                     expired_before,
+                    token_denied,
                 };
                 shared.devices.admit(&*shared.store, &customer, &arrival)
             })
             .await?;
-        if self.token_denied {
-            return Err(
-                ApiError::Unauthenticated("this token was revoked with its device".into()).into()
-            );
-        }
         Ok((device, ejector))
     }
 
@@ -555,6 +557,65 @@ impl Connection {
             }
             None => Err(ApiError::InvalidArgument("empty frame".into()).into()),
         }
+    }
+}
+
+/// The shared limits on sync messages in parts: one [`Budget`] per customer and one per
+/// connection, each held by the reassemblies of their streams while any is open.
+#[derive(Default)]
+pub(crate) struct PartBudgets {
+    budgets: std::sync::Mutex<Budgets>,
+}
+
+#[derive(Default)]
+struct Budgets {
+    customers: HashMap<cubby_core::CustomerId, Weak<Budget>>,
+    connections: HashMap<SocketAddr, Weak<Budget>>,
+    /// How many entries there were after the last sweep of ended ones.
+    swept: usize,
+}
+
+impl PartBudgets {
+    /// A reassembly for a new stream of `customer` on the connection from `peer`.
+    fn reassembly(
+        &self,
+        limits: &crate::Limits,
+        customer: cubby_core::CustomerId,
+        peer: Option<SocketAddr>,
+    ) -> Reassembly {
+        let per_stream = limits.max_document_bytes as usize;
+        let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let budgets = &mut *budgets;
+        if budgets.customers.len() + budgets.connections.len() > 2 * budgets.swept.max(64) {
+            budgets.customers.retain(|_, b| b.strong_count() > 0);
+            budgets.connections.retain(|_, b| b.strong_count() > 0);
+            budgets.swept = budgets.customers.len() + budgets.connections.len();
+        }
+        fn shared<K: std::hash::Hash + Eq>(
+            map: &mut HashMap<K, Weak<Budget>>,
+            key: K,
+            limit: usize,
+            whose: &'static str,
+        ) -> Arc<Budget> {
+            let entry = map.entry(key).or_default();
+            entry.upgrade().unwrap_or_else(|| {
+                let budget = Budget::new(limit, whose);
+                *entry = Arc::downgrade(&budget);
+                budget
+            })
+        }
+        let per_customer = limits.max_partial_bytes_per_customer as usize;
+        let mut reassembly = Reassembly::new(per_stream).with_budget(shared(
+            &mut budgets.customers,
+            customer,
+            per_customer,
+            "this customer",
+        ));
+        if let Some(peer) = peer {
+            let connection = shared(&mut budgets.connections, peer, per_stream, "this connection");
+            reassembly = reassembly.with_budget(connection);
+        }
+        reassembly
     }
 }
 

@@ -197,3 +197,114 @@ async fn compaction_gives_back_what_the_limits_counted_for_folded_chunks() {
         }
     }
 }
+
+/// One frame of a sync message in parts (never finished) for document `doc`.
+fn part(doc: [u8; 16], bytes: usize) -> cubby_proto::pb::client_frame::Frame {
+    cubby_proto::pb::client_frame::Frame::Sync(cubby_proto::pb::DocSync {
+        doc_id: doc.to_vec(),
+        message: vec![0x42; bytes],
+        more: true,
+        ..Default::default()
+    })
+}
+
+/// The status `raw`'s stream ends with once it has sent `frames`, or `None` if it is still open.
+async fn sends_until_refused(
+    raw: &mut cubby_tests::RawStream,
+    frames: Vec<cubby_proto::pb::client_frame::Frame>,
+) -> Option<tonic::Status> {
+    for frame in frames {
+        if raw.tx.send(cubby_proto::pb::ClientFrame { frame: Some(frame) }).await.is_err() {
+            break;
+        }
+    }
+    // A part of an unknown document is answered by nothing; one more frame with a bad id
+    // shows the stream is still read (its refusal comes back as a DocError).
+    let probe = cubby_proto::pb::DocSync { doc_id: vec![1; 3], ..Default::default() };
+    let _ = raw
+        .tx
+        .send(cubby_proto::pb::ClientFrame {
+            frame: Some(cubby_proto::pb::client_frame::Frame::Sync(probe)),
+        })
+        .await;
+    loop {
+        match raw.next().await {
+            Ok(Some(cubby_proto::pb::server_frame::Frame::Error(_))) => return None,
+            Ok(Some(_)) => continue,
+            Ok(None) => return Some(tonic::Status::cancelled("ended without a status")),
+            Err(status) => return Some(status),
+        }
+    }
+}
+
+/// Sync messages in parts cost memory until their last part arrives: a stream, a connection
+/// and a customer each hold only so much, ids counted, and a bad id is refused at its first part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_parts_are_bounded_per_stream_connection_and_customer() {
+    const MIB: usize = 1 << 20;
+    let server = TestServer::start_with(|c| {
+        c.limits.max_document_bytes = 4 * MIB as u64;
+        c.limits.max_partial_bytes_per_customer = (6 * MIB + MIB / 2) as u64;
+    })
+    .await;
+    let token = server.token("mallory");
+
+    // A garbage id is refused before its part is held: no more ids of megabytes kept.
+    let mut raw = cubby_tests::RawStream::connect(&server, &token).await.expect("connects");
+    let garbage =
+        cubby_proto::pb::DocSync { doc_id: vec![9; MIB], more: true, ..Default::default() };
+    let refused =
+        sends_until_refused(&mut raw, vec![cubby_proto::pb::client_frame::Frame::Sync(garbage)])
+            .await
+            .expect("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+
+    // Two streams of one customer hold 3 MiB each; a third, on its own connection too, is
+    // refused at its first part: the customer's 6.5 MiB are spoken for.
+    let mut held = Vec::new();
+    for n in 0..2u8 {
+        let mut raw = cubby_tests::RawStream::connect(&server, &token).await.expect("connects");
+        let frames = (0..3).map(|_| part([n; 16], MIB - 64)).collect();
+        assert!(sends_until_refused(&mut raw, frames).await.is_none(), "stream {n} holds 3 MiB");
+        held.push(raw);
+    }
+    let mut third = cubby_tests::RawStream::connect(&server, &token).await.expect("connects");
+    let refused = sends_until_refused(&mut third, vec![part([3; 16], MIB - 64)]).await;
+    let refused = refused.expect("over the customer's budget");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("this customer"), "{refused:?}");
+    // Another customer is not held to mallory's budget.
+    let mut other =
+        cubby_tests::RawStream::connect(&server, &server.token("trent")).await.expect("connects");
+    let frames = (0..3).map(|_| part([4; 16], MIB - 64)).collect();
+    assert!(sends_until_refused(&mut other, frames).await.is_none(), "trent holds his own");
+    // A stream that ends gives its bytes back.
+    drop(held.pop());
+    cubby_tests::eventually("the closed stream's parts are given back", || async {
+        let mut again = cubby_tests::RawStream::connect(&server, &token).await.expect("connects");
+        sends_until_refused(&mut again, vec![part([5; 16], MIB - 64)]).await.is_none()
+    })
+    .await;
+
+    // Streams multiplexed on one connection share that connection's 4 MiB.
+    let channel = server.channel().await;
+    let key = || {
+        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key")
+    };
+    let on = |channel: tonic::transport::Channel| {
+        let (token, key) = (server.token("walter"), key());
+        async move {
+            cubby_tests::RawStream::connect_on(channel, &token, &key, cubby_crypto::random_array())
+                .await
+                .expect("connects")
+        }
+    };
+    let mut first = on(channel.clone()).await;
+    let frames = (0..3).map(|_| part([6; 16], MIB - 64)).collect();
+    assert!(sends_until_refused(&mut first, frames).await.is_none());
+    let mut second = on(channel).await;
+    let frames = (0..2).map(|_| part([7; 16], MIB - 64)).collect();
+    let refused = sends_until_refused(&mut second, frames).await.expect("over the connection's");
+    assert!(refused.message().contains("this connection"), "{refused:?}");
+}

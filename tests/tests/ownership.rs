@@ -200,12 +200,38 @@ async fn row_19_revoked_device_reconnect_and_token_are_refused() {
         assert_eq!(refused.code(), tonic::Code::PermissionDenied);
         assert!(refused.metadata().get(cubby_proto::WIPE_METADATA).is_some());
     }
-    // Another device presenting the revoked token is refused once it has said who it is.
-    let refused = match RawStream::connect(&server, &device_token).await {
-        Ok(mut other) => other.next().await.expect_err("refused"),
-        Err(status) => status,
-    };
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    // Another device presenting the revoked token (a fresh install, a stolen token) is refused
+    // once it has said who it is, and registers nothing: the device list a customer checks after
+    // losing a phone does not fill up with its attempts.
+    let devices_before = devices(&server).await;
+    for _ in 0..3 {
+        let refused = match RawStream::connect(&server, &device_token).await {
+            Ok(mut other) => other.next().await.expect_err("refused"),
+            Err(status) => status,
+        };
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    }
+    assert_eq!(devices(&server).await, devices_before, "no device was registered");
+    let mut account = account(&server).await;
+    let audit = account.list_audit(authed(pb::ListAuditRequest {}, &server.token("alice"))).await;
+    let registrations = audit
+        .expect("audit")
+        .into_inner()
+        .entries
+        .iter()
+        .filter(|e| e.action == "device.register")
+        .count();
+    assert_eq!(registrations, 1, "only the device that was revoked ever registered");
+}
+
+/// The ids of alice's devices, as the server lists them.
+async fn devices(server: &TestServer) -> Vec<Vec<u8>> {
+    let mut account = account(server).await;
+    let listed = account
+        .list_devices(authed(pb::ListDevicesRequest {}, &server.token("alice")))
+        .await
+        .expect("lists devices");
+    listed.into_inner().devices.into_iter().map(|d| d.device_id).collect()
 }
 
 /// Revoking a device refuses every token it used that is still valid: the one it connected
@@ -616,6 +642,14 @@ async fn private_document_is_refused_to_the_business_and_the_attempt_audited() {
     assert_eq!(write.code(), tonic::Code::PermissionDenied);
     admin.read_document(authed(target(&shared), &token)).await.expect("shared reads");
 
+    // Nothing of it, its title included, is in the business's listings.
+    let alice = || pb::CustomerRequest { subject: "alice".into() };
+    let listed = admin.list_customer_documents(authed(alice(), &token)).await.expect("lists");
+    let listed = listed.into_inner().documents;
+    assert_eq!(listed.iter().map(|d| d.title.as_str()).collect::<Vec<_>>(), ["shared"]);
+    let usage = pb::ListCustomersRequest::default();
+    admin.list_customers(authed(usage, &token)).await.expect("usage");
+
     // The business's export withholds it.
     let mut chunks = admin
         .export_customer(authed(pb::CustomerRequest { subject: "alice".into() }, &token))
@@ -630,6 +664,9 @@ async fn private_document_is_refused_to_the_business_and_the_attempt_audited() {
     assert!(!files.contains_key(&format!("cubby-export/documents/{}.automerge", diary.id())));
     assert!(files.contains_key(&format!("cubby-export/documents/{}.automerge", shared.id())));
     assert!(!files.values().any(|f| f.windows(16).any(|w| w == b"private thoughts")));
+    let manifest = String::from_utf8(files["cubby-export/manifest.json"].clone()).expect("utf-8");
+    assert!(!manifest.contains("diary"), "the title stays out of the manifest: {manifest}");
+    assert!(!manifest.contains(&diary.id().to_string()), "and so does its id");
 
     let log = phone.client.audit().await.expect("audit");
     let diary_id = diary.id().to_string();
@@ -639,7 +676,12 @@ async fn private_document_is_refused_to_the_business_and_the_attempt_audited() {
             "{action} refusal is audited: {log:?}"
         );
     }
-    assert!(log.iter().any(|e| e.action == "export" && e.actor == "business:backend"));
+    for action in ["export", "admin.list", "admin.usage"] {
+        assert!(
+            log.iter().any(|e| e.action == action && e.actor == "business:backend"),
+            "{action} is audited: {log:?}"
+        );
+    }
     // Shared again, the business can read it.
     phone.client.set_private(diary.id(), false).await.expect("unmarks");
     admin.read_document(authed(target(&diary), &token)).await.expect("reads");

@@ -136,6 +136,41 @@ async fn bad_tokens_are_refused_unauthenticated() {
     assert_eq!(missing.code(), tonic::Code::Unauthenticated);
 }
 
+/// A subject is bounded once, at the token: one the admin API could not name (over 1,024 bytes)
+/// is refused on every API, so every customer that exists can be exported and erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_longer_than_the_admin_api_accepts_is_refused_on_every_api() {
+    use cubby_server::auth::MAX_SUBJECT_BYTES;
+    let server = TestServer::start().await;
+    let signer = cubby_server::auth::dev_signer(server.data_dir(), false).expect("dev key");
+    let ttl = Duration::from_secs(600);
+    let mut account = AccountClient::new(server.channel().await);
+    let mut sync = SyncClient::new(server.channel().await);
+
+    let long = "x".repeat(10_000);
+    let token = cubby_server::auth::dev_token(&signer, &long, ttl);
+    let err = account.list_documents(authed(pb::ListDocumentsRequest {}, &token)).await;
+    let err = err.expect_err("a 10 KB subject is refused");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("subject"), "the status says why: {err:?}");
+    let (_keep, stream) = frames(vec![hello()]);
+    let err = sync.connect(authed(stream, &token)).await.expect_err("refused on the stream");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // The longest accepted subject is one the business can name.
+    let longest = "y".repeat(MAX_SUBJECT_BYTES);
+    let token = cubby_server::auth::dev_token(&signer, &longest, ttl);
+    let created = pb::CreateDocumentRequest { title: "t".into() };
+    account.create_document(authed(created, &token)).await.expect("accepted");
+    let admin = cubby_server::auth::dev_service_token(&signer, "backend", ttl);
+    let mut business = pb::admin_client::AdminClient::new(server.channel().await);
+    let listed = business
+        .list_customer_documents(authed(pb::CustomerRequest { subject: longest }, &admin))
+        .await
+        .expect("the business reaches that customer");
+    assert_eq!(listed.into_inner().documents.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_11_stream_is_closed_when_its_token_expires() {
     let server = TestServer::start().await;
