@@ -61,8 +61,19 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// HTTP/2 streams reset by the client awaiting accept, per connection. Default 32.
     pub max_pending_reset_streams: usize,
-    /// Seconds a client has to finish the TLS handshake. Default 10.
+    /// Seconds a new connection has to finish its TLS handshake and send the HTTP/2 preface;
+    /// past it the connection is closed. Default 5.
     pub tls_handshake_timeout_secs: u64,
+    /// TLS handshakes in progress at once before new connections make room: past it, a new
+    /// connection closes the oldest handshake in progress that has run for a second already
+    /// (with none that old, it is taken anyway, up to four times this, and closed beyond). So
+    /// slow handshakes never keep new clients out. Default 256.
+    pub max_handshakes: usize,
+    /// Connections at once, at most (kept below the descriptor limit, `ulimit -n`, less 512 or a
+    /// quarter of it).
+    /// Calls on a connection over it are answered `UNAVAILABLE` and it is closed five seconds
+    /// after it was accepted. Default 16384.
+    pub max_connections: usize,
     /// Seconds between HTTP/2 keepalive pings. Default 30.
     pub keepalive_interval_secs: u64,
     /// Seconds to wait for a keepalive answer before closing. Default 20.
@@ -112,7 +123,9 @@ impl Default for Limits {
             max_message_bytes: 4 << 20,
             max_concurrent_streams: 64,
             max_pending_reset_streams: 32,
-            tls_handshake_timeout_secs: 10,
+            tls_handshake_timeout_secs: 5,
+            max_handshakes: 256,
+            max_connections: 16_384,
             keepalive_interval_secs: 30,
             keepalive_timeout_secs: 20,
             shutdown_grace_secs: 10,

@@ -42,7 +42,7 @@ mod sync;
 pub mod tls;
 
 pub use config::{ConfigError, Limits, ServerConfig, TenantConfig, TlsConfig};
-pub use listen::{Conn, Listener};
+pub use listen::Listener;
 
 /// The encrypted store every part of the server writes through.
 pub(crate) type Vault = EncryptedStore<Arc<dyn Store>>;
@@ -453,6 +453,7 @@ async fn launch<L: Listener>(
         .max_encoding_message_size(max);
 
     let router = tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(listen::refuse_over_limit))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
@@ -465,23 +466,19 @@ async fn launch<L: Listener>(
         .add_service(admin_service);
 
     let shutdown = stop.clone().cancelled_owned();
+    let gate = listen::Gate::new(listen::GateLimits::from_config(&limits));
     let serve = match tls_config {
         Some(tls_config) => {
-            let incoming = tls::incoming(
-                listener,
-                tls_config,
-                Duration::from_secs(limits.tls_handshake_timeout_secs),
-                256,
-                &tracker,
-                stop.clone(),
-                hangup.clone(),
-            );
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+            let incoming =
+                listen::tls(gate, listener, acceptor, &tracker, stop.clone(), hangup.clone());
             let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }
         None => {
             tracing::warn!("serving PLAINTEXT: for local development behind a trusted proxy only");
-            let incoming = listen::plaintext(listener, &tracker, stop.clone(), hangup.clone());
+            let incoming =
+                listen::plaintext(gate, listener, &tracker, stop.clone(), hangup.clone());
             let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
         }

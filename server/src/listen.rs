@@ -1,17 +1,38 @@
-//! Where connections come from: a TCP listener on a real server, a simulated network in the
-//! deterministic simulation. Both hand tonic a [`Conn`], which carries the peer's address.
+//! Where connections come from, and who gets in.
+//!
+//! A TCP listener on a real server, a simulated network in the deterministic simulation: both
+//! hand tonic a [`Conn`], which carries the peer's address. Between the two sits the [`Gate`]:
+//!
+//! - **Handshakes in progress are bounded, and slow ones make room.** Up to
+//!   `limits.max_handshakes` run at once; a new connection beyond that closes the oldest one in
+//!   progress, provided it has had [`SHED_AFTER`] already (a real client's handshake takes
+//!   milliseconds; one trickling its ClientHello a byte a second is always the oldest). While
+//!   every handshake is younger than that, new connections are taken anyway, up to four times
+//!   the limit, and closed at once past it. So a new client never waits behind slow handshakes.
+//! - **A connection must finish its TLS handshake and send the HTTP/2 preface** within
+//!   `limits.tls_handshake_timeout_secs`, or it is closed.
+//! - **Connections are capped** at `limits.max_connections` (and below the process's descriptor
+//!   limit), handshakes in progress included. One over the cap still gets its TLS handshake, but
+//!   every call on it is answered `UNAVAILABLE` ("the server is at its connection limit") and it
+//!   is closed a few seconds after it was accepted.
+//! - **Accept errors back off** (10 ms doubling to 1 s), and are logged at most once a second,
+//!   so running out of descriptors costs neither a core nor the disk.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::{Connected, TlsConnectInfo};
 
 /// A source of connections.
 pub trait Listener: Send + 'static {
@@ -40,12 +61,60 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
+/// The HTTP/2 connection preface every client sends first (RFC 9113, 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a handshake is left alone before a newer connection may close it to take its place.
+pub(crate) const SHED_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a connection over the cap is kept open to answer `UNAVAILABLE` before it is closed.
+const REFUSED_FOR: Duration = Duration::from_secs(5);
+
+/// Descriptors kept free for everything but connections (the store's files, connections over
+/// the cap while they are told so): this many, or a quarter of the limit if that is less.
+const SPARE_DESCRIPTORS: u64 = 512;
+
+/// What a connection tells the services about itself.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer {
+    /// The peer's address.
+    pub(crate) addr: SocketAddr,
+    /// The connection is over the server's connection limit: every call on it is refused.
+    pub(crate) over_limit: bool,
+}
+
+impl Peer {
+    /// The peer of a request's connection, plain or over TLS.
+    pub(crate) fn of<T>(request: &tonic::Request<T>) -> Option<Peer> {
+        let extensions = request.extensions();
+        extensions
+            .get::<Peer>()
+            .or_else(|| extensions.get::<TlsConnectInfo<Peer>>().map(TlsConnectInfo::get_ref))
+            .copied()
+    }
+}
+
+/// Refuses every call on a connection over the server's connection limit (a tonic interceptor).
+pub(crate) fn refuse_over_limit(
+    request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    match Peer::of(&request) {
+        Some(peer) if peer.over_limit => {
+            Err(tonic::Status::unavailable("the server is at its connection limit; retry later"))
+        }
+        _ => Ok(request),
+    }
+}
+
 /// An accepted connection and its peer. It fails its reads and writes once the server hangs
-/// up on every connection (a shutdown whose grace ran out).
-pub struct Conn<Io> {
+/// up on every connection (a shutdown whose grace ran out), or, for a connection over the
+/// limit, once it has had time to hear why.
+pub(crate) struct Conn<Io> {
     io: Io,
-    peer: SocketAddr,
-    hangup: Pin<Box<WaitForCancellationFutureOwned>>,
+    peer: Peer,
+    hangup: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Counts it among the established connections while it lives.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl<Io> std::fmt::Debug for Conn<Io> {
@@ -57,8 +126,32 @@ impl<Io> std::fmt::Debug for Conn<Io> {
 impl<Io> Conn<Io> {
     /// `hangup` is the server's; each connection waits on a child of it, so that one
     /// connection's polls do not contend with another's.
-    pub(crate) fn new(io: Io, peer: SocketAddr, hangup: &CancellationToken) -> Self {
-        Self { io, peer, hangup: Box::pin(hangup.child_token().cancelled_owned()) }
+    fn new(io: Io, addr: SocketAddr, hangup: &CancellationToken) -> Self {
+        Self {
+            io,
+            peer: Peer { addr, over_limit: false },
+            hangup: Box::pin(hangup.child_token().cancelled_owned()),
+            _slot: None,
+        }
+    }
+
+    /// Counts it among the server's connections, or marks it over the limit and hangs up on it
+    /// [`REFUSED_FOR`] from now.
+    fn admit(&mut self, gate: &Gate, hangup: &CancellationToken) {
+        match gate.connection_slot() {
+            Some(slot) => self._slot = Some(slot),
+            None => {
+                self.peer.over_limit = true;
+                let (server, soon) =
+                    (hangup.child_token().cancelled_owned(), tokio::time::sleep(REFUSED_FOR));
+                self.hangup = Box::pin(async move {
+                    tokio::select! {
+                        () = server => {}
+                        () = soon => {}
+                    }
+                });
+            }
+        }
     }
 
     /// The error reads and writes fail with once the server hung up. A pending read waits on
@@ -71,10 +164,10 @@ impl<Io> Conn<Io> {
 }
 
 impl<Io> Connected for Conn<Io> {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = Peer;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        TcpConnectInfo { local_addr: None, remote_addr: Some(self.peer) }
+    fn connect_info(&self) -> Peer {
+        self.peer
     }
 }
 
@@ -127,30 +220,401 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Conn<Io> {
     }
 }
 
-/// Plaintext connections, handed on as they are accepted. `stop` ends accepting; `hangup`
-/// fails every connection accepted (see [`Conn`]).
+/// A connection whose HTTP/2 preface the gate has read; it hands the preface to tonic first.
+pub(crate) struct Prefaced<Io> {
+    io: Io,
+    /// How much of [`PREFACE`] tonic has been given.
+    given: usize,
+}
+
+impl<Io> std::fmt::Debug for Prefaced<Io> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefaced").finish_non_exhaustive()
+    }
+}
+
+impl<Io: Connected> Connected for Prefaced<Io> {
+    type ConnectInfo = Io::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Prefaced<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.given < PREFACE.len() {
+            let rest = &PREFACE[self.given..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.given += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Prefaced<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Reads the HTTP/2 preface off `io`; refuses anything else.
+async fn read_preface<Io: AsyncRead + Unpin>(mut io: Io) -> io::Result<Prefaced<Io>> {
+    let mut preface = [0u8; PREFACE.len()];
+    io.read_exact(&mut preface).await?;
+    if &preface != PREFACE {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "not an HTTP/2 connection"));
+    }
+    Ok(Prefaced { io, given: 0 })
+}
+
+/// The gate's limits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GateLimits {
+    /// Handshakes in progress before new connections close the oldest of them.
+    pub(crate) handshakes: usize,
+    /// Time to finish the TLS handshake and send the HTTP/2 preface.
+    pub(crate) handshake_timeout: Duration,
+    /// Connections at most, handshakes in progress included.
+    pub(crate) connections: usize,
+}
+
+impl GateLimits {
+    /// The limits the config asks for, with the connection cap kept below the process's
+    /// descriptor limit (each connection is a descriptor).
+    pub(crate) fn from_config(limits: &crate::Limits) -> Self {
+        let mut connections = limits.max_connections.max(1);
+        if let Some(descriptors) = descriptor_limit() {
+            let spare = (descriptors / 4).min(SPARE_DESCRIPTORS);
+            let room = descriptors.saturating_sub(spare);
+            let room = usize::try_from(room.max(1)).unwrap_or(usize::MAX);
+            if room < connections {
+                tracing::warn!(
+                    max_connections = connections,
+                    descriptors,
+                    allowed = room,
+                    "the descriptor limit (ulimit -n) allows fewer connections than \
+                     limits.max_connections; capping them lower"
+                );
+                connections = room;
+            }
+        }
+        Self {
+            handshakes: limits.max_handshakes.max(1),
+            handshake_timeout: Duration::from_secs(limits.tls_handshake_timeout_secs.max(1)),
+            connections,
+        }
+    }
+}
+
+/// The process's soft limit on open descriptors, where the platform has one.
+fn descriptor_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let (soft, _) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok()?;
+        (soft != nix::sys::resource::RLIM_INFINITY).then_some(soft)
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Admission at the edge: handshakes in progress and established connections.
+#[derive(Debug)]
+pub(crate) struct Gate {
+    limits: GateLimits,
+    handshakes: Mutex<Handshakes>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Handshakes in progress, oldest first, with when each began.
+#[derive(Debug, Default)]
+struct Handshakes {
+    next: u64,
+    all: BTreeMap<u64, (tokio::time::Instant, CancellationToken)>,
+}
+
+/// One handshake in progress; leaves the gate's list when dropped.
+struct HandshakeTicket {
+    gate: Arc<Gate>,
+    id: u64,
+    /// Cancelled when a newer connection needs its place.
+    shed: CancellationToken,
+}
+
+impl Drop for HandshakeTicket {
+    fn drop(&mut self) {
+        self.gate.lock().all.remove(&self.id);
+    }
+}
+
+/// One connection, counted while it lives.
+#[derive(Debug)]
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Gate {
+    pub(crate) fn new(limits: GateLimits) -> Arc<Self> {
+        Arc::new(Self { limits, handshakes: Mutex::default(), connections: Arc::default() })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handshakes> {
+        self.handshakes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a new connection's handshake, first closing the oldest one in progress if
+    /// they are full and it has had [`SHED_AFTER`]. `None`: the new connection must be closed
+    /// (four times the limit are in progress, all of them young).
+    fn begin_handshake(self: &Arc<Self>, now: tokio::time::Instant) -> Option<HandshakeTicket> {
+        let mut handshakes = self.lock();
+        if handshakes.all.len() >= self.limits.handshakes {
+            let oldest = handshakes.all.first_key_value().map(|(id, (at, _))| (*id, *at));
+            match oldest {
+                Some((id, at)) if now.duration_since(at) >= SHED_AFTER => {
+                    if let Some((_, shed)) = handshakes.all.remove(&id) {
+                        tracing::debug!("handshakes full: closing the oldest one in progress");
+                        shed.cancel();
+                    }
+                }
+                _ if handshakes.all.len() >= 4 * self.limits.handshakes => return None,
+                _ => {}
+            }
+        }
+        handshakes.next += 1;
+        let (id, shed) = (handshakes.next, CancellationToken::new());
+        handshakes.all.insert(id, (now, shed.clone()));
+        Some(HandshakeTicket { gate: self.clone(), id, shed })
+    }
+
+    /// A place among the connections, if one is free.
+    fn connection_slot(&self) -> Option<ConnectionSlot> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.limits.connections).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(self.connections.clone()))
+    }
+
+    /// Connections now.
+    #[cfg(test)]
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Accepts connections until `stop`, hands each to `admit` (TLS and the preface, within the
+    /// handshake deadline and while it keeps its place), and sends what comes through to tonic.
+    /// `hangup` fails every connection accepted (see [`Conn`]).
+    pub(crate) fn serve<L, T, F, Fut>(
+        self: Arc<Self>,
+        mut listener: L,
+        admit: F,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+        hangup: CancellationToken,
+    ) -> mpsc::Receiver<io::Result<T>>
+    where
+        L: Listener,
+        T: Send + 'static,
+        F: Fn(Conn<L::Io>) -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<T>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(64);
+        let handshakes = tracker.clone();
+        tracker.spawn(async move {
+            let mut failures = AcceptFailures::default();
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = stop.cancelled() => return,
+                };
+                let (io, addr) = match accepted {
+                    Ok(accepted) => {
+                        failures.reset();
+                        accepted
+                    }
+                    Err(err) => {
+                        let pause = failures.failed(&err);
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => continue,
+                            () = stop.cancelled() => return,
+                        }
+                    }
+                };
+                let Some(ticket) = self.begin_handshake(tokio::time::Instant::now()) else {
+                    tracing::debug!(%addr, "too many handshakes in progress: connection closed");
+                    continue;
+                };
+                let mut conn = Conn::new(io, addr, &hangup);
+                conn.admit(&self, &hangup);
+                let (tx, stop, deadline) =
+                    (tx.clone(), stop.clone(), self.limits.handshake_timeout);
+                let handshake = admit(conn);
+                handshakes.spawn(async move {
+                    tokio::select! {
+                        done = tokio::time::timeout(deadline, handshake) => match done {
+                            Ok(Ok(conn)) => {
+                                drop(ticket);
+                                let _ = tx.send(Ok(conn)).await;
+                            }
+                            Ok(Err(err)) => tracing::debug!(%addr, %err, "connection refused"),
+                            Err(_) => tracing::debug!(%addr, "handshake or preface timed out"),
+                        },
+                        () = ticket.shed.cancelled() => {
+                            tracing::debug!(%addr, "handshake closed to make room");
+                        }
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        rx
+    }
+}
+
+/// Accept failures in a row: how long to pause, and when to say so.
+#[derive(Default)]
+struct AcceptFailures {
+    pause: Duration,
+    /// Failures not logged since the last line.
+    unlogged: u64,
+    logged_at: Option<tokio::time::Instant>,
+}
+
+impl AcceptFailures {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MOST: Duration = Duration::from_secs(1);
+
+    fn reset(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// Notes a failure; returns how long to pause before accepting again.
+    fn failed(&mut self, err: &io::Error) -> Duration {
+        self.pause = (self.pause * 2).clamp(Self::FIRST, Self::MOST);
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self.logged_at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
+            tracing::warn!(%err, failures = self.unlogged, pause_ms = self.pause.as_millis() as u64,
+                "accepting connections failed; backing off");
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+        self.pause
+    }
+}
+
+/// Plaintext connections: only the HTTP/2 preface, within the deadline.
 pub(crate) fn plaintext<L: Listener>(
-    mut listener: L,
+    gate: Arc<Gate>,
+    listener: L,
     tracker: &TaskTracker,
     stop: CancellationToken,
     hangup: CancellationToken,
-) -> mpsc::Receiver<io::Result<Conn<L::Io>>> {
-    let (tx, rx) = mpsc::channel(64);
-    tracker.spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = stop.cancelled() => return,
-            };
-            match accepted {
-                Ok((io, peer)) => {
-                    if tx.send(Ok(Conn::new(io, peer, &hangup))).await.is_err() {
-                        return;
-                    }
-                }
-                Err(err) => tracing::warn!(%err, "accept failed"),
-            }
-        }
-    });
-    rx
+) -> mpsc::Receiver<io::Result<Prefaced<Conn<L::Io>>>> {
+    gate.serve(listener, read_preface, tracker, stop, hangup)
+}
+
+/// A connection over TLS, ready for tonic.
+pub(crate) type TlsConn<Io> = Prefaced<tokio_rustls::server::TlsStream<Conn<Io>>>;
+
+/// TLS connections: the handshake, then the HTTP/2 preface, within the deadline.
+pub(crate) fn tls<L: Listener>(
+    gate: Arc<Gate>,
+    listener: L,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+    hangup: CancellationToken,
+) -> mpsc::Receiver<io::Result<TlsConn<L::Io>>> {
+    let admit = move |conn| {
+        let accepting = acceptor.accept(conn);
+        async move { read_preface(accepting.await?).await }
+    };
+    gate.serve(listener, admit, tracker, stop, hangup)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(handshakes: usize, connections: usize) -> GateLimits {
+        GateLimits { handshakes, handshake_timeout: Duration::from_secs(5), connections }
+    }
+
+    #[test]
+    fn a_new_handshake_closes_the_oldest_once_it_has_had_its_second() {
+        let gate = Gate::new(limits(2, 1));
+        let start = tokio::time::Instant::now();
+        let first = gate.begin_handshake(start).expect("room");
+        let second = gate.begin_handshake(start).expect("room");
+        // All young: taken anyway, up to four times the limit, then refused.
+        let more: Vec<_> = (0..6).map(|_| gate.begin_handshake(start)).collect();
+        assert_eq!(more.iter().filter(|t| t.is_some()).count(), 6);
+        assert!(gate.begin_handshake(start).is_none(), "eight young handshakes are the most");
+        assert!(!first.shed.is_cancelled());
+        drop(more);
+        let third = gate.begin_handshake(start + SHED_AFTER).expect("room made");
+        assert!(first.shed.is_cancelled(), "the oldest made room");
+        assert!(!second.shed.is_cancelled() && !third.shed.is_cancelled());
+        drop((first, second, third));
+        assert!(gate.lock().all.is_empty());
+    }
+
+    #[test]
+    fn established_connections_are_counted_and_capped() {
+        let gate = Gate::new(limits(4, 2));
+        let first = gate.connection_slot().expect("room");
+        let second = gate.connection_slot().expect("room");
+        assert!(gate.connection_slot().is_none(), "the cap holds");
+        drop(first);
+        assert_eq!(gate.connections(), 1);
+        let _third = gate.connection_slot().expect("room again");
+        drop(second);
+    }
+
+    #[test]
+    fn accept_failures_back_off_to_a_second_and_start_over_after_a_success() {
+        let mut failures = AcceptFailures::default();
+        let err = io::Error::other("too many open files");
+        let pauses: Vec<_> = (0..10).map(|_| failures.failed(&err).as_millis()).collect();
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        failures.reset();
+        assert_eq!(failures.failed(&err), AcceptFailures::FIRST);
+    }
 }

@@ -71,7 +71,7 @@ impl pb::sync_server::Sync for SyncService {
         let parts = self.shared.part_budgets.reassembly(
             &self.shared.limits,
             caller.customer,
-            request.remote_addr(),
+            crate::listen::Peer::of(&request).map(|peer| peer.addr),
         );
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
         let (own, own_frames) = mpsc::channel(OWN_FRAMES);

@@ -1,22 +1,16 @@
 //! TLS 1.3 with rustls and the ring provider.
 //!
-//! The server does its own accepting rather than tonic's, to pin TLS 1.3, bound each handshake
-//! in time, and cap handshakes in progress; finished connections are handed to tonic.
+//! The server does its own accepting rather than tonic's (`listen.rs`), to pin TLS 1.3, bound
+//! each handshake in time, and cap handshakes in progress; finished connections are handed to
+//! tonic.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::ConfigError;
-use crate::listen::{Conn, Listener};
 
 /// Installs ring as the process's rustls provider (idempotent).
 pub fn install_ring_provider() {
@@ -81,52 +75,4 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
     .map_err(|e| ConfigError(format!("TLS certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently, each within `timeout`
-/// and at most `max_handshakes` at once; yields finished connections to tonic. `stop` ends
-/// accepting; `hangup` fails every connection accepted (see [`Conn`]).
-pub(crate) fn incoming<L: Listener>(
-    mut listener: L,
-    config: Arc<rustls::ServerConfig>,
-    timeout: Duration,
-    max_handshakes: usize,
-    tracker: &TaskTracker,
-    stop: CancellationToken,
-    hangup: CancellationToken,
-) -> mpsc::Receiver<std::io::Result<TlsStream<Conn<L::Io>>>> {
-    let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(max_handshakes));
-    let handshakes = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let Ok(slot) = slots.clone().acquire_owned().await else { return };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = stop.cancelled() => return,
-            };
-            let (io, peer) = match accepted {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(%err, "accept failed");
-                    continue;
-                }
-            };
-            let tcp = Conn::new(io, peer, &hangup);
-            let (acceptor, tx, stop) = (acceptor.clone(), tx.clone(), stop.clone());
-            handshakes.spawn(async move {
-                let _slot = slot;
-                tokio::select! {
-                    result = tokio::time::timeout(timeout, acceptor.accept(tcp)) => match result {
-                        Ok(Ok(tls)) => { let _ = tx.send(Ok(tls)).await; }
-                        Ok(Err(err)) => tracing::debug!(%peer, %err, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    },
-                    () = stop.cancelled() => {}
-                }
-            });
-        }
-    });
-    rx
 }

@@ -22,7 +22,7 @@ impl Drop for Running {
 /// Starts the binary in `dir` with the README's defaults (port 0 instead of 7443, so tests can
 /// run side by side) and returns it with the lines it printed up to the dev-tenant hint.
 fn start_in(dir: &Path) -> (Running, Vec<String>) {
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .current_dir(dir)
         .env("CUBBY_LISTEN", "127.0.0.1:0")
         .env_remove("CUBBY_CONFIG")
@@ -31,6 +31,11 @@ fn start_in(dir: &Path) -> (Running, Vec<String>) {
         .stderr(Stdio::null())
         .spawn()
         .expect("the binary runs");
+    started(child)
+}
+
+/// Waits for a server started as `child` (its stdout piped) to print the dev-tenant hint.
+fn started(mut child: Child) -> (Running, Vec<String>) {
     let stdout = child.stdout.take().expect("piped");
     let running = Running(child);
     let mut lines = Vec::new();
@@ -214,4 +219,81 @@ async fn keys_rotate_and_retire_through_the_binary() {
         .documents;
     assert_eq!(docs.len(), 1);
     assert_eq!(docs[0].title, "kept");
+}
+
+/// Under a low descriptor limit (256 here), connections are capped below it (192), and a flood
+/// of real HTTP/2 connections past that uses up the descriptors while those over the cap are
+/// told so: `accept` then fails until some close. The server backs off (its log says so at
+/// most about once a second, where it used to spin logging tens of MiB a second), a client
+/// that gets in meanwhile is refused UNAVAILABLE with the reason, and once the flood leaves a
+/// real client is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_exhaustion_backs_off_and_the_server_recovers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("stderr.log");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" 2>\"$1\"")
+        .arg(BIN)
+        .arg(&log)
+        .current_dir(dir.path())
+        .env("CUBBY_LISTEN", "127.0.0.1:0")
+        .env_remove("CUBBY_CONFIG")
+        .env_remove("CUBBY_DATA")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let (_server, lines) = started(child);
+    let addr = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("cubby-server listening on https://"))
+        .expect("prints its https address")
+        .to_owned();
+    let cert = dir.path().join("cubby-data/tls/cert.pem");
+    let failures = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().filter(|l| l.contains("accepting connections failed")).count()
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(&cert).expect("cert")),
+        ))
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(2));
+
+    let started_at = Instant::now();
+    let connecting = (0..320).map(|_| endpoint.connect());
+    let flood: Vec<_> = futures_util::future::join_all(connecting).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the flood never exhausted the descriptors: {} connected; log: {}",
+            flood.iter().filter(|c| c.is_ok()).count(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Once those over the cap are closed (five seconds after they came), the server accepts
+    // again, and tells a newcomer why it cannot serve it.
+    let (mut account, token) = alice_account(dir.path(), &lines).await;
+    let request = || with_token(pb::ListDocumentsRequest {}, &token);
+    let refused = account.list_documents(request()).await.expect_err("over the cap");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("connection limit"), "{refused:?}");
+
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (mut account, _) = alice_account(dir.path(), &lines).await;
+        if account.list_documents(request()).await.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server does not serve again after the flood");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = started_at.elapsed().as_secs() as usize;
+    let logged = failures();
+    assert!(logged <= seconds + 2, "{logged} accept failures logged in {seconds} s");
 }
