@@ -27,10 +27,89 @@ use tokio_util::task::TaskTracker;
 use crate::durable::{CommitHandle, Write, api_error};
 use crate::hub::Announcement;
 
+/// A frame on its way to a device, with the in-flight permits of the messages it answers: they
+/// go back to the device's stream only when the frame leaves its queue, so a device that does
+/// not read its answers stops being read (back-pressure), however fast documents answer.
+pub(crate) struct Outgoing {
+    pub(crate) frame: Box<pb::ServerFrame>,
+    _permits: Vec<OwnedSemaphorePermit>,
+}
+
 /// Where a document actor sends frames for one connected device. Frames are boxed: a tokio
 /// channel allocates its first block of 32 slots when it is made, and a `ServerFrame` inline
 /// would make that 3.8 KB for every connected device, most of them idle.
-pub(crate) type Outbox = mpsc::Sender<Result<Box<pb::ServerFrame>, tonic::Status>>;
+pub(crate) type Outbox = mpsc::Sender<Outgoing>;
+
+/// The documents whose frames found a device's queue full. Their actors dropped those frames
+/// and started the device's session over; once the device reads again, its stream asks each
+/// actor to speak again (`DocMsg::Resume`). So a slow device loses nothing and holds up no
+/// document, and only one that stops reading for `slow_consumer_secs` is cut off.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Lagging(Arc<LaggingDocs>);
+
+#[derive(Debug, Default)]
+struct LaggingDocs {
+    docs: Mutex<HashSet<DocId>>,
+    marked: tokio::sync::Notify,
+}
+
+impl Lagging {
+    fn mark(&self, doc: DocId) {
+        self.0.docs.lock().unwrap_or_else(PoisonError::into_inner).insert(doc);
+        self.0.marked.notify_one();
+    }
+
+    /// Resolves once some document is marked (at once if one was marked since the last wait).
+    pub(crate) async fn marked(&self) {
+        self.0.marked.notified().await;
+    }
+
+    /// The documents marked, forgetting them.
+    pub(crate) fn take(&self) -> Vec<DocId> {
+        self.0.docs.lock().unwrap_or_else(PoisonError::into_inner).drain().collect()
+    }
+}
+
+/// What a document actor holds of one device's stream.
+#[derive(Clone)]
+pub(crate) struct Link {
+    /// Where its frames go.
+    pub(crate) outbox: Outbox,
+    /// What the device holds, kept up to date by the actor.
+    pub(crate) held: Held,
+    /// Documents that owe it frames its queue had no room for.
+    pub(crate) lagging: Lagging,
+}
+
+/// Whether a frame reached a device's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    Queued,
+    /// Its queue was full: the document is marked lagging for the device.
+    Behind,
+    /// Its stream has ended.
+    Gone,
+}
+
+impl Link {
+    /// Queues `frame` for the device of `doc`, with `permits`; when its queue is full, marks the
+    /// document lagging (the caller starts the device's session over).
+    fn send(
+        &self,
+        doc: DocId,
+        frame: Box<pb::ServerFrame>,
+        permits: Vec<OwnedSemaphorePermit>,
+    ) -> Sent {
+        match self.outbox.try_send(Outgoing { frame, _permits: permits }) {
+            Ok(()) => Sent::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.lagging.mark(doc);
+                Sent::Behind
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
+        }
+    }
+}
 
 /// What one connected device is known to hold: per document, the feed position of the newest
 /// durable state the device has confirmed it has (its sync message named every head). Document
@@ -60,16 +139,13 @@ pub(crate) enum DocMsg {
         peer: u64,
         /// The device on the stream (its sync state is kept between connections).
         device: DeviceId,
-        outbox: Outbox,
-        /// What the device holds, kept up to date by the actor.
-        held: Held,
+        link: Link,
         message: Vec<u8>,
         /// Create the document with this title if it does not exist.
         create: Option<String>,
-        /// Held until the message is handled: bounds what one stream can queue.
+        /// Held until the answer leaves the device's queue: bounds what one stream can have
+        /// waiting at documents and in its queue.
         permit: OwnedSemaphorePermit,
-        /// Cancelled to close the device's stream when it is too slow to keep up.
-        kick: CancellationToken,
     },
     /// A reconnecting device's stream announces a changed document through its actor, which
     /// joins the device to the document and sends what changed since the device's `saved` sync
@@ -80,12 +156,13 @@ pub(crate) enum DocMsg {
         peer: u64,
         device: DeviceId,
         saved: Vec<u8>,
-        outbox: Outbox,
-        held: Held,
-        kick: CancellationToken,
+        link: Link,
         announcement: Arc<Announcement>,
         queued: oneshot::Sender<bool>,
     },
+    /// The device's queue had no room for a frame of this document (see [`Lagging`]) and has
+    /// room again: speak to it again.
+    Resume { peer: u64 },
     /// The device's stream closed.
     Leave { peer: u64 },
     /// Create an empty document.
@@ -231,9 +308,26 @@ struct Live {
 struct Peer {
     device: DeviceId,
     session: PeerSession,
-    outbox: Outbox,
-    held: Held,
-    kick: CancellationToken,
+    link: Link,
+    /// The permits of the device's messages in this batch, given back with the answer.
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Peer {
+    fn new(device: DeviceId, session: PeerSession, link: Link) -> Self {
+        Self { device, session, link, permits: Vec::new() }
+    }
+
+    /// Sends a frame of `doc` with the permits of the messages it answers. A device whose queue
+    /// is full gets its session started over: the frame is dropped, and what it said is said
+    /// again once the device reads (`DocMsg::Resume`).
+    fn send(&mut self, doc: DocId, frame: Box<pb::ServerFrame>) -> Sent {
+        let sent = self.link.send(doc, frame, std::mem::take(&mut self.permits));
+        if sent == Sent::Behind {
+            self.session.reconnect();
+        }
+        sent
+    }
 }
 
 /// Sync messages up to this size are applied on the actor's task; larger ones (a long offline
@@ -442,8 +536,8 @@ impl Actor {
     async fn handle(&mut self, batch: Vec<DocMsg>) {
         if batch.iter().any(|m| matches!(m, DocMsg::Evict)) {
             self.refuse_all(batch, &ApiError::AccountErased);
-            for (_, peer) in self.peers.drain() {
-                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &ApiError::AccountErased)));
+            for (_, mut peer) in self.peers.drain() {
+                peer.send(self.doc, error_frame(&self.doc, &ApiError::AccountErased));
             }
             self.state = None;
             self.evicted = true;
@@ -465,23 +559,22 @@ impl Actor {
         let mut batch = batch.into_iter();
         while let Some(msg) = batch.next() {
             match msg {
-                DocMsg::Sync { peer, device, outbox, held, message, create, permit, kick } => {
+                DocMsg::Sync { peer, device, link, message, create, permit } => {
                     spoke.insert(peer);
                     if self.live().is_none() {
                         match create {
                             Some(title) => touched |= self.create(title),
                             None => {
-                                let _ = outbox.try_send(Ok(error_frame(
-                                    &self.doc,
-                                    &ApiError::NotFound("document"),
-                                )));
+                                let refusal =
+                                    error_frame(&self.doc, &ApiError::NotFound("document"));
+                                link.send(self.doc, refusal, vec![permit]);
                                 continue;
                             }
                         }
                     }
                     if !self.peers.contains_key(&peer) {
                         let session = self.saved_session(device, None).await;
-                        self.peers.insert(peer, Peer { device, session, outbox, held, kick });
+                        self.peers.insert(peer, Peer::new(device, session, link));
                     }
                     let Some(Some(live)) = &mut self.state else { continue };
                     let Some(peer) = self.peers.get_mut(&peer) else { continue };
@@ -500,8 +593,8 @@ impl Actor {
                                 let refusal = ApiError::ResourceExhausted(
                                     "this change took too long to apply".into(),
                                 );
-                                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &refusal)));
-                                drop(permit);
+                                peer.permits.push(permit);
+                                peer.send(self.doc, error_frame(&self.doc, &refusal));
                                 self.state = None;
                                 poisoned = true;
                                 let busy = ApiError::Unavailable("document busy; retry".into());
@@ -530,20 +623,29 @@ impl Actor {
                             Some(ApiError::Internal)
                         }
                     };
+                    // The answer carries the permit back: with the refusal, or with the reply
+                    // once the batch is durable (`fan_out`).
+                    peer.permits.push(permit);
                     if let Some(err) = refusal {
-                        let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &err)));
+                        peer.send(self.doc, error_frame(&self.doc, &err));
                     }
-                    drop(permit);
                 }
-                DocMsg::Push { peer, device, saved, outbox, held, kick, announcement, queued } => {
+                DocMsg::Push { peer, device, saved, link, announcement, queued } => {
                     if self.live().is_none() {
                         continue; // Deleted meanwhile: the stream announces it as it was.
                     }
                     if !self.peers.contains_key(&peer) {
                         let session = self.saved_session(device, Some(saved)).await;
-                        self.peers.insert(peer, Peer { device, session, outbox, held, kick });
+                        self.peers.insert(peer, Peer::new(device, session, link));
                     }
                     pushes.push((peer, announcement, queued));
+                }
+                DocMsg::Resume { peer } => {
+                    // Spoken to like a device that just spoke: its session started over. One
+                    // that left, or whose document went (it was told), is not here.
+                    if self.peers.contains_key(&peer) {
+                        spoke.insert(peer);
+                    }
                 }
                 DocMsg::Leave { peer } => {
                     if let Some(peer) = self.peers.remove(&peer) {
@@ -596,8 +698,8 @@ impl Actor {
             // still hold their changes and resend them.
             tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
             deferred.into_iter().for_each(|d| d.fail(&err));
-            for (_, peer) in self.peers.drain() {
-                let _ = peer.outbox.try_send(Ok(error_frame(&self.doc, &err)));
+            for (_, mut peer) in self.peers.drain() {
+                peer.send(self.doc, error_frame(&self.doc, &err));
             }
             if self.load().await.is_err() {
                 self.state = None;
@@ -783,11 +885,9 @@ impl Actor {
                                 self.registry.ctx.quotas.release(&self.customer, live.meta.size);
                             }
                             self.state = Some(None);
-                            for peer in self.peers.drain().map(|(_, p)| p) {
-                                let _ = peer.outbox.try_send(Ok(error_frame(
-                                    &self.doc,
-                                    &ApiError::NotFound("document"),
-                                )));
+                            let gone = ApiError::NotFound("document");
+                            for (_, mut peer) in self.peers.drain() {
+                                peer.send(self.doc, error_frame(&self.doc, &gone));
                             }
                             let _ = reply.send(Ok(()));
                         }
@@ -828,11 +928,9 @@ impl Actor {
             }
             let mut sent = true;
             for frame in frames {
-                sent &= peer.outbox.try_send(Ok(frame)).is_ok();
-            }
-            if !sent {
-                // Its queue is full: it is not reading (and is kicked like any slow peer).
-                peer.kick.cancel();
+                // A device whose queue is full gets its session started over: it asks itself,
+                // after the stream's own announcement.
+                sent &= sent && peer.send(self.doc, frame) == Sent::Queued;
             }
             let _ = queued.send(sent);
         }
@@ -867,15 +965,18 @@ impl Actor {
             }));
             if spoke.contains(peer_id) && peer.session.peer_has_everything(&live.doc) {
                 // Its message named every head of the durable document.
-                peer.held.record(doc, live.seq);
+                peer.link.held.record(doc, live.seq);
             }
             let message = match made {
                 Ok(Some(message)) => message,
-                Ok(None) => return true,
+                Ok(None) => {
+                    peer.permits.clear(); // Nothing to answer: its messages are done with.
+                    return true;
+                }
                 Err(_) => {
                     tracing::error!(doc = %doc.short(), peer = peer_id,
                         "automerge panicked generating a sync message");
-                    let _ = peer.outbox.try_send(Ok(error_frame(&doc, &ApiError::Internal)));
+                    peer.send(doc, error_frame(&doc, &ApiError::Internal));
                     return false;
                 }
             };
@@ -888,21 +989,18 @@ impl Actor {
                     more: false,
                 })),
             };
-            match peer.outbox.try_send(Ok(Box::new(frame))) {
-                Ok(()) => {
+            match peer.send(doc, Box::new(frame)) {
+                Sent::Queued => {
                     tracing::debug!(peer = peer_id, doc = %doc.short(), seq = live.seq.0,
                         "frame out");
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // A device this far behind would wait for a reply that was never queued:
-                    // close its stream. It reconnects and starts every session over.
-                    tracing::info!(doc = %doc.short(), peer = peer_id,
-                        "device too slow; closing its stream");
-                    peer.kick.cancel();
-                    false
+                Sent::Behind => {
+                    tracing::debug!(doc = %doc.short(), peer = peer_id,
+                        "device's queue full; it is spoken to again once it reads");
+                    true
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Sent::Gone => false,
             }
         });
     }
@@ -940,10 +1038,10 @@ impl Actor {
     fn refuse_all(&self, batch: Vec<DocMsg>, err: &ApiError) {
         for msg in batch {
             match msg {
-                DocMsg::Sync { outbox, .. } => {
-                    let _ = outbox.try_send(Ok(error_frame(&self.doc, err)));
+                DocMsg::Sync { link, permit, .. } => {
+                    link.send(self.doc, error_frame(&self.doc, err), vec![permit]);
                 }
-                DocMsg::Leave { .. } | DocMsg::Push { .. } => {}
+                DocMsg::Leave { .. } | DocMsg::Push { .. } | DocMsg::Resume { .. } => {}
                 DocMsg::Create { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::SetPrivate { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::Read { reply, .. } | DocMsg::Edit { reply, .. } => {

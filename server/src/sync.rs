@@ -18,15 +18,15 @@ use cubby_proto::parts::{self, Budget, Reassembly};
 use cubby_proto::{ApiError, pb};
 use cubby_store::Space;
 use futures_util::StreamExt;
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
+use futures_util::stream::PollNext;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
 use crate::customers::Ejector;
 use crate::devices::Arrival;
-use crate::docs::{DocMsg, Held, Outbox, session_key};
+use crate::docs::{DocMsg, Held, Lagging, Link, Outgoing, session_key};
 use crate::durable::api_error;
 use crate::hub::Announcement;
 
@@ -75,6 +75,8 @@ impl pb::sync_server::Sync for SyncService {
         );
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
         let (own, own_frames) = mpsc::channel(OWN_FRAMES);
+        let (end, ended) = oneshot::channel::<Status>();
+        let read_at = ReadAt::new();
         let connection = Connection {
             shared: self.shared.clone(),
             customer: caller.customer,
@@ -85,34 +87,41 @@ impl pb::sync_server::Sync for SyncService {
             stream: None,
             device: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
-            outbox,
+            link: Link { outbox, held: Held::default(), lagging: Lagging::default() },
+            behind_since: None,
             own,
             backlog: VecDeque::new(),
-            backlog_moved: tokio::time::Instant::now(),
+            read_at: read_at.clone(),
             joined: HashSet::new(),
-            held: Held::default(),
             deferred: HashMap::new(),
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
+            spare: None,
             announced: Seq(0),
-            kick: CancellationToken::new(),
             parts,
+            end: Some(end),
         };
         self.shared.tracker.spawn(connection.run(request.into_inner()));
         // The actors' frames go first: they answer what the device asked, while the stream's own
-        // can be the announcements of a whole feed.
+        // can be the announcements of a whole feed. A frame's permits go back here, as it
+        // leaves the queue (see `Outgoing`).
         let frames = futures_util::stream::select_with_strategy(
-            ReceiverStream::new(frames),
-            ReceiverStream::new(own_frames).map(Ok),
-            |_: &mut ()| futures_util::stream::PollNext::Left,
+            ReceiverStream::new(frames).map(|out: Outgoing| out.frame),
+            ReceiverStream::new(own_frames),
+            |_: &mut ()| PollNext::Left,
         );
         // A queued frame is one sync message; on the wire it may take several parts.
-        let frames = frames.flat_map(|frame| {
-            let parts = match frame {
-                Ok(frame) => parts::split_server_frame(*frame).into_iter().map(Ok).collect(),
-                Err(status) => vec![Err(status)],
-            };
-            futures_util::stream::iter(parts)
-        });
+        let frames = frames
+            .flat_map(|frame| futures_util::stream::iter(parts::split_server_frame(*frame)))
+            .map(move |frame| {
+                read_at.read();
+                Ok(frame)
+            });
+        // The status a stream ends with goes ahead of whatever is still queued, so that even a
+        // device that stopped reading learns why once it reads again; tonic ends the stream there.
+        let ending = futures_util::stream::once(ended)
+            .filter_map(|ended| async move { ended.ok().map(Err) });
+        let frames =
+            futures_util::stream::select_with_strategy(ending, frames, |_: &mut ()| PollNext::Left);
         Ok(Response::new(Box::pin(frames)))
     }
 }
@@ -132,38 +141,44 @@ struct Connection {
     /// The device, once it proved who it is.
     device: Option<DeviceId>,
     peer: u64,
-    /// Where document actors queue frames for the device; full, the device is too slow.
-    outbox: Outbox,
+    /// Where document actors queue frames for the device, what it holds, and what its queue
+    /// had no room for.
+    link: Link,
+    /// Since when documents have owed the device frames its queue had no room for (see
+    /// `Lagging`). Meanwhile its requests are not read; it is cut off after `slow_consumer_secs`.
+    behind_since: Option<tokio::time::Instant>,
     /// Where the stream queues its own frames, from `backlog`.
     own: mpsc::Sender<Box<pb::ServerFrame>>,
     /// The stream's own frames waiting for room in `own`. The stream keeps reading the
     /// device's requests meanwhile: announcing a large feed while not reading, with the device
     /// blocked sending its requests for it, would leave both ends waiting on each other.
     backlog: VecDeque<pb::ServerFrame>,
-    /// When the backlog last moved (or filled from empty).
-    backlog_moved: tokio::time::Instant,
+    /// When the device last took a frame off its queues (see [`ReadAt`]).
+    read_at: ReadAt,
     joined: HashSet<DocId>,
-    /// What the device holds of the documents it syncs here (kept by their actors).
-    held: Held,
     /// Announcements of documents the device syncs live on this stream, held back: their
     /// actors send the changes themselves. Each is sent before any later announcement unless
     /// the device holds it by then, so the device's cursor never passes a change it lacks.
     deferred: HashMap<DocId, Arc<Announcement>>,
+    /// Sync messages of the device waiting at documents or with their answer in its queue, at
+    /// most `max_inflight_per_stream`: the device's next frame is read only with a permit in
+    /// hand (`spare`), so a device that does not read its answers stops being read.
     inflight: Arc<Semaphore>,
+    spare: Option<OwnedSemaphorePermit>,
     /// The highest feed position announced on this stream.
     announced: Seq,
-    /// Cancelled by a document actor when this device cannot keep up.
-    kick: CancellationToken,
     /// Sync messages arriving in parts.
     parts: Reassembly,
+    /// Where the status the stream ends with goes (ahead of anything still queued).
+    end: Option<oneshot::Sender<Status>>,
 }
 
 impl Connection {
     async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
         if let Err(status) = self.serve(&mut inbound).await {
-            // A device that is not reading gets no status (its queue is full); the stream
-            // ends when the last sender goes.
-            let _ = self.outbox.try_send(Err(status));
+            if let Some(end) = self.end.take() {
+                let _ = end.send(status);
+            }
         }
         for doc in self.joined.drain() {
             self.shared.docs.leave(self.customer, doc, self.peer);
@@ -235,6 +250,23 @@ impl Connection {
         Ok((device, ejector))
     }
 
+    /// Whether frames wait for the device, in its queues or behind them.
+    fn frames_waiting(&self) -> bool {
+        let queued = |capacity: usize, max: usize| capacity < max;
+        !self.backlog.is_empty()
+            || self.behind_since.is_some()
+            || queued(self.own.capacity(), self.own.max_capacity())
+            || queued(self.link.outbox.capacity(), self.link.outbox.max_capacity())
+    }
+
+    /// Whether the device might have stopped reading with frames waiting: its requests are not
+    /// being read (answers hold every permit, or a document waits for room in its queue), or
+    /// the stream's own frames wait. Otherwise nothing is looked at: an idle device costs no
+    /// wakeups.
+    fn may_be_stalled(&self) -> bool {
+        self.spare.is_none() || self.behind_since.is_some() || !self.backlog.is_empty()
+    }
+
     /// Queues one of the stream's own frames, after those already waiting.
     fn send(&mut self, frame: pb::ServerFrame) {
         if self.backlog.is_empty() {
@@ -244,7 +276,6 @@ impl Connection {
                     mpsc::error::TrySendError::Full(frame)
                     | mpsc::error::TrySendError::Closed(frame),
                 ) => {
-                    self.backlog_moved = tokio::time::Instant::now();
                     self.backlog.push_back(*frame);
                 }
             }
@@ -283,21 +314,47 @@ impl Connection {
         let mut asked = false;
         let stop = self.shared.stop.clone();
         let own = self.own.clone();
+        let (outbox, lagging) = (self.link.outbox.clone(), self.link.lagging.clone());
+        let inflight = self.inflight.clone();
         let patience = Duration::from_secs(self.shared.limits.slow_consumer_secs);
+        // Whether a device with frames waiting has stopped reading is looked at a few times per
+        // `slow_consumer_secs`, and only while it might have (see `may_be_stalled`).
+        let mut slow = tokio::time::interval((patience / 4).max(Duration::from_millis(100)));
+        slow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // The device's next frame is read only with an in-flight permit in hand and while
+            // no document waits for room in its queue: back-pressure reaches the device.
+            let read = self.spare.is_some() && self.behind_since.is_none();
             tokio::select! {
+                permit = inflight.clone().acquire_owned(), if self.spare.is_none() => {
+                    self.spare = Some(permit.map_err(|_| ApiError::Internal)?);
+                }
+                () = lagging.marked(), if self.behind_since.is_none() => {
+                    self.behind_since = Some(tokio::time::Instant::now());
+                }
+                room = outbox.reserve(), if self.behind_since.is_some() => {
+                    // The device read a frame: room again. Ask each document that owes it a
+                    // frame to speak again.
+                    drop(room.map_err(|_| Status::cancelled("stream closed"))?);
+                    self.behind_since = None;
+                    for doc in lagging.take() {
+                        if self.joined.contains(&doc) {
+                            let resume = DocMsg::Resume { peer: self.peer };
+                            self.shared.docs.send(self.customer, doc, resume);
+                        }
+                    }
+                }
+                _ = slow.tick(), if self.may_be_stalled() => {
+                    if self.frames_waiting() && self.read_at.since() >= patience {
+                        let reason = "device is not reading its stream";
+                        return Err(ApiError::ResourceExhausted(reason.into()).into());
+                    }
+                }
                 room = own.reserve(), if !self.backlog.is_empty() => {
                     let room = room.map_err(|_| Status::cancelled("stream closed"))?;
                     if let Some(frame) = self.backlog.pop_front() {
                         room.send(Box::new(frame));
                     }
-                    self.backlog_moved = tokio::time::Instant::now();
-                }
-                () = tokio::time::sleep_until(self.backlog_moved + patience),
-                    if !self.backlog.is_empty() =>
-                {
-                    let reason = "device is not reading its stream";
-                    return Err(ApiError::ResourceExhausted(reason.into()).into());
                 }
                 () = &mut renewal, if !asked => {
                     asked = true;
@@ -310,7 +367,7 @@ impl Connection {
                         })),
                     });
                 }
-                frame = inbound.message() => match frame {
+                frame = inbound.message(), if read => match frame {
                     Ok(Some(pb::ClientFrame {
                         frame: Some(pb::client_frame::Frame::FreshToken(fresh)),
                     })) => {
@@ -343,10 +400,6 @@ impl Connection {
                     return Err(ApiError::Unauthenticated("token expired".into()).into());
                 }
                 reason = ejector.ejected() => return Err(reason.into()),
-                () = self.kick.cancelled() => {
-                    let reason = "device is not reading its stream";
-                    return Err(ApiError::ResourceExhausted(reason.into()).into());
-                }
                 () = stop.cancelled() => return Err(Status::unavailable("server shutting down")),
             }
         }
@@ -474,9 +527,7 @@ impl Connection {
             peer: self.peer,
             device,
             saved,
-            outbox: self.outbox.clone(),
-            held: self.held.clone(),
-            kick: self.kick.clone(),
+            link: self.link.clone(),
             announcement: a.clone(),
             queued,
         };
@@ -492,7 +543,7 @@ impl Connection {
             return Ok(());
         }
         if a.info.is_some() && !a.metadata && self.joined.contains(&a.doc) {
-            if !self.held.holds(&a.doc, a.seq) {
+            if !self.link.held.holds(&a.doc, a.seq) {
                 self.deferred.insert(a.doc, a);
             }
             return Ok(());
@@ -503,7 +554,7 @@ impl Connection {
             std::mem::take(&mut self.deferred).into_iter().partition(|(_, d)| d.seq > a.seq);
         self.deferred = later;
         let mut owed: Vec<_> = owed.into_values().collect();
-        owed.retain(|d| !self.held.holds(&d.doc, d.seq));
+        owed.retain(|d| !self.link.held.holds(&d.doc, d.seq));
         owed.sort_by_key(|d| d.seq);
         for d in owed.iter().chain([&a]) {
             self.announced = d.seq;
@@ -530,8 +581,8 @@ impl Connection {
                         return Ok(());
                     }
                 };
-                let permit =
-                    self.inflight.clone().acquire_owned().await.map_err(|_| ApiError::Internal)?;
+                // Read only with a permit in hand (`serve`).
+                let permit = self.spare.take().ok_or(ApiError::Internal)?;
                 self.joined.insert(doc);
                 tracing::debug!(peer = self.peer, doc = %doc.short(), "frame in");
                 // Frames are relayed only after the device proved its key.
@@ -539,12 +590,10 @@ impl Connection {
                 let msg = DocMsg::Sync {
                     peer: self.peer,
                     device,
-                    outbox: self.outbox.clone(),
-                    held: self.held.clone(),
+                    link: self.link.clone(),
                     message: sync.message,
                     create: sync.create.map(|c| c.title),
                     permit,
-                    kick: self.kick.clone(),
                 };
                 self.shared.docs.send(self.customer, doc, msg);
                 Ok(())
@@ -616,6 +665,31 @@ impl PartBudgets {
             reassembly = reassembly.with_budget(connection);
         }
         reassembly
+    }
+}
+
+/// When a device last took a frame off its queues: the stream's responses record it as they
+/// go out, and the stream's task reads it to tell a device that stopped reading.
+#[derive(Clone, Debug)]
+struct ReadAt {
+    origin: std::time::Instant,
+    /// Milliseconds after `origin`.
+    at: Arc<AtomicU64>,
+}
+
+impl ReadAt {
+    fn new() -> Self {
+        Self { origin: std::time::Instant::now(), at: Arc::default() }
+    }
+
+    fn read(&self) {
+        let millis = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.at.store(millis, Ordering::Relaxed);
+    }
+
+    /// How long ago the device last read.
+    fn since(&self) -> Duration {
+        self.origin.elapsed().saturating_sub(Duration::from_millis(self.at.load(Ordering::Relaxed)))
     }
 }
 
