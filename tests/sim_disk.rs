@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::{Chunk, DocRecords, MemoryStore, Result, Snapshot, Space, Store};
+use cubby_store::{Chunk, DocRecords, MemoryStore, MetaAt, Result, Snapshot, Space, Store};
 
 /// A write, kept so that it can be replayed after a crash.
 #[derive(Clone, Debug)]
@@ -19,6 +19,8 @@ enum Op {
     ReplaceKey(CustomerId, Vec<u8>, Vec<u8>),
     DestroyKey(CustomerId),
     EraseCustomer(CustomerId),
+    /// With the metadata as it was stored (made for the position the write took, which a
+    /// replay takes again).
     WriteDoc(CustomerId, DocId, Vec<u8>, Option<(u64, Vec<u8>)>),
     Compact(CustomerId, DocId, Snapshot),
     DeleteDoc(CustomerId, DocId),
@@ -55,6 +57,20 @@ struct State {
     pending: Vec<Op>,
     /// Writes a crash has thrown away, over the disk's life.
     lost: usize,
+}
+
+/// Metadata that remembers the bytes it made, for the write's replay.
+struct Captured<'a> {
+    meta: &'a dyn MetaAt,
+    made: Mutex<Vec<u8>>,
+}
+
+impl MetaAt for Captured<'_> {
+    fn at(&self, seq: Seq) -> Vec<u8> {
+        let bytes = self.meta.at(seq);
+        *self.made.lock().unwrap_or_else(PoisonError::into_inner) = bytes.clone();
+        bytes
+    }
 }
 
 /// A simulated disk. Clones share it (the same disk, seen by the next incarnation of a host).
@@ -148,14 +164,25 @@ impl Store for SimDisk {
     fn erase_customer(&self, c: &CustomerId) -> Result<()> {
         self.write(Op::EraseCustomer(*c), false, |s| s.erase_customer(c))
     }
-    fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
-        let op = Op::WriteDoc(*c, *d, m.to_vec(), ch.map(|ch| (ch.index, ch.bytes.to_vec())));
-        self.write(op, false, |s| s.write_doc(c, d, m, ch))
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        m: &dyn MetaAt,
+        ch: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
+        let mut state = self.lock();
+        let captured = Captured { meta: m, made: Mutex::default() };
+        let seq = state.live.write_doc(c, d, &captured, ch)?;
+        let made = captured.made.into_inner().unwrap_or_else(PoisonError::into_inner);
+        let chunk = ch.map(|ch| (ch.index, ch.bytes.to_vec()));
+        state.pending.push(Op::WriteDoc(*c, *d, made, chunk));
+        Ok(seq)
     }
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         self.lock().live.load(c, d)
     }
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         self.lock().live.doc_meta(c, d)
     }
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -164,11 +191,14 @@ impl Store for SimDisk {
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
         self.write(Op::DeleteDoc(*c, *d), false, |s| s.delete_doc(c, d))
     }
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         self.lock().live.list_docs(c)
     }
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         self.lock().live.feed_since(c, cursor)
+    }
+    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
+        self.lock().live.feed_head(c)
     }
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], v: &[u8]) -> Result<()> {
         let op = Op::PutRecord(*c, space, k.to_vec(), v.to_vec());
@@ -238,7 +268,7 @@ mod tests {
         disk.write_doc(&c, &b, b"b", None)?;
         assert_eq!(disk.list_docs(&c)?.len(), 2, "unflushed writes are visible");
         assert_eq!(disk.crash(), 1);
-        assert_eq!(disk.list_docs(&c)?, vec![(a, b"a".to_vec())]);
+        assert_eq!(disk.list_docs(&c)?, vec![(a, Seq(1), b"a".to_vec())]);
         assert_eq!(disk.get_key(&c)?.as_deref(), Some(&b"key"[..]));
         assert_eq!(disk.feed_since(&c, Seq(0))?, vec![(Seq(1), a)]);
         Ok(())

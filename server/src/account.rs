@@ -28,7 +28,7 @@ impl Shared {
                 .list_docs(&customer)
                 .map_err(api_error)?
                 .into_iter()
-                .map(|(id, meta)| {
+                .map(|(id, _, meta)| {
                     let meta =
                         DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
                     Ok(cubby_proto::doc_info(&id, &meta))
@@ -136,7 +136,7 @@ impl pb::account_server::Account for AccountService {
         let record = self
             .shared
             .blocking(move || {
-                let record = shared.devices.revoke(&*shared.store, &caller.customer, &device)?;
+                let record = shared.devices.revoke(&shared.vault, &caller.customer, &device)?;
                 shared.customers.revoked(&caller.customer, &device, record.tokens())?;
                 Ok(record)
             })

@@ -23,6 +23,11 @@ pub struct ServerConfig {
     /// Master key file (created by `cubby-server keys create`). Required with a config file;
     /// in development mode defaults to `<data>/master.key`, created on first start.
     pub master_key_file: Option<PathBuf>,
+    /// Where the server keeps what a restore of its store must not undo: the anchor (how many
+    /// flushes the store made durable) and the ledger (erasures and revocations). Default
+    /// `<data>/witness`. Never restore it with a backup of the store; better, keep it on another
+    /// volume than `data`.
+    pub witness_dir: Option<PathBuf>,
     /// Accept tokens from the development tenant (`cubby-server dev-token`). Default: on in
     /// development mode, off with a config file.
     pub dev_tenant: Option<bool>,
@@ -190,6 +195,7 @@ impl ServerConfig {
             listen,
             data: data.into(),
             master_key_file: None,
+            witness_dir: None,
             dev_tenant: Some(true),
             tls: TlsConfig::default(),
             limits: Limits::default(),

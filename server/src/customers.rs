@@ -51,7 +51,10 @@ struct Streams {
 
 /// The admission state.
 pub(crate) struct Customers {
-    store: Arc<dyn Store>,
+    store: Arc<crate::Vault>,
+    /// Customers with an epoch of their own (see [`Customers::epoch`]), as read when this
+    /// process first saw them.
+    epochs: Mutex<HashMap<CustomerId, [u8; 16]>>,
     erased: RwLock<HashSet<CustomerId>>,
     /// Refused token hashes, with their expiry (seconds since the epoch).
     denied: RwLock<HashMap<[u8; 32], u64>>,
@@ -65,7 +68,7 @@ impl Customers {
     /// Loads erased customers and refused tokens (blocking), dropping refusals of tokens that
     /// expired before `expired_before` (the clock leeway no longer accepts them anyway).
     pub(crate) fn load(
-        store: Arc<dyn Store>,
+        store: Arc<crate::Vault>,
         erased: Vec<CustomerId>,
         expired_before: u64,
         work: crate::StorageWork,
@@ -91,6 +94,7 @@ impl Customers {
         }
         Ok(Self {
             store,
+            epochs: Mutex::new(HashMap::new()),
             erased: RwLock::new(erased.into_iter().collect()),
             denied: RwLock::new(denied),
             profiled: Mutex::new(HashSet::new()),
@@ -145,16 +149,22 @@ impl Customers {
                         let bytes = serde_json::to_vec(&profile).expect("strings always serialize");
                         store.put_record(&customer, Space::PROFILE, b"identity", &bytes)?;
                     }
-                    Ok::<_, StoreError>(())
+                    store.customer_epoch(&customer)
                 })
                 .await
                 .map_err(|_| ApiError::Internal)?;
-            if let Err(err) = written {
-                self.profiled
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&caller.customer);
-                return Err(api_error(err));
+            match written {
+                Ok(epoch) => {
+                    let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+                    epoch.map(|epoch| epochs.insert(caller.customer, epoch));
+                }
+                Err(err) => {
+                    self.profiled
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&caller.customer);
+                    return Err(api_error(err));
+                }
             }
         }
         Ok(caller)
@@ -222,6 +232,22 @@ impl Customers {
     pub(crate) fn erasing(&self, customer: &CustomerId) {
         self.erased.write().unwrap_or_else(PoisonError::into_inner).insert(*customer);
         self.eject(customer, None, &ApiError::AccountErased);
+    }
+
+    /// The server's epoch for the customer, as devices see it (`Challenge.epoch`): the store's
+    /// epoch, then the customer's own if their store ever needed one. Known once the customer
+    /// was admitted.
+    pub(crate) fn epoch(&self, customer: &CustomerId) -> Vec<u8> {
+        let own = self.epochs.lock().unwrap_or_else(PoisonError::into_inner).get(customer).copied();
+        [self.store.epoch().as_slice(), own.as_ref().map_or(&[][..], |e| e.as_slice())].concat()
+    }
+
+    /// Starts a new epoch for the customer, durably (blocking): their store was found behind
+    /// what a device had seen, so their devices must offer back what they hold.
+    pub(crate) fn begin_epoch(&self, customer: &CustomerId) -> Result<(), ApiError> {
+        let epoch = self.store.begin_customer_epoch(customer).map_err(api_error)?;
+        self.epochs.lock().unwrap_or_else(PoisonError::into_inner).insert(*customer, epoch);
+        Ok(())
     }
 
     /// Reads the customer's profile (blocking).

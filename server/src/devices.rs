@@ -8,6 +8,7 @@
 use cubby_core::meta::unix_ms;
 use cubby_core::{CustomerId, DeviceId};
 use cubby_proto::{ApiError, pb};
+use cubby_store::witness::LedgerEntry;
 use cubby_store::{CustomerLocks, Space, Store};
 use serde::{Deserialize, Serialize};
 
@@ -202,20 +203,30 @@ impl Devices {
         write(store, customer, id, &record)
     }
 
-    /// Revokes a device durably and returns its record (blocking). The caller closes its streams
-    /// and refuses its last token.
+    /// Revokes a device durably and returns its record (blocking): the revocation goes in the
+    /// ledger first, so that no restore of the store undoes it. The caller closes its streams
+    /// and refuses its tokens.
     pub(crate) fn revoke(
         &self,
-        store: &dyn Store,
+        vault: &crate::Vault,
         customer: &CustomerId,
         id: &DeviceId,
     ) -> Result<DeviceRecord, ApiError> {
+        let store: &dyn Store = vault;
         let _guard = self.locks.lock(customer);
         let mut record = read(store, customer, id)?.ok_or(ApiError::NotFound("device"))?;
         if record.revoked_ms.is_some() {
             return Err(ApiError::FailedPrecondition("the device is already revoked".into()));
         }
-        record.revoked_ms = Some(unix_ms());
+        let at_ms = unix_ms();
+        let entry = LedgerEntry::Revoked {
+            customer: *customer,
+            device: *id.as_bytes(),
+            at_ms,
+            tokens: record.tokens().collect(),
+        };
+        vault.append_ledger(&entry).map_err(api_error)?;
+        record.revoked_ms = Some(at_ms);
         write(store, customer, id, &record)?;
         audit::record(
             store,
@@ -228,6 +239,60 @@ impl Devices {
         .map_err(api_error)?;
         Ok(record)
     }
+}
+
+/// Puts back every revocation in the ledger that the store lacks (a restored store): the device
+/// record is marked revoked (made, if the store never saw the device), and the tokens it used
+/// are refused again while they would be accepted (those that expired before `expired_before`
+/// no longer are). Erased customers are left alone. Blocking; at start, before `Customers`
+/// loads the refused tokens.
+pub(crate) fn replay_revocations(
+    vault: &crate::Vault,
+    expired_before: u64,
+) -> Result<usize, ApiError> {
+    let mut replayed = 0;
+    for entry in vault.ledger().map_err(api_error)? {
+        let LedgerEntry::Revoked { customer, device, at_ms, tokens } = entry else { continue };
+        if vault.erased_at(&customer).map_err(api_error)?.is_some() {
+            continue;
+        }
+        let id = DeviceId::from_bytes(device);
+        let mut changed = false;
+        let mut record = match read(vault, &customer, &id)? {
+            Some(record) => record,
+            None => {
+                changed = true;
+                DeviceRecord {
+                    name: "revoked device".into(),
+                    platform: String::new(),
+                    public_key: Vec::new(),
+                    first_seen_ms: at_ms,
+                    last_seen_ms: at_ms,
+                    revoked_ms: None,
+                    last_token: None,
+                    earlier_tokens: Vec::new(),
+                }
+            }
+        };
+        if record.revoked_ms.is_none() {
+            record.revoked_ms = Some(at_ms);
+            changed = true;
+        }
+        if changed {
+            write(vault, &customer, &id, &record)?;
+            replayed += 1;
+        }
+        for (hash, expires) in tokens.into_iter().filter(|(_, exp)| *exp > expired_before) {
+            let space = Space::DENIED_TOKENS;
+            if vault.get_record(&customer, space, &hash).map_err(api_error)?.is_none() {
+                vault
+                    .put_record(&customer, space, &hash, &expires.to_be_bytes())
+                    .map_err(api_error)?;
+            }
+        }
+    }
+    vault.flush().map_err(api_error)?;
+    Ok(replayed)
 }
 
 /// Every device of the customer (blocking).

@@ -141,8 +141,9 @@ pub(crate) enum DocMsg {
         device: DeviceId,
         link: Link,
         message: Vec<u8>,
-        /// Create the document with this title if it does not exist.
-        create: Option<String>,
+        /// Create the document with this title (private or not) if it does not exist; make it
+        /// private if it does and this says so.
+        create: Option<(String, bool)>,
         /// Held until the answer leaves the device's queue: bounds what one stream can have
         /// waiting at documents and in its queue.
         permit: OwnedSemaphorePermit,
@@ -561,15 +562,19 @@ impl Actor {
             match msg {
                 DocMsg::Sync { peer, device, link, message, create, permit } => {
                     spoke.insert(peer);
-                    if self.live().is_none() {
-                        match create {
-                            Some(title) => touched |= self.create(title),
-                            None => {
-                                let refusal =
-                                    error_frame(&self.doc, &ApiError::NotFound("document"));
-                                link.send(self.doc, refusal, vec![permit]);
-                                continue;
-                            }
+                    match (&mut self.state, create) {
+                        (Some(Some(live)), Some((_, true))) if !live.meta.private => {
+                            // A device offering it back after a restore knew it was private:
+                            // privacy only ratchets up this way.
+                            live.meta.private = true;
+                            touched = true;
+                        }
+                        (Some(Some(_)), _) => {}
+                        (_, Some((title, private))) => touched |= self.create(title, private),
+                        (_, None) => {
+                            let refusal = error_frame(&self.doc, &ApiError::NotFound("document"));
+                            link.send(self.doc, refusal, vec![permit]);
+                            continue;
                         }
                     }
                     if !self.peers.contains_key(&peer) {
@@ -654,7 +659,7 @@ impl Actor {
                 }
                 DocMsg::Create { title, reply } => {
                     if self.live().is_none() {
-                        touched |= self.create(title);
+                        touched |= self.create(title, false);
                         deferred.push(Deferred::Info(reply));
                     } else {
                         let _ = reply
@@ -759,8 +764,8 @@ impl Actor {
         self.state.as_ref().and_then(Option::as_ref)
     }
 
-    fn create(&mut self, title: String) -> bool {
-        let meta = DocMeta::new(title);
+    fn create(&mut self, title: String, private: bool) -> bool {
+        let meta = DocMeta { private, ..DocMeta::new(title) };
         self.state = Some(Some(Live {
             doc: Automerge::new(),
             meta,

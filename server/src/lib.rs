@@ -18,8 +18,9 @@ use std::time::Duration;
 use cubby_core::lifecycle::CompactionPolicy;
 use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
-use cubby_store::{EncryptedStore, Store, StoreError};
-use cubby_store_sled::SledStore;
+use cubby_store::witness::Witness;
+use cubby_store::{EncryptedStore, IntegrityError, Store, StoreError};
+use cubby_store_sled::{SledStore, WitnessDir};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -60,6 +61,21 @@ pub enum StartError {
     /// The master key does not open this data directory.
     #[error("the master key does not match the data in {0}; refusing to start")]
     WrongMasterKey(PathBuf),
+    /// The store holds less than the server acknowledged, or is another store: the operator
+    /// decides what to do.
+    #[error(
+        "refusing to start: the store in {path} cannot be vouched for: {reason}. Nothing was \
+         changed. Either put the store's files back as they were, or accept the store as it is \
+         (a backup restored on purpose, or damage you accept) with `cubby-server restore` and \
+         the same --data or --config: the server then starts a new epoch, and every device \
+         offers back what it holds"
+    )]
+    Integrity {
+        /// The database directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: IntegrityError,
+    },
     /// The store could not be opened.
     #[error("cannot open the store in {path}: {source}")]
     Store {
@@ -95,6 +111,8 @@ pub(crate) struct Shared {
     pub(crate) work: StorageWork,
     /// Limits on sync messages in parts, per customer and per connection.
     pub(crate) part_budgets: sync::PartBudgets,
+    /// The store itself, for what only it does: epochs and the ledger.
+    pub(crate) vault: Arc<Vault>,
 }
 
 impl Shared {
@@ -252,6 +270,95 @@ pub fn store_path(config: &ServerConfig) -> PathBuf {
     config.data.join("db")
 }
 
+/// The witness directory the config names (or `<data>/witness`).
+pub fn witness_path(config: &ServerConfig) -> PathBuf {
+    config.witness_dir.clone().unwrap_or_else(|| config.data.join("witness"))
+}
+
+/// What `cubby-server restore` reports.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Restored {
+    /// The store directory.
+    pub store: PathBuf,
+    /// Where the store's files came from, if they were copied in.
+    pub from: Option<PathBuf>,
+    /// Flushes the store holds.
+    pub flushes: u64,
+    /// Customers with a data key.
+    pub customers: usize,
+}
+
+/// Accepts a store as it is and starts a new epoch (`cubby-server restore`): with `from`, the
+/// store's directory is first replaced by a copy of `from` (a backup of `db/`, taken with the
+/// server stopped); without, the store in place is accepted (restored by hand, or found damaged
+/// and accepted). Erasures and revocations in the ledger stay in force. Devices that connect
+/// afterwards offer back everything they hold. Run with the server stopped.
+pub fn restore(
+    config: &ServerConfig,
+    from: Option<&std::path::Path>,
+) -> Result<Restored, StartError> {
+    let master = MasterSecret::read(&master_key_path(config))?;
+    let db_path = store_path(config);
+    let store_error = |source| StartError::Store { path: db_path.clone(), source };
+    if let Some(from) = from {
+        copy_store(from, &db_path).map_err(|e| {
+            ConfigError(format!("cannot copy the store from {}: {e}", from.display()))
+        })?;
+    }
+    let witness = WitnessDir::open(&witness_path(config)).map_err(store_error)?;
+    let sled = SledStore::open(&db_path).map_err(store_error)?;
+    let vault =
+        match EncryptedStore::begin_epoch(sled, Keyring::from_master(&master), Arc::new(witness)) {
+            Ok(vault) => vault,
+            Err(StoreError::WrongMasterKey) => {
+                return Err(StartError::WrongMasterKey(config.data.clone()));
+            }
+            Err(source) => return Err(store_error(source)),
+        };
+    let flushes = vault.flushes();
+    let customers = vault.list_customers().map_err(store_error)?.len().saturating_sub(1);
+    drop(vault);
+    Ok(Restored { store: db_path, from: from.map(ToOwned::to_owned), flushes, customers })
+}
+
+/// Replaces the store directory `to` with a copy of `from`: into a new directory beside it
+/// first, then swapped in, so that a failed copy leaves the old store as it was.
+fn copy_store(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    if !from.join("sled").is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a copy of a store directory (it has no sled/ inside)",
+            from.display()
+        )));
+    }
+    let staging = to.with_extension("restoring");
+    let _ = std::fs::remove_dir_all(&staging);
+    copy_dir(from, &staging)?;
+    let old = to.with_extension("replaced");
+    let _ = std::fs::remove_dir_all(&old);
+    if to.exists() {
+        std::fs::rename(to, &old)?;
+    }
+    std::fs::rename(&staging, to)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            std::fs::File::open(&target)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
+}
+
 fn master_key(config: &ServerConfig) -> Result<(MasterSecret, Option<PathBuf>), StartError> {
     let path = master_key_path(config);
     if config.master_key_file.is_some() || path.exists() {
@@ -274,6 +381,8 @@ pub struct Platform<L> {
     pub work: StorageWork,
     /// The time of day tokens are judged by.
     pub clock: auth::Clock,
+    /// Where the store's anchor and ledger live, which a restore of the store must not reach.
+    pub witness: Arc<dyn Witness>,
 }
 
 /// Starts a server on this machine. Returns once it is listening.
@@ -284,6 +393,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let db_path = store_path(&config);
     let sled = SledStore::open(&db_path)
         .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
+    let witness = WitnessDir::open(&witness_path(&config))
+        .map_err(|source| StartError::Store { path: witness_path(&config), source })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
@@ -292,6 +403,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         listener,
         work: StorageWork::BlockingPool,
         clock: auth::Clock::System,
+        witness: Arc::new(witness),
     };
     launch(config, master, platform).await
 }
@@ -325,20 +437,38 @@ async fn launch<L: Listener>(
         )
         .into());
     }
-    let Platform { store: backend, listener, work, clock } = platform;
+    let Platform { store: backend, listener, work, clock, witness } = platform;
     let db_path = store_path(&config);
-    let vault = match EncryptedStore::open(backend, Keyring::from_master(&master)) {
-        Ok(store) => Arc::new(store),
-        Err(StoreError::WrongMasterKey) => {
-            return Err(StartError::WrongMasterKey(config.data.clone()));
-        }
-        Err(source) => return Err(StartError::Store { path: db_path, source }),
-    };
+    let vault =
+        match EncryptedStore::open_witnessed(backend, Keyring::from_master(&master), witness) {
+            Ok(store) => Arc::new(store),
+            Err(StoreError::WrongMasterKey) => {
+                return Err(StartError::WrongMasterKey(config.data.clone()));
+            }
+            Err(StoreError::Integrity(reason)) => {
+                tracing::error!(%reason, "the store cannot be vouched for; refusing to start");
+                return Err(StartError::Integrity { path: db_path, reason });
+            }
+            Err(source) => return Err(StartError::Store { path: db_path, source }),
+        };
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
     let auth = auth::Authenticator::new(&config, Keyring::from_master(&master), clock)?;
-    let customers = customers::Customers::load(store.clone(), erased, auth.expired_before(), work)
+    // Revocations a restored store lacks are put back before anyone is admitted.
+    let replayed = devices::replay_revocations(&vault, auth.expired_before()).map_err(|e| {
+        StartError::Store {
+            path: db_path.clone(),
+            source: StoreError::Backend(e.to_string().into()),
+        }
+    })?;
+    if replayed > 0 {
+        tracing::warn!(
+            replayed,
+            "revocations missing from the store were put back from the ledger"
+        );
+    }
+    let customers = customers::Customers::load(vault.clone(), erased, auth.expired_before(), work)
         .map_err(store_error)?;
     drop(master);
 
@@ -429,6 +559,7 @@ async fn launch<L: Listener>(
         stop: stop.clone(),
         work,
         part_budgets: sync::PartBudgets::default(),
+        vault: vault.clone(),
     });
 
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;

@@ -45,6 +45,16 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Accept the store as it is (a backup restored by hand, or damage found at start) and start
+    /// a new epoch; run with the server stopped. Devices that connect afterwards offer back
+    /// everything they hold, so every change any of them still has returns. Erasures and
+    /// revocations made since the backup stay in force.
+    Restore {
+        /// First replace the store (`<data>/db`) with a copy of this directory: a backup of
+        /// `<data>/db` taken with the server stopped. The witness directory is kept.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -136,6 +146,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(keys.iter().filter(|k| Keyring::generation_of(k) == Some(generation)).count())
             })?;
             println!("retired key-encryption key {generation} in {}", path.display());
+            Ok(())
+        }
+        Some(Command::Restore { ref from }) => {
+            let config = config(&cli)?;
+            let restored = cubby_server::restore(&config, from.as_deref())?;
+            if let Some(from) = &restored.from {
+                println!(
+                    "copied the store from {} into {}",
+                    from.display(),
+                    restored.store.display()
+                );
+            }
+            println!(
+                "accepted the store in {} ({} flushes, {} customers) and started a new epoch: \
+                 devices that connect now offer back everything they hold; erasures and \
+                 revocations recorded since stay in force. Start the server as usual.",
+                restored.store.display(),
+                restored.flushes,
+                restored.customers
+            );
             Ok(())
         }
         None => {

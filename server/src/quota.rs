@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use tokio::time::Instant;
 
-use cubby_core::{CustomerId, DocId, DocMeta};
+use cubby_core::{CustomerId, DocId, DocMeta, Seq};
 use cubby_proto::ApiError;
 use cubby_store::Store;
 
@@ -17,8 +17,8 @@ use crate::durable::api_error;
 
 /// Bytes of history in a customer's documents, from the metadata `Store::list_docs` returns
 /// (what the storage limit counts).
-pub(crate) fn history_bytes(docs: &[(DocId, Vec<u8>)]) -> u64 {
-    docs.iter().filter_map(|(_, meta)| DocMeta::decode(meta).ok()).map(|meta| meta.size).sum()
+pub(crate) fn history_bytes(docs: &[(DocId, Seq, Vec<u8>)]) -> u64 {
+    docs.iter().filter_map(|(_, _, meta)| DocMeta::decode(meta).ok()).map(|meta| meta.size).sum()
 }
 
 /// The limits, from the config.

@@ -94,7 +94,7 @@ fn write_export(
 ) -> Result<(), ApiError> {
     let mut tar = tar::Builder::new(out);
     let mut documents = Vec::new();
-    for (id, meta) in store.list_docs(customer).map_err(api_error)? {
+    for (id, _, meta) in store.list_docs(customer).map_err(api_error)? {
         let meta = DocMeta::decode(&meta).map_err(|_| ApiError::DataLoss("document"))?;
         if business && meta.private {
             continue; // Nothing of a private document reaches the business, its title included.

@@ -211,6 +211,8 @@ impl Connection {
         self.send(pb::ServerFrame {
             frame: Some(pb::server_frame::Frame::Challenge(pb::Challenge {
                 nonce: nonce.to_vec(),
+                epoch: self.shared.customers.epoch(&self.customer),
+                account: account_tag(&self.customer).to_vec(),
             })),
         });
         let answer = tokio::time::timeout_at(deadline, inbound.message())
@@ -297,10 +299,27 @@ impl Connection {
         let (device, ejector) = self.prove_device(inbound, &hello, deadline).await?;
         tracing::debug!(peer = self.peer, device = %device.short(), cursor = hello.cursor,
             "device connected");
+        // A cursor from another epoch means nothing here: the device offers back all it holds.
+        let same_epoch = hello.epoch == self.shared.customers.epoch(&self.customer);
         // Subscribe before reading the feed, so nothing falls between the two.
         let mut announcements = self.shared.hub.subscribe(self.customer);
-        self.announced = Seq(hello.cursor);
-        self.catch_up(true).await?;
+        self.announced = Seq(if same_epoch { hello.cursor } else { 0 });
+        let head = self.catch_up(true).await?;
+        if same_epoch && hello.cursor > head.0 {
+            // The device saw a feed position this store never reached: the store lost what it
+            // had acknowledged (restored with its anchor, say). A new epoch for the customer
+            // has every device offer back what it holds; this one hears of it on reconnecting.
+            tracing::error!(customer = %self.customer, device = %device.short(),
+                cursor = hello.cursor, head = head.0,
+                "a device has seen more of this customer's feed than the store holds; starting a \
+                 new epoch for the customer so that devices offer back what they hold");
+            let (shared, customer) = (self.shared.clone(), self.customer);
+            self.shared.blocking(move || shared.customers.begin_epoch(&customer)).await?;
+            return Err(Status::unavailable(
+                "this server's copy of the account is behind what this device has seen; \
+                 reconnect, and offer back everything this device holds",
+            ));
+        }
         self.send(pb::ServerFrame {
             frame: Some(pb::server_frame::Frame::CaughtUp(pb::CaughtUp {
                 cursor: self.announced.0,
@@ -393,7 +412,9 @@ impl Connection {
                 },
                 announcement = announcements.recv() => match announcement {
                     Ok(a) => self.on_announcement(a).await?,
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.catch_up(false).await?,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.catch_up(false).await?;
+                    }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
                 () = &mut expiry => {
@@ -444,14 +465,16 @@ impl Connection {
     /// Announces every document changed after `self.announced`, from storage. With `push` (the
     /// catch-up on connecting, before `CaughtUp`), a short one is pushed where the device's sync
     /// state was kept. Not later: the device, caught up already, could advance its cursor on a
-    /// pushed document's frames past an earlier announcement still queued behind them.
-    async fn catch_up(&mut self, push: bool) -> Result<(), Status> {
+    /// pushed document's frames past an earlier announcement still queued behind them. Returns
+    /// the customer's last feed position.
+    async fn catch_up(&mut self, push: bool) -> Result<Seq, Status> {
         let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
         let device = self.device.ok_or(ApiError::Internal)?;
         let changes = self
             .shared
             .work
             .run(move || {
+                let head = store.feed_head(&customer)?;
                 let feed = store.feed_since(&customer, cursor)?;
                 let push = push && feed.len() <= PUSH_AT_MOST;
                 let changes = feed
@@ -478,14 +501,15 @@ impl Connection {
                 if !changes.is_empty() {
                     store.flush()?;
                 }
-                Ok::<_, cubby_store::StoreError>(changes)
+                Ok::<_, cubby_store::StoreError>((changes, head))
             })
             .await
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
+        let (changes, head) = changes;
         let mut pushed = Vec::new();
         for (seq, doc, meta, saved) in changes {
-            let info = match meta.map(|m| DocMeta::decode(&m)) {
+            let info = match meta.map(|(_, m)| DocMeta::decode(&m)) {
                 Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
                 None => None,
@@ -510,7 +534,7 @@ impl Connection {
                 self.send(a.frame(false));
             }
         }
-        Ok(())
+        Ok(head)
     }
 
     /// Hands a catch-up announcement to the document's actor to push (`DocMsg::Push`).
@@ -592,7 +616,7 @@ impl Connection {
                     device,
                     link: self.link.clone(),
                     message: sync.message,
-                    create: sync.create.map(|c| c.title),
+                    create: sync.create.map(|c| (c.title, c.private)),
                     permit,
                 };
                 self.shared.docs.send(self.customer, doc, msg);
@@ -691,6 +715,14 @@ impl ReadAt {
     fn since(&self) -> Duration {
         self.origin.elapsed().saturating_sub(Duration::from_millis(self.at.load(Ordering::Relaxed)))
     }
+}
+
+/// What devices are told of the account a token speaks for (`Challenge.account`): a digest of the
+/// customer's store key, so that the key itself stays on the server.
+fn account_tag(customer: &cubby_core::CustomerId) -> [u8; 16] {
+    let digest =
+        cubby_crypto::sha256(&[b"cubby account v1\0".as_slice(), customer.as_bytes()].concat());
+    digest[..16].try_into().expect("SHA-256 has 32 bytes")
 }
 
 /// When a stream whose token expires at `expires` asks its device for a fresh one.

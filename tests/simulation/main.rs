@@ -142,6 +142,8 @@ struct World {
     config: ServerConfig,
     ca_pem: Vec<u8>,
     server_disk: SimDisk,
+    /// The server's anchor and ledger: what a rollback of its disk does not reach.
+    witness: cubby_store::witness::MemoryWitness,
     /// A clean restart of the server was asked for.
     restart: tokio::sync::Notify,
     devices: Vec<DeviceSlot>,
@@ -228,6 +230,7 @@ impl World {
             config,
             ca_pem,
             server_disk: SimDisk::default(),
+            witness: cubby_store::witness::MemoryWitness::new(),
             restart: tokio::sync::Notify::new(),
             devices,
             customers: ids,
@@ -346,6 +349,7 @@ async fn server(world: Arc<World>) -> turmoil::Result {
             listener,
             work: StorageWork::Inline,
             clock: auth::Clock::Simulated(sim_clock),
+            witness: Arc::new(world.witness.clone()),
         };
         let running = cubby_server::start_on(world.config.clone(), platform).await?;
         world.restart.notified().await;

@@ -418,7 +418,7 @@ async fn a_device_that_sends_thousands_of_documents_at_once_and_reads_is_never_c
             let frame = pb::DocSync {
                 doc_id: cubby_crypto::random_array::<16>().to_vec(),
                 message: empty.clone(),
-                create: Some(pb::NewDoc { title: format!("doc {n}") }),
+                create: Some(pb::NewDoc { title: format!("doc {n}"), private: false }),
                 ..Default::default()
             };
             let frame = pb::ClientFrame { frame: Some(pb::client_frame::Frame::Sync(frame)) };
@@ -488,7 +488,7 @@ async fn row_11_a_fresh_token_sent_on_the_stream_keeps_it_open_past_the_first() 
     raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
         doc_id: cubby_crypto::random_array::<16>().to_vec(),
         message,
-        create: Some(pb::NewDoc { title: "after the first token".into() }),
+        create: Some(pb::NewDoc { title: "after the first token".into(), private: false }),
         seq: 0,
         more: false,
     }))

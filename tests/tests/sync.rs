@@ -371,7 +371,7 @@ async fn sync_raw(
     let mut outgoing = session.generate(doc);
     loop {
         if let Some(message) = outgoing.take() {
-            let create = create.then(|| pb::NewDoc { title: "long".into() });
+            let create = create.then(|| pb::NewDoc { title: "long".into(), private: false });
             raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
                 doc_id: id.to_vec(),
                 message,

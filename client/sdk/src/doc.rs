@@ -12,6 +12,14 @@ use tokio::sync::broadcast;
 
 use crate::{ClientError, Inner, LOCAL};
 
+/// The unsynced mark of a document created on this device that the server has not seen yet.
+pub(crate) const MARK_NEW: &[u8] = b"new";
+/// The unsynced mark of a document with local changes the server has not acknowledged.
+pub(crate) const MARK_DIRTY: &[u8] = b"dirty";
+/// The unsynced mark of a document offered back to a server in a new epoch (see
+/// `Challenge.epoch`), until it acknowledges everything of it.
+pub(crate) const MARK_HEAL: &[u8] = b"heal";
+
 /// Something happened to a document.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -34,7 +42,9 @@ pub(crate) struct LocalDoc {
     bytes_since_snapshot: u64,
     /// The sync protocol state with the server.
     pub(crate) session: PeerSession,
-    /// Created on this device and not yet seen by the server: sync messages carry its title.
+    /// Created on this device and not yet seen by the server, or offered back to a server
+    /// that started a new epoch (it may have lost it): sync messages carry its title and
+    /// private flag, so that the server can make it.
     pub(crate) unconfirmed: bool,
 }
 
@@ -130,8 +140,8 @@ impl DocShared {
             Some(bytes) => PeerSession::restore_for(&bytes, &doc),
             None => PeerSession::new(),
         };
-        let unconfirmed =
-            store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some_and(|v| v == b"new");
+        let mark = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+        let unconfirmed = mark.is_some_and(|v| v == MARK_NEW || v == MARK_HEAL);
         let state = LocalDoc {
             doc,
             meta,
@@ -271,7 +281,7 @@ impl DocHandle {
                 // Mark the document unsynced before the sync engine can see the change, so the
                 // mark can never land after the engine has cleared it...
                 if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
-                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
                 }
                 // ...then let the engine send it while this device's own flush runs: the
                 // server's copy is durable on its own, and this call still returns only after

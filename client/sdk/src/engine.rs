@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::doc::{DocEvent, DocShared};
+use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_HEAL, MARK_NEW};
 use crate::{ClientError, Inner, LOCAL, TokenProvider};
 
 /// Where syncing stands.
@@ -85,6 +85,13 @@ pub enum SyncFailure {
     /// The server told this device to wipe its local copy.
     #[error("the server told this device to wipe: {0:?}")]
     Wipe(WipeReason),
+    /// The token speaks for another account than the one whose data this device holds: nothing
+    /// is synced (a device's data directory belongs to one account; use another for another).
+    #[error(
+        "this device's data belongs to another account than the token's; use another data \
+         directory for this account"
+    )]
+    WrongAccount,
     /// Anything else the server or the local store said.
     #[error("{0}")]
     Other(String),
@@ -310,6 +317,12 @@ pub(crate) async fn run(
             inner.wipe(reason).await;
             return;
         }
+        if failure == SyncFailure::WrongAccount {
+            tracing::error!(device = %inner.device_id.short(), %failure, "sync stopped");
+            inner.foreign.store(true, std::sync::atomic::Ordering::SeqCst);
+            inner.status.send_replace(SyncStatus::Offline { failure: Some(failure) });
+            return;
+        }
         let refused = matches!(failure, SyncFailure::Unauthenticated(_));
         // Reconnect at once with a fresh token unless the refused one was fresh already: then
         // back off. A stream that was up longer than the first backoff and lost its token under
@@ -361,6 +374,19 @@ struct Session<'a> {
     parts: Reassembly,
     /// Documents whose changes the server refused on this connection, until it takes them.
     refused: HashMap<DocId, Refusal>,
+    /// Documents to offer back to a server in a new epoch once `CaughtUp` arrives.
+    healing: Vec<DocId>,
+}
+
+/// Where the device keeps the server epoch its cursor and sync states belong to
+/// (`Challenge.epoch`), and the account its data belongs to (`Challenge.account`).
+const EPOCH: &[u8] = b"epoch";
+const ACCOUNT: &[u8] = b"account";
+
+/// What the device kept from its last connection.
+struct Kept {
+    epoch: Option<Vec<u8>>,
+    account: Option<Vec<u8>>,
 }
 
 /// A document the server refused changes to (`RESOURCE_EXHAUSTED`: a limit of the customer's).
@@ -389,7 +415,59 @@ impl<'a> Session<'a> {
             out: None,
             parts: Reassembly::new(MAX_REASSEMBLY),
             refused: HashMap::new(),
+            healing: Vec::new(),
         }
+    }
+
+    /// Takes the server's epoch and account from its challenge. A new epoch (the server's
+    /// store was restored, or found behind what a device had seen) voids everything the device
+    /// knew of the server: its cursor goes back to 0, its sync states are forgotten, and every
+    /// document it holds is marked to be offered back, with what the server needs to make it
+    /// (`MARK_HEAL`), after `CaughtUp`. The marks and the new epoch are stored together and
+    /// flushed, so a crash meanwhile loses none of it. A device that never synced just keeps the
+    /// epoch.
+    async fn take_epoch(
+        &mut self,
+        kept: &Kept,
+        cursor: u64,
+        challenge: &pb::Challenge,
+    ) -> Result<(), SyncFailure> {
+        if kept.epoch.as_deref() == Some(challenge.epoch.as_slice()) && kept.account.is_some() {
+            return Ok(());
+        }
+        let heal = kept.epoch.as_deref().is_some_and(|e| e != challenge.epoch.as_slice())
+            || (kept.epoch.is_none() && cursor > 0);
+        let (epoch, account) = (challenge.epoch.clone(), challenge.account.clone());
+        let offered = self
+            .blocking(move |store| {
+                let mut offered = 0;
+                if heal {
+                    for (id, _, _) in store.list_docs(&LOCAL)? {
+                        let key = id.as_bytes();
+                        let mark = store.get_record(&LOCAL, Space::UNSYNCED, key)?;
+                        if mark.as_deref() != Some(MARK_NEW) {
+                            store.put_record(&LOCAL, Space::UNSYNCED, key, MARK_HEAL)?;
+                        }
+                        store.remove_record(&LOCAL, Space::SYNC_STATES, key)?;
+                        offered += 1;
+                    }
+                    store.put_record(&LOCAL, Space::LOCAL, b"cursor", &0u64.to_be_bytes())?;
+                }
+                store.put_record(&LOCAL, Space::LOCAL, EPOCH, &epoch)?;
+                store.put_record(&LOCAL, Space::LOCAL, ACCOUNT, &account)?;
+                store.flush()?;
+                Ok(offered)
+            })
+            .await?;
+        if heal {
+            tracing::warn!(device = %self.inner.device_id.short(), documents = offered,
+                "the server started a new epoch (its store was restored or found behind): \
+                 offering back everything this device holds");
+            self.inner.heal_sessions();
+            self.cursor = 0;
+            self.announced = 0;
+        }
+        Ok(())
     }
 
     async fn blocking<T: Send + 'static>(
@@ -424,13 +502,15 @@ impl<'a> Session<'a> {
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
 
-        let (cursor, unsynced) = self
+        let (cursor, kept) = self
             .blocking(|store| {
                 let cursor = store
                     .get_record(&LOCAL, Space::LOCAL, b"cursor")?
                     .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
                     .unwrap_or(0);
-                Ok((cursor, store.scan_records(&LOCAL, Space::UNSYNCED)?))
+                let epoch = store.get_record(&LOCAL, Space::LOCAL, EPOCH)?;
+                let account = store.get_record(&LOCAL, Space::LOCAL, ACCOUNT)?;
+                Ok((cursor, Kept { epoch, account }))
             })
             .await?;
         self.cursor = cursor;
@@ -443,6 +523,7 @@ impl<'a> Session<'a> {
             device_name: self.inner.device_name.clone(),
             platform: self.inner.platform.clone(),
             public_key: self.inner.device_key.public_key().to_vec(),
+            epoch: kept.epoch.clone().unwrap_or_default(),
         };
         out.send(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Hello(hello)) })
             .await
@@ -463,6 +544,11 @@ impl<'a> Session<'a> {
             Some(pb::ServerFrame {
                 frame: Some(pb::server_frame::Frame::Challenge(challenge)),
             }) => {
+                // Another account's token on this device's data: say nothing, sync nothing.
+                if kept.account.as_ref().is_some_and(|kept| *kept != challenge.account) {
+                    return Err(SyncFailure::WrongAccount);
+                }
+                self.take_epoch(&kept, cursor, &challenge).await?;
                 let signature =
                     self.inner.device_key.prove(self.inner.device_id.as_bytes(), &challenge.nonce);
                 self.send(pb::client_frame::Frame::Proof(pb::Proof { signature })).await?;
@@ -475,16 +561,23 @@ impl<'a> Session<'a> {
         // Sessions of documents still loaded from the last connection may wait for answers that
         // will never come: start them over, as if loaded from disk.
         self.inner.reconnect_sessions();
+        let unsynced = self.blocking(|store| store.scan_records(&LOCAL, Space::UNSYNCED)).await?;
 
         tracing::debug!(device = %self.inner.device_id.short(), cursor,
             unsynced = unsynced.len(), "connected");
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         // Documents edited offline take turns with announced ones: a device that sent all of
-        // thousands before reading an answer had its connection closed under it.
-        for (key, _) in unsynced {
+        // thousands before reading an answer had its connection closed under it. Documents
+        // offered back to a server in a new epoch wait for `CaughtUp`, so that deletions made
+        // since reach this device before it offers them (it would make them again).
+        for (key, mark) in unsynced {
             if let Ok(doc) = DocId::from_slice(&key) {
                 self.owed.unsynced(doc);
-                self.waiting.push_back((doc, 0));
+                if mark == MARK_HEAL {
+                    self.healing.push(doc);
+                } else {
+                    self.waiting.push_back((doc, 0));
+                }
             }
         }
         self.ask_waiting().await?;
@@ -657,7 +750,10 @@ impl<'a> Session<'a> {
             };
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                 ours = ?state.doc.get_heads(), "push");
-            let create = state.unconfirmed.then(|| pb::NewDoc { title: state.meta.title.clone() });
+            let create = state.unconfirmed.then(|| pb::NewDoc {
+                title: state.meta.title.clone(),
+                private: state.meta.private,
+            });
             pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0, more: false }
         };
         self.send(pb::client_frame::Frame::Sync(frame)).await
@@ -674,6 +770,12 @@ impl<'a> Session<'a> {
             Some(pb::server_frame::Frame::CaughtUp(caught_up)) => {
                 self.announced = self.announced.max(caught_up.cursor);
                 self.caught_up = true;
+                // Deleted meanwhile ones are gone from the device (and their marks with them).
+                for doc in std::mem::take(&mut self.healing) {
+                    if self.owed.contains(&doc) {
+                        self.waiting.push_back((doc, 0));
+                    }
+                }
             }
             Some(pb::server_frame::Frame::Error(error)) => self.on_error(error).await?,
             Some(pb::server_frame::Frame::Challenge(_)) => {
@@ -764,7 +866,7 @@ impl<'a> Session<'a> {
                     return remove_mark(store, id);
                 }
                 if was_unconfirmed {
-                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"dirty")?;
+                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
                 }
                 Ok(false)
             })
@@ -826,7 +928,7 @@ impl<'a> Session<'a> {
         let differs =
             |stored: DocMeta| stored.title != meta.title || stored.private != meta.private;
         if changed.info.is_some()
-            && stored.is_some_and(|stored| DocMeta::decode(&stored).is_ok_and(differs))
+            && stored.is_some_and(|(_, stored)| DocMeta::decode(&stored).is_ok_and(differs))
         {
             if let Err(err) = self.inner.take_server_meta(id, meta.clone(), changed.seq).await {
                 tracing::warn!(doc = %id.short(), %err, "cannot update local document metadata");

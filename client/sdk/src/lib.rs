@@ -75,6 +75,13 @@ pub enum ClientError {
     /// The client was shut down.
     #[error("the client is shut down")]
     Closed,
+    /// The token speaks for another account than the one whose data this device holds: this
+    /// client shows and syncs nothing (use another data directory for that account).
+    #[error(
+        "this device's data belongs to another account than the token's; use another data \
+         directory for this account"
+    )]
+    WrongAccount,
     /// The server refused a call or could not be reached.
     #[error("server: {0}")]
     Server(String),
@@ -275,6 +282,7 @@ impl ClientBuilder {
             events: broadcast::channel(256).0,
             tasks: TaskTracker::new(),
             inline_storage: self.inline_storage,
+            foreign: std::sync::atomic::AtomicBool::new(false),
         });
         let client = Client { inner, remote, sync: Mutex::new(SyncTask::Idle(wakes)) };
         if self.autosync {
@@ -375,6 +383,19 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     /// Store calls run on the calling task (simulation), not the blocking pool.
     inline_storage: bool,
+    /// The server said the token is another account's than the one whose data this device
+    /// holds: nothing more is shown or synced.
+    pub(crate) foreign: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    /// Refuses when this device's data is another account's than the token's.
+    fn own_account(&self) -> Result<(), ClientError> {
+        if self.foreign.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ClientError::WrongAccount);
+        }
+        Ok(())
+    }
 }
 
 impl Inner {
@@ -467,6 +488,20 @@ impl Inner {
             1;
     }
 
+    /// Forgets every loaded document's sync session and has its next message carry what the
+    /// server needs to make it: the server started a new epoch (see `Challenge.epoch`).
+    pub(crate) fn heal_sessions(&self) {
+        let loaded: Vec<_> = {
+            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            docs.copies.values().filter_map(Weak::upgrade).collect()
+        };
+        for doc in loaded {
+            let mut state = doc.lock();
+            state.session = cubby_core::session::PeerSession::new();
+            state.unconfirmed = true;
+        }
+    }
+
     /// Starts every loaded document's sync session over, for a new connection.
     pub(crate) fn reconnect_sessions(&self) {
         let loaded: Vec<_> = {
@@ -541,13 +576,14 @@ impl Client {
 
     /// Creates a document locally. It reaches the server on the next sync.
     pub async fn create(&self, title: &str) -> Result<DocHandle, ClientError> {
+        self.inner.own_account()?;
         let id = DocId::from_bytes(cubby_crypto::random_array());
         let shared = Arc::new(doc::DocShared::new(id, title));
         let meta = shared.meta().encode();
         self.inner
             .blocking(move |store| {
                 store.write_doc_off_feed(&LOCAL, &id, &meta, None)?;
-                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), b"new")?;
+                store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), doc::MARK_NEW)?;
                 store.flush()
             })
             .await?;
@@ -558,14 +594,16 @@ impl Client {
 
     /// Opens a document this device holds.
     pub async fn open(&self, id: DocId) -> Result<DocHandle, ClientError> {
+        self.inner.own_account()?;
         Ok(DocHandle::new(self.inner.doc(id).await?, self.inner.clone()))
     }
 
     /// The documents this device holds, with their metadata, by id.
     pub async fn list(&self) -> Result<Vec<(DocId, DocMeta)>, ClientError> {
+        self.inner.own_account()?;
         let docs = self.inner.blocking(|store| store.list_docs(&LOCAL)).await?;
         docs.into_iter()
-            .map(|(id, meta)| {
+            .map(|(id, _, meta)| {
                 Ok((id, DocMeta::decode(&meta).map_err(|_| ClientError::Damaged(id))?))
             })
             .collect()

@@ -259,6 +259,7 @@ pub struct Keyring {
     current: u32,
     keks: BTreeMap<u32, DataKey>,
     ids: hmac::Key,
+    witness: DataKey,
 }
 
 impl fmt::Debug for Keyring {
@@ -301,7 +302,15 @@ impl Keyring {
             current: master.current_generation().unwrap_or(1),
             keks,
             ids: hmac::Key::new(hmac::HMAC_SHA256, id_key.as_slice()),
+            witness: DataKey::from_bytes(derive(master, b"witness")),
         }
+    }
+
+    /// The key that seals what a server keeps about its store outside it (its anchor and
+    /// ledger): derived from the root secret, which never leaves the master key file, so it
+    /// stays the same across key rotations and opens even when the store is gone.
+    pub fn witness_key(&self) -> &DataKey {
+        &self.witness
     }
 
     /// The generation new data keys are wrapped with.

@@ -128,7 +128,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         frame: Some(pb::client_frame::Frame::Sync(pb::DocSync {
             doc_id: vec![1; 16],
             message: vec![0x42, 1, 2],
-            create: Some(pb::NewDoc { title: "t".into() }),
+            create: Some(pb::NewDoc { title: "t".into(), private: false }),
             seq: 3,
             more: false,
         })),

@@ -178,7 +178,7 @@ mod tests {
             frame: Some(pb::client_frame::Frame::Sync(pb::DocSync {
                 doc_id: vec![1; 16],
                 message: b"SECRET PAYLOAD".to_vec(),
-                create: Some(pb::NewDoc { title: "t".into() }),
+                create: Some(pb::NewDoc { title: "t".into(), private: false }),
                 seq: 0,
                 more: false,
             })),

@@ -7,7 +7,7 @@
 //!
 //! | prefix | key after the customer | value |
 //! |---|---|---|
-//! | `m` | document | metadata |
+//! | `m` | document | the feed position the metadata was written for (BE u64), then metadata |
 //! | `c` | document, chunk index (BE u64) | change chunk |
 //! | `s` | document | snapshot: `through` (BE u64) then bytes |
 //! | `f` | feed position (BE u64) | document |
@@ -17,7 +17,10 @@
 //!
 //! A document write (metadata, feed move, chunk) is a sequence of plain inserts in an order a
 //! crash can cut anywhere without harm (see [`SledStore::doc_write_steps`]); one off the feed (a
-//! device's) is two inserts, metadata first. A deletion is one sled transaction. A compaction
+//! device's) is two inserts, metadata first. A deletion is one sled transaction. A document's
+//! metadata carries the feed position it was written for (the encryption decorator seals it
+//! for that position), and a load checks it against the document's position and the feed, so
+//! that an older copy spliced over it is refused ([`SledStore::checked_meta`]). A compaction
 //! writes the snapshot and leaves the chunks it covers to be removed a few at a time by the
 //! writes after it ([`SledStore::sweep`]); loads skip them meanwhile. Nothing is durable until
 //! [`Store::flush`], which calls `sled::Db::flush` and then syncs what sled's flush does not
@@ -29,11 +32,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
+use cubby_store::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space, Store, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 mod files;
 mod keys;
+mod witness;
+
+pub use witness::WitnessDir;
 
 /// Record-type prefixes that hold a customer's data (everything but the key).
 const CUSTOMER_PREFIXES: [u8; 7] = [b'm', b'c', b's', b'f', b'p', b'n', b'r'];
@@ -106,6 +112,9 @@ impl Drop for Guarded {
 }
 
 fn backend(err: sled::Error) -> StoreError {
+    if let sled::Error::Corruption { .. } = &err {
+        return StoreError::Corrupt("sled page");
+    }
     if let sled::Error::Io(io) = &err {
         // ENOSPC: tell callers the disk is full, so they can say so instead of "I/O error".
         if io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull {
@@ -134,6 +143,21 @@ fn u64_of(bytes: &[u8]) -> Result<u64> {
 
 fn doc_of(bytes: &[u8]) -> Result<DocId> {
     DocId::from_slice(bytes).map_err(|e| StoreError::Backend(Box::new(e)))
+}
+
+/// Metadata as stored: the position it was written for, then the bytes [`MetaAt`] made for it.
+fn framed_meta(seq: Seq, meta: &dyn MetaAt) -> sled::IVec {
+    let mut value = seq.0.to_be_bytes().to_vec();
+    value.extend(meta.at(seq));
+    value.into()
+}
+
+/// The position stored metadata was written for.
+fn meta_seq(value: &[u8]) -> Result<Seq> {
+    value
+        .get(..8)
+        .map(|p| Seq(u64::from_be_bytes(p.try_into().expect("8 bytes"))))
+        .ok_or(StoreError::Corrupt("metadata (truncated)"))
 }
 
 /// Every wrapped data key in the store at `dir`, read straight from the key files. Needs no lock,
@@ -287,23 +311,24 @@ impl SledStore {
     ///
     /// 1. the customer's last feed position, so that none is handed out twice;
     /// 2. the feed entry at the new position: from here on, devices that catch up are told of
-    ///    the document, which is harmless before anything else changed;
-    /// 3. the document's feed position;
-    /// 4. the removal of its old feed entry (a crash before it leaves the entry behind, and
-    ///    `feed_since` skips it);
-    /// 5. the metadata, then 6. the chunk, last: a chunk kept without its feed entry would
-    ///    never be announced, as the sender's resend would change nothing.
+    ///    the document (`feed_since` leaves out an entry of a document that has no metadata yet
+    ///    unless it is the document's deletion);
+    /// 3. the metadata, written for the new position (a load takes the metadata's position as
+    ///    the document's when it is ahead of step 4's);
+    /// 4. the document's feed position;
+    /// 5. the removal of its old feed entries (a crash before it leaves them behind, and
+    ///    `feed_since` skips them);
+    /// 6. the chunk, last: a chunk kept without its feed entry would never be announced, as the
+    ///    sender's resend would change nothing.
     ///
-    /// A document with no metadata (new, or deleted earlier) has its metadata written first
-    /// instead, after its old feed position (a deletion's) is removed: a feed entry without
-    /// metadata reads as a deletion, and would tell the creating device to drop it. A crash can
-    /// then keep a document that has no feed position: it loads with position 0, and the server
-    /// writes it again when it next loads it (`persist` in `docs.rs`).
+    /// So in every state a crash can leave, a document's metadata names a feed entry of the
+    /// document, and is not older than the document's position: what [`Self::checked_meta`]
+    /// checks.
     fn doc_write_steps(
         &self,
         c: &CustomerId,
         d: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<(Seq, Vec<Step>)> {
         let db = self.db()?;
@@ -312,31 +337,61 @@ impl SledStore {
             Some(v) => u64_of(&v)?,
             None => 0,
         };
-        let seq = (last + 1).to_be_bytes();
+        let seq = Seq(last + 1);
         let pos_key = key(b'p', c, &[d.as_bytes()]);
-        let old = db.get(&pos_key).map_err(|e| self.fail(e))?;
-        let meta_key = key(b'm', c, &[d.as_bytes()]);
-        let fresh = !db.contains_key(&meta_key).map_err(|e| self.fail(e))?;
-        let mut meta = Some(Step::Insert(meta_key, meta.into()));
+        let mut old: Vec<u64> = Vec::with_capacity(2);
+        if let Some(p) = db.get(&pos_key).map_err(|e| self.fail(e))? {
+            old.push(u64_of(&p)?);
+        }
+        if let Some(m) = db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
+            old.push(meta_seq(&m)?.0);
+        }
+        old.sort_unstable();
+        old.dedup();
         let mut steps = Vec::with_capacity(7);
-        if fresh {
-            if old.is_some() {
-                steps.push(Step::Remove(pos_key.clone()));
-            }
-            steps.extend(meta.take());
+        steps.push(Step::Insert(last_key, seq.0.to_be_bytes().as_slice().into()));
+        steps.push(Step::Insert(
+            key(b'f', c, &[&seq.0.to_be_bytes()]),
+            d.as_bytes().as_slice().into(),
+        ));
+        steps.push(Step::Insert(key(b'm', c, &[d.as_bytes()]), framed_meta(seq, meta)));
+        steps.push(Step::Insert(pos_key, seq.0.to_be_bytes().as_slice().into()));
+        for old in old.into_iter().filter(|old| *old != 0) {
+            steps.push(Step::Remove(key(b'f', c, &[&old.to_be_bytes()])));
         }
-        steps.push(Step::Insert(last_key, seq.as_slice().into()));
-        steps.push(Step::Insert(key(b'f', c, &[&seq]), d.as_bytes().as_slice().into()));
-        steps.push(Step::Insert(pos_key, seq.as_slice().into()));
-        if let Some(old) = old {
-            steps.push(Step::Remove(key(b'f', c, &[&old])));
-        }
-        steps.extend(meta);
         if let Some(chunk) = chunk {
             let k = key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]);
             steps.push(Step::Insert(k, chunk.bytes.into()));
         }
-        Ok((Seq(last + 1), steps))
+        Ok((seq, steps))
+    }
+
+    /// A document's stored metadata (`value`), checked against its feed position and the feed:
+    /// the position it was written for, and its bytes. In every state a write can leave (see
+    /// [`Self::doc_write_steps`]), the metadata is not older than the document's position, and
+    /// the feed entry at its position names the document; an older copy of it spliced over the
+    /// newer one (its record and perhaps its position) breaks one of the two.
+    fn checked_meta(&self, c: &CustomerId, d: &DocId, value: &[u8]) -> Result<(Seq, Vec<u8>)> {
+        let seq = meta_seq(value)?;
+        if seq < self.position(c, d)?.unwrap_or_default() {
+            return Err(StoreError::Corrupt("metadata (older than the document)"));
+        }
+        if seq.0 > 0 {
+            let entry =
+                self.db.get(key(b'f', c, &[&seq.0.to_be_bytes()])).map_err(|e| self.fail(e))?;
+            if entry.as_deref() != Some(d.as_bytes().as_slice()) {
+                return Err(StoreError::Corrupt("metadata (not at its feed position)"));
+            }
+        }
+        Ok((seq, value[8..].to_vec()))
+    }
+
+    /// The document's feed position (`p`), if it has one.
+    fn position(&self, c: &CustomerId, d: &DocId) -> Result<Option<Seq>> {
+        match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
+            Some(p) => Ok(Some(Seq(u64_of(&p)?))),
+            None => Ok(None),
+        }
     }
 
     fn apply_step(&self, step: Step) -> Result<()> {
@@ -364,6 +419,11 @@ impl SledStore {
         let pos_key = key(b'p', customer, &[doc.as_bytes()]);
         if let Some(old) = tx.get(&pos_key)? {
             tx.remove(key(b'f', customer, &[&old]))?;
+        }
+        // A write cut short after its metadata and before its position leaves an entry there.
+        if let Some(meta) = tx.get(key(b'm', customer, &[doc.as_bytes()]))? {
+            let at = meta_seq(&meta).map_err(ConflictableTransactionError::Abort)?;
+            tx.remove(key(b'f', customer, &[&at.0.to_be_bytes()]))?;
         }
         tx.insert(last_key, &seq.to_be_bytes())?;
         tx.insert(pos_key, &seq.to_be_bytes())?;
@@ -419,7 +479,7 @@ impl Store for SledStore {
         &self,
         c: &CustomerId,
         d: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
         let _feed = self.lock_feed();
@@ -433,7 +493,7 @@ impl Store for SledStore {
         &self,
         c: &CustomerId,
         d: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
         // Two plain inserts, not a batch: sled 0.34 writes its log buffer out twice for every
@@ -443,7 +503,13 @@ impl Store for SledStore {
         // two inserts. sled's log makes them durable in order, so at worst a crash keeps the new
         // metadata without the chunk, and only a write not yet flushed can lose its chunk.
         let db = self.db()?;
-        db.insert(key(b'm', c, &[d.as_bytes()]), meta).map_err(|e| self.fail(e))?;
+        // For the position the document has: its metadata's (a document without one has 0).
+        let meta_key = key(b'm', c, &[d.as_bytes()]);
+        let seq = match db.get(&meta_key).map_err(|e| self.fail(e))? {
+            Some(value) => meta_seq(&value)?,
+            None => self.position(c, d)?.unwrap_or_default(),
+        };
+        db.insert(meta_key, framed_meta(seq, meta)).map_err(|e| self.fail(e))?;
         if let Some(chunk) = chunk {
             let k = key(b'c', c, &[d.as_bytes(), &chunk.index.to_be_bytes()]);
             db.insert(k, chunk.bytes).map_err(|e| self.fail(e))?;
@@ -456,6 +522,7 @@ impl Store for SledStore {
         else {
             return Ok(None);
         };
+        let (seq, meta) = self.checked_meta(c, d, &meta)?;
         let snapshot = match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
             Some(v) if v.len() >= 8 => {
                 Some(Snapshot { through: u64_of(&v[..8])?, bytes: v[8..].to_vec() })
@@ -480,19 +547,14 @@ impl Store for SledStore {
                 self.cover(prefix, through);
             }
         }
-        let seq = match self.db.get(key(b'p', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
-            Some(v) => Seq(u64_of(&v)?),
-            None => Seq(0),
-        };
-        Ok(Some(DocRecords { meta: meta.to_vec(), snapshot, chunks, seq }))
+        Ok(Some(DocRecords { meta, snapshot, chunks, seq }))
     }
 
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db()?
-            .get(key(b'm', c, &[d.as_bytes()]))
-            .map_err(|e| self.fail(e))?
-            .map(|v| v.to_vec()))
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
+        match self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
+            Some(value) => Ok(Some(self.checked_meta(c, d, &value)?)),
+            None => Ok(None),
+        }
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -513,22 +575,25 @@ impl Store for SledStore {
         let _covered = self.uncover(&key(b'c', c, &[d.as_bytes()]));
         self.db
             .transaction(|tx| {
+                let seq = Self::bump_feed(tx, c, d)?;
                 tx.remove(key(b'm', c, &[d.as_bytes()]))?;
                 tx.remove(key(b's', c, &[d.as_bytes()]))?;
                 for k in &chunks {
                     tx.remove(k)?;
                 }
-                Self::bump_feed(tx, c, d)
+                Ok(seq)
             })
             .map_err(|e| self.fail_tx(e))
     }
 
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         let prefix = key(b'm', c, &[]);
         self.scan(prefix.clone())
             .map(|r| {
                 let (k, v) = r?;
-                Ok((doc_of(&k[prefix.len()..])?, v.to_vec()))
+                let d = doc_of(&k[prefix.len()..])?;
+                let (seq, meta) = self.checked_meta(c, &d, &v)?;
+                Ok((d, seq, meta))
             })
             .collect()
     }
@@ -536,7 +601,7 @@ impl Store for SledStore {
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         let prefix = key(b'f', c, &[]);
         let start = key(b'f', c, &[&(cursor.0.saturating_add(1)).to_be_bytes()]);
-        let mut feed = self
+        let feed = self
             .db
             .range(start..)
             .map(|r| r.map_err(|e| self.fail(e)))
@@ -546,13 +611,31 @@ impl Store for SledStore {
                 Ok((Seq(u64_of(&k[prefix.len()..])?), doc_of(&v)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        // A crash in the middle of a write can leave a document's older entry behind (step 4 of
-        // `doc_write_steps`): keep each document's latest.
-        let mut seen = HashSet::with_capacity(feed.len());
-        feed.reverse();
-        feed.retain(|(_, doc)| seen.insert(*doc));
-        feed.reverse();
-        Ok(feed)
+        // An entry of a document with no metadata is its deletion, where the document's
+        // position is that entry; otherwise a first write cut short after step 2 of
+        // `doc_write_steps`, of a document that does not exist yet: left out.
+        let mut kept = Vec::with_capacity(feed.len());
+        for (seq, doc) in feed {
+            let meta = key(b'm', c, &[doc.as_bytes()]);
+            let has_meta = self.db.contains_key(meta).map_err(|e| self.fail(e))?;
+            if has_meta || self.position(c, &doc)? == Some(seq) {
+                kept.push((seq, doc));
+            }
+        }
+        // A crash in the middle of a write can leave a document's older entry behind (step 5):
+        // keep each document's latest.
+        let mut seen = HashSet::with_capacity(kept.len());
+        kept.reverse();
+        kept.retain(|(_, doc)| seen.insert(*doc));
+        kept.reverse();
+        Ok(kept)
+    }
+
+    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
+        match self.db.get(key(b'n', c, &[])).map_err(|e| self.fail(e))? {
+            Some(v) => Ok(Seq(u64_of(&v)?)),
+            None => Ok(Seq(0)),
+        }
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
@@ -825,6 +908,32 @@ mod tests {
             assert_eq!(indexes, (0..10).collect::<Vec<_>>(), "erase: {erase}");
             store.delete_doc(&c, &a).expect("delete");
         }
+    }
+
+    /// An older copy of a document's metadata put back over the newer one (as someone with the
+    /// files and sled's checksums could), with or without its old position, is refused: its
+    /// position is behind the document's, or the feed no longer names the document there.
+    #[test]
+    fn older_metadata_spliced_back_with_or_without_its_position_is_refused() {
+        use cubby_core::{CustomerId, DocId};
+        use cubby_store::{Store, StoreError};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SledStore::open(dir.path()).expect("opens");
+        let (c, d) = (CustomerId::from_bytes([1; 16]), DocId::from_bytes([2; 16]));
+        let raw = |prefix| super::key(prefix, &c, &[d.as_bytes()]);
+        store.write_doc(&c, &d, b"shared", None).expect("write");
+        let (old_meta, old_position) = (
+            store.db.get(raw(b'm')).expect("get").expect("meta"),
+            store.db.get(raw(b'p')).expect("get").expect("position"),
+        );
+        store.write_doc(&c, &d, b"private", None).expect("the newer metadata");
+        store.db.insert(raw(b'm'), old_meta.clone()).expect("splice the metadata");
+        let refused = store.load(&c, &d).expect_err("older than the document");
+        assert!(matches!(refused, StoreError::Corrupt(what) if what.contains("older")));
+        store.db.insert(raw(b'p'), old_position).expect("and its position");
+        let refused = store.load(&c, &d).expect_err("not at its feed position");
+        assert!(matches!(refused, StoreError::Corrupt(what) if what.contains("feed")));
+        assert!(store.doc_meta(&c, &d).is_err() && store.list_docs(&c).is_err());
     }
 
     #[test]

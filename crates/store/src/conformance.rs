@@ -61,6 +61,16 @@ macro_rules! conformance_tests {
             $crate::conformance::erasing_a_customer_removes_only_their_data(($new_backend)());
         }
         #[test]
+        fn conformance_metadata_is_stored_for_the_position_its_write_leaves() {
+            $crate::conformance::metadata_is_stored_for_the_position_its_write_leaves(
+                ($new_backend)(),
+            );
+        }
+        #[test]
+        fn conformance_feed_head_is_the_last_position_taken() {
+            $crate::conformance::feed_head_is_the_last_position_taken(($new_backend)());
+        }
+        #[test]
         fn conformance_random_operations_match_the_model() {
             $crate::conformance::random_operations_match_the_model($new_backend);
         }
@@ -127,7 +137,7 @@ pub fn erasing_a_customer_removes_only_their_data<S: Store>(mut open: impl FnMut
     drop(store);
     let store = open();
     // A plain backend answers "nothing"; the encryption decorator refuses the erased customer.
-    let empty_or_erased = |r: Result<Vec<(DocId, Vec<u8>)>>| match r {
+    let empty_or_erased = |r: Result<Vec<(DocId, Seq, Vec<u8>)>>| match r {
         Ok(list) => list.is_empty(),
         Err(StoreError::Erased) => true,
         Err(_) => false,
@@ -157,8 +167,8 @@ pub fn documents_round_trip<S: Store>(mut open: impl FnMut() -> S) {
         seq,
     };
     assert_eq!(store.load(&c, &d).expect("load"), Some(want));
-    assert_eq!(store.list_docs(&c).expect("list"), vec![(d, b"m3".to_vec())]);
-    assert_eq!(store.doc_meta(&c, &d).expect("meta").as_deref(), Some(&b"m3"[..]));
+    assert_eq!(store.list_docs(&c).expect("list"), vec![(d, seq, b"m3".to_vec())]);
+    assert_eq!(store.doc_meta(&c, &d).expect("meta"), Some((seq, b"m3".to_vec())));
     store.delete_doc(&c, &d).expect("delete");
     assert_eq!(store.load(&c, &d).expect("load"), None);
     assert_eq!(store.doc_meta(&c, &d).expect("meta"), None);
@@ -207,6 +217,55 @@ pub fn writes_off_the_feed_store_the_document_and_leave_the_feed<S: Store>(
     let s2 = store.delete_doc(&c, &doc(2)).expect("delete");
     assert_eq!(store.load(&c, &doc(2)).expect("load"), None);
     assert_eq!(store.feed_since(&c, s1).expect("feed"), vec![(s2, doc(2))]);
+}
+
+/// The metadata a write stores is the one for the position the write leaves the document at,
+/// and reads give that position with it: the encryption decorator seals metadata for its
+/// position, so that an older copy spliced over a newer one does not open.
+pub fn metadata_is_stored_for_the_position_its_write_leaves<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let c = customer(0);
+    let for_position = crate::MetaFn(|seq: Seq| seq.0.to_be_bytes().to_vec());
+    let expect = |store: &S, d: DocId, seq: Seq| {
+        let want = seq.0.to_be_bytes().to_vec();
+        let loaded = store.load(&c, &d).expect("load").expect("exists");
+        assert_eq!((loaded.seq, &loaded.meta), (seq, &want));
+        assert_eq!(store.doc_meta(&c, &d).expect("meta"), Some((seq, want.clone())));
+        assert!(store.list_docs(&c).expect("list").contains(&(d, seq, want)));
+    };
+    store.write_doc(&c, &doc(0), &for_position, None).expect("write");
+    let seq = store.write_doc(&c, &doc(0), &for_position, chunk(0, b"a")).expect("write");
+    expect(&store, doc(0), seq);
+    // Off the feed: for the position the document has, or 0 without one.
+    store.write_doc(&c, &doc(1), &for_position, None).expect("write");
+    store.write_doc_off_feed(&c, &doc(0), &for_position, chunk(1, b"b")).expect("write");
+    expect(&store, doc(0), seq);
+    store.write_doc_off_feed(&c, &doc(2), &for_position, None).expect("write");
+    expect(&store, doc(2), Seq(0));
+    store.flush().expect("flush");
+    drop(store);
+    let store = open();
+    expect(&store, doc(0), seq);
+    // A document deleted and made again is stored for its new position.
+    store.delete_doc(&c, &doc(0)).expect("delete");
+    let again = store.write_doc(&c, &doc(0), &for_position, None).expect("write");
+    expect(&store, doc(0), again);
+}
+
+/// The feed head is the last position taken, deletions included, and survives a reopen.
+pub fn feed_head_is_the_last_position_taken<S: Store>(mut open: impl FnMut() -> S) {
+    let store = open();
+    let (c, other) = (customer(0), customer(1));
+    assert_eq!(store.feed_head(&c).expect("head"), Seq(0));
+    store.write_doc(&c, &doc(0), b"m", None).expect("write");
+    store.write_doc_off_feed(&c, &doc(1), b"m", None).expect("off the feed");
+    let last = store.delete_doc(&c, &doc(0)).expect("delete");
+    assert_eq!(store.feed_head(&c).expect("head"), last);
+    assert_eq!(store.feed_head(&other).expect("head"), Seq(0));
+    store.flush().expect("flush");
+    drop(store);
+    let store = open();
+    assert_eq!(store.feed_head(&c).expect("head"), last);
 }
 
 /// A snapshot replaces the chunks it covers and keeps the later ones.
@@ -393,11 +452,16 @@ pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend:
                     let seq = feed.iter().find(|(_, fd)| *fd == doc(d)).map_or(Seq(0), |(s, _)| *s);
                     let want =
                         model.docs.get(&(c, d)).map(|(r, _)| DocRecords { seq, ..r.clone() });
-                    let meta = want.as_ref().map(|r| r.meta.clone());
+                    let meta = want.as_ref().map(|r| (seq, r.meta.clone()));
                     prop_assert_eq!(s.load(&customer(c), &doc(d)).expect("load"), want);
                     prop_assert_eq!(s.doc_meta(&customer(c), &doc(d)).expect("meta"), meta);
                 }
-                let listed: Vec<_> = s.list_docs(&customer(c)).expect("list");
+                let listed: Vec<_> = s
+                    .list_docs(&customer(c))
+                    .expect("list")
+                    .into_iter()
+                    .map(|(d, _, meta)| (d, meta))
+                    .collect();
                 let want: Vec<_> = model
                     .docs
                     .iter()

@@ -1,25 +1,42 @@
-//! The encryption decorator: seals every value on its way into a backend.
+//! The encryption decorator: seals every value on its way into a backend, and checks that what
+//! comes back is what was acknowledged.
 //!
 //! Each customer has a random data key, wrapped by the keyring's current KEK and stored through
 //! [`Store::put_key_if_absent`]. Metadata, chunks, snapshots and records are sealed with that key;
 //! the associated data names the customer, the document or record key, the record kind and its
-//! position, and is rebuilt from where the record is read. Keys (ids and positions) stay plain so
-//! backends can order and scan them; they are random ids or counters and reveal no content.
+//! position, and is rebuilt from where the record is read. A document's metadata is sealed for
+//! the feed position its write left the document at ([`MetaAt`]), so an older copy of it spliced
+//! over the newer one does not open; its chunks must follow its snapshot with no gap. Keys (ids
+//! and positions) stay plain so backends can order and scan them; they are random ids or
+//! counters and reveal no content.
+//!
+//! A store opened with a [`Witness`] (a server's) also keeps the anchor and the ledger (see
+//! [`crate::witness`]): at open it refuses a store that holds less than it acknowledged, and puts
+//! back the erasures a restored store lacks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use cubby_core::{CustomerId, DocId, Seq};
 use cubby_crypto::envelope;
 use cubby_crypto::keys::{DataKey, Keyring};
 
-use crate::{Chunk, CustomerLocks, DocRecords, Result, SYSTEM, Snapshot, Space, Store, StoreError};
+use crate::witness::{Anchor, LedgerEntry, Witness};
+use crate::{
+    Chunk, CustomerLocks, DocRecords, IntegrityError, MetaAt, Result, SYSTEM, Snapshot, Space,
+    Store, StoreError,
+};
 
 const META: u8 = b'm';
 const CHUNK: u8 = b'c';
 const SNAPSHOT: u8 = b's';
 const RECORD: u8 = b'r';
+
+/// The store format this code writes and reads: 2 seals document metadata for its position.
+/// (Format 1 stores, which have no format record, sealed it for position 0.)
+pub const FORMAT: u32 = 2;
 
 fn doc_aad(kind: u8, customer: &CustomerId, doc: &DocId, position: u64) -> Vec<u8> {
     let mut aad = Vec::with_capacity(48);
@@ -43,9 +60,10 @@ fn record_aad(customer: &CustomerId, space: Space, key: &[u8]) -> Vec<u8> {
 
 /// A [`Store`] that seals every value it passes to the backend `S`.
 ///
-/// Erasing a customer ([`Store::erase_customer`]) crypto-shreds: it records a tombstone, destroys
-/// the customer's wrapped data key durably, and only then removes their records. A tombstoned
-/// customer never gets a key again, so nothing can be written or read for them afterwards.
+/// Erasing a customer ([`Store::erase_customer`]) crypto-shreds: it records the erasure in the
+/// ledger (with a witness), records a tombstone, destroys the customer's wrapped data key
+/// durably, and only then removes their records. A tombstoned customer never gets a key again,
+/// so nothing can be written or read for them afterwards.
 pub struct EncryptedStore<S> {
     inner: S,
     keyring: RwLock<Arc<Keyring>>,
@@ -56,6 +74,30 @@ pub struct EncryptedStore<S> {
     /// Serialise fetching or making a customer's key with destroying it, per customer (by
     /// stripe): a customer's key made on disk (two `fsync`s) holds up no other customer.
     key_locks: CustomerLocks,
+    /// The store's id and epoch.
+    identity: Identity,
+    /// The anchor and ledger, on a server.
+    witnessed: Option<Witnessed>,
+}
+
+/// Which store, and which epoch of it.
+#[derive(Clone, Copy, Debug)]
+struct Identity {
+    store: [u8; 16],
+    epoch: [u8; 16],
+}
+
+/// A witnessed store's bookkeeping.
+struct Witnessed {
+    witness: Arc<dyn Witness>,
+    /// [`Keyring::witness_key`].
+    key: DataKey,
+    /// The flushes made durable so far; held for the whole of a flush.
+    flushes: Mutex<u64>,
+    /// Something was written since the last flush began.
+    dirty: AtomicBool,
+    /// Held while appending to the ledger.
+    ledger: Mutex<()>,
 }
 
 impl<S> fmt::Debug for EncryptedStore<S> {
@@ -74,34 +116,248 @@ pub struct Erased {
 /// A chunk's index and its sealed bytes.
 type SealedChunk = (u64, Vec<u8>);
 
+/// A document's metadata, sealed for the position the backend writes it at.
+struct SealedMeta<'a> {
+    key: DataKey,
+    customer: &'a CustomerId,
+    doc: &'a DocId,
+    plain: &'a dyn MetaAt,
+}
+
+impl MetaAt for SealedMeta<'_> {
+    fn at(&self, seq: Seq) -> Vec<u8> {
+        let aad = doc_aad(META, self.customer, self.doc, seq.0);
+        envelope::seal(&self.key, &aad, &self.plain.at(seq))
+    }
+}
+
+/// The store's own records under [`Space::INTEGRITY`].
+const FORMAT_KEY: &[u8] = b"format";
+const STORE_KEY: &[u8] = b"store";
+const EPOCH_KEY: &[u8] = b"epoch";
+const FLUSHES_KEY: &[u8] = b"flushes";
+
 impl<S: Store> EncryptedStore<S> {
-    /// Wraps `inner`. The first open stores a key check; later opens verify it, so a wrong
-    /// master key is refused here rather than discovered one record at a time.
+    /// Wraps `inner`. The first open stores a key check and the store's identity; later opens
+    /// verify the key check, so a wrong master key is refused here rather than discovered one
+    /// record at a time, and the format. No anchor is kept: for a device's store, or a copy
+    /// being read.
     pub fn open(inner: S, keyring: Keyring) -> Result<Self> {
-        let check = match inner.get_key(&SYSTEM)? {
-            Some(wrapped) => wrapped,
+        Ok(Self::open_unchecked(inner, keyring)?.0)
+    }
+
+    /// Wraps `inner` as a server's store, checked against `witness`: a store that holds fewer
+    /// flushes than the anchor says it made durable, another store than the anchor's, or an
+    /// earlier epoch's, is refused ([`StoreError::Integrity`]); so is a store without an anchor
+    /// unless it is new. Then every erasure in the ledger that the store lacks is made again.
+    /// From here on every flush with writes is counted in the store and the anchor.
+    pub fn open_witnessed(inner: S, keyring: Keyring, witness: Arc<dyn Witness>) -> Result<Self> {
+        let (mut store, created) = Self::open_unchecked(inner, keyring)?;
+        let key = store.keyring().witness_key().clone();
+        let anchor = witness.anchor()?.map(|sealed| Anchor::open(&key, &sealed)).transpose()?;
+        let found = store.stored_flushes()?;
+        let refused = match anchor {
+            None if created => None,
+            None => Some(IntegrityError::AnchorMissing),
+            Some(anchor) if anchor.store != store.identity.store => Some(if created {
+                IntegrityError::Wiped { acknowledged: anchor.flushes }
+            } else {
+                IntegrityError::Replaced
+            }),
+            Some(anchor) if anchor.epoch != store.identity.epoch => Some(IntegrityError::OldEpoch),
+            Some(anchor) if found < anchor.flushes => {
+                Some(IntegrityError::RolledBack { acknowledged: anchor.flushes, found })
+            }
+            // Equal, or the store ahead (a crash between its flush and the anchor's write).
+            Some(_) => None,
+        };
+        if let Some(refused) = refused {
+            return Err(StoreError::Integrity(refused));
+        }
+        store.witnessed = Some(Witnessed {
+            witness,
+            key,
+            flushes: Mutex::new(found),
+            dirty: AtomicBool::new(false),
+            ledger: Mutex::new(()),
+        });
+        store.write_anchor(found)?;
+        store.replay_erasures()?;
+        Ok(store)
+    }
+
+    /// Accepts the store in `inner` as it is (restored from a backup, or found damaged) and
+    /// starts a new epoch: devices then offer again everything they hold. The anchor is made to
+    /// match the store, and the ledger's erasures are made again. A missing or wiped store is
+    /// started afresh.
+    pub fn begin_epoch(inner: S, keyring: Keyring, witness: Arc<dyn Witness>) -> Result<Self> {
+        let (mut store, _) = Self::open_unchecked(inner, keyring)?;
+        let epoch = cubby_crypto::random_array();
+        store.put_system(EPOCH_KEY, &epoch)?;
+        store.inner.flush()?;
+        store.identity.epoch = epoch;
+        let found = store.stored_flushes()?;
+        store.witnessed = Some(Witnessed {
+            key: store.keyring().witness_key().clone(),
+            witness,
+            flushes: Mutex::new(found),
+            dirty: AtomicBool::new(false),
+            ledger: Mutex::new(()),
+        });
+        store.write_anchor(found)?;
+        store.replay_erasures()?;
+        Ok(store)
+    }
+
+    /// The key check, format and identity; `true` when the store was new.
+    fn open_unchecked(inner: S, keyring: Keyring) -> Result<(Self, bool)> {
+        let (check, created) = match inner.get_key(&SYSTEM)? {
+            Some(wrapped) => (wrapped, false),
             None => {
                 let wrapped = inner.put_key_if_absent(
                     &SYSTEM,
                     &keyring.wrap(SYSTEM.as_bytes(), &DataKey::generate()),
                 )?;
-                inner.flush()?;
-                wrapped
+                (wrapped, true)
             }
         };
         let system =
             keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
-        Ok(Self {
+        let mut store = Self {
             inner,
             keyring: RwLock::new(Arc::new(keyring)),
             system,
             keys: Mutex::new(HashMap::new()),
             key_locks: CustomerLocks::default(),
+            identity: Identity { store: [0; 16], epoch: [0; 16] },
+            witnessed: None,
+        };
+        let format = store.get_system(FORMAT_KEY)?;
+        if format.is_none() && created {
+            store.put_system(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+            store.put_system(STORE_KEY, &cubby_crypto::random_array::<16>())?;
+            store.put_system(EPOCH_KEY, &cubby_crypto::random_array::<16>())?;
+            store.inner.flush()?;
+        } else {
+            let found = format.and_then(|f| Some(u32::from_be_bytes(f.try_into().ok()?)));
+            if found != Some(FORMAT) {
+                return Err(StoreError::Format { found: found.unwrap_or(1), expected: FORMAT });
+            }
+        }
+        let id = |bytes: Option<Vec<u8>>| -> Result<[u8; 16]> {
+            bytes.and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("store identity"))
+        };
+        store.identity = Identity {
+            store: id(store.get_system(STORE_KEY)?)?,
+            epoch: id(store.get_system(EPOCH_KEY)?)?,
+        };
+        Ok((store, created))
+    }
+
+    fn get_system(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.inner.get_record(&SYSTEM, Space::INTEGRITY, key)? {
+            Some(sealed) => Ok(Some(
+                envelope::open(&self.system, &record_aad(&SYSTEM, Space::INTEGRITY, key), &sealed)
+                    .map_err(|_| StoreError::Corrupt("store identity"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn put_system(&self, key: &[u8], value: &[u8]) -> Result<()> {
+        let sealed =
+            envelope::seal(&self.system, &record_aad(&SYSTEM, Space::INTEGRITY, key), value);
+        self.inner.put_record(&SYSTEM, Space::INTEGRITY, key, &sealed)
+    }
+
+    /// The flushes the store itself says it has made durable.
+    fn stored_flushes(&self) -> Result<u64> {
+        Ok(match self.get_system(FLUSHES_KEY)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes.try_into().map_err(|_| StoreError::Corrupt("store identity"))?,
+            ),
+            None => 0,
         })
+    }
+
+    fn write_anchor(&self, flushes: u64) -> Result<()> {
+        let Some(w) = &self.witnessed else { return Ok(()) };
+        let anchor = Anchor { store: self.identity.store, epoch: self.identity.epoch, flushes };
+        w.witness.set_anchor(&anchor.seal(&w.key))
+    }
+
+    /// Flushes with writes made durable so far (counted only with a witness).
+    pub fn flushes(&self) -> u64 {
+        self.witnessed
+            .as_ref()
+            .map_or(0, |w| *w.flushes.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The store's epoch: new when it was created and at every [`EncryptedStore::begin_epoch`].
+    pub fn epoch(&self) -> [u8; 16] {
+        self.identity.epoch
+    }
+
+    /// The customer's own epoch, if their store ever needed one (it was found behind what a
+    /// device had seen): see [`EncryptedStore::begin_customer_epoch`].
+    pub fn customer_epoch(&self, customer: &CustomerId) -> Result<Option<[u8; 16]>> {
+        self.get_record(customer, Space::INTEGRITY, EPOCH_KEY)?
+            .map(|bytes| bytes.try_into().map_err(|_| StoreError::Corrupt("customer epoch")))
+            .transpose()
+    }
+
+    /// Starts a new epoch for one customer, durably: their devices offer again everything they
+    /// hold.
+    pub fn begin_customer_epoch(&self, customer: &CustomerId) -> Result<[u8; 16]> {
+        let epoch = cubby_crypto::random_array();
+        self.put_record(customer, Space::INTEGRITY, EPOCH_KEY, &epoch)?;
+        self.flush()?;
+        Ok(epoch)
+    }
+
+    /// Records `entry` in the ledger, durably, ahead of what it records taking effect. Without
+    /// a witness (a device's store) there is no ledger, and nothing is recorded.
+    pub fn append_ledger(&self, entry: &LedgerEntry) -> Result<()> {
+        let Some(w) = &self.witnessed else { return Ok(()) };
+        let _appending = w.ledger.lock().unwrap_or_else(PoisonError::into_inner);
+        let entries = w.witness.ledger()?;
+        let previous = entries.last().map_or(&[][..], Vec::as_slice);
+        w.witness.append(&entry.seal(&w.key, entries.len(), previous))
+    }
+
+    /// Every ledger entry, oldest first (none without a witness).
+    pub fn ledger(&self) -> Result<Vec<LedgerEntry>> {
+        let Some(w) = &self.witnessed else { return Ok(Vec::new()) };
+        let sealed = w.witness.ledger()?;
+        let mut previous: &[u8] = &[];
+        let mut entries = Vec::with_capacity(sealed.len());
+        for (index, entry) in sealed.iter().enumerate() {
+            entries.push(LedgerEntry::open(&w.key, index, previous, entry)?);
+            previous = entry;
+        }
+        Ok(entries)
+    }
+
+    /// Makes again every erasure in the ledger the store does not show (a restored store).
+    fn replay_erasures(&self) -> Result<()> {
+        for entry in self.ledger()? {
+            let LedgerEntry::Erased { customer, at_ms } = entry else { continue };
+            if self.inner.get_key(&customer)?.is_some() || self.erased_at(&customer)?.is_none() {
+                self.shred(&customer, at_ms)?;
+            }
+        }
+        Ok(())
     }
 
     fn keyring(&self) -> Arc<Keyring> {
         self.keyring.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Notes a write, for the next flush to count.
+    fn wrote(&self) {
+        if let Some(w) = &self.witnessed {
+            w.dirty.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Installs a new keyring (after a key rotation); call [`EncryptedStore::rewrap_keys`] next
@@ -225,20 +481,40 @@ impl<S: Store> EncryptedStore<S> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// A document's metadata and chunk (its index and sealed bytes) sealed under the customer's
-    /// key, each bound to where it is stored.
-    fn seal_doc(
+    /// A document's metadata (sealed when the backend writes it, for its position) and chunk
+    /// (its index and sealed bytes) under the customer's key, each bound to where it is stored.
+    fn seal_doc<'a>(
         &self,
-        c: &CustomerId,
-        d: &DocId,
-        meta: &[u8],
+        c: &'a CustomerId,
+        d: &'a DocId,
+        meta: &'a dyn MetaAt,
         chunk: Option<Chunk<'_>>,
-    ) -> Result<(Vec<u8>, Option<SealedChunk>)> {
+    ) -> Result<(SealedMeta<'a>, Option<SealedChunk>)> {
         let key = self.key(c)?;
-        let meta = envelope::seal(&key, &doc_aad(META, c, d, 0), meta);
         let chunk = chunk
             .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
-        Ok((meta, chunk))
+        Ok((SealedMeta { key, customer: c, doc: d, plain: meta }, chunk))
+    }
+
+    fn open_meta(&self, c: &CustomerId, d: &DocId, seq: Seq, sealed: &[u8]) -> Result<Vec<u8>> {
+        envelope::open(&self.key(c)?, &doc_aad(META, c, d, seq.0), sealed)
+            .map_err(|_| StoreError::Corrupt("metadata"))
+    }
+
+    /// Crypto-shreds the customer (see [`Store::erase_customer`]), with a tombstone dated
+    /// `at_ms`.
+    fn shred(&self, customer: &CustomerId, at_ms: u64) -> Result<()> {
+        if self.erased_at(customer)?.is_none() {
+            let aad = record_aad(&SYSTEM, Space::TOMBSTONES, customer.as_bytes());
+            let sealed = envelope::seal(&self.system, &aad, &at_ms.to_be_bytes());
+            self.inner.put_record(&SYSTEM, Space::TOMBSTONES, customer.as_bytes(), &sealed)?;
+            self.wrote();
+            self.flush()?;
+        }
+        self.destroy_key(customer)?;
+        self.inner.erase_customer(customer)?;
+        self.wrote();
+        self.flush()
     }
 
     fn open_doc_records(
@@ -252,7 +528,7 @@ impl<S: Store> EncryptedStore<S> {
             envelope::open(&key, &doc_aad(kind, c, d, pos), bytes)
                 .map_err(|_| StoreError::Corrupt(what))
         };
-        let meta = open(META, 0, "metadata", &records.meta)?;
+        let meta = open(META, records.seq.0, "metadata", &records.meta)?;
         let snapshot = match records.snapshot {
             Some(s) => Some(Snapshot {
                 through: s.through,
@@ -260,11 +536,16 @@ impl<S: Store> EncryptedStore<S> {
             }),
             None => None,
         };
-        let chunks = records
-            .chunks
-            .into_iter()
-            .map(|(i, bytes)| Ok((i, open(CHUNK, i, "chunk", &bytes)?)))
-            .collect::<Result<_>>()?;
+        // Chunks follow the snapshot (or start at 0) with no gap: each write adds the next, and
+        // only a compaction removes any, those its snapshot covers. A gap is a lost change.
+        let first = snapshot.as_ref().map_or(0, |s| s.through + 1);
+        let mut chunks = Vec::with_capacity(records.chunks.len());
+        for (next, (index, bytes)) in (first..).zip(records.chunks) {
+            if index != next {
+                return Err(StoreError::Corrupt("chunks (one is missing)"));
+            }
+            chunks.push((index, open(CHUNK, index, "chunk", &bytes)?));
+        }
         Ok(DocRecords { meta, snapshot, chunks, seq: records.seq })
     }
 }
@@ -292,34 +573,35 @@ impl<S: Store> Store for EncryptedStore<S> {
         self.inner.list_customers()
     }
 
-    /// Crypto-shreds the customer: a durable tombstone first (so no key is ever made for them
-    /// again), then the wrapped data key is destroyed durably, then their records are removed.
-    /// Erasing an erased customer is allowed and changes nothing readable.
+    /// Crypto-shreds the customer: with a witness, the erasure goes in the ledger first (so no
+    /// restore of the store brings the customer back); then a durable tombstone (so no key is
+    /// ever made for them again), then the wrapped data key is destroyed durably, then their
+    /// records are removed. Erasing an erased customer is allowed and changes nothing readable.
     fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
         if *customer == SYSTEM {
             return Err(StoreError::Backend("the store's own records cannot be erased".into()));
         }
-        if self.erased_at(customer)?.is_none() {
-            let at = cubby_core::meta::unix_ms().to_be_bytes();
-            let aad = record_aad(&SYSTEM, Space::TOMBSTONES, customer.as_bytes());
-            let sealed = envelope::seal(&self.system, &aad, &at);
-            self.inner.put_record(&SYSTEM, Space::TOMBSTONES, customer.as_bytes(), &sealed)?;
-            self.inner.flush()?;
-        }
-        self.destroy_key(customer)?;
-        self.inner.erase_customer(customer)?;
-        self.inner.flush()
+        let at_ms = match self.erased_at(customer)? {
+            Some(erased) => erased.at_ms,
+            None => {
+                let at_ms = cubby_core::meta::unix_ms();
+                self.append_ledger(&LedgerEntry::Erased { customer: *customer, at_ms })?;
+                at_ms
+            }
+        };
+        self.shred(customer, at_ms)
     }
 
     fn write_doc(
         &self,
         c: &CustomerId,
         d: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+        self.wrote();
         self.inner.write_doc(c, d, &meta, chunk)
     }
 
@@ -327,11 +609,12 @@ impl<S: Store> Store for EncryptedStore<S> {
         &self,
         c: &CustomerId,
         d: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+        self.wrote();
         self.inner.write_doc_off_feed(c, d, &meta, chunk)
     }
 
@@ -342,12 +625,9 @@ impl<S: Store> Store for EncryptedStore<S> {
         }
     }
 
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         match self.inner.doc_meta(c, d)? {
-            Some(sealed) => Ok(Some(
-                envelope::open(&self.key(c)?, &doc_aad(META, c, d, 0), &sealed)
-                    .map_err(|_| StoreError::Corrupt("metadata"))?,
-            )),
+            Some((seq, sealed)) => Ok(Some((seq, self.open_meta(c, d, seq, &sealed)?))),
             None => Ok(None),
         }
     }
@@ -356,22 +636,25 @@ impl<S: Store> Store for EncryptedStore<S> {
         let key = self.key(c)?;
         let bytes =
             envelope::seal(&key, &doc_aad(SNAPSHOT, c, d, snapshot.through), &snapshot.bytes);
+        self.wrote();
         self.inner.compact(c, d, &Snapshot { through: snapshot.through, bytes })
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
+        self.wrote();
         self.inner.delete_doc(c, d)
     }
 
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
+        // The key first: an erased customer's listing is refused, not empty.
         let key = self.key(c)?;
         self.inner
             .list_docs(c)?
             .into_iter()
-            .map(|(d, meta)| {
-                let meta = envelope::open(&key, &doc_aad(META, c, &d, 0), &meta)
+            .map(|(d, seq, sealed)| {
+                let meta = envelope::open(&key, &doc_aad(META, c, &d, seq.0), &sealed)
                     .map_err(|_| StoreError::Corrupt("metadata"))?;
-                Ok((d, meta))
+                Ok((d, seq, meta))
             })
             .collect()
     }
@@ -380,8 +663,13 @@ impl<S: Store> Store for EncryptedStore<S> {
         self.inner.feed_since(c, cursor)
     }
 
+    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
+        self.inner.feed_head(c)
+    }
+
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
         let sealed = envelope::seal(&self.key(c)?, &record_aad(c, space, key), value);
+        self.wrote();
         self.inner.put_record(c, space, key, &sealed)
     }
 
@@ -396,6 +684,7 @@ impl<S: Store> Store for EncryptedStore<S> {
     }
 
     fn remove_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<()> {
+        self.wrote();
         self.inner.remove_record(c, space, key)
     }
 
@@ -415,8 +704,27 @@ impl<S: Store> Store for EncryptedStore<S> {
             .collect()
     }
 
+    /// Makes every write that returned before it durable. With a witness, a flush that has
+    /// writes to make durable also records its number in the store and then, once the store
+    /// has flushed, in the anchor: only then does the caller learn it succeeded.
     fn flush(&self) -> Result<()> {
-        self.inner.flush()
+        let Some(w) = &self.witnessed else { return self.inner.flush() };
+        let mut flushes = w.flushes.lock().unwrap_or_else(PoisonError::into_inner);
+        // Writes made while an earlier flush ran set this again after it cleared it.
+        if !w.dirty.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let next = *flushes + 1;
+        let durable = self
+            .put_system(FLUSHES_KEY, &next.to_be_bytes())
+            .and_then(|()| self.inner.flush())
+            .and_then(|()| self.write_anchor(next));
+        if let Err(err) = durable {
+            w.dirty.store(true, Ordering::SeqCst);
+            return Err(err);
+        }
+        *flushes = next;
+        Ok(())
     }
 }
 
@@ -499,7 +807,7 @@ mod tests {
         backend
             .write_doc(&ALICE, &DOC, &stolen.meta, Some(Chunk { index: 1, bytes: &sealed_chunk }))
             .expect("raw write");
-        assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt("chunk"))));
+        assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt(_))));
         // Bob's untouched document still opens.
         assert!(store.load(&BOB, &OTHER_DOC).expect("load").is_some());
     }
@@ -552,8 +860,14 @@ mod tests {
             Keyring::from_master(&MasterSecret::read(&path).expect("reads")),
         )
         .expect("opens with the new generation");
-        assert_eq!(store.doc_meta(&ALICE, &DOC).expect("meta").as_deref(), Some(&b"alice"[..]));
-        assert_eq!(store.doc_meta(&BOB, &DOC).expect("meta").as_deref(), Some(&b"bob"[..]));
+        assert_eq!(
+            store.doc_meta(&ALICE, &DOC).expect("meta").map(|(_, m)| m).as_deref(),
+            Some(&b"alice"[..])
+        );
+        assert_eq!(
+            store.doc_meta(&BOB, &DOC).expect("meta").map(|(_, m)| m).as_deref(),
+            Some(&b"bob"[..])
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -594,10 +908,136 @@ mod tests {
             });
         }
         let read = others.recv_timeout(deadline).expect("other customers waited on alice's key");
-        assert_eq!(read.expect("bob and carol are served").as_deref(), Some(&b"bob"[..]));
+        assert_eq!(
+            read.expect("bob and carol are served").map(|(_, m)| m).as_deref(),
+            Some(&b"bob"[..])
+        );
 
         let_alice_go.send(()).expect("alice is waiting");
         alice.join().expect("no panic").expect("alice's write lands once her key is made");
-        assert_eq!(store.doc_meta(&ALICE, &DOC).expect("meta").as_deref(), Some(&b"alice"[..]));
+        assert_eq!(
+            store.doc_meta(&ALICE, &DOC).expect("meta").map(|(_, m)| m).as_deref(),
+            Some(&b"alice"[..])
+        );
+    }
+
+    #[test]
+    fn an_older_copy_of_a_documents_metadata_spliced_over_the_newer_does_not_open() {
+        let backend = MemoryStore::new();
+        let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+        store.write_doc(&ALICE, &DOC, b"shared", None).expect("write");
+        let (_, old) = backend.doc_meta(&ALICE, &DOC).expect("meta").expect("exists");
+        store.write_doc(&ALICE, &DOC, b"private", None).expect("the newer metadata");
+        // The old sealed bytes put back in place, as an attacker with the files could.
+        backend.write_doc_off_feed(&ALICE, &DOC, &old, None).expect("raw splice");
+        assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt("metadata"))));
+        assert!(matches!(store.doc_meta(&ALICE, &DOC), Err(StoreError::Corrupt("metadata"))));
+        assert!(matches!(store.list_docs(&ALICE), Err(StoreError::Corrupt("metadata"))));
+    }
+
+    #[test]
+    fn a_missing_chunk_is_found_at_load() {
+        let store = EncryptedStore::open(MemoryStore::new(), keyring(1)).expect("opens");
+        for index in [0, 1, 2] {
+            let chunk = Chunk { index, bytes: b"change" };
+            store.write_doc(&ALICE, &DOC, b"m", Some(chunk)).expect("write");
+        }
+        assert_eq!(store.load(&ALICE, &DOC).expect("loads").expect("exists").chunks.len(), 3);
+        // Chunks 0 and 2 without 1 between them: a change is missing.
+        for index in [0, 2] {
+            let chunk = Chunk { index, bytes: b"change" };
+            store.write_doc(&ALICE, &OTHER_DOC, b"m", Some(chunk)).expect("write");
+        }
+        let err = store.load(&ALICE, &OTHER_DOC).expect_err("a gap");
+        assert!(matches!(err, StoreError::Corrupt(what) if what.contains("missing")), "{err:?}");
+    }
+
+    #[test]
+    fn a_store_in_another_format_is_refused() {
+        let backend = MemoryStore::new();
+        // A store written before formats were recorded: a key check and nothing else.
+        backend
+            .put_key_if_absent(&SYSTEM, &keyring(1).wrap(SYSTEM.as_bytes(), &DataKey::generate()))
+            .expect("key check");
+        let refused = EncryptedStore::open(backend, keyring(1)).expect_err("refused");
+        assert!(matches!(refused, StoreError::Format { found: 1, expected: FORMAT }), "{refused}");
+    }
+
+    fn witnessed(
+        backend: &MemoryStore,
+        witness: &crate::witness::MemoryWitness,
+    ) -> Result<EncryptedStore<MemoryStore>> {
+        EncryptedStore::open_witnessed(backend.clone(), keyring(1), Arc::new(witness.clone()))
+    }
+
+    #[test]
+    fn a_store_that_lost_acknowledged_flushes_is_refused_until_the_operator_starts_an_epoch() {
+        let witness = crate::witness::MemoryWitness::new();
+        let backend = MemoryStore::new();
+        let store = witnessed(&backend, &witness).expect("a new store opens");
+        store.write_doc(&ALICE, &DOC, b"first", None).expect("write");
+        store.flush().expect("flush 1");
+        let backup = backend.copy();
+        store.write_doc(&ALICE, &DOC, b"second", None).expect("write");
+        store.flush().expect("flush 2");
+        store.flush().expect("nothing written: not counted");
+        let epoch = store.epoch();
+        drop(store);
+
+        assert!(witnessed(&backend, &witness).is_ok(), "the store as it was opens");
+        let refused = witnessed(&backup, &witness).expect_err("the backup is behind");
+        assert!(
+            matches!(
+                refused,
+                StoreError::Integrity(IntegrityError::RolledBack { acknowledged: 2, found: 1 })
+            ),
+            "{refused}"
+        );
+        let wiped = witnessed(&MemoryStore::new(), &witness).expect_err("an empty store");
+        assert!(matches!(wiped, StoreError::Integrity(IntegrityError::Wiped { acknowledged: 2 })));
+        let unwitnessed = witnessed(&backend, &crate::witness::MemoryWitness::new());
+        assert!(matches!(unwitnessed, Err(StoreError::Integrity(IntegrityError::AnchorMissing))));
+
+        // The operator accepts the backup: a new epoch, and the store opens from then on.
+        let restored =
+            EncryptedStore::begin_epoch(backup.clone(), keyring(1), Arc::new(witness.clone()))
+                .expect("accepted");
+        assert_ne!(restored.epoch(), epoch);
+        let meta = restored.doc_meta(&ALICE, &DOC).expect("meta").map(|(_, m)| m);
+        assert_eq!(meta.as_deref(), Some(&b"first"[..]));
+        drop(restored);
+        assert!(witnessed(&backup, &witness).is_ok());
+        // The store from before the restore is an earlier epoch's now.
+        let old = witnessed(&backend, &witness).expect_err("an earlier epoch");
+        assert!(matches!(old, StoreError::Integrity(IntegrityError::OldEpoch)), "{old}");
+    }
+
+    #[test]
+    fn an_erasure_survives_the_restore_of_a_backup_taken_before_it() {
+        let witness = crate::witness::MemoryWitness::new();
+        let backend = MemoryStore::new();
+        let store = witnessed(&backend, &witness).expect("opens");
+        store
+            .write_doc(&ALICE, &DOC, b"alice's", Some(Chunk { index: 0, bytes: b"x" }))
+            .expect("w");
+        store.write_doc(&BOB, &DOC, b"bob's", None).expect("write");
+        store.flush().expect("flush");
+        let backup = backend.copy();
+        store.erase_customer(&ALICE).expect("erase");
+        drop(store);
+
+        let restored =
+            EncryptedStore::begin_epoch(backup.clone(), keyring(1), Arc::new(witness.clone()))
+                .expect("the backup is accepted");
+        assert!(restored.erased_at(&ALICE).expect("tombstone").is_some());
+        assert_eq!(backup.get_key(&ALICE).expect("key"), None, "her key is destroyed again");
+        assert!(backup.load(&ALICE, &DOC).expect("load").is_none(), "and her records removed");
+        assert!(matches!(restored.load(&ALICE, &DOC), Ok(None) | Err(StoreError::Erased)));
+        assert!(restored.load(&BOB, &DOC).expect("bob").is_some());
+        assert_eq!(
+            restored.ledger().expect("ledger").len(),
+            1,
+            "the erasure is in the ledger once"
+        );
     }
 }

@@ -2,7 +2,7 @@
 
 use cubby_core::{CustomerId, DocId, Seq};
 
-use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store};
+use crate::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space, Store};
 
 /// A call a [`Hooked`] store is about to pass to its backend.
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,13 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
     fn erase_customer(&self, c: &CustomerId) -> Result<()> {
         self.inner.erase_customer(c)
     }
-    fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        m: &dyn MetaAt,
+        ch: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
         (self.hook)(Call::WriteDoc { chunk: ch.is_some() });
         self.inner.write_doc(c, d, m, ch)
     }
@@ -64,7 +70,7 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
         &self,
         c: &CustomerId,
         d: &DocId,
-        m: &[u8],
+        m: &dyn MetaAt,
         ch: Option<Chunk<'_>>,
     ) -> Result<()> {
         (self.hook)(Call::WriteDoc { chunk: ch.is_some() });
@@ -74,7 +80,7 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
         (self.hook)(Call::Load);
         self.inner.load(c, d)
     }
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         self.inner.doc_meta(c, d)
     }
     fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
@@ -83,8 +89,11 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
         self.inner.delete_doc(c, d)
     }
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         self.inner.list_docs(c)
+    }
+    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
+        self.inner.feed_head(c)
     }
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         self.inner.feed_since(c, cursor)

@@ -28,8 +28,9 @@ mod encrypted;
 pub mod hooked;
 mod locks;
 mod memory;
+pub mod witness;
 
-pub use encrypted::EncryptedStore;
+pub use encrypted::{EncryptedStore, FORMAT};
 pub use locks::CustomerLocks;
 pub use memory::MemoryStore;
 
@@ -57,10 +58,94 @@ pub enum StoreError {
     /// The customer's store was erased; nothing can be read or written for them again.
     #[error("this customer's store was erased")]
     Erased,
+    /// The store was written in another format than this code reads.
+    #[error(
+        "the store is in format {found}, and this Cubby reads format {expected}: it was written \
+         by another version"
+    )]
+    Format {
+        /// The store's format (1: written before formats were recorded).
+        found: u32,
+        /// The format this code reads.
+        expected: u32,
+    },
+    /// The store does not hold everything this server acknowledged (see [`witness`]).
+    #[error("the store cannot be vouched for: {0}")]
+    Integrity(IntegrityError),
+}
+
+/// Why a witnessed store was refused at open: it is not, or no longer holds, what the server
+/// acknowledged. The operator decides: put back the right files, or accept the store as it is
+/// and start a new epoch (`EncryptedStore::begin_epoch`), after which devices offer again what
+/// they hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IntegrityError {
+    /// It holds fewer flushes than the anchor says were made durable: restored from an older
+    /// copy, rolled back, or cut short by damage.
+    #[error(
+        "it holds {found} flushes, but this server acknowledged {acknowledged}: it was restored \
+         from an older copy, rolled back, or damaged"
+    )]
+    RolledBack {
+        /// Flushes the anchor says were made durable.
+        acknowledged: u64,
+        /// Flushes the store holds.
+        found: u64,
+    },
+    /// The store is new, but the anchor is another's that had acknowledged writes.
+    #[error(
+        "it is empty, but this server had acknowledged {acknowledged} flushes of another store: \
+         the store was wiped or lost"
+    )]
+    Wiped {
+        /// Flushes the anchor says were made durable.
+        acknowledged: u64,
+    },
+    /// The anchor names another store.
+    #[error("it is not the store this server last used: it was replaced")]
+    Replaced,
+    /// The store is from before the last accepted restore.
+    #[error("it is a copy from before the last accepted restore (an earlier epoch)")]
+    OldEpoch,
+    /// The store has data but no anchor.
+    #[error("its anchor is missing, so nothing says what it should hold")]
+    AnchorMissing,
 }
 
 /// Shorthand for storage results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A document's metadata as a write hands it to a backend: the bytes to store, given the feed
+/// position the write leaves the document at (0 for a document that has none, such as a
+/// device's). The encryption decorator seals the metadata for that position, which only the
+/// backend knows while it writes, so that an older copy of the record spliced over a newer one
+/// does not open; plain bytes are the same for every position.
+pub trait MetaAt: Send + Sync {
+    /// The bytes to store for position `seq`.
+    fn at(&self, seq: Seq) -> Vec<u8>;
+}
+
+impl MetaAt for Vec<u8> {
+    fn at(&self, _: Seq) -> Vec<u8> {
+        self.clone()
+    }
+}
+
+impl<const N: usize> MetaAt for [u8; N] {
+    fn at(&self, _: Seq) -> Vec<u8> {
+        self.to_vec()
+    }
+}
+
+/// Metadata made by a function of the position (see [`MetaAt`]).
+pub struct MetaFn<F>(pub F);
+
+impl<F: Fn(Seq) -> Vec<u8> + Send + Sync> MetaAt for MetaFn<F> {
+    fn at(&self, seq: Seq) -> Vec<u8> {
+        (self.0)(seq)
+    }
+}
 
 /// One change chunk: the `index`-th write to a document since it was created.
 #[derive(Clone, Copy, Debug)]
@@ -89,7 +174,8 @@ pub struct DocRecords {
     pub snapshot: Option<Snapshot>,
     /// Chunks written after the snapshot, by increasing index.
     pub chunks: Vec<(u64, Vec<u8>)>,
-    /// The document's current position in the change feed.
+    /// The document's current position in the change feed, the one its metadata was written
+    /// for (0 for a document that has none).
     pub seq: Seq,
 }
 
@@ -130,6 +216,9 @@ impl Space {
     pub const PROFILE: Space = Space(7);
     /// Access tokens refused before their expiry (used by a revoked device), keyed by SHA-256.
     pub const DENIED_TOKENS: Space = Space(8);
+    /// What the integrity checks keep: under [`SYSTEM`], the store's identity, epoch, format
+    /// and flush count; under a customer, the customer's epoch once their store needed one.
+    pub const INTEGRITY: Space = Space(9);
 }
 
 /// The customer id under which a store keeps its own records (such as the key check).
@@ -175,7 +264,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         customer: &CustomerId,
         doc: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq>;
 
@@ -184,12 +273,12 @@ pub trait Store: Send + Sync + 'static {
     /// (a device's): in the sled backend, moving the document in the feed is most of a small
     /// write's cost. Not atomic: a crash before [`Store::flush`] may keep the metadata without
     /// the chunk, never the chunk without the metadata. A backend without a cheaper way keeps
-    /// this default, a `write_doc`.
+    /// this default, a `write_doc`. The metadata is stored for the document's current position.
     fn write_doc_off_feed(
         &self,
         customer: &CustomerId,
         doc: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
         self.write_doc(customer, doc, meta, chunk).map(drop)
@@ -198,8 +287,9 @@ pub trait Store: Send + Sync + 'static {
     /// Everything stored for a document, or `None` if it does not exist (or was deleted).
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>>;
 
-    /// A document's metadata alone, or `None` if it does not exist.
-    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<Vec<u8>>>;
+    /// A document's metadata alone, with the position it was written for, or `None` if the
+    /// document does not exist.
+    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<(Seq, Vec<u8>)>>;
 
     /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`: loads
     /// never return them again. A backend may remove them from disk later (the sled backend
@@ -210,12 +300,16 @@ pub trait Store: Send + Sync + 'static {
     /// learn of the deletion.
     fn delete_doc(&self, customer: &CustomerId, doc: &DocId) -> Result<Seq>;
 
-    /// Every live document with its metadata.
-    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>>;
+    /// Every live document with its metadata and the position it was written for, by id.
+    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>>;
 
     /// Documents whose feed position is after `cursor`, by increasing position. Each document
     /// appears once, at its latest position.
     fn feed_since(&self, customer: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>>;
+
+    /// The customer's last feed position taken (0 before any): no device can have seen a later
+    /// one, so one that says it has shows this store is behind what it once acknowledged.
+    fn feed_head(&self, customer: &CustomerId) -> Result<Seq>;
 
     /// Writes a keyed record.
     fn put_record(
@@ -263,14 +357,20 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn erase_customer(&self, c: &CustomerId) -> Result<()> {
         (**self).erase_customer(c)
     }
-    fn write_doc(&self, c: &CustomerId, d: &DocId, m: &[u8], ch: Option<Chunk<'_>>) -> Result<Seq> {
+    fn write_doc(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        m: &dyn MetaAt,
+        ch: Option<Chunk<'_>>,
+    ) -> Result<Seq> {
         (**self).write_doc(c, d, m, ch)
     }
     fn write_doc_off_feed(
         &self,
         c: &CustomerId,
         d: &DocId,
-        m: &[u8],
+        m: &dyn MetaAt,
         ch: Option<Chunk<'_>>,
     ) -> Result<()> {
         (**self).write_doc_off_feed(c, d, m, ch)
@@ -278,7 +378,7 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         (**self).load(c, d)
     }
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<Vec<u8>>> {
+    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         (**self).doc_meta(c, d)
     }
     fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
@@ -287,11 +387,14 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
         (**self).delete_doc(c, d)
     }
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         (**self).list_docs(c)
     }
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         (**self).feed_since(c, cursor)
+    }
+    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
+        (**self).feed_head(c)
     }
     fn put_record(&self, c: &CustomerId, s: Space, k: &[u8], v: &[u8]) -> Result<()> {
         (**self).put_record(c, s, k, v)

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cubby_core::{CustomerId, DocId, Seq};
 
-use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store};
+use crate::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space, Store};
 
 /// A store in memory. Clones share the same data, so a clone is a "reopen".
 #[derive(Clone, Debug, Default)]
@@ -13,7 +13,7 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Inner {
     keys: HashMap<CustomerId, Vec<u8>>,
     docs: HashMap<(CustomerId, DocId), MemDoc>,
@@ -21,14 +21,16 @@ struct Inner {
     records: BTreeMap<(CustomerId, Space, Vec<u8>), Vec<u8>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct MemDoc {
     meta: Vec<u8>,
+    /// The position `meta` was written for.
+    seq: Seq,
     snapshot: Option<Snapshot>,
     chunks: BTreeMap<u64, Vec<u8>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Feed {
     last: u64,
     by_seq: BTreeMap<u64, DocId>,
@@ -36,9 +38,17 @@ struct Feed {
 }
 
 impl Inner {
-    fn put_doc(&mut self, c: &CustomerId, d: &DocId, meta: &[u8], chunk: Option<Chunk<'_>>) {
+    fn put_doc(
+        &mut self,
+        c: &CustomerId,
+        d: &DocId,
+        seq: Seq,
+        meta: &dyn MetaAt,
+        chunk: Option<Chunk<'_>>,
+    ) {
         let entry = self.docs.entry((*c, *d)).or_default();
-        entry.meta = meta.to_vec();
+        entry.meta = meta.at(seq);
+        entry.seq = seq;
         if let Some(chunk) = chunk {
             entry.chunks.insert(chunk.index, chunk.bytes.to_vec());
         }
@@ -60,6 +70,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A copy of everything stored now that shares no later write: a backup, for tests of what
+    /// restoring one does.
+    pub fn copy(&self) -> Self {
+        Self { inner: Arc::new(Mutex::new(self.lock().clone())) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -111,38 +127,40 @@ impl Store for MemoryStore {
         &self,
         customer: &CustomerId,
         doc: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
         let mut inner = self.lock();
-        inner.put_doc(customer, doc, meta, chunk);
-        Ok(inner.feed.entry(*customer).or_default().bump(*doc))
+        let seq = inner.feed.entry(*customer).or_default().bump(*doc);
+        inner.put_doc(customer, doc, seq, meta, chunk);
+        Ok(seq)
     }
 
     fn write_doc_off_feed(
         &self,
         customer: &CustomerId,
         doc: &DocId,
-        meta: &[u8],
+        meta: &dyn MetaAt,
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
-        self.lock().put_doc(customer, doc, meta, chunk);
+        let mut inner = self.lock();
+        let seq = inner.feed.get(customer).and_then(|f| f.by_doc.get(doc)).copied().unwrap_or(0);
+        inner.put_doc(customer, doc, Seq(seq), meta, chunk);
         Ok(())
     }
 
     fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>> {
         let inner = self.lock();
-        let seq = inner.feed.get(customer).and_then(|f| f.by_doc.get(doc)).copied().unwrap_or(0);
         Ok(inner.docs.get(&(*customer, *doc)).map(|d| DocRecords {
             meta: d.meta.clone(),
             snapshot: d.snapshot.clone(),
             chunks: d.chunks.iter().map(|(i, b)| (*i, b.clone())).collect(),
-            seq: Seq(seq),
+            seq: d.seq,
         }))
     }
 
-    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<Vec<u8>>> {
-        Ok(self.lock().docs.get(&(*customer, *doc)).map(|d| d.meta.clone()))
+    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
+        Ok(self.lock().docs.get(&(*customer, *doc)).map(|d| (d.seq, d.meta.clone())))
     }
 
     fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -160,15 +178,15 @@ impl Store for MemoryStore {
         Ok(inner.feed.entry(*customer).or_default().bump(*doc))
     }
 
-    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Vec<u8>)>> {
+    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         let inner = self.lock();
         let mut docs: Vec<_> = inner
             .docs
             .iter()
             .filter(|((c, _), _)| c == customer)
-            .map(|((_, d), doc)| (*d, doc.meta.clone()))
+            .map(|((_, d), doc)| (*d, doc.seq, doc.meta.clone()))
             .collect();
-        docs.sort_by_key(|(d, _)| *d);
+        docs.sort_by_key(|(d, ..)| *d);
         Ok(docs)
     }
 
@@ -177,6 +195,10 @@ impl Store for MemoryStore {
         Ok(inner.feed.get(customer).map_or_else(Vec::new, |feed| {
             feed.by_seq.range(cursor.0 + 1..).map(|(s, d)| (Seq(*s), *d)).collect()
         }))
+    }
+
+    fn feed_head(&self, customer: &CustomerId) -> Result<Seq> {
+        Ok(Seq(self.lock().feed.get(customer).map_or(0, |f| f.last)))
     }
 
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
