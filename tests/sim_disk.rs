@@ -113,6 +113,28 @@ impl SimDisk {
         self.lock().lost
     }
 
+    /// The disk rolled back to an earlier durable state (a backup restored, a snapshot of the
+    /// volume put back): a random later part of what was durable is gone, and what was not.
+    /// Returns how many writes were lost.
+    pub fn roll_back(&self, rng: &mut crate::Rng) -> usize {
+        let mut state = self.lock();
+        let keep = rng.below(state.durable.len() + 1);
+        let lost = state.durable.split_off(keep).len() + std::mem::take(&mut state.pending).len();
+        state.lost += lost;
+        state.live = replay(&state.durable);
+        lost
+    }
+
+    /// The disk wiped: nothing is left. Returns how many writes were lost.
+    pub fn wipe(&self) -> usize {
+        let mut state = self.lock();
+        let lost =
+            std::mem::take(&mut state.durable).len() + std::mem::take(&mut state.pending).len();
+        state.lost += lost;
+        state.live = MemoryStore::new();
+        lost
+    }
+
     /// A copy of what is durable now, as a store of its own.
     pub fn durable(&self) -> MemoryStore {
         replay(&self.lock().durable)

@@ -64,11 +64,12 @@ pub enum StartError {
     /// The store holds less than the server acknowledged, or is another store: the operator
     /// decides what to do.
     #[error(
-        "refusing to start: the store in {path} cannot be vouched for: {reason}. Nothing was \
-         changed. Either put the store's files back as they were, or accept the store as it is \
-         (a backup restored on purpose, or damage you accept) with `cubby-server restore` and \
-         the same --data or --config: the server then starts a new epoch, and every device \
-         offers back what it holds"
+        "refusing to start: the store in {path} cannot be vouched for: {reason}. Cubby wrote \
+         nothing (though sled, opening the store, may have cut its log where it is damaged). \
+         Either put the store's files back as they were, or accept the store as it is (a backup \
+         restored on purpose, or damage you accept) with `cubby-server restore` and the same \
+         --data or --config: the server then starts a new epoch, and every device offers back \
+         what it holds"
     )]
     Integrity {
         /// The database directory.

@@ -159,7 +159,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             println!(
-                "accepted the store in {} ({} flushes, {} customers) and started a new epoch: \
+                "accepted the store in {} ({} flushes, customers: {}) and started a new epoch: \
                  devices that connect now offer back everything they hold; erasures and \
                  revocations recorded since stay in force. Start the server as usual.",
                 restored.store.display(),

@@ -146,6 +146,11 @@ struct World {
     witness: cubby_store::witness::MemoryWitness,
     /// A clean restart of the server was asked for.
     restart: tokio::sync::Notify,
+    /// The server's disk was rolled back or wiped since faults began: acknowledged edits may
+    /// be on devices only until they offer them back, so crash checks wait for the end.
+    rolled_back: AtomicBool,
+    /// Times the server refused its store at start and the operator accepted it (a new epoch).
+    restores: std::sync::atomic::AtomicUsize,
     devices: Vec<DeviceSlot>,
     customers: Vec<CustomerId>,
     journal: Mutex<Journal>,
@@ -232,6 +237,8 @@ impl World {
             server_disk: SimDisk::default(),
             witness: cubby_store::witness::MemoryWitness::new(),
             restart: tokio::sync::Notify::new(),
+            rolled_back: AtomicBool::new(false),
+            restores: std::sync::atomic::AtomicUsize::new(0),
             devices,
             customers: ids,
             journal: Mutex::new(Journal::default()),
@@ -339,7 +346,8 @@ fn same_heads(a: &Report, b: &Report) -> bool {
 }
 
 /// The server's host: a real `cubby-server` on the simulated network and disk, restarted
-/// cleanly whenever the driver asks.
+/// cleanly whenever the driver asks. When it refuses its store (rolled back or wiped), the host
+/// does what the operator would, `cubby-server restore`, and starts it again.
 async fn server(world: Arc<World>) -> turmoil::Result {
     loop {
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
@@ -351,7 +359,20 @@ async fn server(world: Arc<World>) -> turmoil::Result {
             clock: auth::Clock::Simulated(sim_clock),
             witness: Arc::new(world.witness.clone()),
         };
-        let running = cubby_server::start_on(world.config.clone(), platform).await?;
+        let running = match cubby_server::start_on(world.config.clone(), platform).await {
+            Ok(running) => running,
+            Err(cubby_server::StartError::Integrity { .. }) => {
+                let master = MasterSecret::read(&cubby_server::master_key_path(&world.config))?;
+                EncryptedStore::begin_epoch(
+                    world.server_disk.clone(),
+                    Keyring::from_master(&master),
+                    Arc::new(world.witness.clone()),
+                )?;
+                world.restores.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
         world.restart.notified().await;
         running.shutdown().await;
     }
@@ -483,6 +504,9 @@ struct Outcome {
     partitions: usize,
     delays: usize,
     server_crashes: usize,
+    rollbacks: usize,
+    wipes: usize,
+    restores: usize,
     server_restarts: usize,
     device_crashes: usize,
     edits: usize,
@@ -494,11 +518,14 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} edits; faults: {} partitions, {} delays, {} server crashes, {} clean server restarts, {} device crashes; {} acknowledged edits found on disk after crashes; {} unflushed writes lost",
+            "{} edits; faults: {} partitions, {} delays, {} server crashes, {} server disks rolled back and {} wiped (each accepted with a new epoch: {} restores), {} clean server restarts, {} device crashes; {} acknowledged edits found on disk after crashes; {} writes lost",
             self.edits,
             self.partitions,
             self.delays,
             self.server_crashes,
+            self.rollbacks,
+            self.wipes,
+            self.restores,
             self.server_restarts,
             self.device_crashes,
             self.acked_checks,
@@ -520,6 +547,9 @@ impl Totals {
         t.partitions += o.partitions;
         t.delays += o.delays;
         t.server_crashes += o.server_crashes;
+        t.rollbacks += o.rollbacks;
+        t.wipes += o.wipes;
+        t.restores += o.restores;
         t.server_restarts += o.server_restarts;
         t.device_crashes += o.device_crashes;
         t.edits += o.edits;
@@ -597,7 +627,7 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
         next_fault = now + rng.millis(300, 3000);
         let device = world.devices[rng.below(world.devices.len())].name.clone();
         let kind = match plan {
-            Plan::All => rng.below(10),
+            Plan::All => rng.below(11),
             Plan::Partitions => 0,
         };
         match kind {
@@ -618,7 +648,9 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
             5 | 6 if !down.contains("server") => {
                 sim.crash("server");
                 outcome.writes_lost += world.server_disk.crash_partly(&mut rng);
-                outcome.acked_checks += world.check_durable("after a server crash")?;
+                if !world.rolled_back.load(Ordering::Relaxed) {
+                    outcome.acked_checks += world.check_durable("after a server crash")?;
+                }
                 down.insert("server".into());
                 undo.push((now + rng.millis(200, 5_000), Undo::Bounce("server".into())));
                 outcome.server_crashes += 1;
@@ -626,6 +658,22 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
             7 if !down.contains("server") => {
                 world.restart.notify_one();
                 outcome.server_restarts += 1;
+            }
+            // The server's disk goes back to an earlier state (a backup restored, a volume
+            // snapshot put back), or is lost whole. The server refuses it at start; the
+            // operator accepts it (a new epoch) and the devices offer back what they hold.
+            10 if !down.contains("server") && (outcome.rollbacks + outcome.wipes) < 2 => {
+                sim.crash("server");
+                if rng.below(3) == 0 {
+                    outcome.writes_lost += world.server_disk.wipe();
+                    outcome.wipes += 1;
+                } else {
+                    outcome.writes_lost += world.server_disk.roll_back(&mut rng);
+                    outcome.rollbacks += 1;
+                }
+                world.rolled_back.store(true, Ordering::Relaxed);
+                down.insert("server".into());
+                undo.push((now + rng.millis(200, 5_000), Undo::Bounce("server".into())));
             }
             // A device crashes (its unflushed local writes are gone) and comes back later.
             8 | 9 if !down.contains(&device) => {
@@ -667,6 +715,7 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
     outcome.edits = journal.edits.len();
     drop(journal);
     outcome.acked_checks += world.check_durable("after the final crash")?;
+    outcome.restores = world.restores.load(Ordering::Relaxed);
     outcome.simulated = sim.elapsed();
     Ok(outcome)
 }

@@ -123,7 +123,7 @@ async fn a_refused_document_is_offered_again_on_the_same_connection() {
     let _ = stop.send(());
     let seen = recorder.await.expect("recorder");
     let refused = seen.iter().position(|s| {
-        matches!(s, SyncStatus::Refused { failure }
+        matches!(s, SyncStatus::Refused { failure, .. }
         if refused_for(failure, "too many writes"))
     });
     let refused = refused.unwrap_or_else(|| panic!("the server refused some writes: {seen:?}"));
@@ -307,4 +307,38 @@ async fn unfinished_parts_are_bounded_per_stream_connection_and_customer() {
     let frames = (0..2).map(|_| part([7; 16], MIB - 64)).collect();
     let refused = sends_until_refused(&mut second, frames).await.expect("over the connection's");
     assert!(refused.message().contains("this connection"), "{refused:?}");
+}
+
+/// Issue 24, row 10: a document refused for a limit (here too large) pauses that document only:
+/// the status names it, and the device's other documents keep reaching the server and its other
+/// devices on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_refused_for_a_limit_pauses_alone_and_the_status_names_it() {
+    let server = TestServer::start_with(|c| c.limits.max_document_bytes = 16 * 1024).await;
+    let phone = server.device("carol").await;
+    let laptop = server.device("carol").await;
+    let big = phone.client.create("big").await.expect("create");
+    let small = phone.client.create("small").await.expect("create");
+    phone.client.wait_until_synced().await.expect("both exist on the server");
+    big.put("a", json!("x".repeat(20 * 1024))).await.expect("saved locally");
+    let mut status = phone.client.status();
+    let refused = tokio::time::timeout(
+        cubby_tests::DEADLINE,
+        status.wait_for(|s| matches!(s, SyncStatus::Refused { .. })),
+    )
+    .await
+    .expect("refused in time")
+    .expect("status")
+    .clone();
+    let SyncStatus::Refused { documents, .. } = refused else { unreachable!() };
+    assert_eq!(documents, vec![big.id()], "only the large document is paused");
+    for n in 0..5 {
+        small.put("n", json!(n)).await.expect("put");
+    }
+    cubby_tests::eventually("the other document keeps syncing", || async {
+        let Ok(doc) = laptop.client.open(small.id()).await else { return false };
+        doc.to_json().get("n") == Some(&json!(4))
+    })
+    .await;
+    assert!(phone.client.unsynced().await.expect("unsynced").contains(&big.id()), "kept");
 }

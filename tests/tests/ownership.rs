@@ -850,3 +850,75 @@ async fn row_26_key_rotation_under_live_sync_fails_no_request() {
             .expect("reads with only the new key");
     }
 }
+
+/// Issue 24, row 11: a device's data directory belongs to one account. Another customer's token
+/// on it (a family computer, a second sign-in) is refused with a clear error before anything of
+/// the first customer's is shown, and registers no device under the second. When the client
+/// cannot tell at start (no token yet, or one that is not a JWT), the server's challenge names
+/// the account: the client then stops, shows nothing more, and syncs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_accounts_token_on_a_device_directory_is_refused_and_shows_nothing() {
+    let server = TestServer::start().await;
+    let alice = server.device("alice").await;
+    alice
+        .client
+        .create("alice's diary")
+        .await
+        .expect("create")
+        .put("k", json!(1))
+        .await
+        .expect("put");
+    alice.client.wait_until_synced().await.expect("synced");
+    let dir = alice.close().await;
+
+    let refused = server
+        .client_builder(cubby_client::StaticToken::new(server.token("bob")))
+        .with_data_dir(dir.path())
+        .build()
+        .await
+        .expect_err("bob's token on alice's device");
+    assert!(matches!(refused, cubby_client::ClientError::WrongAccount), "{refused}");
+    assert!(refused.to_string().contains("another account"), "{refused}");
+
+    // No token at start (offline): the server's challenge names the account.
+    let opaque = LateBob { token: server.token("bob"), asked: Default::default() };
+    let client = server
+        .client_builder(opaque)
+        .with_data_dir(dir.path())
+        .build()
+        .await
+        .expect("the client cannot tell yet");
+    let failure = client.wait_until_synced().await.expect_err("refused at the challenge");
+    assert_eq!(failure, cubby_client::SyncFailure::WrongAccount);
+    assert!(matches!(client.list().await, Err(cubby_client::ClientError::WrongAccount)));
+    let mut account = account(&server).await;
+    let devices = account
+        .list_devices(authed(pb::ListDevicesRequest {}, &server.token("bob")))
+        .await
+        .expect("bob's devices");
+    assert!(devices.into_inner().devices.is_empty(), "no device registered under bob");
+    client.shutdown().await;
+
+    // Alice's token still opens it.
+    let alice = Device::open(&server, "alice", dir, true).await;
+    assert_eq!(alice.client.list().await.expect("alice's own").len(), 1);
+}
+
+/// Bob's token, but none the first time it is asked for (the app was offline).
+struct LateBob {
+    token: String,
+    asked: std::sync::atomic::AtomicBool,
+}
+
+impl cubby_client::TokenProvider for LateBob {
+    fn token(&self, _refresh: bool) -> cubby_client::TokenFuture {
+        let first = !self.asked.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let token = self.token.clone();
+        Box::pin(async move {
+            if first {
+                return Err(cubby_client::TokenError("offline".into()));
+            }
+            Ok(token)
+        })
+    }
+}

@@ -937,3 +937,84 @@ async fn a_reconnecting_device_is_sent_what_changed_without_asking() {
     assert!(announced_pushed, "the announcement says the change follows");
     assert_eq!(doc.get_heads(), heads, "the change arrived unasked, before CaughtUp");
 }
+
+/// Deletes alice's document `id` through the account API.
+async fn delete_on_the_server(server: &TestServer, id: cubby_client::DocId) {
+    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+    let request = cubby_proto::pb::DeleteDocumentRequest { doc_id: id.as_bytes().to_vec() };
+    account
+        .delete_document(cubby_tests::authed(request, &server.token("alice")))
+        .await
+        .expect("deleted");
+}
+
+/// Issue 24, row 10: a handle the app still holds to a document the server deleted refuses
+/// changes (written back, they made the document again), and the app is told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_handle_to_a_document_deleted_on_the_server_refuses_changes() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let doc = phone.client.create("held").await.expect("create");
+    doc.put("x", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    let mut events = doc.subscribe();
+    delete_on_the_server(&server, doc.id()).await;
+    eventually("the phone drops the deleted document", || async {
+        phone.client.list().await.expect("list").is_empty()
+    })
+    .await;
+    let told = tokio::time::timeout(cubby_tests::DEADLINE, async {
+        loop {
+            if let Ok(cubby_client::DocEvent::Deleted { discarded }) = events.recv().await {
+                return discarded;
+            }
+        }
+    })
+    .await
+    .expect("the handle's subscriber is told");
+    assert!(!told, "nothing was discarded: every change had reached the server");
+    let refused = doc.put("y", json!(2)).await.expect_err("a deleted document takes no change");
+    assert!(matches!(refused, cubby_client::ClientError::Deleted(id) if id == doc.id()));
+    phone.client.wait_until_synced().await.expect("synced");
+    assert!(phone.client.list().await.expect("list").is_empty(), "it did not come back");
+    let err = server.document_json(&server.token("alice"), doc.id().as_bytes()).await;
+    assert_eq!(err.expect_err("still deleted").code(), tonic::Code::NotFound);
+}
+
+/// Issue 24, row 10: an edit made offline to a document another device deleted meanwhile
+/// loses to the deletion, and is reported (the event, and `take_discarded`), never dropped
+/// silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_edit_to_a_document_deleted_elsewhere_is_reported_not_dropped() {
+    let server = TestServer::start().await;
+    let laptop = server.device("alice").await;
+    let doc = laptop.client.create("shared list").await.expect("create");
+    doc.put("first", json!(1)).await.expect("put");
+    laptop.client.wait_until_synced().await.expect("synced");
+    let id = doc.id();
+    drop(doc);
+    let dir = laptop.close().await;
+
+    // Offline, the laptop edits it; meanwhile it is deleted on the server.
+    let laptop = cubby_tests::Device::open(&server, "alice", dir, false).await;
+    laptop.client.open(id).await.expect("held").put("offline", json!(2)).await.expect("saved");
+    delete_on_the_server(&server, id).await;
+    let mut events = laptop.client.events();
+    laptop.client.start_sync();
+    laptop.client.wait_until_synced().await.expect("synced");
+    let told = tokio::time::timeout(cubby_tests::DEADLINE, async {
+        loop {
+            if let Ok((doc, cubby_client::DocEvent::Deleted { discarded })) = events.recv().await {
+                return (doc, discarded);
+            }
+        }
+    })
+    .await
+    .expect("the app is told");
+    assert_eq!(told, (id, true), "its unsynced change was discarded, and it says so");
+    let discarded = laptop.client.take_discarded().await.expect("listed");
+    assert_eq!(discarded.len(), 1);
+    assert_eq!((discarded[0].id, discarded[0].title.as_str()), (id, "shared list"));
+    assert!(laptop.client.take_discarded().await.expect("taken").is_empty(), "told once");
+    assert!(laptop.client.list().await.expect("list").is_empty());
+}

@@ -268,8 +268,23 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             if cli.server.is_none() {
                 bail!("no server configured: set --server or CUBBY_SERVER");
             }
-            sync(cli, client).await.map_err(|f| anyhow!("sync failed: {f}"))?;
+            let synced = sync(cli, client).await;
+            // Offline edits that lost to a deletion elsewhere: said, never dropped silently.
+            let discarded = client.take_discarded().await?;
+            for lost in &discarded {
+                eprintln!(
+                    "cubby: document {} ({:?}) was deleted elsewhere; this device's unsynced changes to it were discarded",
+                    lost.id, lost.title
+                );
+            }
+            synced.map_err(|f| anyhow!("sync failed: {f}"))?;
             let docs = client.list().await?.len();
+            if !discarded.is_empty() {
+                bail!(
+                    "up to date ({docs} documents), but changes to {} deleted document(s) were discarded",
+                    discarded.len()
+                );
+            }
             println!("up to date ({docs} documents)");
             Ok(())
         }
@@ -369,7 +384,7 @@ async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                     }
                     cubby_client::SyncStatus::Offline { failure: Some(f) } => eprintln!("cubby: offline ({f}); retrying"),
                     cubby_client::SyncStatus::UpToDate => eprintln!("cubby: up to date"),
-                    cubby_client::SyncStatus::Refused { failure } => eprintln!("cubby: changes refused for now ({failure}); kept, and offered again"),
+                    cubby_client::SyncStatus::Refused { failure, documents } => eprintln!("cubby: changes to {} document(s) refused for now ({failure}); kept, and offered again", documents.len()),
                     cubby_client::SyncStatus::Wiped { reason } => bail!("the server told this device to wipe ({reason:?}); its local copy is gone"),
                     _ => {}
                 }

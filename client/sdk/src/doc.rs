@@ -30,6 +30,14 @@ pub enum DocEvent {
     Remote,
     /// The server acknowledged every change this device made to it: they are durable there.
     Synced,
+    /// It was deleted (on another device, or through the account or admin API): the local copy
+    /// is gone, and a handle to it refuses changes. `discarded` says this device had changes
+    /// to it the server never got: they lost to the deletion
+    /// ([`crate::Client::take_discarded`] lists such documents until taken).
+    Deleted {
+        /// Unsynced local changes were discarded.
+        discarded: bool,
+    },
 }
 
 /// A document as this device holds it.
@@ -42,6 +50,8 @@ pub(crate) struct LocalDoc {
     bytes_since_snapshot: u64,
     /// The sync protocol state with the server.
     pub(crate) session: PeerSession,
+    /// Deleted on the server: changes are refused.
+    pub(crate) deleted: bool,
     /// Created on this device and not yet seen by the server, or offered back to a server
     /// that started a new epoch (it may have lost it): sync messages carry its title and
     /// private flag, so that the server can make it.
@@ -109,6 +119,7 @@ impl DocShared {
             bytes_since_snapshot: 0,
             session: PeerSession::new(),
             unconfirmed: true,
+            deleted: false,
         };
         Self::from_parts(id, state)
     }
@@ -150,6 +161,7 @@ impl DocShared {
             bytes_since_snapshot,
             session,
             unconfirmed,
+            deleted: false,
         };
         Ok(Self::from_parts(id, state))
     }
@@ -266,6 +278,9 @@ impl DocHandle {
     ) -> Result<T, ClientError> {
         let (out, write) = {
             let mut state = self.shared.lock();
+            if state.deleted {
+                return Err(ClientError::Deleted(self.shared.id));
+            }
             let before = state.doc.get_heads();
             let out = state.doc.transact(f).map_err(|failure| failure.error)?.result;
             tracing::debug!(device = %self.client.device_id.short(), doc = %self.shared.id.short(),

@@ -44,13 +44,15 @@ pub enum SyncStatus {
     },
     /// Connected, and this device and the server hold the same changes.
     UpToDate,
-    /// Connected, but the server refused this device's changes to a document for now: a limit of
-    /// the customer's (writes per second, a document's or the account's size). They stay on this
-    /// device and are offered again after a pause (1 s, doubling to 30 s while refused); every
-    /// other document keeps syncing on the same connection.
+    /// Connected, but the server refused this device's changes to some documents for now: a
+    /// limit of the customer's (writes per second, a document's or the account's size). They
+    /// stay on this device and are offered again after a pause (1 s, doubling to 30 s while
+    /// refused); every other document keeps syncing on the same connection.
     Refused {
-        /// The server's refusal.
+        /// The server's refusal (of the document refused longest).
         failure: SyncFailure,
+        /// Every document paused, by id.
+        documents: Vec<DocId>,
     },
     /// The server told this device to wipe its local copy, and it did; syncing has stopped.
     Wiped {
@@ -241,6 +243,12 @@ impl Remote {
             Some(dialer) => self.endpoint.connect_with_connector(dialer.clone()).await,
             None => self.endpoint.connect().await,
         }
+    }
+
+    /// A token to tell the account it speaks for, if the provider has one within a few seconds.
+    pub(crate) async fn token_for_check(&self) -> Option<String> {
+        let asked = tokio::time::timeout(Duration::from_secs(5), self.token.token(false));
+        asked.await.ok()?.ok()
     }
 
     /// A connected account client and a current token, for one unary call.
@@ -907,18 +915,7 @@ impl<'a> Session<'a> {
         let Ok(id) = DocId::from_slice(&changed.doc_id) else { return Ok(()) };
         self.announced = self.announced.max(changed.seq);
         if changed.deleted {
-            self.inner.forget(&id);
-            self.active.remove(&id);
-            self.warm.retain(|(_, kept)| kept.id != id);
-            self.owed.forget(id);
-            return self
-                .blocking(move |store| {
-                    store.delete_doc(&LOCAL, &id)?;
-                    store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
-                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                    store.flush()
-                })
-                .await;
+            return self.deleted(id).await;
         }
         let meta = changed.info.as_ref().map(cubby_proto::doc_meta).unwrap_or_default();
         let stored = self.blocking(move |store| store.doc_meta(&LOCAL, &id)).await?;
@@ -979,15 +976,9 @@ impl<'a> Session<'a> {
         }
         match tonic::Code::from_i32(error.code) {
             tonic::Code::NotFound => {
-                // Deleted on the server (its deletion is announced too): nothing to send.
+                // Deleted on the server (its deletion is announced too, unless it was long ago).
                 tracing::warn!(doc = %id.short(), "the server does not know this document");
-                self.owed.forget(id);
-                self.active.remove(&id);
-                self.refused.remove(&id);
-                self.blocking(move |store| {
-                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
-                })
-                .await
+                self.deleted(id).await
             }
             code => {
                 let failure = SyncFailure::Other(format!(
@@ -1012,6 +1003,43 @@ impl<'a> Session<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// A document deleted on the server: its local copy goes too, a handle the app holds
+    /// refuses changes from now on, and unsynced local changes to it (offline edits that lost to
+    /// the deletion) are recorded for [`crate::Client::take_discarded`] and told in the event.
+    async fn deleted(&mut self, id: DocId) -> Result<(), SyncFailure> {
+        let copy = self.inner.forget(&id);
+        self.active.remove(&id);
+        self.warm.retain(|(_, kept)| kept.id != id);
+        self.owed.forget(id);
+        self.refused.remove(&id);
+        let discarded = self
+            .blocking(move |store| {
+                let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
+                let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
+                if unsynced {
+                    let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
+                    store.put_record(&LOCAL, Space::DISCARDED, id.as_bytes(), title.as_bytes())?;
+                }
+                store.delete_doc(&LOCAL, &id)?;
+                store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
+                store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                store.flush()?;
+                Ok(Some(unsynced))
+            })
+            .await?;
+        if let Some(discarded) = discarded {
+            if discarded {
+                tracing::warn!(device = %self.inner.device_id.short(), doc = %id.short(),
+                    "deleted elsewhere: this device's unsynced changes to it are discarded");
+            }
+            if let Some(copy) = copy {
+                copy.emit(DocEvent::Deleted { discarded });
+            }
+            let _ = self.inner.events.send((id, DocEvent::Deleted { discarded }));
+        }
+        Ok(())
     }
 
     /// Offers again the refused documents whose pause is over, taking their turn with the others.
@@ -1063,7 +1091,9 @@ impl<'a> Session<'a> {
         self.refused.retain(|id, _| owed.contains(id));
         let refusal = self.refused.values().max_by_key(|r| r.pause);
         let status = if let Some(refusal) = refusal {
-            SyncStatus::Refused { failure: refusal.failure.clone() }
+            let mut documents: Vec<DocId> = self.refused.keys().copied().collect();
+            documents.sort();
+            SyncStatus::Refused { failure: refusal.failure.clone(), documents }
         } else if self.caught_up && self.owed.is_empty() {
             self.owed.new_round();
             self.reached_up_to_date = true;

@@ -50,6 +50,16 @@ pub use cubby_store::StoreError;
 pub use doc::{DocEvent, DocHandle};
 pub use engine::{SyncFailure, SyncStatus, WipeReason};
 
+/// A document deleted elsewhere while this device had changes to it the server never got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Discarded {
+    /// The document.
+    pub id: DocId,
+    /// Its title when it was deleted.
+    pub title: String,
+}
+
 /// The customer id the local store files everything under (a device holds one customer).
 const LOCAL: cubby_core::CustomerId = cubby_core::CustomerId::from_bytes([1; 16]);
 
@@ -66,6 +76,10 @@ pub enum ClientError {
     /// No such document on this device.
     #[error("unknown document {0}")]
     UnknownDocument(DocId),
+    /// The document was deleted (on another device, or through the account or admin API): it
+    /// takes no more changes.
+    #[error("document {0} was deleted")]
+    Deleted(DocId),
     /// The local store holds data that does not load.
     #[error("local document {0} is damaged")]
     Damaged(DocId),
@@ -268,6 +282,9 @@ impl ClientBuilder {
             }
         };
         let (device_id, device_key) = identity(&*store)?;
+        if let Some(remote) = &remote {
+            check_account(&*store, remote).await?;
+        }
         let (wake, wakes) = mpsc::unbounded_channel();
         let (status, _) = watch::channel(SyncStatus::Offline { failure: None });
         let inner = Arc::new(Inner {
@@ -331,6 +348,35 @@ async fn open_sled(dir: PathBuf, key: [u8; 32]) -> Result<Arc<dyn Store>, Client
     })
     .await
     .map_err(|_| ClientError::Closed)?
+}
+
+/// Where the device keeps a digest of the issuer and subject of the token it first built with.
+const ACCOUNT_HINT: &[u8] = b"account-hint";
+
+/// Refuses to open a device's data with another account's token, before anything of it is
+/// shown: a device's data belongs to one account (a family computer shared by two people must
+/// not show one the other's). The token's issuer and subject are read from the token (when it is
+/// a JWT) and kept as a digest on first use; the server confirms the account on every
+/// connection (`Challenge.account`), which catches tokens that are not JWTs too.
+async fn check_account(store: &dyn Store, remote: &engine::Remote) -> Result<(), ClientError> {
+    let token = remote.token_for_check().await;
+    let Some((issuer, subject)) = token.as_deref().and_then(cubby_crypto::jwt::unverified_identity)
+    else {
+        return Ok(()); // No token now (offline), or an opaque one: the server will tell.
+    };
+    let hint = cubby_crypto::sha256(
+        &[b"cubby account hint v1\0".as_slice(), issuer.as_bytes(), b"\0", subject.as_bytes()]
+            .concat(),
+    );
+    match store.get_record(&LOCAL, Space::LOCAL, ACCOUNT_HINT)? {
+        Some(kept) if kept != hint => Err(ClientError::WrongAccount),
+        Some(_) => Ok(()),
+        None => {
+            store.put_record(&LOCAL, Space::LOCAL, ACCOUNT_HINT, &hint)?;
+            store.flush()?;
+            Ok(())
+        }
+    }
 }
 
 /// The device's id and Ed25519 key, made on first run and kept in the encrypted local store.
@@ -526,9 +572,14 @@ impl Inner {
         shared
     }
 
-    /// Forgets a document (deleted on the server).
-    pub(crate) fn forget(&self, id: &DocId) {
-        self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.remove(id);
+    /// Forgets a document deleted on the server; a handle the app still holds refuses changes
+    /// from now on (written back, they would make the document again).
+    /// Returns the loaded copy, if there was one.
+    pub(crate) fn forget(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
+        let copy = self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.remove(id);
+        let copy = copy.and_then(|weak| weak.upgrade())?;
+        copy.lock().deleted = true;
+        Some(copy)
     }
 
     /// Wipes the local store: its data key is destroyed first, then every record; nothing this
@@ -609,6 +660,29 @@ impl Client {
             .collect()
     }
 
+    /// Documents that were deleted elsewhere while this device had changes to them the server
+    /// never got (offline edits that lost to the deletion), and forgets them: show them to the
+    /// user once. Each is also told as [`DocEvent::Deleted`] with `discarded` when it happens.
+    pub async fn take_discarded(&self) -> Result<Vec<Discarded>, ClientError> {
+        self.inner
+            .blocking(|store| {
+                let found = store.scan_records(&LOCAL, Space::DISCARDED)?;
+                for (key, _) in &found {
+                    store.remove_record(&LOCAL, Space::DISCARDED, key)?;
+                }
+                store.flush()?;
+                Ok::<_, StoreError>(found)
+            })
+            .await?
+            .into_iter()
+            .map(|(key, title)| {
+                let id = DocId::from_slice(&key)
+                    .map_err(|_| ClientError::Store(StoreError::Corrupt("discarded")))?;
+                Ok(Discarded { id, title: String::from_utf8_lossy(&title).into_owned() })
+            })
+            .collect()
+    }
+
     /// Documents with local changes the server has not acknowledged yet.
     pub async fn unsynced(&self) -> Result<Vec<DocId>, ClientError> {
         let records =
@@ -664,7 +738,7 @@ impl Client {
                 .clone();
             match current {
                 SyncStatus::Offline { failure: Some(failure) }
-                | SyncStatus::Refused { failure } => {
+                | SyncStatus::Refused { failure, .. } => {
                     return Err(failure);
                 }
                 SyncStatus::Wiped { reason } => return Err(SyncFailure::Wipe(reason)),

@@ -277,6 +277,14 @@ pub fn unverified_issuer(token: &str) -> Result<String, JwtError> {
         .ok_or(JwtError::MissingClaim("iss"))
 }
 
+/// A token's issuer and subject, unverified: for a client to tell whose token it holds (the
+/// server verifies; a client has no keys to). `None` for a token that is not a JWT with both.
+pub fn unverified_identity(token: &str) -> Option<(String, String)> {
+    let claims = decode_json(token.split('.').nth(1)?).ok()?;
+    let claim = |name| claims.get(name).and_then(Value::as_str).map(str::to_owned);
+    Some((claim("iss")?, claim("sub")?))
+}
+
 fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<u64>, JwtError> {
     match claims.get(name) {
         None => Ok(None),

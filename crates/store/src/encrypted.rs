@@ -211,18 +211,19 @@ impl<S: Store> EncryptedStore<S> {
 
     /// The key check, format and identity; `true` when the store was new.
     fn open_unchecked(inner: S, keyring: Keyring) -> Result<(Self, bool)> {
-        let (check, created) = match inner.get_key(&SYSTEM)? {
-            Some(wrapped) => (wrapped, false),
-            None => {
-                let wrapped = inner.put_key_if_absent(
-                    &SYSTEM,
-                    &keyring.wrap(SYSTEM.as_bytes(), &DataKey::generate()),
-                )?;
-                (wrapped, true)
-            }
+        // A new store's records go first, sealed with a key kept only in memory until they are
+        // durable, and the key check last: a crash between leaves no key check, and the next
+        // open starts the store afresh. (The other way round, a crash left a key check without
+        // the records, which reads as a store of the old format.)
+        let (system, created) = match inner.get_key(&SYSTEM)? {
+            Some(check) => (
+                keyring
+                    .unwrap(SYSTEM.as_bytes(), &check)
+                    .map_err(|_| StoreError::WrongMasterKey)?,
+                false,
+            ),
+            None => (DataKey::generate(), true),
         };
-        let system =
-            keyring.unwrap(SYSTEM.as_bytes(), &check).map_err(|_| StoreError::WrongMasterKey)?;
         let mut store = Self {
             inner,
             keyring: RwLock::new(Arc::new(keyring)),
@@ -232,13 +233,20 @@ impl<S: Store> EncryptedStore<S> {
             identity: Identity { store: [0; 16], epoch: [0; 16] },
             witnessed: None,
         };
-        let format = store.get_system(FORMAT_KEY)?;
-        if format.is_none() && created {
+        if created {
             store.put_system(FORMAT_KEY, &FORMAT.to_be_bytes())?;
             store.put_system(STORE_KEY, &cubby_crypto::random_array::<16>())?;
             store.put_system(EPOCH_KEY, &cubby_crypto::random_array::<16>())?;
+            store.put_system(FLUSHES_KEY, &0u64.to_be_bytes())?;
             store.inner.flush()?;
+            let check = store.keyring().wrap(SYSTEM.as_bytes(), &store.system);
+            let kept = store.inner.put_key_if_absent(&SYSTEM, &check)?;
+            if kept != check {
+                // Another process made the store meanwhile: its key, and its records.
+                return Err(StoreError::InUse);
+            }
         } else {
+            let format = store.get_system(FORMAT_KEY)?;
             let found = format.and_then(|f| Some(u32::from_be_bytes(f.try_into().ok()?)));
             if found != Some(FORMAT) {
                 return Err(StoreError::Format { found: found.unwrap_or(1), expected: FORMAT });

@@ -219,6 +219,9 @@ impl Space {
     /// What the integrity checks keep: under [`SYSTEM`], the store's identity, epoch, format
     /// and flush count; under a customer, the customer's epoch once their store needed one.
     pub const INTEGRITY: Space = Space(9);
+    /// On a device: documents deleted elsewhere while it had changes to them the server never
+    /// got, with their titles, until the app is told.
+    pub const DISCARDED: Space = Space(10);
 }
 
 /// The customer id under which a store keeps its own records (such as the key check).
