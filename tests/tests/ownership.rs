@@ -922,3 +922,44 @@ impl cubby_client::TokenProvider for LateBob {
         })
     }
 }
+
+/// Issue 24, rows 3 and 4: an older copy of a revoked device's record put back over the newer
+/// (spliced into the store, as someone with the files could) does not bring the device back: the
+/// revocation is in the ledger, which puts it back at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_devices_older_record_spliced_back_into_the_store_does_not_unrevoke_it() {
+    use cubby_store::{Space, Store};
+    let mut server = TestServer::start().await;
+    let (key, id) = (new_key(), cubby_crypto::random_array::<16>());
+    let mut connected =
+        RawStream::connect_as(&server, &server.token("alice"), &key, id).await.expect("connects");
+    assert!(matches!(connected.next().await, Ok(Some(pb::server_frame::Frame::CaughtUp(_)))));
+    drop(connected);
+    let alice = server.customer_id("alice");
+    server.stop().await;
+    let db = server.data_dir().join("db");
+    let raw = || cubby_store_sled::SledStore::open(&db).expect("sled");
+    let before = raw().get_record(&alice, Space::DEVICES, &id).expect("get").expect("registered");
+    server.restart().await;
+    revoke(&server, id).await;
+    server.stop().await;
+    {
+        let store = raw();
+        store.put_record(&alice, Space::DEVICES, &id, &before).expect("splice");
+        store.flush().expect("flush");
+    }
+    server.restart().await;
+    let listed = account(&server)
+        .await
+        .list_devices(authed(pb::ListDevicesRequest {}, &server.token("alice")))
+        .await
+        .expect("devices")
+        .into_inner()
+        .devices;
+    let device = listed.iter().find(|d| d.device_id == id).expect("listed");
+    assert!(device.revoked_ms > 0, "still revoked");
+    let mut back =
+        RawStream::connect_as(&server, &server.token("alice"), &key, id).await.expect("proves");
+    let refused = back.next().await.expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+}
