@@ -308,13 +308,20 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The binary serving the data directory in `dir` on `port`.
-fn serve_on(dir: &Path, port: u16) -> Running {
-    let child = Command::new(BIN)
+/// The binary, to serve the data directory in `dir` on `port` in development mode.
+fn serving(dir: &Path, port: u16) -> Command {
+    let mut command = Command::new(BIN);
+    command
         .current_dir(dir)
         .env("CUBBY_LISTEN", format!("127.0.0.1:{port}"))
         .env_remove("CUBBY_CONFIG")
-        .env_remove("CUBBY_DATA")
+        .env_remove("CUBBY_DATA");
+    command
+}
+
+/// The binary serving the data directory in `dir` on `port`.
+fn serve_on(dir: &Path, port: u16) -> Running {
+    let child = serving(dir, port)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -441,13 +448,7 @@ async fn a_restored_backup_is_refused_until_accepted_and_then_the_devices_bring_
     // The backup, put back by hand: refused, saying what to do.
     std::fs::remove_dir_all(dir.join("cubby-data/db")).expect("rm");
     copy_tree(&backup, &dir.join("cubby-data/db"));
-    let refused = Command::new(BIN)
-        .current_dir(dir)
-        .env("CUBBY_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("CUBBY_CONFIG")
-        .env_remove("CUBBY_DATA")
-        .output()
-        .expect("runs");
+    let refused = serving(dir, port).output().expect("runs");
     assert!(!refused.status.success(), "a rolled-back store must not be served");
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("acknowledged") && stderr.contains("cubby-server restore"), "{stderr}");
@@ -505,13 +506,7 @@ async fn a_flipped_bit_in_the_sled_log_is_refused_at_start_and_the_device_brings
     let at = bytes.len() * 3 / 4;
     bytes[at] ^= 1;
     std::fs::write(&log, bytes).expect("flip one bit");
-    let refused = Command::new(BIN)
-        .current_dir(dir)
-        .env("CUBBY_LISTEN", format!("127.0.0.1:{port}"))
-        .env_remove("CUBBY_CONFIG")
-        .env_remove("CUBBY_DATA")
-        .output()
-        .expect("runs");
+    let refused = serving(dir, port).output().expect("runs");
     assert!(!refused.status.success(), "the damaged store is not served");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("cubby-server restore"));
 

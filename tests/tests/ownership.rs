@@ -963,3 +963,58 @@ async fn a_revoked_devices_older_record_spliced_back_into_the_store_does_not_unr
     let refused = back.next().await.expect_err("refused");
     assert_eq!(refused.code(), tonic::Code::PermissionDenied);
 }
+
+/// Issue 24, row 4: the metadata a document had before it was made private, put back over the
+/// newer (as someone with the files could), does not open: the document answers `DATA_LOSS` to
+/// everyone, and is never shown to the business as shared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_documents_older_metadata_spliced_back_does_not_expose_it_to_the_business() {
+    use cubby_store::{Store, StoreError};
+    let mut server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let diary = phone.client.create("diary").await.expect("create");
+    diary.put("entry", json!("private thoughts")).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    let id = diary.id();
+    drop(diary);
+    phone.close().await;
+    let alice = server.customer_id("alice");
+    let db = server.data_dir().join("db");
+    server.stop().await;
+    let shared = {
+        let raw = cubby_store_sled::SledStore::open(&db).expect("sled");
+        raw.doc_meta(&alice, &id).expect("meta").expect("exists").1
+    };
+    server.restart().await;
+    let mut account = account(&server).await;
+    let private = pb::SetDocumentPrivateRequest { doc_id: id.as_bytes().to_vec(), private: true };
+    account.set_document_private(authed(private, &server.token("alice"))).await.expect("private");
+    server.stop().await;
+    {
+        let raw = cubby_store_sled::SledStore::open(&db).expect("sled");
+        raw.write_doc_off_feed(&alice, &id, &shared, None).expect("splice the older metadata");
+        raw.flush().expect("flush");
+        let opened = cubby_store::EncryptedStore::open(raw, keyring(&server));
+        let refused = opened.expect("opens").doc_meta(&alice, &id).expect_err("refused");
+        assert!(matches!(refused, StoreError::Corrupt(_)), "{refused}");
+    }
+    server.restart().await;
+    let read = pb::DocumentRequest { subject: "alice".into(), doc_id: id.as_bytes().to_vec() };
+    let refused = admin(&server)
+        .await
+        .read_document(authed(read, &admin_token(&server)))
+        .await
+        .expect_err("not served");
+    assert_eq!(refused.code(), tonic::Code::DataLoss, "{refused:?}");
+    assert!(!refused.message().contains("private thoughts"));
+    let own = server.document_json(&server.token("alice"), id.as_bytes()).await;
+    assert_eq!(own.expect_err("quarantined").code(), tonic::Code::DataLoss);
+}
+
+/// The server's keyring, from its data directory's master key.
+fn keyring(server: &TestServer) -> cubby_crypto::keys::Keyring {
+    let path = server.data_dir().join("master.key");
+    cubby_crypto::keys::Keyring::from_master(
+        &cubby_crypto::keys::MasterSecret::read(&path).expect("master key"),
+    )
+}

@@ -348,12 +348,8 @@ async fn row_09_a_connection_that_never_finishes_the_tls_handshake_is_closed() {
     device.client.wait_until_synced().await.expect("still serving");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() {
-    let server = TestServer::start_with(|c| c.limits.slow_consumer_secs = 1).await;
-    let phone = server.device("alice").await;
-    // A device that connects and then never reads another frame, with small flow-control
-    // windows so that they fill quickly.
+/// A new device of alice's on a connection with 16 KiB flow-control windows, which fill quickly.
+async fn small_window_stream(server: &TestServer) -> RawStream {
     let channel = server
         .channel_with(|e| {
             e.initial_stream_window_size(16 * 1024).initial_connection_window_size(16 * 1024)
@@ -362,10 +358,18 @@ async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() 
     let key =
         cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
             .expect("key");
-    let mut stalled =
-        RawStream::connect_on(channel, &server.token("alice"), &key, cubby_crypto::random_array())
-            .await
-            .expect("connects");
+    RawStream::connect_on(channel, &server.token("alice"), &key, cubby_crypto::random_array())
+        .await
+        .expect("connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() {
+    let server = TestServer::start_with(|c| c.limits.slow_consumer_secs = 1).await;
+    let phone = server.device("alice").await;
+    // A device that connects and then never reads another frame, with small flow-control
+    // windows so that they fill quickly.
+    let mut stalled = small_window_stream(&server).await;
     // Each write is announced, with the document's title, to every device of the customer:
     // enough of them fill the stalled device's windows and then its queue on the server.
     let doc = phone.client.create(&"t".repeat(1000)).await.expect("create");
@@ -393,18 +397,7 @@ async fn a_device_that_sends_thousands_of_documents_at_once_and_reads_is_never_c
     let server = TestServer::start().await;
     // Small flow-control windows, as on a phone: answers wait on the server, not in the
     // device's transport.
-    let channel = server
-        .channel_with(|e| {
-            e.initial_stream_window_size(16 * 1024).initial_connection_window_size(16 * 1024)
-        })
-        .await;
-    let key =
-        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
-            .expect("key");
-    let mut raw =
-        RawStream::connect_on(channel, &server.token("alice"), &key, cubby_crypto::random_array())
-            .await
-            .expect("connects");
+    let mut raw = small_window_stream(&server).await;
     let empty = {
         let mut state = automerge::sync::State::new();
         let doc = automerge::Automerge::new();

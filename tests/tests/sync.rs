@@ -199,12 +199,7 @@ async fn documents_deleted_on_the_server_leave_every_device() {
     let id = doc.id();
     drop(doc);
 
-    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
-    let request = cubby_proto::pb::DeleteDocumentRequest { doc_id: id.as_bytes().to_vec() };
-    account
-        .delete_document(cubby_tests::authed(request, &server.token("alice")))
-        .await
-        .expect("deleted");
+    delete_on_the_server(&server, id).await;
     eventually("the phone drops the deleted document", || async {
         phone.client.list().await.expect("list").is_empty()
     })

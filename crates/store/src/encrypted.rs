@@ -100,6 +100,18 @@ struct Witnessed {
     ledger: Mutex<()>,
 }
 
+impl Witnessed {
+    fn new(witness: Arc<dyn Witness>, key: DataKey, flushes: u64) -> Self {
+        Self {
+            witness,
+            key,
+            flushes: Mutex::new(flushes),
+            dirty: AtomicBool::new(false),
+            ledger: Mutex::new(()),
+        }
+    }
+}
+
 impl<S> fmt::Debug for EncryptedStore<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptedStore").field("keyring", &self.keyring).finish_non_exhaustive()
@@ -174,13 +186,7 @@ impl<S: Store> EncryptedStore<S> {
         if let Some(refused) = refused {
             return Err(StoreError::Integrity(refused));
         }
-        store.witnessed = Some(Witnessed {
-            witness,
-            key,
-            flushes: Mutex::new(found),
-            dirty: AtomicBool::new(false),
-            ledger: Mutex::new(()),
-        });
+        store.witnessed = Some(Witnessed::new(witness, key, found));
         store.write_anchor(found)?;
         store.replay_erasures()?;
         Ok(store)
@@ -197,13 +203,8 @@ impl<S: Store> EncryptedStore<S> {
         store.inner.flush()?;
         store.identity.epoch = epoch;
         let found = store.stored_flushes()?;
-        store.witnessed = Some(Witnessed {
-            key: store.keyring().witness_key().clone(),
-            witness,
-            flushes: Mutex::new(found),
-            dirty: AtomicBool::new(false),
-            ledger: Mutex::new(()),
-        });
+        let key = store.keyring().witness_key().clone();
+        store.witnessed = Some(Witnessed::new(witness, key, found));
         store.write_anchor(found)?;
         store.replay_erasures()?;
         Ok(store)
