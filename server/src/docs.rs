@@ -807,8 +807,8 @@ impl Actor {
         touched: bool,
     ) -> Result<(), ApiError> {
         let Some(Some(live)) = &mut self.state else { return Ok(()) };
-        // Position 0 on a stored document: a crash cut its creation short before its feed
-        // entry (the sled store's `doc_write_steps`). Write it again, so devices hear of it.
+        // Position 0 on a stored document: it was stored without a feed entry (off the feed),
+        // so no device heard of it. Write it again, so that they do.
         let touched = touched || live.seq == Seq(0);
         let heads = live.doc.get_heads();
         let changed = before.is_none_or(|b| b != heads.as_slice()) && !heads.is_empty();

@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long, env = "CUBBY_LISTEN")]
     listen: Option<SocketAddr>,
     /// A TOML config file (see server/config/prod.toml). Without one: development mode.
-    #[arg(long, env = "CUBBY_CONFIG")]
+    #[arg(long, env = "CUBBY_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -45,10 +45,12 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Accept the store as it is (a backup restored by hand, or damage found at start) and start
-    /// a new epoch; run with the server stopped. Devices that connect afterwards offer back
-    /// everything they hold, so every change any of them still has returns. Erasures and
-    /// revocations made since the backup stay in force.
+    /// Accept the store as it is (restored from a backup, or damaged) and start a new epoch.
+    ///
+    /// Run with the server stopped, after the server refused to start because its store holds
+    /// less than it acknowledged. Devices that connect afterwards offer back everything they
+    /// hold, so every change any of them still has returns. Erasures and revocations made since
+    /// the backup stay in force.
     Restore {
         /// First replace the store (`<data>/db`) with a copy of this directory: a backup of
         /// `<data>/db` taken with the server stopped. The witness directory is kept.
