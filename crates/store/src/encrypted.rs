@@ -362,11 +362,18 @@ impl<S: Store> EncryptedStore<S> {
         self.keyring.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Notes a write, for the next flush to count.
+    /// Notes a write, for the next flush to count. Called once the write is in (whatever its
+    /// outcome: part of it may be): a flush that began after this sees it, and one that began
+    /// before holds the flush lock, so the writer's own flush waits for it to finish.
     fn wrote(&self) {
         if let Some(w) = &self.witnessed {
             w.dirty.store(true, Ordering::SeqCst);
         }
+    }
+
+    fn after_write<T>(&self, written: Result<T>) -> Result<T> {
+        self.wrote();
+        written
     }
 
     /// Installs a new keyring (after a key rotation); call [`EncryptedStore::rewrap_keys`] next
@@ -610,8 +617,7 @@ impl<S: Store> Store for EncryptedStore<S> {
     ) -> Result<Seq> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
-        self.wrote();
-        self.inner.write_doc(c, d, &meta, chunk)
+        self.after_write(self.inner.write_doc(c, d, &meta, chunk))
     }
 
     fn write_doc_off_feed(
@@ -623,8 +629,7 @@ impl<S: Store> Store for EncryptedStore<S> {
     ) -> Result<()> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
         let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
-        self.wrote();
-        self.inner.write_doc_off_feed(c, d, &meta, chunk)
+        self.after_write(self.inner.write_doc_off_feed(c, d, &meta, chunk))
     }
 
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
@@ -645,13 +650,11 @@ impl<S: Store> Store for EncryptedStore<S> {
         let key = self.key(c)?;
         let bytes =
             envelope::seal(&key, &doc_aad(SNAPSHOT, c, d, snapshot.through), &snapshot.bytes);
-        self.wrote();
-        self.inner.compact(c, d, &Snapshot { through: snapshot.through, bytes })
+        self.after_write(self.inner.compact(c, d, &Snapshot { through: snapshot.through, bytes }))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
-        self.wrote();
-        self.inner.delete_doc(c, d)
+        self.after_write(self.inner.delete_doc(c, d))
     }
 
     fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
@@ -678,8 +681,7 @@ impl<S: Store> Store for EncryptedStore<S> {
 
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
         let sealed = envelope::seal(&self.key(c)?, &record_aad(c, space, key), value);
-        self.wrote();
-        self.inner.put_record(c, space, key, &sealed)
+        self.after_write(self.inner.put_record(c, space, key, &sealed))
     }
 
     fn get_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -693,8 +695,7 @@ impl<S: Store> Store for EncryptedStore<S> {
     }
 
     fn remove_record(&self, c: &CustomerId, space: Space, key: &[u8]) -> Result<()> {
-        self.wrote();
-        self.inner.remove_record(c, space, key)
+        self.after_write(self.inner.remove_record(c, space, key))
     }
 
     fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
