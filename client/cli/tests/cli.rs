@@ -257,3 +257,55 @@ async fn row_33_cli_killed_mid_write_keeps_each_edit_whole_or_absent() {
         "what survived on the phone reached the laptop"
     );
 }
+
+/// Issue 24, row 10: an edit made offline to a document deleted elsewhere meanwhile is not
+/// dropped silently: `cubby sync` names it and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_names_offline_edits_that_lost_to_a_deletion_and_fails() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Trip"]).await.trim().to_owned();
+    laptop.ok(&["sync"]).await;
+    // The laptop edits it offline (no server it can reach)...
+    let mut offline = laptop.command(&["doc", "put", &id, "note", "pack boots"]);
+    offline.env("CUBBY_SERVER", "https://127.0.0.1:9");
+    let saved = tokio::task::spawn_blocking(move || offline.output().expect("runs")).await;
+    assert!(saved.expect("joined").status.success(), "saved on the device");
+    // ...while it is deleted on the server.
+    let doc_id = id_bytes(&id);
+    let mut account = cubby_proto::pb::account_client::AccountClient::new(server.channel().await);
+    let request = cubby_proto::pb::DeleteDocumentRequest { doc_id };
+    account
+        .delete_document(cubby_tests::authed(request, &server.token("alice")))
+        .await
+        .expect("deleted");
+
+    let out = laptop.run(&["sync"]).await;
+    assert!(!out.status.success(), "the discarded edit makes the sync fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&id) && stderr.contains("\"Trip\"") && stderr.contains("discarded"),
+        "{stderr}"
+    );
+    // Said once: the next sync is clean, and the document is gone.
+    assert_eq!(laptop.ok(&["sync"]).await.trim(), "up to date (0 documents)");
+}
+
+/// Issue 24, row 11: another customer's token on a device's home is refused with one line
+/// naming the problem, and nothing of the first customer's is listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_accounts_token_on_a_home_is_refused() {
+    let server = TestServer::start().await;
+    let mut phone = Device::new(&server, "alice");
+    phone.ok(&["doc", "create", "--title", "alice's secret"]).await;
+    phone.token = server.token("bob");
+    let err = phone.fails(&["doc", "list"]).await;
+    assert!(err.contains("another account"), "{err}");
+    assert!(!err.contains("secret"));
+}
+
+/// The 16 bytes of a printed (base58) id.
+fn id_bytes(id: &str) -> Vec<u8> {
+    let parsed: cubby_client::DocId = id.parse().expect("a document id");
+    parsed.as_bytes().to_vec()
+}
