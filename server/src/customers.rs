@@ -243,10 +243,17 @@ impl Customers {
     }
 
     /// Starts a new epoch for the customer, durably (blocking): their store was found behind
-    /// what a device had seen, so their devices must offer back what they hold.
+    /// what a device had seen, so their devices must offer back what they hold. Every stream
+    /// of theirs closes, so that each device reconnects into the new epoch.
     pub(crate) fn begin_epoch(&self, customer: &CustomerId) -> Result<(), ApiError> {
         let epoch = self.store.begin_customer_epoch(customer).map_err(api_error)?;
         self.epochs.lock().unwrap_or_else(PoisonError::into_inner).insert(*customer, epoch);
+        let reason = ApiError::Unavailable(
+            "this server's copy of the account is behind what a device has seen; reconnect, \
+             and offer back everything this device holds"
+                .into(),
+        );
+        self.eject(customer, None, &reason);
         Ok(())
     }
 

@@ -162,8 +162,8 @@ pub(crate) enum DocMsg {
         queued: oneshot::Sender<bool>,
     },
     /// The device's queue had no room for a frame of this document (see [`Lagging`]) and has
-    /// room again: speak to it again.
-    Resume { peer: u64 },
+    /// room again: speak to it again (through `link`, if the frame was a refusal).
+    Resume { peer: u64, link: Link },
     /// The device's stream closed.
     Leave { peer: u64 },
     /// Create an empty document.
@@ -645,11 +645,15 @@ impl Actor {
                     }
                     pushes.push((peer, announcement, queued));
                 }
-                DocMsg::Resume { peer } => {
+                DocMsg::Resume { peer, link } => {
                     // Spoken to like a device that just spoke: its session started over. One
-                    // that left, or whose document went (it was told), is not here.
+                    // that left is not here; nor is one whose document does not exist, and
+                    // the frame it had no room for said so: say it again.
                     if self.peers.contains_key(&peer) {
                         spoke.insert(peer);
+                    } else if self.live().is_none() {
+                        let gone = error_frame(&self.doc, &ApiError::NotFound("document"));
+                        link.send(self.doc, gone, Vec::new());
                     }
                 }
                 DocMsg::Leave { peer } => {
@@ -696,6 +700,10 @@ impl Actor {
             // The document may be half-applied: go back to what is durable.
             if let Err(err) = self.load().await {
                 deferred.into_iter().for_each(|d| d.fail(&err));
+                // The devices' answers carry their permits back: each hears of the failure.
+                for (_, mut peer) in self.peers.drain() {
+                    peer.send(self.doc, error_frame(&self.doc, &err));
+                }
                 return;
             }
         } else if let Err(err) = self.persist(before.as_deref(), touched).await {
@@ -1046,7 +1054,10 @@ impl Actor {
                 DocMsg::Sync { link, permit, .. } => {
                     link.send(self.doc, error_frame(&self.doc, err), vec![permit]);
                 }
-                DocMsg::Leave { .. } | DocMsg::Push { .. } | DocMsg::Resume { .. } => {}
+                DocMsg::Resume { link, .. } => {
+                    link.send(self.doc, error_frame(&self.doc, err), Vec::new());
+                }
+                DocMsg::Leave { .. } | DocMsg::Push { .. } => {}
                 DocMsg::Create { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::SetPrivate { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::Read { reply, .. } | DocMsg::Edit { reply, .. } => {

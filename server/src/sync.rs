@@ -340,6 +340,10 @@ impl Connection {
         // `slow_consumer_secs`, and only while it might have (see `may_be_stalled`).
         let mut slow = tokio::time::interval((patience / 4).max(Duration::from_millis(100)));
         slow.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when the device has been seen stalled with frames waiting. A device is cut off
+        // only once it has read nothing for `patience` *while* frames waited: one that was idle
+        // for an hour and was just sent a frame is not.
+        let mut stalled_since: Option<tokio::time::Instant> = None;
         loop {
             // The device's next frame is read only with an in-flight permit in hand and while
             // no document waits for room in its queue: back-pressure reaches the device.
@@ -358,15 +362,21 @@ impl Connection {
                     self.behind_since = None;
                     for doc in lagging.take() {
                         if self.joined.contains(&doc) {
-                            let resume = DocMsg::Resume { peer: self.peer };
+                            let link = self.link.clone();
+                            let resume = DocMsg::Resume { peer: self.peer, link };
                             self.shared.docs.send(self.customer, doc, resume);
                         }
                     }
                 }
-                _ = slow.tick(), if self.may_be_stalled() => {
-                    if self.frames_waiting() && self.read_at.since() >= patience {
-                        let reason = "device is not reading its stream";
-                        return Err(ApiError::ResourceExhausted(reason.into()).into());
+                _ = slow.tick(), if self.may_be_stalled() || stalled_since.is_some() => {
+                    if self.may_be_stalled() && self.frames_waiting() {
+                        let since = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed().min(self.read_at.since()) >= patience {
+                            let reason = "device is not reading its stream";
+                            return Err(ApiError::ResourceExhausted(reason.into()).into());
+                        }
+                    } else {
+                        stalled_since = None;
                     }
                 }
                 room = own.reserve(), if !self.backlog.is_empty() => {

@@ -518,3 +518,74 @@ async fn a_flipped_bit_in_the_sled_log_is_refused_at_start_and_the_device_brings
     synced(&laptop).await;
     assert_eq!(contents(&laptop).await, acknowledged, "the device brought back what was lost");
 }
+
+/// Issue 24: a store put back whole from a backup, witness and all, is not noticed at start;
+/// once other devices have written past what this device saw, neither is it noticed when the
+/// device connects. The device learns it only when the server answers `NOT_FOUND` for a
+/// document it holds: it keeps the document (never taking "not found" for a deletion), and
+/// offers it back with its changes, once a fresh catch-up shows no deletion of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_the_server_lost_unnoticed_is_offered_back_not_deleted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (dir, port) = (dir.path(), free_port());
+    let homes = tempfile::tempdir().expect("temp dir");
+    let home = |name: &str| homes.path().join(name);
+    let server = serve_on(dir, port);
+    let phone = device_of(dir, port, "alice", &home("phone")).await;
+    phone.create("kept").await.expect("create").put("k", serde_json::json!(1)).await.expect("put");
+    synced(&phone).await;
+    phone.shutdown().await;
+    stop(server);
+    let backup = homes.path().join("backup-of-everything");
+    copy_tree(&dir.join("cubby-data"), &backup);
+
+    let server = serve_on(dir, port);
+    let phone = device_of(dir, port, "alice", &home("phone")).await;
+    let late = phone.create("late").await.expect("create");
+    late.put("before", serde_json::json!(1)).await.expect("put");
+    let late_id = late.id();
+    drop(late);
+    synced(&phone).await;
+    phone.shutdown().await;
+    stop(server);
+
+    // The whole data directory put back, witness included: nothing to notice at start.
+    std::fs::remove_dir_all(dir.join("cubby-data")).expect("rm");
+    copy_tree(&backup, &dir.join("cubby-data"));
+    let _server = serve_on(dir, port);
+    let laptop = device_of(dir, port, "alice", &home("laptop")).await;
+    for n in 0..5 {
+        let doc = laptop.create(&format!("laptop {n}")).await.expect("create");
+        doc.put("n", serde_json::json!(n)).await.expect("put");
+    }
+    synced(&laptop).await;
+
+    // The phone's cursor is behind the server's head now, so its hello says nothing amiss; its
+    // edit to the lost document is answered `NOT_FOUND`.
+    let phone = device_of(dir, port, "alice", &home("phone")).await;
+    let mut events = phone.events();
+    synced(&phone).await;
+    let late = phone.open(late_id).await.expect("the phone still holds it");
+    late.put("after", serde_json::json!(2)).await.expect("put");
+    synced(&phone).await;
+    drop(late);
+    assert!(phone.take_discarded().await.expect("discarded").is_empty(), "nothing discarded");
+    while let Ok((id, event)) = events.try_recv() {
+        assert!(
+            !(id == late_id && matches!(event, cubby_client::DocEvent::Deleted { .. })),
+            "the phone took NOT_FOUND for a deletion"
+        );
+    }
+    let want = serde_json::json!({ "before": 1, "after": 2 });
+    assert_eq!(contents(&phone).await.get("late"), Some(&want), "the phone keeps it");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        synced(&laptop).await;
+        if contents(&laptop).await.get("late") == Some(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lost document never came back to the server");
+        let mut status = laptop.status();
+        let _ = tokio::time::timeout(Duration::from_secs(1), status.changed()).await;
+    }
+}

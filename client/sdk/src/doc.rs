@@ -16,9 +16,6 @@ use crate::{ClientError, Inner, LOCAL};
 pub(crate) const MARK_NEW: &[u8] = b"new";
 /// The unsynced mark of a document with local changes the server has not acknowledged.
 pub(crate) const MARK_DIRTY: &[u8] = b"dirty";
-/// The unsynced mark of a document offered back to a server in a new epoch (see
-/// `Challenge.epoch`), until it acknowledges everything of it.
-pub(crate) const MARK_HEAL: &[u8] = b"heal";
 
 /// Something happened to a document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,9 +50,12 @@ pub(crate) struct LocalDoc {
     /// Deleted on the server: changes are refused.
     pub(crate) deleted: bool,
     /// Created on this device and not yet seen by the server, or offered back to a server
-    /// that started a new epoch (it may have lost it): sync messages carry its title and
-    /// private flag, so that the server can make it.
+    /// that does not have it (see `Space::HEAL`): sync messages carry its title and private
+    /// flag, so that the server can make it.
     pub(crate) unconfirmed: bool,
+    /// A write of it to the local store failed after taking a chunk index: the next write
+    /// carries a snapshot through its own, so that the stored chunks have no gap.
+    resave: bool,
 }
 
 pub(crate) struct DocShared {
@@ -76,13 +76,6 @@ pub(crate) struct LocalWrite {
 }
 
 impl LocalWrite {
-    /// Applies the write to `shared`'s document and flushes: for this device's own changes,
-    /// which exist nowhere else yet. Blocking.
-    pub(crate) fn apply(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
-        self.apply_unflushed(store, shared)?;
-        store.flush()
-    }
-
     /// Applies the write without waiting for the disk: for changes the server sent, which it
     /// already holds durably. The store's next flush (the next local change, or its own timer)
     /// carries it; a crash before then loses only writes made after everything flushed, and
@@ -92,8 +85,13 @@ impl LocalWrite {
         store: &dyn Store,
         shared: &DocShared,
     ) -> Result<(), StoreError> {
-        let id = &shared.id;
         let _turn = shared.store_turn();
+        self.store(store, shared).inspect_err(|_| shared.write_failed())
+    }
+
+    /// Stores the write; the caller holds `shared`'s store turn.
+    fn store(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
+        let id = &shared.id;
         if let Some((index, bytes)) = &self.chunk {
             let meta = shared.meta().encode();
             store.write_doc_off_feed(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
@@ -120,6 +118,7 @@ impl DocShared {
             session: PeerSession::new(),
             unconfirmed: true,
             deleted: false,
+            resave: false,
         };
         Self::from_parts(id, state)
     }
@@ -151,8 +150,10 @@ impl DocShared {
             Some(bytes) => PeerSession::restore_for(&bytes, &doc),
             None => PeerSession::new(),
         };
+        // A document to offer back (`Space::HEAL`) is made on the server only once the engine
+        // knows it was not deleted there meanwhile: the engine sets `unconfirmed` then.
         let mark = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-        let unconfirmed = mark.is_some_and(|v| v == MARK_NEW || v == MARK_HEAL);
+        let unconfirmed = mark.is_some_and(|v| v == MARK_NEW);
         let state = LocalDoc {
             doc,
             meta,
@@ -162,6 +163,7 @@ impl DocShared {
             session,
             unconfirmed,
             deleted: false,
+            resave: false,
         };
         Ok(Self::from_parts(id, state))
     }
@@ -174,8 +176,14 @@ impl DocShared {
         self.lock().meta.clone()
     }
 
-    fn store_turn(&self) -> MutexGuard<'_, ()> {
+    /// Taken around each write of the document to the local store, and around its deletion.
+    pub(crate) fn store_turn(&self) -> MutexGuard<'_, ()> {
         self.store_turn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A write took a chunk index and did not store it (see `LocalDoc::resave`).
+    pub(crate) fn write_failed(&self) {
+        self.lock().resave = true;
     }
 
     /// Takes what the customer controls in the server's metadata: the title and the private
@@ -226,8 +234,11 @@ impl LocalDoc {
         let policy = CompactionPolicy::default();
         let snapshot = match &chunk {
             Some((index, _))
-                if policy.should_compact(self.chunks_since_snapshot, self.bytes_since_snapshot) =>
+                if self.resave
+                    || policy
+                        .should_compact(self.chunks_since_snapshot, self.bytes_since_snapshot) =>
             {
+                self.resave = false;
                 self.chunks_since_snapshot = 0;
                 self.bytes_since_snapshot = 0;
                 Some(Snapshot { through: *index, bytes: self.doc.save() })
@@ -291,8 +302,9 @@ impl DocHandle {
         let id = self.shared.id;
         let shared = self.shared.clone();
         let wake = self.client.wake.clone();
-        self.client
-            .blocking(move |store| -> Result<(), StoreError> {
+        let written = self
+            .client
+            .blocking(move |store| -> Result<(), ClientError> {
                 // Mark the document unsynced before the sync engine can see the change, so the
                 // mark can never land after the engine has cleared it...
                 if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
@@ -302,9 +314,27 @@ impl DocHandle {
                 // server's copy is durable on its own, and this call still returns only after
                 // the local flush.
                 let _ = wake.send(id);
-                write.apply(store, &shared)
+                // The engine deletes a document deleted on the server in its turn, after setting
+                // `deleted`: a change lands before (and is reported discarded) or is refused,
+                // never written back over the deletion.
+                let turn = shared.store_turn();
+                if shared.lock().deleted || store.doc_meta(&LOCAL, &id)?.is_none() {
+                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    return Err(ClientError::Deleted(id));
+                }
+                write.store(store, &shared)?;
+                drop(turn);
+                Ok(store.flush()?)
             })
-            .await?;
+            .await;
+        match written {
+            Ok(()) => {}
+            Err(err @ ClientError::Deleted(_)) => return Err(err),
+            Err(err) => {
+                self.shared.write_failed();
+                return Err(err);
+            }
+        }
         self.client.wrote(id);
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));

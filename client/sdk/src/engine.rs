@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_HEAL, MARK_NEW};
+use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_NEW};
 use crate::{ClientError, Inner, LOCAL, TokenProvider};
 
 /// Where syncing stands.
@@ -382,8 +382,16 @@ struct Session<'a> {
     parts: Reassembly,
     /// Documents whose changes the server refused on this connection, until it takes them.
     refused: HashMap<DocId, Refusal>,
-    /// Documents to offer back to a server in a new epoch once `CaughtUp` arrives.
+    /// Documents to offer back (`Space::HEAL`) once `CaughtUp` arrives, unless announced
+    /// deleted before it.
     healing: Vec<DocId>,
+    /// Documents offered back on this connection: their next message carries `create`.
+    heal: HashSet<DocId>,
+    /// Documents the server said it does not have (`NOT_FOUND`), and when: deleted, or lost.
+    /// A deletion is announced right behind; one not announced within [`STALL`] after
+    /// `CaughtUp` was lost, and a new connection offers it back (its catch-up tells the two
+    /// apart for certain).
+    unknown: HashMap<DocId, Instant>,
 }
 
 /// Where the device keeps the server epoch its cursor and sync states belong to
@@ -424,6 +432,8 @@ impl<'a> Session<'a> {
             parts: Reassembly::new(MAX_REASSEMBLY),
             refused: HashMap::new(),
             healing: Vec::new(),
+            heal: HashSet::new(),
+            unknown: HashMap::new(),
         }
     }
 
@@ -431,7 +441,7 @@ impl<'a> Session<'a> {
     /// store was restored, or found behind what a device had seen) voids everything the device
     /// knew of the server: its cursor goes back to 0, its sync states are forgotten, and every
     /// document it holds is marked to be offered back, with what the server needs to make it
-    /// (`MARK_HEAL`), after `CaughtUp`. The marks and the new epoch are stored together and
+    /// (`Space::HEAL`), after `CaughtUp`. The marks and the new epoch are stored together and
     /// flushed, so a crash meanwhile loses none of it. A device that never synced just keeps the
     /// epoch.
     async fn take_epoch(
@@ -452,10 +462,7 @@ impl<'a> Session<'a> {
                 if heal {
                     for (id, _, _) in store.list_docs(&LOCAL)? {
                         let key = id.as_bytes();
-                        let mark = store.get_record(&LOCAL, Space::UNSYNCED, key)?;
-                        if mark.as_deref() != Some(MARK_NEW) {
-                            store.put_record(&LOCAL, Space::UNSYNCED, key, MARK_HEAL)?;
-                        }
+                        store.put_record(&LOCAL, Space::HEAL, key, &[])?;
                         store.remove_record(&LOCAL, Space::SYNC_STATES, key)?;
                         offered += 1;
                     }
@@ -569,23 +576,32 @@ impl<'a> Session<'a> {
         // Sessions of documents still loaded from the last connection may wait for answers that
         // will never come: start them over, as if loaded from disk.
         self.inner.reconnect_sessions();
-        let unsynced = self.blocking(|store| store.scan_records(&LOCAL, Space::UNSYNCED)).await?;
+        let (unsynced, healing) = self
+            .blocking(|store| {
+                let unsynced = store.scan_records(&LOCAL, Space::UNSYNCED)?;
+                Ok((unsynced, store.scan_records(&LOCAL, Space::HEAL)?))
+            })
+            .await?;
+        let ids = |records: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<DocId> {
+            records.iter().filter_map(|(key, _)| DocId::from_slice(key).ok()).collect()
+        };
+        let (unsynced, healing) = (ids(unsynced), ids(healing));
 
         tracing::debug!(device = %self.inner.device_id.short(), cursor,
             unsynced = unsynced.len(), "connected");
         self.inner.status.send_replace(SyncStatus::Syncing { done: 0, total: unsynced.len() });
         // Documents edited offline take turns with announced ones: a device that sent all of
         // thousands before reading an answer had its connection closed under it. Documents
-        // offered back to a server in a new epoch wait for `CaughtUp`, so that deletions made
+        // offered back to a server that lost them wait for `CaughtUp`, so that deletions made
         // since reach this device before it offers them (it would make them again).
-        for (key, mark) in unsynced {
-            if let Ok(doc) = DocId::from_slice(&key) {
+        for &doc in &healing {
+            self.owed.unsynced(doc);
+            self.healing.push(doc);
+        }
+        for doc in unsynced {
+            if !self.owed.contains(&doc) {
                 self.owed.unsynced(doc);
-                if mark == MARK_HEAL {
-                    self.healing.push(doc);
-                } else {
-                    self.waiting.push_back((doc, 0));
-                }
+                self.waiting.push_back((doc, 0));
             }
         }
         self.ask_waiting().await?;
@@ -603,6 +619,13 @@ impl<'a> Session<'a> {
                 }
                 _ = watchdog.tick() => {
                     self.warm.retain(|(settled, _)| settled.elapsed() < WARM_FOR);
+                    let lost = self.unknown.values().filter(|at| at.elapsed() >= STALL).count();
+                    if self.caught_up && lost > 0 {
+                        return Err(SyncFailure::Other(format!(
+                            "the server does not have {lost} document(s) this device holds and \
+                             did not announce them deleted; reconnecting to offer them back"
+                        )));
+                    }
                     if heard.elapsed() >= STALL {
                         self.resync_stalled().await?;
                         heard = Instant::now();
@@ -648,8 +671,11 @@ impl<'a> Session<'a> {
                 }
                 Some(doc) = wakes.recv() => {
                     self.owed.unsynced(doc);
-                    if self.refused.get(&doc).is_some_and(|r| r.retry_at.is_some()) {
-                        // Refused and pausing: this edit goes with the next offer.
+                    if self.refused.get(&doc).is_some_and(|r| r.retry_at.is_some())
+                        || self.unknown.contains_key(&doc)
+                    {
+                        // Refused and pausing, or unknown to the server: this edit goes with
+                        // the next offer.
                         continue;
                     }
                     self.push(doc).await?;
@@ -708,7 +734,10 @@ impl<'a> Session<'a> {
         // Documents waiting their turn are asked for when it comes, refused ones after their
         // pause.
         let waiting: HashSet<DocId> = self.waiting.iter().map(|(id, _)| *id).collect();
-        let pausing = |id: &DocId| self.refused.get(id).is_some_and(|r| r.retry_at.is_some());
+        let pausing = |id: &DocId| {
+            self.refused.get(id).is_some_and(|r| r.retry_at.is_some())
+                || self.unknown.contains_key(id)
+        };
         let owed: Vec<DocId> =
             self.owed.docs().filter(|id| !waiting.contains(id) && !pausing(id)).collect();
         for id in owed {
@@ -740,16 +769,28 @@ impl<'a> Session<'a> {
 
     /// Sends the server whatever the sync protocol has to say about `id`.
     async fn push(&mut self, id: DocId) -> Result<(), SyncFailure> {
-        let shared = match self.doc(id).await {
-            Ok(shared) => shared,
-            Err(err) => {
-                tracing::warn!(doc = %id.short(), %err, "cannot load local document");
-                return Ok(());
-            }
+        let shared = match self.active.get(&id) {
+            Some(shared) => shared.clone(),
+            None => match self.inner.doc(id).await {
+                Ok(shared) => self.active.entry(id).or_insert(shared).clone(),
+                // Deleted meanwhile: nothing is owed of it, and no mark is left behind.
+                Err(ClientError::UnknownDocument(_)) => {
+                    self.owed.forget(id);
+                    self.blocking(move |store| remove_mark(store, id)).await?;
+                    return Ok(());
+                }
+                Err(err) => {
+                    tracing::warn!(doc = %id.short(), %err, "cannot load local document");
+                    return Ok(());
+                }
+            },
         };
         let frame = {
             let mut state = shared.lock();
             let state = &mut *state;
+            if self.heal.remove(&id) {
+                state.unconfirmed = true;
+            }
             let Some(message) = state.session.generate(&state.doc) else {
                 tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                     ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
@@ -781,6 +822,7 @@ impl<'a> Session<'a> {
                 // Deleted meanwhile ones are gone from the device (and their marks with them).
                 for doc in std::mem::take(&mut self.healing) {
                     if self.owed.contains(&doc) {
+                        self.heal.insert(doc);
                         self.waiting.push_back((doc, 0));
                     }
                 }
@@ -825,6 +867,7 @@ impl<'a> Session<'a> {
 
     async fn on_sync(&mut self, sync: pb::DocSync) -> Result<(), SyncFailure> {
         let Ok(id) = DocId::from_slice(&sync.doc_id) else { return Ok(()) };
+        self.unknown.remove(&id);
         let shared = self.doc(id).await?;
         let (write, reply, holds, server_has_all, changed, was_unconfirmed, settled) = {
             let mut state = shared.lock();
@@ -873,8 +916,12 @@ impl<'a> Session<'a> {
                         "server holds everything: unsynced mark cleared");
                     return remove_mark(store, id);
                 }
-                if was_unconfirmed {
-                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
+                // The server has the document now: its next messages need not make it.
+                let key = id.as_bytes();
+                if was_unconfirmed
+                    && store.get_record(&LOCAL, Space::UNSYNCED, key)?.as_deref() == Some(MARK_NEW)
+                {
+                    store.put_record(&LOCAL, Space::UNSYNCED, key, MARK_DIRTY)?;
                 }
                 Ok(false)
             })
@@ -976,9 +1023,27 @@ impl<'a> Session<'a> {
         }
         match tonic::Code::from_i32(error.code) {
             tonic::Code::NotFound => {
-                // Deleted on the server (its deletion is announced too, unless it was long ago).
-                tracing::warn!(doc = %id.short(), "the server does not know this document");
-                self.deleted(id).await
+                // Deleted on the server, and then announced deleted right behind; or lost by
+                // it (a store put back from a backup without the device noticing). Nothing is
+                // deleted here: the document is kept, marked to be offered back, until its
+                // deletion is announced (see `unknown`).
+                self.active.remove(&id);
+                let held = self
+                    .blocking(move |store| {
+                        // Gone from the device already: its deletion came first.
+                        if store.doc_meta(&LOCAL, &id)?.is_none() {
+                            return Ok(false);
+                        }
+                        store.put_record(&LOCAL, Space::HEAL, id.as_bytes(), &[])?;
+                        Ok(true)
+                    })
+                    .await?;
+                if held {
+                    tracing::warn!(doc = %id.short(), "the server does not have this document");
+                    self.owed.unsynced(id);
+                    self.unknown.entry(id).or_insert_with(Instant::now);
+                }
+                Ok(())
             }
             code => {
                 let failure = SyncFailure::Other(format!(
@@ -1014,9 +1079,16 @@ impl<'a> Session<'a> {
         self.warm.retain(|(_, kept)| kept.id != id);
         self.owed.forget(id);
         self.refused.remove(&id);
+        self.unknown.remove(&id);
+        self.heal.remove(&id);
+        let turn = copy.clone();
         let discarded = self
             .blocking(move |store| {
+                // In the copy's store turn: a local change lands before this, or is refused.
+                let _turn = turn.as_deref().map(DocShared::store_turn);
                 let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
+                // Only this device's own changes count as discarded, not a document it was
+                // offering back.
                 let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
                 if unsynced {
                     let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
@@ -1025,6 +1097,7 @@ impl<'a> Session<'a> {
                 store.delete_doc(&LOCAL, &id)?;
                 store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
                 store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                store.remove_record(&LOCAL, Space::HEAL, id.as_bytes())?;
                 store.flush()?;
                 Ok(Some(unsynced))
             })
@@ -1207,11 +1280,15 @@ impl Owed {
     }
 }
 
-/// Removes a document's unsynced mark; returns whether there was one. Blocking.
+/// Removes a document's unsynced and heal marks: the server holds everything of it. Returns
+/// whether there was one. Blocking.
 fn remove_mark(store: &dyn cubby_store::Store, id: DocId) -> Result<bool, StoreError> {
-    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-    Ok(marked.is_some())
+    let mut marked = false;
+    for space in [Space::UNSYNCED, Space::HEAL] {
+        marked |= store.get_record(&LOCAL, space, id.as_bytes())?.is_some();
+        store.remove_record(&LOCAL, space, id.as_bytes())?;
+    }
+    Ok(marked)
 }
 
 #[cfg(test)]

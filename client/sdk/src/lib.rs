@@ -534,17 +534,15 @@ impl Inner {
             1;
     }
 
-    /// Forgets every loaded document's sync session and has its next message carry what the
-    /// server needs to make it: the server started a new epoch (see `Challenge.epoch`).
+    /// Forgets every loaded document's sync session: the server started a new epoch (see
+    /// `Challenge.epoch`). The engine offers each back with what the server needs to make it.
     pub(crate) fn heal_sessions(&self) {
         let loaded: Vec<_> = {
             let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
             docs.copies.values().filter_map(Weak::upgrade).collect()
         };
         for doc in loaded {
-            let mut state = doc.lock();
-            state.session = cubby_core::session::PeerSession::new();
-            state.unconfirmed = true;
+            doc.lock().session = cubby_core::session::PeerSession::new();
         }
     }
 
@@ -683,11 +681,20 @@ impl Client {
             .collect()
     }
 
-    /// Documents with local changes the server has not acknowledged yet.
+    /// Documents with changes the server does not hold yet: local changes it has not
+    /// acknowledged, and documents this device is offering back to a server that lost them.
     pub async fn unsynced(&self) -> Result<Vec<DocId>, ClientError> {
-        let records =
-            self.inner.blocking(|store| store.scan_records(&LOCAL, Space::UNSYNCED)).await?;
-        Ok(records.iter().filter_map(|(k, _)| DocId::from_slice(k).ok()).collect())
+        let records = self
+            .inner
+            .blocking(|store| {
+                let mut records = store.scan_records(&LOCAL, Space::UNSYNCED)?;
+                records.extend(store.scan_records(&LOCAL, Space::HEAL)?);
+                Ok::<_, StoreError>(records)
+            })
+            .await?;
+        let ids: std::collections::BTreeSet<DocId> =
+            records.iter().filter_map(|(k, _)| DocId::from_slice(k).ok()).collect();
+        Ok(ids.into_iter().collect())
     }
 
     /// The sync status; `borrow()` for now, `changed().await` for updates.

@@ -262,7 +262,12 @@ impl SledStore {
     /// each. Any prefix of the removals a crash keeps is harmless: loads skip covered chunks,
     /// and a load that finds some queues them again.
     fn sweep(&self) -> Result<()> {
-        let mut covered = self.lock_covered();
+        // A load holds the lock while it reads a document's chunks; the next write sweeps.
+        let mut covered = match self.covered.try_lock() {
+            Ok(covered) => covered,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         let mut budget = SWEEP_PER_WRITE;
         while let Some(front) = covered.front() {
             let found = self.covered_keys(&front.prefix, front.through, budget)?;
@@ -366,13 +371,19 @@ impl SledStore {
         Ok((seq, steps))
     }
 
-    /// A document's stored metadata (`value`), checked against its feed position and the feed:
-    /// the position it was written for, and its bytes. In every state a write can leave (see
-    /// [`Self::doc_write_steps`]), the metadata is not older than the document's position, and
-    /// the feed entry at its position names the document; an older copy of it spliced over the
-    /// newer one (its record and perhaps its position) breaks one of the two.
-    fn checked_meta(&self, c: &CustomerId, d: &DocId, value: &[u8]) -> Result<(Seq, Vec<u8>)> {
-        let seq = meta_seq(value)?;
+    /// A document's stored metadata, checked against its feed position and the feed: the
+    /// position it was written for, and its bytes; `None` if it has none. In every state a write
+    /// can leave (see [`Self::doc_write_steps`]), the metadata is not older than the document's
+    /// position, and the feed entry at its position names the document; an older copy of it
+    /// spliced over the newer one (its record and perhaps its position) breaks one of the two.
+    /// The three reads hold the feed lock, so that no write's steps land between them.
+    fn checked_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
+        let _feed = self.lock_feed();
+        let Some(value) = self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))?
+        else {
+            return Ok(None);
+        };
+        let seq = meta_seq(&value)?;
         if seq < self.position(c, d)?.unwrap_or_default() {
             return Err(StoreError::Corrupt("metadata (older than the document)"));
         }
@@ -383,7 +394,7 @@ impl SledStore {
                 return Err(StoreError::Corrupt("metadata (not at its feed position)"));
             }
         }
-        Ok((seq, value[8..].to_vec()))
+        Ok(Some((seq, value[8..].to_vec())))
     }
 
     /// The document's feed position (`p`), if it has one.
@@ -518,26 +529,32 @@ impl Store for SledStore {
     }
 
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
-        let Some(meta) = self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))?
-        else {
-            return Ok(None);
-        };
-        let (seq, meta) = self.checked_meta(c, d, &meta)?;
-        let snapshot = match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
-            Some(v) if v.len() >= 8 => {
-                Some(Snapshot { through: u64_of(&v[..8])?, bytes: v[8..].to_vec() })
-            }
-            Some(_) => return Err(StoreError::Backend("stored snapshot is truncated".into())),
-            None => None,
-        };
+        let Some((seq, meta)) = self.checked_meta(c, d)? else { return Ok(None) };
+        // The snapshot and the chunks are read under the lock that sweeps take, so that none
+        // removes chunks between the two reads: a compaction's new snapshot missed, then chunks
+        // its sweep removed, would read as a gap.
         let prefix = key(b'c', c, &[d.as_bytes()]);
-        let mut chunks: Vec<(u64, Vec<u8>)> = self
-            .scan(prefix.clone())
-            .map(|r| {
-                let (k, v) = r?;
-                Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
-            })
-            .collect::<Result<_>>()?;
+        let (snapshot, mut chunks) = {
+            let _covered = self.lock_covered();
+            let snapshot =
+                match self.db.get(key(b's', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
+                    Some(v) if v.len() >= 8 => {
+                        Some(Snapshot { through: u64_of(&v[..8])?, bytes: v[8..].to_vec() })
+                    }
+                    Some(_) => {
+                        return Err(StoreError::Backend("stored snapshot is truncated".into()));
+                    }
+                    None => None,
+                };
+            let chunks: Vec<(u64, Vec<u8>)> = self
+                .scan(prefix.clone())
+                .map(|r| {
+                    let (k, v) = r?;
+                    Ok((u64_of(&k[prefix.len()..])?, v.to_vec()))
+                })
+                .collect::<Result<_>>()?;
+            (snapshot, chunks)
+        };
         // Chunks the snapshot covers that no write has removed yet (see `sweep`), some of them
         // perhaps left by a crash: skip them, and have them removed.
         if let Some(through) = snapshot.as_ref().map(|s| s.through) {
@@ -551,10 +568,7 @@ impl Store for SledStore {
     }
 
     fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
-        match self.db.get(key(b'm', c, &[d.as_bytes()])).map_err(|e| self.fail(e))? {
-            Some(value) => Ok(Some(self.checked_meta(c, d, &value)?)),
-            None => Ok(None),
-        }
+        self.checked_meta(c, d)
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
@@ -588,14 +602,19 @@ impl Store for SledStore {
 
     fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         let prefix = key(b'm', c, &[]);
-        self.scan(prefix.clone())
-            .map(|r| {
-                let (k, v) = r?;
-                let d = doc_of(&k[prefix.len()..])?;
-                let (seq, meta) = self.checked_meta(c, &d, &v)?;
-                Ok((d, seq, meta))
-            })
-            .collect()
+        let ids: Vec<DocId> = self
+            .scan(prefix.clone())
+            .map(|r| doc_of(&r?.0[prefix.len()..]))
+            .collect::<Result<_>>()?;
+        // Each read again, checked, under the feed lock (the scan takes none); one deleted
+        // meanwhile is left out.
+        let mut docs = Vec::with_capacity(ids.len());
+        for d in ids {
+            if let Some((seq, meta)) = self.checked_meta(c, &d)? {
+                docs.push((d, seq, meta));
+            }
+        }
+        Ok(docs)
     }
 
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {

@@ -8,8 +8,8 @@
 //!   the other still holds the anchor before it (the store is then one flush ahead, which is
 //!   fine). The newest slot whose digest matches is the anchor.
 //! - `ledger`: append-only records `length ‖ bytes ‖ digest`, each followed by `fdatasync`. A
-//!   record cut short at the end (a crash while appending, never acknowledged) is ignored; a
-//!   damaged one before others is refused.
+//!   record cut short at the end (a crash while appending, never acknowledged) is ignored, and
+//!   cut off before the next append; a damaged one before others is refused.
 //!
 //! What the slots and records hold is sealed by the store ([`cubby_store::witness`]); the
 //! digests only tell a torn write from a whole one.
@@ -146,7 +146,29 @@ impl Witness for WitnessDir {
     }
 
     fn ledger(&self) -> Result<Vec<Vec<u8>>> {
+        Ok(Self::read_ledger(&lock(&self.ledger))?.0)
+    }
+
+    fn append(&self, sealed: &[u8]) -> Result<()> {
         let mut file = lock(&self.ledger);
+        let len = u32::try_from(sealed.len())
+            .map_err(|_| StoreError::Backend("a ledger entry over 4 GiB".into()))?;
+        let record = [len.to_be_bytes().as_slice(), sealed, &digest(&[sealed])].concat();
+        // A record torn by a crash goes first: appended after it, this one would be read as
+        // damage in the middle of the ledger.
+        let (_, whole) = Self::read_ledger(&file)?;
+        if file.metadata().map_err(io_error)?.len() > whole {
+            file.set_len(whole).map_err(io_error)?;
+        }
+        file.seek(SeekFrom::Start(whole)).map_err(io_error)?;
+        file.write_all(&record).map_err(io_error)?;
+        file.sync_data().map_err(io_error)
+    }
+}
+
+impl WitnessDir {
+    /// The ledger's whole records, and how many bytes they take.
+    fn read_ledger(mut file: &File) -> Result<(Vec<Vec<u8>>, u64)> {
         let mut bytes = Vec::new();
         file.seek(SeekFrom::Start(0)).map_err(io_error)?;
         file.read_to_end(&mut bytes).map_err(io_error)?;
@@ -169,21 +191,9 @@ impl Witness for WitnessDir {
                 None => return Err(StoreError::Corrupt("ledger")),
             }
         }
-        Ok(entries)
+        Ok((entries, (bytes.len() - rest.len()) as u64))
     }
 
-    fn append(&self, sealed: &[u8]) -> Result<()> {
-        let mut file = lock(&self.ledger);
-        let len = u32::try_from(sealed.len())
-            .map_err(|_| StoreError::Backend("a ledger entry over 4 GiB".into()))?;
-        let record = [len.to_be_bytes().as_slice(), sealed, &digest(&[sealed])].concat();
-        file.seek(SeekFrom::End(0)).map_err(io_error)?;
-        file.write_all(&record).map_err(io_error)?;
-        file.sync_data().map_err(io_error)
-    }
-}
-
-impl WitnessDir {
     /// Whether `rest` is a record cut short at the end of the file: its length runs past it.
     fn is_torn_tail(rest: &[u8]) -> bool {
         match rest.get(..4) {
@@ -235,6 +245,11 @@ mod tests {
         let witness = WitnessDir::open(dir.path()).expect("reopens");
         assert_eq!(witness.anchor().expect("anchor"), Some(vec![1; 40]));
         assert_eq!(witness.ledger().expect("ledger"), vec![b"whole".to_vec()]);
+        // The torn record is cut off by the next append, not left in the middle.
+        witness.append(b"after").expect("append");
+        drop(witness);
+        let witness = WitnessDir::open(dir.path()).expect("reopens");
+        assert_eq!(witness.ledger().expect("ledger"), vec![b"whole".to_vec(), b"after".to_vec()]);
         // A damaged record before others is refused.
         drop(witness);
         let mut ledger =

@@ -164,18 +164,26 @@ impl<S: Store> EncryptedStore<S> {
     /// unless it is new. Then every erasure in the ledger that the store lacks is made again.
     /// From here on every flush with writes is counted in the store and the anchor.
     pub fn open_witnessed(inner: S, keyring: Keyring, witness: Arc<dyn Witness>) -> Result<Self> {
+        let key = keyring.witness_key().clone();
+        let sealed = witness.anchor()?;
+        // An empty store where the anchor says one was: refused before anything is written,
+        // so that the directory is left as it was found.
+        if let Some(sealed) = &sealed {
+            if inner.get_key(&SYSTEM)?.is_none() {
+                let acknowledged = Anchor::open(&key, sealed)?.flushes;
+                return Err(StoreError::Integrity(IntegrityError::Wiped { acknowledged }));
+            }
+        }
+        // The key check first: with another master key, that is what to say.
         let (mut store, created) = Self::open_unchecked(inner, keyring)?;
-        let key = store.keyring().witness_key().clone();
-        let anchor = witness.anchor()?.map(|sealed| Anchor::open(&key, &sealed)).transpose()?;
+        let anchor = sealed.map(|sealed| Anchor::open(&key, &sealed)).transpose()?;
         let found = store.stored_flushes()?;
         let refused = match anchor {
-            None if created => None,
+            // New, or made by a first open that stopped before its anchor: nothing was
+            // acknowledged from it yet.
+            None if created || found == 0 => None,
             None => Some(IntegrityError::AnchorMissing),
-            Some(anchor) if anchor.store != store.identity.store => Some(if created {
-                IntegrityError::Wiped { acknowledged: anchor.flushes }
-            } else {
-                IntegrityError::Replaced
-            }),
+            Some(anchor) if anchor.store != store.identity.store => Some(IntegrityError::Replaced),
             Some(anchor) if anchor.epoch != store.identity.epoch => Some(IntegrityError::OldEpoch),
             Some(anchor) if found < anchor.flushes => {
                 Some(IntegrityError::RolledBack { acknowledged: anchor.flushes, found })
@@ -720,9 +728,11 @@ impl<S: Store> Store for EncryptedStore<S> {
     fn flush(&self) -> Result<()> {
         let Some(w) = &self.witnessed else { return self.inner.flush() };
         let mut flushes = w.flushes.lock().unwrap_or_else(PoisonError::into_inner);
-        // Writes made while an earlier flush ran set this again after it cleared it.
+        // Writes made while an earlier flush ran set this again after it cleared it. With none
+        // counted, the store is flushed all the same (cheap when there is nothing to write),
+        // so that no write depends on having been counted to become durable.
         if !w.dirty.swap(false, Ordering::SeqCst) {
-            return Ok(());
+            return self.inner.flush();
         }
         let next = *flushes + 1;
         let durable = self
@@ -1003,8 +1013,13 @@ mod tests {
             ),
             "{refused}"
         );
-        let wiped = witnessed(&MemoryStore::new(), &witness).expect_err("an empty store");
+        let empty = MemoryStore::new();
+        let wiped = witnessed(&empty, &witness).expect_err("an empty store");
         assert!(matches!(wiped, StoreError::Integrity(IntegrityError::Wiped { acknowledged: 2 })));
+        assert!(empty.get_key(&SYSTEM).expect("key").is_none(), "nothing written to it");
+        let other_key =
+            EncryptedStore::open_witnessed(backend.clone(), keyring(2), Arc::new(witness.clone()));
+        assert!(matches!(other_key, Err(StoreError::WrongMasterKey)), "the key is named first");
         let unwitnessed = witnessed(&backend, &crate::witness::MemoryWitness::new());
         assert!(matches!(unwitnessed, Err(StoreError::Integrity(IntegrityError::AnchorMissing))));
 

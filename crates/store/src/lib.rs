@@ -93,10 +93,11 @@ pub enum IntegrityError {
         /// Flushes the store holds.
         found: u64,
     },
-    /// The store is new, but the anchor is another's that had acknowledged writes.
+    /// The store is empty, but the anchor says this server had a store with acknowledged
+    /// writes. Nothing is written to the empty store.
     #[error(
-        "it is empty, but this server had acknowledged {acknowledged} flushes of another store: \
-         the store was wiped or lost"
+        "it is empty, but this server had acknowledged {acknowledged} flushes of a store here: \
+         the store was wiped or lost (nothing was written to it)"
     )]
     Wiped {
         /// Flushes the anchor says were made durable.
@@ -222,6 +223,9 @@ impl Space {
     /// On a device: documents deleted elsewhere while it had changes to them the server never
     /// got, with their titles, until the app is told.
     pub const DISCARDED: Space = Space(10);
+    /// On a device: documents to offer back to the server with what it needs to make them (it
+    /// started a new epoch, or said it does not have them), until it holds everything of them.
+    pub const HEAL: Space = Space(11);
 }
 
 /// The customer id under which a store keeps its own records (such as the key check).
