@@ -699,6 +699,8 @@ impl Actor {
         if poisoned {
             // The document may be half-applied: go back to what is durable.
             if let Err(err) = self.load().await {
+                // Nothing half-applied is kept, or the next batch would write it.
+                self.state = None;
                 deferred.into_iter().for_each(|d| d.fail(&err));
                 // The devices' answers carry their permits back: each hears of the failure.
                 for (_, mut peer) in self.peers.drain() {

@@ -307,7 +307,8 @@ impl DocHandle {
             .blocking(move |store| -> Result<(), ClientError> {
                 // Mark the document unsynced before the sync engine can see the change, so the
                 // mark can never land after the engine has cleared it...
-                if store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none() {
+                let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none();
+                if marked {
                     store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
                 }
                 // ...then let the engine send it while this device's own flush runs: the
@@ -319,7 +320,11 @@ impl DocHandle {
                 // never written back over the deletion.
                 let turn = shared.store_turn();
                 if shared.lock().deleted || store.doc_meta(&LOCAL, &id)?.is_none() {
-                    store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    // Only the mark made here: one from earlier changes is the engine's to count
+                    // as discarded.
+                    if marked {
+                        store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+                    }
                     return Err(ClientError::Deleted(id));
                 }
                 write.store(store, &shared)?;

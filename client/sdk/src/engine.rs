@@ -385,7 +385,8 @@ struct Session<'a> {
     /// Documents to offer back (`Space::HEAL`) once `CaughtUp` arrives, unless announced
     /// deleted before it.
     healing: Vec<DocId>,
-    /// Documents offered back on this connection: their next message carries `create`.
+    /// Documents offered back on this connection: their messages carry `create` until the
+    /// server answers. Per connection: only after `CaughtUp` is a document known not deleted.
     heal: HashSet<DocId>,
     /// Documents the server said it does not have (`NOT_FOUND`), and when: deleted, or lost.
     /// A deletion is announced right behind; one not announced within [`STALL`] after
@@ -788,9 +789,6 @@ impl<'a> Session<'a> {
         let frame = {
             let mut state = shared.lock();
             let state = &mut *state;
-            if self.heal.remove(&id) {
-                state.unconfirmed = true;
-            }
             let Some(message) = state.session.generate(&state.doc) else {
                 tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                     ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
@@ -799,7 +797,8 @@ impl<'a> Session<'a> {
             };
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                 ours = ?state.doc.get_heads(), "push");
-            let create = state.unconfirmed.then(|| pb::NewDoc {
+            // Offered back on this connection (`heal`), or made here and not yet seen.
+            let create = (state.unconfirmed || self.heal.contains(&id)).then(|| pb::NewDoc {
                 title: state.meta.title.clone(),
                 private: state.meta.private,
             });
@@ -823,9 +822,13 @@ impl<'a> Session<'a> {
                 for doc in std::mem::take(&mut self.healing) {
                     if self.owed.contains(&doc) {
                         self.heal.insert(doc);
+                        self.unknown.remove(&doc);
                         self.waiting.push_back((doc, 0));
                     }
                 }
+                // A deletion is announced shortly after `CaughtUp`, whenever `NOT_FOUND` came.
+                let now = Instant::now();
+                self.unknown.values_mut().for_each(|at| *at = now);
             }
             Some(pb::server_frame::Frame::Error(error)) => self.on_error(error).await?,
             Some(pb::server_frame::Frame::Challenge(_)) => {
@@ -868,6 +871,7 @@ impl<'a> Session<'a> {
     async fn on_sync(&mut self, sync: pb::DocSync) -> Result<(), SyncFailure> {
         let Ok(id) = DocId::from_slice(&sync.doc_id) else { return Ok(()) };
         self.unknown.remove(&id);
+        self.heal.remove(&id);
         let shared = self.doc(id).await?;
         let (write, reply, holds, server_has_all, changed, was_unconfirmed, settled) = {
             let mut state = shared.lock();
@@ -1101,7 +1105,9 @@ impl<'a> Session<'a> {
                 store.flush()?;
                 Ok(Some(unsynced))
             })
-            .await?;
+            .await;
+        self.inner.forgotten(&id);
+        let discarded = discarded?;
         if let Some(discarded) = discarded {
             if discarded {
                 tracing::warn!(device = %self.inner.device_id.short(), doc = %id.short(),

@@ -409,6 +409,9 @@ struct Loaded {
     /// Per document, the feed position of the newest server metadata taken (see
     /// [`Inner::take_server_meta`]).
     meta_seq: HashMap<DocId, u64>,
+    /// Documents being deleted from the local store: none is loaded meanwhile (a copy loaded
+    /// in the gap could write the document back after the deletion).
+    deleting: std::collections::HashSet<DocId>,
 }
 
 /// What the client's parts share.
@@ -508,10 +511,16 @@ impl Inner {
                 if let Some(shared) = docs.copies.get(&id).and_then(Weak::upgrade) {
                     return Ok(shared);
                 }
+                if docs.deleting.contains(&id) {
+                    return Err(ClientError::UnknownDocument(id));
+                }
                 docs.writes.get(&id).copied().unwrap_or(0)
             };
             let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
             let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            if docs.deleting.contains(&id) {
+                return Err(ClientError::UnknownDocument(id));
+            }
             // Another task may have loaded it meanwhile: then its copy wins.
             if let Some(existing) = docs.copies.get(&id).and_then(Weak::upgrade) {
                 return Ok(existing);
@@ -573,11 +582,21 @@ impl Inner {
     /// Forgets a document deleted on the server; a handle the app still holds refuses changes
     /// from now on (written back, they would make the document again).
     /// Returns the loaded copy, if there was one.
+    /// Until [`Inner::forgotten`], the document is not loaded again.
     pub(crate) fn forget(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
-        let copy = self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.remove(id);
+        let copy = {
+            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+            docs.deleting.insert(*id);
+            docs.copies.remove(id)
+        };
         let copy = copy.and_then(|weak| weak.upgrade())?;
         copy.lock().deleted = true;
         Some(copy)
+    }
+
+    /// The local store's deletion of a forgotten document is over.
+    pub(crate) fn forgotten(&self, id: &DocId) {
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).deleting.remove(id);
     }
 
     /// Wipes the local store: its data key is destroyed first, then every record; nothing this

@@ -170,7 +170,9 @@ impl<S: Store> EncryptedStore<S> {
         // so that the directory is left as it was found.
         if let Some(sealed) = &sealed {
             if inner.get_key(&SYSTEM)?.is_none() {
-                let acknowledged = Anchor::open(&key, sealed)?.flushes;
+                // An anchor that does not open is another master key's.
+                let anchor = Anchor::open(&key, sealed).map_err(|_| StoreError::WrongMasterKey)?;
+                let acknowledged = anchor.flushes;
                 return Err(StoreError::Integrity(IntegrityError::Wiped { acknowledged }));
             }
         }
