@@ -10,7 +10,9 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::{Chunk, DocRecords, MemoryStore, MetaAt, Result, Snapshot, Space, Store};
+use cubby_store::{
+    Chunk, DocRecords, Docs, Keys, MemoryStore, MetaAt, Records, Result, Snapshot, Space, Store,
+};
 
 /// A write, kept so that it can be replayed after a crash.
 #[derive(Clone, Debug)]
@@ -166,26 +168,30 @@ fn replay(ops: &[Op]) -> MemoryStore {
     store
 }
 
-impl Store for SimDisk {
+impl Keys for SimDisk {
     fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
         self.lock().live.get_key(c)
     }
+
     fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
         self.write(Op::PutKey(*c, wrapped.to_vec()), true, |s| s.put_key_if_absent(c, wrapped))
     }
+
     fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
         let op = Op::ReplaceKey(*c, expected.to_vec(), new.to_vec());
         self.write(op, true, |s| s.replace_key(c, expected, new))
     }
+
     fn destroy_key(&self, c: &CustomerId) -> Result<()> {
         self.write(Op::DestroyKey(*c), true, |s| s.destroy_key(c))
     }
+
     fn list_customers(&self) -> Result<Vec<CustomerId>> {
         self.lock().live.list_customers()
     }
-    fn erase_customer(&self, c: &CustomerId) -> Result<()> {
-        self.write(Op::EraseCustomer(*c), false, |s| s.erase_customer(c))
-    }
+}
+
+impl Docs for SimDisk {
     fn write_doc(
         &self,
         c: &CustomerId,
@@ -201,40 +207,60 @@ impl Store for SimDisk {
         state.pending.push(Op::WriteDoc(*c, *d, made, chunk));
         Ok(seq)
     }
+
     fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
         self.lock().live.load(c, d)
     }
+
     fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         self.lock().live.doc_meta(c, d)
     }
+
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
         self.write(Op::Compact(*c, *d, snapshot.clone()), false, |s| s.compact(c, d, snapshot))
     }
+
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
         self.write(Op::DeleteDoc(*c, *d), false, |s| s.delete_doc(c, d))
     }
+
     fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
         self.lock().live.list_docs(c)
     }
+
     fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
         self.lock().live.feed_since(c, cursor)
     }
+
     fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
         self.lock().live.feed_head(c)
     }
+}
+
+impl Records for SimDisk {
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], v: &[u8]) -> Result<()> {
         let op = Op::PutRecord(*c, space, k.to_vec(), v.to_vec());
         self.write(op, false, |s| s.put_record(c, space, k, v))
     }
+
     fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
         self.lock().live.get_record(c, space, k)
     }
+
     fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
         self.write(Op::RemoveRecord(*c, space, k.to_vec()), false, |s| s.remove_record(c, space, k))
     }
+
     fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         self.lock().live.scan_records(c, space)
     }
+}
+
+impl Store for SimDisk {
+    fn erase_customer(&self, c: &CustomerId) -> Result<()> {
+        self.write(Op::EraseCustomer(*c), false, |s| s.erase_customer(c))
+    }
+
     fn flush(&self) -> Result<()> {
         let mut state = self.lock();
         let pending = std::mem::take(&mut state.pending);

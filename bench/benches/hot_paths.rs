@@ -8,6 +8,7 @@ use automerge::transaction::Transactable;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use cubby_core::session::PeerSession;
 use cubby_proto::pb;
+use cubby_store::Docs;
 use prost::Message;
 
 fn frame_codec(c: &mut Criterion) {
@@ -204,7 +205,7 @@ fn stored_text(typed: usize, chunks: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
 /// (metadata, feed move, chunk) and a device's (off the feed), at the fan-out workload's sizes
 /// (a 60-byte metadata record, a 200-byte chunk), round 64 documents of one customer.
 fn store_write(c: &mut Criterion) {
-    use cubby_store::{Chunk, Store};
+    use cubby_store::Chunk;
     let dir = tempfile::tempdir().expect("temp dir");
     let store = cubby_store_sled::SledStore::open(dir.path()).expect("opens");
     let customer = cubby_core::CustomerId::from_bytes([1; 16]);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use cubby_core::{CustomerId, DeviceId};
 use cubby_proto::ApiError;
-use cubby_store::{Space, Store, StoreError};
+use cubby_store::{Keys, Records, Space, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 

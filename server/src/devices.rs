@@ -9,7 +9,7 @@ use cubby_core::meta::unix_ms;
 use cubby_core::{CustomerId, DeviceId};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::LedgerEntry;
-use cubby_store::{CustomerLocks, Space, Store};
+use cubby_store::{CustomerLocks, Records, Space, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Actor, Outcome};

@@ -125,22 +125,28 @@ impl Committer {
     }
 }
 
-fn apply(store: &dyn Store, write: &Write) -> Result<Option<Seq>, StoreError> {
-    match write {
-        Write::Doc { customer, doc, meta, chunk, .. } => {
-            let chunk = chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
-            store.write_doc(customer, doc, meta, chunk).map(Some)
-        }
-        Write::Compact { customer, doc, snapshot, meta } => {
-            store.compact(customer, doc, snapshot)?;
-            // After the snapshot: a crash between the two leaves the size counted high, never
-            // low, until the next compaction.
-            if let Some(meta) = meta {
-                store.write_doc_off_feed(customer, doc, meta, None)?;
+impl Write {
+    /// The store's writes for this one (a compaction is two), appended to `out`.
+    fn store_writes<'a>(&'a self, out: &mut Vec<cubby_store::Write<'a>>) {
+        use cubby_store::Write as W;
+        match self {
+            Write::Doc { customer, doc, meta, chunk, .. } => out.push(W::Doc {
+                customer,
+                doc,
+                meta,
+                chunk: chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes }),
+                feed: true,
+            }),
+            Write::Compact { customer, doc, snapshot, meta } => {
+                out.push(W::Compact { customer, doc, snapshot });
+                // After the snapshot: a crash between the two leaves the size counted high,
+                // never low, until the next compaction.
+                if let Some(meta) = meta {
+                    out.push(W::Doc { customer, doc, meta, chunk: None, feed: false });
+                }
             }
-            Ok(None)
+            Write::Delete { customer, doc } => out.push(W::Delete { customer, doc }),
         }
-        Write::Delete { customer, doc } => store.delete_doc(customer, doc).map(Some),
     }
 }
 
@@ -177,26 +183,49 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        let store = &*self.store;
-        let results: Vec<_> = batch.iter().map(|job| apply(store, &job.write)).collect();
-        let flushed = store.flush().map_err(|err| {
-            tracing::error!(%err, "flush failed; writes in this batch are not acknowledged");
+        // One call into the store for the whole batch; each job's outcome is its writes'.
+        let mut writes = Vec::with_capacity(batch.len());
+        let mut spans = Vec::with_capacity(batch.len());
+        for job in &batch {
+            let from = writes.len();
+            job.write.store_writes(&mut writes);
+            spans.push(from..writes.len());
+        }
+        let committed = self.store.commit(&writes).map_err(|err| {
+            tracing::error!(%err, "commit failed; writes in this batch are not acknowledged");
             if let Some(degraded) = self.degraded.take() {
                 degraded();
             }
             api_error(err)
         });
-        for (job, result) in batch.into_iter().zip(results) {
-            let outcome = match (&flushed, result) {
-                (Ok(()), Ok(seq)) => {
-                    if let Some((customer, a)) = seq.and_then(|seq| announcement(&job.write, seq)) {
-                        self.hub.publish(customer, a);
-                    }
-                    Ok(seq)
+        drop(writes);
+        let results: Vec<Result<Option<Seq>, ApiError>> = match committed {
+            Err(err) => spans.iter().map(|_| Err(err.clone())).collect(),
+            Ok(outcomes) => {
+                let mut outcomes = outcomes.into_iter();
+                spans
+                    .into_iter()
+                    .map(|span| {
+                        // The first write's position (a document's move, a deletion) is the job's.
+                        let mut seq = None;
+                        for (i, outcome) in outcomes.by_ref().take(span.len()).enumerate() {
+                            match outcome {
+                                Ok(taken) if i == 0 => seq = taken,
+                                Ok(_) => {}
+                                Err(err) => return Err(api_error(err)),
+                            }
+                        }
+                        Ok(seq)
+                    })
+                    .collect()
+            }
+        };
+        for (job, outcome) in batch.into_iter().zip(results) {
+            if let Ok(Some(seq)) = outcome {
+                if let Some((customer, a)) = announcement(&job.write, seq) {
+                    self.hub.publish(customer, a);
                 }
-                (_, Err(err)) => Err(api_error(err)),
-                (Err(err), Ok(_)) => Err(err.clone()),
-            };
+            }
             // The writer may have gone away (connection closed); the write stands regardless.
             let _ = job.reply.send(outcome);
         }

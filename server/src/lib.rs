@@ -19,7 +19,7 @@ use cubby_core::lifecycle::CompactionPolicy;
 use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::Witness;
-use cubby_store::{EncryptedStore, IntegrityError, Store, StoreError};
+use cubby_store::{EncryptedStore, IntegrityError, Keys, Store, StoreError};
 use cubby_store_sled::{SledStore, WitnessDir};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use cubby_client::{Client, DocHandle, StaticToken, SyncStatus};
 use cubby_core::{CustomerId, DocId};
 use cubby_crypto::keys::{Keyring, MasterSecret};
-use cubby_store::{EncryptedStore, Store};
+use cubby_store::{Docs, EncryptedStore};
 use cubby_store_sled::SledStore;
 use serde_json::json;
 

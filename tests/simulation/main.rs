@@ -36,7 +36,7 @@ use cubby_core::{CustomerId, DocId};
 use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_crypto::signing::TokenSigner;
 use cubby_server::{Listener, Platform, ServerConfig, StorageWork, auth};
-use cubby_store::{EncryptedStore, Store};
+use cubby_store::{Docs, EncryptedStore};
 use cubby_tests::Rng;
 use cubby_tests::sim_disk::SimDisk;
 

@@ -1,6 +1,7 @@
 //! The customer owns the data: device keys, revocation, export, erasure, the business's admin API
 //! with private documents and an audit trail, and key rotation, against a real server over TLS.
 
+use cubby_store::{Docs, Keys, Records};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -442,7 +443,7 @@ async fn row_27_erasure_destroys_the_key_first_and_nothing_readable_remains() {
         assert!(!bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()));
     }
     let raw = cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw");
-    use cubby_store::{Space, Store};
+    use cubby_store::Space;
     assert!(!raw.list_customers().expect("list").contains(&alice));
     assert!(raw.list_docs(&alice).expect("list").is_empty());
     for space in [Space::DEVICES, Space::AUDIT, Space::PROFILE, Space::DENIED_TOKENS] {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cubby_client::{Client, DocHandle, StaticToken};
-use cubby_store::MemoryStore;
+use cubby_store::{Docs, MemoryStore};
 use cubby_tests::{DEADLINE, TestServer};
 use futures_util::future::join_all;
 

@@ -8,7 +8,7 @@ use cubby_core::Seq;
 use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
 use cubby_proto::pb::sync_client::SyncClient;
-use cubby_store::Store;
+use cubby_store::{Docs, Store};
 use cubby_tests::{RawStream, TestServer, authed, files_under};
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cubby_core::DocId;
-use cubby_store::Space;
 use cubby_store::hooked::{Call, Hooked};
+use cubby_store::{Docs, Space};
 use cubby_tests::{Device, TestServer, eventually};
 use serde_json::json;
 
@@ -211,7 +211,6 @@ async fn documents_deleted_on_the_server_leave_every_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_histories_are_compacted_and_reload_after_restart() {
-    use cubby_store::Store;
     let mut server = TestServer::start_with(|config| config.limits.compact_after_chunks = 4).await;
     let phone = server.device("alice").await;
     let doc = phone.client.create("busy").await.expect("create");

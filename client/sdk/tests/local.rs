@@ -1,7 +1,7 @@
 //! The SDK's local store, with no server: offline edits, reopen, compaction, the local key.
 
 use cubby_client::{Client, ClientError, StoreError};
-use cubby_store::Store;
+use cubby_store::Docs;
 use serde_json::json;
 
 async fn open(dir: &std::path::Path, key: [u8; 32]) -> Result<Client, ClientError> {

@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space, Store, StoreError};
+use cubby_store::{
+    Chunk, DocRecords, Docs, Keys, MetaAt, Records, Result, Snapshot, Space, Store, StoreError,
+};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 mod files;
@@ -451,7 +453,7 @@ impl SledStore {
     }
 }
 
-impl Store for SledStore {
+impl Keys for SledStore {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
         self.keys.get(customer)
     }
@@ -471,21 +473,9 @@ impl Store for SledStore {
     fn list_customers(&self) -> Result<Vec<CustomerId>> {
         self.keys.list()
     }
+}
 
-    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for prefix in CUSTOMER_PREFIXES {
-            for entry in self.scan(key(prefix, customer, &[])) {
-                batch.remove(entry?.0);
-            }
-        }
-        // The lock for the batch alone, so that it never lands between a feed write's steps:
-        // the scan of a large customer would hold up every customer's writes.
-        let _feed = self.lock_feed();
-        let _covered = self.uncover(&key(b'c', customer, &[]));
-        self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
-    }
-
+impl Docs for SledStore {
     fn write_doc(
         &self,
         c: &CustomerId,
@@ -656,7 +646,9 @@ impl Store for SledStore {
             None => Ok(Seq(0)),
         }
     }
+}
 
+impl Records for SledStore {
     fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
         self.db()?.insert(key(b'r', c, &[&[space.0], k]), value).map_err(|e| self.fail(e))?;
         Ok(())
@@ -681,6 +673,22 @@ impl Store for SledStore {
             .map(|r| r.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec())))
             .collect()
     }
+}
+
+impl Store for SledStore {
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for prefix in CUSTOMER_PREFIXES {
+            for entry in self.scan(key(prefix, customer, &[])) {
+                batch.remove(entry?.0);
+            }
+        }
+        // The lock for the batch alone, so that it never lands between a feed write's steps:
+        // the scan of a large customer would hold up every customer's writes.
+        let _feed = self.lock_feed();
+        let _covered = self.uncover(&key(b'c', customer, &[]));
+        self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
+    }
 
     fn flush(&self) -> Result<()> {
         self.db()?.flush().map_err(|e| self.fail(e))?;
@@ -693,6 +701,7 @@ impl Store for SledStore {
 #[cfg(test)]
 mod tests {
     use super::SledStore;
+    use cubby_store::Docs;
 
     cubby_store::conformance_tests!(|| {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -820,7 +829,7 @@ mod tests {
         doc: &cubby_core::DocId,
         indexes: std::ops::Range<u64>,
     ) {
-        use cubby_store::{Chunk, Store};
+        use cubby_store::Chunk;
         for index in indexes {
             let bytes = index.to_be_bytes();
             store.write_doc(c, doc, b"meta", Some(Chunk { index, bytes: &bytes })).expect("write");
@@ -834,7 +843,7 @@ mod tests {
     fn covered_chunks_are_removed_a_few_per_write_and_never_loaded() {
         use super::SWEEP_PER_WRITE;
         use cubby_core::{CustomerId, DocId};
-        use cubby_store::{Chunk, Snapshot, Store};
+        use cubby_store::{Chunk, Snapshot};
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SledStore::open(dir.path()).expect("opens");
         let c = CustomerId::from_bytes([1; 16]);
@@ -935,7 +944,7 @@ mod tests {
     #[test]
     fn older_metadata_spliced_back_with_or_without_its_position_is_refused() {
         use cubby_core::{CustomerId, DocId};
-        use cubby_store::{Store, StoreError};
+        use cubby_store::StoreError;
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SledStore::open(dir.path()).expect("opens");
         let (c, d) = (CustomerId::from_bytes([1; 16]), DocId::from_bytes([2; 16]));

@@ -10,7 +10,7 @@ use cubby_core::{CustomerId, DocId, Seq};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
-use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError};
+use crate::{Chunk, DocRecords, Result, Snapshot, Space, Store, StoreError, Write};
 
 /// Expands to the conformance tests for a backend. The argument is a factory, `Fn() -> B`, whose
 /// every call makes a fresh backend `B: FnMut() -> impl Store` that reopens the same storage each
@@ -69,6 +69,12 @@ macro_rules! conformance_tests {
         #[test]
         fn conformance_feed_head_is_the_last_position_taken() {
             $crate::conformance::feed_head_is_the_last_position_taken(($new_backend)());
+        }
+        #[test]
+        fn conformance_a_batch_is_applied_in_order_and_durable_when_committed() {
+            $crate::conformance::a_batch_is_applied_in_order_and_durable_when_committed(
+                ($new_backend)(),
+            );
         }
         #[test]
         fn conformance_random_operations_match_the_model() {
@@ -340,6 +346,76 @@ pub fn flushed_writes_survive_reopen<S: Store>(mut open: impl FnMut() -> S) {
     );
     // New writes continue the feed after the old positions.
     assert!(store.write_doc(&c, &d, b"m", chunk(1, b"y")).expect("write") > seq);
+}
+
+/// A batch ([`Store::commit`]) applies its writes in order, gives each one's feed position, and
+/// is durable when the call returns: the store opened again holds all of it.
+pub fn a_batch_is_applied_in_order_and_durable_when_committed<S: Store>(
+    mut open: impl FnMut() -> S,
+) {
+    let (alice, bob) = (customer(0), customer(1));
+    let (notes, list, gone) = (doc(0), doc(1), doc(2));
+    let snapshot = Snapshot { through: 0, bytes: b"folded".to_vec() };
+    let (meta, meta2) = (b"meta".to_vec(), b"meta2".to_vec());
+    let outcomes = {
+        let store = open();
+        store.write_doc(&alice, &gone, b"old", None).expect("write");
+        store.flush().expect("flush");
+        let batch = [
+            Write::Doc {
+                customer: &alice,
+                doc: &notes,
+                meta: &meta,
+                chunk: chunk(0, b"a"),
+                feed: true,
+            },
+            Write::Doc {
+                customer: &bob,
+                doc: &notes,
+                meta: &meta,
+                chunk: chunk(0, b"b"),
+                feed: true,
+            },
+            Write::Doc {
+                customer: &alice,
+                doc: &notes,
+                meta: &meta2,
+                chunk: chunk(1, b"c"),
+                feed: true,
+            },
+            Write::Compact { customer: &alice, doc: &notes, snapshot: &snapshot },
+            Write::Doc { customer: &alice, doc: &list, meta: &meta, chunk: None, feed: false },
+            Write::Delete { customer: &alice, doc: &gone },
+            Write::Record { customer: &bob, space: Space::AUDIT, key: b"k", value: b"v" },
+        ];
+        let outcomes: Vec<Option<Seq>> = store
+            .commit(&batch)
+            .expect("commit")
+            .into_iter()
+            .map(|outcome| outcome.expect("each write"))
+            .collect();
+        outcomes
+    };
+    let [a, b, c, compacted, off_feed, deleted, record] = outcomes[..] else {
+        panic!("one outcome per write: {outcomes:?}");
+    };
+    let (a, b, c, deleted) = (a.expect("a"), b.expect("b"), c.expect("c"), deleted.expect("d"));
+    assert!(a < c && c < deleted, "the writes took positions in batch order");
+    assert_eq!(b.0, 1, "bob's feed is his own");
+    assert_eq!((compacted, off_feed, record), (None, None, None), "these take no position");
+
+    let store = open();
+    let notes_now = store.load(&alice, &notes).expect("load").expect("exists");
+    assert_eq!(notes_now.meta, meta2);
+    assert_eq!(notes_now.snapshot, Some(snapshot));
+    assert_eq!(notes_now.chunks, vec![(1, b"c".to_vec())], "the compaction came after chunk 1");
+    assert!(store.load(&alice, &list).expect("load").is_some());
+    assert!(store.load(&alice, &gone).expect("load").is_none());
+    assert_eq!(store.feed_since(&alice, Seq(0)).expect("feed"), vec![(c, notes), (deleted, gone)]);
+    assert_eq!(
+        store.get_record(&bob, Space::AUDIT, b"k").expect("get").as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 #[derive(Clone, Debug)]

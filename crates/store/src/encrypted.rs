@@ -25,8 +25,8 @@ use cubby_crypto::keys::{DataKey, Keyring};
 
 use crate::witness::{Anchor, LedgerEntry, Witness};
 use crate::{
-    Chunk, CustomerLocks, DocRecords, IntegrityError, MetaAt, Result, SYSTEM, Snapshot, Space,
-    Store, StoreError,
+    Chunk, CustomerLocks, DocRecords, Docs, IntegrityError, Keys, MetaAt, Records, Result, SYSTEM,
+    Snapshot, Space, Store, StoreError, Write,
 };
 
 const META: u8 = b'm';
@@ -140,6 +140,51 @@ impl MetaAt for SealedMeta<'_> {
     fn at(&self, seq: Seq) -> Vec<u8> {
         let aad = doc_aad(META, self.customer, self.doc, seq.0);
         envelope::seal(&self.key, &aad, &self.plain.at(seq))
+    }
+}
+
+/// A write of a batch, sealed for the backend ([`Store::commit`]).
+enum Sealed<'a> {
+    Doc {
+        customer: &'a CustomerId,
+        doc: &'a DocId,
+        meta: SealedMeta<'a>,
+        chunk: Option<SealedChunk>,
+        feed: bool,
+    },
+    Compact {
+        customer: &'a CustomerId,
+        doc: &'a DocId,
+        snapshot: Snapshot,
+    },
+    Delete {
+        customer: &'a CustomerId,
+        doc: &'a DocId,
+    },
+    Record {
+        customer: &'a CustomerId,
+        space: Space,
+        key: &'a [u8],
+        value: Vec<u8>,
+    },
+}
+
+impl Sealed<'_> {
+    fn as_write(&self) -> Write<'_> {
+        match self {
+            Self::Doc { customer, doc, meta, chunk, feed } => Write::Doc {
+                customer,
+                doc,
+                meta,
+                chunk: chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes }),
+                feed: *feed,
+            },
+            Self::Compact { customer, doc, snapshot } => Write::Compact { customer, doc, snapshot },
+            Self::Delete { customer, doc } => Write::Delete { customer, doc },
+            Self::Record { customer, space, key, value } => {
+                Write::Record { customer, space: *space, key, value }
+            }
+        }
     }
 }
 
@@ -522,6 +567,36 @@ impl<S: Store> EncryptedStore<S> {
         Ok((SealedMeta { key, customer: c, doc: d, plain: meta }, chunk))
     }
 
+    fn seal_snapshot(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<Snapshot> {
+        let key = self.key(c)?;
+        let aad = doc_aad(SNAPSHOT, c, d, snapshot.through);
+        Ok(Snapshot {
+            through: snapshot.through,
+            bytes: envelope::seal(&key, &aad, &snapshot.bytes),
+        })
+    }
+
+    /// One write of a batch, sealed; an erased customer's fails alone.
+    fn seal_write<'a>(&self, write: &Write<'a>) -> Result<Sealed<'a>> {
+        Ok(match *write {
+            Write::Doc { customer, doc, meta, chunk, feed } => {
+                let (meta, chunk) = self.seal_doc(customer, doc, meta, chunk)?;
+                Sealed::Doc { customer, doc, meta, chunk, feed }
+            }
+            Write::Compact { customer, doc, snapshot } => Sealed::Compact {
+                customer,
+                doc,
+                snapshot: self.seal_snapshot(customer, doc, snapshot)?,
+            },
+            Write::Delete { customer, doc } => Sealed::Delete { customer, doc },
+            Write::Record { customer, space, key, value } => {
+                let value =
+                    envelope::seal(&self.key(customer)?, &record_aad(customer, space, key), value);
+                Sealed::Record { customer, space, key, value }
+            }
+        })
+    }
+
     fn open_meta(&self, c: &CustomerId, d: &DocId, seq: Seq, sealed: &[u8]) -> Result<Vec<u8>> {
         envelope::open(&self.key(c)?, &doc_aad(META, c, d, seq.0), sealed)
             .map_err(|_| StoreError::Corrupt("metadata"))
@@ -576,7 +651,7 @@ impl<S: Store> EncryptedStore<S> {
     }
 }
 
-impl<S: Store> Store for EncryptedStore<S> {
+impl<S: Store> Keys for EncryptedStore<S> {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
         self.inner.get_key(customer)
     }
@@ -598,26 +673,9 @@ impl<S: Store> Store for EncryptedStore<S> {
     fn list_customers(&self) -> Result<Vec<CustomerId>> {
         self.inner.list_customers()
     }
+}
 
-    /// Crypto-shreds the customer: with a witness, the erasure goes in the ledger first (so no
-    /// restore of the store brings the customer back); then a durable tombstone (so no key is
-    /// ever made for them again), then the wrapped data key is destroyed durably, then their
-    /// records are removed. Erasing an erased customer is allowed and changes nothing readable.
-    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
-        if *customer == SYSTEM {
-            return Err(StoreError::Backend("the store's own records cannot be erased".into()));
-        }
-        let at_ms = match self.erased_at(customer)? {
-            Some(erased) => erased.at_ms,
-            None => {
-                let at_ms = cubby_core::meta::unix_ms();
-                self.append_ledger(&LedgerEntry::Erased { customer: *customer, at_ms })?;
-                at_ms
-            }
-        };
-        self.shred(customer, at_ms)
-    }
-
+impl<S: Store> Docs for EncryptedStore<S> {
     fn write_doc(
         &self,
         c: &CustomerId,
@@ -657,10 +715,8 @@ impl<S: Store> Store for EncryptedStore<S> {
     }
 
     fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
-        let key = self.key(c)?;
-        let bytes =
-            envelope::seal(&key, &doc_aad(SNAPSHOT, c, d, snapshot.through), &snapshot.bytes);
-        self.after_write(self.inner.compact(c, d, &Snapshot { through: snapshot.through, bytes }))
+        let sealed = self.seal_snapshot(c, d, snapshot)?;
+        self.after_write(self.inner.compact(c, d, &sealed))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -688,7 +744,9 @@ impl<S: Store> Store for EncryptedStore<S> {
     fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
         self.inner.feed_head(c)
     }
+}
 
+impl<S: Store> Records for EncryptedStore<S> {
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
         let sealed = envelope::seal(&self.key(c)?, &record_aad(c, space, key), value);
         self.after_write(self.inner.put_record(c, space, key, &sealed))
@@ -723,6 +781,27 @@ impl<S: Store> Store for EncryptedStore<S> {
             })
             .collect()
     }
+}
+
+impl<S: Store> Store for EncryptedStore<S> {
+    /// Crypto-shreds the customer: with a witness, the erasure goes in the ledger first (so no
+    /// restore of the store brings the customer back); then a durable tombstone (so no key is
+    /// ever made for them again), then the wrapped data key is destroyed durably, then their
+    /// records are removed. Erasing an erased customer is allowed and changes nothing readable.
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        if *customer == SYSTEM {
+            return Err(StoreError::Backend("the store's own records cannot be erased".into()));
+        }
+        let at_ms = match self.erased_at(customer)? {
+            Some(erased) => erased.at_ms,
+            None => {
+                let at_ms = cubby_core::meta::unix_ms();
+                self.append_ledger(&LedgerEntry::Erased { customer: *customer, at_ms })?;
+                at_ms
+            }
+        };
+        self.shred(customer, at_ms)
+    }
 
     /// Makes every write that returned before it durable. With a witness, a flush that has
     /// writes to make durable also records its number in the store and then, once the store
@@ -748,6 +827,68 @@ impl<S: Store> Store for EncryptedStore<S> {
         *flushes = next;
         Ok(())
     }
+
+    /// Seals the batch and hands it to the backend as one batch. With a witness, the flush's
+    /// number goes in the same batch, and the anchor follows once the backend has made it
+    /// durable, as for [`Store::flush`].
+    fn commit(&self, batch: &[Write<'_>]) -> Result<Vec<Result<Option<Seq>>>> {
+        let sealed: Vec<Result<Sealed<'_>>> = batch.iter().map(|w| self.seal_write(w)).collect();
+        let mut writes: Vec<Write<'_>> =
+            sealed.iter().filter_map(|s| s.as_ref().ok().map(Sealed::as_write)).collect();
+        let taken = writes.len();
+        let Some(w) = &self.witnessed else {
+            let outcomes = self.inner.commit(&writes)?;
+            drop(writes);
+            return Ok(merge(sealed, outcomes));
+        };
+        let mut flushes = w.flushes.lock().unwrap_or_else(PoisonError::into_inner);
+        // The backend's commit makes every earlier write durable too: none is left to count.
+        w.dirty.store(false, Ordering::SeqCst);
+        let next = *flushes + 1;
+        let count = envelope::seal(
+            &self.system,
+            &record_aad(&SYSTEM, Space::INTEGRITY, FLUSHES_KEY),
+            &next.to_be_bytes(),
+        );
+        writes.push(Write::Record {
+            customer: &SYSTEM,
+            space: Space::INTEGRITY,
+            key: FLUSHES_KEY,
+            value: &count,
+        });
+        let durable = self.inner.commit(&writes).and_then(|mut outcomes| {
+            outcomes.pop().expect("the count's outcome")?;
+            self.write_anchor(next)?;
+            Ok(outcomes)
+        });
+        drop(writes);
+        match durable {
+            Ok(outcomes) => {
+                debug_assert_eq!(outcomes.len(), taken);
+                *flushes = next;
+                Ok(merge(sealed, outcomes))
+            }
+            Err(err) => {
+                w.dirty.store(true, Ordering::SeqCst);
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Each write's outcome: its sealing's failure, or the backend's outcome for it, in order.
+fn merge(
+    sealed: Vec<Result<Sealed<'_>>>,
+    outcomes: Vec<Result<Option<Seq>>>,
+) -> Vec<Result<Option<Seq>>> {
+    let mut outcomes = outcomes.into_iter();
+    sealed
+        .into_iter()
+        .map(|s| match s {
+            Ok(_) => outcomes.next().unwrap_or(Err(StoreError::Backend("no outcome".into()))),
+            Err(err) => Err(err),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1066,5 +1207,35 @@ mod tests {
             1,
             "the erasure is in the ledger once"
         );
+    }
+
+    #[test]
+    fn a_batch_with_an_erased_customers_write_commits_the_rest_as_one_counted_flush() {
+        let backend = MemoryStore::new();
+        let witness = crate::witness::MemoryWitness::new();
+        let store = witnessed(&backend, &witness).expect("a new store");
+        store.erase_customer(&BOB).expect("erase bob");
+        let before = store.flushes();
+        let meta = b"meta".to_vec();
+        let batch = [
+            Write::Doc {
+                customer: &ALICE,
+                doc: &DOC,
+                meta: &meta,
+                chunk: Some(Chunk { index: 0, bytes: b"x" }),
+                feed: true,
+            },
+            Write::Doc { customer: &BOB, doc: &DOC, meta: &meta, chunk: None, feed: true },
+            Write::Record { customer: &ALICE, space: Space::AUDIT, key: b"k", value: b"v" },
+        ];
+        let outcomes = store.commit(&batch).expect("the batch commits");
+        assert!(matches!(outcomes[0], Ok(Some(_))), "{outcomes:?}");
+        assert!(matches!(outcomes[1], Err(StoreError::Erased)), "bob's write fails alone");
+        assert!(matches!(outcomes[2], Ok(None)), "{outcomes:?}");
+        assert_eq!(store.flushes(), before + 1, "one batch, one counted flush");
+        drop(store);
+        let store = witnessed(&backend, &witness).expect("the anchor names the batch's flush");
+        assert_eq!(store.load(&ALICE, &DOC).expect("load").expect("alice's").chunks.len(), 1);
+        assert_eq!(store.get_record(&ALICE, Space::AUDIT, b"k").expect("get"), Some(b"v".to_vec()));
     }
 }

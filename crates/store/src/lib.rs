@@ -1,14 +1,17 @@
 //! Cubby's storage seam.
 //!
-//! [`Store`] speaks CRDT persistence for many customers' stores: documents kept as an optional
-//! snapshot plus change chunks appended after it, compaction, a per-customer change feed, wrapped
-//! data keys, and small keyed records (devices, sync states, audit entries). Backends implement it;
-//! [`EncryptedStore`] wraps any backend so that every value it writes is sealed.
+//! [`Store`] speaks CRDT persistence for many customers' stores, in three concerns: [`Keys`]
+//! (wrapped data keys), [`Docs`] (documents kept as an optional snapshot plus change chunks
+//! appended after it, compaction, a per-customer change feed) and [`Records`] (small keyed
+//! records: devices, sync states, audit entries); [`Store`] adds erasure, durability and the batch
+//! write a group commit makes ([`Store::commit`]). Backends implement them; [`EncryptedStore`]
+//! wraps any backend so that every value it writes is sealed, and a wrapper that changes one
+//! concern passes the others on with [`ForwardKeys`], [`ForwardDocs`] or [`ForwardRecords`].
 //!
 //! ```
 //! use cubby_core::{CustomerId, DocId, Seq};
 //! use cubby_crypto::keys::{Keyring, MasterSecret};
-//! use cubby_store::{Chunk, EncryptedStore, MemoryStore, Store};
+//! use cubby_store::{Chunk, Docs, EncryptedStore, MemoryStore, Store};
 //!
 //! let keyring = Keyring::from_master(&MasterSecret::from_bytes([7; 32]));
 //! let store = EncryptedStore::open(MemoryStore::new(), keyring)?;
@@ -28,13 +31,17 @@ mod encrypted;
 pub mod hooked;
 mod locks;
 mod memory;
+mod traits;
 pub mod witness;
 
 pub use encrypted::{EncryptedStore, FORMAT};
 pub use locks::CustomerLocks;
 pub use memory::MemoryStore;
+pub use traits::{
+    Docs, Forward, ForwardDocs, ForwardKeys, ForwardRecords, Keys, Records, Store, Write,
+};
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{CustomerId, Seq};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -230,192 +237,3 @@ impl Space {
 
 /// The customer id under which a store keeps its own records (such as the key check).
 pub const SYSTEM: CustomerId = CustomerId::from_bytes([0; 16]);
-
-/// CRDT persistence for many customer stores.
-///
-/// Writes are visible to reads at once but durable only after [`Store::flush`] returns: callers
-/// acknowledge nothing before that. Methods block; async callers run them off their workers.
-pub trait Store: Send + Sync + 'static {
-    /// The customer's wrapped data key, if one was stored.
-    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>>;
-
-    /// Stores `wrapped` as the customer's data key unless one exists; returns the one that won.
-    /// Durable when it returns.
-    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>>;
-
-    /// Replaces the customer's wrapped data key with `new` if it is still `expected` (key
-    /// rotation re-wraps the same data key). Returns whether it did. Durable when it returns.
-    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool>;
-
-    /// Destroys the customer's wrapped data key, leaving no copy the backend knows of, and makes
-    /// that durable before returning: every record sealed with the key is unreadable from then
-    /// on (crypto-shredding).
-    fn destroy_key(&self, customer: &CustomerId) -> Result<()>;
-
-    /// Every customer with a data key, by id ([`SYSTEM`] included).
-    fn list_customers(&self) -> Result<Vec<CustomerId>>;
-
-    /// Removes every document, feed entry and record of the customer (their key is separate:
-    /// [`Store::destroy_key`]). Durable after [`Store::flush`].
-    fn erase_customer(&self, customer: &CustomerId) -> Result<()>;
-
-    /// Writes a document's metadata and optionally one change chunk, and moves the document to
-    /// the head of the customer's change feed. Returns the document's new feed position.
-    ///
-    /// A backend may make the parts durable separately, so that a crash before [`Store::flush`]
-    /// keeps some of them, if every state it can keep is harmless: a document is never in the
-    /// feed without its metadata (that reads as a deletion), a chunk is never kept without the
-    /// feed move (it would never be announced), and a document kept without any feed position
-    /// loads with position 0, which tells the caller to write it again.
-    fn write_doc(
-        &self,
-        customer: &CustomerId,
-        doc: &DocId,
-        meta: &dyn MetaAt,
-        chunk: Option<Chunk<'_>>,
-    ) -> Result<Seq>;
-
-    /// Writes a document's metadata and optionally one change chunk, as [`Store::write_doc`]
-    /// does, but leaves the customer's change feed as it is. For a store whose feed nobody reads
-    /// (a device's): in the sled backend, moving the document in the feed is most of a small
-    /// write's cost. Not atomic: a crash before [`Store::flush`] may keep the metadata without
-    /// the chunk, never the chunk without the metadata. A backend without a cheaper way keeps
-    /// this default, a `write_doc`. The metadata is stored for the document's current position.
-    fn write_doc_off_feed(
-        &self,
-        customer: &CustomerId,
-        doc: &DocId,
-        meta: &dyn MetaAt,
-        chunk: Option<Chunk<'_>>,
-    ) -> Result<()> {
-        self.write_doc(customer, doc, meta, chunk).map(drop)
-    }
-
-    /// Everything stored for a document, or `None` if it does not exist (or was deleted).
-    fn load(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<DocRecords>>;
-
-    /// A document's metadata alone, with the position it was written for, or `None` if the
-    /// document does not exist.
-    fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<(Seq, Vec<u8>)>>;
-
-    /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`: loads
-    /// never return them again. A backend may remove them from disk later (the sled backend
-    /// removes a few with each write after the compaction, so that no one write pays for all).
-    fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()>;
-
-    /// Deletes a document's content and metadata; its feed entry moves to the head, so devices
-    /// learn of the deletion.
-    fn delete_doc(&self, customer: &CustomerId, doc: &DocId) -> Result<Seq>;
-
-    /// Every live document with its metadata and the position it was written for, by id.
-    fn list_docs(&self, customer: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>>;
-
-    /// Documents whose feed position is after `cursor`, by increasing position. Each document
-    /// appears once, at its latest position.
-    fn feed_since(&self, customer: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>>;
-
-    /// The customer's last feed position taken (0 before any): no device can have seen a later
-    /// one, so one that says it has shows this store is behind what it once acknowledged.
-    fn feed_head(&self, customer: &CustomerId) -> Result<Seq>;
-
-    /// Writes a keyed record.
-    fn put_record(
-        &self,
-        customer: &CustomerId,
-        space: Space,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<()>;
-
-    /// Reads a keyed record.
-    fn get_record(
-        &self,
-        customer: &CustomerId,
-        space: Space,
-        key: &[u8],
-    ) -> Result<Option<Vec<u8>>>;
-
-    /// Removes a keyed record (absent records are fine).
-    fn remove_record(&self, customer: &CustomerId, space: Space, key: &[u8]) -> Result<()>;
-
-    /// Every record in a space, by key.
-    fn scan_records(&self, customer: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
-
-    /// Makes every write that returned before this call durable.
-    fn flush(&self) -> Result<()>;
-}
-
-impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
-    fn get_key(&self, c: &CustomerId) -> Result<Option<Vec<u8>>> {
-        (**self).get_key(c)
-    }
-    fn put_key_if_absent(&self, c: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        (**self).put_key_if_absent(c, wrapped)
-    }
-    fn replace_key(&self, c: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
-        (**self).replace_key(c, expected, new)
-    }
-    fn destroy_key(&self, c: &CustomerId) -> Result<()> {
-        (**self).destroy_key(c)
-    }
-    fn list_customers(&self) -> Result<Vec<CustomerId>> {
-        (**self).list_customers()
-    }
-    fn erase_customer(&self, c: &CustomerId) -> Result<()> {
-        (**self).erase_customer(c)
-    }
-    fn write_doc(
-        &self,
-        c: &CustomerId,
-        d: &DocId,
-        m: &dyn MetaAt,
-        ch: Option<Chunk<'_>>,
-    ) -> Result<Seq> {
-        (**self).write_doc(c, d, m, ch)
-    }
-    fn write_doc_off_feed(
-        &self,
-        c: &CustomerId,
-        d: &DocId,
-        m: &dyn MetaAt,
-        ch: Option<Chunk<'_>>,
-    ) -> Result<()> {
-        (**self).write_doc_off_feed(c, d, m, ch)
-    }
-    fn load(&self, c: &CustomerId, d: &DocId) -> Result<Option<DocRecords>> {
-        (**self).load(c, d)
-    }
-    fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
-        (**self).doc_meta(c, d)
-    }
-    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
-        (**self).compact(c, d, s)
-    }
-    fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
-        (**self).delete_doc(c, d)
-    }
-    fn list_docs(&self, c: &CustomerId) -> Result<Vec<(DocId, Seq, Vec<u8>)>> {
-        (**self).list_docs(c)
-    }
-    fn feed_since(&self, c: &CustomerId, cursor: Seq) -> Result<Vec<(Seq, DocId)>> {
-        (**self).feed_since(c, cursor)
-    }
-    fn feed_head(&self, c: &CustomerId) -> Result<Seq> {
-        (**self).feed_head(c)
-    }
-    fn put_record(&self, c: &CustomerId, s: Space, k: &[u8], v: &[u8]) -> Result<()> {
-        (**self).put_record(c, s, k, v)
-    }
-    fn get_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        (**self).get_record(c, s, k)
-    }
-    fn remove_record(&self, c: &CustomerId, s: Space, k: &[u8]) -> Result<()> {
-        (**self).remove_record(c, s, k)
-    }
-    fn scan_records(&self, c: &CustomerId, s: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        (**self).scan_records(c, s)
-    }
-    fn flush(&self) -> Result<()> {
-        (**self).flush()
-    }
-}

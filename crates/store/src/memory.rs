@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use cubby_core::{CustomerId, DocId, Seq};
 
-use crate::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space, Store};
+use crate::{Chunk, DocRecords, Docs, Keys, MetaAt, Records, Result, Snapshot, Space, Store};
 
 /// A store in memory. Clones share the same data, so a clone is a "reopen".
 #[derive(Clone, Debug, Default)]
@@ -84,7 +84,7 @@ impl MemoryStore {
     }
 }
 
-impl Store for MemoryStore {
+impl Keys for MemoryStore {
     fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
         Ok(self.lock().keys.get(customer).cloned())
     }
@@ -114,15 +114,9 @@ impl Store for MemoryStore {
         customers.sort();
         Ok(customers)
     }
+}
 
-    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
-        let mut inner = self.lock();
-        inner.docs.retain(|(c, _), _| c != customer);
-        inner.feed.remove(customer);
-        inner.records.retain(|(c, _, _), _| c != customer);
-        Ok(())
-    }
-
+impl Docs for MemoryStore {
     fn write_doc(
         &self,
         customer: &CustomerId,
@@ -200,7 +194,9 @@ impl Store for MemoryStore {
     fn feed_head(&self, customer: &CustomerId) -> Result<Seq> {
         Ok(Seq(self.lock().feed.get(customer).map_or(0, |f| f.last)))
     }
+}
 
+impl Records for MemoryStore {
     fn put_record(&self, c: &CustomerId, space: Space, key: &[u8], value: &[u8]) -> Result<()> {
         self.lock().records.insert((*c, space, key.to_vec()), value.to_vec());
         Ok(())
@@ -223,6 +219,16 @@ impl Store for MemoryStore {
             .take_while(|((rc, rs, _), _)| rc == c && *rs == space)
             .map(|((_, _, k), v)| (k.clone(), v.clone()))
             .collect())
+    }
+}
+
+impl Store for MemoryStore {
+    fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
+        let mut inner = self.lock();
+        inner.docs.retain(|(c, _), _| c != customer);
+        inner.feed.remove(customer);
+        inner.records.retain(|(c, _, _), _| c != customer);
+        Ok(())
     }
 
     fn flush(&self) -> Result<()> {
