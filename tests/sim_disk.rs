@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 use cubby_store::{
     Chunk, DocRecords, Docs, Keys, MemoryStore, MetaAt, Records, Result, Snapshot, Space, Store,
 };
@@ -23,8 +23,8 @@ enum Op {
     EraseCustomer(CustomerId),
     /// With the metadata as it was stored (made for the position the write took, which a
     /// replay takes again).
-    WriteDoc(CustomerId, DocId, Vec<u8>, Option<(u64, Vec<u8>)>),
-    Compact(CustomerId, DocId, Snapshot),
+    WriteDoc(CustomerId, DocId, Vec<u8>, Option<(ChunkId, Vec<u8>)>),
+    Compact(CustomerId, DocId, Snapshot, Vec<ChunkId>),
     DeleteDoc(CustomerId, DocId),
     PutRecord(CustomerId, Space, Vec<u8>, Vec<u8>),
     RemoveRecord(CustomerId, Space, Vec<u8>),
@@ -38,10 +38,10 @@ impl Op {
             Op::DestroyKey(c) => store.destroy_key(c),
             Op::EraseCustomer(c) => store.erase_customer(c),
             Op::WriteDoc(c, d, meta, chunk) => {
-                let chunk = chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+                let chunk = chunk.as_ref().map(|(id, bytes)| Chunk { id: *id, bytes });
                 store.write_doc(c, d, meta, chunk).map(drop)
             }
-            Op::Compact(c, d, snapshot) => store.compact(c, d, snapshot),
+            Op::Compact(c, d, snapshot, replaces) => store.compact(c, d, snapshot, replaces),
             Op::DeleteDoc(c, d) => store.delete_doc(c, d).map(drop),
             Op::PutRecord(c, space, k, v) => store.put_record(c, *space, k, v),
             Op::RemoveRecord(c, space, k) => store.remove_record(c, *space, k),
@@ -203,7 +203,7 @@ impl Docs for SimDisk {
         let captured = Captured { meta: m, made: Mutex::default() };
         let seq = state.live.write_doc(c, d, &captured, ch)?;
         let made = captured.made.into_inner().unwrap_or_else(PoisonError::into_inner);
-        let chunk = ch.map(|ch| (ch.index, ch.bytes.to_vec()));
+        let chunk = ch.map(|ch| (ch.id, ch.bytes.to_vec()));
         state.pending.push(Op::WriteDoc(*c, *d, made, chunk));
         Ok(seq)
     }
@@ -216,8 +216,9 @@ impl Docs for SimDisk {
         self.lock().live.doc_meta(c, d)
     }
 
-    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
-        self.write(Op::Compact(*c, *d, snapshot.clone()), false, |s| s.compact(c, d, snapshot))
+    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot, r: &[ChunkId]) -> Result<()> {
+        let op = Op::Compact(*c, *d, snapshot.clone(), r.to_vec());
+        self.write(op, false, |s| s.compact(c, d, snapshot, r))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -311,7 +312,7 @@ mod tests {
             DocId::from_bytes([3; 16]),
         );
         disk.put_key_if_absent(&c, b"key")?;
-        disk.write_doc(&c, &a, b"a", Some(Chunk { index: 0, bytes: b"x" }))?;
+        disk.write_doc(&c, &a, b"a", Some(Chunk { id: ChunkId::of(b"x"), bytes: b"x" }))?;
         disk.flush()?;
         disk.write_doc(&c, &b, b"b", None)?;
         assert_eq!(disk.list_docs(&c)?.len(), 2, "unflushed writes are visible");

@@ -204,6 +204,12 @@ fn stored_text(typed: usize, chunks: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
 /// The sled store's document writes, without the flush that follows them: the server's
 /// (metadata, feed move, chunk) and a device's (off the feed), at the fan-out workload's sizes
 /// (a 60-byte metadata record, a 200-byte chunk), round 64 documents of one customer.
+/// A chunk id for the benches' chunks, which all have the same bytes: the id a distinct chunk
+/// would have.
+fn chunk_id(index: u64) -> cubby_core::ChunkId {
+    cubby_core::ChunkId::of(&index.to_be_bytes())
+}
+
 fn store_write(c: &mut Criterion) {
     use cubby_store::Chunk;
     let dir = tempfile::tempdir().expect("temp dir");
@@ -215,14 +221,16 @@ fn store_write(c: &mut Criterion) {
     c.bench_function("store_write/server_write_doc", |b| {
         b.iter(|| {
             index += 1;
-            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { index, bytes: &bytes });
+            let id = chunk_id(index);
+            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { id, bytes: &bytes });
             store.write_doc(&customer, doc, &meta, Some(chunk)).expect("writes")
         });
     });
     c.bench_function("store_write/device_write_doc_off_feed", |b| {
         b.iter(|| {
             index += 1;
-            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { index, bytes: &bytes });
+            let id = chunk_id(index);
+            let (doc, chunk) = (&docs[(index % 64) as usize], Chunk { id, bytes: &bytes });
             store.write_doc_off_feed(&customer, doc, &meta, Some(chunk)).expect("writes")
         });
     });
@@ -237,14 +245,16 @@ fn store_write(c: &mut Criterion) {
                 id[..4].copy_from_slice(&fresh.to_be_bytes());
                 let doc = cubby_core::DocId::from_bytes(id);
                 for index in 0..256 {
-                    let chunk = Chunk { index, bytes: &bytes };
+                    let chunk = Chunk { id: chunk_id(index), bytes: &bytes };
                     store.write_doc_off_feed(&customer, &doc, &meta, Some(chunk)).expect("writes");
                 }
                 doc
             },
             |doc| {
-                let snapshot = cubby_store::Snapshot { through: 255, bytes: vec![5; 600] };
-                store.compact(&customer, &doc, &snapshot).expect("compacts")
+                let bytes = vec![5; 600];
+                let snapshot = cubby_store::Snapshot { id: cubby_core::ChunkId::of(&bytes), bytes };
+                let replaces: Vec<_> = (0..256).map(chunk_id).collect();
+                store.compact(&customer, &doc, &snapshot, &replaces).expect("compacts")
             },
             BatchSize::PerIteration,
         );
@@ -256,7 +266,7 @@ fn rebuild(c: &mut Criterion) {
         let (snapshot, chunks) = stored_text(typed, 256);
         c.bench_function(&format!("rebuild/text_of_{typed}_plus_256_chunks"), |b| {
             b.iter(|| {
-                cubby_core::lifecycle::rebuild(Some(&snapshot), chunks.iter().map(Vec::as_slice))
+                cubby_core::history::rebuild(Some(&snapshot), chunks.iter().map(Vec::as_slice))
                     .expect("loads")
             });
         });

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use automerge::Automerge;
-use cubby_core::lifecycle::{self, CompactionPolicy};
+use cubby_core::history::{CompactionPolicy, History};
 use cubby_core::session::{PeerSession, SharedMessages, SyncError};
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 use cubby_proto::{ApiError, pb};
@@ -298,11 +298,9 @@ impl Docs {
 }
 
 struct Live {
-    doc: Automerge,
+    /// The document and what storage holds of it.
+    history: History,
     meta: DocMeta,
-    next_chunk: u64,
-    chunks_since_snapshot: usize,
-    bytes_since_snapshot: u64,
     seq: Seq,
 }
 
@@ -352,14 +350,14 @@ fn apply(
 
 /// Applies a large message on the blocking pool. `None` when it did not finish within
 /// `deadline`: the document and the peer's session stay with the thread (Automerge cannot be
-/// interrupted), and `live.doc` is left empty for the caller to reload.
+/// interrupted), and the live document is left empty for the caller to reload.
 async fn apply_off_thread(
     live: &mut Live,
     peer: &mut Peer,
     message: Vec<u8>,
     deadline: Duration,
 ) -> Option<Applied> {
-    let mut doc = std::mem::replace(&mut live.doc, Automerge::new());
+    let mut doc = std::mem::replace(live.history.doc_mut(), Automerge::new());
     let mut session = std::mem::take(&mut peer.session);
     let work = tokio::task::spawn_blocking(move || {
         let applied =
@@ -368,7 +366,7 @@ async fn apply_off_thread(
     });
     match tokio::time::timeout(deadline, work).await {
         Ok(Ok((doc, session, applied))) => {
-            live.doc = doc;
+            *live.history.doc_mut() = doc;
             peer.session = session;
             Some(applied)
         }
@@ -495,6 +493,7 @@ impl Actor {
     /// Loads the document from storage (again), dropping anything not durable.
     async fn load(&mut self) -> Result<(), ApiError> {
         let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
+        let policy = self.ctx().policy;
         let loaded = self
             .ctx()
             .work
@@ -504,26 +503,25 @@ impl Actor {
                 };
                 let meta =
                     DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
-                let snapshot = records.snapshot.as_ref();
                 let rebuilt = std::panic::catch_unwind(|| {
-                    lifecycle::rebuild(
-                        snapshot.map(|s| s.bytes.as_slice()),
-                        records.chunks.iter().map(|(_, b)| b.as_slice()),
+                    History::rebuild(
+                        records.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice())),
+                        records.chunks.iter().map(|(id, b)| (*id, b.as_slice())),
+                        policy,
                     )
                 });
-                let Ok(Ok(automerge)) = rebuilt else {
-                    tracing::error!(doc = %doc.short(), "stored document does not load");
-                    return Err(ApiError::DataLoss("document"));
+                let history = match rebuilt {
+                    Ok(Ok(history)) => history,
+                    Ok(Err(err)) => {
+                        tracing::error!(doc = %doc.short(), %err, "stored document does not load");
+                        return Err(ApiError::DataLoss("document"));
+                    }
+                    Err(_) => {
+                        tracing::error!(doc = %doc.short(), "stored document panicked loading");
+                        return Err(ApiError::DataLoss("document"));
+                    }
                 };
-                let next_chunk = records.next_chunk();
-                Ok(Some(Live {
-                    doc: automerge,
-                    meta,
-                    next_chunk,
-                    chunks_since_snapshot: records.chunks.len(),
-                    bytes_since_snapshot: records.chunk_bytes(),
-                    seq: records.seq,
-                }))
+                Ok(Some(Live { history, meta, seq: records.seq }))
             })
             .await
             .map_err(|_| ApiError::Internal)??;
@@ -550,7 +548,7 @@ impl Actor {
                 return;
             }
         }
-        let before = self.live().map(|l| l.doc.get_heads());
+        let before = self.live().map(|l| l.history.doc().get_heads());
         let mut spoke = HashSet::new();
         // The metadata must be written even without new changes (created, or made private).
         let mut touched = false;
@@ -609,7 +607,7 @@ impl Actor {
                         }
                     } else {
                         std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            apply(&mut peer.session, &mut live.doc, &message)
+                            apply(&mut peer.session, live.history.doc_mut(), &message)
                         }))
                     };
                     let refusal = match applied {
@@ -708,7 +706,7 @@ impl Actor {
                 }
                 return;
             }
-        } else if let Err(err) = self.persist(before.as_deref(), touched).await {
+        } else if let Err(err) = self.persist(touched).await {
             // Not durable: forget it, so nobody is told heads that are not on disk. Devices
             // still hold their changes and resend them.
             tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
@@ -723,7 +721,7 @@ impl Actor {
         }
         self.answer(deferred).await;
         self.push(pushes);
-        let moved = before != self.live().map(|l| l.doc.get_heads());
+        let moved = before != self.live().map(|l| l.history.doc().get_heads());
         self.fan_out(&spoke, moved);
         self.maybe_compact().await;
     }
@@ -735,7 +733,7 @@ impl Actor {
     async fn saved_session(&self, device: DeviceId, stored: Option<Vec<u8>>) -> PeerSession {
         let Some(live) = self.live() else { return PeerSession::new() };
         if let Some(old) = self.peers.values().find(|p| p.device == device) {
-            return PeerSession::restore_for(&old.session.persist(), &live.doc);
+            return PeerSession::restore_for(&old.session.persist(), live.history.doc());
         }
         let stored = match stored {
             Some(bytes) => Some(bytes),
@@ -747,7 +745,7 @@ impl Actor {
             }
         };
         match (stored, self.live()) {
-            (Some(bytes), Some(live)) => PeerSession::restore_for(&bytes, &live.doc),
+            (Some(bytes), Some(live)) => PeerSession::restore_for(&bytes, live.history.doc()),
             _ => PeerSession::new(),
         }
     }
@@ -776,14 +774,8 @@ impl Actor {
 
     fn create(&mut self, title: String, private: bool) -> bool {
         let meta = DocMeta { private, ..DocMeta::new(title) };
-        self.state = Some(Some(Live {
-            doc: Automerge::new(),
-            meta,
-            next_chunk: 0,
-            chunks_since_snapshot: 0,
-            bytes_since_snapshot: 0,
-            seq: Seq(0),
-        }));
+        let history = History::new(self.registry.ctx.policy);
+        self.state = Some(Some(Live { history, meta, seq: Seq(0) }));
         true
     }
 
@@ -798,35 +790,32 @@ impl Actor {
         }
         // "business" and 8 random bytes: the change is visibly the business's in the history.
         let actor = [b"business".as_slice(), &cubby_crypto::random_array::<8>()].concat();
-        live.doc.set_actor(automerge::ActorId::from(actor));
-        let result = live.doc.transact::<_, _, cubby_core::json::EditError>(|tx| {
+        let doc = live.history.doc_mut();
+        doc.set_actor(automerge::ActorId::from(actor));
+        let result = doc.transact::<_, _, cubby_core::json::EditError>(|tx| {
             for (path, edit) in edits {
                 cubby_core::json::apply_edit(tx, path, edit)?;
             }
             Ok(())
         });
-        live.doc.set_actor(automerge::ActorId::random());
+        doc.set_actor(automerge::ActorId::random());
         result.map(drop).map_err(|failure| ApiError::InvalidArgument(failure.error.to_string()))
     }
 
     /// Writes what changed since `before` as one chunk (and the metadata, also when only
     /// `touched`) and waits until it is durable.
-    async fn persist(
-        &mut self,
-        before: Option<&[automerge::ChangeHash]>,
-        touched: bool,
-    ) -> Result<(), ApiError> {
+    async fn persist(&mut self, touched: bool) -> Result<(), ApiError> {
         let Some(Some(live)) = &mut self.state else { return Ok(()) };
         // Position 0 on a stored document: it was stored without a feed entry (off the feed),
         // so no device heard of it. Write it again, so that they do.
         let touched = touched || live.seq == Seq(0);
-        let heads = live.doc.get_heads();
-        let changed = before.is_none_or(|b| b != heads.as_slice()) && !heads.is_empty();
+        // Taken here, it counts as stored: a write that fails reloads the document.
+        let chunk = live.history.take_chunk();
+        let changed = chunk.is_some();
         if !changed && !touched {
             return Ok(());
         }
-        let chunk = changed.then(|| live.doc.save_after(before.unwrap_or(&[])));
-        let chunk_len = chunk.as_ref().map_or(0, |c| c.len() as u64);
+        let chunk_len = chunk.as_ref().map_or(0, |c| c.bytes.len() as u64);
         let mut meta = live.meta.clone();
         meta.record_write(chunk_len);
         let ctx = &self.registry.ctx;
@@ -847,7 +836,7 @@ impl Actor {
             customer: self.customer,
             doc: self.doc,
             meta: meta.encode(),
-            chunk: chunk.map(|bytes| (live.next_chunk, bytes)),
+            chunk: chunk.map(|part| (part.id, part.bytes)),
             metadata: touched,
         };
         let seq = match ctx.commit.commit(write).await {
@@ -859,11 +848,6 @@ impl Actor {
         };
         live.meta = meta;
         live.seq = seq;
-        if changed {
-            live.next_chunk += 1;
-            live.chunks_since_snapshot += 1;
-            live.bytes_since_snapshot += chunk_len;
-        }
         Ok(())
     }
 
@@ -881,7 +865,7 @@ impl Actor {
                     let answer = match self.live() {
                         Some(l) => Ok((
                             cubby_proto::doc_info(&self.doc, &l.meta),
-                            cubby_core::json::to_json(&l.doc),
+                            cubby_core::json::to_json(l.history.doc()),
                         )),
                         None => Err(ApiError::NotFound("document")),
                     };
@@ -923,10 +907,11 @@ impl Actor {
         for (peer_id, announcement, queued) in pushes {
             let Some(peer) = self.peers.get_mut(&peer_id) else { continue };
             // Contained like every message built from a peer's state (see `fan_out`).
-            let message =
-                std::panic::catch_unwind(AssertUnwindSafe(|| peer.session.push(&live.doc)))
-                    .ok()
-                    .flatten();
+            let message = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                peer.session.push(live.history.doc())
+            }))
+            .ok()
+            .flatten();
             tracing::debug!(peer = peer_id, doc = %self.doc.short(), pushed = message.is_some(),
                 "catch-up announced by the document's actor");
             let mut frames = vec![Box::new(announcement.frame(message.is_some()))];
@@ -973,12 +958,12 @@ impl Actor {
             // that peer.
             let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 if spoke.contains(peer_id) {
-                    peer.session.reply(&live.doc)
+                    peer.session.reply(live.history.doc())
                 } else {
-                    shared.generate(&mut peer.session, &live.doc)
+                    shared.generate(&mut peer.session, live.history.doc())
                 }
             }));
-            if spoke.contains(peer_id) && peer.session.peer_has_everything(&live.doc) {
+            if spoke.contains(peer_id) && peer.session.peer_has_everything(live.history.doc()) {
                 // Its message named every head of the durable document.
                 peer.link.held.record(doc, live.seq);
             }
@@ -1021,29 +1006,31 @@ impl Actor {
     }
 
     async fn maybe_compact(&mut self) {
-        let policy = self.registry.ctx.policy;
         let Some(Some(live)) = &mut self.state else { return };
-        if live.next_chunk == 0
-            || !policy.should_compact(live.chunks_since_snapshot, live.bytes_since_snapshot)
-        {
-            return;
-        }
-        let snapshot = Snapshot { through: live.next_chunk - 1, bytes: live.doc.save() };
+        let Some(compaction) = live.history.take_compaction() else { return };
         // The size counted every chunk written; the document now holds the snapshot alone,
         // usually far smaller (10,000 one-key changes: about 1 MB of chunks, an 18 KB snapshot).
         // Recount it with the compaction, and give the difference back to the customer's quota.
-        let stored = snapshot.bytes.len() as u64;
+        let stored = compaction.snapshot.bytes.len() as u64;
         let recounted =
             (stored < live.meta.size).then(|| DocMeta { size: stored, ..live.meta.clone() });
-        let meta = recounted.as_ref().map(DocMeta::encode);
-        let write = Write::Compact { customer: self.customer, doc: self.doc, snapshot, meta };
+        let write = Write::Compact {
+            customer: self.customer,
+            doc: self.doc,
+            snapshot: Snapshot {
+                id: compaction.snapshot.id,
+                bytes: compaction.snapshot.bytes.clone(),
+            },
+            replaces: compaction.replaces.clone(),
+            meta: recounted.as_ref().map(DocMeta::encode),
+        };
         let ctx = &self.registry.ctx;
         if let Err(err) = ctx.commit.commit(write).await {
             tracing::warn!(doc = %self.doc.short(), %err, "compaction failed; will retry");
+            live.history.compaction_lost();
             return;
         }
-        live.chunks_since_snapshot = 0;
-        live.bytes_since_snapshot = 0;
+        live.history.compacted(&compaction);
         if let Some(meta) = recounted {
             ctx.quotas.release(&self.customer, live.meta.size - stored);
             live.meta = meta;

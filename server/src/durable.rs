@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use cubby_core::{CustomerId, DocId, DocMeta, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, DocMeta, Seq};
 use cubby_proto::ApiError;
 use cubby_store::{Chunk, Snapshot, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
@@ -28,13 +28,20 @@ pub(crate) enum Write {
         customer: CustomerId,
         doc: DocId,
         meta: Vec<u8>,
-        chunk: Option<(u64, Vec<u8>)>,
+        chunk: Option<(ChunkId, Vec<u8>)>,
         /// The document was created or its metadata changed (see [`Announcement::metadata`]).
         metadata: bool,
     },
-    /// Fold chunks into a snapshot, then store `meta` (the document's size recounted as the
-    /// snapshot's) if given: off the feed, as nothing changed that devices need to hear of.
-    Compact { customer: CustomerId, doc: DocId, snapshot: Snapshot, meta: Option<Vec<u8>> },
+    /// Fold the stored parts `replaces` names into a snapshot, then store `meta` (the
+    /// document's size recounted as the snapshot's) if given: off the feed, as nothing changed
+    /// that devices need to hear of.
+    Compact {
+        customer: CustomerId,
+        doc: DocId,
+        snapshot: Snapshot,
+        replaces: Vec<ChunkId>,
+        meta: Option<Vec<u8>>,
+    },
     /// Delete a document.
     Delete { customer: CustomerId, doc: DocId },
 }
@@ -134,11 +141,11 @@ impl Write {
                 customer,
                 doc,
                 meta,
-                chunk: chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes }),
+                chunk: chunk.as_ref().map(|(id, bytes)| Chunk { id: *id, bytes }),
                 feed: true,
             }),
-            Write::Compact { customer, doc, snapshot, meta } => {
-                out.push(W::Compact { customer, doc, snapshot });
+            Write::Compact { customer, doc, snapshot, replaces, meta } => {
+                out.push(W::Compact { customer, doc, snapshot, replaces });
                 // After the snapshot: a crash between the two leaves the size counted high,
                 // never low, until the next compaction.
                 if let Some(meta) = meta {

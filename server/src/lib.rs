@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cubby_core::lifecycle::CompactionPolicy;
+use cubby_core::history::CompactionPolicy;
 use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::Witness;

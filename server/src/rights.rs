@@ -16,7 +16,7 @@
 
 use std::io::Write;
 
-use cubby_core::lifecycle;
+use cubby_core::history;
 use cubby_core::meta::unix_ms;
 use cubby_core::{CustomerId, DocMeta};
 use cubby_proto::{ApiError, pb};
@@ -105,7 +105,7 @@ fn write_export(
         });
         // A document deleted since the listing is simply left out.
         let Some(records) = store.load(customer, &id).map_err(api_error)? else { continue };
-        let doc = lifecycle::rebuild(
+        let doc = history::rebuild(
             records.snapshot.as_ref().map(|s| s.bytes.as_slice()),
             records.chunks.iter().map(|(_, b)| b.as_slice()),
         )

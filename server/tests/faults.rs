@@ -156,7 +156,7 @@ fn stored_prefix(data: &Path, writers: &[(CustomerId, DocId)]) -> Vec<u64> {
         .iter()
         .map(|(customer, doc)| {
             let Some(records) = store.load(customer, doc).expect("loads") else { return 0 };
-            let automerge = cubby_core::lifecycle::rebuild(
+            let automerge = cubby_core::history::rebuild(
                 records.snapshot.as_ref().map(|s| s.bytes.as_slice()),
                 records.chunks.iter().map(|(_, b)| b.as_slice()),
             )

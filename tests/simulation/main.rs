@@ -265,7 +265,7 @@ impl World {
                 .load(&self.customers[customer], &doc)
                 .map_err(|e| format!("{when}: loading {doc}: {e}"))?
                 .ok_or_else(|| format!("{when}: acknowledged document {doc} is not on disk"))?;
-            let automerge = cubby_core::lifecycle::rebuild(
+            let automerge = cubby_core::history::rebuild(
                 records.snapshot.as_ref().map(|s| s.bytes.as_slice()),
                 records.chunks.iter().map(|(_, b)| b.as_slice()),
             )

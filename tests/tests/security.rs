@@ -240,8 +240,8 @@ async fn row_21_record_copied_to_another_customer_or_document_fails_to_open() {
             cubby_store_sled::SledStore::open(&server.data_dir().join("db")).expect("raw sled");
         let stolen = raw.load(&alice, &doc.id()).expect("load").expect("exists");
         assert!(!stolen.chunks.is_empty());
-        let (index, bytes) = &stolen.chunks[0];
-        let chunk = Some(cubby_store::Chunk { index: *index, bytes });
+        let (id, bytes) = &stolen.chunks[0];
+        let chunk = Some(cubby_store::Chunk { id: *id, bytes });
         raw.write_doc(&bob, &doc.id(), &stolen.meta, chunk).expect("raw copy to bob");
         raw.write_doc(&alice, &other.id(), &stolen.meta, chunk).expect("raw copy to other doc");
         assert!(raw.feed_since(&bob, Seq(0)).expect("feed").iter().any(|(_, d)| *d == doc.id()));

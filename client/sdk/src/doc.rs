@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use automerge::transaction::Transaction;
 use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
-use cubby_core::lifecycle::{self, CompactionPolicy};
+use cubby_core::history::{Compaction, CompactionPolicy, History, Part};
 use cubby_core::session::PeerSession;
 use cubby_core::{DocId, DocMeta};
 use cubby_store::{Chunk, Snapshot, Space, Store, StoreError};
@@ -39,12 +39,9 @@ pub enum DocEvent {
 
 /// A document as this device holds it.
 pub(crate) struct LocalDoc {
-    pub(crate) doc: Automerge,
+    /// The document, and what the local store holds of it.
+    pub(crate) history: History,
     pub(crate) meta: DocMeta,
-    pub(crate) next_chunk: u64,
-    /// Chunks and their bytes written since the last snapshot, for compaction.
-    chunks_since_snapshot: usize,
-    bytes_since_snapshot: u64,
     /// The sync protocol state with the server.
     pub(crate) session: PeerSession,
     /// Deleted on the server: changes are refused.
@@ -53,9 +50,6 @@ pub(crate) struct LocalDoc {
     /// that does not have it (see `Space::HEAL`): sync messages carry its title and private
     /// flag, so that the server can make it.
     pub(crate) unconfirmed: bool,
-    /// A write of it to the local store failed after taking a chunk index: the next write
-    /// carries a snapshot through its own, so that the stored chunks have no gap.
-    resave: bool,
 }
 
 pub(crate) struct DocShared {
@@ -69,9 +63,9 @@ pub(crate) struct DocShared {
 /// A write for the local store: a new chunk and/or the persisted sync session. The metadata
 /// stored with a chunk is the document's when the write runs, not when it was made.
 pub(crate) struct LocalWrite {
-    pub(crate) chunk: Option<(u64, Vec<u8>)>,
+    pub(crate) chunk: Option<Part>,
     /// Set when the chunk makes the history long enough to fold into a snapshot.
-    pub(crate) snapshot: Option<Snapshot>,
+    pub(crate) compaction: Option<Compaction>,
     pub(crate) session: Option<Vec<u8>>,
 }
 
@@ -86,22 +80,44 @@ impl LocalWrite {
         shared: &DocShared,
     ) -> Result<(), StoreError> {
         let _turn = shared.store_turn();
-        self.store(store, shared).inspect_err(|_| shared.write_failed())
+        self.store(store, shared).inspect_err(|_| self.failed(shared))
+    }
+
+    /// The write did not (all) reach the store: the next one carries its changes, and its
+    /// compaction is made again when due.
+    pub(crate) fn failed(&self, shared: &DocShared) {
+        let mut state = shared.lock();
+        if let Some(chunk) = &self.chunk {
+            state.history.lost(&chunk.id);
+        }
+        if self.compaction.is_some() {
+            state.history.compaction_lost();
+        }
+    }
+
+    /// The write reached the store: its compaction stands for the parts it replaced.
+    pub(crate) fn stored(&self, shared: &DocShared) {
+        if let Some(compaction) = &self.compaction {
+            shared.lock().history.compacted(compaction);
+        }
     }
 
     /// Stores the write; the caller holds `shared`'s store turn.
     fn store(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
         let id = &shared.id;
-        if let Some((index, bytes)) = &self.chunk {
+        if let Some(Part { id: chunk, bytes }) = &self.chunk {
             let meta = shared.meta().encode();
-            store.write_doc_off_feed(&LOCAL, id, &meta, Some(Chunk { index: *index, bytes }))?;
+            let chunk = Some(Chunk { id: *chunk, bytes });
+            store.write_doc_off_feed(&LOCAL, id, &meta, chunk)?;
         }
-        if let Some(snapshot) = &self.snapshot {
-            store.compact(&LOCAL, id, snapshot)?;
+        if let Some(Compaction { snapshot, replaces }) = &self.compaction {
+            let snapshot = Snapshot { id: snapshot.id, bytes: snapshot.bytes.clone() };
+            store.compact(&LOCAL, id, &snapshot, replaces)?;
         }
         if let Some(session) = &self.session {
             store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;
         }
+        self.stored(shared);
         Ok(())
     }
 }
@@ -110,15 +126,11 @@ impl DocShared {
     /// A document this device just created.
     pub(crate) fn new(id: DocId, title: &str) -> Self {
         let state = LocalDoc {
-            doc: Automerge::new(),
+            history: History::new(CompactionPolicy::default()),
             meta: DocMeta::new(title),
-            next_chunk: 0,
-            chunks_since_snapshot: 0,
-            bytes_since_snapshot: 0,
             session: PeerSession::new(),
             unconfirmed: true,
             deleted: false,
-            resave: false,
         };
         Self::from_parts(id, state)
     }
@@ -136,35 +148,23 @@ impl DocShared {
     pub(crate) fn load(store: &dyn Store, id: DocId) -> Result<Self, ClientError> {
         let records = store.load(&LOCAL, &id)?.ok_or(ClientError::UnknownDocument(id))?;
         let meta = DocMeta::decode(&records.meta).map_err(|_| ClientError::Damaged(id))?;
-        let doc = lifecycle::rebuild(
-            records.snapshot.as_ref().map(|s| s.bytes.as_slice()),
-            records.chunks.iter().map(|(_, b)| b.as_slice()),
+        let history = History::rebuild(
+            records.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice())),
+            records.chunks.iter().map(|(id, b)| (*id, b.as_slice())),
+            CompactionPolicy::default(),
         )
         .map_err(|_| ClientError::Damaged(id))?;
-        let next_chunk = records.next_chunk();
-        let (chunks_since_snapshot, bytes_since_snapshot) =
-            (records.chunks.len(), records.chunk_bytes());
         // A session naming changes the store lost (written after them, kept by a crash that
         // tore them away) starts over rather than tell the server the device has them.
         let session = match store.get_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())? {
-            Some(bytes) => PeerSession::restore_for(&bytes, &doc),
+            Some(bytes) => PeerSession::restore_for(&bytes, history.doc()),
             None => PeerSession::new(),
         };
         // A document to offer back (`Space::HEAL`) is made on the server only once the engine
         // knows it was not deleted there meanwhile: the engine sets `unconfirmed` then.
         let mark = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
         let unconfirmed = mark.is_some_and(|v| v == MARK_NEW);
-        let state = LocalDoc {
-            doc,
-            meta,
-            next_chunk,
-            chunks_since_snapshot,
-            bytes_since_snapshot,
-            session,
-            unconfirmed,
-            deleted: false,
-            resave: false,
-        };
+        let state = LocalDoc { history, meta, session, unconfirmed, deleted: false };
         Ok(Self::from_parts(id, state))
     }
 
@@ -179,11 +179,6 @@ impl DocShared {
     /// Taken around each write of the document to the local store, and around its deletion.
     pub(crate) fn store_turn(&self) -> MutexGuard<'_, ()> {
         self.store_turn.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// A write took a chunk index and did not store it (see `LocalDoc::resave`).
-    pub(crate) fn write_failed(&self) {
-        self.lock().resave = true;
     }
 
     /// Takes what the customer controls in the server's metadata: the title and the private
@@ -214,42 +209,20 @@ impl DocShared {
 }
 
 impl LocalDoc {
-    /// The local write for the changes made since `before` (the next chunk, and a snapshot when
-    /// the history is due for compaction), with `session` if given. `None` if nothing changed
-    /// and there is no session to save.
-    pub(crate) fn write_since(
-        &mut self,
-        before: &[ChangeHash],
-        session: bool,
-    ) -> Option<LocalWrite> {
-        let chunk = (self.doc.get_heads() != before).then(|| {
-            let bytes = self.doc.save_after(before);
-            let index = self.next_chunk;
-            self.next_chunk += 1;
-            self.chunks_since_snapshot += 1;
-            self.bytes_since_snapshot += bytes.len() as u64;
-            self.meta.record_write(bytes.len() as u64);
-            (index, bytes)
-        });
-        let policy = CompactionPolicy::default();
-        let snapshot = match &chunk {
-            Some((index, _))
-                if self.resave
-                    || policy
-                        .should_compact(self.chunks_since_snapshot, self.bytes_since_snapshot) =>
-            {
-                self.resave = false;
-                self.chunks_since_snapshot = 0;
-                self.bytes_since_snapshot = 0;
-                Some(Snapshot { through: *index, bytes: self.doc.save() })
-            }
-            _ => None,
-        };
+    /// The local write for the changes made since the last one (the next chunk, and a snapshot
+    /// when the history is due for compaction), with `session` if given. `None` if nothing
+    /// changed and there is no session to save.
+    pub(crate) fn take_write(&mut self, session: bool) -> Option<LocalWrite> {
+        let chunk = self.history.take_chunk();
+        if let Some(chunk) = &chunk {
+            self.meta.record_write(chunk.bytes.len() as u64);
+        }
+        let compaction = chunk.as_ref().and_then(|_| self.history.take_compaction());
         if chunk.is_none() && !session {
             return None;
         }
         let session = session.then(|| self.session.persist());
-        Some(LocalWrite { chunk, snapshot, session })
+        Some(LocalWrite { chunk, compaction, session })
     }
 }
 
@@ -292,54 +265,24 @@ impl DocHandle {
             if state.deleted {
                 return Err(ClientError::Deleted(self.shared.id));
             }
-            let before = state.doc.get_heads();
-            let out = state.doc.transact(f).map_err(|failure| failure.error)?.result;
+            let out = state.history.doc_mut().transact(f).map_err(|failure| failure.error)?.result;
             tracing::debug!(device = %self.client.device_id.short(), doc = %self.shared.id.short(),
-                heads = ?state.doc.get_heads(), "local change");
-            (out, state.write_since(&before, false))
+                heads = ?state.history.doc().get_heads(), "local change");
+            (out, state.take_write(false))
         };
         let Some(write) = write else { return Ok(out) };
         let id = self.shared.id;
         let shared = self.shared.clone();
         let wake = self.client.wake.clone();
-        let written = self
-            .client
-            .blocking(move |store| -> Result<(), ClientError> {
-                // Mark the document unsynced before the sync engine can see the change, so the
-                // mark can never land after the engine has cleared it...
-                let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none();
-                if marked {
-                    store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
-                }
-                // ...then let the engine send it while this device's own flush runs: the
-                // server's copy is durable on its own, and this call still returns only after
-                // the local flush.
-                let _ = wake.send(id);
-                // The engine deletes a document deleted on the server in its turn, after setting
-                // `deleted`: a change lands before (and is reported discarded) or is refused,
-                // never written back over the deletion.
-                let turn = shared.store_turn();
-                if shared.lock().deleted || store.doc_meta(&LOCAL, &id)?.is_none() {
-                    // Only the mark made here: one from earlier changes is the engine's to count
-                    // as discarded.
-                    if marked {
-                        store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+        self.client
+            .blocking(move |store| {
+                store_change(store, &shared, &write, &wake).inspect_err(|err| {
+                    if !matches!(err, ClientError::Deleted(_)) {
+                        write.failed(&shared);
                     }
-                    return Err(ClientError::Deleted(id));
-                }
-                write.store(store, &shared)?;
-                drop(turn);
-                Ok(store.flush()?)
+                })
             })
-            .await;
-        match written {
-            Ok(()) => {}
-            Err(err @ ClientError::Deleted(_)) => return Err(err),
-            Err(err) => {
-                self.shared.write_failed();
-                return Err(err);
-            }
-        }
+            .await?;
         self.client.wrote(id);
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));
@@ -354,21 +297,55 @@ impl DocHandle {
 
     /// The document rendered as JSON.
     pub fn to_json(&self) -> serde_json::Value {
-        cubby_core::json::to_json(&self.shared.lock().doc)
+        cubby_core::json::to_json(self.shared.lock().history.doc())
     }
 
     /// Reads the document.
     pub fn read<R>(&self, f: impl FnOnce(&Automerge) -> R) -> R {
-        f(&self.shared.lock().doc)
+        f(self.shared.lock().history.doc())
     }
 
     /// The document's current heads.
     pub fn heads(&self) -> Vec<ChangeHash> {
-        self.shared.lock().doc.get_heads()
+        self.shared.lock().history.doc().get_heads()
     }
 
     /// Events for this document from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<DocEvent> {
         self.shared.events.subscribe()
     }
+}
+
+/// Stores a local change of `shared`'s document (`write`) and flushes. Blocking.
+fn store_change(
+    store: &dyn Store,
+    shared: &DocShared,
+    write: &LocalWrite,
+    wake: &tokio::sync::mpsc::UnboundedSender<DocId>,
+) -> Result<(), ClientError> {
+    let id = shared.id;
+    // Mark the document unsynced before the sync engine can see the change, so the mark can
+    // never land after the engine has cleared it...
+    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none();
+    if marked {
+        store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
+    }
+    // ...then let the engine send it while this device's own flush runs: the server's copy is
+    // durable on its own, and this call still returns only after the local flush.
+    let _ = wake.send(id);
+    // The engine deletes a document deleted on the server in its turn, after setting `deleted`:
+    // a change lands before (and is reported discarded) or is refused, never written back over
+    // the deletion.
+    let turn = shared.store_turn();
+    if shared.lock().deleted || store.doc_meta(&LOCAL, &id)?.is_none() {
+        // Only the mark made here: one from earlier changes is the engine's to count as
+        // discarded.
+        if marked {
+            store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+        }
+        return Err(ClientError::Deleted(id));
+    }
+    write.store(store, shared)?;
+    drop(turn);
+    Ok(store.flush()?)
 }

@@ -684,7 +684,7 @@ impl<'a> Session<'a> {
                     // and been acknowledged. Then nothing was sent and no reply will clear it.
                     if self.active.get(&doc).is_some_and(|d| {
                         let state = d.lock();
-                        state.session.peer_has_everything(&state.doc)
+                        state.session.peer_has_everything(state.history.doc())
                     }) {
                         self.clear_acknowledged_mark(doc).await?;
                         self.owed.acknowledged(doc);
@@ -711,7 +711,10 @@ impl<'a> Session<'a> {
                 // Only on the server's word in this connection, and never for a document the
                 // server has not confirmed: an empty new document "has everything" trivially.
                 let heard = state.session.their_heads().is_some();
-                if state.unconfirmed || !heard || !state.session.peer_has_everything(&state.doc) {
+                if state.unconfirmed
+                    || !heard
+                    || !state.session.peer_has_everything(state.history.doc())
+                {
                     return Ok(false);
                 }
                 remove_mark(store, id)
@@ -789,14 +792,14 @@ impl<'a> Session<'a> {
         let frame = {
             let mut state = shared.lock();
             let state = &mut *state;
-            let Some(message) = state.session.generate(&state.doc) else {
+            let Some(message) = state.session.generate(state.history.doc()) else {
                 tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
-                    ours = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
+                    ours = ?state.history.doc().get_heads(), theirs = ?state.session.their_heads(),
                     "push: nothing to say");
                 return Ok(());
             };
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
-                ours = ?state.doc.get_heads(), "push");
+                ours = ?state.history.doc().get_heads(), "push");
             // Offered back on this connection (`heal`), or made here and not yet seen.
             let create = (state.unconfirmed || self.heal.contains(&id)).then(|| pb::NewDoc {
                 title: state.meta.title.clone(),
@@ -876,26 +879,25 @@ impl<'a> Session<'a> {
         let (write, reply, holds, server_has_all, changed, was_unconfirmed, settled) = {
             let mut state = shared.lock();
             let state = &mut *state;
-            let before = state.doc.get_heads();
             let shared_before = state.session.shared_heads().to_vec();
-            if let Err(err) = state.session.receive(&mut state.doc, &sync.message) {
+            if let Err(err) = state.session.receive(state.history.doc_mut(), &sync.message) {
                 tracing::warn!(doc = %id.short(), %err, "server sync message refused");
                 return Ok(());
             }
             // The session is saved only when what it keeps (the shared heads) moved: an
             // acknowledgement of what the device already knew costs no local write or flush.
             let moved = state.session.shared_heads() != shared_before;
-            let write = state.write_since(&before, moved);
+            let write = state.take_write(moved);
             let changed = write.as_ref().is_some_and(|w| w.chunk.is_some());
             let was_unconfirmed = std::mem::take(&mut state.unconfirmed);
-            let holds = state.session.has_everything_peer_has(&state.doc);
-            let server_has_all = state.session.peer_has_everything(&state.doc);
-            let reply = state.session.generate(&state.doc);
+            let holds = state.session.has_everything_peer_has(state.history.doc());
+            let server_has_all = state.session.peer_has_everything(state.history.doc());
+            let reply = state.session.generate(state.history.doc());
             // Changes whose dependencies have not arrived wait in the document's queue, which
             // is not persisted, and the server will not send them twice on this connection: keep
             // the document loaded until the exchange has settled. A reply sent once it has
             // settled only acknowledges, and the server does not answer that.
-            let settled = state.session.settled(&state.doc);
+            let settled = state.session.settled(state.history.doc());
             (write, reply, holds, server_has_all, changed, was_unconfirmed, settled)
         };
         // The server holds these changes durably: show them now, store them right after, and
@@ -914,9 +916,9 @@ impl<'a> Session<'a> {
                 // Clear the unsynced mark only if, under the document's lock, the server still
                 // has everything: a local edit may have landed since.
                 let state = check.lock();
-                if state.session.peer_has_everything(&state.doc) {
+                if state.session.peer_has_everything(state.history.doc()) {
                     tracing::debug!(device = %device.short(), doc = %id.short(),
-                        heads = ?state.doc.get_heads(), theirs = ?state.session.their_heads(),
+                        heads = ?state.history.doc().get_heads(), theirs = ?state.session.their_heads(),
                         "server holds everything: unsynced mark cleared");
                     return remove_mark(store, id);
                 }

@@ -1,4 +1,5 @@
-//! Identifiers. Every id is 16 random bytes printed in base58; none carries meaning.
+//! Identifiers. Every id is 16 bytes printed in base58, random but for a [`ChunkId`] (a content
+//! hash); none carries meaning.
 
 use std::fmt;
 use std::str::FromStr;
@@ -80,6 +81,22 @@ id_type!(
     /// the subject itself. The server derives it; clients never see it.
     CustomerId
 );
+
+id_type!(
+    /// A stored part of a document's history (a change chunk or a snapshot), named by its
+    /// content ([`ChunkId::of`]): two processes that write the same document never give two
+    /// parts one id, and a part written twice is the same part.
+    ChunkId
+);
+
+impl ChunkId {
+    /// The id of the part with these bytes: the first 16 bytes of their SHA-256.
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(bytes);
+        Self(digest[..16].try_into().expect("SHA-256 has 32 bytes"))
+    }
+}
 
 /// A position in a customer store's change feed. Every document write takes the next one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

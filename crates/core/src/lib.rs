@@ -1,11 +1,12 @@
 //! Cubby's sans-I/O core.
 //!
 //! This crate holds what the server and the client agree on, with no runtime, network, disk or
-//! cryptography in it:
+//! keys in it:
 //!
 //! - [`ids`]: document, device and customer ids and the change-feed sequence;
 //! - [`session`]: one peer's side of the standard Automerge sync protocol for one document;
-//! - [`lifecycle`]: how a document is rebuilt from storage and when it is compacted;
+//! - [`history`]: a document with what storage holds of it: rebuilt from its parts, the
+//!   next chunk to store, and when and how it is compacted;
 //! - [`json`]: reading a document as JSON and writing JSON values into it;
 //! - [`meta`]: the metadata a store keeps beside each document.
 //!
@@ -34,11 +35,11 @@
 //! # Ok::<(), cubby_core::session::SyncError>(())
 //! ```
 
+pub mod history;
 pub mod ids;
 pub mod json;
-pub mod lifecycle;
 pub mod meta;
 pub mod session;
 
-pub use ids::{CustomerId, DeviceId, DocId, IdError, Seq};
+pub use ids::{ChunkId, CustomerId, DeviceId, DocId, IdError, Seq};
 pub use meta::DocMeta;

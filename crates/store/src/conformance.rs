@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -37,8 +37,8 @@ macro_rules! conformance_tests {
             );
         }
         #[test]
-        fn conformance_compaction_replaces_covered_chunks() {
-            $crate::conformance::compaction_replaces_covered_chunks(($new_backend)());
+        fn conformance_compaction_replaces_the_chunks_it_names() {
+            $crate::conformance::compaction_replaces_the_chunks_it_names(($new_backend)());
         }
         #[test]
         fn conformance_customers_are_isolated() {
@@ -91,8 +91,27 @@ fn doc(n: u8) -> DocId {
     DocId::from_bytes([n + 100; 16])
 }
 
-fn chunk(index: u64, bytes: &[u8]) -> Option<Chunk<'_>> {
-    Some(Chunk { index, bytes })
+fn chunk(bytes: &[u8]) -> Option<Chunk<'_>> {
+    Some(Chunk { id: ChunkId::of(bytes), bytes })
+}
+
+/// Chunks as loads give them, in id order.
+fn parts(chunks: &[&[u8]]) -> Vec<(ChunkId, Vec<u8>)> {
+    let mut parts: Vec<_> = chunks.iter().map(|b| (ChunkId::of(b), b.to_vec())).collect();
+    parts.sort();
+    parts.dedup();
+    parts
+}
+
+/// A load, its chunks in id order (backends give them in any order).
+fn load<S: Store>(store: &S, c: &CustomerId, d: &DocId) -> Option<DocRecords> {
+    let mut records = store.load(c, d).expect("load")?;
+    records.chunks.sort();
+    Some(records)
+}
+
+fn snapshot(bytes: &[u8]) -> Snapshot {
+    Snapshot { id: ChunkId::of(bytes), bytes: bytes.to_vec() }
 }
 
 /// A customer's data key is written once; a second writer gets the first key back.
@@ -133,7 +152,7 @@ pub fn erasing_a_customer_removes_only_their_data<S: Store>(mut open: impl FnMut
     let store = open();
     let (gone, kept) = (customer(0), customer(1));
     for c in [gone, kept] {
-        store.write_doc(&c, &doc(0), b"m", chunk(0, b"a")).expect("write");
+        store.write_doc(&c, &doc(0), b"m", chunk(b"a")).expect("write");
         store.put_record(&c, Space::DEVICES, b"k", b"v").expect("put");
     }
     store.destroy_key(&gone).expect("destroy");
@@ -164,15 +183,11 @@ pub fn documents_round_trip<S: Store>(mut open: impl FnMut() -> S) {
     let (c, d) = (customer(0), doc(0));
     assert_eq!(store.load(&c, &d).expect("load"), None);
     store.write_doc(&c, &d, b"m1", None).expect("create");
-    store.write_doc(&c, &d, b"m2", chunk(0, b"a")).expect("write");
-    let seq = store.write_doc(&c, &d, b"m3", chunk(1, b"b")).expect("write");
-    let want = DocRecords {
-        meta: b"m3".to_vec(),
-        snapshot: None,
-        chunks: vec![(0, b"a".to_vec()), (1, b"b".to_vec())],
-        seq,
-    };
-    assert_eq!(store.load(&c, &d).expect("load"), Some(want));
+    store.write_doc(&c, &d, b"m2", chunk(b"a")).expect("write");
+    let seq = store.write_doc(&c, &d, b"m3", chunk(b"b")).expect("write");
+    let want =
+        DocRecords { meta: b"m3".to_vec(), snapshot: None, chunks: parts(&[b"a", b"b"]), seq };
+    assert_eq!(load(&store, &c, &d), Some(want));
     assert_eq!(store.list_docs(&c).expect("list"), vec![(d, seq, b"m3".to_vec())]);
     assert_eq!(store.doc_meta(&c, &d).expect("meta"), Some((seq, b"m3".to_vec())));
     store.delete_doc(&c, &d).expect("delete");
@@ -187,7 +202,7 @@ pub fn feed_lists_each_document_at_its_latest_write<S: Store>(mut open: impl FnM
     let c = customer(0);
     let s1 = store.write_doc(&c, &doc(1), b"", None).expect("write");
     let s2 = store.write_doc(&c, &doc(2), b"", None).expect("write");
-    let s3 = store.write_doc(&c, &doc(1), b"", chunk(0, b"x")).expect("write");
+    let s3 = store.write_doc(&c, &doc(1), b"", chunk(b"x")).expect("write");
     assert!(s1 < s2 && s2 < s3);
     assert_eq!(store.feed_since(&c, Seq(0)).expect("feed"), vec![(s2, doc(2)), (s3, doc(1))]);
     assert_eq!(store.feed_since(&c, s2).expect("feed"), vec![(s3, doc(1))]);
@@ -202,23 +217,20 @@ pub fn writes_off_the_feed_store_the_document_and_leave_the_feed<S: Store>(
 ) {
     let store = open();
     let c = customer(0);
-    let s1 = store.write_doc(&c, &doc(1), b"m1", chunk(0, b"a")).expect("write");
-    store.write_doc_off_feed(&c, &doc(2), b"m2", chunk(0, b"b")).expect("write off the feed");
-    store.write_doc_off_feed(&c, &doc(1), b"m1'", chunk(1, b"c")).expect("write off the feed");
+    let s1 = store.write_doc(&c, &doc(1), b"m1", chunk(b"a")).expect("write");
+    store.write_doc_off_feed(&c, &doc(2), b"m2", chunk(b"b")).expect("write off the feed");
+    store.write_doc_off_feed(&c, &doc(1), b"m1'", chunk(b"c")).expect("write off the feed");
     store.write_doc_off_feed(&c, &doc(2), b"m2'", None).expect("metadata alone");
 
     assert_eq!(store.feed_since(&c, Seq(0)).expect("feed"), vec![(s1, doc(1))]);
-    let want = |meta: &[u8], chunks: &[(u64, &[u8])], seq| DocRecords {
+    let want = |meta: &[u8], chunks: &[&[u8]], seq| DocRecords {
         meta: meta.to_vec(),
         snapshot: None,
-        chunks: chunks.iter().map(|(i, b)| (*i, b.to_vec())).collect(),
+        chunks: parts(chunks),
         seq,
     };
-    assert_eq!(
-        store.load(&c, &doc(1)).expect("load"),
-        Some(want(b"m1'", &[(0, b"a"), (1, b"c")], s1))
-    );
-    assert_eq!(store.load(&c, &doc(2)).expect("load"), Some(want(b"m2'", &[(0, b"b")], Seq(0))));
+    assert_eq!(load(&store, &c, &doc(1)), Some(want(b"m1'", &[b"a", b"c"], s1)));
+    assert_eq!(load(&store, &c, &doc(2)), Some(want(b"m2'", &[b"b"], Seq(0))));
     assert_eq!(store.list_docs(&c).expect("list").len(), 2);
     let s2 = store.delete_doc(&c, &doc(2)).expect("delete");
     assert_eq!(store.load(&c, &doc(2)).expect("load"), None);
@@ -240,11 +252,11 @@ pub fn metadata_is_stored_for_the_position_its_write_leaves<S: Store>(mut open: 
         assert!(store.list_docs(&c).expect("list").contains(&(d, seq, want)));
     };
     store.write_doc(&c, &doc(0), &for_position, None).expect("write");
-    let seq = store.write_doc(&c, &doc(0), &for_position, chunk(0, b"a")).expect("write");
+    let seq = store.write_doc(&c, &doc(0), &for_position, chunk(b"a")).expect("write");
     expect(&store, doc(0), seq);
     // Off the feed: for the position the document has, or 0 without one.
     store.write_doc(&c, &doc(1), &for_position, None).expect("write");
-    store.write_doc_off_feed(&c, &doc(0), &for_position, chunk(1, b"b")).expect("write");
+    store.write_doc_off_feed(&c, &doc(0), &for_position, chunk(b"b")).expect("write");
     expect(&store, doc(0), seq);
     store.write_doc_off_feed(&c, &doc(2), &for_position, None).expect("write");
     expect(&store, doc(2), Seq(0));
@@ -274,30 +286,37 @@ pub fn feed_head_is_the_last_position_taken<S: Store>(mut open: impl FnMut() -> 
     assert_eq!(store.feed_head(&c).expect("head"), last);
 }
 
-/// A snapshot replaces the chunks it covers and keeps the later ones.
-pub fn compaction_replaces_covered_chunks<S: Store>(mut open: impl FnMut() -> S) {
+/// A snapshot replaces exactly the chunks it names and keeps the others; a compaction that
+/// does not name the current snapshot (another writer's) changes nothing.
+pub fn compaction_replaces_the_chunks_it_names<S: Store>(mut open: impl FnMut() -> S) {
     let store = open();
     let (c, d) = (customer(0), doc(0));
-    for i in 0..4u64 {
-        store.write_doc(&c, &d, b"m", chunk(i, &[i as u8])).expect("write");
+    for i in 0..4u8 {
+        store.write_doc(&c, &d, b"m", chunk(&[i])).expect("write");
     }
-    let snapshot = Snapshot { through: 2, bytes: b"snap".to_vec() };
-    store.compact(&c, &d, &snapshot).expect("compact");
-    let loaded = store.load(&c, &d).expect("load").expect("exists");
-    assert_eq!(loaded.snapshot, Some(snapshot));
-    assert_eq!(loaded.chunks, vec![(3, vec![3])]);
-    assert_eq!(loaded.next_chunk(), 4);
-    // Compacting everything leaves the snapshot to say where chunks continue.
-    store.compact(&c, &d, &Snapshot { through: 3, bytes: b"all".to_vec() }).expect("compact");
-    let loaded = store.load(&c, &d).expect("load").expect("exists");
+    let first = snapshot(b"snap");
+    let named: Vec<ChunkId> = (0..3u8).map(|i| ChunkId::of(&[i])).collect();
+    store.compact(&c, &d, &first, &named).expect("compact");
+    let loaded = load(&store, &c, &d).expect("exists");
+    assert_eq!(loaded.snapshot, Some(first.clone()));
+    assert_eq!(loaded.chunks, parts(&[&[3]]), "the chunk it did not name stays");
+    // A second compaction that does not name the first snapshot: another writer's, refused.
+    let stale = snapshot(b"stale");
+    let refused = store.compact(&c, &d, &stale, &[ChunkId::of(&[3])]);
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    assert_eq!(load(&store, &c, &d).expect("exists").snapshot, Some(first.clone()));
+    // Naming it and the last chunk leaves the new snapshot alone.
+    let all = snapshot(b"all");
+    store.compact(&c, &d, &all, &[first.id, ChunkId::of(&[3])]).expect("compact");
+    let loaded = load(&store, &c, &d).expect("exists");
+    assert_eq!(loaded.snapshot, Some(all));
     assert!(loaded.chunks.is_empty());
-    assert_eq!(loaded.next_chunk(), 4);
 }
 
 /// One customer's documents, feed and records are invisible to another.
 pub fn customers_are_isolated<S: Store>(mut open: impl FnMut() -> S) {
     let store = open();
-    store.write_doc(&customer(0), &doc(0), b"secret", chunk(0, b"x")).expect("write");
+    store.write_doc(&customer(0), &doc(0), b"secret", chunk(b"x")).expect("write");
     store.put_record(&customer(0), Space::DEVICES, b"k", b"v").expect("record");
     assert_eq!(store.load(&customer(1), &doc(0)).expect("load"), None);
     assert!(store.list_docs(&customer(1)).expect("list").is_empty());
@@ -331,7 +350,7 @@ pub fn flushed_writes_survive_reopen<S: Store>(mut open: impl FnMut() -> S) {
     let seq = {
         let store = open();
         store.put_key_if_absent(&customer(1), b"key").expect("key");
-        let seq = store.write_doc(&c, &d, b"m", chunk(0, b"x")).expect("write");
+        let seq = store.write_doc(&c, &d, b"m", chunk(b"x")).expect("write");
         store.put_record(&c, Space::LOCAL, b"cursor", b"7").expect("record");
         store.flush().expect("flush");
         seq
@@ -339,13 +358,13 @@ pub fn flushed_writes_survive_reopen<S: Store>(mut open: impl FnMut() -> S) {
     let store = open();
     assert_eq!(store.get_key(&customer(1)).expect("key").as_deref(), Some(&b"key"[..]));
     assert_eq!(store.feed_since(&c, Seq(0)).expect("feed"), vec![(seq, d)]);
-    assert_eq!(store.load(&c, &d).expect("load").expect("exists").chunks, vec![(0, b"x".to_vec())]);
+    assert_eq!(load(&store, &c, &d).expect("exists").chunks, parts(&[b"x"]));
     assert_eq!(
         store.get_record(&c, Space::LOCAL, b"cursor").expect("get").as_deref(),
         Some(&b"7"[..])
     );
     // New writes continue the feed after the old positions.
-    assert!(store.write_doc(&c, &d, b"m", chunk(1, b"y")).expect("write") > seq);
+    assert!(store.write_doc(&c, &d, b"m", chunk(b"y")).expect("write") > seq);
 }
 
 /// A batch ([`Store::commit`]) applies its writes in order, gives each one's feed position, and
@@ -355,7 +374,8 @@ pub fn a_batch_is_applied_in_order_and_durable_when_committed<S: Store>(
 ) {
     let (alice, bob) = (customer(0), customer(1));
     let (notes, list, gone) = (doc(0), doc(1), doc(2));
-    let snapshot = Snapshot { through: 0, bytes: b"folded".to_vec() };
+    let snapshot = snapshot(b"folded");
+    let replaced = [ChunkId::of(b"a")];
     let (meta, meta2) = (b"meta".to_vec(), b"meta2".to_vec());
     let outcomes = {
         let store = open();
@@ -366,24 +386,23 @@ pub fn a_batch_is_applied_in_order_and_durable_when_committed<S: Store>(
                 customer: &alice,
                 doc: &notes,
                 meta: &meta,
-                chunk: chunk(0, b"a"),
+                chunk: chunk(b"a"),
                 feed: true,
             },
-            Write::Doc {
-                customer: &bob,
-                doc: &notes,
-                meta: &meta,
-                chunk: chunk(0, b"b"),
-                feed: true,
-            },
+            Write::Doc { customer: &bob, doc: &notes, meta: &meta, chunk: chunk(b"b"), feed: true },
             Write::Doc {
                 customer: &alice,
                 doc: &notes,
                 meta: &meta2,
-                chunk: chunk(1, b"c"),
+                chunk: chunk(b"c"),
                 feed: true,
             },
-            Write::Compact { customer: &alice, doc: &notes, snapshot: &snapshot },
+            Write::Compact {
+                customer: &alice,
+                doc: &notes,
+                snapshot: &snapshot,
+                replaces: &replaced,
+            },
             Write::Doc { customer: &alice, doc: &list, meta: &meta, chunk: None, feed: false },
             Write::Delete { customer: &alice, doc: &gone },
             Write::Record { customer: &bob, space: Space::AUDIT, key: b"k", value: b"v" },
@@ -405,10 +424,10 @@ pub fn a_batch_is_applied_in_order_and_durable_when_committed<S: Store>(
     assert_eq!((compacted, off_feed, record), (None, None, None), "these take no position");
 
     let store = open();
-    let notes_now = store.load(&alice, &notes).expect("load").expect("exists");
+    let notes_now = load(&store, &alice, &notes).expect("exists");
     assert_eq!(notes_now.meta, meta2);
     assert_eq!(notes_now.snapshot, Some(snapshot));
-    assert_eq!(notes_now.chunks, vec![(1, b"c".to_vec())], "the compaction came after chunk 1");
+    assert_eq!(notes_now.chunks, parts(&[b"c"]), "the compaction named chunk a alone");
     assert!(store.load(&alice, &list).expect("load").is_some());
     assert!(store.load(&alice, &gone).expect("load").is_none());
     assert_eq!(store.feed_since(&alice, Seq(0)).expect("feed"), vec![(c, notes), (deleted, gone)]);
@@ -442,7 +461,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 #[derive(Default)]
 struct Model {
-    docs: BTreeMap<(u8, u8), (DocRecords, u64)>,
+    docs: BTreeMap<(u8, u8), DocRecords>,
     /// Per customer, documents in feed order (oldest first).
     feed: HashMap<u8, Vec<u8>>,
     records: BTreeMap<(u8, u8, u8), u8>,
@@ -467,35 +486,34 @@ pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend:
             let s = store.as_ref().expect("a store is open between operations");
             match op {
                 Op::Write { c, d, meta, chunk } => {
-                    let (records, next) = model.docs.entry((c, d)).or_insert_with(|| {
-                        (
-                            DocRecords {
-                                meta: vec![],
-                                snapshot: None,
-                                chunks: vec![],
-                                seq: Seq(0),
-                            },
-                            0,
-                        )
+                    let records = model.docs.entry((c, d)).or_insert_with(|| DocRecords {
+                        meta: vec![],
+                        snapshot: None,
+                        chunks: vec![],
+                        seq: Seq(0),
                     });
                     records.meta = vec![meta];
-                    let index = *next;
                     if let Some(bytes) = &chunk {
-                        records.chunks.push((index, bytes.clone()));
-                        *next += 1;
+                        records.chunks.push((ChunkId::of(bytes), bytes.clone()));
+                        records.chunks.sort();
+                        records.chunks.dedup();
                     }
-                    let written = chunk.as_deref().map(|bytes| Chunk { index, bytes });
+                    let written =
+                        chunk.as_deref().map(|bytes| Chunk { id: ChunkId::of(bytes), bytes });
                     s.write_doc(&customer(c), &doc(d), &[meta], written).expect("write");
                     model.touch(c, d);
                 }
                 Op::Compact { c, d } => {
-                    if let Some((records, _)) = model.docs.get_mut(&(c, d)) {
-                        if let Some(&(through, _)) = records.chunks.last() {
-                            let mut bytes =
-                                records.snapshot.take().map(|s| s.bytes).unwrap_or_default();
+                    if let Some(records) = model.docs.get_mut(&(c, d)) {
+                        if !records.chunks.is_empty() {
+                            let old = records.snapshot.take();
+                            let mut replaces: Vec<ChunkId> = old.iter().map(|s| s.id).collect();
+                            let mut bytes = old.map(|s| s.bytes).unwrap_or_default();
+                            replaces.extend(records.chunks.iter().map(|(id, _)| *id));
                             bytes.extend(records.chunks.drain(..).flat_map(|(_, b)| b));
-                            let snapshot = Snapshot { through, bytes };
-                            s.compact(&customer(c), &doc(d), &snapshot).expect("compact");
+                            let snapshot = Snapshot { id: ChunkId::of(&bytes), bytes };
+                            s.compact(&customer(c), &doc(d), &snapshot, &replaces)
+                                .expect("compact");
                             records.snapshot = Some(snapshot);
                         }
                     }
@@ -526,10 +544,9 @@ pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend:
                     // The model cannot know positions (backends may leave gaps): the document's
                     // must be the one the feed reports for it.
                     let seq = feed.iter().find(|(_, fd)| *fd == doc(d)).map_or(Seq(0), |(s, _)| *s);
-                    let want =
-                        model.docs.get(&(c, d)).map(|(r, _)| DocRecords { seq, ..r.clone() });
+                    let want = model.docs.get(&(c, d)).map(|r| DocRecords { seq, ..r.clone() });
                     let meta = want.as_ref().map(|r| (seq, r.meta.clone()));
-                    prop_assert_eq!(s.load(&customer(c), &doc(d)).expect("load"), want);
+                    prop_assert_eq!(load(s, &customer(c), &doc(d)), want);
                     prop_assert_eq!(s.doc_meta(&customer(c), &doc(d)).expect("meta"), meta);
                 }
                 let listed: Vec<_> = s
@@ -542,7 +559,7 @@ pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend:
                     .docs
                     .iter()
                     .filter(|((mc, _), _)| *mc == c)
-                    .map(|((_, d), (r, _))| (doc(*d), r.meta.clone()))
+                    .map(|((_, d), r)| (doc(*d), r.meta.clone()))
                     .collect();
                 prop_assert_eq!(listed, want);
                 let feed = s.feed_since(&customer(c), Seq(0)).expect("feed");

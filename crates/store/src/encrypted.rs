@@ -6,9 +6,11 @@
 //! the associated data names the customer, the document or record key, the record kind and its
 //! position, and is rebuilt from where the record is read. A document's metadata is sealed for
 //! the feed position its write left the document at ([`MetaAt`]), so an older copy of it spliced
-//! over the newer one does not open; its chunks must follow its snapshot with no gap. Keys (ids
-//! and positions) stay plain so backends can order and scan them; they are random ids or
-//! counters and reveal no content.
+//! over the newer one does not open; a chunk or snapshot is sealed for its content id, so none
+//! opens in another's place (a missing one is found when the document is rebuilt:
+//! `cubby_core::history`). Keys (ids and positions) stay plain so backends can order and scan
+//! them; they are random ids, content hashes of sealed parts, or counters, and reveal no
+//! content.
 //!
 //! A store opened with a [`Witness`] (a server's) also keeps the anchor and the ledger (see
 //! [`crate::witness`]): at open it refuses a store that holds less than it acknowledged, and puts
@@ -19,7 +21,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 use cubby_crypto::envelope;
 use cubby_crypto::keys::{DataKey, Keyring};
 
@@ -34,17 +36,20 @@ const CHUNK: u8 = b'c';
 const SNAPSHOT: u8 = b's';
 const RECORD: u8 = b'r';
 
-/// The store format this code writes and reads: 2 seals document metadata for its position.
-/// (Format 1 stores, which have no format record, sealed it for position 0.)
-pub const FORMAT: u32 = 2;
+/// The store format this code writes and reads: 3 names chunks and snapshots by their content
+/// ([`ChunkId`]). (Format 2 numbered them; format 1 stores, which have no format record, also
+/// sealed metadata for position 0.)
+pub const FORMAT: u32 = 3;
 
-fn doc_aad(kind: u8, customer: &CustomerId, doc: &DocId, position: u64) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(48);
+/// The associated data of a document's metadata (`position`: its feed position) or of one of
+/// its parts (`position`: the part's content id).
+fn doc_aad(kind: u8, customer: &CustomerId, doc: &DocId, position: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(55 + position.len());
     aad.extend_from_slice(b"cubby1");
     aad.push(kind);
     aad.extend_from_slice(customer.as_bytes());
     aad.extend_from_slice(doc.as_bytes());
-    aad.extend_from_slice(&position.to_be_bytes());
+    aad.extend_from_slice(position);
     aad
 }
 
@@ -125,8 +130,8 @@ pub struct Erased {
     pub at_ms: u64,
 }
 
-/// A chunk's index and its sealed bytes.
-type SealedChunk = (u64, Vec<u8>);
+/// A chunk's id and its sealed bytes.
+type SealedChunk = (ChunkId, Vec<u8>);
 
 /// A document's metadata, sealed for the position the backend writes it at.
 struct SealedMeta<'a> {
@@ -138,7 +143,7 @@ struct SealedMeta<'a> {
 
 impl MetaAt for SealedMeta<'_> {
     fn at(&self, seq: Seq) -> Vec<u8> {
-        let aad = doc_aad(META, self.customer, self.doc, seq.0);
+        let aad = doc_aad(META, self.customer, self.doc, &seq.0.to_be_bytes());
         envelope::seal(&self.key, &aad, &self.plain.at(seq))
     }
 }
@@ -156,6 +161,7 @@ enum Sealed<'a> {
         customer: &'a CustomerId,
         doc: &'a DocId,
         snapshot: Snapshot,
+        replaces: &'a [ChunkId],
     },
     Delete {
         customer: &'a CustomerId,
@@ -176,10 +182,12 @@ impl Sealed<'_> {
                 customer,
                 doc,
                 meta,
-                chunk: chunk.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes }),
+                chunk: chunk.as_ref().map(|(id, bytes)| Chunk { id: *id, bytes }),
                 feed: *feed,
             },
-            Self::Compact { customer, doc, snapshot } => Write::Compact { customer, doc, snapshot },
+            Self::Compact { customer, doc, snapshot, replaces } => {
+                Write::Compact { customer, doc, snapshot, replaces }
+            }
             Self::Delete { customer, doc } => Write::Delete { customer, doc },
             Self::Record { customer, space, key, value } => {
                 Write::Record { customer, space: *space, key, value }
@@ -553,7 +561,7 @@ impl<S: Store> EncryptedStore<S> {
     }
 
     /// A document's metadata (sealed when the backend writes it, for its position) and chunk
-    /// (its index and sealed bytes) under the customer's key, each bound to where it is stored.
+    /// (its id and sealed bytes) under the customer's key, each bound to where it is stored.
     fn seal_doc<'a>(
         &self,
         c: &'a CustomerId,
@@ -562,18 +570,16 @@ impl<S: Store> EncryptedStore<S> {
         chunk: Option<Chunk<'_>>,
     ) -> Result<(SealedMeta<'a>, Option<SealedChunk>)> {
         let key = self.key(c)?;
-        let chunk = chunk
-            .map(|ch| (ch.index, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.index), ch.bytes)));
+        let chunk = chunk.map(|ch| {
+            (ch.id, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.id.as_bytes()), ch.bytes))
+        });
         Ok((SealedMeta { key, customer: c, doc: d, plain: meta }, chunk))
     }
 
     fn seal_snapshot(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<Snapshot> {
         let key = self.key(c)?;
-        let aad = doc_aad(SNAPSHOT, c, d, snapshot.through);
-        Ok(Snapshot {
-            through: snapshot.through,
-            bytes: envelope::seal(&key, &aad, &snapshot.bytes),
-        })
+        let aad = doc_aad(SNAPSHOT, c, d, snapshot.id.as_bytes());
+        Ok(Snapshot { id: snapshot.id, bytes: envelope::seal(&key, &aad, &snapshot.bytes) })
     }
 
     /// One write of a batch, sealed; an erased customer's fails alone.
@@ -583,10 +589,11 @@ impl<S: Store> EncryptedStore<S> {
                 let (meta, chunk) = self.seal_doc(customer, doc, meta, chunk)?;
                 Sealed::Doc { customer, doc, meta, chunk, feed }
             }
-            Write::Compact { customer, doc, snapshot } => Sealed::Compact {
+            Write::Compact { customer, doc, snapshot, replaces } => Sealed::Compact {
                 customer,
                 doc,
                 snapshot: self.seal_snapshot(customer, doc, snapshot)?,
+                replaces,
             },
             Write::Delete { customer, doc } => Sealed::Delete { customer, doc },
             Write::Record { customer, space, key, value } => {
@@ -598,7 +605,7 @@ impl<S: Store> EncryptedStore<S> {
     }
 
     fn open_meta(&self, c: &CustomerId, d: &DocId, seq: Seq, sealed: &[u8]) -> Result<Vec<u8>> {
-        envelope::open(&self.key(c)?, &doc_aad(META, c, d, seq.0), sealed)
+        envelope::open(&self.key(c)?, &doc_aad(META, c, d, &seq.0.to_be_bytes()), sealed)
             .map_err(|_| StoreError::Corrupt("metadata"))
     }
 
@@ -625,28 +632,23 @@ impl<S: Store> EncryptedStore<S> {
         records: DocRecords,
     ) -> Result<DocRecords> {
         let key = self.key(c)?;
-        let open = |kind, pos, what, bytes: &[u8]| {
-            envelope::open(&key, &doc_aad(kind, c, d, pos), bytes)
+        let open = |kind, position: &[u8], what, bytes: &[u8]| {
+            envelope::open(&key, &doc_aad(kind, c, d, position), bytes)
                 .map_err(|_| StoreError::Corrupt(what))
         };
-        let meta = open(META, records.seq.0, "metadata", &records.meta)?;
+        let meta = open(META, &records.seq.0.to_be_bytes(), "metadata", &records.meta)?;
         let snapshot = match records.snapshot {
             Some(s) => Some(Snapshot {
-                through: s.through,
-                bytes: open(SNAPSHOT, s.through, "snapshot", &s.bytes)?,
+                id: s.id,
+                bytes: open(SNAPSHOT, s.id.as_bytes(), "snapshot", &s.bytes)?,
             }),
             None => None,
         };
-        // Chunks follow the snapshot (or start at 0) with no gap: each write adds the next, and
-        // only a compaction removes any, those its snapshot covers. A gap is a lost change.
-        let first = snapshot.as_ref().map_or(0, |s| s.through + 1);
-        let mut chunks = Vec::with_capacity(records.chunks.len());
-        for (next, (index, bytes)) in (first..).zip(records.chunks) {
-            if index != next {
-                return Err(StoreError::Corrupt("chunks (one is missing)"));
-            }
-            chunks.push((index, open(CHUNK, index, "chunk", &bytes)?));
-        }
+        let chunks = records
+            .chunks
+            .into_iter()
+            .map(|(id, bytes)| Ok((id, open(CHUNK, id.as_bytes(), "chunk", &bytes)?)))
+            .collect::<Result<Vec<_>>>()?;
         Ok(DocRecords { meta, snapshot, chunks, seq: records.seq })
     }
 }
@@ -684,7 +686,7 @@ impl<S: Store> Docs for EncryptedStore<S> {
         chunk: Option<Chunk<'_>>,
     ) -> Result<Seq> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
-        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+        let chunk = sealed.as_ref().map(|(id, bytes)| Chunk { id: *id, bytes });
         self.after_write(self.inner.write_doc(c, d, &meta, chunk))
     }
 
@@ -696,7 +698,7 @@ impl<S: Store> Docs for EncryptedStore<S> {
         chunk: Option<Chunk<'_>>,
     ) -> Result<()> {
         let (meta, sealed) = self.seal_doc(c, d, meta, chunk)?;
-        let chunk = sealed.as_ref().map(|(index, bytes)| Chunk { index: *index, bytes });
+        let chunk = sealed.as_ref().map(|(id, bytes)| Chunk { id: *id, bytes });
         self.after_write(self.inner.write_doc_off_feed(c, d, &meta, chunk))
     }
 
@@ -714,9 +716,15 @@ impl<S: Store> Docs for EncryptedStore<S> {
         }
     }
 
-    fn compact(&self, c: &CustomerId, d: &DocId, snapshot: &Snapshot) -> Result<()> {
+    fn compact(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        snapshot: &Snapshot,
+        replaces: &[ChunkId],
+    ) -> Result<()> {
         let sealed = self.seal_snapshot(c, d, snapshot)?;
-        self.after_write(self.inner.compact(c, d, &sealed))
+        self.after_write(self.inner.compact(c, d, &sealed, replaces))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -730,8 +738,9 @@ impl<S: Store> Docs for EncryptedStore<S> {
             .list_docs(c)?
             .into_iter()
             .map(|(d, seq, sealed)| {
-                let meta = envelope::open(&key, &doc_aad(META, c, &d, seq.0), &sealed)
-                    .map_err(|_| StoreError::Corrupt("metadata"))?;
+                let meta =
+                    envelope::open(&key, &doc_aad(META, c, &d, &seq.0.to_be_bytes()), &sealed)
+                        .map_err(|_| StoreError::Corrupt("metadata"))?;
                 Ok((d, seq, meta))
             })
             .collect()
@@ -931,7 +940,7 @@ mod tests {
                 &ALICE,
                 &DOC,
                 b"MARKER-meta",
-                Some(Chunk { index: 0, bytes: b"MARKER-chunk" }),
+                Some(Chunk { id: ChunkId::of(b"MARKER-chunk"), bytes: b"MARKER-chunk" }),
             )
             .expect("write");
         store.put_record(&ALICE, Space::DEVICES, b"k", b"MARKER-record").expect("put");
@@ -952,23 +961,24 @@ mod tests {
         for c in [ALICE, BOB] {
             for d in [DOC, OTHER_DOC] {
                 store
-                    .write_doc(&c, &d, b"m", Some(Chunk { index: 0, bytes: b"x" }))
+                    .write_doc(&c, &d, b"m", Some(Chunk { id: ChunkId::of(b"x"), bytes: b"x" }))
                     .expect("write");
             }
         }
         let stolen = backend.load(&ALICE, &DOC).expect("load").expect("exists");
-        let sealed_chunk = stolen.chunks[0].1.clone();
+        let (id, sealed_chunk) = stolen.chunks[0].clone();
         // Into Bob's store, same document id: another data key and another customer in the AAD.
         backend
-            .write_doc(&BOB, &DOC, &stolen.meta, Some(Chunk { index: 0, bytes: &sealed_chunk }))
+            .write_doc(&BOB, &DOC, &stolen.meta, Some(Chunk { id, bytes: &sealed_chunk }))
             .expect("raw write");
         assert!(matches!(store.load(&BOB, &DOC), Err(StoreError::Corrupt(_))));
         // Into Alice's other document: same key, but the AAD names another document.
         backend.write_doc(&ALICE, &OTHER_DOC, &stolen.meta, None).expect("raw write");
         assert!(matches!(store.load(&ALICE, &OTHER_DOC), Err(StoreError::Corrupt(_))));
-        // To another position in the same document.
+        // Under another id in the same document.
+        let other = ChunkId::of(b"y");
         backend
-            .write_doc(&ALICE, &DOC, &stolen.meta, Some(Chunk { index: 1, bytes: &sealed_chunk }))
+            .write_doc(&ALICE, &DOC, &stolen.meta, Some(Chunk { id: other, bytes: &sealed_chunk }))
             .expect("raw write");
         assert!(matches!(store.load(&ALICE, &DOC), Err(StoreError::Corrupt(_))));
         // Bob's untouched document still opens.
@@ -979,7 +989,8 @@ mod tests {
     fn an_erased_customer_gets_no_new_key_and_their_old_records_do_not_open() {
         let backend = MemoryStore::new();
         let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
-        store.write_doc(&ALICE, &DOC, b"m", Some(Chunk { index: 0, bytes: b"x" })).expect("write");
+        let chunk = Chunk { id: ChunkId::of(b"x"), bytes: b"x" };
+        store.write_doc(&ALICE, &DOC, b"m", Some(chunk)).expect("write");
         store.write_doc(&BOB, &DOC, b"m", None).expect("write");
         let stolen = backend.load(&ALICE, &DOC).expect("load").expect("exists");
         store.erase_customer(&ALICE).expect("erase");
@@ -1099,23 +1110,6 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_chunk_is_found_at_load() {
-        let store = EncryptedStore::open(MemoryStore::new(), keyring(1)).expect("opens");
-        for index in [0, 1, 2] {
-            let chunk = Chunk { index, bytes: b"change" };
-            store.write_doc(&ALICE, &DOC, b"m", Some(chunk)).expect("write");
-        }
-        assert_eq!(store.load(&ALICE, &DOC).expect("loads").expect("exists").chunks.len(), 3);
-        // Chunks 0 and 2 without 1 between them: a change is missing.
-        for index in [0, 2] {
-            let chunk = Chunk { index, bytes: b"change" };
-            store.write_doc(&ALICE, &OTHER_DOC, b"m", Some(chunk)).expect("write");
-        }
-        let err = store.load(&ALICE, &OTHER_DOC).expect_err("a gap");
-        assert!(matches!(err, StoreError::Corrupt(what) if what.contains("missing")), "{err:?}");
-    }
-
-    #[test]
     fn a_store_in_another_format_is_refused() {
         let backend = MemoryStore::new();
         // A store written before formats were recorded: a key check and nothing else.
@@ -1186,7 +1180,7 @@ mod tests {
         let backend = MemoryStore::new();
         let store = witnessed(&backend, &witness).expect("opens");
         store
-            .write_doc(&ALICE, &DOC, b"alice's", Some(Chunk { index: 0, bytes: b"x" }))
+            .write_doc(&ALICE, &DOC, b"alice's", Some(Chunk { id: ChunkId::of(b"x"), bytes: b"x" }))
             .expect("w");
         store.write_doc(&BOB, &DOC, b"bob's", None).expect("write");
         store.flush().expect("flush");
@@ -1222,7 +1216,7 @@ mod tests {
                 customer: &ALICE,
                 doc: &DOC,
                 meta: &meta,
-                chunk: Some(Chunk { index: 0, bytes: b"x" }),
+                chunk: Some(Chunk { id: ChunkId::of(b"x"), bytes: b"x" }),
                 feed: true,
             },
             Write::Doc { customer: &BOB, doc: &DOC, meta: &meta, chunk: None, feed: true },

@@ -1,6 +1,6 @@
 //! A backend for tests that need to see, count or hold up some of a backend's calls.
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 
 use crate::{Chunk, DocRecords, Docs, Keys, MetaAt, Records, Result, Snapshot, Space, Store};
 
@@ -91,8 +91,8 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Docs for Hooked<S, H> {
         self.inner.doc_meta(c, d)
     }
 
-    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
-        self.inner.compact(c, d, s)
+    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot, r: &[ChunkId]) -> Result<()> {
+        self.inner.compact(c, d, s, r)
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {

@@ -9,18 +9,19 @@
 //! concern passes the others on with [`ForwardKeys`], [`ForwardDocs`] or [`ForwardRecords`].
 //!
 //! ```
-//! use cubby_core::{CustomerId, DocId, Seq};
+//! use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 //! use cubby_crypto::keys::{Keyring, MasterSecret};
 //! use cubby_store::{Chunk, Docs, EncryptedStore, MemoryStore, Store};
 //!
 //! let keyring = Keyring::from_master(&MasterSecret::from_bytes([7; 32]));
 //! let store = EncryptedStore::open(MemoryStore::new(), keyring)?;
 //! let (alice, doc) = (CustomerId::from_bytes([1; 16]), DocId::from_bytes([2; 16]));
-//! let seq = store.write_doc(&alice, &doc, b"meta", Some(Chunk { index: 0, bytes: b"change" }))?;
+//! let id = ChunkId::of(b"change");
+//! let seq = store.write_doc(&alice, &doc, b"meta", Some(Chunk { id, bytes: b"change" }))?;
 //! store.flush()?;
 //! assert_eq!(store.feed_since(&alice, Seq(0))?, vec![(seq, doc)]);
 //! let records = store.load(&alice, &doc)?.expect("the document exists");
-//! assert_eq!(records.chunks, vec![(0, b"change".to_vec())]);
+//! assert_eq!(records.chunks, vec![(id, b"change".to_vec())]);
 //! # Ok::<(), cubby_store::StoreError>(())
 //! ```
 
@@ -41,7 +42,7 @@ pub use traits::{
     Docs, Forward, ForwardDocs, ForwardKeys, ForwardRecords, Keys, Records, Store, Write,
 };
 
-use cubby_core::{CustomerId, Seq};
+use cubby_core::{ChunkId, CustomerId, Seq};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,10 @@ pub enum StoreError {
         /// The format this code reads.
         expected: u32,
     },
+    /// A compaction did not name the document's current snapshot among what it replaces:
+    /// another writer compacted it meanwhile. Nothing was written; load it again.
+    #[error("the document was compacted by another writer meanwhile")]
+    Conflict,
     /// The store does not hold everything this server acknowledged (see [`witness`]).
     #[error("the store cannot be vouched for: {0}")]
     Integrity(IntegrityError),
@@ -155,20 +160,20 @@ impl<F: Fn(Seq) -> Vec<u8> + Send + Sync> MetaAt for MetaFn<F> {
     }
 }
 
-/// One change chunk: the `index`-th write to a document since it was created.
+/// One change chunk: what one write added to a document, named by its content.
 #[derive(Clone, Copy, Debug)]
 pub struct Chunk<'a> {
-    /// Its position. Each document's chunks have increasing indexes.
-    pub index: u64,
+    /// [`ChunkId::of`] the bytes.
+    pub id: ChunkId,
     /// The bytes (an `Automerge::save_after`).
     pub bytes: &'a [u8],
 }
 
-/// A snapshot that replaced every chunk up to and including `through`.
+/// A document's snapshot: the whole document, named by its content.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    /// The last chunk index the snapshot covers.
-    pub through: u64,
+    /// [`ChunkId::of`] the bytes.
+    pub id: ChunkId,
     /// The bytes (an `Automerge::save`).
     pub bytes: Vec<u8>,
 }
@@ -180,23 +185,14 @@ pub struct DocRecords {
     pub meta: Vec<u8>,
     /// The latest snapshot, if the document was ever compacted.
     pub snapshot: Option<Snapshot>,
-    /// Chunks written after the snapshot, by increasing index.
-    pub chunks: Vec<(u64, Vec<u8>)>,
+    /// The chunks no compaction replaced, in no particular order.
+    pub chunks: Vec<(ChunkId, Vec<u8>)>,
     /// The document's current position in the change feed, the one its metadata was written
     /// for (0 for a document that has none).
     pub seq: Seq,
 }
 
 impl DocRecords {
-    /// The index the document's next chunk takes.
-    pub fn next_chunk(&self) -> u64 {
-        match (self.chunks.last(), &self.snapshot) {
-            (Some((index, _)), _) => index + 1,
-            (None, Some(snapshot)) => snapshot.through + 1,
-            (None, None) => 0,
-        }
-    }
-
     /// Bytes of the chunks after the snapshot.
     pub fn chunk_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, b)| b.len() as u64).sum()

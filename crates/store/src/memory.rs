@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 
 use crate::{Chunk, DocRecords, Docs, Keys, MetaAt, Records, Result, Snapshot, Space, Store};
 
@@ -27,7 +27,7 @@ struct MemDoc {
     /// The position `meta` was written for.
     seq: Seq,
     snapshot: Option<Snapshot>,
-    chunks: BTreeMap<u64, Vec<u8>>,
+    chunks: BTreeMap<ChunkId, Vec<u8>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -50,7 +50,7 @@ impl Inner {
         entry.meta = meta.at(seq);
         entry.seq = seq;
         if let Some(chunk) = chunk {
-            entry.chunks.insert(chunk.index, chunk.bytes.to_vec());
+            entry.chunks.insert(chunk.id, chunk.bytes.to_vec());
         }
     }
 }
@@ -157,10 +157,19 @@ impl Docs for MemoryStore {
         Ok(self.lock().docs.get(&(*customer, *doc)).map(|d| (d.seq, d.meta.clone())))
     }
 
-    fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()> {
+    fn compact(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        snapshot: &Snapshot,
+        replaces: &[ChunkId],
+    ) -> Result<()> {
         let mut inner = self.lock();
         if let Some(d) = inner.docs.get_mut(&(*customer, *doc)) {
-            d.chunks = d.chunks.split_off(&(snapshot.through + 1));
+            if d.snapshot.as_ref().is_some_and(|s| !replaces.contains(&s.id)) {
+                return Err(crate::StoreError::Conflict);
+            }
+            d.chunks.retain(|id, _| !replaces.contains(id));
             d.snapshot = Some(snapshot.clone());
         }
         Ok(())

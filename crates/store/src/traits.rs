@@ -4,7 +4,7 @@
 //! [`Store::commit`], which ends in one): callers acknowledge nothing before that. Methods block;
 //! async callers run them off their workers.
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 
 use crate::{Chunk, DocRecords, MetaAt, Result, Snapshot, Space};
 
@@ -71,10 +71,19 @@ pub trait Docs: Send + Sync + 'static {
     /// document does not exist.
     fn doc_meta(&self, customer: &CustomerId, doc: &DocId) -> Result<Option<(Seq, Vec<u8>)>>;
 
-    /// Replaces the snapshot and drops every chunk with an index up to `snapshot.through`: loads
-    /// never return them again. A backend may remove them from disk later (the sled backend
-    /// removes a few with each write after the compaction, so that no one write pays for all).
-    fn compact(&self, customer: &CustomerId, doc: &DocId, snapshot: &Snapshot) -> Result<()>;
+    /// Makes `snapshot` the document's snapshot and drops exactly the chunks `replaces` names:
+    /// loads never return them again (a backend may remove them from disk later: the sled
+    /// backend removes a few with each write after the compaction, so that no one write pays
+    /// for all). A chunk it does not name (another writer's, meanwhile) stays. If the document
+    /// has a snapshot that `replaces` does not name, another writer compacted it meanwhile:
+    /// nothing is written, and the answer is [`crate::StoreError::Conflict`].
+    fn compact(
+        &self,
+        customer: &CustomerId,
+        doc: &DocId,
+        snapshot: &Snapshot,
+        replaces: &[ChunkId],
+    ) -> Result<()>;
 
     /// Deletes a document's content and metadata; its feed entry moves to the head, so devices
     /// learn of the deletion.
@@ -140,8 +149,10 @@ pub enum Write<'a> {
         customer: &'a CustomerId,
         /// Which document.
         doc: &'a DocId,
-        /// The snapshot that replaces the chunks it covers.
+        /// The new snapshot.
         snapshot: &'a Snapshot,
+        /// The parts it replaces.
+        replaces: &'a [ChunkId],
     },
     /// [`Docs::delete_doc`].
     Delete {
@@ -169,13 +180,13 @@ impl std::fmt::Debug for Write<'_> {
             Self::Doc { doc, chunk, feed, .. } => f
                 .debug_struct("Doc")
                 .field("doc", doc)
-                .field("chunk", &chunk.map(|c| (c.index, c.bytes.len())))
+                .field("chunk", &chunk.map(|c| (c.id, c.bytes.len())))
                 .field("feed", feed)
                 .finish_non_exhaustive(),
             Self::Compact { doc, snapshot, .. } => f
                 .debug_struct("Compact")
                 .field("doc", doc)
-                .field("through", &snapshot.through)
+                .field("snapshot", &snapshot.id)
                 .finish_non_exhaustive(),
             Self::Delete { doc, .. } => f.debug_struct("Delete").field("doc", doc).finish(),
             Self::Record { space, .. } => {
@@ -195,8 +206,8 @@ impl Write<'_> {
             Self::Doc { customer, doc, meta, chunk, feed: false } => {
                 store.write_doc_off_feed(customer, doc, meta, chunk).map(|()| None)
             }
-            Self::Compact { customer, doc, snapshot } => {
-                store.compact(customer, doc, snapshot).map(|()| None)
+            Self::Compact { customer, doc, snapshot, replaces } => {
+                store.compact(customer, doc, snapshot, replaces).map(|()| None)
             }
             Self::Delete { customer, doc } => store.delete_doc(customer, doc).map(Some),
             Self::Record { customer, space, key, value } => {
@@ -289,8 +300,8 @@ impl<T: ForwardDocs> Docs for T {
     fn doc_meta(&self, c: &CustomerId, d: &DocId) -> Result<Option<(Seq, Vec<u8>)>> {
         self.inner().doc_meta(c, d)
     }
-    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot) -> Result<()> {
-        self.inner().compact(c, d, s)
+    fn compact(&self, c: &CustomerId, d: &DocId, s: &Snapshot, r: &[ChunkId]) -> Result<()> {
+        self.inner().compact(c, d, s, r)
     }
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
         self.inner().delete_doc(c, d)
