@@ -85,6 +85,48 @@ impl TestServer {
         }
     }
 
+    /// Starts `n` server instances in this process that share one store (sled, in the first
+    /// one's data directory) and one bus ([`cubby_server::bus::LocalBus`]), as the nodes of a
+    /// cluster do, each on its own port with a copy of the first one's data directory (the same
+    /// master key, development tenant and certificate). The nodes run without a witness (a
+    /// store shared by several has none yet) and are not restarted.
+    pub async fn start_cluster(n: usize) -> Vec<Self> {
+        init_logs();
+        let bus: Arc<dyn cubby_server::bus::Bus> = Arc::new(cubby_server::bus::LocalBus::default());
+        let mut nodes: Vec<Self> = Vec::with_capacity(n);
+        let mut store: Option<Arc<dyn cubby_store::Store>> = None;
+        for _ in 0..n {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Some(first) = nodes.first() {
+                copy_tree(first.data_dir(), dir.path());
+            }
+            let config = ServerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
+            let store = store
+                .get_or_insert_with(|| {
+                    let sled = cubby_store_sled::SledStore::open(&dir.path().join("db"))
+                        .expect("the cluster's store opens");
+                    Arc::new(sled)
+                })
+                .clone();
+            let listener = tokio::net::TcpListener::bind(config.listen).await.expect("binds");
+            let platform = cubby_server::Platform {
+                store,
+                listener,
+                work: cubby_server::StorageWork::BlockingPool,
+                clock: auth::Clock::System,
+                witness: None,
+                bus: bus.clone(),
+            };
+            let running = cubby_server::start_on(config.clone(), platform).await.expect("starts");
+            let mut config = config;
+            config.listen = running.local_addr();
+            let ca_pem =
+                std::fs::read(&running.cert().expect("TLS on").cert).expect("certificate readable");
+            nodes.push(Self { _dir: dir, config, running: Some(running), ca_pem });
+        }
+        nodes
+    }
+
     /// Starts the server again on the same data directory, port and settings.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -362,6 +404,20 @@ where
         }
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Copies a directory tree.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("readable") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
     }
 }
 

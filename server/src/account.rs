@@ -141,6 +141,12 @@ impl pb::account_server::Account for AccountService {
                 Ok(record)
             })
             .await?;
+        let tokens = record.tokens().collect();
+        self.shared.publish(crate::bus::Event::Revoked {
+            customer: caller.customer,
+            device,
+            tokens,
+        });
         Ok(Response::new(record.info(&device)))
     }
 

@@ -228,6 +228,26 @@ impl Customers {
         Ok(())
     }
 
+    /// Another node revoked a device: its tokens are refused here too, and its streams here
+    /// close.
+    pub(crate) fn revoked_elsewhere(
+        &self,
+        customer: &CustomerId,
+        device: &DeviceId,
+        tokens: &[([u8; 32], u64)],
+    ) {
+        self.denied.write().unwrap_or_else(PoisonError::into_inner).extend(tokens.iter().copied());
+        let closed = self.eject(customer, Some(device), &ApiError::DeviceRevoked);
+        tracing::info!(device = %device.short(), streams = closed, "device revoked on another node");
+    }
+
+    /// Another node started a new epoch for the customer: every stream of theirs here closes,
+    /// so that each device reconnects into it.
+    pub(crate) fn epoch_elsewhere(&self, customer: &CustomerId, epoch: [u8; 16]) {
+        self.epochs.lock().unwrap_or_else(PoisonError::into_inner).insert(*customer, epoch);
+        self.eject(customer, None, &new_epoch());
+    }
+
     /// Marks the customer erased from now on and closes all their streams.
     pub(crate) fn erasing(&self, customer: &CustomerId) {
         self.erased.write().unwrap_or_else(PoisonError::into_inner).insert(*customer);
@@ -245,16 +265,11 @@ impl Customers {
     /// Starts a new epoch for the customer, durably (blocking): their store was found behind
     /// what a device had seen, so their devices must offer back what they hold. Every stream
     /// of theirs closes, so that each device reconnects into the new epoch.
-    pub(crate) fn begin_epoch(&self, customer: &CustomerId) -> Result<(), ApiError> {
+    pub(crate) fn begin_epoch(&self, customer: &CustomerId) -> Result<[u8; 16], ApiError> {
         let epoch = self.store.begin_customer_epoch(customer).map_err(api_error)?;
         self.epochs.lock().unwrap_or_else(PoisonError::into_inner).insert(*customer, epoch);
-        let reason = ApiError::Unavailable(
-            "this server's copy of the account is behind what a device has seen; reconnect, \
-             and offer back everything this device holds"
-                .into(),
-        );
-        self.eject(customer, None, &reason);
-        Ok(())
+        self.eject(customer, None, &new_epoch());
+        Ok(epoch)
     }
 
     /// Reads the customer's profile (blocking).
@@ -266,4 +281,13 @@ impl Customers {
             None => Ok(None),
         }
     }
+}
+
+/// Why a customer's streams close when their store starts a new epoch.
+fn new_epoch() -> ApiError {
+    ApiError::Unavailable(
+        "this server's copy of the account is behind what a device has seen; reconnect, and \
+         offer back everything this device holds"
+            .into(),
+    )
 }

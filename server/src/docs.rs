@@ -183,6 +183,8 @@ pub(crate) enum DocMsg {
     SetPrivate { private: bool, reply: oneshot::Sender<Result<pb::DocInfo, ApiError>> },
     /// Delete the document.
     Delete { reply: oneshot::Sender<Result<(), ApiError>> },
+    /// Another node stored a write of the document: take in what it stored (see `crate::bus`).
+    Refresh,
     /// The customer was erased: drop everything and stop.
     Evict,
 }
@@ -266,6 +268,15 @@ impl Docs {
         let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = guard.1.get(&(customer, doc)) {
             let _ = entry.tx.send(DocMsg::Leave { peer });
+        }
+    }
+
+    /// Tells a running actor that another node stored a write of its document; an actor that
+    /// is not running loads the document from the store when it starts, so none is started.
+    pub(crate) fn refresh(&self, customer: CustomerId, doc: DocId) {
+        let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = guard.1.get(&(customer, doc)) {
+            let _ = entry.tx.send(DocMsg::Refresh);
         }
     }
 
@@ -549,6 +560,13 @@ impl Actor {
             }
         }
         let before = self.live().map(|l| l.history.doc().get_heads());
+        // What another node stored goes in first (a later position of this node's own does not
+        // mean it has the other's write); every peer then hears of it (`fan_out`).
+        if batch.iter().any(|m| matches!(m, DocMsg::Refresh)) {
+            if let Err(err) = self.absorb().await {
+                tracing::warn!(doc = %self.doc.short(), %err, "cannot take in another node's write");
+            }
+        }
         let mut spoke = HashSet::new();
         // The metadata must be written even without new changes (created, or made private).
         let mut touched = false;
@@ -691,6 +709,7 @@ impl Actor {
                     }
                 },
                 DocMsg::Delete { reply } => deferred.push(Deferred::Delete(reply)),
+                DocMsg::Refresh => {} // Taken in above.
                 DocMsg::Evict => unreachable!("handled before the batch"),
             }
         }
@@ -766,6 +785,42 @@ impl Actor {
         if let Ok(Err(err)) = saved {
             tracing::debug!(%err, "could not keep a device's sync state");
         }
+    }
+
+    /// Takes in what the store holds of the document now: another node stored a write of it.
+    /// Deleted there, it is deleted here, and the devices syncing it are told.
+    async fn absorb(&mut self) -> Result<(), ApiError> {
+        let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
+        let records = self
+            .ctx()
+            .work
+            .run(move || store.load(&customer, &doc).map_err(api_error))
+            .await
+            .map_err(|_| ApiError::Internal)??;
+        let Some(records) = records else {
+            if self.live().is_some() {
+                self.state = Some(None);
+                let gone = ApiError::NotFound("document");
+                for (_, mut peer) in self.peers.drain() {
+                    peer.send(self.doc, error_frame(&self.doc, &gone));
+                }
+            }
+            return Ok(());
+        };
+        let meta = DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
+        let Some(Some(live)) = &mut self.state else {
+            // Made on the other node: load it as it is.
+            return self.load().await;
+        };
+        live.history
+            .absorb(
+                records.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice())),
+                records.chunks.iter().map(|(id, b)| (*id, b.as_slice())),
+            )
+            .map_err(|_| ApiError::DataLoss("document"))?;
+        live.meta = meta;
+        live.seq = live.seq.max(records.seq);
+        Ok(())
     }
 
     fn live(&self) -> Option<&Live> {
@@ -1053,7 +1108,7 @@ impl Actor {
                     Deferred::Read(reply).fail(err);
                 }
                 DocMsg::Delete { reply } => Deferred::Delete(reply).fail(err),
-                DocMsg::Evict => {}
+                DocMsg::Evict | DocMsg::Refresh => {}
             }
         }
     }

@@ -7,8 +7,8 @@
 //! `max_commit_batch` writes. Reads do not go through here; they run on the blocking pool.
 //!
 //! This thread is also the one sequencer of the change feed: after each flush it announces the
-//! batch's writes on the hub in the order their feed positions were taken, so every stream sees
-//! a customer's announcements in increasing order and only once they are durable.
+//! batch's writes on the change bus in the order their feed positions were taken, so every
+//! stream sees a customer's announcements in increasing order and only once they are durable.
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use cubby_store::{Chunk, Snapshot, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::StorageWork;
-use crate::hub::{Announcement, Hub};
+use crate::bus::{Bus, Changed, Envelope, Event, NodeId};
 
 /// A write the committer applies.
 #[derive(Debug)]
@@ -90,14 +90,14 @@ impl Committer {
     /// until the server restarts).
     pub(crate) fn start(
         store: Arc<dyn Store>,
-        hub: Arc<Hub>,
+        bus: (Arc<dyn Bus>, NodeId),
         max_batch: usize,
         degraded: Box<dyn FnOnce() + Send>,
         work: StorageWork,
     ) -> (Self, CommitHandle) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let mut writer =
-            Writer { store, hub, max_batch: max_batch.max(1), degraded: Some(degraded) };
+            Writer { store, bus, max_batch: max_batch.max(1), degraded: Some(degraded) };
         let committer = match work {
             StorageWork::Inline => Self::Task(tokio::spawn(async move {
                 while let Some(first) = rx.recv().await {
@@ -157,15 +157,16 @@ impl Write {
     }
 }
 
-/// What a durable write tells the customer's devices.
-fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
+/// What a durable write tells the nodes.
+fn announcement(write: &Write, seq: Seq) -> Option<Changed> {
     match write {
         Write::Doc { customer, doc, meta, metadata, .. } => {
-            let info = DocMeta::decode(meta).ok().map(|m| cubby_proto::doc_info(doc, &m));
-            Some((*customer, Announcement { doc: *doc, seq, info, metadata: *metadata }))
+            // Metadata that does not decode is left for the readers to read from the store.
+            let info = DocMeta::decode(meta).ok().map(|m| Some(cubby_proto::doc_info(doc, &m)));
+            Some(Changed { customer: *customer, doc: *doc, seq, info, metadata: *metadata })
         }
         Write::Delete { customer, doc } => {
-            Some((*customer, Announcement { doc: *doc, seq, info: None, metadata: true }))
+            Some(Changed { customer: *customer, doc: *doc, seq, info: Some(None), metadata: true })
         }
         Write::Compact { .. } => None,
     }
@@ -174,7 +175,8 @@ fn announcement(write: &Write, seq: Seq) -> Option<(CustomerId, Announcement)> {
 /// What the committer owns.
 struct Writer {
     store: Arc<dyn Store>,
-    hub: Arc<Hub>,
+    /// Where durable writes are announced, and this node's id on it.
+    bus: (Arc<dyn Bus>, NodeId),
     max_batch: usize,
     degraded: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -229,8 +231,9 @@ impl Writer {
         };
         for (job, outcome) in batch.into_iter().zip(results) {
             if let Ok(Some(seq)) = outcome {
-                if let Some((customer, a)) = announcement(&job.write, seq) {
-                    self.hub.publish(customer, a);
+                if let Some(changed) = announcement(&job.write, seq) {
+                    let (bus, node) = &self.bus;
+                    bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
                 }
             }
             // The writer may have gone away (connection closed); the write stands regardless.

@@ -1,7 +1,8 @@
 //! Per-customer announcements: "document D is now at feed position S".
 //!
-//! Every sync stream of a customer subscribes; a document actor publishes after each durable
-//! write. The channel is lossy on purpose: a stream that lags re-reads the feed from storage.
+//! Every sync stream of a customer subscribes; what the change bus says of the customer's
+//! durable writes (this node's and others') is published here. The channel is lossy on purpose:
+//! a stream that lags re-reads the feed from storage.
 //!
 //! A broadcast channel allocates all its slots when it is made, and a customer's channel lives
 //! as long as one of their devices is connected: slots are an `Arc` (so a slot is small) and
@@ -26,9 +27,31 @@ pub(crate) struct Announcement {
     /// The document was created or its title or private flag changed (or, read back from the
     /// feed, may have): even a device syncing it live hears of it at once.
     pub(crate) metadata: bool,
+    /// Written by another node: this node's actor of the document does not send the change to
+    /// the devices it syncs live, so they hear of it like any other device.
+    pub(crate) remote: bool,
+    /// The bus did not carry the document's metadata: the stream reads the feed instead.
+    pub(crate) partial: bool,
 }
 
 impl Announcement {
+    /// A change as the bus told of it.
+    pub(crate) fn heard(changed: &crate::bus::Changed, remote: bool) -> Self {
+        Self {
+            doc: changed.doc,
+            seq: changed.seq,
+            info: changed.info.clone().flatten(),
+            metadata: changed.metadata,
+            remote,
+            partial: changed.info.is_none(),
+        }
+    }
+
+    /// A change as the feed in the store shows it, which keeps no record of what changed.
+    pub(crate) fn read(doc: DocId, seq: Seq, info: Option<pb::DocInfo>) -> Self {
+        Self { doc, seq, info, metadata: true, remote: false, partial: false }
+    }
+
     /// The announcement as a frame; `pushed` when the document's actor sends the change right
     /// behind it (see `DocMsg::Push`).
     pub(crate) fn frame(&self, pushed: bool) -> pb::ServerFrame {
@@ -113,7 +136,7 @@ mod tests {
     use super::*;
 
     fn announcement(seq: u64) -> Announcement {
-        Announcement { doc: DocId::from_bytes([9; 16]), seq: Seq(seq), info: None, metadata: false }
+        Announcement::read(DocId::from_bytes([9; 16]), Seq(seq), None)
     }
 
     #[tokio::test]

@@ -28,6 +28,7 @@ mod account;
 mod admin;
 mod audit;
 pub mod auth;
+pub mod bus;
 pub mod config;
 mod customers;
 mod devices;
@@ -106,6 +107,9 @@ pub(crate) struct Shared {
     pub(crate) devices: devices::Devices,
     pub(crate) docs: docs::Docs,
     pub(crate) hub: Arc<hub::Hub>,
+    /// What the nodes sharing the store tell each other, and this node's id on it.
+    pub(crate) bus: Arc<dyn bus::Bus>,
+    pub(crate) node: bus::NodeId,
     pub(crate) limits: Limits,
     pub(crate) tracker: TaskTracker,
     pub(crate) stop: CancellationToken,
@@ -117,6 +121,39 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Tells every node sharing the store (this one too) of `event`.
+    pub(crate) fn publish(&self, event: bus::Event) {
+        self.bus.publish(bus::Envelope { from: self.node, event });
+    }
+
+    /// What this node does with an event on the bus. Events of its own it has acted on
+    /// already, but for the changes its streams announce from here.
+    fn on_event(&self, envelope: &bus::Envelope) {
+        let own = envelope.from == self.node;
+        match &envelope.event {
+            bus::Event::Changed(changed) => {
+                if !own {
+                    // A document loaded here takes in what the other node stored, before any
+                    // device asks it (its mailbox is in order).
+                    self.docs.refresh(changed.customer, changed.doc);
+                }
+                self.hub.publish(changed.customer, hub::Announcement::heard(changed, !own));
+            }
+            _ if own => {}
+            bus::Event::Erased { customer } => {
+                self.customers.erasing(customer);
+                self.docs.evict_customer(customer);
+                self.vault.forget_key(customer);
+            }
+            bus::Event::Revoked { customer, device, tokens } => {
+                self.customers.revoked_elsewhere(customer, device, tokens);
+            }
+            bus::Event::Epoch { customer, epoch } => {
+                self.customers.epoch_elsewhere(customer, *epoch);
+            }
+        }
+    }
+
     /// Authenticates a customer request: a verified customer token whose account exists and
     /// whose token was not revoked.
     pub(crate) async fn customer(
@@ -383,7 +420,11 @@ pub struct Platform<L> {
     /// The time of day tokens are judged by.
     pub clock: auth::Clock,
     /// Where the store's anchor and ledger live, which a restore of the store must not reach.
-    pub witness: Arc<dyn Witness>,
+    /// `None` for a node of several sharing one store: their store has no witness yet.
+    pub witness: Option<Arc<dyn Witness>>,
+    /// What the nodes sharing the store tell each other ([`bus::LocalBus`] for one node, or
+    /// for the nodes of one process).
+    pub bus: Arc<dyn bus::Bus>,
 }
 
 /// Starts a server on this machine. Returns once it is listening.
@@ -404,7 +445,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         listener,
         work: StorageWork::BlockingPool,
         clock: auth::Clock::System,
-        witness: Arc::new(witness),
+        bus: Arc::new(bus::LocalBus::default()),
+        witness: Some(Arc::new(witness)),
     };
     launch(config, master, platform).await
 }
@@ -438,20 +480,24 @@ async fn launch<L: Listener>(
         )
         .into());
     }
-    let Platform { store: backend, listener, work, clock, witness } = platform;
+    let Platform { store: backend, listener, work, clock, witness, bus } = platform;
     let db_path = store_path(&config);
-    let vault =
-        match EncryptedStore::open_witnessed(backend, Keyring::from_master(&master), witness) {
-            Ok(store) => Arc::new(store),
-            Err(StoreError::WrongMasterKey) => {
-                return Err(StartError::WrongMasterKey(config.data.clone()));
-            }
-            Err(StoreError::Integrity(reason)) => {
-                tracing::error!(%reason, "the store cannot be vouched for; refusing to start");
-                return Err(StartError::Integrity { path: db_path, reason });
-            }
-            Err(source) => return Err(StartError::Store { path: db_path, source }),
-        };
+    let keyring = Keyring::from_master(&master);
+    let opened = match witness {
+        Some(witness) => EncryptedStore::open_witnessed(backend, keyring, witness),
+        None => EncryptedStore::open(backend, keyring),
+    };
+    let vault = match opened {
+        Ok(store) => Arc::new(store),
+        Err(StoreError::WrongMasterKey) => {
+            return Err(StartError::WrongMasterKey(config.data.clone()));
+        }
+        Err(StoreError::Integrity(reason)) => {
+            tracing::error!(%reason, "the store cannot be vouched for; refusing to start");
+            return Err(StartError::Integrity { path: db_path, reason });
+        }
+        Err(source) => return Err(StartError::Store { path: db_path, source }),
+    };
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
@@ -512,9 +558,10 @@ async fn launch<L: Listener>(
             });
         })
     };
+    let node: bus::NodeId = u64::from_be_bytes(cubby_crypto::random_array());
     let (committer, commit) = durable::Committer::start(
         store.clone(),
-        hub.clone(),
+        (bus.clone(), node),
         limits.max_commit_batch,
         degraded,
         work,
@@ -555,6 +602,8 @@ async fn launch<L: Listener>(
         devices: devices::Devices::default(),
         docs,
         hub,
+        bus: bus.clone(),
+        node,
         limits: limits.clone(),
         tracker: tracker.clone(),
         stop: stop.clone(),
@@ -563,6 +612,13 @@ async fn launch<L: Listener>(
         vault: vault.clone(),
     });
 
+    // Held weakly: a node that shut down stops hearing the bus, and nothing it holds outlives it.
+    let hearing = Arc::downgrade(&shared);
+    bus.subscribe(Arc::new(move |envelope: &bus::Envelope| {
+        if let Some(shared) = hearing.upgrade() {
+            shared.on_event(envelope);
+        }
+    }));
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
     health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
     health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;

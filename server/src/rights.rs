@@ -195,6 +195,8 @@ impl Shared {
         self.quotas.forget(&customer);
         let store = self.store.clone();
         self.blocking(move || store.erase_customer(&customer).map_err(api_error)).await?;
+        // The other nodes sharing the store do the same (the key is gone from the store).
+        self.publish(crate::bus::Event::Erased { customer });
         tracing::info!(customer = %customer, documents, "customer erased");
         Ok(pb::ErasureReceipt {
             erased_ms: unix_ms(),

@@ -97,6 +97,7 @@ impl pb::sync_server::Sync for SyncService {
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             spare: None,
             announced: Seq(0),
+            heard: Seq(0),
             parts,
             end: Some(end),
         };
@@ -167,6 +168,8 @@ struct Connection {
     spare: Option<OwnedSemaphorePermit>,
     /// The highest feed position announced on this stream.
     announced: Seq,
+    /// The highest feed position heard of from the bus, or read from the feed.
+    heard: Seq,
     /// Sync messages arriving in parts.
     parts: Reassembly,
     /// Where the status the stream ends with goes (ahead of anything still queued).
@@ -305,6 +308,7 @@ impl Connection {
         let mut announcements = self.shared.hub.subscribe(self.customer);
         self.announced = Seq(if same_epoch { hello.cursor } else { 0 });
         let head = self.catch_up(true).await?;
+        self.heard = head;
         if same_epoch && hello.cursor > head.0 {
             // The device saw a feed position this store never reached: the store lost what it
             // had acknowledged (restored with its anchor, say). A new epoch for the customer
@@ -314,7 +318,9 @@ impl Connection {
                 "a device has seen more of this customer's feed than the store holds; starting a \
                  new epoch for the customer so that devices offer back what they hold");
             let (shared, customer) = (self.shared.clone(), self.customer);
-            self.shared.blocking(move || shared.customers.begin_epoch(&customer)).await?;
+            let epoch =
+                self.shared.blocking(move || shared.customers.begin_epoch(&customer)).await?;
+            self.shared.publish(crate::bus::Event::Epoch { customer: self.customer, epoch });
             return Err(Status::unavailable(
                 "this server's copy of the account is behind what this device has seen; \
                  reconnect, and offer back everything this device holds",
@@ -421,9 +427,10 @@ impl Connection {
                     Err(status) => return Err(status),
                 },
                 announcement = announcements.recv() => match announcement {
-                    Ok(a) => self.on_announcement(a).await?,
+                    Ok(a) => self.on_heard(a).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.catch_up(false).await?;
+                        let head = self.catch_up(false).await?;
+                        self.heard = self.heard.max(head);
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
@@ -525,7 +532,7 @@ impl Connection {
                 None => None,
             };
             // The feed keeps no record of what changed: announce it as it used to be.
-            let a = Arc::new(Announcement { doc, seq, info, metadata: true });
+            let a = Arc::new(Announcement::read(doc, seq, info));
             match saved {
                 Some(saved)
                     if a.info.is_some()
@@ -572,11 +579,35 @@ impl Connection {
     /// Announces a durable change, or holds it back when the device syncs that document live
     /// here. Left out, an announcement per change to every device of the customer cost each
     /// device a frame (and the server a TLS record) for a change it was receiving anyway.
+    /// An announcement from the change bus. Delivery is not trusted: one that does not follow
+    /// the last position heard (one was lost, or came out of order, or another node's write is
+    /// still on its way), or that came without the document's metadata, has the stream read the
+    /// feed from the store instead.
+    async fn on_heard(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
+        if a.seq <= self.heard {
+            return Ok(());
+        }
+        if a.partial || a.seq.0 > self.heard.0 + 1 {
+            tracing::debug!(
+                peer = self.peer,
+                heard = self.heard.0,
+                seq = a.seq.0,
+                "a position was skipped on the bus; reading the feed"
+            );
+            let head = self.catch_up(false).await?;
+            self.heard = self.heard.max(head).max(a.seq);
+            return Ok(());
+        }
+        self.heard = a.seq;
+        self.on_announcement(a).await
+    }
+
     async fn on_announcement(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
         if a.seq <= self.announced {
             return Ok(());
         }
-        if a.info.is_some() && !a.metadata && self.joined.contains(&a.doc) {
+        // Another node's write is not sent by this node's actor: announced like any other.
+        if a.info.is_some() && !a.metadata && !a.remote && self.joined.contains(&a.doc) {
             if !self.link.held.holds(&a.doc, a.seq) {
                 self.deferred.insert(a.doc, a);
             }

@@ -357,7 +357,8 @@ async fn server(world: Arc<World>) -> turmoil::Result {
             listener,
             work: StorageWork::Inline,
             clock: auth::Clock::Simulated(sim_clock),
-            witness: Arc::new(world.witness.clone()),
+            witness: Some(Arc::new(world.witness.clone())),
+            bus: Arc::new(cubby_server::bus::LocalBus::default()),
         };
         let running = match cubby_server::start_on(world.config.clone(), platform).await {
             Ok(running) => running,

@@ -8,22 +8,8 @@ use std::time::Duration;
 use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
 use cubby_server::{ServerConfig, auth};
-use cubby_tests::{Rng, TestServer, authed, files_under};
+use cubby_tests::{Rng, TestServer, authed, copy_tree, files_under};
 use serde_json::json;
-
-/// Copies a directory tree.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("readable") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
 
 /// What one damaged copy did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

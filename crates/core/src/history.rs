@@ -121,6 +121,35 @@ impl History {
         })
     }
 
+    /// Takes in what the store holds now (another writer stored parts of this document): the
+    /// parts it does not know are applied, and what the store holds becomes what it knows of.
+    pub fn absorb<'a>(
+        &mut self,
+        snapshot: Option<(ChunkId, &'a [u8])>,
+        chunks: impl IntoIterator<Item = (ChunkId, &'a [u8])>,
+    ) -> Result<(), LoadError> {
+        let known: std::collections::HashSet<ChunkId> =
+            self.snapshot.iter().copied().chain(self.chunks.iter().map(|(id, _)| *id)).collect();
+        let chunks: Vec<_> = chunks.into_iter().collect();
+        // Nothing of this writer's own is waiting to be taken (or it is taken later, again).
+        let current = self.taken == self.doc.get_heads();
+        let mut run = Vec::new();
+        for (id, bytes) in snapshot.iter().chain(&chunks) {
+            if !known.contains(id) {
+                run.extend_from_slice(bytes);
+            }
+        }
+        if !run.is_empty() {
+            self.doc.load_incremental(&run)?;
+        }
+        self.snapshot = snapshot.map(|(id, _)| id);
+        self.chunks = chunks.iter().map(|(id, bytes)| (*id, bytes.len() as u64)).collect();
+        if current {
+            self.taken = self.doc.get_heads();
+        }
+        Ok(())
+    }
+
     /// The document.
     pub fn doc(&self) -> &Automerge {
         &self.doc
@@ -302,6 +331,38 @@ mod tests {
         let rebuilt = stored.rebuild(policy).expect("rebuilds");
         let json = crate::json::to_json(rebuilt.doc());
         assert_eq!(json, serde_json::json!({ "a": 3, "b": 2 }), "the second writer's change stays");
+    }
+
+    #[test]
+    fn a_writer_takes_in_what_another_stored_and_stores_nothing_of_it_again() {
+        let policy = CompactionPolicy { max_chunks: 2, max_chunk_bytes: u64::MAX };
+        let mut stored = Stored::default();
+        let mut here = History::new(policy);
+        put(&mut here, "a", 1);
+        stored.keep(here.take_chunk());
+        let mut there = stored.rebuild(policy).expect("rebuilds");
+        put(&mut there, "b", 2);
+        stored.keep(there.take_chunk());
+        put(&mut there, "c", 3);
+        stored.keep(there.take_chunk());
+        let compaction = there.take_compaction().expect("due");
+        stored.compact(&compaction);
+        there.compacted(&compaction);
+
+        let snapshot = stored.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice()));
+        here.absorb(snapshot, stored.chunks.iter().map(|c| (c.id, c.bytes.as_slice())))
+            .expect("absorbs");
+        assert_eq!(here.doc().get_heads(), there.doc().get_heads());
+        assert_eq!(here.take_chunk(), None, "what the store holds is not stored again");
+        put(&mut here, "d", 4);
+        stored.keep(here.take_chunk());
+        let compaction = here.take_compaction();
+        assert!(compaction.is_none(), "one chunk after the snapshot: not due");
+        let rebuilt = stored.rebuild(policy).expect("rebuilds");
+        assert_eq!(
+            crate::json::to_json(rebuilt.doc()),
+            serde_json::json!({ "a": 1, "b": 2, "c": 3, "d": 4 })
+        );
     }
 
     #[test]

@@ -552,6 +552,13 @@ impl<S: Store> EncryptedStore<S> {
         Ok(key)
     }
 
+    /// Forgets the customer's data key if it is cached: another node erased them (the next use
+    /// reads the store, which refuses it).
+    pub fn forget_key(&self, customer: &CustomerId) {
+        let _guard = self.key_locks.lock(customer);
+        self.cache().remove(customer);
+    }
+
     fn cached_key(&self, customer: &CustomerId) -> Option<DataKey> {
         self.cache().get(customer).cloned()
     }

@@ -1,0 +1,98 @@
+//! Two server instances sharing one store and one change bus, as the nodes of a cluster do:
+//! devices of one customer on both converge live, and an erasure or a revocation made on one
+//! takes effect on the other within a second.
+
+use std::time::{Duration, Instant};
+
+use cubby_tests::{TestServer, eventually};
+use serde_json::json;
+
+/// Waits up to a second for `check`: what the nodes tell each other takes effect that fast.
+async fn within_a_second<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within a second: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_two_nodes_converge_live() {
+    let nodes = TestServer::start_cluster(2).await;
+    let phone = nodes[0].device("alice").await;
+    let laptop = nodes[1].device("alice").await;
+
+    // Made on one node, it reaches the device on the other.
+    let on_phone = phone.client.create("shopping").await.expect("create");
+    on_phone.put("milk", json!(1)).await.expect("put");
+    let id = on_phone.id();
+    eventually("the laptop holds the list", || async {
+        laptop.client.list().await.expect("list").iter().any(|(d, _)| *d == id)
+    })
+    .await;
+    let on_laptop = laptop.client.open(id).await.expect("opens");
+
+    // Each node has the document loaded now: edits go back and forth live, many times, and
+    // edits made at the same moment on both merge.
+    for round in 0..10i64 {
+        on_laptop.put("laptop", json!(round)).await.expect("put");
+        on_phone.put("phone", json!(round)).await.expect("put");
+        eventually("both devices see both edits", || async {
+            let (a, b) = (on_phone.to_json(), on_laptop.to_json());
+            a == b && a["laptop"] == json!(round) && a["phone"] == json!(round)
+        })
+        .await;
+    }
+    // And the store both nodes share holds all of it, as either node serves it.
+    let want = on_phone.to_json();
+    for node in &nodes {
+        let served = node.document_json(&node.token("alice"), id.as_bytes()).await.expect("read");
+        let served: serde_json::Value = serde_json::from_str(&served).expect("json");
+        assert_eq!(served, want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_and_an_erasure_on_one_node_take_effect_on_the_other_within_a_second() {
+    let nodes = TestServer::start_cluster(2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    // Alice's tablet syncs through node B; she revokes it through node A.
+    let phone = a.device("alice").await;
+    let tablet = b.device("alice").await;
+    tablet.client.wait_until_synced().await.expect("synced");
+    phone.client.wait_until_synced().await.expect("synced");
+    let status = tablet.client.status();
+    phone.client.revoke_device(tablet.client.device_id()).await.expect("revokes");
+    within_a_second("node B closes the revoked tablet's stream, and it wipes", || async {
+        matches!(*status.borrow(), cubby_client::SyncStatus::Wiped { .. })
+    })
+    .await;
+
+    // Bob, with a device on each node, erases his account through node B.
+    let bob_a = a.device("bob").await;
+    let bob_b = b.device("bob").await;
+    let doc = bob_a.client.create("bob's").await.expect("create");
+    doc.put("k", json!(1)).await.expect("put");
+    bob_a.client.wait_until_synced().await.expect("synced");
+    bob_b.client.wait_until_synced().await.expect("synced");
+    bob_b.client.delete_account().await.expect("erases");
+    let bob_token = a.token("bob");
+    within_a_second("node A refuses the erased account", || async {
+        let refused = a.document_json(&bob_token, doc.id().as_bytes()).await.expect_err("gone");
+        refused.code() == tonic::Code::NotFound
+    })
+    .await;
+    let status = bob_a.client.status();
+    within_a_second("bob's device on node A is told, and wipes", || async {
+        matches!(*status.borrow(), cubby_client::SyncStatus::Wiped { .. })
+    })
+    .await;
+    // Alice, on both nodes, carries on.
+    phone.client.create("still here").await.expect("create").put("x", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("alice still syncs");
+}
