@@ -72,7 +72,7 @@ impl pb::account_server::Account for AccountService {
             .docs
             .ask(caller.customer, doc, |reply| DocMsg::Create { title, reply })
             .await?;
-        Ok(Response::new(info))
+        Ok(Response::new(info.info()))
     }
 
     async fn delete_document(
@@ -96,7 +96,8 @@ impl pb::account_server::Account for AccountService {
             .docs
             .ask(caller.customer, doc, |reply| DocMsg::Read { business: false, reply })
             .await?;
-        Ok(Response::new(pb::GetDocumentResponse { info: Some(info), json: json.to_string() }))
+        let info = Some(info.info());
+        Ok(Response::new(pb::GetDocumentResponse { info, json: json.to_string() }))
     }
 
     async fn set_document_private(
@@ -112,7 +113,7 @@ impl pb::account_server::Account for AccountService {
             .docs
             .ask(caller.customer, doc, |reply| DocMsg::SetPrivate { private, reply })
             .await?;
-        Ok(Response::new(info))
+        Ok(Response::new(info.info()))
     }
 
     async fn list_devices(

@@ -218,8 +218,12 @@ impl pb::admin_server::Admin for AdminService {
             return Err(ApiError::InvalidArgument("title is longer than 1024 bytes".into()).into());
         }
         let doc = DocId::from_bytes(cubby_crypto::random_array());
-        let result =
-            self.shared.docs.ask(customer, doc, |reply| DocMsg::Create { title, reply }).await;
+        let result = self
+            .shared
+            .docs
+            .ask(customer, doc, |reply| DocMsg::Create { title, reply })
+            .await
+            .map(|summary| summary.info());
         Ok(Response::new(self.audited(customer, &caller, "admin.create", &doc, result).await?))
     }
 
@@ -236,7 +240,8 @@ impl pb::admin_server::Admin for AdminService {
             .ask(customer, doc, |reply| DocMsg::Read { business: true, reply })
             .await;
         let (info, json) = self.audited(customer, &caller, "admin.read", &doc, result).await?;
-        Ok(Response::new(pb::GetDocumentResponse { info: Some(info), json: json.to_string() }))
+        let info = Some(info.info());
+        Ok(Response::new(pb::GetDocumentResponse { info, json: json.to_string() }))
     }
 
     async fn change_document(
@@ -254,7 +259,8 @@ impl pb::admin_server::Admin for AdminService {
         let result =
             self.shared.docs.ask(customer, doc, |reply| DocMsg::Edit { edits, reply }).await;
         let (info, json) = self.audited(customer, &caller, "admin.write", &doc, result).await?;
-        Ok(Response::new(pb::GetDocumentResponse { info: Some(info), json: json.to_string() }))
+        let info = Some(info.info());
+        Ok(Response::new(pb::GetDocumentResponse { info, json: json.to_string() }))
     }
 
     async fn export_customer(

@@ -14,8 +14,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-use cubby_core::{CustomerId, DeviceId, DocId, Seq};
-use cubby_proto::pb;
+use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 
 /// Which server instance made an event.
 pub type NodeId = u64;
@@ -31,7 +30,7 @@ pub struct Changed {
     pub seq: Seq,
     /// What devices are told of the document, if the bus carries it: `Some(None)` for a
     /// deletion, `None` when the reader must look it up in the store.
-    pub info: Option<Option<pb::DocInfo>>,
+    pub info: Option<Option<DocMeta>>,
     /// The document was created, deleted, or its title or private flag changed.
     pub metadata: bool,
 }

@@ -27,7 +27,7 @@ pub(crate) enum Write {
     Doc {
         customer: CustomerId,
         doc: DocId,
-        meta: Vec<u8>,
+        meta: DocMeta,
         chunk: Option<(ChunkId, Vec<u8>)>,
         /// The document was created or its metadata changed (see [`Announcement::metadata`]).
         metadata: bool,
@@ -40,7 +40,7 @@ pub(crate) enum Write {
         doc: DocId,
         snapshot: Snapshot,
         replaces: Vec<ChunkId>,
-        meta: Option<Vec<u8>>,
+        meta: Option<DocMeta>,
     },
     /// Delete a document.
     Delete { customer: CustomerId, doc: DocId },
@@ -161,8 +161,7 @@ impl Write {
 fn announcement(write: &Write, seq: Seq) -> Option<Changed> {
     match write {
         Write::Doc { customer, doc, meta, metadata, .. } => {
-            // Metadata that does not decode is left for the readers to read from the store.
-            let info = DocMeta::decode(meta).ok().map(|m| Some(cubby_proto::doc_info(doc, &m)));
+            let info = Some(Some(meta.clone()));
             Some(Changed { customer: *customer, doc: *doc, seq, info, metadata: *metadata })
         }
         Write::Delete { customer, doc } => {

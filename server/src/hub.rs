@@ -13,8 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use cubby_core::{CustomerId, DocId, Seq};
-use cubby_proto::pb;
+use cubby_core::{CustomerId, DocId, DocMeta, Seq};
 use tokio::sync::broadcast;
 
 /// One change-feed event.
@@ -23,7 +22,7 @@ pub(crate) struct Announcement {
     pub(crate) doc: DocId,
     pub(crate) seq: Seq,
     /// `None` when the document was deleted.
-    pub(crate) info: Option<pb::DocInfo>,
+    pub(crate) info: Option<DocMeta>,
     /// The document was created or its title or private flag changed (or, read back from the
     /// feed, may have): even a device syncing it live hears of it at once.
     pub(crate) metadata: bool,
@@ -48,27 +47,8 @@ impl Announcement {
     }
 
     /// A change as the feed in the store shows it, which keeps no record of what changed.
-    pub(crate) fn read(doc: DocId, seq: Seq, info: Option<pb::DocInfo>) -> Self {
+    pub(crate) fn read(doc: DocId, seq: Seq, info: Option<DocMeta>) -> Self {
         Self { doc, seq, info, metadata: true, remote: false, partial: false }
-    }
-
-    /// The announcement as a frame; `pushed` when the document's actor sends the change right
-    /// behind it (see `DocMsg::Push`).
-    pub(crate) fn frame(&self, pushed: bool) -> pb::ServerFrame {
-        pb::ServerFrame {
-            frame: Some(pb::server_frame::Frame::Changed(pb::DocChanged {
-                doc_id: self.doc.as_bytes().to_vec(),
-                seq: self.seq.0,
-                // The frame names the document; its metadata need not again (18 bytes of each
-                // announcement, a fifth of a small one).
-                info: self
-                    .info
-                    .as_ref()
-                    .map(|info| pb::DocInfo { doc_id: Vec::new(), ..info.clone() }),
-                deleted: self.info.is_none(),
-                pushed,
-            })),
-        }
     }
 }
 

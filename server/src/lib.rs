@@ -34,6 +34,7 @@ mod customers;
 mod devices;
 mod docs;
 mod durable;
+mod frames;
 mod hub;
 mod keys;
 mod listen;

@@ -28,6 +28,7 @@ use crate::customers::Ejector;
 use crate::devices::Arrival;
 use crate::docs::{DocMsg, Held, Lagging, Link, Outgoing, session_key};
 use crate::durable::api_error;
+use crate::frames::{self, ToDevice};
 use crate::hub::Announcement;
 
 /// Frames document actors may have queued for one device before the server considers it too
@@ -106,13 +107,16 @@ impl pb::sync_server::Sync for SyncService {
         // can be the announcements of a whole feed. A frame's permits go back here, as it
         // leaves the queue (see `Outgoing`).
         let frames = futures_util::stream::select_with_strategy(
-            ReceiverStream::new(frames).map(|out: Outgoing| out.frame),
+            ReceiverStream::new(frames).map(|out: Outgoing| out.message),
             ReceiverStream::new(own_frames),
             |_: &mut ()| PollNext::Left,
         );
-        // A queued frame is one sync message; on the wire it may take several parts.
+        // Wire types at the edge: a queued message becomes its frame here, and one sync message
+        // may take several parts on the wire.
         let frames = frames
-            .flat_map(|frame| futures_util::stream::iter(parts::split_server_frame(*frame)))
+            .flat_map(|message| {
+                futures_util::stream::iter(parts::split_server_frame(frames::frame(*message)))
+            })
             .map(move |frame| {
                 read_at.read();
                 Ok(frame)
@@ -149,11 +153,11 @@ struct Connection {
     /// `Lagging`). Meanwhile its requests are not read; it is cut off after `slow_consumer_secs`.
     behind_since: Option<tokio::time::Instant>,
     /// Where the stream queues its own frames, from `backlog`.
-    own: mpsc::Sender<Box<pb::ServerFrame>>,
+    own: mpsc::Sender<Box<ToDevice>>,
     /// The stream's own frames waiting for room in `own`. The stream keeps reading the
     /// device's requests meanwhile: announcing a large feed while not reading, with the device
     /// blocked sending its requests for it, would leave both ends waiting on each other.
-    backlog: VecDeque<pb::ServerFrame>,
+    backlog: VecDeque<ToDevice>,
     /// When the device last took a frame off its queues (see [`ReadAt`]).
     read_at: ReadAt,
     joined: HashSet<DocId>,
@@ -211,12 +215,10 @@ impl Connection {
         self.stream = Some(stream);
         self.device = Some(device);
         let nonce: [u8; 32] = cubby_crypto::random_array();
-        self.send(pb::ServerFrame {
-            frame: Some(pb::server_frame::Frame::Challenge(pb::Challenge {
-                nonce: nonce.to_vec(),
-                epoch: self.shared.customers.epoch(&self.customer),
-                account: account_tag(&self.customer).to_vec(),
-            })),
+        self.send(ToDevice::Challenge {
+            nonce,
+            epoch: self.shared.customers.epoch(&self.customer),
+            account: account_tag(&self.customer),
         });
         let answer = tokio::time::timeout_at(deadline, inbound.message())
             .await
@@ -273,19 +275,19 @@ impl Connection {
     }
 
     /// Queues one of the stream's own frames, after those already waiting.
-    fn send(&mut self, frame: pb::ServerFrame) {
+    fn send(&mut self, message: ToDevice) {
         if self.backlog.is_empty() {
-            match self.own.try_send(Box::new(frame)) {
+            match self.own.try_send(Box::new(message)) {
                 Ok(()) => {}
                 Err(
-                    mpsc::error::TrySendError::Full(frame)
-                    | mpsc::error::TrySendError::Closed(frame),
+                    mpsc::error::TrySendError::Full(message)
+                    | mpsc::error::TrySendError::Closed(message),
                 ) => {
-                    self.backlog.push_back(*frame);
+                    self.backlog.push_back(*message);
                 }
             }
         } else {
-            self.backlog.push_back(frame);
+            self.backlog.push_back(message);
         }
     }
 
@@ -326,11 +328,7 @@ impl Connection {
                  reconnect, and offer back everything this device holds",
             ));
         }
-        self.send(pb::ServerFrame {
-            frame: Some(pb::server_frame::Frame::CaughtUp(pb::CaughtUp {
-                cursor: self.announced.0,
-            })),
-        });
+        self.send(ToDevice::CaughtUp { cursor: self.announced });
 
         let expiry = tokio::time::sleep_until(self.token_expires);
         tokio::pin!(expiry);
@@ -396,11 +394,7 @@ impl Connection {
                     let left = self
                         .token_expires
                         .saturating_duration_since(tokio::time::Instant::now());
-                    self.send(pb::ServerFrame {
-                        frame: Some(pb::server_frame::Frame::TokenExpiring(pb::TokenExpiring {
-                            seconds_left: left.as_secs(),
-                        })),
-                    });
+                    self.send(ToDevice::TokenExpiring { seconds_left: left.as_secs() });
                 }
                 frame = inbound.message(), if read => match frame {
                     Ok(Some(pb::ClientFrame {
@@ -527,7 +521,7 @@ impl Connection {
         let mut pushed = Vec::new();
         for (seq, doc, meta, saved) in changes {
             let info = match meta.map(|(_, m)| DocMeta::decode(&m)) {
-                Some(Ok(meta)) => Some(cubby_proto::doc_info(&doc, &meta)),
+                Some(Ok(meta)) => Some(meta),
                 Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
                 None => None,
             };
@@ -548,7 +542,7 @@ impl Connection {
         // device's cursor never passes a pushed change it has not been sent.
         for (a, queued) in pushed {
             if !queued.await.unwrap_or(false) {
-                self.send(a.frame(false));
+                self.send(ToDevice::Changed { announcement: a, pushed: false });
             }
         }
         Ok(head)
@@ -623,7 +617,7 @@ impl Connection {
         owed.sort_by_key(|d| d.seq);
         for d in owed.iter().chain([&a]) {
             self.announced = d.seq;
-            self.send(d.frame(false));
+            self.send(ToDevice::Changed { announcement: d.clone(), pushed: false });
         }
         Ok(())
     }
@@ -635,14 +629,7 @@ impl Connection {
                 let doc = match cubby_proto::doc_id(&sync.doc_id) {
                     Ok(doc) => doc,
                     Err(err) => {
-                        let frame = pb::DocError {
-                            doc_id: sync.doc_id,
-                            code: err.code() as i32,
-                            message: err.to_string(),
-                        };
-                        self.send(pb::ServerFrame {
-                            frame: Some(pb::server_frame::Frame::Error(frame)),
-                        });
+                        self.send(ToDevice::Refused { doc: sync.doc_id, error: err });
                         return Ok(());
                     }
                 };

@@ -35,6 +35,7 @@
 //! # Ok::<(), cubby_core::session::SyncError>(())
 //! ```
 
+pub mod document;
 pub mod history;
 pub mod ids;
 pub mod json;

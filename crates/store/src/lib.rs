@@ -151,6 +151,12 @@ impl<const N: usize> MetaAt for [u8; N] {
     }
 }
 
+impl MetaAt for cubby_core::DocMeta {
+    fn at(&self, _: Seq) -> Vec<u8> {
+        self.encode()
+    }
+}
+
 /// Metadata made by a function of the position (see [`MetaAt`]).
 pub struct MetaFn<F>(pub F);
 

@@ -1,0 +1,495 @@
+//! The server's side of one document, with no I/O: the document as stored, the devices syncing
+//! it, and the rules of a batch of their messages.
+//!
+//! The server's document actor is the executor: it feeds a batch of what arrived in
+//! ([`Document::offer`], [`Document::join`], [`Document::apply`], ...), stores what
+//! [`Document::persist`] gives it and says so ([`Document::persisted`]), and only then sends what
+//! [`Document::answers`] and [`Document::push`] say, since nothing advertises heads that are not
+//! durable. Which peer is told what, who is created or made private, when a device's session is
+//! kept, and what a deletion tells, is decided here, and tested here without a runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+
+use automerge::Automerge;
+
+use crate::history::{History, Part};
+use crate::session::{PeerSession, SharedMessages, SyncError};
+use crate::{DeviceId, DocMeta, Seq};
+
+/// The document as stored: its history, metadata and feed position.
+#[derive(Debug)]
+pub struct Live {
+    /// The document and what storage holds of it.
+    pub history: History,
+    /// Its metadata.
+    pub meta: DocMeta,
+    /// Its feed position (0: stored without one, so no device heard of it).
+    pub seq: Seq,
+}
+
+/// One device syncing the document.
+#[derive(Debug)]
+struct Peer {
+    device: DeviceId,
+    session: PeerSession,
+}
+
+/// What a device's offer of a document (the first message of an exchange, perhaps with
+/// `create`) comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// The document exists; nothing to store for it.
+    Exists,
+    /// It did not, and `create` made it.
+    Created,
+    /// It exists, and `create` said it is private: privacy only ratchets up this way (a device
+    /// offering it back after a restore knew it was private).
+    MadePrivate,
+    /// It does not exist, and nothing says to make it: the device is told `NOT_FOUND`.
+    Unknown,
+}
+
+impl Offer {
+    /// Whether the metadata must be stored even without new changes.
+    pub fn touched(self) -> bool {
+        matches!(self, Self::Created | Self::MadePrivate)
+    }
+}
+
+/// Why a device's sync message was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// It does not decode.
+    #[error("malformed sync message")]
+    Malformed,
+    /// Automerge refused its changes.
+    #[error("sync message rejected: {0}")]
+    Rejected(SyncError),
+    /// Automerge panicked applying it: the document may be half-applied, and must be loaded
+    /// again from what is durable.
+    #[error("automerge panicked on a sync message")]
+    Panicked,
+}
+
+/// What one peer is sent once a batch is durable ([`Document::answers`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// A sync message of the document at its feed position.
+    Message(Vec<u8>),
+    /// Nothing: its messages in this batch are done with.
+    Nothing,
+    /// Automerge panicked answering it: it is told so, and forgotten.
+    Failed,
+}
+
+/// What the store is asked to keep of a batch.
+#[derive(Debug)]
+pub struct Persist {
+    /// The changes made since the last one, if any.
+    pub chunk: Option<Part>,
+    /// The metadata to store with it (its size counts the chunk).
+    pub meta: DocMeta,
+    /// The metadata changed (created, made private or shared): devices syncing it live hear
+    /// of it too.
+    pub metadata: bool,
+}
+
+/// One document on the server and the devices syncing it. `P` names a device's stream.
+#[derive(Debug)]
+pub struct Document<P> {
+    live: Option<Live>,
+    peers: HashMap<P, Peer>,
+    /// The document was created or its metadata changed in this batch.
+    touched: bool,
+}
+
+impl<P: Copy + Eq + Hash> Document<P> {
+    /// The document as loaded from the store (`None`: it does not exist).
+    pub fn new(live: Option<Live>) -> Self {
+        Self { live, peers: HashMap::new(), touched: false }
+    }
+
+    /// The stored document, if it exists.
+    pub fn live(&self) -> Option<&Live> {
+        self.live.as_ref()
+    }
+
+    /// The stored document, to change (a business edit, privacy): [`Document::touch`] when the
+    /// metadata changed.
+    pub fn live_mut(&mut self) -> Option<&mut Live> {
+        self.live.as_mut()
+    }
+
+    /// The metadata must be stored with this batch.
+    pub fn touch(&mut self) {
+        self.touched = true;
+    }
+
+    /// Makes the document, empty, unless it exists. Returns whether it did.
+    pub fn create(&mut self, meta: DocMeta, history: History) -> bool {
+        if self.live.is_some() {
+            return false;
+        }
+        self.live = Some(Live { history, meta, seq: Seq(0) });
+        self.touched = true;
+        true
+    }
+
+    /// A device's message is about to be applied: `create` (title, private) if it carries one.
+    pub fn offer(
+        &mut self,
+        create: Option<(String, bool)>,
+        history: impl FnOnce() -> History,
+    ) -> Offer {
+        let offer = match (&mut self.live, create) {
+            (Some(live), Some((_, true))) if !live.meta.private => {
+                live.meta.private = true;
+                Offer::MadePrivate
+            }
+            (Some(_), _) => Offer::Exists,
+            (None, Some((title, private))) => {
+                let meta = DocMeta { private, ..DocMeta::new(title) };
+                self.live = Some(Live { history: history(), meta, seq: Seq(0) });
+                Offer::Created
+            }
+            (None, None) => Offer::Unknown,
+        };
+        self.touched |= offer.touched();
+        offer
+    }
+
+    /// Whether `peer` syncs the document.
+    pub fn has_peer(&self, peer: &P) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// The session a device starts with: that of a stream of the same device still here (its
+    /// end not yet noticed), else `stored` (kept from its last connection), else a fresh one.
+    /// With either of the first two, a device that reconnects with new changes is not sent a
+    /// Bloom filter over the whole history.
+    pub fn session_for(&self, device: DeviceId, stored: Option<&[u8]>) -> PeerSession {
+        let Some(live) = &self.live else { return PeerSession::new() };
+        let doc = live.history.doc();
+        if let Some(old) = self.peers.values().find(|p| p.device == device) {
+            return PeerSession::restore_for(&old.session.persist(), doc);
+        }
+        stored.map_or_else(PeerSession::new, |bytes| PeerSession::restore_for(bytes, doc))
+    }
+
+    /// Whether a device would start from a stream of its own still here.
+    pub fn lends_session(&self, device: DeviceId) -> bool {
+        self.peers.values().any(|p| p.device == device)
+    }
+
+    /// `peer` (of `device`) syncs the document from now on, with `session`.
+    pub fn join(&mut self, peer: P, device: DeviceId, session: PeerSession) {
+        self.peers.entry(peer).or_insert(Peer { device, session });
+    }
+
+    /// `peer` left: its device and the session worth keeping for its next connection (none
+    /// if the two never shared anything).
+    pub fn leave(&mut self, peer: &P) -> Option<(DeviceId, Option<Vec<u8>>)> {
+        let peer = self.peers.remove(peer)?;
+        let kept = (!peer.session.shared_heads().is_empty()).then(|| peer.session.persist());
+        Some((peer.device, kept))
+    }
+
+    /// `peer`'s frames could not be queued: its session starts over, and it is spoken to again
+    /// once it reads.
+    pub fn behind(&mut self, peer: &P) {
+        if let Some(peer) = self.peers.get_mut(peer) {
+            peer.session.reconnect();
+        }
+    }
+
+    /// Applies `peer`'s sync message. A peer that did not join, or a document that does not
+    /// exist, takes nothing.
+    pub fn apply(&mut self, peer: &P, message: &[u8]) -> Result<(), Refusal> {
+        let (Some(live), Some(peer)) = (&mut self.live, self.peers.get_mut(peer)) else {
+            return Ok(());
+        };
+        let applied = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            peer.session.receive(live.history.doc_mut(), message)
+        }));
+        match applied {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(SyncError::Malformed)) => Err(Refusal::Malformed),
+            Ok(Err(err)) => Err(Refusal::Rejected(err)),
+            Err(_) => Err(Refusal::Panicked),
+        }
+    }
+
+    /// Lends the document and `peer`'s session out, to apply a message elsewhere (a thread);
+    /// [`Document::returned`] gives them back. Meanwhile the document is empty.
+    pub fn lend(&mut self, peer: &P) -> Option<(Automerge, PeerSession)> {
+        let (Some(live), Some(peer)) = (&mut self.live, self.peers.get_mut(peer)) else {
+            return None;
+        };
+        let doc = std::mem::replace(live.history.doc_mut(), Automerge::new());
+        Some((doc, std::mem::take(&mut peer.session)))
+    }
+
+    /// The document and session lent out come back.
+    pub fn returned(&mut self, peer: &P, doc: Automerge, session: PeerSession) {
+        if let Some(live) = &mut self.live {
+            *live.history.doc_mut() = doc;
+        }
+        if let Some(peer) = self.peers.get_mut(peer) {
+            peer.session = session;
+        }
+    }
+
+    /// What the store is asked to keep of this batch: its changes as one chunk, and the
+    /// metadata when anything changed or was touched (or the document was stored without a
+    /// feed position, so no device heard of it). `None`: nothing to store.
+    pub fn persist(&mut self) -> Option<Persist> {
+        let live = self.live.as_mut()?;
+        let metadata = std::mem::take(&mut self.touched) || live.seq == Seq(0);
+        let chunk = live.history.take_chunk();
+        if chunk.is_none() && !metadata {
+            return None;
+        }
+        let mut meta = live.meta.clone();
+        meta.record_write(chunk.as_ref().map_or(0, |c| c.bytes.len() as u64));
+        Some(Persist { chunk, meta, metadata })
+    }
+
+    /// What [`Document::persist`] gave is durable, at feed position `seq`.
+    pub fn persisted(&mut self, meta: DocMeta, seq: Seq) {
+        if let Some(live) = &mut self.live {
+            live.meta = meta;
+            live.seq = seq;
+        }
+    }
+
+    /// What every peer is sent now that the batch is durable. Peers in `spoke` sent a message
+    /// in it and get an answer whenever they have not yet heard the document's current heads on
+    /// this connection (their acknowledgement; `PeerSession::reply`): a receiver's
+    /// acknowledgement of the change just sent to it is not answered. Unless the document's
+    /// heads `moved`, a peer that did not speak is left out: its session changes only by its
+    /// own messages, so whatever Automerge could say to it has been said already. With each
+    /// answer, whether that peer now holds the durable document (its message named every head).
+    pub fn answers(&mut self, spoke: &HashSet<P>, moved: bool) -> Vec<(P, Answer, bool)> {
+        let Some(live) = &self.live else { return Vec::new() };
+        let doc = live.history.doc();
+        // Receivers that were in step share one message.
+        let mut shared = SharedMessages::default();
+        let mut answers = Vec::new();
+        for (id, peer) in &mut self.peers {
+            let spoken = spoke.contains(id);
+            if !spoken && !moved {
+                continue;
+            }
+            // A peer's session came from its messages: a panic in Automerge answering it (such
+            // as the divide by zero a crafted Bloom filter once caused) is contained to it.
+            let made = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if spoken {
+                    peer.session.reply(doc)
+                } else {
+                    shared.generate(&mut peer.session, doc)
+                }
+            }));
+            let holds = spoken && peer.session.peer_has_everything(doc);
+            let answer = match made {
+                Ok(Some(message)) => Answer::Message(message),
+                Ok(None) => Answer::Nothing,
+                Err(_) => Answer::Failed,
+            };
+            answers.push((*id, answer, holds));
+        }
+        for (id, answer, _) in &answers {
+            if *answer == Answer::Failed {
+                self.peers.remove(id);
+            }
+        }
+        answers
+    }
+
+    /// For a reconnecting peer whose kept session says what it holds: what changed since,
+    /// sent before it asks (`PeerSession::push`).
+    pub fn push(&mut self, peer: &P) -> Option<Vec<u8>> {
+        let (Some(live), Some(peer)) = (&self.live, self.peers.get_mut(peer)) else {
+            return None;
+        };
+        std::panic::catch_unwind(AssertUnwindSafe(|| peer.session.push(live.history.doc())))
+            .ok()
+            .flatten()
+    }
+
+    /// The document was loaded again from the store (after a failed write, or one half-applied):
+    /// every peer's session starts over.
+    pub fn reloaded(&mut self, live: Option<Live>) {
+        self.live = live;
+        self.touched = false;
+        for peer in self.peers.values_mut() {
+            peer.session.reset();
+        }
+    }
+
+    /// The document was deleted (here, or on another node): the peers that were syncing it,
+    /// each to be told, and forgotten.
+    pub fn deleted(&mut self) -> Vec<P> {
+        self.live = None;
+        self.touched = false;
+        self.peers.drain().map(|(id, _)| id).collect()
+    }
+
+    /// Every peer, forgotten (a write failed: each is told, and resends).
+    pub fn drop_peers(&mut self) -> Vec<P> {
+        self.peers.drain().map(|(id, _)| id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::CompactionPolicy;
+    use automerge::transaction::Transactable;
+    use automerge::{ROOT, ReadDoc};
+
+    const PHONE: DeviceId = DeviceId::from_bytes([1; 16]);
+    const LAPTOP: DeviceId = DeviceId::from_bytes([2; 16]);
+
+    fn history() -> History {
+        History::new(CompactionPolicy::default())
+    }
+
+    /// A stored document with one change in it.
+    fn existing(private: bool) -> Document<u8> {
+        let meta = DocMeta { private, ..DocMeta::new("notes") };
+        let mut history = history();
+        history
+            .doc_mut()
+            .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "list", 1).map(drop))
+            .expect("a change");
+        history.take_chunk();
+        Document::new(Some(Live { history, meta, seq: Seq(5) }))
+    }
+
+    #[test]
+    fn an_offer_creates_ratchets_privacy_or_is_unknown() {
+        let private = Some(("notes".to_owned(), true));
+        let public = Some(("notes".to_owned(), false));
+        // (exists, private before, create) -> (offer, private after)
+        let table = [
+            (false, false, None, Offer::Unknown, None),
+            (false, false, public.clone(), Offer::Created, Some(false)),
+            (false, false, private.clone(), Offer::Created, Some(true)),
+            (true, false, None, Offer::Exists, Some(false)),
+            (true, false, public.clone(), Offer::Exists, Some(false)),
+            (true, false, private.clone(), Offer::MadePrivate, Some(true)),
+            (true, true, public, Offer::Exists, Some(true)),
+            (true, true, private, Offer::Exists, Some(true)),
+        ];
+        for (exists, was_private, create, want, private_after) in table {
+            let mut doc = if exists { existing(was_private) } else { Document::<u8>::new(None) };
+            let case = format!("exists {exists}, private {was_private}, create {create:?}");
+            assert_eq!(doc.offer(create, history), want, "{case}");
+            assert_eq!(doc.live().map(|l| l.meta.private), private_after, "{case}");
+            let stored = doc.persist().map(|p| p.metadata);
+            assert_eq!(stored, want.touched().then_some(true), "{case}: what is stored");
+        }
+    }
+
+    /// A phone and a laptop in step; the phone makes a change and sends it.
+    fn two_in_step() -> (Document<u8>, Automerge, Automerge, PeerSession, PeerSession) {
+        let mut doc = existing(false);
+        doc.persisted(DocMeta::new("notes"), Seq(5));
+        let (mut phone, mut laptop) = (Automerge::new(), Automerge::new());
+        let (mut phone_to_server, mut laptop_to_server) = (PeerSession::new(), PeerSession::new());
+        doc.join(1, PHONE, PeerSession::new());
+        doc.join(2, LAPTOP, PeerSession::new());
+        // Each says what it has (nothing), and is answered, until nothing is left to say.
+        for _ in 0..3 {
+            for (id, device, session) in
+                [(1, &mut phone, &mut phone_to_server), (2, &mut laptop, &mut laptop_to_server)]
+            {
+                if let Some(message) = session.generate(device) {
+                    doc.apply(&id, &message).expect("applies");
+                }
+            }
+            let spoke = HashSet::from([1, 2]);
+            for (id, answer, _) in doc.answers(&spoke, false) {
+                if let Answer::Message(message) = answer {
+                    let (device, session) = if id == 1 {
+                        (&mut phone, &mut phone_to_server)
+                    } else {
+                        (&mut laptop, &mut laptop_to_server)
+                    };
+                    session.receive(device, &message).expect("receives");
+                }
+            }
+        }
+        (doc, phone, laptop, phone_to_server, laptop_to_server)
+    }
+
+    #[test]
+    fn the_sender_is_answered_and_the_other_peers_hear_of_a_change_only_if_the_heads_moved() {
+        let (mut doc, mut phone, mut laptop, mut phone_to_server, mut laptop_to_server) =
+            two_in_step();
+        phone
+            .transact::<_, _, automerge::AutomergeError>(|tx| tx.put(ROOT, "milk", 1).map(drop))
+            .expect("a change");
+        let message = phone_to_server.generate(&phone).expect("something to say");
+        doc.apply(&1, &message).expect("applies");
+        let persist = doc.persist().expect("a chunk");
+        assert!(persist.chunk.is_some() && !persist.metadata);
+        doc.persisted(persist.meta, Seq(6));
+
+        // Nobody spoke and the heads did not move: nothing for anyone.
+        assert!(doc.answers(&HashSet::new(), false).is_empty());
+        // The phone spoke and the heads moved: both are answered; the phone's message named
+        // every head, so it holds the durable document.
+        let mut answers = doc.answers(&HashSet::from([1]), true);
+        answers.sort_by_key(|(id, ..)| *id);
+        assert!(matches!(answers[0], (1, Answer::Message(_), true)), "{answers:?}");
+        let (2, Answer::Message(to_laptop), false) = &answers[1] else {
+            panic!("the laptop hears of the change: {answers:?}");
+        };
+        laptop_to_server.receive(&mut laptop, to_laptop).expect("receives");
+        assert!(laptop.get(ROOT, "milk").expect("read").is_some(), "the change reached it");
+
+        // The laptop's acknowledgement names every head: it holds the document now, and it
+        // heard the current heads already, so it is not answered.
+        let ack = laptop_to_server.generate(&laptop).expect("an acknowledgement");
+        doc.apply(&2, &ack).expect("applies");
+        assert!(doc.persist().is_none(), "an acknowledgement stores nothing");
+        let answers = doc.answers(&HashSet::from([2]), false);
+        assert_eq!(answers, vec![(2, Answer::Nothing, true)]);
+    }
+
+    #[test]
+    fn a_leaving_peer_keeps_its_session_only_if_it_shared_anything() {
+        let (mut doc, ..) = two_in_step();
+        doc.join(3, PHONE, PeerSession::new());
+        let (device, kept) = doc.leave(&1).expect("was there");
+        assert_eq!(device, PHONE);
+        assert!(kept.is_some(), "in step: worth keeping");
+        let mut fresh = Document::<u8>::new(None);
+        fresh.join(1, PHONE, PeerSession::new());
+        assert_eq!(fresh.leave(&1).map(|(_, kept)| kept), Some(None));
+        assert_eq!(fresh.leave(&1), None);
+    }
+
+    #[test]
+    fn a_deletion_tells_every_peer_and_forgets_them() {
+        let (mut doc, ..) = two_in_step();
+        let mut told = doc.deleted();
+        told.sort_unstable();
+        assert_eq!(told, vec![1, 2]);
+        assert!(doc.live().is_none() && !doc.has_peer(&1));
+        assert_eq!(doc.offer(None, history), Offer::Unknown);
+    }
+
+    #[test]
+    fn a_document_stored_without_a_feed_position_is_stored_again_with_its_metadata() {
+        let mut doc = existing(false);
+        doc.persisted(DocMeta::new("notes"), Seq(0));
+        let persist = doc.persist().expect("written again");
+        assert!(persist.metadata && persist.chunk.is_none());
+        doc.persisted(persist.meta, Seq(9));
+        assert!(doc.persist().is_none(), "then nothing, until something changes");
+    }
+}
