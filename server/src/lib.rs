@@ -4,11 +4,14 @@
 //! the gRPC services (Sync, Account, health, reflection) over TLS 1.3; [`RunningServer::shutdown`]
 //! stops it and waits until every write is flushed and the store is closed.
 //!
+//! This file is the composition root: [`start`] and [`start_on`] build the parts and wire them.
 //! Modules, from the edge inwards: [`config`] (TOML settings), [`tls`] (certificates and the
-//! handshake), [`auth`] (tokens), `customers` (who may act now: erased accounts, revoked tokens,
-//! open streams), `sync`, `account` and `admin` (the services), `devices`, `audit` and `rights`
-//! (device registry, audit log, export and erasure), `docs` (one actor per live document), `hub`
-//! (per-customer change announcements), `durable` (group commit), `keys` (KEK rotation).
+//! handshake), `listen` (accepting connections), [`auth`] (tokens), `customers` (who may act now:
+//! erased accounts, revoked tokens, open streams), `sync`, `account` and `admin` (the services;
+//! `frames` is the sync stream's wire), `shared` (what the services share), `devices`, `audit`
+//! and `rights` (device registry, audit log, export and erasure), `docs` (one actor per live
+//! document), [`bus`] (what the nodes sharing a store tell each other), `hub` (per-customer
+//! change announcements), `durable` (group commit), `keys` (KEK rotation), `restore`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +22,7 @@ use cubby_core::history::CompactionPolicy;
 use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::Witness;
-use cubby_store::{EncryptedStore, IntegrityError, Keys, Store, StoreError};
+use cubby_store::{EncryptedStore, IntegrityError, Store, StoreError};
 use cubby_store_sled::{SledStore, WitnessDir};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,12 +43,16 @@ mod keys;
 mod listen;
 mod quota;
 mod reflection;
+mod restore;
 mod rights;
+mod shared;
 mod sync;
 pub mod tls;
 
 pub use config::{ConfigError, Limits, ServerConfig, TenantConfig, TlsConfig};
 pub use listen::Listener;
+pub use restore::{Restored, restore};
+pub(crate) use shared::Shared;
 
 /// The encrypted store every part of the server writes through.
 pub(crate) type Vault = EncryptedStore<Arc<dyn Store>>;
@@ -97,94 +104,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What the services share.
-pub(crate) struct Shared {
-    pub(crate) auth: auth::Authenticator,
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) customers: customers::Customers,
-    pub(crate) quotas: Arc<quota::Quotas>,
-    pub(crate) devices: devices::Devices,
-    pub(crate) docs: docs::Docs,
-    pub(crate) hub: Arc<hub::Hub>,
-    /// What the nodes sharing the store tell each other, and this node's id on it.
-    pub(crate) bus: Arc<dyn bus::Bus>,
-    pub(crate) node: bus::NodeId,
-    pub(crate) limits: Limits,
-    pub(crate) tracker: TaskTracker,
-    pub(crate) stop: CancellationToken,
-    pub(crate) work: StorageWork,
-    /// Limits on sync messages in parts, per customer and per connection.
-    pub(crate) part_budgets: sync::PartBudgets,
-    /// The store itself, for what only it does: epochs and the ledger.
-    pub(crate) vault: Arc<Vault>,
-}
-
-impl Shared {
-    /// Tells every node sharing the store (this one too) of `event`.
-    pub(crate) fn publish(&self, event: bus::Event) {
-        self.bus.publish(bus::Envelope { from: self.node, event });
-    }
-
-    /// What this node does with an event on the bus. Events of its own it has acted on
-    /// already, but for the changes its streams announce from here.
-    fn on_event(&self, envelope: &bus::Envelope) {
-        let own = envelope.from == self.node;
-        match &envelope.event {
-            bus::Event::Changed(changed) => {
-                if !own {
-                    // A document loaded here takes in what the other node stored, before any
-                    // device asks it (its mailbox is in order).
-                    self.docs.refresh(changed.customer, changed.doc);
-                }
-                self.hub.publish(changed.customer, hub::Announcement::heard(changed, !own));
-            }
-            _ if own => {}
-            bus::Event::Erased { customer } => {
-                self.customers.erasing(customer);
-                self.docs.evict_customer(customer);
-                self.vault.forget_key(customer);
-            }
-            bus::Event::Revoked { customer, device, tokens } => {
-                self.customers.revoked_elsewhere(customer, device, tokens);
-            }
-            bus::Event::Epoch { customer, epoch } => {
-                self.customers.epoch_elsewhere(customer, *epoch);
-            }
-        }
-    }
-
-    /// Authenticates a customer request: a verified customer token whose account exists and
-    /// whose token was not revoked.
-    pub(crate) async fn customer(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<auth::Caller, ApiError> {
-        self.customers.admit(self.auth.authenticate(metadata)?).await
-    }
-
-    /// Authenticates a business request: a verified service token with the admin scope.
-    pub(crate) fn business(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-    ) -> Result<auth::Caller, ApiError> {
-        let caller = self.auth.authenticate(metadata)?;
-        if !caller.admin {
-            return Err(ApiError::PermissionDenied(
-                "the admin API needs a service token with the admin scope".into(),
-            ));
-        }
-        Ok(caller)
-    }
-
-    /// Runs blocking store work off the async workers.
-    pub(crate) async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        self.work.run(work).await?
-    }
 }
 
 /// Where synchronous storage work runs.
@@ -312,90 +231,6 @@ pub fn store_path(config: &ServerConfig) -> PathBuf {
 /// The witness directory the config names (or `<data>/witness`).
 pub fn witness_path(config: &ServerConfig) -> PathBuf {
     config.witness_dir.clone().unwrap_or_else(|| config.data.join("witness"))
-}
-
-/// What `cubby-server restore` reports.
-#[derive(Debug)]
-#[non_exhaustive]
-pub struct Restored {
-    /// The store directory.
-    pub store: PathBuf,
-    /// Where the store's files came from, if they were copied in.
-    pub from: Option<PathBuf>,
-    /// Flushes the store holds.
-    pub flushes: u64,
-    /// Customers with a data key.
-    pub customers: usize,
-}
-
-/// Accepts a store as it is and starts a new epoch (`cubby-server restore`): with `from`, the
-/// store's directory is first replaced by a copy of `from` (a backup of `db/`, taken with the
-/// server stopped); without, the store in place is accepted (restored by hand, or found damaged
-/// and accepted). Erasures and revocations in the ledger stay in force. Devices that connect
-/// afterwards offer back everything they hold. Run with the server stopped.
-pub fn restore(
-    config: &ServerConfig,
-    from: Option<&std::path::Path>,
-) -> Result<Restored, StartError> {
-    let master = MasterSecret::read(&master_key_path(config))?;
-    let db_path = store_path(config);
-    let store_error = |source| StartError::Store { path: db_path.clone(), source };
-    if let Some(from) = from {
-        copy_store(from, &db_path).map_err(|e| {
-            ConfigError(format!("cannot copy the store from {}: {e}", from.display()))
-        })?;
-    }
-    let witness = WitnessDir::open(&witness_path(config)).map_err(store_error)?;
-    let sled = SledStore::open(&db_path).map_err(store_error)?;
-    let vault =
-        match EncryptedStore::begin_epoch(sled, Keyring::from_master(&master), Arc::new(witness)) {
-            Ok(vault) => vault,
-            Err(StoreError::WrongMasterKey) => {
-                return Err(StartError::WrongMasterKey(config.data.clone()));
-            }
-            Err(source) => return Err(store_error(source)),
-        };
-    let flushes = vault.flushes();
-    let customers = vault.list_customers().map_err(store_error)?.len().saturating_sub(1);
-    drop(vault);
-    Ok(Restored { store: db_path, from: from.map(ToOwned::to_owned), flushes, customers })
-}
-
-/// Replaces the store directory `to` with a copy of `from`: into a new directory beside it
-/// first, then swapped in, so that a failed copy leaves the old store as it was.
-fn copy_store(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    if !from.join("sled").is_dir() {
-        return Err(std::io::Error::other(format!(
-            "{} is not a copy of a store directory (it has no sled/ inside)",
-            from.display()
-        )));
-    }
-    let staging = to.with_extension("restoring");
-    let _ = std::fs::remove_dir_all(&staging);
-    copy_dir(from, &staging)?;
-    let old = to.with_extension("replaced");
-    let _ = std::fs::remove_dir_all(&old);
-    if to.exists() {
-        std::fs::rename(to, &old)?;
-    }
-    std::fs::rename(&staging, to)?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            std::fs::copy(entry.path(), &target)?;
-            std::fs::File::open(&target)?.sync_all()?;
-        }
-    }
-    std::fs::File::open(to)?.sync_all()
 }
 
 fn master_key(config: &ServerConfig) -> Result<(MasterSecret, Option<PathBuf>), StartError> {

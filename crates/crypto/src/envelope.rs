@@ -5,12 +5,41 @@
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
-use crate::keys::DataKey;
+use std::fmt;
+
+use zeroize::Zeroizing;
 
 /// The first byte of every record this version writes.
 pub const VERSION: u8 = 1;
 /// Bytes a sealed record adds to its plaintext.
 pub const OVERHEAD: usize = 1 + NONCE_LEN + 16;
+
+/// A 256-bit AES-GCM key. Never printed; zeroed on drop.
+#[derive(Clone)]
+pub struct DataKey(Zeroizing<[u8; 32]>);
+
+impl DataKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        Self(Zeroizing::new(crate::random_array()))
+    }
+
+    /// A key from 32 secret bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The raw key, for the cipher only.
+    pub(crate) fn expose(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
 
 /// Why a sealed record did not open. Deliberately says nothing about the contents.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

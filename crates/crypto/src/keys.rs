@@ -17,32 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::envelope::{self, OpenError};
 
-/// A 256-bit AES-GCM key. Never printed; zeroed on drop.
-#[derive(Clone)]
-pub struct DataKey(Zeroizing<[u8; 32]>);
-
-impl DataKey {
-    /// A fresh random key.
-    pub fn generate() -> Self {
-        Self(Zeroizing::new(crate::random_array()))
-    }
-
-    /// A key from 32 secret bytes.
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(Zeroizing::new(bytes))
-    }
-
-    /// The raw key, for the cipher only.
-    pub(crate) fn expose(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
-impl fmt::Debug for DataKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("DataKey(..)")
-    }
-}
+pub use crate::envelope::DataKey;
 
 /// Why a key file could not be used.
 #[derive(Debug, thiserror::Error)]

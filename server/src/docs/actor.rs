@@ -6,18 +6,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 
 use automerge::Automerge;
-use cubby_core::document::{Answer, Document, Live, Offer, Persist, Refusal};
+use cubby_core::document::{Document, Live, Offer, Refusal};
 use cubby_core::history::History;
 use cubby_core::session::{PeerSession, SyncError};
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta};
 use cubby_proto::ApiError;
-use cubby_store::{Snapshot, Space};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::{Ctx, DocMsg, Entry, Key, Link, Registry, Sent, Summary, session_key};
-use crate::durable::{Write, api_error};
+use super::{Ctx, DocMsg, Entry, Key, Link, Registry, Sent, Summary};
 use crate::frames::ToDevice;
-use crate::hub::Announcement;
 
 /// Sync messages up to this size are applied on the actor's task; larger ones (a long offline
 /// history) on the blocking pool, under `apply_deadline_ms`.
@@ -26,26 +23,26 @@ const INLINE_APPLY_BYTES: usize = 64 << 10;
 const MAX_BATCH: usize = 256;
 
 /// What the actor holds of one connected device's stream.
-struct PeerLink {
-    link: Link,
+pub(super) struct PeerLink {
+    pub(super) link: Link,
     /// The permits of the device's messages in this batch, given back with the answer.
-    permits: Vec<OwnedSemaphorePermit>,
+    pub(super) permits: Vec<OwnedSemaphorePermit>,
 }
 
 pub(super) struct Actor {
-    customer: CustomerId,
-    doc: DocId,
-    generation: u64,
-    registry: Arc<Registry>,
+    pub(super) customer: CustomerId,
+    pub(super) doc: DocId,
+    pub(super) generation: u64,
+    pub(super) registry: Arc<Registry>,
     /// `None`: not loaded yet.
-    state: Option<Document<u64>>,
-    links: HashMap<u64, PeerLink>,
+    pub(super) state: Option<Document<u64>>,
+    pub(super) links: HashMap<u64, PeerLink>,
     /// The customer was erased: stop.
-    evicted: bool,
+    pub(super) evicted: bool,
 }
 
 /// Answers owed once the batch is durable.
-enum Deferred {
+pub(super) enum Deferred {
     Info(oneshot::Sender<Result<Summary, ApiError>>),
     Read(oneshot::Sender<Result<(Summary, serde_json::Value), ApiError>>),
     Delete(oneshot::Sender<Result<(), ApiError>>),
@@ -53,7 +50,7 @@ enum Deferred {
 
 impl Deferred {
     /// Answers with `err`. The asker may have gone; that is fine.
-    fn fail(self, err: &ApiError) {
+    pub(super) fn fail(self, err: &ApiError) {
         match self {
             Self::Info(reply) => {
                 let _ = reply.send(Err(err.clone()));
@@ -116,7 +113,7 @@ impl Actor {
         }
     }
 
-    fn ctx(&self) -> &Ctx {
+    pub(super) fn ctx(&self) -> &Ctx {
         &self.registry.ctx
     }
 
@@ -149,7 +146,7 @@ impl Actor {
     }
 
     /// Leaves the registry if nothing is queued. Senders hold the same lock, so none can slip in.
-    fn retire(&self, rx: &mpsc::UnboundedReceiver<DocMsg>) -> bool {
+    pub(super) fn retire(&self, rx: &mpsc::UnboundedReceiver<DocMsg>) -> bool {
         let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if !rx.is_empty() {
             return false;
@@ -159,77 +156,31 @@ impl Actor {
     }
 
     /// Leaves the registry unconditionally (shutdown).
-    fn retire_now(&self) {
+    pub(super) fn retire_now(&self) {
         let mut guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
         self.unregister(&mut guard.1);
     }
 
     /// Removes this actor's entry, unless a newer actor for the document has replaced it.
-    fn unregister(&self, actors: &mut HashMap<Key, Entry>) {
+    pub(super) fn unregister(&self, actors: &mut HashMap<Key, Entry>) {
         let key = (self.customer, self.doc);
         if actors.get(&key).is_some_and(|e| e.generation == self.generation) {
             actors.remove(&key);
         }
     }
 
-    /// The document as the store holds it, dropping anything not durable.
-    async fn read_stored(&self) -> Result<Option<Live>, ApiError> {
-        let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
-        let policy = self.ctx().policy;
-        self.ctx()
-            .work
-            .run(move || {
-                let Some(records) = store.load(&customer, &doc).map_err(api_error)? else {
-                    return Ok(None);
-                };
-                let meta =
-                    DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
-                let rebuilt = std::panic::catch_unwind(|| {
-                    History::rebuild(
-                        records.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice())),
-                        records.chunks.iter().map(|(id, b)| (*id, b.as_slice())),
-                        policy,
-                    )
-                });
-                let history = match rebuilt {
-                    Ok(Ok(history)) => history,
-                    Ok(Err(err)) => {
-                        tracing::error!(doc = %doc.short(), %err, "stored document does not load");
-                        return Err(ApiError::DataLoss("document"));
-                    }
-                    Err(_) => {
-                        tracing::error!(doc = %doc.short(), "stored document panicked loading");
-                        return Err(ApiError::DataLoss("document"));
-                    }
-                };
-                Ok(Some(Live { history, meta, seq: records.seq }))
-            })
-            .await
-            .map_err(|_| ApiError::Internal)?
-    }
-
-    /// Loads the document from storage (again): every device's session starts over.
-    async fn load(&mut self) -> Result<(), ApiError> {
-        let live = self.read_stored().await?;
-        match &mut self.state {
-            Some(document) => document.reloaded(live),
-            None => self.state = Some(Document::new(live)),
-        }
-        Ok(())
-    }
-
-    fn document(&mut self) -> &mut Document<u64> {
+    pub(super) fn document(&mut self) -> &mut Document<u64> {
         self.state.get_or_insert_with(|| Document::new(None))
     }
 
-    fn live(&self) -> Option<&Live> {
+    pub(super) fn live(&self) -> Option<&Live> {
         self.state.as_ref().and_then(Document::live)
     }
 
     /// Sends `message` to `peer`'s device with the permits its messages hold. A device whose
     /// queue is full gets its session started over: the message is dropped, and what it said is
     /// said again once the device reads (`DocMsg::Resume`). One whose stream ended is forgotten.
-    fn send(&mut self, peer: u64, message: ToDevice) -> Sent {
+    pub(super) fn send(&mut self, peer: u64, message: ToDevice) -> Sent {
         let Some(link) = self.links.get_mut(&peer) else { return Sent::Gone };
         let sent = link.link.send(self.doc, message, std::mem::take(&mut link.permits));
         match sent {
@@ -250,7 +201,7 @@ impl Actor {
     }
 
     /// Tells every device syncing the document of `err`, and forgets them all.
-    fn refuse_peers(&mut self, err: &ApiError) {
+    pub(super) fn refuse_peers(&mut self, err: &ApiError) {
         let peers = self.state.as_mut().map(Document::drop_peers).unwrap_or_default();
         for peer in peers {
             self.send(peer, ToDevice::refused(&self.doc, err.clone()));
@@ -427,7 +378,13 @@ impl Actor {
 
     /// Joins `peer` to the document unless it is there, with the device's session from its
     /// last connection (`saved` when the caller read it already: a pushed catch-up).
-    async fn join(&mut self, peer: u64, device: DeviceId, saved: Option<Vec<u8>>, link: Link) {
+    pub(super) async fn join(
+        &mut self,
+        peer: u64,
+        device: DeviceId,
+        saved: Option<Vec<u8>>,
+        link: Link,
+    ) {
         if self.links.contains_key(&peer) {
             return;
         }
@@ -447,7 +404,11 @@ impl Actor {
     /// Applies `peer`'s message: a large one on the blocking pool, under `apply_deadline_ms`.
     /// `None` when it did not finish in time: the document stays with the thread (Automerge
     /// cannot be interrupted), and the caller reloads it.
-    async fn apply(&mut self, peer: u64, message: Vec<u8>) -> Option<Result<(), Refusal>> {
+    pub(super) async fn apply(
+        &mut self,
+        peer: u64,
+        message: Vec<u8>,
+    ) -> Option<Result<(), Refusal>> {
         let off_thread = message.len() > INLINE_APPLY_BYTES
             && self.ctx().work == crate::StorageWork::BlockingPool;
         if !off_thread {
@@ -488,65 +449,8 @@ impl Actor {
         }
     }
 
-    /// The device's sync state for this document from its last connection, if kept.
-    async fn stored_session(&self, device: DeviceId) -> Option<Vec<u8>> {
-        let (store, customer, key) =
-            (self.ctx().store.clone(), self.customer, session_key(&self.doc, &device));
-        let read = move || store.get_record(&customer, Space::SYNC_STATES, &key);
-        self.ctx().work.run(read).await.ok().and_then(Result::ok).flatten()
-    }
-
-    /// Keeps a leaving device's sync state. Not flushed: the next group commit carries it, and
-    /// losing it costs one larger exchange.
-    async fn keep_session(&self, device: DeviceId, session: Vec<u8>) {
-        let (store, customer, key) =
-            (self.ctx().store.clone(), self.customer, session_key(&self.doc, &device));
-        let saved = self
-            .ctx()
-            .work
-            .run(move || store.put_record(&customer, Space::SYNC_STATES, &key, &session))
-            .await;
-        if let Ok(Err(err)) = saved {
-            tracing::debug!(%err, "could not keep a device's sync state");
-        }
-    }
-
-    /// Takes in what the store holds of the document now: another node stored a write of it.
-    /// Deleted there, it is deleted here, and the devices syncing it are told.
-    async fn absorb(&mut self) -> Result<(), ApiError> {
-        let (store, customer, doc) = (self.ctx().store.clone(), self.customer, self.doc);
-        let records = self
-            .ctx()
-            .work
-            .run(move || store.load(&customer, &doc).map_err(api_error))
-            .await
-            .map_err(|_| ApiError::Internal)??;
-        let Some(records) = records else {
-            let told = self.state.as_mut().map(Document::deleted).unwrap_or_default();
-            for peer in told {
-                self.send(peer, ToDevice::refused(&self.doc, ApiError::NotFound("document")));
-            }
-            self.links.clear();
-            return Ok(());
-        };
-        let meta = DocMeta::decode(&records.meta).map_err(|_| ApiError::DataLoss("document"))?;
-        let Some(live) = self.state.as_mut().and_then(Document::live_mut) else {
-            // Made on the other node: load it as it is.
-            return self.load().await;
-        };
-        live.history
-            .absorb(
-                records.snapshot.as_ref().map(|s| (s.id, s.bytes.as_slice())),
-                records.chunks.iter().map(|(id, b)| (*id, b.as_slice())),
-            )
-            .map_err(|_| ApiError::DataLoss("document"))?;
-        live.meta = meta;
-        live.seq = live.seq.max(records.seq);
-        Ok(())
-    }
-
     /// Applies the business's edits as one change by a fresh business actor: all or nothing.
-    fn business_edit(
+    pub(super) fn business_edit(
         &mut self,
         edits: &[(String, cubby_core::json::Edit)],
     ) -> Result<(), ApiError> {
@@ -568,185 +472,7 @@ impl Actor {
         result.map(drop).map_err(|failure| ApiError::InvalidArgument(failure.error.to_string()))
     }
 
-    /// Stores what the batch changed (see [`Document::persist`]) after the customer's quotas
-    /// allow it, and waits until it is durable.
-    async fn persist(&mut self) -> Result<(), ApiError> {
-        let Some(Persist { chunk, meta, metadata }) = self.document().persist() else {
-            return Ok(());
-        };
-        let ctx = self.registry.ctx.clone();
-        let chunk_len = chunk.as_ref().map_or(0, |c| c.bytes.len() as u64);
-        if chunk.is_some() {
-            ctx.quotas.take_write(&self.customer)?;
-            let (quotas, store, customer, size) =
-                (ctx.quotas.clone(), ctx.store.clone(), self.customer, meta.size);
-            if ctx.quotas.knows(&customer) {
-                quotas.reserve(&*store, &customer, size, chunk_len)?;
-            } else {
-                ctx.work
-                    .run(move || quotas.reserve(&*store, &customer, size, chunk_len))
-                    .await
-                    .map_err(|_| ApiError::Internal)??;
-            }
-        }
-        let write = Write::Doc {
-            customer: self.customer,
-            doc: self.doc,
-            meta: meta.clone(),
-            chunk: chunk.map(|part| (part.id, part.bytes)),
-            metadata,
-        };
-        let seq = match ctx.commit.commit(write).await {
-            Ok(seq) => seq.or_else(|| self.live().map(|l| l.seq)).unwrap_or_default(),
-            Err(err) => {
-                ctx.quotas.release(&self.customer, chunk_len);
-                return Err(err);
-            }
-        };
-        self.document().persisted(meta, seq);
-        Ok(())
-    }
-
-    fn summary(&self) -> Option<Summary> {
-        self.live().map(|l| Summary { doc: self.doc, meta: l.meta.clone(), seq: l.seq })
-    }
-
-    async fn answer(&mut self, deferred: Vec<Deferred>) {
-        for d in deferred {
-            match d {
-                Deferred::Info(reply) => {
-                    let _ = reply.send(self.summary().ok_or(ApiError::Internal));
-                }
-                Deferred::Read(reply) => {
-                    let answer = match (self.summary(), self.live()) {
-                        (Some(summary), Some(l)) => {
-                            Ok((summary, cubby_core::json::to_json(l.history.doc())))
-                        }
-                        _ => Err(ApiError::NotFound("document")),
-                    };
-                    let _ = reply.send(answer);
-                }
-                Deferred::Delete(reply) => {
-                    let Some(size) = self.live().map(|l| l.meta.size) else {
-                        let _ = reply.send(Err(ApiError::NotFound("document")));
-                        continue;
-                    };
-                    let write = Write::Delete { customer: self.customer, doc: self.doc };
-                    match self.registry.ctx.commit.commit(write).await {
-                        Ok(_) => {
-                            // The commit thread announces the deletion.
-                            self.registry.ctx.quotas.release(&self.customer, size);
-                            let told = self.document().deleted();
-                            for peer in told {
-                                let gone = ApiError::NotFound("document");
-                                self.send(peer, ToDevice::refused(&self.doc, gone));
-                            }
-                            self.links.clear();
-                            let _ = reply.send(Ok(()));
-                        }
-                        Err(err) => {
-                            let _ = reply.send(Err(err));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Announces the document to each reconnecting peer in `pushes`, with what changed since its
-    /// saved sync state right behind, unasked (`PeerSession::push`), now that the batch is
-    /// durable.
-    fn push(&mut self, pushes: Vec<(u64, Arc<Announcement>, oneshot::Sender<bool>)>) {
-        let Some(seq) = self.live().map(|l| l.seq) else { return };
-        for (peer, announcement, queued) in pushes {
-            if !self.links.contains_key(&peer) {
-                continue;
-            }
-            let message = self.document().push(&peer);
-            tracing::debug!(peer, doc = %self.doc.short(), pushed = message.is_some(),
-                "catch-up announced by the document's actor");
-            let pushed = message.is_some();
-            let mut sent =
-                self.send(peer, ToDevice::Changed { announcement, pushed }) == Sent::Queued;
-            if let (true, Some(message)) = (sent, message) {
-                // A device whose queue is full gets its session started over: it asks itself,
-                // after the stream's own announcement.
-                sent =
-                    self.send(peer, ToDevice::Sync { doc: self.doc, message, seq }) == Sent::Queued;
-            }
-            let _ = queued.send(sent);
-        }
-    }
-
-    /// Sends every peer what [`Document::answers`] says for it, and records which hold the
-    /// durable document.
-    fn answer_peers(&mut self, spoke: &HashSet<u64>, moved: bool) {
-        let Some(seq) = self.live().map(|l| l.seq) else { return };
-        let answers = self.document().answers(spoke, moved);
-        for (peer, answer, holds) in answers {
-            if holds {
-                if let Some(link) = self.links.get(&peer) {
-                    link.link.held.record(self.doc, seq);
-                }
-            }
-            match answer {
-                Answer::Message(message) => {
-                    if self.send(peer, ToDevice::Sync { doc: self.doc, message, seq })
-                        == Sent::Queued
-                    {
-                        tracing::debug!(peer, doc = %self.doc.short(), seq = seq.0, "frame out");
-                    }
-                }
-                Answer::Nothing => {
-                    if let Some(link) = self.links.get_mut(&peer) {
-                        link.permits.clear(); // Its messages are done with.
-                    }
-                }
-                Answer::Failed => {
-                    tracing::error!(doc = %self.doc.short(), peer,
-                        "automerge panicked generating a sync message");
-                    self.send(peer, ToDevice::refused(&self.doc, ApiError::Internal));
-                    self.links.remove(&peer);
-                }
-            }
-        }
-    }
-
-    async fn maybe_compact(&mut self) {
-        let Some(live) = self.state.as_mut().and_then(Document::live_mut) else { return };
-        let Some(compaction) = live.history.take_compaction() else { return };
-        // The size counted every chunk written; the document now holds the snapshot alone,
-        // usually far smaller (10,000 one-key changes: about 1 MB of chunks, an 18 KB snapshot).
-        // Recount it with the compaction, and give the difference back to the customer's quota.
-        let stored = compaction.snapshot.bytes.len() as u64;
-        let recounted =
-            (stored < live.meta.size).then(|| DocMeta { size: stored, ..live.meta.clone() });
-        let write = Write::Compact {
-            customer: self.customer,
-            doc: self.doc,
-            snapshot: Snapshot {
-                id: compaction.snapshot.id,
-                bytes: compaction.snapshot.bytes.clone(),
-            },
-            replaces: compaction.replaces.clone(),
-            meta: recounted.clone(),
-        };
-        let ctx = self.registry.ctx.clone();
-        let committed = ctx.commit.commit(write).await;
-        let Some(live) = self.state.as_mut().and_then(Document::live_mut) else { return };
-        if let Err(err) = committed {
-            tracing::warn!(doc = %self.doc.short(), %err, "compaction failed; will retry");
-            live.history.compaction_lost();
-            return;
-        }
-        live.history.compacted(&compaction);
-        if let Some(meta) = recounted {
-            ctx.quotas.release(&self.customer, live.meta.size - stored);
-            live.meta = meta;
-        }
-    }
-
-    fn refuse_all(&self, batch: Vec<DocMsg>, err: &ApiError) {
+    pub(super) fn refuse_all(&self, batch: Vec<DocMsg>, err: &ApiError) {
         for msg in batch {
             match msg {
                 DocMsg::Sync { link, permit, .. } => {

@@ -27,6 +27,8 @@ use crate::frames::ToDevice;
 use crate::hub::Announcement;
 
 mod actor;
+mod answers;
+mod storage;
 
 /// A message on its way to a device, with the in-flight permits of the messages it answers:
 /// they go back to the device's stream only when it leaves its queue, so a device that does not

@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use cubby_core::{DeviceId, DocId, DocMeta, Seq};
-use cubby_crypto::signing::verify_device_proof;
+use cubby_core::{DeviceId, DocId, Seq};
 use cubby_proto::parts::{self, Budget, Reassembly};
 use cubby_proto::{ApiError, pb};
-use cubby_store::Space;
 use futures_util::StreamExt;
 use futures_util::stream::PollNext;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
@@ -24,10 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::customers::Ejector;
-use crate::devices::Arrival;
-use crate::docs::{DocMsg, Held, Lagging, Link, Outgoing, session_key};
-use crate::durable::api_error;
+use crate::docs::{DocMsg, Held, Lagging, Link, Outgoing};
 use crate::frames::{self, ToDevice};
 use crate::hub::Announcement;
 
@@ -48,6 +43,9 @@ const RENEW_BEFORE: Duration = Duration::from_secs(60);
 /// less). Each costs the server a document load, so a longer catch-up (a device away for long)
 /// is announced, and the device asks at its own pace.
 const PUSH_AT_MOST: usize = 16;
+
+mod admit;
+mod feed;
 
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
@@ -181,7 +179,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
+    pub(super) async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
         if let Err(status) = self.serve(&mut inbound).await {
             if let Some(end) = self.end.take() {
                 let _ = end.send(status);
@@ -195,70 +193,8 @@ impl Connection {
         }
     }
 
-    /// Challenges the device to prove its key, then admits it (registering it on first sight).
-    /// Returns what closes the stream when the device is revoked or the account erased.
-    async fn prove_device(
-        &mut self,
-        inbound: &mut Streaming<pb::ClientFrame>,
-        hello: &pb::Hello,
-        deadline: tokio::time::Instant,
-    ) -> Result<(DeviceId, Ejector), Status> {
-        let device = cubby_proto::device_id(&hello.device_id)?;
-        if hello.public_key.len() != 32 {
-            return Err(
-                ApiError::InvalidArgument("public_key must be 32 bytes (Ed25519)".into()).into()
-            );
-        }
-        // Registered before the admission check, so a revocation racing this connect either
-        // refuses it or closes it.
-        let (stream, ejector) = self.shared.customers.open_stream(self.customer, device);
-        self.stream = Some(stream);
-        self.device = Some(device);
-        let nonce: [u8; 32] = cubby_crypto::random_array();
-        self.send(ToDevice::Challenge {
-            nonce,
-            epoch: self.shared.customers.epoch(&self.customer),
-            account: account_tag(&self.customer),
-        });
-        let answer = tokio::time::timeout_at(deadline, inbound.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded("no proof of the device key"))??;
-        let Some(pb::ClientFrame { frame: Some(pb::client_frame::Frame::Proof(proof)) }) = answer
-        else {
-            return Err(ApiError::InvalidArgument(
-                "the frame after the hello must be a proof".into(),
-            )
-            .into());
-        };
-        if !verify_device_proof(&hello.public_key, device.as_bytes(), &nonce, &proof.signature) {
-            return Err(
-                ApiError::PermissionDenied("the device key proof does not verify".into()).into()
-            );
-        }
-        let shared = self.shared.clone();
-        let (customer, token) = (self.customer, self.token);
-        let (expired_before, token_denied) = (self.shared.auth.expired_before(), self.token_denied);
-        let (public_key, name, platform) =
-            (hello.public_key.clone(), hello.device_name.clone(), hello.platform.clone());
-        self.shared
-            .blocking(move || {
-                let arrival = Arrival {
-                    id: device,
-                    public_key: &public_key,
-                    name: &name,
-                    platform: &platform,
-                    token,
-                    expired_before,
-                    token_denied,
-                };
-                shared.devices.admit(&*shared.store, &customer, &arrival)
-            })
-            .await?;
-        Ok((device, ejector))
-    }
-
     /// Whether frames wait for the device, in its queues or behind them.
-    fn frames_waiting(&self) -> bool {
+    pub(super) fn frames_waiting(&self) -> bool {
         let queued = |capacity: usize, max: usize| capacity < max;
         !self.backlog.is_empty()
             || self.behind_since.is_some()
@@ -270,12 +206,12 @@ impl Connection {
     /// being read (answers hold every permit, or a document waits for room in its queue), or
     /// the stream's own frames wait. Otherwise nothing is looked at: an idle device costs no
     /// wakeups.
-    fn may_be_stalled(&self) -> bool {
+    pub(super) fn may_be_stalled(&self) -> bool {
         self.spare.is_none() || self.behind_since.is_some() || !self.backlog.is_empty()
     }
 
     /// Queues one of the stream's own frames, after those already waiting.
-    fn send(&mut self, message: ToDevice) {
+    pub(super) fn send(&mut self, message: ToDevice) {
         if self.backlog.is_empty() {
             match self.own.try_send(Box::new(message)) {
                 Ok(()) => {}
@@ -291,7 +227,10 @@ impl Connection {
         }
     }
 
-    async fn serve(&mut self, inbound: &mut Streaming<pb::ClientFrame>) -> Result<(), Status> {
+    pub(super) async fn serve(
+        &mut self,
+        inbound: &mut Streaming<pb::ClientFrame>,
+    ) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(self.shared.limits.hello_timeout_secs);
         let first = tokio::time::timeout_at(deadline, inbound.message())
@@ -437,192 +376,7 @@ impl Connection {
         }
     }
 
-    /// Makes a fresh token sent on the stream its token, once it verifies for this customer, and
-    /// records it with the device, so that revoking the device refuses it too. False, and
-    /// nothing changes, when it expires no later than the stream's token.
-    async fn renew(&mut self, token: &str) -> Result<bool, Status> {
-        let caller = self.shared.auth.verify(token.trim())?;
-        if caller.admin {
-            let reason = "a service token cannot act as a customer; use the admin API";
-            return Err(ApiError::PermissionDenied(reason.into()).into());
-        }
-        if caller.customer != self.customer {
-            let reason = "the fresh token is for another customer";
-            return Err(ApiError::PermissionDenied(reason.into()).into());
-        }
-        if self.shared.customers.token_denied(&caller) {
-            let reason = "this token was revoked with its device";
-            return Err(ApiError::Unauthenticated(reason.into()).into());
-        }
-        if caller.expires_at <= self.token.1 {
-            return Ok(false);
-        }
-        let device = self.device.ok_or(ApiError::Internal)?;
-        let token = (caller.token_hash, caller.expires_at);
-        let expired_before = self.shared.auth.expired_before();
-        let (shared, customer) = (self.shared.clone(), self.customer);
-        self.shared
-            .blocking(move || {
-                shared.devices.renew(&*shared.store, &customer, &device, token, expired_before)
-            })
-            .await?;
-        self.token = token;
-        self.token_expires =
-            tokio::time::Instant::now() + self.shared.auth.clock().until(caller.expires_at);
-        tracing::debug!(peer = self.peer, device = %device.short(), "stream token renewed");
-        Ok(true)
-    }
-
-    /// Announces every document changed after `self.announced`, from storage. With `push` (the
-    /// catch-up on connecting, before `CaughtUp`), a short one is pushed where the device's sync
-    /// state was kept. Not later: the device, caught up already, could advance its cursor on a
-    /// pushed document's frames past an earlier announcement still queued behind them. Returns
-    /// the customer's last feed position.
-    async fn catch_up(&mut self, push: bool) -> Result<Seq, Status> {
-        let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
-        let device = self.device.ok_or(ApiError::Internal)?;
-        let changes = self
-            .shared
-            .work
-            .run(move || {
-                let head = store.feed_head(&customer)?;
-                let feed = store.feed_since(&customer, cursor)?;
-                let push = push && feed.len() <= PUSH_AT_MOST;
-                let changes = feed
-                    .into_iter()
-                    .map(|(seq, doc)| {
-                        let meta = store.doc_meta(&customer, &doc)?;
-                        // Only a document whose sync state with this device was kept can be
-                        // pushed (see `DocMsg::Push`); its actor starts from what is read here.
-                        let saved = if push {
-                            store.get_record(
-                                &customer,
-                                Space::SYNC_STATES,
-                                &session_key(&doc, &device),
-                            )?
-                        } else {
-                            None
-                        };
-                        Ok((seq, doc, meta, saved))
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                // Reads see writes before their group commit is flushed; flush, so nothing
-                // announced here can be lost in a crash (and its feed position taken again after
-                // restart).
-                if !changes.is_empty() {
-                    store.flush()?;
-                }
-                Ok::<_, cubby_store::StoreError>((changes, head))
-            })
-            .await
-            .map_err(|_| ApiError::Internal)?
-            .map_err(api_error)?;
-        let (changes, head) = changes;
-        let mut pushed = Vec::new();
-        for (seq, doc, meta, saved) in changes {
-            let info = match meta.map(|(_, m)| DocMeta::decode(&m)) {
-                Some(Ok(meta)) => Some(meta),
-                Some(Err(_)) => return Err(ApiError::DataLoss("document").into()),
-                None => None,
-            };
-            // The feed keeps no record of what changed: announce it as it used to be.
-            let a = Arc::new(Announcement::read(doc, seq, info));
-            match saved {
-                Some(saved)
-                    if a.info.is_some()
-                        && a.seq > self.announced
-                        && !self.joined.contains(&doc) =>
-                {
-                    pushed.push(self.push(a, saved)?);
-                }
-                _ => self.on_announcement(a).await?,
-            }
-        }
-        // Every pushed frame is queued before `CaughtUp` (the actors' frames go first), so the
-        // device's cursor never passes a pushed change it has not been sent.
-        for (a, queued) in pushed {
-            if !queued.await.unwrap_or(false) {
-                self.send(ToDevice::Changed { announcement: a, pushed: false });
-            }
-        }
-        Ok(head)
-    }
-
-    /// Hands a catch-up announcement to the document's actor to push (`DocMsg::Push`).
-    fn push(
-        &mut self,
-        a: Arc<Announcement>,
-        saved: Vec<u8>,
-    ) -> Result<(Arc<Announcement>, oneshot::Receiver<bool>), Status> {
-        let device = self.device.ok_or(ApiError::Internal)?;
-        let (queued, answer) = oneshot::channel();
-        self.joined.insert(a.doc);
-        self.announced = a.seq;
-        let msg = DocMsg::Push {
-            peer: self.peer,
-            device,
-            saved,
-            link: self.link.clone(),
-            announcement: a.clone(),
-            queued,
-        };
-        self.shared.docs.send(self.customer, a.doc, msg);
-        Ok((a, answer))
-    }
-
-    /// Announces a durable change, or holds it back when the device syncs that document live
-    /// here. Left out, an announcement per change to every device of the customer cost each
-    /// device a frame (and the server a TLS record) for a change it was receiving anyway.
-    /// An announcement from the change bus. Delivery is not trusted: one that does not follow
-    /// the last position heard (one was lost, or came out of order, or another node's write is
-    /// still on its way), or that came without the document's metadata, has the stream read the
-    /// feed from the store instead.
-    async fn on_heard(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
-        if a.seq <= self.heard {
-            return Ok(());
-        }
-        if a.partial || a.seq.0 > self.heard.0 + 1 {
-            tracing::debug!(
-                peer = self.peer,
-                heard = self.heard.0,
-                seq = a.seq.0,
-                "a position was skipped on the bus; reading the feed"
-            );
-            let head = self.catch_up(false).await?;
-            self.heard = self.heard.max(head).max(a.seq);
-            return Ok(());
-        }
-        self.heard = a.seq;
-        self.on_announcement(a).await
-    }
-
-    async fn on_announcement(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
-        if a.seq <= self.announced {
-            return Ok(());
-        }
-        // Another node's write is not sent by this node's actor: announced like any other.
-        if a.info.is_some() && !a.metadata && !a.remote && self.joined.contains(&a.doc) {
-            if !self.link.held.holds(&a.doc, a.seq) {
-                self.deferred.insert(a.doc, a);
-            }
-            return Ok(());
-        }
-        // Deletions, metadata changes and other documents: first whatever held-back announcement
-        // before this one the device does not hold yet, in feed order.
-        let (later, owed): (HashMap<_, _>, HashMap<_, _>) =
-            std::mem::take(&mut self.deferred).into_iter().partition(|(_, d)| d.seq > a.seq);
-        self.deferred = later;
-        let mut owed: Vec<_> = owed.into_values().collect();
-        owed.retain(|d| !self.link.held.holds(&d.doc, d.seq));
-        owed.sort_by_key(|d| d.seq);
-        for d in owed.iter().chain([&a]) {
-            self.announced = d.seq;
-            self.send(ToDevice::Changed { announcement: d.clone(), pushed: false });
-        }
-        Ok(())
-    }
-
-    async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), Status> {
+    pub(super) async fn on_frame(&mut self, frame: pb::ClientFrame) -> Result<(), Status> {
         match frame.frame {
             Some(pb::client_frame::Frame::Sync(part)) => {
                 let Some(sync) = self.parts.push(part)? else { return Ok(()) };

@@ -1,0 +1,171 @@
+//! How the engine reaches the server: the endpoint and TLS, an app's own transport, and what
+//! a status from the server means for the device.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cubby_proto::pb;
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use super::{MAX_MESSAGE, SyncFailure, WipeReason};
+use crate::{ClientError, TokenProvider};
+
+/// How to reach the server.
+#[derive(Clone)]
+pub(crate) struct Remote {
+    endpoint: Endpoint,
+    pub(super) token: Arc<dyn TokenProvider>,
+    dialer: Option<Dialer>,
+}
+
+/// A byte stream to the server opened by the app's own transport.
+pub(crate) trait Transport:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+type Dialed = std::pin::Pin<
+    Box<dyn Future<Output = std::io::Result<TokioIo<Box<dyn Transport>>>> + Send + 'static>,
+>;
+
+/// A custom transport (`ClientBuilder::with_transport`), as the connector tonic dials with.
+#[derive(Clone)]
+pub(crate) struct Dialer(Arc<dyn Fn() -> Dialed + Send + Sync>);
+
+impl Dialer {
+    pub(crate) fn new<F, Fut, T>(dial: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::io::Result<T>> + Send + 'static,
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        Self(Arc::new(move || {
+            let dialing = dial();
+            Box::pin(async move {
+                let io: Box<dyn Transport> = Box::new(dialing.await?);
+                Ok(TokioIo::new(io))
+            })
+        }))
+    }
+}
+
+impl tower_service::Service<tonic::codegen::http::Uri> for Dialer {
+    type Response = TokioIo<Box<dyn Transport>>;
+    type Error = std::io::Error;
+    type Future = Dialed;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::codegen::http::Uri) -> Self::Future {
+        (self.0)()
+    }
+}
+
+pub(super) fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+impl Remote {
+    pub(crate) fn new(
+        url: &str,
+        token: Arc<dyn TokenProvider>,
+        ca_pem: Option<Vec<u8>>,
+        dialer: Option<Dialer>,
+    ) -> Result<Self, ClientError> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let bad = |e: tonic::transport::Error| {
+            ClientError::Config(format!("server {url:?}: {}", chain(&e)))
+        };
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(bad)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let tls = match ca_pem {
+                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                None => ClientTlsConfig::new().with_webpki_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).map_err(bad)?;
+        } else if !url.starts_with("http://") {
+            return Err(ClientError::Config(format!("server {url:?} must start with https://")));
+        }
+        Ok(Self { endpoint, token, dialer })
+    }
+
+    /// A connection to the server, over TCP or the custom transport.
+    pub(super) async fn connect(
+        &self,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        match &self.dialer {
+            Some(dialer) => self.endpoint.connect_with_connector(dialer.clone()).await,
+            None => self.endpoint.connect().await,
+        }
+    }
+
+    /// A token to tell the account it speaks for, if the provider has one within a few seconds.
+    pub(crate) async fn token_for_check(&self) -> Option<String> {
+        let asked = tokio::time::timeout(Duration::from_secs(5), self.token.token(false));
+        asked.await.ok()?.ok()
+    }
+
+    /// A connected account client and a current token, for one unary call.
+    pub(crate) async fn account(
+        &self,
+    ) -> Result<(pb::account_client::AccountClient<tonic::transport::Channel>, String), ClientError>
+    {
+        let token =
+            self.token.token(false).await.map_err(|e| ClientError::Server(e.to_string()))?;
+        let channel = self
+            .connect()
+            .await
+            .map_err(|e| ClientError::Server(format!("server unreachable: {}", chain(&e))))?;
+        let client = pb::account_client::AccountClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok((client, token))
+    }
+}
+
+/// Whether a status tells the device to wipe its local copy.
+pub(crate) fn wipe_reason(status: &tonic::Status) -> Option<WipeReason> {
+    match status.metadata().get(cubby_proto::WIPE_METADATA)?.to_str().ok()? {
+        cubby_proto::WIPE_REVOKED => Some(WipeReason::DeviceRevoked),
+        cubby_proto::WIPE_ERASED => Some(WipeReason::AccountErased),
+        _ => None,
+    }
+}
+
+pub(crate) fn classify(status: &tonic::Status) -> SyncFailure {
+    if let Some(reason) = wipe_reason(status) {
+        return SyncFailure::Wipe(reason);
+    }
+    let message = status.message().to_owned();
+    match status.code() {
+        tonic::Code::Unauthenticated => SyncFailure::Unauthenticated(message),
+        tonic::Code::PermissionDenied => SyncFailure::PermissionDenied(message),
+        tonic::Code::Unavailable
+            if message.contains("transport") || message.contains("connect") =>
+        {
+            SyncFailure::Unreachable(message)
+        }
+        _ => SyncFailure::Other(format!("{:?}: {message}", status.code())),
+    }
+}
