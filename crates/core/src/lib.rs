@@ -36,6 +36,7 @@
 //! ```
 
 pub mod document;
+pub mod feed;
 pub mod history;
 pub mod ids;
 pub mod json;

@@ -94,7 +94,7 @@ impl Actor {
         for (peer, answer, holds) in answers {
             if holds {
                 if let Some(link) = self.links.get(&peer) {
-                    link.link.held.record(self.doc, seq);
+                    let _ = link.link.holds.send((self.doc, seq));
                 }
             }
             match answer {

@@ -78,8 +78,9 @@ impl Lagging {
 pub(crate) struct Link {
     /// Where its frames go.
     pub(crate) outbox: Outbox,
-    /// What the device holds, kept up to date by the actor.
-    pub(crate) held: Held,
+    /// Where the actor says the device holds the durable document at a feed position (its
+    /// message named every head): the stream alone keeps what its device holds.
+    pub(crate) holds: mpsc::UnboundedSender<(DocId, Seq)>,
     /// Documents that owe it frames its queue had no room for.
     pub(crate) lagging: Lagging,
 }
@@ -107,27 +108,6 @@ impl Link {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
         }
-    }
-}
-
-/// What one connected device is known to hold: per document, the feed position of the newest
-/// durable state the device has confirmed it has (its sync message named every head). Document
-/// actors write it; the device's stream reads it to leave out announcements of changes the
-/// device already has.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Held(Arc<std::sync::Mutex<HashMap<DocId, Seq>>>);
-
-impl Held {
-    fn record(&self, doc: DocId, seq: Seq) {
-        let mut held = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let at = held.entry(doc).or_default();
-        *at = (*at).max(seq);
-    }
-
-    /// Whether the device holds `doc` as of feed position `seq`.
-    pub(crate) fn holds(&self, doc: &DocId, seq: Seq) -> bool {
-        let held = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        held.get(doc).is_some_and(|at| *at >= seq)
     }
 }
 

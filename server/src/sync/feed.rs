@@ -1,9 +1,9 @@
 //! What a device hears of its customer's feed: the catch-up read from the store when it
 //! connects (or after a gap), announcements from the bus, and which are held back.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use cubby_core::feed::{Change, Heard};
 use cubby_core::{DocMeta, Seq};
 use cubby_proto::ApiError;
 use cubby_store::Space;
@@ -23,7 +23,8 @@ impl Connection {
     /// pushed document's frames past an earlier announcement still queued behind them. Returns
     /// the customer's last feed position.
     pub(super) async fn catch_up(&mut self, push: bool) -> Result<Seq, Status> {
-        let (store, customer, cursor) = (self.shared.store.clone(), self.customer, self.announced);
+        let (store, customer, cursor) =
+            (self.shared.store.clone(), self.customer, self.told.announced());
         let device = self.device.ok_or(ApiError::Internal)?;
         let changes = self
             .shared
@@ -74,12 +75,16 @@ impl Connection {
             match saved {
                 Some(saved)
                     if a.info.is_some()
-                        && a.seq > self.announced
-                        && !self.joined.contains(&doc) =>
+                        && a.seq > self.told.announced()
+                        && !self.told.joined(&doc) =>
                 {
                     pushed.push(self.push(a, saved)?);
                 }
-                _ => self.on_announcement(a).await?,
+                _ => {
+                    for a in self.told.read(change(&a), a.clone()) {
+                        self.send(ToDevice::Changed { announcement: a, pushed: false });
+                    }
+                }
             }
         }
         // Every pushed frame is queued before `CaughtUp` (the actors' frames go first), so the
@@ -100,8 +105,7 @@ impl Connection {
     ) -> Result<(Arc<Announcement>, oneshot::Receiver<bool>), Status> {
         let device = self.device.ok_or(ApiError::Internal)?;
         let (queued, answer) = oneshot::channel();
-        self.joined.insert(a.doc);
-        self.announced = a.seq;
+        self.told.pushed(a.doc, a.seq);
         let msg = DocMsg::Push {
             peer: self.peer,
             device,
@@ -114,55 +118,36 @@ impl Connection {
         Ok((a, answer))
     }
 
-    /// Announces a durable change, or holds it back when the device syncs that document live
-    /// here. Left out, an announcement per change to every device of the customer cost each
-    /// device a frame (and the server a TLS record) for a change it was receiving anyway.
     /// An announcement from the change bus. Delivery is not trusted: one that does not follow
     /// the last position heard (one was lost, or came out of order, or another node's write is
     /// still on its way), or that came without the document's metadata, has the stream read the
-    /// feed from the store instead.
+    /// feed from the store instead (`cubby_core::feed::Told::heard`). A durable change of a
+    /// document the device syncs live here is held back: its actor sends the change itself, and
+    /// an announcement per change to every device of the customer cost each device a frame (and
+    /// the server a TLS record) for a change it was receiving anyway.
     pub(super) async fn on_heard(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
-        if a.seq <= self.heard {
-            return Ok(());
-        }
-        if a.partial || a.seq.0 > self.heard.0 + 1 {
-            tracing::debug!(
-                peer = self.peer,
-                heard = self.heard.0,
-                seq = a.seq.0,
-                "a position was skipped on the bus; reading the feed"
-            );
-            let head = self.catch_up(false).await?;
-            self.heard = self.heard.max(head).max(a.seq);
-            return Ok(());
-        }
-        self.heard = a.seq;
-        self.on_announcement(a).await
-    }
-
-    pub(super) async fn on_announcement(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
-        if a.seq <= self.announced {
-            return Ok(());
-        }
-        // Another node's write is not sent by this node's actor: announced like any other.
-        if a.info.is_some() && !a.metadata && !a.remote && self.joined.contains(&a.doc) {
-            if !self.link.held.holds(&a.doc, a.seq) {
-                self.deferred.insert(a.doc, a);
+        match self.told.heard(change(&a), a.partial, a.clone()) {
+            Heard::ReadFeed => {
+                tracing::debug!(
+                    peer = self.peer,
+                    seq = a.seq.0,
+                    "a position was skipped on the bus; reading the feed"
+                );
+                let head = self.catch_up(false).await?;
+                self.told.read_to(head);
             }
-            return Ok(());
-        }
-        // Deletions, metadata changes and other documents: first whatever held-back announcement
-        // before this one the device does not hold yet, in feed order.
-        let (later, owed): (HashMap<_, _>, HashMap<_, _>) =
-            std::mem::take(&mut self.deferred).into_iter().partition(|(_, d)| d.seq > a.seq);
-        self.deferred = later;
-        let mut owed: Vec<_> = owed.into_values().collect();
-        owed.retain(|d| !self.link.held.holds(&d.doc, d.seq));
-        owed.sort_by_key(|d| d.seq);
-        for d in owed.iter().chain([&a]) {
-            self.announced = d.seq;
-            self.send(ToDevice::Changed { announcement: d.clone(), pushed: false });
+            Heard::Send(announcements) => {
+                for a in announcements {
+                    self.send(ToDevice::Changed { announcement: a, pushed: false });
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// An announcement as the stream weighs it: another node's write is not sent by this node's
+/// actor, so it is never held back; nor are deletions and metadata changes.
+fn change(a: &Announcement) -> Change {
+    Change { doc: a.doc, seq: a.seq, content: a.info.is_some() && !a.metadata && !a.remote }
 }

@@ -6,12 +6,13 @@
 //! device. The stream ends when the device leaves, its token expires, it is revoked, its account
 //! is erased, or the server stops.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use cubby_core::feed::Told;
 use cubby_core::{DeviceId, DocId, Seq};
 use cubby_proto::parts::{self, Budget, Reassembly};
 use cubby_proto::{ApiError, pb};
@@ -22,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::docs::{DocMsg, Held, Lagging, Link, Outgoing};
+use crate::docs::{DocMsg, Lagging, Link, Outgoing};
 use crate::frames::{self, ToDevice};
 use crate::hub::Announcement;
 
@@ -73,6 +74,7 @@ impl pb::sync_server::Sync for SyncService {
             crate::listen::Peer::of(&request).map(|peer| peer.addr),
         );
         let (outbox, frames) = mpsc::channel(OUTBOX_FRAMES);
+        let (holds, held) = mpsc::unbounded_channel();
         let (own, own_frames) = mpsc::channel(OWN_FRAMES);
         let (end, ended) = oneshot::channel::<Status>();
         let read_at = ReadAt::new();
@@ -86,17 +88,16 @@ impl pb::sync_server::Sync for SyncService {
             stream: None,
             device: None,
             peer: NEXT_PEER.fetch_add(1, Ordering::Relaxed),
-            link: Link { outbox, held: Held::default(), lagging: Lagging::default() },
+            link: Link { outbox, holds, lagging: Lagging::default() },
+            held: Some(held),
             behind_since: None,
             own,
             backlog: VecDeque::new(),
             read_at: read_at.clone(),
-            joined: HashSet::new(),
-            deferred: HashMap::new(),
+
             inflight: Arc::new(Semaphore::new(self.shared.limits.max_inflight_per_stream.max(1))),
             spare: None,
-            announced: Seq(0),
-            heard: Seq(0),
+            told: Told::default(),
             parts,
             end: Some(end),
         };
@@ -158,20 +159,15 @@ struct Connection {
     backlog: VecDeque<ToDevice>,
     /// When the device last took a frame off its queues (see [`ReadAt`]).
     read_at: ReadAt,
-    joined: HashSet<DocId>,
-    /// Announcements of documents the device syncs live on this stream, held back: their
-    /// actors send the changes themselves. Each is sent before any later announcement unless
-    /// the device holds it by then, so the device's cursor never passes a change it lacks.
-    deferred: HashMap<DocId, Arc<Announcement>>,
+    /// What the device was told of the feed and what it holds (see `cubby_core::feed`).
+    told: Told<Arc<Announcement>>,
+    /// Where document actors say what the device holds (taken by `serve`).
+    held: Option<mpsc::UnboundedReceiver<(DocId, Seq)>>,
     /// Sync messages of the device waiting at documents or with their answer in its queue, at
     /// most `max_inflight_per_stream`: the device's next frame is read only with a permit in
     /// hand (`spare`), so a device that does not read its answers stops being read.
     inflight: Arc<Semaphore>,
     spare: Option<OwnedSemaphorePermit>,
-    /// The highest feed position announced on this stream.
-    announced: Seq,
-    /// The highest feed position heard of from the bus, or read from the feed.
-    heard: Seq,
     /// Sync messages arriving in parts.
     parts: Reassembly,
     /// Where the status the stream ends with goes (ahead of anything still queued).
@@ -185,7 +181,7 @@ impl Connection {
                 let _ = end.send(status);
             }
         }
-        for doc in self.joined.drain() {
+        for doc in self.told.take_joined() {
             self.shared.docs.leave(self.customer, doc, self.peer);
         }
         if let Some(stream) = self.stream {
@@ -247,9 +243,9 @@ impl Connection {
         let same_epoch = hello.epoch == self.shared.customers.epoch(&self.customer);
         // Subscribe before reading the feed, so nothing falls between the two.
         let mut announcements = self.shared.hub.subscribe(self.customer);
-        self.announced = Seq(if same_epoch { hello.cursor } else { 0 });
+        self.told = Told::from(Seq(if same_epoch { hello.cursor } else { 0 }));
         let head = self.catch_up(true).await?;
-        self.heard = head;
+        self.told.read_to(head);
         if same_epoch && hello.cursor > head.0 {
             // The device saw a feed position this store never reached: the store lost what it
             // had acknowledged (restored with its anchor, say). A new epoch for the customer
@@ -267,7 +263,7 @@ impl Connection {
                  reconnect, and offer back everything this device holds",
             ));
         }
-        self.send(ToDevice::CaughtUp { cursor: self.announced });
+        self.send(ToDevice::CaughtUp { cursor: self.told.announced() });
 
         let expiry = tokio::time::sleep_until(self.token_expires);
         tokio::pin!(expiry);
@@ -287,6 +283,7 @@ impl Connection {
         // only once it has read nothing for `patience` *while* frames waited: one that was idle
         // for an hour and was just sent a frame is not.
         let mut stalled_since: Option<tokio::time::Instant> = None;
+        let mut held = self.held.take().ok_or(ApiError::Internal)?;
         loop {
             // The device's next frame is read only with an in-flight permit in hand and while
             // no document waits for room in its queue: back-pressure reaches the device.
@@ -304,7 +301,7 @@ impl Connection {
                     drop(room.map_err(|_| Status::cancelled("stream closed"))?);
                     self.behind_since = None;
                     for doc in lagging.take() {
-                        if self.joined.contains(&doc) {
+                        if self.told.joined(&doc) {
                             let link = self.link.clone();
                             let resume = DocMsg::Resume { peer: self.peer, link };
                             self.shared.docs.send(self.customer, doc, resume);
@@ -359,11 +356,12 @@ impl Connection {
                     }
                     Err(status) => return Err(status),
                 },
+                Some((doc, seq)) = held.recv() => self.told.holds(doc, seq),
                 announcement = announcements.recv() => match announcement {
                     Ok(a) => self.on_heard(a).await?,
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let head = self.catch_up(false).await?;
-                        self.heard = self.heard.max(head);
+                        self.told.read_to(head);
                     }
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 },
@@ -389,7 +387,7 @@ impl Connection {
                 };
                 // Read only with a permit in hand (`serve`).
                 let permit = self.spare.take().ok_or(ApiError::Internal)?;
-                self.joined.insert(doc);
+                self.told.join(doc);
                 tracing::debug!(peer = self.peer, doc = %doc.short(), "frame in");
                 // Frames are relayed only after the device proved its key.
                 let device = self.device.ok_or(ApiError::Internal)?;
