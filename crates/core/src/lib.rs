@@ -35,6 +35,7 @@
 //! # Ok::<(), cubby_core::session::SyncError>(())
 //! ```
 
+pub mod device;
 pub mod document;
 pub mod feed;
 pub mod history;

@@ -5,7 +5,7 @@
 //! documents. The cursor only moves past a feed position once this device holds every change the
 //! server had at that position, so a reconnect never skips anything.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,11 +95,10 @@ pub enum SyncFailure {
 }
 
 mod connect;
-mod owed;
 mod receive;
 mod transport;
 
-use owed::Owed;
+use cubby_core::device::{Owed, Window, next_cursor};
 use transport::chain;
 pub(crate) use transport::{Dialer, Remote, classify, wipe_reason};
 
@@ -211,11 +210,9 @@ struct Session<'a> {
     active: HashMap<DocId, Arc<DocShared>>,
     /// Documents settled lately, oldest first, kept loaded (see [`WARM_DOCS`]).
     warm: Vec<(Instant, Arc<DocShared>)>,
-    /// Documents waiting for their turn to be synced, with their stored size where the server
-    /// announced it (see [`MAX_ASKING`]).
-    waiting: VecDeque<(DocId, u64)>,
-    /// Documents asked for from `waiting` and their stored sizes, while in an exchange.
-    asking: HashMap<DocId, u64>,
+    /// Documents waiting their turn to be synced, and those in an exchange (see
+    /// [`MAX_ASKING`]).
+    window: Window,
     /// What the device and the server still owe each other, by document.
     owed: Owed,
     /// Per document, the highest feed position whose changes this device holds.
@@ -269,8 +266,7 @@ impl<'a> Session<'a> {
             inner,
             active: HashMap::new(),
             warm: Vec::new(),
-            waiting: VecDeque::new(),
-            asking: HashMap::new(),
+            window: Window::new(MAX_ASKING, MAX_ASKING_BYTES),
             owed: Owed::default(),
             held: HashMap::new(),
             announced: 0,
@@ -337,7 +333,7 @@ impl<'a> Session<'a> {
         for doc in unsynced {
             if !self.owed.contains(&doc) {
                 self.owed.unsynced(doc);
-                self.waiting.push_back((doc, 0));
+                self.window.wait(doc, 0);
             }
         }
         self.ask_waiting().await?;
@@ -472,7 +468,7 @@ impl<'a> Session<'a> {
     pub(super) async fn resync_stalled(&mut self) -> Result<(), SyncFailure> {
         // Documents waiting their turn are asked for when it comes, refused ones after their
         // pause.
-        let waiting: HashSet<DocId> = self.waiting.iter().map(|(id, _)| *id).collect();
+        let waiting: HashSet<DocId> = self.window.waiting().collect();
         let pausing = |id: &DocId| {
             self.refused.get(id).is_some_and(|r| r.retry_at.is_some())
                 || self.unknown.contains_key(id)

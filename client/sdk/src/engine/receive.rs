@@ -7,8 +7,7 @@ use cubby_store::Space;
 use tokio::time::Instant;
 
 use super::{
-    FIRST_BACKOFF, MAX_ASKING, MAX_ASKING_BYTES, MAX_BACKOFF, Refusal, Session, SyncFailure,
-    SyncStatus, WARM_DOCS, remove_mark,
+    FIRST_BACKOFF, MAX_BACKOFF, Refusal, Session, SyncFailure, SyncStatus, WARM_DOCS, remove_mark,
 };
 use crate::LOCAL;
 use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_NEW};
@@ -30,7 +29,7 @@ impl<'a> Session<'a> {
                     if self.owed.contains(&doc) {
                         self.heal.insert(doc);
                         self.unknown.remove(&doc);
-                        self.waiting.push_back((doc, 0));
+                        self.window.wait(doc, 0);
                     }
                 }
                 // A deletion is announced shortly after `CaughtUp`, whenever `NOT_FOUND` came.
@@ -54,23 +53,14 @@ impl<'a> Session<'a> {
     /// Syncs waiting documents while fewer than [`MAX_ASKING`] are in an exchange and those
     /// asked for hold fewer than [`MAX_ASKING_BYTES`].
     pub(super) async fn ask_waiting(&mut self) -> Result<(), SyncFailure> {
-        self.asking.retain(|id, _| self.active.contains_key(id));
-        let mut bytes: u64 = self.asking.values().sum();
         loop {
-            let busy = !self.active.is_empty() && bytes >= MAX_ASKING_BYTES;
-            if busy || self.active.len() >= MAX_ASKING {
-                break;
-            }
-            let Some((id, size)) = self.waiting.pop_front() else { break };
-            // Held meanwhile, deleted, or asked for already by a local edit.
-            if self.owed.contains(&id) && !self.active.contains_key(&id) {
-                self.push(id).await?;
-                // A document edited offline is weighed by its local copy, now loaded.
-                let local = self.active.get(&id).map_or(0, |d| d.lock().meta.size);
-                let size = size.max(local);
-                self.asking.insert(id, size);
-                bytes += size;
-            }
+            let active = &self.active;
+            let next = self.window.next(active.len(), &self.owed, |id| active.contains_key(id));
+            let Some((id, size)) = next else { break };
+            self.push(id).await?;
+            // A document edited offline is weighed by its local copy, now loaded.
+            let local = self.active.get(&id).map_or(0, |d| d.lock().meta.size);
+            self.window.asked(id, size.max(local));
         }
         Ok(())
     }
@@ -220,7 +210,7 @@ impl<'a> Session<'a> {
         // Asked for after this frame if there is room (`on_frame`); announced twice while
         // waiting, it is asked for once (see `ask_waiting`).
         let size = changed.info.as_ref().map_or(0, |info| info.size);
-        self.waiting.push_back((id, size));
+        self.window.wait(id, size);
         Ok(())
     }
 
@@ -333,7 +323,7 @@ impl<'a> Session<'a> {
         for (id, refusal) in &mut self.refused {
             if refusal.retry_at.is_some_and(|at| at <= now) {
                 refusal.retry_at = None;
-                self.waiting.push_front((*id, 0));
+                self.window.wait_first(*id);
             }
         }
         self.ask_waiting().await
@@ -355,11 +345,9 @@ impl<'a> Session<'a> {
     }
 
     pub(super) async fn advance_cursor(&mut self) -> Result<(), SyncFailure> {
-        let candidate = match self.owed.first_pending() {
-            Some(seq) => seq - 1,
-            None => self.announced,
-        };
-        if candidate > self.cursor && self.caught_up {
+        if let Some(candidate) =
+            super::next_cursor(self.cursor, self.caught_up, &self.owed, self.announced)
+        {
             self.cursor = candidate;
             self.blocking(move |store| {
                 store.put_record(&LOCAL, Space::LOCAL, b"cursor", &candidate.to_be_bytes())
