@@ -64,10 +64,7 @@ fn refused(status: tonic::Status) -> ClientError {
 
 fn authed<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
     let mut request = tonic::Request::new(message);
-    let header = format!("Bearer {token}").parse().map_err(|_| {
-        ClientError::Server("the token has characters a header cannot carry".into())
-    })?;
-    request.metadata_mut().insert("authorization", header);
+    crate::wire::bearer(&mut request, token).map_err(ClientError::Server)?;
     Ok(request)
 }
 

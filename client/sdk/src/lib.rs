@@ -41,6 +41,7 @@ mod account;
 mod builder;
 mod doc;
 mod engine;
+mod wire;
 
 pub use account::{AuditEntry, DeviceInfo, ErasureReceipt};
 pub use builder::ClientBuilder;

@@ -57,10 +57,7 @@ impl Session<'_> {
             futures_util::stream::iter(cubby_proto::parts::split_client_frame(frame))
         });
         let mut request = tonic::Request::new(frames);
-        let header = format!("Bearer {token}").parse().map_err(|_| {
-            SyncFailure::Unauthenticated("the token has characters a header cannot carry".into())
-        })?;
-        request.metadata_mut().insert("authorization", header);
+        crate::wire::bearer(&mut request, &token).map_err(SyncFailure::Unauthenticated)?;
         let mut inbound = client.connect(request).await.map_err(|s| classify(&s))?.into_inner();
         // The server's first frame is a challenge: prove this device's key before anything else.
         match inbound.message().await.map_err(|s| classify(&s))? {

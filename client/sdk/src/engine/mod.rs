@@ -532,13 +532,10 @@ impl<'a> Session<'a> {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                 ours = ?state.history.doc().get_heads(), "push");
             // Offered back on this connection (`heal`), or made here and not yet seen.
-            let create = (state.unconfirmed || self.heal.contains(&id)).then(|| pb::NewDoc {
-                title: state.meta.title.clone(),
-                private: state.meta.private,
-            });
-            pb::DocSync { doc_id: id.as_bytes().to_vec(), message, create, seq: 0, more: false }
+            let create = state.unconfirmed || self.heal.contains(&id);
+            crate::wire::sync(id, message, create.then_some(&state.meta))
         };
-        self.send(pb::client_frame::Frame::Sync(frame)).await
+        self.send(frame).await
     }
 }
 

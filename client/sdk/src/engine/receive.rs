@@ -143,14 +143,7 @@ impl<'a> Session<'a> {
             self.refused.remove(&id);
         }
         if let Some(message) = reply {
-            let frame = pb::DocSync {
-                doc_id: id.as_bytes().to_vec(),
-                message,
-                create: None,
-                seq: 0,
-                more: false,
-            };
-            self.send(pb::client_frame::Frame::Sync(frame)).await?;
+            self.send(crate::wire::sync(id, message, None)).await?;
         }
         if settled {
             self.release(id);
