@@ -63,6 +63,7 @@ impl Connection {
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
         let (changes, head) = changes;
+        self.take_holds();
         let mut pushed = Vec::new();
         for (seq, doc, meta, saved) in changes {
             let info = match meta.map(|(_, m)| DocMeta::decode(&m)) {
@@ -97,6 +98,13 @@ impl Connection {
         Ok(head)
     }
 
+    /// Takes in what document actors said the device holds since the last announcement.
+    fn take_holds(&mut self) {
+        while let Ok((doc, seq)) = self.held.try_recv() {
+            self.told.holds(doc, seq);
+        }
+    }
+
     /// Hands a catch-up announcement to the document's actor to push (`DocMsg::Push`).
     pub(super) fn push(
         &mut self,
@@ -126,6 +134,7 @@ impl Connection {
     /// an announcement per change to every device of the customer cost each device a frame (and
     /// the server a TLS record) for a change it was receiving anyway.
     pub(super) async fn on_heard(&mut self, a: Arc<Announcement>) -> Result<(), Status> {
+        self.take_holds();
         match self.told.heard(change(&a), a.partial, a.clone()) {
             Heard::ReadFeed => {
                 tracing::debug!(
