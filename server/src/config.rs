@@ -3,12 +3,19 @@
 //! With no file the server runs in development mode: a self-signed certificate, a master key and
 //! a development tenant are created in the data directory on first start. With a file, the master
 //! key must already exist (`cubby-server keys create`), and tenants come from the file.
+//!
+//! Every setting can also be given in the environment, which wins over the file: `CUBBY_` and
+//! the setting's path in capitals, `_` for `.` (`CUBBY_LISTEN`, `CUBBY_TLS_CERT`,
+//! `CUBBY_LIMITS_MAX_MESSAGE_BYTES`; `CUBBY_TENANTS` takes a TOML array of tables). A value is
+//! read as TOML (a number, `true`), or else as text. Durations (`*_secs`, `*_ms`) are written
+//! as people write them, in the file or the environment: `30s`, `5m`, `2h`, `1d`, `250ms`, or
+//! a bare number in the field's unit.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use cubby_crypto::jwt::Algorithm;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Everything `cubby-server` can be told.
 #[derive(Clone, Debug, Deserialize)]
@@ -43,7 +50,7 @@ pub struct ServerConfig {
 }
 
 /// TLS settings. TLS 1.3 only.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain. With `key`; without both, a self-signed certificate for
@@ -57,7 +64,7 @@ pub struct TlsConfig {
 }
 
 /// Explicit limits (tonic leaves several unlimited by default).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest gRPC message accepted or sent, bytes. Default 4 MiB.
@@ -68,6 +75,7 @@ pub struct Limits {
     pub max_pending_reset_streams: usize,
     /// Seconds a new connection has to finish its TLS handshake and send the HTTP/2 preface;
     /// past it the connection is closed. Default 5.
+    #[serde(deserialize_with = "duration::secs")]
     pub tls_handshake_timeout_secs: u64,
     /// TLS handshakes in progress at once before new connections make room: past it, a new
     /// connection closes the oldest handshake in progress that has run for a second already
@@ -80,16 +88,21 @@ pub struct Limits {
     /// after it was accepted. Default 16384.
     pub max_connections: usize,
     /// Seconds between HTTP/2 keepalive pings. Default 30.
+    #[serde(deserialize_with = "duration::secs")]
     pub keepalive_interval_secs: u64,
     /// Seconds to wait for a keepalive answer before closing. Default 20.
+    #[serde(deserialize_with = "duration::secs")]
     pub keepalive_timeout_secs: u64,
     /// Seconds a shutdown waits for open connections to close before closing them itself (a
     /// device gone silent, such as a suspended app, holds it up until the HTTP/2 keepalive gives
     /// up on it). Default 10.
+    #[serde(deserialize_with = "duration::secs")]
     pub shutdown_grace_secs: u64,
     /// Seconds a device has to send its Hello after opening a sync stream. Default 10.
+    #[serde(deserialize_with = "duration::secs")]
     pub hello_timeout_secs: u64,
     /// Seconds a document with no connected device stays in memory. Default 60.
+    #[serde(deserialize_with = "duration::secs")]
     pub idle_document_secs: u64,
     /// Sync messages one stream may have queued at documents at once. Default 32.
     pub max_inflight_per_stream: usize,
@@ -99,11 +112,14 @@ pub struct Limits {
     /// snapshot (or once they add up to 1 MiB). Default 256.
     pub compact_after_chunks: usize,
     /// Token clock leeway, seconds, for every tenant. Default 60.
+    #[serde(deserialize_with = "duration::secs")]
     pub token_leeway_secs: u64,
     /// How long a device may leave the server's frames unread (with its queue full) before its
     /// stream is closed, seconds. Default 30.
+    #[serde(deserialize_with = "duration::secs")]
     pub slow_consumer_secs: u64,
     /// How often the master key file is checked for a rotated key, seconds. Default 10.
+    #[serde(deserialize_with = "duration::secs")]
     pub key_reload_secs: u64,
     /// Largest history one document may have, bytes (before encryption). Default 64 MiB.
     pub max_document_bytes: u64,
@@ -119,6 +135,7 @@ pub struct Limits {
     /// How long applying one large sync message (over 64 KiB; it runs off the async workers) may
     /// take, milliseconds. Past it the message is refused with `RESOURCE_EXHAUSTED`, nothing of
     /// it is kept, and the customer's write budget is charged ten seconds. Default 10000.
+    #[serde(deserialize_with = "duration::millis")]
     pub apply_deadline_ms: u64,
 }
 
@@ -203,12 +220,47 @@ impl ServerConfig {
         }
     }
 
-    /// Reads a config file. Relative paths in it are taken from the current directory.
+    /// Reads a config file, and the environment over it (see the module docs). Relative paths
+    /// are taken from the current directory.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file_and(path, std::env::vars())
+    }
+
+    /// Development defaults (see [`ServerConfig::dev`]), and the environment over them.
+    pub fn dev_from_env(data: impl Into<PathBuf>, listen: SocketAddr) -> Result<Self, ConfigError> {
+        Self::dev_and(data, listen, std::env::vars())
+    }
+
+    /// [`ServerConfig::dev_from_env`] with `env` for the environment.
+    pub fn dev_and(
+        data: impl Into<PathBuf>,
+        listen: SocketAddr,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::new();
+        table.insert("listen".into(), toml::Value::String(listen.to_string()));
+        let data: PathBuf = data.into();
+        table.insert("data".into(), toml::Value::String(data.display().to_string()));
+        overlay(&mut table, env)?;
+        let mut config: Self =
+            table.try_into().map_err(|e: toml::de::Error| ConfigError(format!("settings: {e}")))?;
+        config.dev_tenant.get_or_insert(true);
+        Ok(config)
+    }
+
+    /// [`ServerConfig::from_file`] with `env` for the environment.
+    pub fn from_file_and(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
-        let mut config: Self = toml::from_str(&text)
+        let mut table: toml::Table = toml::from_str(&text)
             .map_err(|e| ConfigError(format!("config {}: {e}", path.display())))?;
+        overlay(&mut table, env)?;
+        let mut config: Self = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("config {}: {e}", path.display())))?;
         if config.master_key_file.is_none() {
             return Err(ConfigError(format!(
                 "config {} must set master_key_file (create one with \
@@ -223,6 +275,117 @@ impl ServerConfig {
     /// Whether tokens from the development tenant are accepted.
     pub fn dev_tenant_enabled(&self) -> bool {
         self.dev_tenant.unwrap_or(true)
+    }
+}
+
+/// The settings at the top of the file, which the environment may give as `CUBBY_<KEY>`.
+const TOP_LEVEL: [&str; 6] =
+    ["listen", "data", "master_key_file", "witness_dir", "dev_tenant", "tenants"];
+
+/// Puts the settings `env` gives (`CUBBY_...`, see the module docs) over `table`. A variable
+/// that names no setting but starts like a section's (`CUBBY_LIMITS_...`, `CUBBY_TLS_...`) is
+/// refused, so that a misspelt one is not ignored; other `CUBBY_` variables belong to other
+/// tools (the CLI's `CUBBY_HOME`, `CUBBY_CONFIG` itself) and are left alone.
+fn overlay(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let sections = [
+        ("tls", toml::Table::try_from(TlsConfig::default())),
+        ("limits", toml::Table::try_from(Limits::default())),
+    ];
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix("CUBBY_") else { continue };
+        let key = rest.to_ascii_lowercase();
+        let mut place = None;
+        if TOP_LEVEL.contains(&key.as_str()) {
+            place = Some((None, key.clone()));
+        }
+        for (section, known) in &sections {
+            let Some(field) = key.strip_prefix(&format!("{section}_")) else { continue };
+            let known = known.as_ref().map_err(|e| ConfigError(e.to_string()))?;
+            // `TlsConfig`'s optional paths are absent from its default: name them here.
+            let optional = *section == "tls" && matches!(field, "cert" | "key");
+            if !known.contains_key(field) && !optional {
+                return Err(ConfigError(format!(
+                    "{name}: there is no setting {section}.{field} (see server/config/prod.toml)"
+                )));
+            }
+            place = Some((Some(*section), field.to_owned()));
+        }
+        let Some((section, field)) = place else { continue };
+        let value = parse_value(&value);
+        let target = match section {
+            None => &mut *table,
+            Some(section) => table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError(format!("{section} must be a table")))?,
+        };
+        target.insert(field, value);
+    }
+    Ok(())
+}
+
+/// An environment variable's value: TOML when it reads as a TOML value (a number, `true`, an
+/// array of tables), text otherwise.
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+/// Durations as people write them: `30s`, `5m`, `2h`, `1d`, `250ms`, or a bare number in the
+/// field's unit.
+mod duration {
+    use serde::{Deserialize, Deserializer, de::Error};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        Number(u64),
+        Text(String),
+    }
+
+    /// Milliseconds in `text`, or why not.
+    pub(super) fn parse_ms(text: &str) -> Result<u64, String> {
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration like 30s, 5m or 250ms"))?;
+        let ms = match unit.trim() {
+            "ms" => Some(n),
+            "s" => n.checked_mul(1_000),
+            "m" => n.checked_mul(60_000),
+            "h" => n.checked_mul(3_600_000),
+            "d" => n.checked_mul(86_400_000),
+            _ => return Err(format!("{text:?}: the unit must be ms, s, m, h or d")),
+        };
+        ms.ok_or_else(|| format!("{text:?} is too long"))
+    }
+
+    pub(super) fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Number(n) => Ok(n),
+            Written::Text(text) => {
+                let ms = parse_ms(&text).map_err(D::Error::custom)?;
+                if ms % 1_000 != 0 {
+                    return Err(D::Error::custom(format!("{text:?}: give whole seconds")));
+                }
+                Ok(ms / 1_000)
+            }
+        }
+    }
+
+    pub(super) fn millis<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        match Written::deserialize(d)? {
+            Written::Number(n) => Ok(n),
+            Written::Text(text) => parse_ms(&text).map_err(D::Error::custom),
+        }
     }
 }
 
@@ -251,6 +414,73 @@ mod tests {
         std::fs::write(&path, "listen = \"127.0.0.1:0\"\n").expect("write");
         let err = ServerConfig::from_file(&path).expect_err("no master key");
         assert!(err.0.contains("master_key_file"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_written_as_people_write_them() {
+        let text = "master_key_file = \"k\"\n[limits]\nslow_consumer_secs = \"2m\"\n\
+                    idle_document_secs = 45\napply_deadline_ms = \"3s\"\n\
+                    key_reload_secs = \"1d\"\n";
+        let config: ServerConfig = toml::from_str(text).expect("parses");
+        assert_eq!(config.limits.slow_consumer_secs, 120);
+        assert_eq!(config.limits.idle_document_secs, 45);
+        assert_eq!(config.limits.apply_deadline_ms, 3_000);
+        assert_eq!(config.limits.key_reload_secs, 86_400);
+        for bad in ["\"5 parsecs\"", "\"1500ms\"", "\"soon\""] {
+            let text = format!("[limits]\nslow_consumer_secs = {bad}\n");
+            assert!(toml::from_str::<ServerConfig>(&text).is_err(), "{bad}");
+        }
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn the_environment_sets_any_setting_over_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("c.toml");
+        let file = "master_key_file = \"k\"\nlisten = \"127.0.0.1:1\"\n\
+                    [limits]\nmax_message_bytes = 1\n";
+        std::fs::write(&path, file).expect("write");
+        let vars = env(&[
+            ("CUBBY_LISTEN", "127.0.0.1:7000"),
+            ("CUBBY_DATA", "/srv/cubby"),
+            ("CUBBY_LIMITS_MAX_MESSAGE_BYTES", "8388608"),
+            ("CUBBY_LIMITS_SLOW_CONSUMER_SECS", "45s"),
+            ("CUBBY_TLS_CERT", "/etc/cubby/cert.pem"),
+            ("CUBBY_TLS_KEY", "/etc/cubby/key.pem"),
+            ("CUBBY_DEV_TENANT", "true"),
+            (
+                "CUBBY_TENANTS",
+                "[{ name = \"app\", issuer = \"https://id.example\", audience = \"cubby\", \
+                 algorithm = \"RS256\", jwks_file = \"/etc/jwks.json\" }]",
+            ),
+            // Another tool's variable, and one that is not Cubby's at all: left alone.
+            ("CUBBY_HOME", "/home/someone"),
+            ("PATH", "/usr/bin"),
+        ]);
+        let config = ServerConfig::from_file_and(&path, vars).expect("loads");
+        assert_eq!(config.listen, "127.0.0.1:7000".parse().expect("addr"));
+        assert_eq!(config.data, PathBuf::from("/srv/cubby"));
+        assert_eq!(config.limits.max_message_bytes, 8 << 20);
+        assert_eq!(config.limits.slow_consumer_secs, 45);
+        assert_eq!(config.tls.cert, Some(PathBuf::from("/etc/cubby/cert.pem")));
+        assert!(config.dev_tenant_enabled());
+        assert_eq!(config.tenants.len(), 1);
+        assert_eq!(config.tenants[0].issuer, "https://id.example");
+
+        let misspelt = env(&[("CUBBY_LIMITS_MAX_MESAGE_BYTES", "1")]);
+        let err = ServerConfig::from_file_and(&path, misspelt).expect_err("no such setting");
+        assert!(err.0.contains("CUBBY_LIMITS_MAX_MESAGE_BYTES"), "{err}");
+        let dev = ServerConfig::dev_and(
+            "/tmp/d",
+            default_listen(),
+            env(&[("CUBBY_LIMITS_MAX_HANDSHAKES", "9")]),
+        )
+        .expect("development defaults");
+        assert_eq!(dev.limits.max_handshakes, 9);
+        assert!(dev.dev_tenant_enabled());
     }
 
     #[test]

@@ -13,13 +13,16 @@ use cubby_server::{ServerConfig, auth};
 #[derive(Parser)]
 #[command(name = "cubby-server", version, about = "The Cubby sync server")]
 struct Cli {
-    /// Data directory (database, generated certificate and keys).
-    #[arg(long, env = "CUBBY_DATA", default_value = "./cubby-data", global = true)]
-    data: PathBuf,
+    /// Data directory (database, generated certificate and keys), over the config file's.
+    /// Default ./cubby-data.
+    #[arg(long, env = "CUBBY_DATA", global = true)]
+    data: Option<PathBuf>,
     /// Address to listen on (overrides the config file).
     #[arg(long, env = "CUBBY_LISTEN")]
     listen: Option<SocketAddr>,
-    /// A TOML config file (see server/config/prod.toml). Without one: development mode.
+    /// A TOML config file (see server/config/prod.toml). Without one: development mode. Every
+    /// setting can also be given in the environment, over the file: CUBBY_ and its path in
+    /// capitals (CUBBY_LIMITS_MAX_MESSAGE_BYTES=8388608, CUBBY_TLS_CERT=/etc/cubby/cert.pem).
     #[arg(long, env = "CUBBY_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -112,12 +115,12 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Some(Command::DevToken { customer, admin, ttl }) => {
-            let signer = auth::dev_signer(&cli.data, false)?;
+        Some(Command::DevToken { ref customer, admin, ttl }) => {
+            let signer = auth::dev_signer(&config(&cli)?.data, false)?;
             let token = if admin {
-                auth::dev_service_token(&signer, &customer, ttl)
+                auth::dev_service_token(&signer, customer, ttl)
             } else {
-                auth::dev_token(&signer, &customer, ttl)
+                auth::dev_token(&signer, customer, ttl)
             };
             println!("{token}");
             Ok(())
@@ -171,10 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let mut config = config(&cli)?;
-            if let Some(listen) = cli.listen {
-                config.listen = listen;
-            }
+            let config = config(&cli)?;
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(serve(config))
@@ -182,11 +182,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The settings: the config file (or development defaults), the environment over it, and the
+/// flags over both.
 fn config(cli: &Cli) -> anyhow::Result<ServerConfig> {
-    Ok(match &cli.config {
+    let mut config = match &cli.config {
         Some(path) => ServerConfig::from_file(path)?,
-        None => ServerConfig::dev(cli.data.clone(), SocketAddr::from(([127, 0, 0, 1], 7443))),
-    })
+        None => ServerConfig::dev_from_env(
+            PathBuf::from("./cubby-data"),
+            SocketAddr::from(([127, 0, 0, 1], 7443)),
+        )?,
+    };
+    if let Some(data) = &cli.data {
+        config.data.clone_from(data);
+    }
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    Ok(config)
 }
 
 /// Ctrl-C or SIGTERM (what systemd and container runtimes send).

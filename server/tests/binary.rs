@@ -589,3 +589,73 @@ async fn a_document_the_server_lost_unnoticed_is_offered_back_not_deleted() {
         let _ = tokio::time::timeout(Duration::from_secs(1), status.changed()).await;
     }
 }
+
+/// Issue 26, part 5: with a config file, `--data` still chooses the data directory, every
+/// setting can come from the environment over the file (a duration as people write it), and
+/// `dev-token` reads the development tenant's key where the settings say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_config_file_the_flags_and_the_environment_still_choose() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = dir.path();
+    assert!(run_in(dir, &["keys", "create", "--out", "master.key"]).status.success());
+    let config = "master_key_file = \"master.key\"\ndata = \"from-the-file\"\nlisten = \
+                  \"127.0.0.1:1\"\n[limits]\nslow_consumer_secs = 30\n";
+    std::fs::write(dir.join("cubby.toml"), config).expect("write the config");
+    let child = Command::new(BIN)
+        .current_dir(dir)
+        .args(["--config", "cubby.toml", "--data", "from-the-flag"])
+        .env("CUBBY_LISTEN", "127.0.0.1:0")
+        .env("CUBBY_DEV_TENANT", "true")
+        .env("CUBBY_LIMITS_SLOW_CONSUMER_SECS", "2m")
+        .env_remove("CUBBY_DATA")
+        .env_remove("CUBBY_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    let (mut server, lines) = started(child);
+    assert!(dir.join("from-the-flag/db").is_dir(), "{lines:?}");
+    assert!(!dir.join("from-the-file").exists(), "--data wins over the file");
+
+    // dev-token, given the same config and flag, signs with the tenant key the server uses.
+    let token = Command::new(BIN)
+        .current_dir(dir)
+        .args(["--config", "cubby.toml", "--data", "from-the-flag", "dev-token", "--customer"])
+        .arg("alice")
+        .env("CUBBY_DEV_TENANT", "true")
+        .output()
+        .expect("runs");
+    assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8(token.stdout).expect("utf-8");
+    let addr = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("cubby-server listening on https://"))
+        .expect("prints its https address");
+    let ca = std::fs::read(dir.join("from-the-flag/tls/cert.pem")).expect("its certificate");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connects");
+    let mut account = pb::account_client::AccountClient::new(channel);
+    let mut request = tonic::Request::new(pb::ListDocumentsRequest {});
+    let bearer = format!("Bearer {}", token.trim()).parse().expect("header");
+    request.metadata_mut().insert("authorization", bearer);
+    account.list_documents(request).await.expect("the server takes the token");
+
+    // A misspelt setting is named, not ignored.
+    let refused = Command::new(BIN)
+        .current_dir(dir)
+        .args(["--config", "cubby.toml", "dev-token", "--customer", "alice"])
+        .env("CUBBY_LIMITS_SLOW_CONSUMER_SEC", "2m")
+        .output()
+        .expect("runs");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("CUBBY_LIMITS_SLOW_CONSUMER_SEC"));
+    let _ = server.0.kill();
+}
