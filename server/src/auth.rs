@@ -318,8 +318,15 @@ impl Authenticator {
     }
 
     /// Verifies a raw token.
+    ///
+    /// A refusal is logged at INFO with its reason (never the token or its subject), so an
+    /// operator whose IdP is misconfigured sees why in the server's log.
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        self.verify_at(token, self.clock.unix_now(), Instant::now())
+        let verified = self.verify_at(token, self.clock.unix_now(), Instant::now());
+        if let Err(err) = &verified {
+            tracing::info!(reason = %err, "token refused");
+        }
+        verified
     }
 
     /// The clock tokens are judged by.
@@ -337,11 +344,17 @@ impl Authenticator {
     fn verify_at(&self, token: &str, unix_now: u64, mono_now: Instant) -> Result<Caller, ApiError> {
         let refuse = |e: JwtError| ApiError::Unauthenticated(format!("invalid token: {e}"));
         let issuer = jwt::unverified_issuer(token).map_err(refuse)?;
-        let tenant = self
-            .tenants
-            .iter()
-            .find(|t| t.verifier().validation().issuer == issuer)
-            .ok_or_else(|| refuse(JwtError::WrongIssuer))?;
+        let tenant =
+            self.tenants.iter().find(|t| t.verifier().validation().issuer == issuer).ok_or_else(
+                || {
+                    // The caller sent this issuer; naming it back (shortened) tells an operator
+                    // which `issuer` their tenant config is missing.
+                    let shown: String = issuer.chars().take(120).collect();
+                    ApiError::Unauthenticated(format!(
+                        "invalid token: issuer {shown:?} is not a configured tenant's issuer"
+                    ))
+                },
+            )?;
         let claims = match tenant.verifier().verify(token, unix_now) {
             // The IdP may have rotated its keys: read the JWKS again (at most once a minute).
             Err(JwtError::UnknownKey) if tenant.refresh_keys(mono_now) => {
@@ -349,7 +362,14 @@ impl Authenticator {
             }
             verified => verified,
         }
-        .map_err(refuse)?;
+        .map_err(|e| match e {
+            JwtError::UnknownKey => ApiError::Unauthenticated(format!(
+                "invalid token: no key of tenant {:?} matches its `kid` (a JWKS file is \
+                 re-read at most once a minute)",
+                tenant.name
+            )),
+            other => refuse(other),
+        })?;
         if claims.sub.len() > MAX_SUBJECT_BYTES {
             return Err(ApiError::Unauthenticated(format!(
                 "invalid token: its subject is longer than {MAX_SUBJECT_BYTES} bytes"
@@ -479,5 +499,29 @@ mod tests {
         assert!(auth.verify_at(&token(&new), now(), again).is_ok(), "the rotated key is picked up");
         assert!(auth.verify_at(&token(&old), now(), again).is_ok());
         assert_eq!(reads(&auth), 3);
+    }
+
+    #[test]
+    fn a_refused_token_says_which_issuer_or_key_to_configure() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let jwks = dir.path().join("jwks.json");
+        let (idp, rogue) = (signer(), signer());
+        publish(&jwks, &[&idp]);
+        let auth = authenticator(&jwks);
+        let message = |result: Result<Caller, ApiError>| match result {
+            Err(ApiError::Unauthenticated(m)) => m,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+
+        let now = now();
+        let elsewhere = idp.sign_jwt(&json!({
+            "iss": "https://other.example", "aud": "cubby", "sub": "alice", "exp": now + 600,
+        }));
+        let m = message(auth.verify(&elsewhere));
+        assert!(m.contains("\"https://other.example\"") && m.contains("issuer"), "{m}");
+
+        let m = message(auth.verify(&token(&rogue)));
+        assert!(m.contains("\"acme\"") && m.contains("kid"), "{m}");
+        assert!(!m.contains("alice"), "the subject is not echoed: {m}");
     }
 }

@@ -65,7 +65,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The master key file is missing or unreadable.
-    #[error("{0}")]
+    #[error(transparent)]
     MasterKey(#[from] KeyFileError),
     /// The master key does not open this data directory.
     #[error("the master key does not match the data in {0}; refusing to start")]
@@ -266,16 +266,18 @@ pub struct Platform<L> {
 /// Starts a server on this machine. Returns once it is listening.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     create_data_dir(&config)?;
-    // The key first: without it nothing may be written.
+    // The port before the key: a start refused for a port in use creates no key, so the start
+    // that does create it is the one that says so ("back it up").
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    // The key before the store: without it nothing may be written.
     let master = master_key(&config)?;
     let db_path = store_path(&config);
     let sled = SledStore::open(&db_path)
         .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
     let witness = WitnessDir::open(&witness_path(&config))
         .map_err(|source| StartError::Store { path: witness_path(&config), source })?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
     let platform = Platform {
         store: Arc::new(sled),
         listener,

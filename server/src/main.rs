@@ -229,11 +229,22 @@ macro_rules! say {
 async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let dev = config.dev_tenant_enabled();
     let data = config.data.clone();
+    let mut tenants: Vec<String> =
+        config.tenants.iter().map(|t| format!("{} ({})", t.name, t.issuer)).collect();
+    if dev {
+        tenants.push("development".into());
+    }
     let server = cubby_server::start(config).await?;
     let scheme = if server.cert().is_some() { "https" } else { "http" };
     say!("cubby-server listening on {scheme}://{}", server.local_addr());
-    if let Some(cert) = server.cert().filter(|c| c.self_signed) {
-        say!("self-signed TLS certificate: {} (clients: CUBBY_CA={0})", cert.cert.display());
+    say!("data: {}", data.display());
+    say!("tenants: {}", if tenants.is_empty() { "none".into() } else { tenants.join(", ") });
+    match server.cert() {
+        Some(cert) if cert.self_signed => {
+            say!("self-signed TLS certificate: {} (clients: CUBBY_CA={0})", cert.cert.display())
+        }
+        Some(cert) => say!("TLS certificate: {}", cert.cert.display()),
+        None => {}
     }
     if let Some(path) = server.master_key_created() {
         say!(

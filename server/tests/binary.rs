@@ -65,6 +65,8 @@ async fn readme_command_starts_a_tls_server_that_answers() {
     assert!(
         lines.iter().any(|l| l.contains("self-signed TLS certificate") && l.contains("cert.pem"))
     );
+    assert!(lines.iter().any(|l| l == "data: ./cubby-data"), "says where the data is: {lines:?}");
+    assert!(lines.iter().any(|l| l == "tenants: development"), "and whom it trusts: {lines:?}");
     assert!(dir.path().join("cubby-data/master.key").exists());
 
     let token = Command::new(BIN)
@@ -119,6 +121,7 @@ fn row_25_configured_server_without_its_master_key_refuses_to_start() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("master key file") && stderr.contains("missing.key"), "{stderr}");
+    assert!(stderr.contains("cubby-server keys create --out"), "says how to make one: {stderr}");
     assert!(!dir.path().join("data/db").exists(), "nothing was written without a key");
 }
 

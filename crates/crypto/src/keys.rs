@@ -23,8 +23,14 @@ pub use crate::envelope::DataKey;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyFileError {
+    /// The file does not exist.
+    #[error(
+        "master key file {0} does not exist; create one with `cubby-server keys create --out {0}` \
+         (and back it up: without it the data is unreadable)"
+    )]
+    Missing(PathBuf),
     /// The file could not be read or written.
-    #[error("master key file {path}: {source}")]
+    #[error("master key file {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -100,7 +106,13 @@ impl MasterSecret {
     pub fn read(path: &Path) -> Result<Self, KeyFileError> {
         let io = |source| KeyFileError::Io { path: path.to_owned(), source };
         let malformed = || KeyFileError::Malformed(path.to_owned());
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                KeyFileError::Missing(path.to_owned())
+            } else {
+                io(e)
+            }
+        })?);
         let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
         let root =
             lines.next().and_then(|l| l.strip_prefix(MASTER_PREFIX)).ok_or_else(malformed)?;
