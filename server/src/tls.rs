@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 use crate::config::ConfigError;
 
@@ -63,6 +64,15 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
             paths.cert.display()
         )));
     }
+    if marked_as_ca(&certs[0]) {
+        tracing::warn!(
+            cert = %paths.cert.display(),
+            "the certificate is marked as a CA (basicConstraints CA:TRUE, what `openssl req -x509` \
+             makes unless told otherwise); Cubby's SDK and other rustls clients refuse it \
+             (CaUsedAsEndEntity). Make it with `-addext basicConstraints=critical,CA:FALSE`, or \
+             have your CA issue one"
+        );
+    }
     let key = PrivateKeyDer::from_pem_file(&paths.key)
         .map_err(|e| ConfigError(format!("private key {}: {e}", paths.key.display())))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -75,4 +85,48 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
     .map_err(|e| ConfigError(format!("TLS certificate and key do not match: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Whether `leaf` is marked as a CA, which rustls clients (the SDK among them) refuse as a
+/// server's certificate.
+fn marked_as_ca(leaf: &CertificateDer<'static>) -> bool {
+    // Checked against itself as the only root: the end-entity checks come before any search
+    // for an issuer, so a CA flag is reported whoever signed the certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    let Ok(()) = roots.add(leaf.clone()) else { return false };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(verifier) =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+    else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from("localhost") else { return false };
+    let checked = verifier.verify_server_cert(leaf, &[], &name, &[], UnixTime::now());
+    matches!(
+        checked,
+        Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)))
+            if matches!(other.0.downcast_ref(), Some(webpki::Error::CaUsedAsEndEntity))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(ca: bool) -> CertificateDer<'static> {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    #[test]
+    fn a_certificate_marked_as_a_ca_is_told_apart() {
+        assert!(marked_as_ca(&certificate(true)), "what `openssl req -x509` makes");
+        assert!(!marked_as_ca(&certificate(false)), "what a server should present");
+    }
 }

@@ -142,6 +142,44 @@ async fn edits_made_offline_sync_on_the_next_sync() {
     assert_eq!(json(&other.ok(&["doc", "get", &id]).await), serde_json::json!({"seat": "14C"}));
 }
 
+/// A self-signed certificate for localhost, in `dir`; `ca` marks it as a CA as `openssl req
+/// -x509` does. Returns the certificate's and the key's paths.
+fn certificate(dir: &std::path::Path, ca: bool) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).expect("names");
+    if ca {
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    }
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (cert_path, key_path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_server_certificate_says_what_to_fix() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert, key) = certificate(dir.path(), true);
+    let server = TestServer::start_with(|config| {
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+    })
+    .await;
+    let device = Device::new(&server, "alice");
+    let refused = device.fails(&["sync", "--timeout", "5"]).await;
+    assert!(refused.contains("basicConstraints=critical,CA:FALSE"), "{refused}");
+
+    let stranger = tempfile::tempdir().expect("temp dir");
+    let server = TestServer::start().await;
+    let mut device = Device::new(&server, "alice");
+    device.ca = certificate(stranger.path(), false).0;
+    let refused = device.fails(&["sync", "--timeout", "5"]).await;
+    assert!(refused.contains("give the client the server's CA certificate"), "{refused}");
+    assert_eq!(refused.matches("invalid peer certificate").count(), 1, "said once: {refused}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_are_one_line_naming_the_problem() {
     let server = TestServer::start().await;

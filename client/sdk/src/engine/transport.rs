@@ -69,15 +69,63 @@ impl tower_service::Service<tonic::codegen::http::Uri> for Dialer {
     }
 }
 
-pub(super) fn chain(err: &dyn std::error::Error) -> String {
+pub(super) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        // Layers often repeat their cause in their own message: say each thing once.
+        let said = s.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         source = s.source();
     }
+    if let Some(hint) = tls_hint(err) {
+        text.push_str("; ");
+        text.push_str(hint);
+    }
     text
+}
+
+/// What to do about a refused server certificate, for the refusals a user can fix.
+fn tls_hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as Cert;
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let tls = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()?.get_ref()?.downcast_ref::<rustls::Error>()
+        });
+        if let Some(rustls::Error::InvalidCertificate(cert)) = tls {
+            return match cert {
+                Cert::Other(other)
+                    if matches!(
+                        other.0.downcast_ref::<webpki::Error>(),
+                        Some(webpki::Error::CaUsedAsEndEntity)
+                    ) =>
+                {
+                    Some(
+                        "the server's certificate is marked as a CA (basicConstraints CA:TRUE, \
+                         what `openssl req -x509` makes unless told otherwise), and TLS clients \
+                         refuse a CA certificate as a server's: make it with `-addext \
+                         basicConstraints=critical,CA:FALSE`, or have your CA issue one",
+                    )
+                }
+                Cert::UnknownIssuer | Cert::BadSignature => Some(
+                    "no certificate authority this device trusts signed the server's \
+                     certificate (a copy of an older self-signed one?): give the client the server's CA certificate (the CLI's --ca \
+                     or CUBBY_CA, the SDK's ClientBuilder::with_ca_pem)",
+                ),
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. } => Some(
+                    "the server's certificate does not name the host in the server URL: \
+                     connect by a name the certificate lists",
+                ),
+                _ => None,
+            };
+        }
+        next = e.source();
+    }
+    None
 }
 
 impl Remote {
