@@ -40,7 +40,7 @@ impl AdminService {
         metadata: &tonic::metadata::MetadataMap,
         subject: &str,
     ) -> Result<(Caller, CustomerId), ApiError> {
-        let caller = self.shared.business(metadata)?;
+        let caller = self.shared.business(metadata).await?;
         if subject.is_empty() || subject.len() > auth::MAX_SUBJECT_BYTES {
             return Err(ApiError::InvalidArgument(format!(
                 "subject must be 1 to {} bytes",
@@ -135,7 +135,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListCustomersRequest>,
     ) -> Result<Response<pb::ListCustomersResponse>, Status> {
-        let caller = self.shared.business(request.metadata())?;
+        let caller = self.shared.business(request.metadata()).await?;
         let request = request.into_inner();
         let page_size = match request.page_size {
             0 => 100,

@@ -4,18 +4,18 @@
 //! keyring's id hash. Nothing in a request body can name another customer.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cubby_core::CustomerId;
-use cubby_crypto::jwt::{self, Algorithm, JwtError, Validation, Verifier, VerifyingKey};
+use cubby_crypto::jwt::{self, Algorithm, ClaimNames, JwtError, Validation, VerifyingKey};
 use cubby_crypto::keys::{Keyring, write_private_file};
 use cubby_crypto::signing::{TokenSigner, generate_pkcs8};
 use cubby_proto::ApiError;
 use tonic::metadata::MetadataMap;
 
 use crate::config::{ConfigError, ServerConfig, TenantConfig};
+use crate::idp::{self, Pacing, Source, TenantKeys};
 
 /// The development tenant's name, issuer and audience.
 pub const DEV_TENANT: &str = "dev";
@@ -90,76 +90,23 @@ impl std::fmt::Debug for Caller {
 
 struct Tenant {
     name: String,
-    /// Swapped whole when the JWKS file is read again.
-    verifier: RwLock<Arc<Verifier>>,
+    keys: Arc<TenantKeys>,
+    /// Where the admin permission is; `None`: `scope`, or `scp`.
+    admin_claim: Option<String>,
     admin_scope: String,
-    jwks: Option<JwksFile>,
-}
-
-/// The most often a tenant's JWKS file is read again for a token whose key it does not know.
-pub const JWKS_REFRESH_EVERY: Duration = Duration::from_secs(60);
-
-/// A tenant's JWKS file, read again when a token names a key it lacks (an IdP key rotation),
-/// at most once per [`JWKS_REFRESH_EVERY`].
-struct JwksFile {
-    path: PathBuf,
-    validation: Validation,
-    last_read: Mutex<Option<Instant>>,
-    reads: AtomicU64,
 }
 
 impl Tenant {
-    fn verifier(&self) -> Arc<Verifier> {
-        self.verifier.read().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Reads the JWKS file again unless that happened within the last minute; true when new
-    /// keys were installed. Failures keep the cached keys.
-    fn refresh_keys(&self, now: Instant) -> bool {
-        let Some(jwks) = &self.jwks else { return false };
-        {
-            let mut last = jwks.last_read.lock().unwrap_or_else(PoisonError::into_inner);
-            if last.is_some_and(|at| now.saturating_duration_since(at) < JWKS_REFRESH_EVERY) {
-                return false;
-            }
-            *last = Some(now);
-        }
-        jwks.reads.fetch_add(1, Ordering::Relaxed);
-        let keys = std::fs::read_to_string(&jwks.path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| {
-                VerifyingKey::from_jwks(&text, jwks.validation.algorithm).map_err(|e| e.to_string())
-            })
-            .and_then(|keys| {
-                Verifier::new(jwks.validation.clone(), keys).map_err(|e| e.to_string())
-            });
-        match keys {
-            Ok(verifier) => {
-                tracing::info!(tenant = %self.name,
-                    "read the JWKS file again for an unknown key id");
-                *self.verifier.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
-                true
-            }
-            Err(err) => {
-                tracing::warn!(tenant = %self.name, path = %jwks.path.display(), %err,
-                    "cannot read the JWKS file again; keeping the cached keys");
-                false
-            }
+    /// Whether the claims grant the tenant's admin permission.
+    fn grants_admin(&self, claims: &serde_json::Map<String, serde_json::Value>) -> bool {
+        let has = |name: &str| {
+            jwt::claim(claims, name).is_some_and(|v| jwt::claim_has(v, &self.admin_scope, true))
+        };
+        match &self.admin_claim {
+            Some(name) => has(name),
+            None => has("scope") || has("scp"),
         }
     }
-}
-
-/// Whether the claims grant `scope`, in a space-separated `scope` string or an `scp` list.
-fn has_scope(claims: &serde_json::Map<String, serde_json::Value>, scope: &str) -> bool {
-    let in_string = claims
-        .get("scope")
-        .and_then(|v| v.as_str())
-        .is_some_and(|s| s.split_ascii_whitespace().any(|s| s == scope));
-    let in_list = claims
-        .get("scp")
-        .and_then(|v| v.as_array())
-        .is_some_and(|list| list.iter().any(|s| s.as_str() == Some(scope)));
-    in_string || in_list
 }
 
 /// Verifies tokens for every configured tenant.
@@ -236,27 +183,43 @@ fn dev_token_with(
     signer.sign_jwt(&claims)
 }
 
-fn tenant_keys(t: &TenantConfig) -> Result<Vec<VerifyingKey>, ConfigError> {
-    let bad = |e: jwt::KeyError| ConfigError(format!("tenant {}: {e}", t.name));
-    match (&t.jwks_file, &t.public_key_pem) {
-        (Some(path), None) => {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError(format!("tenant {}: cannot read {}: {e}", t.name, path.display()))
-            })?;
-            VerifyingKey::from_jwks(&text, t.algorithm).map_err(bad)
-        }
-        (None, Some(pem)) => Ok(vec![VerifyingKey::from_pem(pem, t.algorithm, None).map_err(bad)?]),
-        _ => Err(ConfigError(format!(
-            "tenant {}: set exactly one of jwks_file or public_key_pem",
-            t.name
-        ))),
+/// Where a configured tenant's keys come from, and the keys given inline.
+fn tenant_source(t: &TenantConfig) -> Result<(Source, Vec<VerifyingKey>), ConfigError> {
+    let bad = |e: String| ConfigError(format!("tenant {}: {e}", t.name));
+    let given = [t.jwks_file.is_some(), t.public_key_pem.is_some(), t.jwks_url.is_some()];
+    if given.iter().filter(|&&g| g).count() > 1 {
+        return Err(bad("set at most one of jwks_file, public_key_pem and jwks_url".into()));
     }
+    if t.discovery_url.is_some() && given.contains(&true) {
+        return Err(
+            bad("discovery_url is for keys found by discovery; drop it or the keys".into()),
+        );
+    }
+    if let Some(pem) = &t.public_key_pem {
+        let key = VerifyingKey::from_pem(pem, None).map_err(|e| bad(e.to_string()))?;
+        return Ok((Source::Fixed, vec![key]));
+    }
+    if let Some(path) = &t.jwks_file {
+        return Ok((Source::File(path.clone()), Vec::new()));
+    }
+    if let Some(url) = &t.jwks_url {
+        return Ok((Source::Url(idp::fetch_url(url).map_err(bad)?), Vec::new()));
+    }
+    let url = t.discovery_url.clone().unwrap_or_else(|| idp::discovery_url(&t.issuer));
+    Ok((Source::Discovery(idp::fetch_url(&url).map_err(bad)?), Vec::new()))
 }
 
 impl Authenticator {
     /// Builds verifiers for the configured tenants (and the development tenant if enabled).
+    /// Keys from files and the configuration are loaded now; keys from the network by
+    /// [`Authenticator::start_refreshing`].
     pub fn new(config: &ServerConfig, ids: Keyring, clock: Clock) -> Result<Self, ConfigError> {
-        let leeway_secs = config.limits.token_leeway_secs;
+        let limits = &config.limits;
+        let leeway_secs = limits.token_leeway_secs;
+        let pacing = Pacing {
+            min: Duration::from_secs(limits.jwks_min_refresh_secs),
+            default: Duration::from_secs(limits.jwks_refresh_secs.max(1)),
+        };
         let mut tenants = Vec::new();
         for t in &config.tenants {
             if t.name == DEV_TENANT || tenants.iter().any(|x: &Tenant| x.name == t.name) {
@@ -268,39 +231,42 @@ impl Authenticator {
             let validation = Validation {
                 issuer: t.issuer.clone(),
                 audience: t.audience.clone(),
-                algorithm: t.algorithm,
+                algorithms: t.algorithms.clone(),
                 leeway_secs,
+                claims: ClaimNames {
+                    audience: t.audience_claim.clone(),
+                    subject: t.subject_claim.clone(),
+                    required: t.required_claims.clone().into_iter().collect(),
+                    token_types: t.token_types.clone(),
+                },
             };
-            let verifier = Verifier::new(validation.clone(), tenant_keys(t)?)
-                .map_err(|e| ConfigError(format!("tenant {}: {e}", t.name)))?;
-            let jwks = t.jwks_file.clone().map(|path| JwksFile {
-                path,
-                validation,
-                last_read: Mutex::new(None),
-                reads: AtomicU64::new(0),
-            });
+            let (source, fixed) = tenant_source(t)?;
+            let keys =
+                TenantKeys::new(&t.name, validation, source, fixed, t.ca_file.as_deref(), pacing)?;
             tenants.push(Tenant {
                 name: t.name.clone(),
-                verifier: RwLock::new(Arc::new(verifier)),
+                keys: Arc::new(keys),
+                admin_claim: t.admin_claim.clone(),
                 admin_scope: t.admin_scope.clone(),
-                jwks,
             });
         }
         if config.dev_tenant_enabled() {
             let signer = dev_signer(&config.data, true)?;
-            let validation = Validation {
-                issuer: DEV_ISSUER.into(),
-                audience: DEV_AUDIENCE.into(),
-                algorithm: Algorithm::EdDSA,
-                leeway_secs,
-            };
-            let verifier = Verifier::new(validation, vec![signer.verifying_key()])
-                .map_err(|e| ConfigError(format!("development tenant: {e}")))?;
+            let mut validation = Validation::new(DEV_ISSUER, DEV_AUDIENCE, &[Algorithm::EdDSA]);
+            validation.leeway_secs = leeway_secs;
+            let keys = TenantKeys::new(
+                DEV_TENANT,
+                validation,
+                Source::Fixed,
+                vec![signer.verifying_key()],
+                None,
+                pacing,
+            )?;
             tenants.push(Tenant {
                 name: DEV_TENANT.into(),
-                verifier: RwLock::new(Arc::new(verifier)),
+                keys: Arc::new(keys),
+                admin_claim: None,
                 admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
-                jwks: None,
             });
         }
         if tenants.is_empty() {
@@ -308,8 +274,7 @@ impl Authenticator {
                 "no tenants configured and the development tenant is off".into(),
             ));
         }
-        let mut issuers: Vec<_> =
-            tenants.iter().map(|t| t.verifier().validation().issuer.clone()).collect();
+        let mut issuers: Vec<_> = tenants.iter().map(|t| t.keys.issuer().to_owned()).collect();
         issuers.sort();
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
@@ -317,12 +282,35 @@ impl Authenticator {
         Ok(Self { tenants, ids, clock, leeway_secs })
     }
 
+    /// Fetches every remote tenant's keys (all at once, each within its fetch timeout), then
+    /// keeps them and JWKS files current in the background until `stop`. A tenant whose keys
+    /// cannot be had yet is logged and tried again; its tokens are refused meanwhile.
+    pub(crate) async fn start_refreshing(
+        &self,
+        tracker: &tokio_util::task::TaskTracker,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let first =
+            futures_util::future::join_all(self.tenants.iter().map(|t| async {
+                if t.keys.is_remote() { t.keys.load().await } else { Ok(None) }
+            }))
+            .await;
+        for (tenant, first) in self.tenants.iter().zip(first) {
+            tenant.keys.clone().spawn_refresher(first, tracker, stop.clone());
+        }
+    }
+
+    /// Each tenant's name and keys, for metrics.
+    pub(crate) fn tenant_keys(&self) -> impl Iterator<Item = (&str, &TenantKeys)> {
+        self.tenants.iter().map(|t| (t.name.as_str(), &*t.keys))
+    }
+
     /// Verifies a raw token.
     ///
     /// A refusal is logged at INFO with its reason (never the token or its subject), so an
     /// operator whose IdP is misconfigured sees why in the server's log.
-    pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
-        let verified = self.verify_at(token, self.clock.unix_now(), Instant::now());
+    pub async fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let verified = self.verify_at(token, self.clock.unix_now(), Instant::now()).await;
         if let Err(err) = &verified {
             tracing::info!(reason = %err, "token refused");
         }
@@ -340,32 +328,37 @@ impl Authenticator {
         self.clock.unix_now().saturating_sub(self.leeway_secs)
     }
 
-    /// Verifies a raw token at `unix_now`; `mono_now` paces re-reading a JWKS file.
-    fn verify_at(&self, token: &str, unix_now: u64, mono_now: Instant) -> Result<Caller, ApiError> {
+    /// Verifies a raw token at `unix_now`; `mono_now` paces loading keys again.
+    async fn verify_at(
+        &self,
+        token: &str,
+        unix_now: u64,
+        mono_now: Instant,
+    ) -> Result<Caller, ApiError> {
         let refuse = |e: JwtError| ApiError::Unauthenticated(format!("invalid token: {e}"));
         let issuer = jwt::unverified_issuer(token).map_err(refuse)?;
-        let tenant =
-            self.tenants.iter().find(|t| t.verifier().validation().issuer == issuer).ok_or_else(
-                || {
-                    // The caller sent this issuer; naming it back (shortened) tells an operator
-                    // which `issuer` their tenant config is missing.
-                    let shown: String = issuer.chars().take(120).collect();
-                    ApiError::Unauthenticated(format!(
-                        "invalid token: issuer {shown:?} is not a configured tenant's issuer"
-                    ))
-                },
-            )?;
-        let claims = match tenant.verifier().verify(token, unix_now) {
-            // The IdP may have rotated its keys: read the JWKS again (at most once a minute).
-            Err(JwtError::UnknownKey) if tenant.refresh_keys(mono_now) => {
-                tenant.verifier().verify(token, unix_now)
+        let tenant = self.tenants.iter().find(|t| t.keys.issuer() == issuer).ok_or_else(|| {
+            // The caller sent this issuer; naming it back (shortened) tells an operator which
+            // `issuer` their tenant config is missing.
+            let shown: String = issuer.chars().take(120).collect();
+            ApiError::Unauthenticated(format!(
+                "invalid token: issuer {shown:?} is not a configured tenant's issuer"
+            ))
+        })?;
+        let held = tenant.keys.verifier();
+        let claims = match held.verify(token, unix_now) {
+            // The IdP may have rotated its keys: load them again (paced).
+            Err(JwtError::UnknownKey)
+                if tenant.keys.refresh_for_unknown_key(&held, mono_now).await =>
+            {
+                tenant.keys.verifier().verify(token, unix_now)
             }
             verified => verified,
         }
         .map_err(|e| match e {
             JwtError::UnknownKey => ApiError::Unauthenticated(format!(
-                "invalid token: no key of tenant {:?} matches its `kid` (a JWKS file is \
-                 re-read at most once a minute)",
+                "invalid token: no key of tenant {:?} matches its `kid` (keys are loaded again \
+                 at most once per limits.jwks_min_refresh_secs)",
                 tenant.name
             )),
             other => refuse(other),
@@ -378,7 +371,7 @@ impl Authenticator {
         Ok(Caller {
             tenant: tenant.name.clone(),
             customer: self.customer_id(&tenant.name, &claims.sub),
-            admin: has_scope(&claims.all, &tenant.admin_scope),
+            admin: tenant.grants_admin(&claims.all),
             subject: claims.sub,
             expires_at: claims.exp,
             token_hash: cubby_crypto::sha256(token.as_bytes()),
@@ -391,7 +384,7 @@ impl Authenticator {
     }
 
     /// Verifies the `authorization: Bearer` header of a request.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         let header = metadata
             .get("authorization")
             .ok_or_else(|| ApiError::Unauthenticated("missing authorization header".into()))?;
@@ -399,7 +392,7 @@ impl Authenticator {
             header.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
                 ApiError::Unauthenticated("authorization must be `Bearer <token>`".into())
             })?;
-        self.verify(token.trim())
+        self.verify(token.trim()).await
     }
 }
 
@@ -428,18 +421,20 @@ mod tests {
     }
 
     fn authenticator(jwks: &Path) -> Authenticator {
+        authenticator_with(jwks, "")
+    }
+
+    /// An authenticator for tenant `acme`, its keys in `jwks`, with more of its settings.
+    fn authenticator_with(jwks: &Path, settings: &str) -> Authenticator {
         let data = jwks.parent().expect("a directory");
         let mut config = ServerConfig::dev(data, "127.0.0.1:0".parse().expect("address"));
         config.dev_tenant = Some(false);
-        config.tenants.push(TenantConfig {
-            name: "acme".into(),
-            issuer: ISSUER.into(),
-            audience: "cubby".into(),
-            algorithm: Algorithm::EdDSA,
-            jwks_file: Some(jwks.to_path_buf()),
-            public_key_pem: None,
-            admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
-        });
+        let tenant = format!(
+            "name = 'acme'\nissuer = '{ISSUER}'\naudience = 'cubby'\nalgorithms = ['EdDSA']\n\
+             jwks_file = '{}'\n{settings}",
+            jwks.display()
+        );
+        config.tenants.push(toml::from_str(&tenant).expect("a tenant"));
         Authenticator::new(
             &config,
             Keyring::from_master(&MasterSecret::from_bytes([1; 32])),
@@ -449,15 +444,15 @@ mod tests {
     }
 
     fn reads(auth: &Authenticator) -> u64 {
-        auth.tenants[0].jwks.as_ref().map_or(0, |j| j.reads.load(Ordering::Relaxed))
+        auth.tenants[0].keys.loads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn refused(result: Result<Caller, ApiError>) -> bool {
         matches!(result, Err(ApiError::Unauthenticated(_)))
     }
 
-    #[test]
-    fn row_17_a_flood_of_unknown_key_ids_reads_the_jwks_at_most_once_a_minute() {
+    #[tokio::test]
+    async fn row_17_a_flood_of_unknown_key_ids_reads_the_jwks_at_most_once_a_minute() {
         let dir = tempfile::tempdir().expect("temp dir");
         let jwks = dir.path().join("jwks.json");
         let (idp, rogue) = (signer(), signer());
@@ -466,16 +461,20 @@ mod tests {
         let (start, forged) = (Instant::now(), token(&rogue));
         for i in 0..10_000 {
             let at = start + Duration::from_millis(i * 5); // 50 s of flood
-            assert!(refused(auth.verify_at(&forged, now(), at)), "unknown key accepted");
+            assert!(refused(auth.verify_at(&forged, now(), at).await), "unknown key accepted");
         }
         assert_eq!(reads(&auth), 1, "one read of the JWKS for 10,000 unknown key ids in 50 s");
-        assert!(refused(auth.verify_at(&forged, now(), start + Duration::from_secs(61))));
+        assert!(refused(auth.verify_at(&forged, now(), start + Duration::from_secs(61)).await));
         assert_eq!(reads(&auth), 2, "and one more a minute later");
-        assert!(auth.verify_at(&token(&idp), now(), start).is_ok(), "real tokens still verify");
+        assert!(
+            auth.verify_at(&token(&idp), now(), start).await.is_ok(),
+            "real tokens still verify"
+        );
     }
 
-    #[test]
-    fn row_18_jwks_unreadable_during_a_key_rotation_keeps_cached_keys_and_fails_new_ones_closed() {
+    #[tokio::test]
+    async fn row_18_jwks_unreadable_during_a_key_rotation_keeps_cached_keys_and_fails_new_ones_closed()
+     {
         let dir = tempfile::tempdir().expect("temp dir");
         let jwks = dir.path().join("jwks.json");
         let (old, new) = (signer(), signer());
@@ -486,23 +485,29 @@ mod tests {
         // The IdP starts signing with a new key while its key set cannot be had: gone, then
         // garbage.
         std::fs::remove_file(&jwks).expect("remove");
-        assert!(refused(auth.verify_at(&token(&new), now(), start)));
-        assert!(auth.verify_at(&token(&old), now(), start).is_ok(), "cached keys keep working");
+        assert!(refused(auth.verify_at(&token(&new), now(), start).await));
+        assert!(
+            auth.verify_at(&token(&old), now(), start).await.is_ok(),
+            "cached keys keep working"
+        );
         std::fs::write(&jwks, "{ not json").expect("write");
         let later = start + Duration::from_secs(61);
-        assert!(refused(auth.verify_at(&token(&new), now(), later)));
-        assert!(auth.verify_at(&token(&old), now(), later).is_ok());
+        assert!(refused(auth.verify_at(&token(&new), now(), later).await));
+        assert!(auth.verify_at(&token(&old), now(), later).await.is_ok());
 
         // The key set is back, with both keys: the new one verifies at the next allowed read.
         publish(&jwks, &[&old, &new]);
-        let again = later + JWKS_REFRESH_EVERY;
-        assert!(auth.verify_at(&token(&new), now(), again).is_ok(), "the rotated key is picked up");
-        assert!(auth.verify_at(&token(&old), now(), again).is_ok());
+        let again = later + Duration::from_secs(60);
+        assert!(
+            auth.verify_at(&token(&new), now(), again).await.is_ok(),
+            "the rotated key is picked up"
+        );
+        assert!(auth.verify_at(&token(&old), now(), again).await.is_ok());
         assert_eq!(reads(&auth), 3);
     }
 
-    #[test]
-    fn a_refused_token_says_which_issuer_or_key_to_configure() {
+    #[tokio::test]
+    async fn a_refused_token_says_which_issuer_or_key_to_configure() {
         let dir = tempfile::tempdir().expect("temp dir");
         let jwks = dir.path().join("jwks.json");
         let (idp, rogue) = (signer(), signer());
@@ -517,11 +522,61 @@ mod tests {
         let elsewhere = idp.sign_jwt(&json!({
             "iss": "https://other.example", "aud": "cubby", "sub": "alice", "exp": now + 600,
         }));
-        let m = message(auth.verify(&elsewhere));
+        let m = message(auth.verify(&elsewhere).await);
         assert!(m.contains("\"https://other.example\"") && m.contains("issuer"), "{m}");
 
-        let m = message(auth.verify(&token(&rogue)));
+        let m = message(auth.verify(&token(&rogue)).await);
         assert!(m.contains("\"acme\"") && m.contains("kid"), "{m}");
         assert!(!m.contains("alice"), "the subject is not echoed: {m}");
+    }
+
+    #[tokio::test]
+    async fn where_the_audience_subject_and_admin_permission_are_is_the_tenants_choice() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let jwks = dir.path().join("jwks.json");
+        let idp = signer();
+        publish(&jwks, &[&idp]);
+        let now = now();
+        let sign = |claims: serde_json::Value| {
+            let mut all = json!({ "iss": ISSUER, "exp": now + 600 });
+            all.as_object_mut()
+                .expect("an object")
+                .extend(claims.as_object().cloned().unwrap_or_default());
+            idp.sign_jwt(&all)
+        };
+
+        // Cognito access tokens: the app is in `client_id`, no `aud`, `token_use` says access.
+        let cognito = authenticator_with(
+            &jwks,
+            "audience_claim = 'client_id'\nrequired_claims = { token_use = 'access' }\n\
+             admin_claim = 'cognito:groups'\nadmin_scope = 'cubby-admins'",
+        );
+        let access = sign(json!({ "client_id": "cubby", "sub": "u1", "token_use": "access" }));
+        let caller = cognito.verify(&access).await.expect("a Cognito access token");
+        assert!(!caller.admin);
+        let id_token = sign(json!({ "aud": "cubby", "sub": "u1", "token_use": "id" }));
+        assert!(refused(cognito.verify(&id_token).await), "an ID token is not an access token");
+        let admin = sign(json!({ "client_id": "cubby", "sub": "svc", "token_use": "access",
+            "cognito:groups": ["staff", "cubby-admins"] }));
+        assert!(cognito.verify(&admin).await.expect("a group member").admin);
+
+        // Entra ID app tokens: the permission in `roles`, the customer in `oid`.
+        let entra = authenticator_with(&jwks, "subject_claim = 'oid'\nadmin_claim = 'roles'");
+        let app = sign(json!({ "aud": "cubby", "sub": "pairwise", "oid": "object-1",
+            "roles": ["cubby:admin"], "scope": "nothing" }));
+        let caller = entra.verify(&app).await.expect("an Entra app token");
+        assert!(caller.admin && caller.subject == "object-1");
+        assert_eq!(caller.customer, entra.customer_id("acme", "object-1"));
+        let scoped = sign(json!({ "aud": "cubby", "oid": "o", "scope": "cubby:admin" }));
+        assert!(!entra.verify(&scoped).await.expect("a token").admin, "only `roles` counts");
+
+        // The default: `scope` (space-separated) or `scp` (a list, as Okta writes it).
+        let plain = authenticator(&jwks);
+        let okta = sign(json!({ "aud": "cubby", "sub": "svc", "scp": ["openid", "cubby:admin"] }));
+        assert!(plain.verify(&okta).await.expect("a token").admin);
+        let auth0 = sign(json!({ "aud": ["cubby", "x"], "sub": "svc", "scope": "a cubby:admin" }));
+        assert!(plain.verify(&auth0).await.expect("a token").admin);
+        let no_sub = sign(json!({ "aud": "cubby" }));
+        assert!(refused(plain.verify(&no_sub).await), "a token without a subject is refused");
     }
 }

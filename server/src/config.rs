@@ -11,6 +11,7 @@
 //! as people write them, in the file or the environment: `30s`, `5m`, `2h`, `1d`, `250ms`, or
 //! a bare number in the field's unit.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -137,6 +138,16 @@ pub struct Limits {
     /// it is kept, and the customer's write budget is charged ten seconds. Default 10000.
     #[serde(deserialize_with = "duration::millis")]
     pub apply_deadline_ms: u64,
+    /// The most often a tenant's keys are fetched (or its JWKS file read) again, seconds: for
+    /// a token naming a key id the server does not know, or as the IdP's cache lifetime says.
+    /// Default 60.
+    #[serde(deserialize_with = "duration::secs")]
+    pub jwks_min_refresh_secs: u64,
+    /// How often a tenant's keys are fetched again in the background when the IdP gives no
+    /// cache lifetime (`Cache-Control: max-age`), seconds. Lifetimes are honoured up to a
+    /// day. Default 3600.
+    #[serde(deserialize_with = "duration::secs")]
+    pub jwks_refresh_secs: u64,
 }
 
 impl Default for Limits {
@@ -164,11 +175,16 @@ impl Default for Limits {
             max_partial_bytes_per_customer: 128 << 20,
             max_writes_per_sec: 200,
             apply_deadline_ms: 10_000,
+            jwks_min_refresh_secs: 60,
+            jwks_refresh_secs: 3_600,
         }
     }
 }
 
 /// One business app's identity provider.
+///
+/// Its public keys come from exactly one of `jwks_file`, `public_key_pem` and `jwks_url`, or,
+/// with none of them, from OpenID Connect discovery at the issuer (or `discovery_url`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
@@ -176,18 +192,79 @@ pub struct TenantConfig {
     pub name: String,
     /// The exact `iss` of its tokens.
     pub issuer: String,
-    /// The `aud` its tokens must carry for this server.
+    /// The audience its tokens must carry for this server.
     pub audience: String,
-    /// The only signature algorithm accepted: `EdDSA`, `ES256` or `RS256`.
-    pub algorithm: Algorithm,
+    /// The signature algorithms accepted (`algorithm` for one). Default `["RS256"]`.
+    #[serde(default = "default_algorithms", alias = "algorithm", deserialize_with = "one_or_many")]
+    pub algorithms: Vec<Algorithm>,
     /// A JWKS file with the issuer's public keys.
     pub jwks_file: Option<PathBuf>,
     /// Or one PEM public key (`-----BEGIN PUBLIC KEY-----`).
     pub public_key_pem: Option<String>,
-    /// The scope (in the token's space-separated `scope`, or its `scp` list) that makes a token
-    /// a service token for the admin API. Default `cubby:admin`.
+    /// Or the issuer's JWKS over HTTPS.
+    pub jwks_url: Option<String>,
+    /// Where discovery is, when not at `<issuer>/.well-known/openid-configuration`.
+    pub discovery_url: Option<String>,
+    /// PEM certificates to trust, besides the public web roots, when fetching keys (an IdP
+    /// behind a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// The claim holding the audience. Default `aud`; `client_id` for Cognito access tokens.
+    #[serde(default = "default_audience_claim")]
+    pub audience_claim: String,
+    /// The claim naming the customer. Default `sub`; for example `oid` for Entra ID.
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// The claim holding the business's admin permission: a space-separated string or a list
+    /// (`scope`, `scp`, `roles`, `permissions`, `cognito:groups`, `realm_access.roles`).
+    /// Default: `scope`, and `scp` as a list or a string.
+    pub admin_claim: Option<String>,
+    /// The value in `admin_claim` that makes a token a service token for the admin API.
+    /// Default `cubby:admin`.
     #[serde(default = "default_admin_scope")]
     pub admin_scope: String,
+    /// Claims every token must carry with the given value (a string equal to it, or a list
+    /// holding it): `{ token_use = "access" }` for Cognito, `{ typ = "Bearer" }` for Keycloak.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, String>,
+    /// The header `typ` values accepted, such as `["at+jwt"]`; a token without one is then
+    /// refused. Default: none, `JWT` or `at+jwt`.
+    #[serde(default)]
+    pub token_types: Vec<String>,
+}
+
+fn default_algorithms() -> Vec<Algorithm> {
+    vec![Algorithm::RS256]
+}
+
+fn default_audience_claim() -> String {
+    "aud".into()
+}
+
+fn default_subject_claim() -> String {
+    "sub".into()
+}
+
+/// One value or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Algorithm>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Written {
+        One(Algorithm),
+        Many(Vec<Algorithm>),
+    }
+    let algorithms = match Written::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "algorithms: a list of {}",
+            Algorithm::ALL.map(Algorithm::name).join(", ")
+        ))
+    })? {
+        Written::One(one) => vec![one],
+        Written::Many(many) => many,
+    };
+    if algorithms.is_empty() {
+        return Err(serde::de::Error::custom("algorithms: name at least one"));
+    }
+    Ok(algorithms)
 }
 
 /// The admin scope when a tenant names none (and the development tenant's).

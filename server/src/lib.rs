@@ -39,6 +39,7 @@ mod docs;
 mod durable;
 mod frames;
 mod hub;
+mod idp;
 mod keys;
 mod listen;
 mod quota;
@@ -424,6 +425,7 @@ async fn launch<L: Listener>(
         work,
     });
     let live_docs = docs.clone();
+    auth.start_refreshing(&tracker, stop.clone()).await;
     keys::spawn_rotation(
         vault.clone(),
         master_key_path(&config),

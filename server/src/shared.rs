@@ -71,15 +71,15 @@ impl Shared {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
-        self.customers.admit(self.auth.authenticate(metadata)?).await
+        self.customers.admit(self.auth.authenticate(metadata).await?).await
     }
 
     /// Authenticates a business request: a verified service token with the admin scope.
-    pub(crate) fn business(
+    pub(crate) async fn business(
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
-        let caller = self.auth.authenticate(metadata)?;
+        let caller = self.auth.authenticate(metadata).await?;
         if !caller.admin {
             return Err(ApiError::PermissionDenied(
                 "the admin API needs a service token with the admin scope".into(),

@@ -1,9 +1,12 @@
 //! JWT access-token verification with ring.
 //!
-//! The algorithm is pinned per issuer: a token whose header names any other algorithm (including
-//! `none` and every `HS*`) is refused before a key is looked at, so a public key can never be
-//! used as an HMAC secret. `exp`, `iss`, `aud` and `sub` are required; `exp`, `nbf` and `iat` must
-//! be JSON numbers (a string `exp` is refused, not skipped); clock leeway is bounded.
+//! Each issuer has a list of accepted algorithms: a token whose header names any other
+//! (including `none` and every `HS*`, which Cubby never accepts) is refused before a key is
+//! looked at, so a public key can never be used as an HMAC secret, and a key verifies only the
+//! algorithms of its type (and only its JWK's `alg`, when it names one). `exp`, `iss`, the
+//! audience and the subject are required; `exp`, `nbf` and `iat` must be JSON numbers (a string
+//! `exp` is refused, not skipped); clock leeway is bounded. Where an issuer puts the audience,
+//! the subject and its token type is configurable ([`ClaimNames`]).
 
 use std::fmt;
 
@@ -12,26 +15,117 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
-/// A signature algorithm Cubby accepts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// A signature algorithm Cubby accepts. Never `none` or an `HS*` (a public key is not a secret).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Algorithm {
     /// Ed25519.
     EdDSA,
     /// ECDSA on P-256 with SHA-256.
     ES256,
+    /// ECDSA on P-384 with SHA-384.
+    ES384,
     /// RSASSA-PKCS1-v1_5 with SHA-256, 2048 to 8192 bits.
     RS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-384, 2048 to 8192 bits.
+    RS384,
+    /// RSASSA-PKCS1-v1_5 with SHA-512, 2048 to 8192 bits.
+    RS512,
+    /// RSASSA-PSS with SHA-256, 2048 to 8192 bits.
+    PS256,
+    /// RSASSA-PSS with SHA-384, 2048 to 8192 bits.
+    PS384,
+    /// RSASSA-PSS with SHA-512, 2048 to 8192 bits.
+    PS512,
+}
+
+/// The kind of public key an algorithm verifies with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    Ed25519,
+    P256,
+    P384,
+    Rsa,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ed25519 => "Ed25519",
+            Self::P256 => "P-256",
+            Self::P384 => "P-384",
+            Self::Rsa => "RSA",
+        }
+    }
 }
 
 impl Algorithm {
+    /// Every algorithm, in the order of [`Algorithm::name`]s a tenant config lists.
+    pub const ALL: [Algorithm; 9] = [
+        Self::EdDSA,
+        Self::ES256,
+        Self::ES384,
+        Self::RS256,
+        Self::RS384,
+        Self::RS512,
+        Self::PS256,
+        Self::PS384,
+        Self::PS512,
+    ];
+
     /// The name in a JWT header.
     pub fn name(self) -> &'static str {
         match self {
             Self::EdDSA => "EdDSA",
             Self::ES256 => "ES256",
+            Self::ES384 => "ES384",
             Self::RS256 => "RS256",
+            Self::RS384 => "RS384",
+            Self::RS512 => "RS512",
+            Self::PS256 => "PS256",
+            Self::PS384 => "PS384",
+            Self::PS512 => "PS512",
         }
     }
+
+    /// The algorithm a JWT header names, if Cubby accepts it at all.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    fn family(self) -> Family {
+        match self {
+            Self::EdDSA => Family::Ed25519,
+            Self::ES256 => Family::P256,
+            Self::ES384 => Family::P384,
+            _ => Family::Rsa,
+        }
+    }
+
+    /// ring's parameters for an RSA algorithm.
+    fn rsa(self) -> Option<&'static signature::RsaParameters> {
+        Some(match self {
+            Self::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
+            Self::RS384 => &signature::RSA_PKCS1_2048_8192_SHA384,
+            Self::RS512 => &signature::RSA_PKCS1_2048_8192_SHA512,
+            Self::PS256 => &signature::RSA_PSS_2048_8192_SHA256,
+            Self::PS384 => &signature::RSA_PSS_2048_8192_SHA384,
+            Self::PS512 => &signature::RSA_PSS_2048_8192_SHA512,
+            Self::EdDSA | Self::ES256 | Self::ES384 => return None,
+        })
+    }
+
+    fn verification(self) -> &'static dyn signature::VerificationAlgorithm {
+        match (self, self.rsa()) {
+            (_, Some(rsa)) => rsa,
+            (Self::EdDSA, None) => &signature::ED25519,
+            (Self::ES256, None) => &signature::ECDSA_P256_SHA256_FIXED,
+            (_, None) => &signature::ECDSA_P384_SHA384_FIXED,
+        }
+    }
+}
+
+fn names(algs: &[Algorithm]) -> String {
+    algs.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// Why a token was refused. Each maps to `UNAUTHENTICATED`; the text is safe to log.
@@ -44,8 +138,9 @@ pub enum JwtError {
     /// The header names an algorithm other than the issuer's pinned one.
     #[error("token algorithm {0:?} is not accepted")]
     InvalidAlgorithm(String),
-    /// The header's `typ` says this is not an access token.
-    #[error("token type {0:?} is not an access token")]
+    /// The header's `typ` is not one the issuer's access tokens carry (empty: none, where
+    /// one is required).
+    #[error("token type {0:?} is not an access token of this issuer")]
     WrongType(String),
     /// The header lists critical extensions this verifier does not implement.
     #[error("token has critical extensions")]
@@ -58,10 +153,13 @@ pub enum JwtError {
     BadSignature,
     /// A required claim is absent.
     #[error("token lacks the {0} claim")]
-    MissingClaim(&'static str),
+    MissingClaim(String),
     /// A claim has the wrong JSON type (for example `exp` as a string).
     #[error("token claim {0} has the wrong type")]
-    BadClaimType(&'static str),
+    BadClaimType(String),
+    /// A claim the issuer's tokens must carry with a given value has another.
+    #[error("token claim {0} does not have the required value")]
+    WrongClaim(String),
     /// `exp` is past, beyond the leeway.
     #[error("token expired")]
     Expired,
@@ -83,13 +181,13 @@ pub enum KeyError {
     /// The PEM or DER is not a public key.
     #[error("not a public key: {0}")]
     NotAPublicKey(String),
-    /// The key type does not match the issuer's algorithm.
-    #[error("a {found} key cannot verify {alg}")]
+    /// The key type fits none of the issuer's algorithms.
+    #[error("a {found} key cannot verify {algs}")]
     WrongKeyType {
         /// The key type found.
         found: &'static str,
-        /// The configured algorithm.
-        alg: &'static str,
+        /// The configured algorithms.
+        algs: String,
     },
     /// The JWKS document is not valid.
     #[error("invalid JWKS: {0}")]
@@ -98,7 +196,7 @@ pub enum KeyError {
 
 #[derive(Clone)]
 enum Material {
-    /// Raw Ed25519 key, uncompressed P-256 point, or PKCS#1 RSA public key DER.
+    /// Raw Ed25519 key, uncompressed EC point, or PKCS#1 RSA public key DER.
     Encoded(Vec<u8>),
     /// RSA modulus and exponent from a JWK.
     RsaComponents { n: Vec<u8>, e: Vec<u8> },
@@ -107,65 +205,89 @@ enum Material {
 /// One public key that may verify an issuer's tokens.
 #[derive(Clone)]
 pub struct VerifyingKey {
-    alg: Algorithm,
+    family: Family,
+    /// The one algorithm this key is for, when its JWK says (`alg`); otherwise any of its
+    /// family the issuer accepts.
+    alg: Option<Algorithm>,
     kid: Option<String>,
     material: Material,
 }
 
 impl fmt::Debug for VerifyingKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VerifyingKey").field("alg", &self.alg).field("kid", &self.kid).finish()
+        f.debug_struct("VerifyingKey")
+            .field("type", &self.family.name())
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish()
     }
 }
 
 const OID_ED25519: &str = "1.3.101.112";
 const OID_EC_PUBLIC_KEY: &str = "1.2.840.10045.2.1";
 const OID_P256: &str = "1.2.840.10045.3.1.7";
+const OID_P384: &str = "1.3.132.0.34";
 const OID_RSA: &str = "1.2.840.113549.1.1.1";
 
 impl VerifyingKey {
     /// A raw 32-byte Ed25519 public key.
     pub fn ed25519(raw: &[u8], kid: Option<String>) -> Self {
-        Self { alg: Algorithm::EdDSA, kid, material: Material::Encoded(raw.to_vec()) }
+        Self {
+            family: Family::Ed25519,
+            alg: Some(Algorithm::EdDSA),
+            kid,
+            material: Material::Encoded(raw.to_vec()),
+        }
     }
 
-    /// A key from a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) block, checked against `alg`.
-    pub fn from_pem(pem: &str, alg: Algorithm, kid: Option<String>) -> Result<Self, KeyError> {
+    /// The key id, if it has one.
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    /// Whether this key can verify `alg` signatures.
+    pub fn verifies(&self, alg: Algorithm) -> bool {
+        self.family == alg.family() && self.alg.is_none_or(|pinned| pinned == alg)
+    }
+
+    /// A key from a PEM `PUBLIC KEY` (SubjectPublicKeyInfo) block: Ed25519, P-256, P-384 or RSA.
+    pub fn from_pem(pem: &str, kid: Option<String>) -> Result<Self, KeyError> {
         use rustls_pki_types::pem::PemObject;
         let der = rustls_pki_types::SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
             .map_err(|e| KeyError::NotAPublicKey(e.to_string()))?;
         let spki = spki::SubjectPublicKeyInfoRef::try_from(der.as_ref())
             .map_err(|e| KeyError::NotAPublicKey(e.to_string()))?;
         let oid = spki.algorithm.oid.to_string();
-        let found = match oid.as_str() {
-            OID_ED25519 => (Algorithm::EdDSA, "Ed25519"),
+        let family = match oid.as_str() {
+            OID_ED25519 => Family::Ed25519,
             OID_EC_PUBLIC_KEY => {
                 let curve = spki
                     .algorithm
                     .parameters_oid()
                     .map_err(|e| KeyError::NotAPublicKey(e.to_string()))?;
-                if curve.to_string() != OID_P256 {
-                    return Err(KeyError::NotAPublicKey(format!("unsupported curve {curve}")));
+                match curve.to_string().as_str() {
+                    OID_P256 => Family::P256,
+                    OID_P384 => Family::P384,
+                    other => {
+                        return Err(KeyError::NotAPublicKey(format!("unsupported curve {other}")));
+                    }
                 }
-                (Algorithm::ES256, "P-256")
             }
-            OID_RSA => (Algorithm::RS256, "RSA"),
+            OID_RSA => Family::Rsa,
             other => {
                 return Err(KeyError::NotAPublicKey(format!("unsupported key type {other}")));
             }
         };
-        if found.0 != alg {
-            return Err(KeyError::WrongKeyType { found: found.1, alg: alg.name() });
-        }
         let raw = spki
             .subject_public_key
             .as_bytes()
             .ok_or_else(|| KeyError::NotAPublicKey("unaligned key bits".into()))?;
-        Ok(Self { alg, kid, material: Material::Encoded(raw.to_vec()) })
+        Ok(Self { family, alg: None, kid, material: Material::Encoded(raw.to_vec()) })
     }
 
-    /// Every key in a JWKS document usable with `alg`; keys of other types are skipped.
-    pub fn from_jwks(json: &str, alg: Algorithm) -> Result<Vec<Self>, KeyError> {
+    /// Every signing key in a JWKS document usable with one of `algs`; keys of other types,
+    /// for other algorithms, or for encryption are skipped. The set may hold none.
+    pub fn from_jwks(json: &str, algs: &[Algorithm]) -> Result<Vec<Self>, KeyError> {
         let doc: Value = serde_json::from_str(json).map_err(|e| KeyError::Jwks(e.to_string()))?;
         let keys = doc
             .get("keys")
@@ -182,47 +304,55 @@ impl VerifyingKey {
                     .decode(text)
                     .map_err(|_| KeyError::Jwks(format!("{name:?} is not base64url")))
             };
-            if jwk.get("alg").and_then(Value::as_str).is_some_and(|a| a != alg.name()) {
-                continue;
-            }
             if jwk.get("use").and_then(Value::as_str).is_some_and(|u| u != "sig") {
                 continue;
             }
+            // A key that names an algorithm Cubby does not accept (or a typo) is skipped.
+            let alg = match jwk.get("alg").and_then(Value::as_str) {
+                None => None,
+                Some(name) => match Algorithm::from_name(name) {
+                    Some(alg) => Some(alg),
+                    None => continue,
+                },
+            };
             let kid = jwk.get("kid").and_then(Value::as_str).map(str::to_owned);
             let kty = jwk.get("kty").and_then(Value::as_str).unwrap_or_default();
             let crv = jwk.get("crv").and_then(Value::as_str).unwrap_or_default();
-            let material = match (alg, kty, crv) {
-                (Algorithm::EdDSA, "OKP", "Ed25519") => Material::Encoded(field("x")?),
-                (Algorithm::ES256, "EC", "P-256") => {
+            let family = match (kty, crv) {
+                ("OKP", "Ed25519") => Family::Ed25519,
+                ("EC", "P-256") => Family::P256,
+                ("EC", "P-384") => Family::P384,
+                ("RSA", _) => Family::Rsa,
+                _ => continue,
+            };
+            let key = Self { family, alg, kid, material: Material::Encoded(Vec::new()) };
+            if !algs.iter().any(|&a| key.verifies(a)) {
+                continue;
+            }
+            let material = match family {
+                Family::Ed25519 => Material::Encoded(field("x")?),
+                Family::P256 | Family::P384 => {
                     let mut point = vec![4u8];
                     point.extend(field("x")?);
                     point.extend(field("y")?);
                     Material::Encoded(point)
                 }
-                (Algorithm::RS256, "RSA", _) => {
-                    Material::RsaComponents { n: field("n")?, e: field("e")? }
-                }
-                _ => continue,
+                Family::Rsa => Material::RsaComponents { n: field("n")?, e: field("e")? },
             };
-            out.push(Self { alg, kid, material });
-        }
-        if out.is_empty() {
-            return Err(KeyError::Jwks(format!("no {} key in the set", alg.name())));
+            out.push(Self { material, ..key });
         }
         Ok(out)
     }
 
-    fn verify(&self, message: &[u8], sig: &[u8]) -> bool {
-        let alg: &dyn signature::VerificationAlgorithm = match self.alg {
-            Algorithm::EdDSA => &signature::ED25519,
-            Algorithm::ES256 => &signature::ECDSA_P256_SHA256_FIXED,
-            Algorithm::RS256 => &signature::RSA_PKCS1_2048_8192_SHA256,
-        };
-        match &self.material {
-            Material::Encoded(raw) => UnparsedPublicKey::new(alg, raw).verify(message, sig).is_ok(),
-            Material::RsaComponents { n, e } => RsaPublicKeyComponents { n, e }
-                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, sig)
-                .is_ok(),
+    fn verify(&self, alg: Algorithm, message: &[u8], sig: &[u8]) -> bool {
+        match (&self.material, alg.rsa()) {
+            (Material::RsaComponents { n, e }, Some(params)) => {
+                RsaPublicKeyComponents { n, e }.verify(params, message, sig).is_ok()
+            }
+            (Material::RsaComponents { .. }, None) => false,
+            (Material::Encoded(raw), _) => {
+                UnparsedPublicKey::new(alg.verification(), raw).verify(message, sig).is_ok()
+            }
         }
     }
 }
@@ -232,18 +362,88 @@ impl VerifyingKey {
 pub struct Validation {
     /// The exact `iss`.
     pub issuer: String,
-    /// A value `aud` must be or contain.
+    /// A value the audience claim must be or contain.
     pub audience: String,
-    /// The only algorithm accepted.
-    pub algorithm: Algorithm,
+    /// The algorithms accepted; a token naming any other is refused before a key is looked at.
+    pub algorithms: Vec<Algorithm>,
     /// Seconds of clock skew tolerated on `exp` and `nbf`.
     pub leeway_secs: u64,
+    /// Where this issuer puts what Cubby reads.
+    pub claims: ClaimNames,
+}
+
+impl Validation {
+    /// Rules for `issuer`'s tokens for `audience`, signed with one of `algorithms`, with a
+    /// minute's leeway and the standard claim names.
+    pub fn new(issuer: &str, audience: &str, algorithms: &[Algorithm]) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            algorithms: algorithms.to_vec(),
+            leeway_secs: 60,
+            claims: ClaimNames::default(),
+        }
+    }
+}
+
+/// Where an issuer puts the claims Cubby reads, and what else a token must carry. A claim name
+/// is looked up whole first (`cognito:groups`, `https://acme.example/roles`), then as a dotted
+/// path into nested objects (`realm_access.roles`).
+#[derive(Clone, Debug)]
+pub struct ClaimNames {
+    /// The claim holding the audience: `aud`, or `client_id` for Cognito access tokens.
+    pub audience: String,
+    /// The claim naming the customer: `sub`, or a stable id such as Entra's `oid`.
+    pub subject: String,
+    /// Claims that must have a given value (a string equal to it, or a list holding it), such
+    /// as `token_use = "access"` (Cognito) or `typ = "Bearer"` (Keycloak).
+    pub required: Vec<(String, String)>,
+    /// The header `typ` values accepted (compared without case and without `application/`).
+    /// Empty: no `typ`, `JWT` or `at+jwt`; otherwise a `typ` is required.
+    pub token_types: Vec<String>,
+}
+
+impl Default for ClaimNames {
+    fn default() -> Self {
+        Self {
+            audience: "aud".into(),
+            subject: "sub".into(),
+            required: Vec::new(),
+            token_types: Vec::new(),
+        }
+    }
+}
+
+/// The claim `name` of `claims`: the top-level claim of that name, or else the value at that
+/// dotted path.
+pub fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if let Some(value) = claims.get(name) {
+        return Some(value);
+    }
+    let mut parts = name.split('.');
+    let mut value = claims.get(parts.next()?)?;
+    for part in parts {
+        value = value.as_object()?.get(part)?;
+    }
+    Some(value)
+}
+
+/// Whether a claim's value is `wanted`, holds it in a list, or (`words`) holds it among the
+/// space-separated words of a string (as `scope` does).
+pub fn claim_has(value: &Value, wanted: &str, words: bool) -> bool {
+    match value {
+        Value::String(s) if words => s.split_ascii_whitespace().any(|w| w == wanted),
+        Value::String(s) => s == wanted,
+        Value::Array(items) => items.iter().any(|item| item.as_str() == Some(wanted)),
+        _ => false,
+    }
 }
 
 /// The verified claims of a token.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Claims {
-    /// The subject: the customer (or the business service) the token speaks for.
+    /// The subject: the customer (or the business service) the token speaks for, read from
+    /// the issuer's subject claim.
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
@@ -274,7 +474,7 @@ pub fn unverified_issuer(token: &str) -> Result<String, JwtError> {
         .get("iss")
         .and_then(Value::as_str)
         .map(str::to_owned)
-        .ok_or(JwtError::MissingClaim("iss"))
+        .ok_or(JwtError::MissingClaim("iss".into()))
 }
 
 /// A token's issuer and subject, unverified: for a client to tell whose token it holds (the
@@ -291,19 +491,28 @@ fn numeric(claims: &Map<String, Value>, name: &'static str) -> Result<Option<u64
         Some(Value::Number(n)) => match (n.as_u64(), n.as_f64()) {
             (Some(v), _) => Ok(Some(v)),
             (None, Some(f)) if f >= 0.0 && f.is_finite() => Ok(Some(f as u64)),
-            _ => Err(JwtError::BadClaimType(name)),
+            _ => Err(JwtError::BadClaimType(name.into())),
         },
-        Some(_) => Err(JwtError::BadClaimType(name)),
+        Some(_) => Err(JwtError::BadClaimType(name.into())),
     }
 }
 
+/// A header `typ` in the form compared: lower case, without `application/`.
+fn media_type(typ: &str) -> String {
+    let typ = typ.to_ascii_lowercase();
+    typ.strip_prefix("application/").map(str::to_owned).unwrap_or(typ)
+}
+
 impl Verifier {
-    /// A verifier for one issuer. Every key must be of the pinned algorithm.
+    /// A verifier for one issuer. Every key must fit one of its algorithms; there may be none
+    /// yet (keys fetched later), and then every token is refused as [`JwtError::UnknownKey`].
     pub fn new(validation: Validation, keys: Vec<VerifyingKey>) -> Result<Self, KeyError> {
-        if let Some(key) = keys.iter().find(|k| k.alg != validation.algorithm) {
+        if let Some(key) =
+            keys.iter().find(|k| !validation.algorithms.iter().any(|&a| k.verifies(a)))
+        {
             return Err(KeyError::WrongKeyType {
-                found: key.alg.name(),
-                alg: validation.algorithm.name(),
+                found: key.family.name(),
+                algs: names(&validation.algorithms),
             });
         }
         Ok(Self { validation, keys })
@@ -312,6 +521,11 @@ impl Verifier {
     /// The rules this verifier applies.
     pub fn validation(&self) -> &Validation {
         &self.validation
+    }
+
+    /// The keys it verifies with.
+    pub fn keys(&self) -> &[VerifyingKey] {
+        &self.keys
     }
 
     /// Verifies `token` at `now` (seconds since the Unix epoch).
@@ -323,14 +537,24 @@ impl Verifier {
             return Err(JwtError::Malformed);
         };
         let header = decode_json(h)?;
-        let alg = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Malformed)?;
-        if alg != self.validation.algorithm.name() {
-            return Err(JwtError::InvalidAlgorithm(alg.to_owned()));
-        }
-        if let Some(typ) = header.get("typ") {
-            let typ = typ.as_str().ok_or(JwtError::Malformed)?;
-            if !["JWT", "at+jwt", "application/at+jwt"].contains(&typ) {
-                return Err(JwtError::WrongType(typ.to_owned()));
+        let name = header.get("alg").and_then(Value::as_str).ok_or(JwtError::Malformed)?;
+        let alg = Algorithm::from_name(name)
+            .filter(|a| self.validation.algorithms.contains(a))
+            .ok_or_else(|| JwtError::InvalidAlgorithm(name.to_owned()))?;
+        let names = &self.validation.claims;
+        match header.get("typ") {
+            None if names.token_types.is_empty() => {}
+            None => return Err(JwtError::WrongType(String::new())),
+            Some(typ) => {
+                let typ = typ.as_str().ok_or(JwtError::Malformed)?;
+                let accepted = if names.token_types.is_empty() {
+                    ["jwt", "at+jwt"].contains(&media_type(typ).as_str())
+                } else {
+                    names.token_types.iter().any(|t| media_type(t) == media_type(typ))
+                };
+                if !accepted {
+                    return Err(JwtError::WrongType(typ.to_owned()));
+                }
             }
         }
         if header.contains_key("crit") {
@@ -346,18 +570,19 @@ impl Verifier {
         let mut candidates = self
             .keys
             .iter()
+            .filter(|k| k.verifies(alg))
             .filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
             .peekable();
         if candidates.peek().is_none() {
             return Err(JwtError::UnknownKey);
         }
-        if !candidates.any(|k| k.verify(signed, &sig)) {
+        if !candidates.any(|k| k.verify(alg, signed, &sig)) {
             return Err(JwtError::BadSignature);
         }
 
         let claims = decode_json(p)?;
         let leeway = self.validation.leeway_secs;
-        let exp = numeric(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp"))?;
+        let exp = numeric(&claims, "exp")?.ok_or(JwtError::MissingClaim("exp".into()))?;
         if now > exp.saturating_add(leeway) {
             return Err(JwtError::Expired);
         }
@@ -368,21 +593,28 @@ impl Verifier {
         match claims.get("iss") {
             Some(Value::String(iss)) if *iss == self.validation.issuer => {}
             Some(Value::String(_)) => return Err(JwtError::WrongIssuer),
-            Some(_) => return Err(JwtError::BadClaimType("iss")),
-            None => return Err(JwtError::MissingClaim("iss")),
+            Some(_) => return Err(JwtError::BadClaimType("iss".into())),
+            None => return Err(JwtError::MissingClaim("iss".into())),
         }
-        let audience = self.validation.audience.as_str();
-        match claims.get("aud") {
-            Some(Value::String(aud)) if aud == audience => {}
-            Some(Value::Array(auds)) if auds.iter().any(|a| a.as_str() == Some(audience)) => {}
+        match claim(&claims, &names.audience) {
+            Some(aud) if claim_has(aud, &self.validation.audience, false) => {}
             Some(Value::String(_) | Value::Array(_)) => return Err(JwtError::WrongAudience),
-            Some(_) => return Err(JwtError::BadClaimType("aud")),
-            None => return Err(JwtError::MissingClaim("aud")),
+            Some(_) => return Err(JwtError::BadClaimType(names.audience.clone())),
+            None => return Err(JwtError::MissingClaim(names.audience.clone())),
         }
-        let sub = match claims.get("sub") {
+        for (name, wanted) in &names.required {
+            match claim(&claims, name) {
+                Some(value) if claim_has(value, wanted, false) => {}
+                Some(_) => return Err(JwtError::WrongClaim(name.clone())),
+                None => return Err(JwtError::MissingClaim(name.clone())),
+            }
+        }
+        let sub = match claim(&claims, &names.subject) {
             Some(Value::String(sub)) if !sub.is_empty() => sub.clone(),
-            Some(Value::String(_)) | None => return Err(JwtError::MissingClaim("sub")),
-            Some(_) => return Err(JwtError::BadClaimType("sub")),
+            Some(Value::String(_)) | None => {
+                return Err(JwtError::MissingClaim(names.subject.clone()));
+            }
+            Some(_) => return Err(JwtError::BadClaimType(names.subject.clone())),
         };
         Ok(Claims { sub, exp, all: claims })
     }

@@ -65,7 +65,15 @@ impl TokenSigner {
 
     /// Signs `claims` as an EdDSA JWT.
     pub fn sign_jwt(&self, claims: &serde_json::Value) -> String {
-        let header = serde_json::json!({"alg": "EdDSA", "typ": "JWT", "kid": self.kid});
+        self.sign_jwt_typed(Some("JWT"), claims)
+    }
+
+    /// Signs `claims` as an EdDSA JWT whose header has this `typ` (or none).
+    pub fn sign_jwt_typed(&self, typ: Option<&str>, claims: &serde_json::Value) -> String {
+        let mut header = serde_json::json!({"alg": "EdDSA", "kid": self.kid});
+        if let Some(typ) = typ {
+            header["typ"] = typ.into();
+        }
         let signing_input = format!(
             "{}.{}",
             URL_SAFE_NO_PAD.encode(header.to_string()),

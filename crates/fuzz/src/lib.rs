@@ -82,12 +82,7 @@ fn verifier() -> &'static (Verifier, TokenSigner) {
     VERIFIER.get_or_init(|| {
         let signer = TokenSigner::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
             .expect("a fresh key pair");
-        let validation = Validation {
-            issuer: "fuzz".into(),
-            audience: "cubby".into(),
-            algorithm: Algorithm::EdDSA,
-            leeway_secs: 60,
-        };
+        let validation = Validation::new("fuzz", "cubby", &[Algorithm::EdDSA]);
         let verifier =
             Verifier::new(validation, vec![signer.verifying_key()]).expect("one good key");
         (verifier, signer)
@@ -102,10 +97,8 @@ pub fn token(data: &[u8]) {
     // Fuzzed bytes cannot carry a valid Ed25519 signature by this process's fresh key.
     assert!(verifier.verify(&text, 1_700_000_000).is_err(), "a forged token was accepted");
     let _ = cubby_crypto::jwt::unverified_issuer(&text);
-    for alg in [Algorithm::EdDSA, Algorithm::ES256, Algorithm::RS256] {
-        let _ = VerifyingKey::from_jwks(&text, alg);
-        let _ = VerifyingKey::from_pem(&text, alg, None);
-    }
+    let _ = VerifyingKey::from_jwks(&text, &Algorithm::ALL);
+    let _ = VerifyingKey::from_pem(&text, None);
 }
 
 /// Bytes read back from storage as a sealed record or a wrapped data key: opening never panics

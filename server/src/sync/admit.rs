@@ -78,7 +78,7 @@ impl Connection {
     /// records it with the device, so that revoking the device refuses it too. False, and
     /// nothing changes, when it expires no later than the stream's token.
     pub(super) async fn renew(&mut self, token: &str) -> Result<bool, Status> {
-        let caller = self.shared.auth.verify(token.trim())?;
+        let caller = self.shared.auth.verify(token.trim()).await?;
         if caller.admin {
             let reason = "a service token cannot act as a customer; use the admin API";
             return Err(ApiError::PermissionDenied(reason.into()).into());
