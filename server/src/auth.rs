@@ -16,6 +16,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::config::{ConfigError, ServerConfig, TenantConfig};
 use crate::idp::{self, Pacing, Source, TenantKeys};
+use crate::metrics::{Metrics, TenantLabels};
 
 /// The development tenant's name, issuer and audience.
 pub const DEV_TENANT: &str = "dev";
@@ -115,6 +116,7 @@ pub struct Authenticator {
     ids: Keyring,
     clock: Clock,
     leeway_secs: u64,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -279,7 +281,13 @@ impl Authenticator {
         if issuers.windows(2).any(|w| w[0] == w[1]) {
             return Err(ConfigError("two tenants share an issuer".into()));
         }
-        Ok(Self { tenants, ids, clock, leeway_secs })
+        Ok(Self { tenants, ids, clock, leeway_secs, metrics: Arc::default() })
+    }
+
+    /// Counts refused tokens in `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Fetches every remote tenant's keys (all at once, each within its fetch timeout), then
@@ -300,9 +308,11 @@ impl Authenticator {
         }
     }
 
-    /// Each tenant's name and keys, for metrics.
-    pub(crate) fn tenant_keys(&self) -> impl Iterator<Item = (&str, &TenantKeys)> {
-        self.tenants.iter().map(|t| (t.name.as_str(), &*t.keys))
+    /// Each tenant's name, key loads tried and key loads failed, for metrics.
+    pub(crate) fn key_loads(&self) -> Vec<(String, u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let loads = |t: &Tenant| (t.keys.loads.load(Relaxed), t.keys.failures.load(Relaxed));
+        self.tenants.iter().map(|t| (t.name.clone(), loads(t).0, loads(t).1)).collect()
     }
 
     /// Verifies a raw token.
@@ -312,7 +322,17 @@ impl Authenticator {
     pub async fn verify(&self, token: &str) -> Result<Caller, ApiError> {
         let verified = self.verify_at(token, self.clock.unix_now(), Instant::now()).await;
         if let Err(err) = &verified {
-            tracing::info!(reason = %err, "token refused");
+            let issuer = jwt::unverified_issuer(token).ok();
+            let tenant = self
+                .tenants
+                .iter()
+                .find(|t| Some(t.keys.issuer()) == issuer.as_deref())
+                .map_or("unknown", |t| t.name.as_str());
+            self.metrics
+                .tokens_refused
+                .get_or_create(&TenantLabels { tenant: tenant.into() })
+                .inc();
+            tracing::info!(tenant, reason = %err, "token refused");
         }
         verified
     }

@@ -6,7 +6,8 @@
 //!
 //! Every setting can also be given in the environment, which wins over the file: `CUBBY_` and
 //! the setting's path in capitals, `_` for `.` (`CUBBY_LISTEN`, `CUBBY_TLS_CERT`,
-//! `CUBBY_LIMITS_MAX_MESSAGE_BYTES`; `CUBBY_TENANTS` takes a TOML array of tables). A value is
+//! `CUBBY_LIMITS_MAX_MESSAGE_BYTES`, `CUBBY_METRICS_LISTEN` or just `CUBBY_METRICS`;
+//! `CUBBY_TENANTS` takes a TOML array of tables). A value is
 //! read as TOML (a number, `true`), or else as text. Durations (`*_secs`, `*_ms`) are written
 //! as people write them, in the file or the environment: `30s`, `5m`, `2h`, `1d`, `250ms`, or
 //! a bare number in the field's unit.
@@ -48,6 +49,19 @@ pub struct ServerConfig {
     /// The business apps whose identity providers this server trusts.
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Where metrics are served.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the metrics listener (plain HTTP, `GET /metrics`, Prometheus text). Off when
+    /// unset. Also `--metrics` and `CUBBY_METRICS`. Bind it to a private address: it tells how
+    /// busy the server is, though never who its customers are.
+    pub listen: Option<SocketAddr>,
 }
 
 /// TLS settings. TLS 1.3 only.
@@ -294,6 +308,7 @@ impl ServerConfig {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             tenants: Vec::new(),
+            metrics: MetricsConfig::default(),
         }
     }
 
@@ -359,6 +374,9 @@ impl ServerConfig {
 const TOP_LEVEL: [&str; 6] =
     ["listen", "data", "master_key_file", "witness_dir", "dev_tenant", "tenants"];
 
+/// Settings the environment may give by a shorter name.
+const SHORTHANDS: [(&str, (&str, &str)); 1] = [("metrics", ("metrics", "listen"))];
+
 /// Puts the settings `env` gives (`CUBBY_...`, see the module docs) over `table`. A variable
 /// that names no setting but starts like a section's (`CUBBY_LIMITS_...`, `CUBBY_TLS_...`) is
 /// refused, so that a misspelt one is not ignored; other `CUBBY_` variables belong to other
@@ -370,6 +388,7 @@ fn overlay(
     let sections = [
         ("tls", toml::Table::try_from(TlsConfig::default())),
         ("limits", toml::Table::try_from(Limits::default())),
+        ("metrics", toml::Table::try_from(MetricsConfig::default())),
     ];
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("CUBBY_") else { continue };
@@ -378,11 +397,15 @@ fn overlay(
         if TOP_LEVEL.contains(&key.as_str()) {
             place = Some((None, key.clone()));
         }
+        if let Some((_, (section, field))) = SHORTHANDS.iter().find(|(short, _)| *short == key) {
+            place = Some((Some(*section), (*field).to_owned()));
+        }
         for (section, known) in &sections {
             let Some(field) = key.strip_prefix(&format!("{section}_")) else { continue };
             let known = known.as_ref().map_err(|e| ConfigError(e.to_string()))?;
-            // `TlsConfig`'s optional paths are absent from its default: name them here.
-            let optional = *section == "tls" && matches!(field, "cert" | "key");
+            // Optional settings are absent from their section's default: name them here.
+            let optional =
+                matches!((*section, field), ("tls", "cert" | "key") | ("metrics", "listen"));
             if !known.contains_key(field) && !optional {
                 return Err(ConfigError(format!(
                     "{name}: there is no setting {section}.{field} (see server/config/prod.toml)"
@@ -553,10 +576,14 @@ mod tests {
         let dev = ServerConfig::dev_and(
             "/tmp/d",
             default_listen(),
-            env(&[("CUBBY_LIMITS_MAX_HANDSHAKES", "9")]),
+            env(&[("CUBBY_LIMITS_MAX_HANDSHAKES", "9"), ("CUBBY_METRICS", "127.0.0.1:9100")]),
         )
         .expect("development defaults");
         assert_eq!(dev.limits.max_handshakes, 9);
+        assert_eq!(dev.metrics.listen, Some("127.0.0.1:9100".parse().expect("addr")));
+        let long = env(&[("CUBBY_METRICS_LISTEN", "0.0.0.0:9100")]);
+        let config = ServerConfig::from_file_and(&path, long).expect("loads");
+        assert_eq!(config.metrics.listen, Some("0.0.0.0:9100".parse().expect("addr")));
         assert!(dev.dev_tenant_enabled());
     }
 

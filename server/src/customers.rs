@@ -191,6 +191,24 @@ impl Customers {
         }
     }
 
+    /// How many devices have a stream open, and how many streams are open.
+    pub(crate) fn connected(&self) -> (u64, u64) {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut devices = 0;
+        let mut open = 0;
+        let mut seen = Vec::new();
+        for by_id in streams.open.values() {
+            // A customer has a few devices: a sorted list beats a set.
+            seen.clear();
+            seen.extend(by_id.values().map(|(device, _)| *device));
+            seen.sort_unstable();
+            seen.dedup();
+            devices += seen.len() as u64;
+            open += by_id.len() as u64;
+        }
+        (devices, open)
+    }
+
     /// Closes the streams of one device (or every device with `None`) with `reason`.
     fn eject(&self, customer: &CustomerId, device: Option<&DeviceId>, reason: &ApiError) -> usize {
         let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);

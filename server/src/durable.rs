@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::StorageWork;
 use crate::bus::{Bus, Changed, Envelope, Event, NodeId};
+use crate::metrics::Metrics;
 
 /// A write the committer applies.
 #[derive(Debug)]
@@ -94,10 +95,11 @@ impl Committer {
         max_batch: usize,
         degraded: Box<dyn FnOnce() + Send>,
         work: StorageWork,
+        metrics: Arc<Metrics>,
     ) -> (Self, CommitHandle) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let mut writer =
-            Writer { store, bus, max_batch: max_batch.max(1), degraded: Some(degraded) };
+            Writer { store, bus, max_batch: max_batch.max(1), degraded: Some(degraded), metrics };
         let committer = match work {
             StorageWork::Inline => Self::Task(tokio::spawn(async move {
                 while let Some(first) = rx.recv().await {
@@ -178,6 +180,7 @@ struct Writer {
     bus: (Arc<dyn Bus>, NodeId),
     max_batch: usize,
     degraded: Option<Box<dyn FnOnce() + Send>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Writer {
@@ -191,6 +194,7 @@ impl Writer {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         // One call into the store for the whole batch; each job's outcome is its writes'.
         let mut writes = Vec::with_capacity(batch.len());
         let mut spans = Vec::with_capacity(batch.len());
@@ -207,6 +211,8 @@ impl Writer {
             api_error(err)
         });
         drop(writes);
+        self.metrics.commit_batch.observe(batch.len() as f64);
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         let results: Vec<Result<Option<Seq>, ApiError>> = match committed {
             Err(err) => spans.iter().map(|_| Err(err.clone())).collect(),
             Ok(outcomes) => {

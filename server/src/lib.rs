@@ -42,10 +42,12 @@ mod hub;
 mod idp;
 mod keys;
 mod listen;
+mod metrics;
 mod quota;
 mod reflection;
 mod restore;
 mod rights;
+mod rpc;
 mod shared;
 mod sync;
 pub mod tls;
@@ -139,6 +141,7 @@ impl StorageWork {
 #[derive(Debug)]
 pub struct RunningServer {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     cert: Option<tls::CertPaths>,
     master_key_created: Option<PathBuf>,
     stop: CancellationToken,
@@ -158,6 +161,11 @@ impl RunningServer {
     /// The address it listens on (with the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address metrics are served on, when `[metrics] listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The TLS certificate it serves (`None` for plaintext).
@@ -272,6 +280,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let metrics_listener = bind_metrics(&config).await?;
     // The key before the store: without it nothing may be written.
     let master = master_key(&config)?;
     let db_path = store_path(&config);
@@ -287,7 +296,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         bus: Arc::new(bus::LocalBus::default()),
         witness: Some(Arc::new(witness)),
     };
-    launch(config, master, platform).await
+    launch(config, master, platform, metrics_listener).await
+}
+
+/// Binds the metrics listener, if one is configured.
+async fn bind_metrics(
+    config: &ServerConfig,
+) -> Result<Option<tokio::net::TcpListener>, StartError> {
+    let Some(addr) = config.metrics.listen else { return Ok(None) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })?;
+    Ok(Some(listener))
 }
 
 /// Starts a server on `platform`. Returns once it is listening.
@@ -296,8 +316,9 @@ pub async fn start_on<L: Listener>(
     platform: Platform<L>,
 ) -> Result<RunningServer, StartError> {
     create_data_dir(&config)?;
+    let metrics_listener = bind_metrics(&config).await?;
     let master = master_key(&config)?;
-    launch(config, master, platform).await
+    launch(config, master, platform, metrics_listener).await
 }
 
 fn create_data_dir(config: &ServerConfig) -> Result<(), StartError> {
@@ -310,8 +331,11 @@ async fn launch<L: Listener>(
     config: ServerConfig,
     (master, master_key_created): (MasterSecret, Option<PathBuf>),
     platform: Platform<L>,
+    metrics_listener: Option<tokio::net::TcpListener>,
 ) -> Result<RunningServer, StartError> {
     tls::install_ring_provider();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     if config.limits.max_message_bytes < 2 * cubby_proto::parts::PART_BYTES {
         return Err(ConfigError(
             "limits.max_message_bytes must be at least 2 MiB (sync messages travel in 1 MiB parts)"
@@ -340,7 +364,8 @@ async fn launch<L: Listener>(
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     let erased = vault.erased_customers().map_err(store_error)?;
-    let auth = auth::Authenticator::new(&config, Keyring::from_master(&master), clock)?;
+    let auth = auth::Authenticator::new(&config, Keyring::from_master(&master), clock)?
+        .with_metrics(metrics.clone());
     // Revocations a restored store lacks are put back before anyone is admitted.
     let replayed = devices::replay_revocations(&vault, auth.expired_before()).map_err(|e| {
         StartError::Store {
@@ -404,12 +429,16 @@ async fn launch<L: Listener>(
         limits.max_commit_batch,
         degraded,
         work,
+        metrics.clone(),
     );
-    let quotas = Arc::new(quota::Quotas::new(quota::QuotaLimits {
-        max_document_bytes: limits.max_document_bytes,
-        max_customer_bytes: limits.max_customer_bytes,
-        writes_per_sec: limits.max_writes_per_sec,
-    }));
+    let quotas = Arc::new(quota::Quotas::new(
+        quota::QuotaLimits {
+            max_document_bytes: limits.max_document_bytes,
+            max_customer_bytes: limits.max_customer_bytes,
+            writes_per_sec: limits.max_writes_per_sec,
+        },
+        metrics.clone(),
+    ));
     let docs = docs::Docs::new(docs::Ctx {
         quotas: quotas.clone(),
         store: store.clone(),
@@ -423,6 +452,7 @@ async fn launch<L: Listener>(
         tracker: tracker.clone(),
         stop: stop.clone(),
         work,
+        metrics: metrics.clone(),
     });
     let live_docs = docs.clone();
     auth.start_refreshing(&tracker, stop.clone()).await;
@@ -435,6 +465,7 @@ async fn launch<L: Listener>(
         stop.clone(),
     );
     let shared = Arc::new(Shared {
+        metrics: metrics.clone(),
         auth,
         store,
         customers,
@@ -451,6 +482,21 @@ async fn launch<L: Listener>(
         part_budgets: sync::PartBudgets::default(),
         vault: vault.clone(),
     });
+
+    if let Some(listener) = metrics_listener {
+        let live = Arc::downgrade(&shared);
+        let scrape = Arc::new(move || {
+            let Some(shared) = live.upgrade() else { return metrics::Live::default() };
+            let (devices, streams) = shared.customers.connected();
+            metrics::Live {
+                devices,
+                streams,
+                documents: shared.docs.live() as u64,
+                key_loads: shared.auth.key_loads(),
+            }
+        });
+        metrics::serve(listener, metrics.clone(), scrape, &tracker, stop.clone());
+    }
 
     // Held weakly: a node that shut down stops hearing the bus, and nothing it holds outlives it.
     let hearing = Arc::downgrade(&shared);
@@ -480,7 +526,9 @@ async fn launch<L: Listener>(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
+    let described = [cubby_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
     let router = tonic::transport::Server::builder()
+        .layer(rpc::RpcLayer::new(&described, metrics.clone()))
         .layer(tonic::service::InterceptorLayer::new(listen::refuse_over_limit))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(limits.max_pending_reset_streams))
@@ -513,6 +561,7 @@ async fn launch<L: Listener>(
     };
     Ok(RunningServer {
         addr,
+        metrics_addr,
         cert,
         master_key_created,
         stop,

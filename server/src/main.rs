@@ -20,6 +20,14 @@ struct Cli {
     /// Address to listen on (overrides the config file).
     #[arg(long, env = "CUBBY_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (over the config file's
+    /// `[metrics] listen`; also CUBBY_METRICS).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log lines as `text` for people or `json` (one object per line) for log collectors. The
+    /// level is set with RUST_LOG (default `info`).
+    #[arg(long, env = "CUBBY_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// A TOML config file (see server/config/prod.toml). Without one: development mode. Every
     /// setting can also be given in the environment, over the file: CUBBY_ and its path in
     /// capitals (CUBBY_LIMITS_MAX_MESSAGE_BYTES=8388608, CUBBY_TLS_CERT=/etc/cubby/cert.pem).
@@ -27,6 +35,12 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -98,12 +112,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // Each line carries its spans' fields: the call, its request id, the customer.
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+        LogFormat::Text => logs.init(),
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -198,6 +216,9 @@ fn config(cli: &Cli) -> anyhow::Result<ServerConfig> {
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }
+    if let Some(metrics) = cli.metrics {
+        config.metrics.listen = Some(metrics);
+    }
     Ok(config)
 }
 
@@ -245,6 +266,9 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
         }
         Some(cert) => say!("TLS certificate: {}", cert.cert.display()),
         None => {}
+    }
+    if let Some(addr) = server.metrics_addr() {
+        say!("metrics: http://{addr}/metrics");
     }
     if let Some(path) = server.master_key_created() {
         say!(

@@ -6,7 +6,7 @@
 //! their documents' metadata the first time it is needed, then kept up to date as writes land.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio::time::Instant;
 
 use cubby_core::{CustomerId, DocId, DocMeta, Seq};
@@ -14,6 +14,7 @@ use cubby_proto::ApiError;
 use cubby_store::Store;
 
 use crate::durable::api_error;
+use crate::metrics::Metrics;
 
 /// Bytes of history in a customer's documents, from the metadata `Store::list_docs` returns
 /// (what the storage limit counts).
@@ -40,11 +41,12 @@ pub(crate) struct Quotas {
     limits: QuotaLimits,
     usage: Mutex<HashMap<CustomerId, u64>>,
     buckets: Mutex<HashMap<CustomerId, Bucket>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Quotas {
-    pub(crate) fn new(limits: QuotaLimits) -> Self {
-        Self { limits, usage: Mutex::default(), buckets: Mutex::default() }
+    pub(crate) fn new(limits: QuotaLimits, metrics: Arc<Metrics>) -> Self {
+        Self { limits, usage: Mutex::default(), buckets: Mutex::default(), metrics }
     }
 
     /// Whether the customer's usage is known (so [`Quotas::reserve`] will not touch the store).
@@ -68,6 +70,7 @@ impl Quotas {
     pub(crate) fn take_write(&self, customer: &CustomerId) -> Result<(), ApiError> {
         self.bucket(customer, |bucket, _| {
             if bucket.tokens < 1.0 {
+                self.metrics.refused("rate");
                 return Err(ApiError::ResourceExhausted(
                     "too many writes for this account; slow down".into(),
                 ));
@@ -79,6 +82,7 @@ impl Quotas {
 
     /// Charges the customer's rate budget `seconds` worth of writes (work that ran too long).
     pub(crate) fn penalize(&self, customer: &CustomerId, seconds: f64) {
+        self.metrics.refused("apply_time");
         self.bucket(customer, |bucket, rate| bucket.tokens -= rate * seconds);
     }
 
@@ -93,6 +97,7 @@ impl Quotas {
         bytes: u64,
     ) -> Result<(), ApiError> {
         if document_bytes > self.limits.max_document_bytes {
+            self.metrics.refused("document_size");
             return Err(ApiError::ResourceExhausted(format!(
                 "the document would exceed its limit of {} bytes",
                 self.limits.max_document_bytes
@@ -109,6 +114,7 @@ impl Quotas {
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
         let used = usage.entry(*customer).or_default();
         if *used + bytes > self.limits.max_customer_bytes {
+            self.metrics.refused("account_storage");
             return Err(ApiError::ResourceExhausted(format!(
                 "the account would exceed its storage limit of {} bytes",
                 self.limits.max_customer_bytes
@@ -146,7 +152,7 @@ mod tests {
     fn limits_refuse_only_the_customer_over_them() {
         let limits =
             QuotaLimits { max_document_bytes: 100, max_customer_bytes: 150, writes_per_sec: 2 };
-        let quotas = Quotas::new(limits);
+        let quotas = Quotas::new(limits, Arc::default());
         let store = MemoryStore::new();
         assert!(quotas.reserve(&store, &ALICE, 101, 1).is_err(), "document over its limit");
         quotas.reserve(&store, &ALICE, 100, 100).expect("fits");

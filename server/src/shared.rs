@@ -11,6 +11,7 @@ use crate::{Limits, StorageWork, Vault, auth, bus, customers, devices, docs, hub
 
 /// What the services share.
 pub(crate) struct Shared {
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     pub(crate) auth: auth::Authenticator,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) customers: customers::Customers,
@@ -71,7 +72,9 @@ impl Shared {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
-        self.customers.admit(self.auth.authenticate(metadata).await?).await
+        let caller = self.auth.authenticate(metadata).await?;
+        crate::rpc::record_customer(&caller.customer);
+        self.customers.admit(caller).await
     }
 
     /// Authenticates a business request: a verified service token with the admin scope.
@@ -80,6 +83,7 @@ impl Shared {
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
         let caller = self.auth.authenticate(metadata).await?;
+        crate::rpc::record_customer(&caller.customer);
         if !caller.admin {
             return Err(ApiError::PermissionDenied(
                 "the admin API needs a service token with the admin scope".into(),

@@ -409,6 +409,13 @@ impl Actor {
         peer: u64,
         message: Vec<u8>,
     ) -> Option<Result<(), Refusal>> {
+        let started = std::time::Instant::now();
+        let applied = self.apply_timed(peer, message).await;
+        self.ctx().metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
+        applied
+    }
+
+    async fn apply_timed(&mut self, peer: u64, message: Vec<u8>) -> Option<Result<(), Refusal>> {
         let off_thread = message.len() > INLINE_APPLY_BYTES
             && self.ctx().work == crate::StorageWork::BlockingPool;
         if !off_thread {

@@ -178,6 +178,7 @@ pub(crate) struct Ctx {
     pub(crate) work: crate::StorageWork,
     /// How long one large sync message may take to apply.
     pub(crate) apply_deadline: Duration,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 type Key = (CustomerId, DocId);

@@ -21,6 +21,7 @@ use futures_util::stream::PollNext;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::Shared;
 use crate::docs::{DocMsg, Lagging, Link, Outgoing};
@@ -66,6 +67,7 @@ impl pb::sync_server::Sync for SyncService {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let caller = self.shared.auth.authenticate(request.metadata()).await?;
+        crate::rpc::record_customer(&caller.customer);
         let caller = self.shared.customers.admit_device_stream(caller).await?;
         let token_denied = self.shared.customers.token_denied(&caller);
         let parts = self.shared.part_budgets.reassembly(
@@ -101,7 +103,9 @@ impl pb::sync_server::Sync for SyncService {
             parts,
             end: Some(end),
         };
-        self.shared.tracker.spawn(connection.run(request.into_inner()));
+        // The stream's task logs inside the call's span: its method, request id and customer.
+        self.shared.tracker.spawn(connection.run(request.into_inner()).in_current_span());
+        let metrics = self.shared.metrics.clone();
         // The actors' frames go first: they answer what the device asked, while the stream's own
         // can be the announcements of a whole feed. A frame's permits go back here, as it
         // leaves the queue (see `Outgoing`).
@@ -113,7 +117,10 @@ impl pb::sync_server::Sync for SyncService {
         // Wire types at the edge: a queued message becomes its frame here, and one sync message
         // may take several parts on the wire.
         let frames = frames
-            .flat_map(|message| {
+            .flat_map(move |message| {
+                if let ToDevice::Sync { message: bytes, .. } = &*message {
+                    metrics.sync_message("sent", bytes.len());
+                }
                 futures_util::stream::iter(parts::split_server_frame(frames::frame(*message)))
             })
             .map(move |frame| {
@@ -178,7 +185,16 @@ struct Connection {
 
 impl Connection {
     pub(super) async fn run(mut self, mut inbound: Streaming<pb::ClientFrame>) {
-        if let Err(status) = self.serve(&mut inbound).await {
+        let served = self.serve(&mut inbound).await;
+        if let Some(device) = self.device {
+            match &served {
+                Ok(()) => tracing::info!(peer = self.peer, device = %device.short(),
+                    "device disconnected"),
+                Err(status) => tracing::info!(peer = self.peer, device = %device.short(),
+                    code = ?status.code(), reason = status.message(), "device disconnected"),
+            }
+        }
+        if let Err(status) = served {
             if let Some(end) = self.end.take() {
                 let _ = end.send(status);
             }
@@ -239,7 +255,8 @@ impl Connection {
             return Err(ApiError::InvalidArgument("the first frame must be a hello".into()).into());
         };
         let (device, ejector) = self.prove_device(inbound, &hello, deadline).await?;
-        tracing::debug!(peer = self.peer, device = %device.short(), cursor = hello.cursor,
+        self.shared.metrics.connects.inc();
+        tracing::info!(peer = self.peer, device = %device.short(), cursor = hello.cursor,
             "device connected");
         // A cursor from another epoch means nothing here: the device offers back all it holds.
         let same_epoch = hello.epoch == self.shared.customers.epoch(&self.customer);
@@ -378,6 +395,7 @@ impl Connection {
         match frame.frame {
             Some(pb::client_frame::Frame::Sync(part)) => {
                 let Some(sync) = self.parts.push(part)? else { return Ok(()) };
+                self.shared.metrics.sync_message("received", sync.message.len());
                 let doc = match cubby_proto::doc_id(&sync.doc_id) {
                     Ok(doc) => doc,
                     Err(err) => {
