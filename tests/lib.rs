@@ -14,6 +14,7 @@ use cubby_crypto::signing::DeviceKey;
 use cubby_server::{RunningServer, ServerConfig, auth};
 use tempfile::TempDir;
 
+pub mod idp;
 pub mod sim_disk;
 
 /// splitmix64: a few lines of deterministic randomness, so a seeded schedule replays.

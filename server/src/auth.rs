@@ -298,11 +298,10 @@ impl Authenticator {
         tracker: &tokio_util::task::TaskTracker,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        let first =
-            futures_util::future::join_all(self.tenants.iter().map(|t| async {
-                if t.keys.is_remote() { t.keys.load().await } else { Ok(None) }
-            }))
-            .await;
+        let first = futures_util::future::join_all(self.tenants.iter().map(|t| async {
+            if t.keys.is_remote() { t.keys.load("at start").await } else { Ok(None) }
+        }))
+        .await;
         for (tenant, first) in self.tenants.iter().zip(first) {
             tenant.keys.clone().spawn_refresher(first, tracker, stop.clone());
         }

@@ -7,7 +7,8 @@
 //! - in the background, as the key set's `Cache-Control: max-age` says (or every
 //!   `limits.jwks_refresh_secs`), never more often than `limits.jwks_min_refresh_secs`;
 //! - when a token names a key id the server does not know (the IdP rotated its keys), at most
-//!   once per `limits.jwks_min_refresh_secs`, one load at a time however many tokens ask.
+//!   once per `limits.jwks_min_refresh_secs`, one load at a time however many tokens ask. The
+//!   scheduled loads do not count: a rotation right after one is still picked up at once.
 //!
 //! A failed load keeps the keys already held: tokens signed with them still verify, tokens
 //! naming any other key are refused (fail closed).
@@ -69,8 +70,11 @@ pub(crate) struct TenantKeys {
     pacing: Pacing,
     /// Swapped whole by a successful load.
     verifier: RwLock<Arc<Verifier>>,
-    /// When keys were last loaded or tried; held across a load, so loads happen one at a time.
-    last_load: tokio::sync::Mutex<Option<Instant>>,
+    /// When a token with an unknown key id last had keys loaded; held across that load, so
+    /// the tokens asking meanwhile wait for it rather than load again.
+    last_on_demand: tokio::sync::Mutex<Option<Instant>>,
+    /// Held across every load: one at a time.
+    loading: tokio::sync::Mutex<()>,
     /// Loads tried, and those that failed (kept keys), for metrics and tests.
     pub(crate) loads: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -114,7 +118,8 @@ impl TenantKeys {
             fetcher,
             pacing,
             verifier: RwLock::new(Arc::new(verifier)),
-            last_load: tokio::sync::Mutex::new(None),
+            last_on_demand: tokio::sync::Mutex::new(None),
+            loading: tokio::sync::Mutex::new(()),
             loads: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         })
@@ -135,14 +140,14 @@ impl TenantKeys {
         self.verifier.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Loads keys again for a token naming a key id not among `seen`'s, unless keys were loaded
-    /// (or tried) within the least refresh interval. True when the keys now held differ from
-    /// `seen` (this call or a concurrent one loaded new ones).
+    /// Loads keys again for a token naming a key id not among `seen`'s, unless a token did
+    /// so within the least refresh interval. True when the keys now held differ from `seen`
+    /// (this call or a concurrent one loaded new ones).
     pub(crate) async fn refresh_for_unknown_key(&self, seen: &Arc<Verifier>, now: Instant) -> bool {
         if matches!(self.source, Source::Fixed) {
             return false;
         }
-        let mut last = self.last_load.lock().await;
+        let mut last = self.last_on_demand.lock().await;
         if !Arc::ptr_eq(&self.verifier(), seen) {
             return true;
         }
@@ -150,16 +155,15 @@ impl TenantKeys {
             return false;
         }
         *last = Some(now);
-        let loaded = self.load_now("a token named an unknown key id").await;
+        let loaded = self.load("a token named an unknown key id").await;
         loaded.is_ok() && !Arc::ptr_eq(&self.verifier(), seen)
     }
 
-    /// Loads the keys now (at start-up, and from the background refresher). Returns how long
-    /// the key set may be cached, when it says.
-    pub(crate) async fn load(&self) -> Result<Option<Duration>, String> {
-        let mut last = self.last_load.lock().await;
-        *last = Some(Instant::now());
-        self.load_now("scheduled").await
+    /// Loads the keys now (`why`: at start-up, scheduled, or for an unknown key id). Returns
+    /// how long the key set may be cached, when it says.
+    pub(crate) async fn load(&self, why: &str) -> Result<Option<Duration>, String> {
+        let _one_at_a_time = self.loading.lock().await;
+        self.load_now(why).await
     }
 
     async fn load_now(&self, why: &str) -> Result<Option<Duration>, String> {
@@ -212,6 +216,8 @@ impl TenantKeys {
         tracker.spawn(async move {
             let mut outcome = first;
             let mut failures = 0u32;
+            // Never more often than the least interval, nor than once a second.
+            let floor = self.pacing.min.max(Duration::from_secs(1));
             loop {
                 let wait = match &outcome {
                     Ok(max_age) => {
@@ -219,17 +225,20 @@ impl TenantKeys {
                         max_age.unwrap_or(self.pacing.default)
                     }
                     Err(_) => {
-                        // 1, 2, 4 … times the least interval, up to the usual one.
+                        // 1, 2, 4 … times the least interval (a second at least), up to the
+                        // usual one.
                         failures = failures.saturating_add(1);
-                        self.pacing.min.saturating_mul(1 << failures.min(10).saturating_sub(1))
+                        floor
+                            .saturating_mul(1 << failures.min(10).saturating_sub(1))
+                            .min(self.pacing.default)
                     }
                 }
-                .clamp(self.pacing.min, MAX_REFRESH.max(self.pacing.min));
+                .clamp(floor, MAX_REFRESH.max(floor));
                 tokio::select! {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(wait) => {}
                 }
-                outcome = self.load().await;
+                outcome = self.load("scheduled").await;
             }
         });
     }

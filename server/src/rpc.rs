@@ -132,14 +132,14 @@ impl Ending {
             | Code::Unimplemented => {
                 tracing::info!(
                     code = code_name(code),
-                    message = message.unwrap_or(""),
+                    reason = message.unwrap_or(""),
                     "rpc refused"
                 )
             }
             Code::Cancelled => tracing::debug!("rpc cancelled by the caller"),
             _ => tracing::info!(
                 code = code_name(code),
-                message = message.unwrap_or(""),
+                reason = message.unwrap_or(""),
                 "rpc failed"
             ),
         }
