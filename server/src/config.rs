@@ -504,6 +504,15 @@ mod tests {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config").join(name);
             let config = ServerConfig::from_file(&path).expect(name);
             assert!(config.limits.max_message_bytes > 0);
+            if name == "prod.toml" {
+                // Its tenants configure: URLs, keys and algorithms agree.
+                let ids = cubby_crypto::keys::Keyring::from_master(
+                    &cubby_crypto::keys::MasterSecret::from_bytes([1; 32]),
+                );
+                crate::auth::Authenticator::new(&config, ids, crate::auth::Clock::System)
+                    .expect("the example's tenants configure");
+                assert_eq!(config.metrics.listen, Some("127.0.0.1:9100".parse().expect("addr")));
+            }
         }
     }
 

@@ -192,7 +192,7 @@ pub(crate) fn render(metrics: &Metrics, live: &Live) -> String {
     );
     let info = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
     info.get_or_create(&vec![("version", env!("CARGO_PKG_VERSION"))]).set(1);
-    live_registry.register("build", "The server's version", info);
+    live_registry.register("build_info", "The server's version", info);
 
     let mut text = String::with_capacity(8 << 10);
     // Writing into a String cannot fail.
