@@ -25,6 +25,8 @@ pub(crate) struct ServerProcess {
     pub(crate) url: String,
     /// Its self-signed certificate.
     pub(crate) ca_pem: Vec<u8>,
+    /// Where it serves its metrics.
+    pub(crate) metrics: std::net::SocketAddr,
 }
 
 impl Drop for ServerProcess {
@@ -38,9 +40,9 @@ impl ServerProcess {
     /// Starts `bin` on a free loopback port in development mode and waits until it listens.
     pub(crate) fn start(bin: &Path) -> Result<Self, Error> {
         let data = tempfile::tempdir()?;
-        let (child, url) = spawn(bin, data.path(), "127.0.0.1:0")?;
+        let (child, url, metrics) = spawn(bin, data.path(), "127.0.0.1:0")?;
         let ca_pem = std::fs::read(data.path().join("tls/cert.pem"))?;
-        Ok(Self { child, data, url, ca_pem, bin: bin.to_path_buf() })
+        Ok(Self { child, data, url, ca_pem, metrics, bin: bin.to_path_buf() })
     }
 
     /// Stops the process and starts it again on the same data directory and port.
@@ -48,7 +50,7 @@ impl ServerProcess {
         self.child.kill()?;
         self.child.wait()?;
         let addr = self.url.trim_start_matches("https://").to_owned();
-        self.child = spawn(&self.bin, self.data.path(), &addr)?.0;
+        (self.child, _, self.metrics) = spawn(&self.bin, self.data.path(), &addr)?;
         Ok(())
     }
 
@@ -157,12 +159,17 @@ pub(crate) fn rss_of(pid: u32) -> Result<u64, Error> {
     Ok(kb * 1024)
 }
 
-/// Runs the server binary on `data` and `listen`; returns once it listens, with its URL.
-fn spawn(bin: &Path, data: &Path, listen: &str) -> Result<(Child, String), Error> {
+/// Runs the server binary on `data` and `listen`; returns once it listens, with its URL and
+/// its metrics address.
+fn spawn(
+    bin: &Path,
+    data: &Path,
+    listen: &str,
+) -> Result<(Child, String, std::net::SocketAddr), Error> {
     let mut child = Command::new(bin)
         .arg("--data")
         .arg(data)
-        .args(["--listen", listen])
+        .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
         .env_remove("CUBBY_CONFIG")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -170,18 +177,22 @@ fn spawn(bin: &Path, data: &Path, listen: &str) -> Result<(Child, String), Error
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut url = None;
+    let (mut url, mut metrics) = (None, None);
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         if let Some(rest) = line.strip_prefix("cubby-server listening on ") {
             url = Some(rest.trim().to_owned());
+        }
+        if let Some(rest) = line.strip_prefix("metrics: http://") {
+            metrics = rest.trim().trim_end_matches("/metrics").parse().ok();
         }
         if line.starts_with("development tenant on") {
             break;
         }
     }
     let url = url.ok_or("the server did not say where it listens")?;
-    Ok((child, url))
+    let metrics = metrics.ok_or("the server did not say where its metrics are")?;
+    Ok((child, url, metrics))
 }
 
 /// Bytes that crossed the wire (TLS records included), both directions, over many connections,

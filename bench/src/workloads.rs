@@ -361,6 +361,21 @@ pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_cpu = server.cpu()? - cpu;
     let rss = server.rss()?;
+    // What a Prometheus scrape costs with every device connected.
+    let mut scrapes = Samples::default();
+    let mut scrape_bytes = 0;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let text = scrape(server.metrics).await?;
+        scrapes.push(started.elapsed());
+        scrape_bytes = text.len();
+        let seen = text
+            .lines()
+            .find_map(|l| l.strip_prefix("cubby_connected_devices ")?.trim().parse::<usize>().ok());
+        if seen != Some(devices) {
+            return Err(format!("the scrape counts {seen:?} devices, not {devices}").into());
+        }
+    }
 
     // One edit from customer 0's idle device to one more device of theirs.
     let extra = light_device(&server, "idle-0").await?;
@@ -394,7 +409,21 @@ pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result
         "idle_server_cpu_percent": (idle_cpu.as_secs_f64() / 2.0 * 100.0).round(),
         "edit_p50_ms": ms(latency.quantile(0.5)),
         "edit_p99_ms": ms(latency.quantile(0.99)),
+        "metrics_scrape_p50_ms": ms(scrapes.quantile(0.5)),
+        "metrics_scrape_bytes": scrape_bytes,
     }))
+}
+
+/// One `GET /metrics` over plain HTTP/1.1, as Prometheus makes it: the body.
+async fn scrape(addr: std::net::SocketAddr) -> Result<String, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (_, body) = response.split_once("\r\n\r\n").ok_or("no HTTP response")?;
+    Ok(body.to_owned())
 }
 
 /// Workload 6: `writers` devices (one customer each) write as fast as the server acknowledges,

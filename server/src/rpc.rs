@@ -137,11 +137,9 @@ impl Ending {
                 )
             }
             Code::Cancelled => tracing::debug!("rpc cancelled by the caller"),
-            _ => tracing::info!(
-                code = code_name(code),
-                reason = message.unwrap_or(""),
-                "rpc failed"
-            ),
+            _ => {
+                tracing::info!(code = code_name(code), reason = message.unwrap_or(""), "rpc failed")
+            }
         }
     }
 }
