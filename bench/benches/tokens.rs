@@ -15,11 +15,14 @@ const RSA_PKCS8: &[u8] = include_bytes!("../../crates/crypto/src/jwt/test-rsa.pk
 
 const NOW: u64 = 1_800_000_000;
 
+/// Signs a token's signing input.
+type Sign = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+
 /// A signer for one algorithm: its public JWK and a function signing bytes.
 struct Signer {
     alg: Algorithm,
     jwk: Value,
-    sign: Box<dyn Fn(&[u8]) -> Vec<u8>>,
+    sign: Sign,
 }
 
 fn rsa(alg: Algorithm, encoding: &'static dyn signature::RsaEncoding, kid: &str) -> Signer {
