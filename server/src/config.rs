@@ -162,6 +162,10 @@ pub struct Limits {
     /// day. Default 3600.
     #[serde(deserialize_with = "duration::secs")]
     pub jwks_refresh_secs: u64,
+    /// How often the TLS certificate and key files are read for a renewal, seconds: a changed
+    /// pair is served to new connections without a restart. Default 10.
+    #[serde(deserialize_with = "duration::secs")]
+    pub cert_reload_secs: u64,
 }
 
 impl Default for Limits {
@@ -191,6 +195,7 @@ impl Default for Limits {
             apply_deadline_ms: 10_000,
             jwks_min_refresh_secs: 60,
             jwks_refresh_secs: 3_600,
+            cert_reload_secs: 10,
         }
     }
 }

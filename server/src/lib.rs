@@ -394,7 +394,8 @@ async fn launch<L: Listener>(
             _ => return Err(ConfigError("tls: set both cert and key, or neither".into()).into()),
         })
     };
-    let tls_config = cert.as_ref().map(tls::server_config).transpose()?;
+    let served_cert = cert.as_ref().map(tls::ServedCert::load).transpose()?.map(Arc::new);
+    let tls_config = served_cert.clone().map(tls::server_config).transpose()?;
 
     let addr = listener
         .local_addr()
@@ -456,6 +457,10 @@ async fn launch<L: Listener>(
     });
     let live_docs = docs.clone();
     auth.start_refreshing(&tracker, stop.clone()).await;
+    if let Some(served) = served_cert {
+        let every = Duration::from_secs(limits.cert_reload_secs.max(1));
+        served.spawn_reload(every, &tracker, stop.clone());
+    }
     keys::spawn_rotation(
         vault.clone(),
         master_key_path(&config),

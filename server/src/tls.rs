@@ -5,11 +5,14 @@
 //! tonic.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 use crate::config::ConfigError;
 
@@ -53,10 +56,30 @@ pub fn ensure_self_signed(data: &Path) -> Result<CertPaths, ConfigError> {
     Ok(paths)
 }
 
-/// A rustls server config: TLS 1.3 only, ALPN `h2`.
-pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&paths.cert)
-        .and_then(|it| it.collect::<Result<_, _>>())
+/// The certificate served, read again when its files change (a renewal): new connections get
+/// the new one, open ones keep theirs.
+#[derive(Debug)]
+pub struct ServedCert {
+    paths: CertPaths,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// The files' contents when last read, to tell a change.
+    read: Mutex<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ResolvesServerCert for ServedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.read().unwrap_or_else(PoisonError::into_inner).clone())
+    }
+}
+
+/// Reads a certificate chain and its key, checked to belong together.
+fn certified_key(
+    paths: &CertPaths,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, ConfigError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
         .map_err(|e| ConfigError(format!("certificate {}: {e}", paths.cert.display())))?;
     if certs.is_empty() {
         return Err(ConfigError(format!(
@@ -73,16 +96,98 @@ pub fn server_config(paths: &CertPaths) -> Result<Arc<rustls::ServerConfig>, Con
              have your CA issue one"
         );
     }
-    let key = PrivateKeyDer::from_pem_file(&paths.key)
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| ConfigError(format!("private key {}: {e}", paths.key.display())))?;
+    CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider()).map_err(|e| {
+        ConfigError(format!(
+            "TLS certificate {} and key {} do not match: {e}",
+            paths.cert.display(),
+            paths.key.display()
+        ))
+    })
+}
+
+fn read_pair(paths: &CertPaths) -> Result<(Vec<u8>, Vec<u8>), ConfigError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))
+    };
+    Ok((read(&paths.cert)?, read(&paths.key)?))
+}
+
+impl ServedCert {
+    /// Reads the certificate and key at `paths`.
+    pub fn load(paths: &CertPaths) -> Result<Self, ConfigError> {
+        let (cert, key) = read_pair(paths)?;
+        let current = certified_key(paths, &cert, &key)?;
+        Ok(Self {
+            paths: paths.clone(),
+            current: RwLock::new(Arc::new(current)),
+            read: Mutex::new((cert, key)),
+        })
+    }
+
+    /// Reads the files again; if they changed and hold a certificate with its key, serves it
+    /// from now on and returns true. A half-written or mismatched pair (a renewal in progress)
+    /// keeps the old one, and is tried again at the next look.
+    pub fn reload(&self) -> Result<bool, ConfigError> {
+        let (cert, key) = read_pair(&self.paths)?;
+        let mut read = self.read.lock().unwrap_or_else(PoisonError::into_inner);
+        if read.0 == cert && read.1 == key {
+            return Ok(false);
+        }
+        let renewed = certified_key(&self.paths, &cert, &key)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(renewed);
+        *read = (cert, key);
+        Ok(true)
+    }
+
+    /// Looks at the files every `every` until `stop`, serving a renewed certificate to new
+    /// connections.
+    pub fn spawn_reload(
+        self: Arc<Self>,
+        every: Duration,
+        tracker: &tokio_util::task::TaskTracker,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let served = self.clone();
+                match tokio::task::spawn_blocking(move || served.reload()).await {
+                    Ok(Ok(true)) => {
+                        failing = false;
+                        tracing::info!(cert = %self.paths.cert.display(),
+                            "the TLS certificate changed; new connections get the new one");
+                    }
+                    Ok(Ok(false)) => failing = false,
+                    Ok(Err(err)) if !failing => {
+                        failing = true;
+                        tracing::warn!(%err, "cannot read the TLS certificate again; serving the \
+                            one already loaded");
+                    }
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
+        });
+    }
+}
+
+/// A rustls server config serving `cert`: TLS 1.3 only, ALPN `h2`.
+pub fn server_config(cert: Arc<ServedCert>) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13])
     .map_err(|e| ConfigError(format!("TLS: {e}")))?
     .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| ConfigError(format!("TLS certificate and key do not match: {e}")))?;
+    .with_cert_resolver(cert);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }

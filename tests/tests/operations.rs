@@ -99,3 +99,95 @@ async fn the_metrics_endpoint_counts_devices_calls_sync_traffic_and_refusals() {
     let (status, _) = http_get(addr, "/").await;
     assert!(status.contains(" 404 "), "{status}");
 }
+
+/// A certificate for `localhost` issued by `ca`, as PEM (certificate, key).
+fn issue(ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).expect("names");
+    (params.signed_by(&key, ca).expect("certificate").pem(), key.serialize_pem())
+}
+
+/// The certificate the server at `addr` presents to a new connection (DER), trusting `ca_pem`.
+async fn presented(addr: SocketAddr, ca_pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("a certificate")).expect("a root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let tls = connector.connect(name, tcp).await.expect("the handshake succeeds");
+    let (_, session) = tls.get_ref();
+    session.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM").to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("a CA");
+    let files = tempfile::tempdir().expect("dir");
+    let (cert_path, key_path) = (files.path().join("cert.pem"), files.path().join("key.pem"));
+    let (first_cert, first_key) = issue(&ca);
+    std::fs::write(&cert_path, &first_cert).expect("write");
+    std::fs::write(&key_path, &first_key).expect("write");
+    let (cert, key) = (cert_path.clone(), key_path.clone());
+    let server = TestServer::start_with(move |config| {
+        config.tls.cert = Some(cert);
+        config.tls.key = Some(key);
+        config.limits.cert_reload_secs = 1;
+    })
+    .await;
+    let addr = server.running().local_addr();
+    assert_eq!(presented(addr, &ca.pem()).await, der(&first_cert));
+    // A device connected before the renewal stays connected through it.
+    let mut account = pb::account_client::AccountClient::new(
+        tonic::transport::Endpoint::from_shared(server.url())
+            .expect("url")
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()))
+                    .domain_name("localhost"),
+            )
+            .expect("TLS")
+            .connect()
+            .await
+            .expect("connects"),
+    );
+    let token = server.token("alice");
+    account
+        .list_devices(authed(pb::ListDevicesRequest::default(), &token))
+        .await
+        .expect("a call before the renewal");
+
+    // A renewal in progress: the new certificate written, its key not yet. The old pair stays.
+    let (renewed_cert, renewed_key) = issue(&ca);
+    std::fs::write(&cert_path, &renewed_cert).expect("write");
+    // Then the key: from the next look on, new connections get the renewed certificate.
+    std::fs::write(&key_path, &renewed_key).expect("write");
+    let ca_pem = ca.pem();
+    eventually("new connections get the renewed certificate", || async {
+        presented(addr, &ca_pem).await == der(&renewed_cert)
+    })
+    .await;
+    account
+        .list_devices(authed(pb::ListDevicesRequest::default(), &token))
+        .await
+        .expect("the connection made before the renewal carries on");
+}
