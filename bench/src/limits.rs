@@ -181,7 +181,9 @@ async fn echo_rounds(
 async fn echo_server(dir: &Path) -> Result<(SocketAddr, Vec<u8>), Error> {
     cubby_server::tls::install_ring_provider();
     let cert = cubby_server::tls::ensure_self_signed(dir)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(cubby_server::tls::server_config(&cert)?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(cubby_server::tls::server_config(
+        std::sync::Arc::new(cubby_server::tls::ServedCert::load(&cert)?),
+    )?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let incoming = async_stream(listener, acceptor);

@@ -31,6 +31,7 @@ mod account;
 mod admin;
 mod audit;
 pub mod auth;
+pub mod backup;
 pub mod bus;
 pub mod config;
 mod customers;
@@ -296,7 +297,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         bus: Arc::new(bus::LocalBus::default()),
         witness: Some(Arc::new(witness)),
     };
-    launch(config, master, platform, metrics_listener).await
+    let extras = Extras { metrics: metrics_listener, control_socket: true };
+    launch(config, master, platform, extras).await
+}
+
+/// What a server on this machine has besides its platform.
+struct Extras {
+    /// The metrics listener, bound before anything else is made.
+    metrics: Option<tokio::net::TcpListener>,
+    /// Whether to serve backups on `<data>/control.sock`.
+    control_socket: bool,
 }
 
 /// Binds the metrics listener, if one is configured.
@@ -318,7 +328,8 @@ pub async fn start_on<L: Listener>(
     create_data_dir(&config)?;
     let metrics_listener = bind_metrics(&config).await?;
     let master = master_key(&config)?;
-    launch(config, master, platform, metrics_listener).await
+    let extras = Extras { metrics: metrics_listener, control_socket: false };
+    launch(config, master, platform, extras).await
 }
 
 fn create_data_dir(config: &ServerConfig) -> Result<(), StartError> {
@@ -331,7 +342,7 @@ async fn launch<L: Listener>(
     config: ServerConfig,
     (master, master_key_created): (MasterSecret, Option<PathBuf>),
     platform: Platform<L>,
-    metrics_listener: Option<tokio::net::TcpListener>,
+    Extras { metrics: metrics_listener, control_socket }: Extras,
 ) -> Result<RunningServer, StartError> {
     tls::install_ring_provider();
     let metrics = Arc::new(metrics::Metrics::default());
@@ -488,6 +499,18 @@ async fn launch<L: Listener>(
         vault: vault.clone(),
     });
 
+    #[cfg(unix)]
+    if control_socket {
+        let flushed = vault.clone();
+        let flushes = Arc::new(move || flushed.flushes());
+        let store: Arc<dyn Store> = vault.clone();
+        if let Err(err) = backup::serve(&config.data, store, flushes, &tracker, stop.clone()) {
+            tracing::warn!(%err, socket = %backup::socket_path(&config.data).display(),
+                "cannot open the control socket: `cubby-server backup` needs the server stopped");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = control_socket;
     if let Some(listener) = metrics_listener {
         let live = Arc::downgrade(&shared);
         let scrape = Arc::new(move || {

@@ -62,6 +62,16 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Write a backup of the store to a file, while the server runs (or with it stopped).
+    ///
+    /// Consistent: it holds every change the server acknowledged before it began. Sealed as the
+    /// store is: unreadable without the master key, which it does not hold (back that up
+    /// separately). Put it back with `cubby-server restore --from FILE`.
+    Backup {
+        /// The archive to write (a tar file).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Accept the store as it is (restored from a backup, or damaged) and start a new epoch.
     ///
     /// Run with the server stopped, after the server refused to start because its store holds
@@ -69,8 +79,9 @@ enum Command {
     /// hold, so every change any of them still has returns. Erasures and revocations made since
     /// the backup stay in force.
     Restore {
-        /// First replace the store (`<data>/db`) with a copy of this directory: a backup of
-        /// `<data>/db` taken with the server stopped. The witness directory is kept.
+        /// First replace the store (`<data>/db`) with this backup: a file `cubby-server backup`
+        /// wrote, or a copy of `<data>/db` taken with the server stopped. The witness
+        /// directory is kept.
         #[arg(long)]
         from: Option<PathBuf>,
     },
@@ -171,6 +182,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("retired key-encryption key {generation} in {}", path.display());
             Ok(())
         }
+        Some(Command::Backup { ref out }) => {
+            let config = config(&cli)?;
+            let manifest = backup(&config, out)?;
+            println!(
+                "wrote a backup of the store to {} ({} bytes of records, {} flushes); keep the \
+                 master key apart from it. Restore with: cubby-server restore --from {0}",
+                out.display(),
+                manifest.bytes,
+                manifest.flushes
+            );
+            Ok(())
+        }
         Some(Command::Restore { ref from }) => {
             let config = config(&cli)?;
             let restored = cubby_server::restore(&config, from.as_deref())?;
@@ -198,6 +221,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
     }
+}
+
+/// Writes a backup to `out`: through the running server's control socket, or from the store
+/// itself when no server runs. Written beside `out` first and checked whole, then renamed.
+fn backup(
+    config: &ServerConfig,
+    out: &std::path::Path,
+) -> anyhow::Result<cubby_server::backup::Manifest> {
+    use cubby_server::backup;
+    let partial = out.with_extension("partial");
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    let mut writer = std::io::BufWriter::new(file);
+    #[cfg(unix)]
+    let asked =
+        backup::request(&config.data, &mut writer).context("the running server's backup failed")?;
+    #[cfg(not(unix))]
+    let asked = None;
+    let manifest = match asked {
+        Some(manifest) => manifest,
+        None => backup::offline(config, &mut writer).map_err(|e| {
+            anyhow::anyhow!(
+                "no server answers on {} and the store cannot be opened: {e}",
+                backup::socket_path(&config.data).display()
+            )
+        })?,
+    };
+    let file = writer.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    drop(file);
+    backup::check(&partial).with_context(|| {
+        format!("the backup in {} is not whole; it was left there", partial.display())
+    })?;
+    std::fs::rename(&partial, out)
+        .with_context(|| format!("cannot rename {} to {}", partial.display(), out.display()))?;
+    Ok(manifest)
 }
 
 /// The settings: the config file (or development defaults), the environment over it, and the

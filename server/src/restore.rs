@@ -24,8 +24,8 @@ pub struct Restored {
 }
 
 /// Accepts a store as it is and starts a new epoch (`cubby-server restore`): with `from`, the
-/// store's directory is first replaced by a copy of `from` (a backup of `db/`, taken with the
-/// server stopped); without, the store in place is accepted (restored by hand, or found damaged
+/// store's directory is first replaced by a copy of `from` (an archive of `cubby-server backup`,
+/// or a copy of `db/` taken with the server stopped); without, the store in place is accepted (restored by hand, or found damaged
 /// and accepted). Erasures and revocations in the ledger stay in force. Devices that connect
 /// afterwards offer back everything they hold. Run with the server stopped.
 pub fn restore(
@@ -36,7 +36,18 @@ pub fn restore(
     let db_path = store_path(config);
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     if let Some(from) = from {
-        copy_store(from, &db_path).map_err(|e| {
+        let copied = if from.is_file() {
+            // An archive of `cubby-server backup`: unpacked beside the store, then copied in.
+            let unpacked = db_path.with_extension("unpacked");
+            let _ = std::fs::remove_dir_all(&unpacked);
+            let copied = crate::backup::unpack(from, &unpacked)
+                .and_then(|_| copy_store(&unpacked.join("db"), &db_path));
+            let _ = std::fs::remove_dir_all(&unpacked);
+            copied
+        } else {
+            copy_store(from, &db_path)
+        };
+        copied.map_err(|e| {
             ConfigError(format!("cannot copy the store from {}: {e}", from.display()))
         })?;
     }
@@ -64,6 +75,9 @@ fn copy_store(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<(
             "{} is not a copy of a store directory (it has no sled/ inside)",
             from.display()
         )));
+    }
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
     }
     let staging = to.with_extension("restoring");
     let _ = std::fs::remove_dir_all(&staging);

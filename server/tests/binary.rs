@@ -662,3 +662,101 @@ async fn with_a_config_file_the_flags_and_the_environment_still_choose() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("CUBBY_LIMITS_SLOW_CONSUMER_SEC"));
     let _ = server.0.kill();
 }
+
+/// Issue 26, part 6: `cubby-server backup` while the server runs and a device writes, restored
+/// into a new directory: every change acknowledged before the backup is in it, and the device
+/// brings back the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_under_write_load_restores_into_a_new_directory_and_devices_heal_the_rest() {
+    let (old, new) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (old, new, port) = (old.path(), new.path(), free_port());
+    let homes = tempfile::tempdir().expect("temp dir");
+    let server = serve_on(old, port);
+    let phone = device_of(old, port, "alice", &homes.path().join("phone")).await;
+    let doc = phone.create("counter").await.expect("create");
+    for n in 1..=20 {
+        doc.put("n", serde_json::json!(n)).await.expect("put");
+    }
+    synced(&phone).await;
+    let id = doc.id();
+
+    // The phone keeps writing while the backup is made.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (writing, written) =
+        (std::sync::Arc::new(AtomicBool::new(true)), std::sync::Arc::new(AtomicU64::new(20)));
+    let writer = {
+        let (writing, written) = (writing.clone(), written.clone());
+        tokio::spawn(async move {
+            let mut n = 20;
+            while writing.load(Ordering::SeqCst) {
+                n += 1;
+                doc.put("n", serde_json::json!(n)).await.expect("put");
+                written.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            n
+        })
+    };
+    synced(&phone).await;
+    let acknowledged = phone.open(id).await.expect("opens").to_json()["n"].as_u64().expect("n");
+    assert!(acknowledged >= 20);
+    let file = homes.path().join("cubby.backup");
+    let dir = old.to_path_buf();
+    let made = {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            run_in(&dir, &["backup", "--out", file.to_str().expect("utf-8")])
+        })
+        .await
+        .expect("ran")
+    };
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(String::from_utf8_lossy(&made.stdout).contains("restore --from"));
+    // Writes go on after the backup, which the restored server will lack.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while written.load(Ordering::SeqCst) < acknowledged + 20 {
+        assert!(Instant::now() < deadline, "the writer stalled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    writing.store(false, Ordering::SeqCst);
+    let last = writer.await.expect("the writer ends");
+    synced(&phone).await;
+
+    // Nothing in the archive is readable without the master key: no plaintext of the
+    // document's title.
+    let archive = std::fs::read(&file).expect("the archive");
+    assert!(!archive.windows(b"counter".len()).any(|w| w == b"counter"), "sealed as the store");
+
+    // Restored into a new directory that has the master key (and, for the devices, the same
+    // certificate and development tenant), then served where the old server was.
+    let data = new.join("cubby-data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    for name in ["master.key", "dev-tenant.key"] {
+        std::fs::copy(old.join("cubby-data").join(name), data.join(name)).expect("copy");
+    }
+    copy_tree(&old.join("cubby-data/tls"), &data.join("tls"));
+    let restored = run_in(new, &["restore", "--from", file.to_str().expect("utf-8")]);
+    assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
+    stop(server);
+    let _server = serve_on(new, port);
+
+    // A new device sees at least what was acknowledged before the backup began...
+    let fresh = device_of(new, port, "alice", &homes.path().join("fresh")).await;
+    synced(&fresh).await;
+    let held = fresh.open(id).await.expect("the document is in the backup").to_json()["n"]
+        .as_u64()
+        .expect("n");
+    assert!(held >= acknowledged, "the backup holds {held}, {acknowledged} was acknowledged");
+    // ...and everything once the phone, which holds the rest, has reconnected.
+    synced(&phone).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        synced(&fresh).await;
+        let now = fresh.open(id).await.expect("opens").to_json()["n"].as_u64();
+        if now == Some(last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fresh device has {now:?}, not {last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -60,6 +60,26 @@ impl KeyDir {
         Ok(Self { dir, locks: CustomerLocks::default() })
     }
 
+    /// Copies every key file into `to` (created), durably.
+    pub(crate) fn copy_to(&self, to: &Path) -> Result<usize> {
+        fs::create_dir_all(to).map_err(io_error)?;
+        let mut copied = 0;
+        for entry in fs::read_dir(&self.dir).map_err(io_error)? {
+            let entry = entry.map_err(io_error)?;
+            let name = entry.file_name();
+            // Key files only: not a temporary file of a write in progress.
+            if name.to_str().and_then(unhex).is_none() {
+                continue;
+            }
+            let target = to.join(&name);
+            fs::copy(entry.path(), &target).map_err(io_error)?;
+            File::open(&target).and_then(|f| f.sync_all()).map_err(io_error)?;
+            copied += 1;
+        }
+        sync_dir(to).map_err(io_error)?;
+        Ok(copied)
+    }
+
     fn path(&self, customer: &CustomerId) -> PathBuf {
         self.dir.join(hex(customer.as_bytes()))
     }

@@ -58,6 +58,35 @@ pub struct SledStore {
     feed: Arc<Mutex<()>>,
     /// Chunks that compactions replaced and that are still on disk, oldest first.
     covered: Arc<Mutex<VecDeque<Covered>>>,
+    /// Every write to sled or the keys holds it shared (nested holds allowed); a copy of the
+    /// store holds it alone, so that it is taken between two writes, as a crash would cut them.
+    gate: Arc<parking_lot::RwLock<()>>,
+}
+
+/// What [`SledStore::copy_to`] copied.
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct Copied {
+    /// Entries copied from sled, in every tree.
+    pub entries: u64,
+    /// Bytes of keys and values copied from sled.
+    pub bytes: u64,
+    /// Wrapped data keys copied.
+    pub keys: usize,
+}
+
+/// The database for a write, held open to a copy of the store until the write is done.
+struct Writing<'a> {
+    db: &'a sled::Db,
+    _gate: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl std::ops::Deref for Writing<'_> {
+    type Target = sled::Db;
+
+    fn deref(&self) -> &sled::Db {
+        self.db
+    }
 }
 
 /// A document's chunks a compaction replaced, still to be removed.
@@ -198,8 +227,8 @@ impl SledStore {
                     // Opened after sled, so its lock keeps a second process out of the keys too.
                     let keys = Arc::new(keys::KeyDir::open(dir.join("keys"))?);
                     let db = Arc::new(Guarded { db: Some(db), failed: AtomicU8::new(0) });
-                    let (feed, covered) = (Arc::default(), Arc::default());
-                    return Ok(Self { db, files: Arc::new(files), keys, feed, covered });
+                    let (feed, covered, gate) = (Arc::default(), Arc::default(), Arc::default());
+                    return Ok(Self { db, files: Arc::new(files), keys, feed, covered, gate });
                 }
                 // sled reports a held lock as an `Other` I/O error with this text (0.34
                 // `config.rs`).
@@ -217,13 +246,53 @@ impl SledStore {
         }
     }
 
-    /// The database for a write, unless an earlier I/O error failed the store.
-    fn db(&self) -> Result<&sled::Db> {
+    /// The database for a write, unless an earlier I/O error failed the store. A copy of the
+    /// store waits for the write (the statement, or the scope the result is bound in).
+    fn db(&self) -> Result<Writing<'_>> {
+        self.healthy()?;
+        Ok(Writing { db: &self.db, _gate: self.gate.read_recursive() })
+    }
+
+    /// Whether an earlier I/O error failed the store.
+    fn healthy(&self) -> Result<()> {
         match self.db.failed.load(Ordering::SeqCst) {
-            0 => Ok(&self.db),
+            0 => Ok(()),
             1 => Err(StoreError::Full),
             _ => Err(StoreError::Backend("the store failed earlier; restart to recover".into())),
         }
+    }
+
+    /// Copies the whole store into the directory `to` (a new store directory: `sled/` and
+    /// `keys/`), consistent: writes wait while it is made, so the copy holds the store as it
+    /// was between two writes, which is a state a crash could leave and the store opens from.
+    /// The values are copied as they are, sealed: the copy is as unreadable as the store
+    /// without the master key. The copy is flushed and synced before this returns.
+    pub fn copy_to(&self, to: &Path) -> Result<Copied> {
+        self.healthy()?;
+        let _alone = self.gate.write();
+        let io = |e: std::io::Error| StoreError::Backend(Box::new(e));
+        std::fs::create_dir_all(to).map_err(io)?;
+        let copy = sled::Config::new().path(to.join("sled")).open().map_err(backend)?;
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        for name in self.db.tree_names() {
+            let (from, into) = (
+                self.db.open_tree(&name).map_err(backend)?,
+                copy.open_tree(&name).map_err(backend)?,
+            );
+            for entry in from.iter() {
+                let (k, v) = entry.map_err(backend)?;
+                entries += 1;
+                bytes += (k.len() + v.len()) as u64;
+                into.insert(k, v).map_err(backend)?;
+            }
+        }
+        copy.flush().map_err(backend)?;
+        drop(copy);
+        // What sled's flush leaves undone (see `files.rs`), for the copy too.
+        files::SledFiles::open(&to.join("sled")).and_then(|f| f.sync()).map_err(io)?;
+        let keys = self.keys.copy_to(&to.join("keys"))?;
+        keys::sync_dir(to).map_err(io)?;
+        Ok(Copied { entries, bytes, keys })
     }
 
     /// Maps a sled error, failing the store on an I/O error.
@@ -469,14 +538,17 @@ impl Keys for SledStore {
     }
 
     fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
+        let _writing = self.gate.read_recursive();
         self.keys.put_if_absent(customer, wrapped)
     }
 
     fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
+        let _writing = self.gate.read_recursive();
         self.keys.replace(customer, expected, new)
     }
 
     fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
+        let _writing = self.gate.read_recursive();
         self.keys.destroy(customer)
     }
 
@@ -525,6 +597,10 @@ impl Store for SledStore {
         let _feed = self.lock_feed();
         let _covered = self.uncover(&key(b'c', customer, &[]));
         self.db()?.apply_batch(batch).map_err(|e| self.fail(e))
+    }
+
+    fn copy_to(&self, to: &Path) -> Result<u64> {
+        SledStore::copy_to(self, to).map(|copied| copied.bytes)
     }
 
     fn flush(&self) -> Result<()> {

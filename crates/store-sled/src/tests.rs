@@ -302,3 +302,46 @@ fn conformance_holds_through_the_encryption_decorator() {
     };
     cubby_store::conformance::flushed_writes_survive_reopen(open);
 }
+
+/// A copy made while writes go on holds the store as it was between two writes: writes made one
+/// after another are in the copy up to some point, and none after it, and its keys come along.
+#[test]
+fn a_copy_under_concurrent_writes_holds_a_prefix_of_them() {
+    use cubby_store::{Keys, Records, Space};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SledStore::open(&dir.path().join("store")).expect("opens");
+    let customer = cubby_core::CustomerId::from_bytes([3; 16]);
+    store.put_key_if_absent(&customer, b"wrapped").expect("a key");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                store.put_record(&customer, Space(1), &n.to_be_bytes(), &[7; 64]).expect("a write");
+                n += 1;
+            }
+            n
+        })
+    };
+    // Let some writes land, then copy in the middle of the others.
+    while store.scan_records(&customer, Space(1)).expect("scan").len() < 500 {
+        std::thread::yield_now();
+    }
+    let copy = dir.path().join("copy");
+    let copied = store.copy_to(&copy).expect("copies");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().expect("the writer");
+    drop(store);
+
+    let reopened = SledStore::open(&copy).expect("the copy opens as a store");
+    let records = reopened.scan_records(&customer, Space(1)).expect("scan");
+    let held: Vec<u32> = records
+        .iter()
+        .map(|(k, _)| u32::from_be_bytes(k.as_slice().try_into().expect("4 bytes")))
+        .collect();
+    assert!(held.len() >= 500 && (held.len() as u32) <= written, "{} of {written}", held.len());
+    assert!(held.iter().enumerate().all(|(i, &n)| n == i as u32), "the first writes, no gap");
+    assert_eq!(copied.keys, 1);
+    assert_eq!(reopened.get_key(&customer).expect("read"), Some(b"wrapped".to_vec()));
+}

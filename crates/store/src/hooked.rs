@@ -140,4 +140,8 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+
+    fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
+        self.inner.copy_to(to)
+    }
 }

@@ -236,6 +236,17 @@ pub trait Store: Keys + Docs + Records {
         self.flush()?;
         Ok(outcomes)
     }
+
+    /// Copies the whole store, consistently and as sealed as it is, into `to`, a new store
+    /// directory of the embedded backend (a backup that `cubby-server restore --from` takes).
+    /// Returns the bytes copied. A backend that cannot (a database, with its own backup tools)
+    /// says so.
+    fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
+        let _ = to;
+        Err(crate::StoreError::Backend(
+            "this store cannot copy itself; back it up with its own tools".into(),
+        ))
+    }
 }
 
 /// A store that wraps another: where [`ForwardKeys`], [`ForwardDocs`] and [`ForwardRecords`]
@@ -351,5 +362,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn commit(&self, batch: &[Write<'_>]) -> Result<Vec<Result<Option<Seq>>>> {
         (**self).commit(batch)
+    }
+    fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
+        (**self).copy_to(to)
     }
 }

@@ -220,6 +220,12 @@ impl<S: Store> Store for EncryptedStore<S> {
         self.shred(customer, at_ms)
     }
 
+    /// Flushes, then copies the store underneath: records sealed as they are, keys wrapped.
+    fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
+        self.flush()?;
+        self.inner.copy_to(to)
+    }
+
     /// Makes every write that returned before it durable. With a witness, a flush that has
     /// writes to make durable also records its number in the store and then, once the store
     /// has flushed, in the anchor: only then does the caller learn it succeeded.
