@@ -164,6 +164,12 @@ impl TestServer {
         auth::dev_token(&signer, customer, ttl)
     }
 
+    /// A development service token for the admin API (scope `cubby:admin`), for `service`.
+    pub fn service_token(&self, service: &str) -> String {
+        let signer = auth::dev_signer(self.data_dir(), false).expect("dev tenant key exists");
+        auth::dev_service_token(&signer, service, Duration::from_secs(3600))
+    }
+
     /// A document as the server holds it (the account API's JSON), read with `token`.
     pub async fn document_json(&self, token: &str, id: &[u8]) -> Result<String, tonic::Status> {
         use cubby_proto::pb;

@@ -536,7 +536,7 @@ async fn launch<L: Listener>(
     health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
     health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
     health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;
-    let reflection = reflection::service(&[
+    let (reflection, reflection_v1alpha) = reflection::service(&[
         cubby_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ])
@@ -554,7 +554,12 @@ async fn launch<L: Listener>(
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
 
-    let described = [cubby_proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET];
+    let described = [
+        cubby_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
     let router = tonic::transport::Server::builder()
         .layer(rpc::RpcLayer::new(&described, metrics.clone()))
         .layer(tonic::service::InterceptorLayer::new(listen::refuse_over_limit))
@@ -565,6 +570,7 @@ async fn launch<L: Listener>(
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(sync_service)
         .add_service(account_service)
         .add_service(admin_service);

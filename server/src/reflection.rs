@@ -1,5 +1,7 @@
-//! gRPC server reflection (`grpc.reflection.v1`), answering with a file and every file it
-//! imports, transitively, as gRPC's own servers do.
+//! gRPC server reflection (`grpc.reflection.v1`, and `grpc.reflection.v1alpha` for older tools),
+//! answering with a file and every file it imports, transitively, as gRPC's own servers do.
+//! The two versions' messages are the same on the wire; v1alpha is answered by re-reading each
+//! message as v1's.
 //!
 //! tonic-reflection answers a request for a symbol with the one file that defines it, so a
 //! descriptor loader that does not then ask for each import by name (several do not) cannot
@@ -22,6 +24,10 @@ use tonic_reflection::pb::v1::server_reflection_server::{
 use tonic_reflection::pb::v1::{
     ErrorResponse, ExtensionNumberResponse, FileDescriptorResponse, ListServiceResponse,
     ServerReflectionRequest, ServerReflectionResponse, ServiceResponse,
+};
+use tonic_reflection::pb::v1alpha as alpha;
+use tonic_reflection::pb::v1alpha::server_reflection_server::{
+    ServerReflection as AlphaReflection, ServerReflectionServer as AlphaServer,
 };
 
 /// The files the server can describe, indexed by name and by every symbol they define.
@@ -98,15 +104,25 @@ impl Files {
     }
 }
 
-/// The reflection service over the encoded descriptor sets `sets`.
-pub(crate) fn service(sets: &[&[u8]]) -> Result<ServerReflectionServer<Reflection>, String> {
+/// The reflection services (v1 and v1alpha) over the encoded descriptor sets `sets`.
+pub(crate) fn service(
+    sets: &[&[u8]],
+) -> Result<(ServerReflectionServer<Reflection>, AlphaServer<ReflectionV1Alpha>), String> {
     let mut files = Files::default();
-    for set in sets.iter().chain([&tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET]) {
+    let reflection = [
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    for set in sets.iter().chain(reflection.iter()) {
         let set = FileDescriptorSet::decode(*set).map_err(|e| e.to_string())?;
         set.file.into_iter().for_each(|file| files.add(file));
     }
     files.services.sort();
-    Ok(ServerReflectionServer::new(Reflection { files: Arc::new(files) }))
+    let files = Arc::new(files);
+    Ok((
+        ServerReflectionServer::new(Reflection { files: files.clone() }),
+        AlphaServer::new(ReflectionV1Alpha { files }),
+    ))
 }
 
 /// Answers `grpc.reflection.v1.ServerReflection`.
@@ -164,6 +180,64 @@ impl Files {
     }
 }
 
+impl Files {
+    /// The response to one request on a stream.
+    fn respond(
+        &self,
+        request: ServerReflectionRequest,
+        sent: &mut HashSet<String>,
+    ) -> ServerReflectionResponse {
+        let answer = match request.message_request.clone() {
+            Some(message) => self.answer(message, sent),
+            None => error(tonic::Code::InvalidArgument, "empty request".into()),
+        };
+        ServerReflectionResponse {
+            valid_host: request.host.clone(),
+            original_request: Some(request),
+            message_response: Some(answer),
+        }
+    }
+}
+
+/// Answers `grpc.reflection.v1alpha.ServerReflection`, which older tools ask.
+#[derive(Debug)]
+pub(crate) struct ReflectionV1Alpha {
+    files: Arc<Files>,
+}
+
+/// A message re-read as the other version's (they are the same on the wire).
+fn reread<T: Message + Default>(message: &impl Message) -> Result<T, Status> {
+    T::decode(message.encode_to_vec().as_slice())
+        .map_err(|_| Status::internal("reflection messages differ between versions"))
+}
+
+#[tonic::async_trait]
+impl AlphaReflection for ReflectionV1Alpha {
+    type ServerReflectionInfoStream =
+        ReceiverStream<Result<alpha::ServerReflectionResponse, Status>>;
+
+    async fn server_reflection_info(
+        &self,
+        request: Request<Streaming<alpha::ServerReflectionRequest>>,
+    ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let files = self.files.clone();
+        tokio::spawn(async move {
+            let mut sent = HashSet::new();
+            while let Ok(Some(request)) = requests.message().await {
+                let response = reread::<ServerReflectionRequest>(&request)
+                    .map(|request| files.respond(request, &mut sent))
+                    .and_then(|response| reread::<alpha::ServerReflectionResponse>(&response));
+                if tx.send(response).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
 #[tonic::async_trait]
 impl ServerReflection for Reflection {
     type ServerReflectionInfoStream = ReceiverStream<Result<ServerReflectionResponse, Status>>;
@@ -178,15 +252,7 @@ impl ServerReflection for Reflection {
         tokio::spawn(async move {
             let mut sent = HashSet::new();
             while let Ok(Some(request)) = requests.message().await {
-                let answer = match request.message_request.clone() {
-                    Some(message) => files.answer(message, &mut sent),
-                    None => error(tonic::Code::InvalidArgument, "empty request".into()),
-                };
-                let response = ServerReflectionResponse {
-                    valid_host: request.host.clone(),
-                    original_request: Some(request),
-                    message_response: Some(answer),
-                };
+                let response = files.respond(request, &mut sent);
                 if tx.send(Ok(response)).await.is_err() {
                     return;
                 }

@@ -67,3 +67,49 @@ async fn reflection_answers_each_service_with_every_file_it_imports() {
     let connect = &sync.service[0].method[0];
     assert_eq!((connect.name(), connect.input_type()), ("Connect", ".cubby.v1.ClientFrame"));
 }
+
+/// Older tools ask `grpc.reflection.v1alpha`: it answers as v1 does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_v1alpha_is_served_for_older_tools() {
+    use tonic_reflection::pb::v1alpha as alpha;
+    let server = TestServer::start().await;
+    let mut reflection =
+        alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let ask = |request| alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let requests = vec![
+        ask(alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+        ask(alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "cubby.v1.Admin".into(),
+        )),
+    ];
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("v1alpha is served")
+        .into_inner();
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(listed)) =
+        answers.message().await.expect("answer").and_then(|a| a.message_response)
+    else {
+        panic!("the first answer lists services");
+    };
+    let names: Vec<String> = listed.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "cubby.v1.Admin",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
+    }
+    let answer = answers.message().await.expect("answer").expect("a second answer");
+    let Some(alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        answer.message_response
+    else {
+        panic!("the Admin service is described: {answer:?}");
+    };
+    let first =
+        FileDescriptorProto::decode(files.file_descriptor_proto[0].as_slice()).expect("a file");
+    assert_eq!(first.name(), "cubby/v1/admin.proto");
+}

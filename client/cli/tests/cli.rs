@@ -347,3 +347,57 @@ fn id_bytes(id: &str) -> Vec<u8> {
     let parsed: cubby_client::DocId = id.parse().expect("a document id");
     parsed.as_bytes().to_vec()
 }
+
+/// The business's admin commands, with a service token: ids printed and taken in base58, as
+/// the customer's own commands print them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_business_reaches_a_customers_store_through_cubby_admin() {
+    let server = TestServer::start().await;
+    let phone = Device::new(&server, "alice");
+    let id = phone.ok(&["doc", "create", "--title", "Settings"]).await.trim().to_owned();
+    phone.ok(&["doc", "put", &id, "theme", "dark"]).await;
+    let mut backend = Device::new(&server, "alice");
+    backend.token = server.service_token("backend");
+
+    let customers = backend.ok(&["admin", "customers"]).await;
+    let alice = customers.lines().find(|l| l.starts_with("alice\t")).expect("alice is listed");
+    assert_eq!(alice.split('\t').nth(1), Some("1"), "one document: {alice}");
+    let docs = backend.ok(&["admin", "docs", "alice"]).await;
+    assert!(docs.starts_with(&format!("{id}\tSettings\t")), "{docs}");
+    assert_eq!(
+        json(&backend.ok(&["admin", "read", "alice", &id]).await),
+        serde_json::json!({"theme": "dark"})
+    );
+
+    let changed = backend
+        .ok(&["admin", "change", "alice", &id, "--set", "/font/size=14", "--set", "/theme=light"])
+        .await;
+    assert_eq!(json(&changed), serde_json::json!({"theme": "light", "font": {"size": 14}}));
+    phone.ok(&["sync"]).await;
+    assert_eq!(json(&phone.ok(&["doc", "get", &id]).await)["theme"], "light", "the device sees it");
+    let created = backend.ok(&["admin", "create", "alice", "--title", "Welcome"]).await;
+    assert_eq!(created.trim().len(), id.len(), "a base58 id like the device's");
+
+    let out = backend.home.path().join("alice.tar");
+    let exported =
+        backend.ok(&["admin", "export", "alice", "--out", out.to_str().expect("utf-8")]).await;
+    assert!(exported.starts_with("exported "), "{exported}");
+    let names: Vec<String> = tar::Archive::new(std::fs::File::open(&out).expect("archive"))
+        .entries()
+        .expect("a tar")
+        .map(|e| e.expect("entry").path().expect("path").display().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(&format!("{id}.json"))), "{names:?}");
+
+    // A customer's own token is no service token; an erasure needs --yes.
+    let refused = phone.fails(&["admin", "docs", "alice"]).await;
+    assert!(refused.contains("PermissionDenied"), "{refused}");
+    let unconfirmed = backend.fails(&["admin", "erase", "alice"]).await;
+    assert!(unconfirmed.contains("--yes"), "{unconfirmed}");
+    let bad = backend.fails(&["admin", "change", "alice", &id, "--set", "theme=x"]).await;
+    assert!(bad.contains("JSON Pointer"), "{bad}");
+    let erased = backend.ok(&["admin", "erase", "alice", "--yes"]).await;
+    assert!(erased.starts_with("erased alice: 2 documents"), "{erased}");
+    let gone = backend.ok(&["admin", "customers"]).await;
+    assert!(!gone.lines().any(|l| l.starts_with("alice\t")), "{gone}");
+}

@@ -38,12 +38,14 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 mod account;
+mod admin;
 mod builder;
 mod doc;
 mod engine;
 mod wire;
 
 pub use account::{AuditEntry, DeviceInfo, ErasureReceipt};
+pub use admin::{Admin, CustomerUsage, Edit};
 pub use builder::ClientBuilder;
 pub use cubby_core::{DeviceId, DocId, DocMeta};
 pub use cubby_store::StoreError;

@@ -174,17 +174,35 @@ impl Remote {
         asked.await.ok()?.ok()
     }
 
-    /// A connected account client and a current token, for one unary call.
-    pub(crate) async fn account(
-        &self,
-    ) -> Result<(pb::account_client::AccountClient<tonic::transport::Channel>, String), ClientError>
-    {
+    /// A connection and a current token, for one call.
+    async fn channel_and_token(&self) -> Result<(tonic::transport::Channel, String), ClientError> {
         let token =
             self.token.token(false).await.map_err(|e| ClientError::Server(e.to_string()))?;
         let channel = self
             .connect()
             .await
             .map_err(|e| ClientError::Server(format!("server unreachable: {}", chain(&e))))?;
+        Ok((channel, token))
+    }
+
+    /// A connected admin client and a current token.
+    pub(crate) async fn admin(
+        &self,
+    ) -> Result<(pb::admin_client::AdminClient<tonic::transport::Channel>, String), ClientError>
+    {
+        let (channel, token) = self.channel_and_token().await?;
+        let client = pb::admin_client::AdminClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        Ok((client, token))
+    }
+
+    /// A connected account client and a current token, for one unary call.
+    pub(crate) async fn account(
+        &self,
+    ) -> Result<(pb::account_client::AccountClient<tonic::transport::Channel>, String), ClientError>
+    {
+        let (channel, token) = self.channel_and_token().await?;
         let client = pb::account_client::AccountClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
