@@ -290,10 +290,10 @@ fn async_stream(
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let _ = tcp.set_nodelay(true);
-            if let Ok(tls) = acceptor.accept(tcp).await {
-                if tx.send(Ok(tls)).await.is_err() {
-                    return;
-                }
+            if let Ok(tls) = acceptor.accept(tcp).await
+                && tx.send(Ok(tls)).await.is_err()
+            {
+                return;
             }
         }
     });

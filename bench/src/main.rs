@@ -230,12 +230,11 @@ fn summarize(results: &[Value]) {
         if let Some(devices) = r["devices_cpu_us_per_change"].as_f64() {
             against.push(format!("the devices' CPU {devices:.0} us/change"));
         }
-        if r["system"] == "cubby" {
-            if let (Some(y50), Some(y99)) =
+        if r["system"] == "cubby"
+            && let (Some(y50), Some(y99)) =
                 (y_sweet(&r["receivers"], "p50_ms"), y_sweet(&r["receivers"], "p99_ms"))
-            {
-                against.push(format!("{:.1}x / {:.1}x y-sweet's p50 / p99", p50 / y50, p99 / y99));
-            }
+        {
+            against.push(format!("{:.1}x / {:.1}x y-sweet's p50 / p99", p50 / y50, p99 / y99));
         }
         eprintln!(
             "fanout to {:>2}, {:<14} p50 {p50:>6.2} ms, p99 {p99:>6.2} ms, server CPU {:>6.0} us/change, {:>5.0} wire bytes/change ({})",

@@ -235,11 +235,11 @@ impl Writer {
             }
         };
         for (job, outcome) in batch.into_iter().zip(results) {
-            if let Ok(Some(seq)) = outcome {
-                if let Some(changed) = announcement(&job.write, seq) {
-                    let (bus, node) = &self.bus;
-                    bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
-                }
+            if let Ok(Some(seq)) = outcome
+                && let Some(changed) = announcement(&job.write, seq)
+            {
+                let (bus, node) = &self.bus;
+                bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
             }
             // The writer may have gone away (connection closed); the write stands regardless.
             let _ = job.reply.send(outcome);

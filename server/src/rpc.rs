@@ -226,10 +226,10 @@ impl<B: Body> Body for Counted<B> {
             Some(Err(_)) => Some((Code::Internal, None)),
             None => Some((Code::Unknown, None)),
         };
-        if let Some((code, message)) = ended {
-            if let Some(ending) = this.ending.take() {
-                ending.ended(code, message.as_deref());
-            }
+        if let Some((code, message)) = ended
+            && let Some(ending) = this.ending.take()
+        {
+            ending.ended(code, message.as_deref());
         }
         Poll::Ready(polled)
     }

@@ -43,10 +43,10 @@ async fn main() {
     let doc = phone.client.create("latency").await.expect("create");
     doc.put("n", json!(-1)).await.expect("put");
     let on_laptop = loop {
-        if let Ok(d) = laptop.client.open(doc.id()).await {
-            if d.to_json()["n"] == json!(-1) {
-                break d;
-            }
+        if let Ok(d) = laptop.client.open(doc.id()).await
+            && d.to_json()["n"] == json!(-1)
+        {
+            break d;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };

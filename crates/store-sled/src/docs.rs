@@ -95,10 +95,10 @@ impl Docs for SledStore {
     ) -> Result<()> {
         let snapshot_key = key(b's', c, &[d.as_bytes()]);
         let db = self.db()?;
-        if let Some(current) = db.get(&snapshot_key).map_err(|e| self.fail(e))? {
-            if !replaces.contains(&snapshot_id(&current)?) {
-                return Err(StoreError::Conflict);
-            }
+        if let Some(current) = db.get(&snapshot_key).map_err(|e| self.fail(e))?
+            && !replaces.contains(&snapshot_id(&current)?)
+        {
+            return Err(StoreError::Conflict);
         }
         // The snapshot, then the list of the chunks it replaced: a crash between the two leaves
         // them to load again, harmlessly (their changes are in the snapshot), until the next

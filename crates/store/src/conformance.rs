@@ -504,18 +504,17 @@ pub fn random_operations_match_the_model<S: Store, B: FnMut() -> S>(new_backend:
                     model.touch(c, d);
                 }
                 Op::Compact { c, d } => {
-                    if let Some(records) = model.docs.get_mut(&(c, d)) {
-                        if !records.chunks.is_empty() {
-                            let old = records.snapshot.take();
-                            let mut replaces: Vec<ChunkId> = old.iter().map(|s| s.id).collect();
-                            let mut bytes = old.map(|s| s.bytes).unwrap_or_default();
-                            replaces.extend(records.chunks.iter().map(|(id, _)| *id));
-                            bytes.extend(records.chunks.drain(..).flat_map(|(_, b)| b));
-                            let snapshot = Snapshot { id: ChunkId::of(&bytes), bytes };
-                            s.compact(&customer(c), &doc(d), &snapshot, &replaces)
-                                .expect("compact");
-                            records.snapshot = Some(snapshot);
-                        }
+                    if let Some(records) = model.docs.get_mut(&(c, d))
+                        && !records.chunks.is_empty()
+                    {
+                        let old = records.snapshot.take();
+                        let mut replaces: Vec<ChunkId> = old.iter().map(|s| s.id).collect();
+                        let mut bytes = old.map(|s| s.bytes).unwrap_or_default();
+                        replaces.extend(records.chunks.iter().map(|(id, _)| *id));
+                        bytes.extend(records.chunks.drain(..).flat_map(|(_, b)| b));
+                        let snapshot = Snapshot { id: ChunkId::of(&bytes), bytes };
+                        s.compact(&customer(c), &doc(d), &snapshot, &replaces).expect("compact");
+                        records.snapshot = Some(snapshot);
                     }
                 }
                 Op::Delete { c, d } => {

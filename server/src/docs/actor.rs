@@ -217,19 +217,19 @@ impl Actor {
             self.evicted = true;
             return;
         }
-        if self.state.is_none() {
-            if let Err(err) = self.load().await {
-                self.refuse_all(batch, &err);
-                return;
-            }
+        if self.state.is_none()
+            && let Err(err) = self.load().await
+        {
+            self.refuse_all(batch, &err);
+            return;
         }
         let before = self.live().map(|l| l.history.doc().get_heads());
         // What another node stored goes in first (a later position of this node's own does not
         // mean it has the other's write); every peer then hears of it (`answers`).
-        if batch.iter().any(|m| matches!(m, DocMsg::Refresh)) {
-            if let Err(err) = self.absorb().await {
-                tracing::warn!(doc = %self.doc.short(), %err, "cannot take in another node's write");
-            }
+        if batch.iter().any(|m| matches!(m, DocMsg::Refresh))
+            && let Err(err) = self.absorb().await
+        {
+            tracing::warn!(doc = %self.doc.short(), %err, "cannot take in another node's write");
         }
         let mut spoke = HashSet::new();
         let mut poisoned = false;

@@ -92,10 +92,8 @@ impl Actor {
         let Some(seq) = self.live().map(|l| l.seq) else { return };
         let answers = self.document().answers(spoke, moved);
         for (peer, answer, holds) in answers {
-            if holds {
-                if let Some(link) = self.links.get(&peer) {
-                    let _ = link.link.holds.send((self.doc, seq));
-                }
+            if holds && let Some(link) = self.links.get(&peer) {
+                let _ = link.link.holds.send((self.doc, seq));
             }
             match answer {
                 Answer::Message(message) => {

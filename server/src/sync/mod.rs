@@ -194,10 +194,10 @@ impl Connection {
                     code = ?status.code(), reason = status.message(), "device disconnected"),
             }
         }
-        if let Err(status) = served {
-            if let Some(end) = self.end.take() {
-                let _ = end.send(status);
-            }
+        if let Err(status) = served
+            && let Some(end) = self.end.take()
+        {
+            let _ = end.send(status);
         }
         for doc in self.told.take_joined() {
             self.shared.docs.leave(self.customer, doc, self.peer);

@@ -166,10 +166,9 @@ impl<'a> Session<'a> {
             |stored: DocMeta| stored.title != meta.title || stored.private != meta.private;
         if changed.info.is_some()
             && stored.is_some_and(|(_, stored)| DocMeta::decode(&stored).is_ok_and(differs))
+            && let Err(err) = self.inner.take_server_meta(id, meta.clone(), changed.seq).await
         {
-            if let Err(err) = self.inner.take_server_meta(id, meta.clone(), changed.seq).await {
-                tracing::warn!(doc = %id.short(), %err, "cannot update local document metadata");
-            }
+            tracing::warn!(doc = %id.short(), %err, "cannot update local document metadata");
         }
         if self.held.get(&id).is_some_and(|held| *held >= changed.seq) {
             return Ok(());

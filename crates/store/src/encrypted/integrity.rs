@@ -21,13 +21,13 @@ impl<S: Store> EncryptedStore<S> {
         let sealed = witness.anchor()?;
         // An empty store where the anchor says one was: refused before anything is written,
         // so that the directory is left as it was found.
-        if let Some(sealed) = &sealed {
-            if inner.get_key(&SYSTEM)?.is_none() {
-                // An anchor that does not open is another master key's.
-                let anchor = Anchor::open(&key, sealed).map_err(|_| StoreError::WrongMasterKey)?;
-                let acknowledged = anchor.flushes;
-                return Err(StoreError::Integrity(IntegrityError::Wiped { acknowledged }));
-            }
+        if let Some(sealed) = &sealed
+            && inner.get_key(&SYSTEM)?.is_none()
+        {
+            // An anchor that does not open is another master key's.
+            let anchor = Anchor::open(&key, sealed).map_err(|_| StoreError::WrongMasterKey)?;
+            let acknowledged = anchor.flushes;
+            return Err(StoreError::Integrity(IntegrityError::Wiped { acknowledged }));
         }
         // The key check first: with another master key, that is what to say.
         let (mut store, created) = Self::open_unchecked(inner, keyring)?;
