@@ -760,3 +760,70 @@ async fn a_backup_taken_under_write_load_restores_into_a_new_directory_and_devic
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Issue 26, part 3: `--log-format json` writes one JSON object per line; a call's lines carry
+/// its method and request id (the caller's); a refusal is logged at INFO with its reason; no
+/// token or subject appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_each_call_its_request_id_and_customer_and_never_a_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["--log-format", "json"])
+        .env("CUBBY_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .env_remove("CUBBY_CONFIG")
+        .env_remove("CUBBY_DATA")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, logged) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (_server, lines) = started(child);
+    let addr = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("cubby-server listening on https://"))
+        .expect("its address")
+        .to_owned();
+    let token = run_in(dir.path(), &["dev-token", "--customer", "alice-the-subject"]);
+    let token = String::from_utf8(token.stdout).expect("utf-8").trim().to_owned();
+    let mut account = pb::account_client::AccountClient::new(
+        channel(&dir.path().join("cubby-data/tls/cert.pem"), &addr).await,
+    );
+    let mut listed = with_token(pb::ListDocumentsRequest {}, &token);
+    listed.metadata_mut().insert("x-request-id", "req-ok-1".parse().expect("header"));
+    account.list_documents(listed).await.expect("alice lists her documents");
+    let forged = format!("{token}x");
+    let mut refused = with_token(pb::ListDocumentsRequest {}, &forged);
+    refused.metadata_mut().insert("x-request-id", "req-refused-1".parse().expect("header"));
+    let status = account.list_documents(refused).await.expect_err("a bad signature");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    // Read the log until the refusal's line, every line JSON.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let refusal = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = logged.recv_timeout(left).unwrap_or_else(|_| panic!("no refusal in {seen:#?}"));
+        let entry: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(!line.contains(&token) && !line.contains("alice-the-subject"), "{line}");
+        seen.push(entry.clone());
+        if entry["fields"]["message"] == "rpc refused" {
+            break entry;
+        }
+    };
+    assert_eq!(refusal["level"], "INFO");
+    assert_eq!(refusal["span"]["request_id"], "req-refused-1", "{refusal}");
+    assert_eq!(refusal["span"]["method"], "/cubby.v1.Account/ListDocuments");
+    assert_eq!(refusal["fields"]["code"], "Unauthenticated");
+    assert!(refusal["fields"]["reason"].as_str().is_some_and(|r| r.contains("invalid token")));
+}
