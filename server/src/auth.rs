@@ -95,6 +95,8 @@ struct Tenant {
     /// Where the admin permission is; `None`: `scope`, or `scp`.
     admin_claim: Option<String>,
     admin_scope: String,
+    /// Claims a service token must also carry.
+    admin_required: Vec<(String, String)>,
 }
 
 impl Tenant {
@@ -103,10 +105,14 @@ impl Tenant {
         let has = |name: &str| {
             jwt::claim(claims, name).is_some_and(|v| jwt::claim_has(v, &self.admin_scope, true))
         };
-        match &self.admin_claim {
+        let granted = match &self.admin_claim {
             Some(name) => has(name),
             None => has("scope") || has("scp"),
-        }
+        };
+        granted
+            && self.admin_required.iter().all(|(name, value)| {
+                jwt::claim(claims, name).is_some_and(|v| jwt::claim_has(v, value, false))
+            })
     }
 }
 
@@ -250,6 +256,7 @@ impl Authenticator {
                 keys: Arc::new(keys),
                 admin_claim: t.admin_claim.clone(),
                 admin_scope: t.admin_scope.clone(),
+                admin_required: t.admin_required_claims.clone().into_iter().collect(),
             });
         }
         if config.dev_tenant_enabled() {
@@ -269,6 +276,7 @@ impl Authenticator {
                 keys: Arc::new(keys),
                 admin_claim: None,
                 admin_scope: crate::config::DEFAULT_ADMIN_SCOPE.into(),
+                admin_required: Vec::new(),
             });
         }
         if tenants.is_empty() {
@@ -595,6 +603,15 @@ mod tests {
         assert!(plain.verify(&okta).await.expect("a token").admin);
         let auth0 = sign(json!({ "aud": ["cubby", "x"], "sub": "svc", "scope": "a cubby:admin" }));
         assert!(plain.verify(&auth0).await.expect("a token").admin);
+        // Auth0 without RBAC: a customer's app may ask for the scope; only the backend's
+        // client-credentials tokens carry `gty`.
+        let auth0 =
+            authenticator_with(&jwks, "admin_required_claims = { gty = 'client-credentials' }");
+        let asked = sign(json!({ "aud": "cubby", "sub": "user", "scope": "cubby:admin" }));
+        assert!(!auth0.verify(&asked).await.expect("a customer token").admin);
+        let backend = sign(json!({ "aud": "cubby", "sub": "app@clients", "scope": "cubby:admin",
+            "gty": "client-credentials" }));
+        assert!(auth0.verify(&backend).await.expect("a service token").admin);
         let no_sub = sign(json!({ "aud": "cubby" }));
         assert!(refused(plain.verify(&no_sub).await), "a token without a subject is refused");
     }

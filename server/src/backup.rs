@@ -1,8 +1,8 @@
 //! `cubby-server backup`: a consistent copy of the embedded store, in one file, while the server
 //! runs.
 //!
-//! The running server listens on a Unix socket in its data directory (`<data>/control.sock`,
-//! mode 0600: the operator's account and the server's). `cubby-server backup` connects, sends
+//! The running server listens on a Unix socket in its data directory (`<data>/control/socket`,
+//! in a directory of mode 0700, and answering only its own user and root). `cubby-server backup` connects, sends
 //! one line, `{"command":"backup"}`, and gets back one line of JSON (`{"ok":true,"bytes":N,
 //! "flushes":N}`, or `{"error":"..."}`) followed by the archive, until the server closes the
 //! connection. With no server running, the command opens the store itself.
@@ -39,7 +39,59 @@ pub struct Manifest {
 
 /// The control socket's path in a data directory.
 pub fn socket_path(data: &Path) -> PathBuf {
-    data.join("control.sock")
+    data.join("control").join("socket")
+}
+
+/// Scratch copies are named so in the data directory.
+const SCRATCH_PREFIX: &str = "backup-";
+
+/// Removes scratch copies a backup cut short (a crash) left in `data`.
+pub(crate) fn remove_leftovers(data: &Path) {
+    let Ok(entries) = std::fs::read_dir(data) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name.to_str().is_some_and(|n| n.starts_with(SCRATCH_PREFIX)) {
+            tracing::info!(path = %entry.path().display(), "removing a backup's leftover copy");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Bytes the files under `dir` take.
+fn size_of(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_dir() => size_of(&entry.path()),
+            _ => entry.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
+
+/// Refuses a copy that could fill the disk the store is on: the store's next write would then
+/// fail, and a store that fails a write is read-only until a restart.
+#[cfg(unix)]
+fn room_for_copy(data: &Path) -> std::io::Result<()> {
+    let needed = size_of(&data.join("db")).saturating_mul(2).saturating_add(64 << 20);
+    let stat = nix::sys::statvfs::statvfs(data).map_err(std::io::Error::other)?;
+    #[allow(clippy::useless_conversion, reason = "the counts are 32 bits on some targets")]
+    let free = u64::from(stat.blocks_available()).saturating_mul(u64::from(stat.fragment_size()));
+    if free < needed {
+        return Err(std::io::Error::other(format!(
+            "{} has {} MiB free; a backup first copies the store beside it and needs about {} MiB \
+             (twice the store) to leave the store room to write",
+            data.display(),
+            free >> 20,
+            needed >> 20
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn room_for_copy(_data: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// A scratch directory for a copy, beside the store, removed when dropped.
@@ -57,7 +109,11 @@ fn copy(
     data: &Path,
     flushes: impl Fn() -> u64,
 ) -> std::io::Result<(Scratch, Manifest)> {
-    let name = format!("backup-{}", bs58::encode(cubby_crypto::random_array::<6>()).into_string());
+    room_for_copy(data)?;
+    let name = format!(
+        "{SCRATCH_PREFIX}{}",
+        bs58::encode(cubby_crypto::random_array::<6>()).into_string()
+    );
     let scratch = Scratch(data.join(name));
     let bytes = store.copy_to(&scratch.0.join("db")).map_err(std::io::Error::other)?;
     let manifest = Manifest {
@@ -107,6 +163,23 @@ pub fn offline(
     out: impl Write,
 ) -> Result<Manifest, crate::StartError> {
     use std::sync::Arc;
+    #[cfg(unix)]
+    {
+        // Run as another user (root), opening the store could leave files the server cannot
+        // write.
+        use std::os::unix::fs::MetadataExt;
+        let owner = std::fs::metadata(&config.data).map(|m| m.uid()).ok();
+        let me = nix::unistd::geteuid().as_raw();
+        if owner.is_some_and(|owner| owner != me) {
+            return Err(crate::ConfigError(format!(
+                "no server answers on {}, and {} belongs to another user: run the backup as \
+                 that user (sudo -u cubby ...), or with the server running",
+                socket_path(&config.data).display(),
+                config.data.display()
+            ))
+            .into());
+        }
+    }
     let master = cubby_crypto::keys::MasterSecret::read(&crate::master_key_path(config))?;
     let db_path = crate::store_path(config);
     let store_error = |source| crate::StartError::Store { path: db_path.clone(), source };
@@ -145,8 +218,21 @@ pub fn check(file: &Path) -> std::io::Result<()> {
 pub fn unpack(file: &Path, into: &Path) -> std::io::Result<Manifest> {
     let reader = std::fs::File::open(file)?;
     std::fs::create_dir_all(into)?;
-    // `unpack` keeps every entry inside `into` (no absolute paths, no `..`).
-    tar::Archive::new(reader).unpack(into)?;
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        // Files and directories only: a link could make the restore read any file.
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            return Err(std::io::Error::other(format!(
+                "{} holds {} of a kind a backup never has",
+                file.display(),
+                entry.path()?.display()
+            )));
+        }
+        // `unpack_in` keeps every entry inside `into` (no absolute paths, no `..`).
+        entry.unpack_in(into)?;
+    }
     let text = std::fs::read(into.join("backup.json")).map_err(|_| {
         std::io::Error::other(format!("{} is not a Cubby backup (no backup.json)", file.display()))
     })?;
@@ -211,14 +297,20 @@ pub(crate) fn serve(
     tracker: &tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    remove_leftovers(data);
     let path = socket_path(data);
+    let dir = path.parent().unwrap_or(data);
+    // The socket's directory is the server user's alone, before the socket is made in it.
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     // A socket left by a server that did not stop cleanly: nothing listens on it.
     if std::os::unix::net::UnixStream::connect(&path).is_err() {
         let _ = std::fs::remove_file(&path);
     }
     let listener = tokio::net::UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let me = nix::unistd::geteuid().as_raw();
     let data = data.to_path_buf();
     let jobs = tracker.clone();
     tracker.spawn(async move {
@@ -227,7 +319,20 @@ pub(crate) fn serve(
                 () = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            let Ok((stream, _)) = accepted else { continue };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(%err, "control socket: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Only this server's user, and root, may ask.
+            let peer = stream.peer_cred().map(|c| c.uid());
+            if !peer.as_ref().is_ok_and(|&uid| uid == me || uid == 0) {
+                tracing::warn!(peer = ?peer, "control socket: refused a caller of another user");
+                continue;
+            }
             let Ok(stream) = stream.into_std() else { continue };
             let (store, flushes, data) = (store.clone(), flushes.clone(), data.clone());
             jobs.spawn_blocking(move || {
@@ -251,6 +356,8 @@ fn answer(
 ) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    // A caller that stops reading gives up its backup rather than holding up a shutdown.
+    stream.set_write_timeout(Some(std::time::Duration::from_secs(60)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.by_ref().take(1024).read_line(&mut line)?;

@@ -241,6 +241,11 @@ pub struct TenantConfig {
     /// Default `cubby:admin`.
     #[serde(default = "default_admin_scope")]
     pub admin_scope: String,
+    /// Claims a token must also carry, with the given value, to be a service token: for an IdP
+    /// where a customer's own app could ask for the admin scope, something only the backend's
+    /// tokens have, such as `{ gty = "client-credentials" }` (Auth0).
+    #[serde(default)]
+    pub admin_required_claims: BTreeMap<String, String>,
     /// Claims every token must carry with the given value (a string equal to it, or a list
     /// holding it): `{ token_use = "access" }` for Cognito, `{ typ = "Bearer" }` for Keycloak.
     #[serde(default)]

@@ -154,8 +154,13 @@ impl TenantKeys {
         if last.is_some_and(|at| now.saturating_duration_since(at) < self.pacing.min) {
             return false;
         }
+        let _one_at_a_time = self.loading.lock().await;
+        // A scheduled load may have just brought the key: no fetch then, nor a use of the pace.
+        if !Arc::ptr_eq(&self.verifier(), seen) {
+            return true;
+        }
         *last = Some(now);
-        let loaded = self.load("a token named an unknown key id").await;
+        let loaded = self.load_now("a token named an unknown key id").await;
         loaded.is_ok() && !Arc::ptr_eq(&self.verifier(), seen)
     }
 
@@ -370,7 +375,13 @@ impl Fetcher {
                 doc.issuer
             ));
         }
-        fetch_url(&doc.jwks_uri)
+        let jwks_uri = fetch_url(&doc.jwks_uri)?;
+        // Plain HTTP is for an IdP on this machine: a remote discovery document may not send
+        // the server to its own loopback.
+        if jwks_uri.scheme_str() == Some("http") && url.scheme_str() != Some("http") {
+            return Err(format!("{url} names a plain-HTTP jwks_uri {jwks_uri}; use HTTPS"));
+        }
+        Ok(jwks_uri)
     }
 
     async fn key_set(

@@ -137,9 +137,25 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("cubby-server: {err:#}");
-            ExitCode::FAILURE
+            exit_code(&err)
         }
     }
+}
+
+/// Exits 78 (`EX_CONFIG`) when only an operator can fix it (the configuration, the master key,
+/// a store that cannot be vouched for): a supervisor should not start it again. Anything else
+/// (a port in use, a store locked by a process still stopping) exits 1 and may be retried.
+fn exit_code(err: &anyhow::Error) -> ExitCode {
+    use cubby_server::{ConfigError, StartError};
+    let needs_operator = match err.downcast_ref::<StartError>() {
+        Some(StartError::Listen { .. } | StartError::Store { .. }) => false,
+        Some(_) => true,
+        None => {
+            err.downcast_ref::<ConfigError>().is_some()
+                || err.downcast_ref::<KeyFileError>().is_some()
+        }
+    };
+    if needs_operator { ExitCode::from(78) } else { ExitCode::FAILURE }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

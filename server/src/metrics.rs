@@ -232,7 +232,10 @@ pub(crate) fn serve(
                     let answer = answer(&request, &metrics, &*scrape);
                     async move { Ok::<_, std::convert::Infallible>(answer) }
                 });
+                // A scraper that sends nothing is not kept.
                 let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), service);
                 tokio::pin!(connection);
                 tokio::select! {

@@ -106,20 +106,33 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// What is left to do when a call ends: count it, and log a refusal.
+/// What is left to do when a call ends: count it, and log a refusal. Dropped before either
+/// (the caller went away while the call was served), it counts the call as cancelled.
 struct Ending {
     metrics: Arc<Metrics>,
     method: String,
     span: tracing::Span,
+    counted: bool,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.count(Code::Cancelled, None);
+        }
+    }
 }
 
 impl Ending {
-    fn ended(self, code: Code, message: Option<&str>) {
+    fn ended(mut self, code: Code, message: Option<&str>) {
+        self.count(code, message);
+    }
+
+    fn count(&mut self, code: Code, message: Option<&str>) {
+        self.counted = true;
         let _entered = self.span.enter();
-        self.metrics
-            .rpcs
-            .get_or_create(&RpcLabels { method: self.method, code: code_name(code) })
-            .inc();
+        let method = std::mem::take(&mut self.method);
+        self.metrics.rpcs.get_or_create(&RpcLabels { method, code: code_name(code) }).inc();
         match code {
             Code::Ok => tracing::debug!("rpc done"),
             // Refusals are what an operator looks for: why a device cannot sync.
@@ -173,7 +186,12 @@ where
             .unwrap_or_else(|| bs58::encode(cubby_crypto::random_array::<8>()).into_string());
         let span = tracing::info_span!("rpc", method = %method, request_id = %id,
             customer = tracing::field::Empty);
-        let ending = Ending { metrics: self.layer.metrics.clone(), method, span: span.clone() };
+        let ending = Ending {
+            metrics: self.layer.metrics.clone(),
+            method,
+            span: span.clone(),
+            counted: false,
+        };
         let called = self.inner.call(request).instrument(span);
         Box::pin(async move {
             let mut response = called.await?;
@@ -197,15 +215,8 @@ pin_project_lite::pin_project! {
     pub(crate) struct Counted<B> {
         #[pin]
         inner: B,
+        // Counts the call as cancelled if the body is dropped before its end.
         ending: Option<Ending>,
-    }
-
-    impl<B> PinnedDrop for Counted<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(ending) = this.project().ending.take() {
-                ending.ended(Code::Cancelled, None);
-            }
-        }
     }
 }
 

@@ -118,7 +118,7 @@ fn run_configured(dir: &Path, data: &Path, master_key: &Path) -> std::process::O
 fn row_25_configured_server_without_its_master_key_refuses_to_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = run_configured(dir.path(), &dir.path().join("data"), &dir.path().join("missing.key"));
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: a supervisor does not retry it");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("master key file") && stderr.contains("missing.key"), "{stderr}");
     assert!(stderr.contains("cubby-server keys create --out"), "says how to make one: {stderr}");
@@ -135,7 +135,7 @@ fn row_25_wrong_master_key_refuses_to_start() {
         Command::new(BIN).args(["keys", "create", "--out"]).arg(&other_key).output().expect("runs");
     assert!(created.status.success());
     let out = run_configured(dir.path(), &dir.path().join("cubby-data"), &other_key);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: a supervisor does not retry it");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("master key does not match"), "{stderr}");
 }

@@ -286,7 +286,8 @@ impl VerifyingKey {
     }
 
     /// Every signing key in a JWKS document usable with one of `algs`; keys of other types,
-    /// for other algorithms, or for encryption are skipped. The set may hold none.
+    /// for other algorithms, for encryption, or malformed are skipped (one bad key does not
+    /// take the others down with it). The set may hold none.
     pub fn from_jwks(json: &str, algs: &[Algorithm]) -> Result<Vec<Self>, KeyError> {
         let doc: Value = serde_json::from_str(json).map_err(|e| KeyError::Jwks(e.to_string()))?;
         let keys = doc
@@ -330,16 +331,20 @@ impl VerifyingKey {
                 continue;
             }
             let material = match family {
-                Family::Ed25519 => Material::Encoded(field("x")?),
-                Family::P256 | Family::P384 => {
+                Family::Ed25519 => field("x").map(Material::Encoded),
+                Family::P256 | Family::P384 => field("x").and_then(|x| {
                     let mut point = vec![4u8];
-                    point.extend(field("x")?);
+                    point.extend(x);
                     point.extend(field("y")?);
-                    Material::Encoded(point)
+                    Ok(Material::Encoded(point))
+                }),
+                Family::Rsa => {
+                    field("n").and_then(|n| Ok(Material::RsaComponents { n, e: field("e")? }))
                 }
-                Family::Rsa => Material::RsaComponents { n: field("n")?, e: field("e")? },
             };
-            out.push(Self { material, ..key });
+            if let Ok(material) = material {
+                out.push(Self { material, ..key });
+            }
         }
         Ok(out)
     }

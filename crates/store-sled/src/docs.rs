@@ -122,7 +122,7 @@ impl Docs for SledStore {
         // One transaction: a deletion cut short could drop the metadata without telling anyone.
         let _feed = self.lock_feed();
         let _covered = self.uncover(&key(b'c', c, &[d.as_bytes()]));
-        self.db
+        self.db()?
             .transaction(|tx| {
                 let seq = Self::bump_feed(tx, c, d)?;
                 tx.remove(key(b'm', c, &[d.as_bytes()]))?;

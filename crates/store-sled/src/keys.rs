@@ -44,6 +44,17 @@ fn unhex(name: &str) -> Option<[u8; 16]> {
     Some(out)
 }
 
+/// Writes key files read by [`KeyDir::read_all`] into `to` (created), durably; returns how many.
+pub(crate) fn write_all(to: &Path, keys: &[(std::ffi::OsString, Vec<u8>)]) -> Result<usize> {
+    fs::create_dir_all(to).map_err(io_error)?;
+    for (name, bytes) in keys {
+        let mut file = File::create(to.join(name)).map_err(io_error)?;
+        file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_error)?;
+    }
+    sync_dir(to).map_err(io_error)?;
+    Ok(keys.len())
+}
+
 /// Makes the entries of `dir` (files created, renamed or removed in it) durable. Windows has no
 /// such call (and opens no directory as a file); NTFS journals its directory changes itself.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -60,24 +71,17 @@ impl KeyDir {
         Ok(Self { dir, locks: CustomerLocks::default() })
     }
 
-    /// Copies every key file into `to` (created), durably.
-    pub(crate) fn copy_to(&self, to: &Path) -> Result<usize> {
-        fs::create_dir_all(to).map_err(io_error)?;
-        let mut copied = 0;
+    /// Every key file's name and contents (not a temporary file of a write in progress).
+    pub(crate) fn read_all(&self) -> Result<Vec<(std::ffi::OsString, Vec<u8>)>> {
+        let mut all = Vec::new();
         for entry in fs::read_dir(&self.dir).map_err(io_error)? {
             let entry = entry.map_err(io_error)?;
             let name = entry.file_name();
-            // Key files only: not a temporary file of a write in progress.
-            if name.to_str().and_then(unhex).is_none() {
-                continue;
+            if name.to_str().and_then(unhex).is_some() {
+                all.push((name, fs::read(entry.path()).map_err(io_error)?));
             }
-            let target = to.join(&name);
-            fs::copy(entry.path(), &target).map_err(io_error)?;
-            File::open(&target).and_then(|f| f.sync_all()).map_err(io_error)?;
-            copied += 1;
         }
-        sync_dir(to).map_err(io_error)?;
-        Ok(copied)
+        Ok(all)
     }
 
     fn path(&self, customer: &CustomerId) -> PathBuf {

@@ -78,7 +78,33 @@ pub struct Copied {
 /// The database for a write, held open to a copy of the store until the write is done.
 struct Writing<'a> {
     db: &'a sled::Db,
-    _gate: parking_lot::RwLockReadGuard<'a, ()>,
+    _gate: Entered<'a>,
+}
+
+thread_local! {
+    /// How many holds of a store's gate this thread has (a write inside a write).
+    static HOLDS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// A shared hold of the gate. The outermost hold on a thread queues behind a waiting copy (so a
+/// stream of writes cannot starve it); a nested one does not (which would deadlock).
+struct Entered<'a> {
+    _guard: parking_lot::RwLockReadGuard<'a, ()>,
+}
+
+impl<'a> Entered<'a> {
+    fn new(gate: &'a parking_lot::RwLock<()>) -> Self {
+        let holds = HOLDS.get();
+        let guard = if holds == 0 { gate.read() } else { gate.read_recursive() };
+        HOLDS.set(holds + 1);
+        Self { _guard: guard }
+    }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        HOLDS.set(HOLDS.get().saturating_sub(1));
+    }
 }
 
 impl std::ops::Deref for Writing<'_> {
@@ -250,7 +276,7 @@ impl SledStore {
     /// store waits for the write (the statement, or the scope the result is bound in).
     fn db(&self) -> Result<Writing<'_>> {
         self.healthy()?;
-        Ok(Writing { db: &self.db, _gate: self.gate.read_recursive() })
+        Ok(Writing { db: &self.db, _gate: Entered::new(&self.gate) })
     }
 
     /// Whether an earlier I/O error failed the store.
@@ -263,34 +289,38 @@ impl SledStore {
     }
 
     /// Copies the whole store into the directory `to` (a new store directory: `sled/` and
-    /// `keys/`), consistent: writes wait while it is made, so the copy holds the store as it
-    /// was between two writes, which is a state a crash could leave and the store opens from.
-    /// The values are copied as they are, sealed: the copy is as unreadable as the store
-    /// without the master key. The copy is flushed and synced before this returns.
+    /// `keys/`), consistent: writes wait while its entries and keys are taken (reads go on),
+    /// so the copy holds the store as it was between two writes, which is a state a crash
+    /// could leave and the store opens from. The copy is then flushed and synced with writes
+    /// going again. The values are copied as they are, sealed: the copy is as unreadable as
+    /// the store without the master key.
     pub fn copy_to(&self, to: &Path) -> Result<Copied> {
         self.healthy()?;
-        let _alone = self.gate.write();
         let io = |e: std::io::Error| StoreError::Backend(Box::new(e));
         std::fs::create_dir_all(to).map_err(io)?;
         let copy = sled::Config::new().path(to.join("sled")).open().map_err(backend)?;
         let (mut entries, mut bytes) = (0u64, 0u64);
-        for name in self.db.tree_names() {
-            let (from, into) = (
-                self.db.open_tree(&name).map_err(backend)?,
-                copy.open_tree(&name).map_err(backend)?,
-            );
-            for entry in from.iter() {
-                let (k, v) = entry.map_err(backend)?;
-                entries += 1;
-                bytes += (k.len() + v.len()) as u64;
-                into.insert(k, v).map_err(backend)?;
+        let keys = {
+            let _alone = self.gate.write();
+            for name in self.db.tree_names() {
+                let (from, into) = (
+                    self.db.open_tree(&name).map_err(backend)?,
+                    copy.open_tree(&name).map_err(backend)?,
+                );
+                for entry in from.iter() {
+                    let (k, v) = entry.map_err(backend)?;
+                    entries += 1;
+                    bytes += (k.len() + v.len()) as u64;
+                    into.insert(k, v).map_err(backend)?;
+                }
             }
-        }
+            self.keys.read_all()?
+        };
         copy.flush().map_err(backend)?;
         drop(copy);
         // What sled's flush leaves undone (see `files.rs`), for the copy too.
         files::SledFiles::open(&to.join("sled")).and_then(|f| f.sync()).map_err(io)?;
-        let keys = self.keys.copy_to(&to.join("keys"))?;
+        let keys = keys::write_all(&to.join("keys"), &keys)?;
         keys::sync_dir(to).map_err(io)?;
         Ok(Copied { entries, bytes, keys })
     }
@@ -524,7 +554,7 @@ impl SledStore {
     }
 
     fn scan(&self, prefix: Vec<u8>) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec)>> + '_ {
-        let failed = self.db().err().map(Err);
+        let failed = self.healthy().err().map(Err);
         let entries = failed
             .is_none()
             .then(|| self.db.scan_prefix(prefix).map(|r| r.map_err(|e| self.fail(e))));
@@ -564,8 +594,9 @@ impl Records for SledStore {
     }
 
     fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.healthy()?;
         Ok(self
-            .db()?
+            .db
             .get(key(b'r', c, &[&[space.0], k]))
             .map_err(|e| self.fail(e))?
             .map(|v| v.to_vec()))

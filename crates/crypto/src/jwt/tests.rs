@@ -381,3 +381,19 @@ fn a_claim_name_with_dots_is_read_whole_before_as_a_path() {
     assert!(!claim_has(&json!("read cubby:admin"), "cubby:admin", false));
     assert!(claim_has(&json!(["cubby:admin"]), "cubby:admin", false));
 }
+
+#[test]
+fn a_malformed_key_in_a_key_set_is_skipped_and_the_others_stay() {
+    let ed = ed();
+    let jwks = json!({"keys": [
+        {"kty": "RSA", "kid": "broken", "n": "not base64!", "e": "AQAB"},
+        {"kty": "EC", "crv": "P-256", "kid": "half", "x": "AAAA"},
+        ed.signer.jwk(),
+    ]});
+    let algs = [Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA];
+    let keys = VerifyingKey::from_jwks(&jwks.to_string(), &algs).expect("jwks");
+    assert_eq!(keys.len(), 1, "only the well-formed key");
+    let verifier = Verifier::new(validation(Algorithm::EdDSA), keys).expect("keys");
+    let token = ed.signer.sign_jwt(&claims());
+    assert!(verifier.verify(&token, NOW).is_ok());
+}
