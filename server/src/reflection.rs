@@ -211,6 +211,31 @@ fn reread<T: Message + Default>(message: &impl Message) -> Result<T, Status> {
         .map_err(|_| Status::internal("reflection messages differ between versions"))
 }
 
+/// Answers a reflection stream of either version, each message read as v1's: every file once
+/// per stream.
+fn answer_stream<Q, A>(
+    files: Arc<Files>,
+    mut requests: Streaming<Q>,
+) -> ReceiverStream<Result<A, Status>>
+where
+    Q: Message + Default + Send + 'static,
+    A: Message + Default + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut sent = HashSet::new();
+        while let Ok(Some(request)) = requests.message().await {
+            let response = reread::<ServerReflectionRequest>(&request)
+                .map(|request| files.respond(request, &mut sent))
+                .and_then(|response| reread::<A>(&response));
+            if tx.send(response).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
 #[tonic::async_trait]
 impl AlphaReflection for ReflectionV1Alpha {
     type ServerReflectionInfoStream =
@@ -220,21 +245,7 @@ impl AlphaReflection for ReflectionV1Alpha {
         &self,
         request: Request<Streaming<alpha::ServerReflectionRequest>>,
     ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let files = self.files.clone();
-        tokio::spawn(async move {
-            let mut sent = HashSet::new();
-            while let Ok(Some(request)) = requests.message().await {
-                let response = reread::<ServerReflectionRequest>(&request)
-                    .map(|request| files.respond(request, &mut sent))
-                    .and_then(|response| reread::<alpha::ServerReflectionResponse>(&response));
-                if tx.send(response).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(answer_stream(self.files.clone(), request.into_inner())))
     }
 }
 
@@ -246,19 +257,7 @@ impl ServerReflection for Reflection {
         &self,
         request: Request<Streaming<ServerReflectionRequest>>,
     ) -> Result<Response<Self::ServerReflectionInfoStream>, Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let files = self.files.clone();
-        tokio::spawn(async move {
-            let mut sent = HashSet::new();
-            while let Ok(Some(request)) = requests.message().await {
-                let response = files.respond(request, &mut sent);
-                if tx.send(Ok(response)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(answer_stream(self.files.clone(), request.into_inner())))
     }
 }
 
