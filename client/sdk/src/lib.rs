@@ -28,8 +28,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use cubby_crypto::signing::DeviceKey;
@@ -42,6 +40,7 @@ mod admin;
 mod builder;
 mod doc;
 mod engine;
+mod tokens;
 mod wire;
 
 pub use account::{AuditEntry, DeviceInfo, ErasureReceipt};
@@ -51,6 +50,7 @@ pub use cubby_core::{DeviceId, DocId, DocMeta};
 pub use cubby_store::StoreError;
 pub use doc::{DocEvent, DocHandle};
 pub use engine::{SyncFailure, SyncStatus, WipeReason};
+pub use tokens::{StaticToken, TokenError, TokenFuture, TokenProvider};
 
 /// A document deleted elsewhere while this device had changes to it the server never got.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,57 +104,6 @@ pub enum ClientError {
     /// Writing an export failed.
     #[error("cannot write: {0}")]
     Io(#[source] std::io::Error),
-}
-
-/// Why a token could not be had.
-#[derive(Debug, thiserror::Error)]
-#[error("token provider failed: {0}")]
-pub struct TokenError(pub String);
-
-/// A boxed future returned by a [`TokenProvider`].
-pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, TokenError>> + Send>>;
-
-/// Supplies access tokens from the app's identity provider.
-pub trait TokenProvider: Send + Sync + 'static {
-    /// A current token. `refresh` is true when the server refused the last one (expired or
-    /// revoked) or asked for a fresh one because it is about to expire: fetch a new one rather
-    /// than returning a cached token. A fresh token is sent on the open sync stream, which then
-    /// lasts until that token expires.
-    fn token(&self, refresh: bool) -> TokenFuture;
-}
-
-impl<F, Fut> TokenProvider for F
-where
-    F: Fn(bool) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<String, TokenError>> + Send + 'static,
-{
-    fn token(&self, refresh: bool) -> TokenFuture {
-        Box::pin(self(refresh))
-    }
-}
-
-/// A fixed token (scripts and tests). It is never refreshed.
-#[derive(Clone)]
-pub struct StaticToken(Arc<str>);
-
-impl StaticToken {
-    /// Wraps a token.
-    pub fn new(token: impl Into<String>) -> Self {
-        Self(token.into().into())
-    }
-}
-
-impl fmt::Debug for StaticToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("StaticToken(..)")
-    }
-}
-
-impl TokenProvider for StaticToken {
-    fn token(&self, _refresh: bool) -> TokenFuture {
-        let token = self.0.to_string();
-        Box::pin(async move { Ok(token) })
-    }
 }
 
 /// The loaded copies of documents, and how many local writes each document has had (so a copy

@@ -6,15 +6,14 @@
 //! device. The stream ends when the device leaves, its token expires, it is revoked, its account
 //! is erased, or the server stops.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use cubby_core::feed::Told;
 use cubby_core::{DeviceId, DocId, Seq};
-use cubby_proto::parts::{self, Budget, Reassembly};
+use cubby_proto::parts::{self, Reassembly};
 use cubby_proto::{ApiError, pb};
 use futures_util::StreamExt;
 use futures_util::stream::PollNext;
@@ -48,6 +47,9 @@ const PUSH_AT_MOST: usize = 16;
 
 mod admit;
 mod feed;
+mod parts_budget;
+
+pub(crate) use parts_budget::PartBudgets;
 
 static NEXT_PEER: AtomicU64 = AtomicU64::new(1);
 
@@ -428,65 +430,6 @@ impl Connection {
             }
             None => Err(ApiError::InvalidArgument("empty frame".into()).into()),
         }
-    }
-}
-
-/// The shared limits on sync messages in parts: one [`Budget`] per customer and one per
-/// connection, each held by the reassemblies of their streams while any is open.
-#[derive(Default)]
-pub(crate) struct PartBudgets {
-    budgets: std::sync::Mutex<Budgets>,
-}
-
-#[derive(Default)]
-struct Budgets {
-    customers: HashMap<cubby_core::CustomerId, Weak<Budget>>,
-    connections: HashMap<SocketAddr, Weak<Budget>>,
-    /// How many entries there were after the last sweep of ended ones.
-    swept: usize,
-}
-
-impl PartBudgets {
-    /// A reassembly for a new stream of `customer` on the connection from `peer`.
-    fn reassembly(
-        &self,
-        limits: &crate::Limits,
-        customer: cubby_core::CustomerId,
-        peer: Option<SocketAddr>,
-    ) -> Reassembly {
-        let per_stream = limits.max_document_bytes as usize;
-        let mut budgets = self.budgets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let budgets = &mut *budgets;
-        if budgets.customers.len() + budgets.connections.len() > 2 * budgets.swept.max(64) {
-            budgets.customers.retain(|_, b| b.strong_count() > 0);
-            budgets.connections.retain(|_, b| b.strong_count() > 0);
-            budgets.swept = budgets.customers.len() + budgets.connections.len();
-        }
-        fn shared<K: std::hash::Hash + Eq>(
-            map: &mut HashMap<K, Weak<Budget>>,
-            key: K,
-            limit: usize,
-            whose: &'static str,
-        ) -> Arc<Budget> {
-            let entry = map.entry(key).or_default();
-            entry.upgrade().unwrap_or_else(|| {
-                let budget = Budget::new(limit, whose);
-                *entry = Arc::downgrade(&budget);
-                budget
-            })
-        }
-        let per_customer = limits.max_partial_bytes_per_customer as usize;
-        let mut reassembly = Reassembly::new(per_stream).with_budget(shared(
-            &mut budgets.customers,
-            customer,
-            per_customer,
-            "this customer",
-        ));
-        if let Some(peer) = peer {
-            let connection = shared(&mut budgets.connections, peer, per_stream, "this connection");
-            reassembly = reassembly.with_budget(connection);
-        }
-        reassembly
     }
 }
 
