@@ -279,8 +279,10 @@ fn summarize(results: &[Value]) {
             None => format!("one edit p50 {} ms p99 {} ms", r["edit_p50_ms"], r["edit_p99_ms"]),
         };
         let edit = match r.get("metrics_scrape_p50_ms") {
-            Some(scrape) => format!("{edit}, a metrics scrape {scrape} ms (p50)"),
-            None => edit,
+            Some(scrape) if !scrape.is_null() => {
+                format!("{edit}, a metrics scrape {scrape} ms (p50)")
+            }
+            _ => edit,
         };
         eprintln!(
             "{:>5} idle devices of {:>5} customers, {:<14} {bytes:>7} bytes of server memory each{}, server CPU {}% while idle, {:>5} connections/s, {edit}",

@@ -25,8 +25,9 @@ pub(crate) struct ServerProcess {
     pub(crate) url: String,
     /// Its self-signed certificate.
     pub(crate) ca_pem: Vec<u8>,
-    /// Where it serves its metrics.
-    pub(crate) metrics: std::net::SocketAddr,
+    /// Where it serves its metrics (`None` for a server older than its metrics, which the
+    /// before-and-after comparisons run).
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 impl Drop for ServerProcess {
@@ -159,17 +160,27 @@ pub(crate) fn rss_of(pid: u32) -> Result<u64, Error> {
     Ok(kb * 1024)
 }
 
+/// Whether `bin` serves metrics (an older server has no `--metrics`).
+fn serves_metrics(bin: &Path) -> bool {
+    Command::new(bin)
+        .arg("--help")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("--metrics"))
+}
+
 /// Runs the server binary on `data` and `listen`; returns once it listens, with its URL and
 /// its metrics address.
 fn spawn(
     bin: &Path,
     data: &Path,
     listen: &str,
-) -> Result<(Child, String, std::net::SocketAddr), Error> {
-    let mut child = Command::new(bin)
-        .arg("--data")
-        .arg(data)
-        .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
+) -> Result<(Child, String, Option<std::net::SocketAddr>), Error> {
+    let mut command = Command::new(bin);
+    command.arg("--data").arg(data).args(["--listen", listen]);
+    if serves_metrics(bin) {
+        command.args(["--metrics", "127.0.0.1:0"]);
+    }
+    let mut child = command
         .env_remove("CUBBY_CONFIG")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -191,7 +202,6 @@ fn spawn(
         }
     }
     let url = url.ok_or("the server did not say where it listens")?;
-    let metrics = metrics.ok_or("the server did not say where its metrics are")?;
     Ok((child, url, metrics))
 }
 
