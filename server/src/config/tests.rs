@@ -103,3 +103,32 @@ fn unknown_fields_are_refused() {
     let err = toml::from_str::<ServerConfig>("master_key_file = \"k\"\nlisten_addr = \"x\"\n");
     assert!(err.is_err());
 }
+
+/// The README's identity-provider recipes are configurations that load as they are written.
+#[test]
+fn the_readme_identity_provider_recipes_configure() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .expect("the README");
+    let section = readme.split("### Identity providers").nth(1).expect("the section");
+    let recipes = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a TOML block");
+    #[derive(Deserialize)]
+    struct Recipes {
+        tenants: Vec<TenantConfig>,
+    }
+    let recipes: Recipes = toml::from_str(recipes).expect("the recipes parse");
+    let names: Vec<&str> = recipes.tenants.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["auth0", "okta", "cognito", "firebase", "keycloak", "entra"]);
+    let mut config = ServerConfig::dev("/nonexistent", default_listen());
+    config.dev_tenant = Some(false);
+    config.tenants = recipes.tenants;
+    let ids = cubby_crypto::keys::Keyring::from_master(
+        &cubby_crypto::keys::MasterSecret::from_bytes([1; 32]),
+    );
+    crate::auth::Authenticator::new(&config, ids, crate::auth::Clock::System)
+        .expect("every recipe configures a tenant");
+}
