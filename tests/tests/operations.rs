@@ -191,3 +191,31 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
         .await
         .expect("the connection made before the renewal carries on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_by_a_limit_is_counted_by_kind() {
+    let server = TestServer::start_with(|config| {
+        config.limits.max_writes_per_sec = 1;
+        config.limits.max_document_bytes = 64 * 1024;
+        config.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let addr = server.running().metrics_addr().expect("metrics are served");
+    let erin = server.device("erin").await;
+    let doc = erin.client.create("fast").await.expect("create");
+    // More writes than five seconds' budget, as fast as they go.
+    for i in 0..12 {
+        doc.put(&format!("k{i}"), json!(i)).await.expect("put");
+        let _ = erin.client.wait_until_synced().await;
+    }
+    // And one document past its size limit.
+    let big = erin.client.create("big").await.expect("create");
+    big.put("blob", json!("x".repeat(100 * 1024))).await.expect("saved locally");
+    eventually("both refusals are counted", || async {
+        let (_, text) = http_get(addr, "/metrics").await;
+        sample(&text, "cubby_quota_refusals_total{kind=\"rate\"}").is_some_and(|n| n >= 1.0)
+            && sample(&text, "cubby_quota_refusals_total{kind=\"document_size\"}")
+                .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+}
