@@ -13,6 +13,11 @@ use serde_json::{Value, json};
 use crate::server::{ServerProcess, Wire};
 use crate::stats::{Samples, ms};
 
+mod idle;
+mod large;
+pub(crate) use idle::idle;
+pub(crate) use large::large_account;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long any one wait may take before the run is abandoned.
@@ -331,102 +336,6 @@ async fn light_device_on(
         .await?)
 }
 
-/// Workload 3: `devices` idle devices connected across `customers` customers. Reports the
-/// server's memory per connected device, the connection rate, and the latency of one edit
-/// between two devices of one customer at that scale.
-pub(crate) async fn idle(bin: &Path, devices: usize, customers: usize) -> Result<Value, Error> {
-    let server = ServerProcess::start(bin)?;
-    let baseline = server.rss()?;
-    let started = Instant::now();
-    let mut clients = Vec::with_capacity(devices);
-    for chunk in (0..devices).collect::<Vec<_>>().chunks(100) {
-        let batch = join_all(chunk.iter().map(|i| {
-            let subject = format!("idle-{}", i % customers);
-            let server = &server;
-            async move {
-                let client = light_device(server, &subject).await?;
-                synced(&client).await?;
-                Ok::<_, Error>(client)
-            }
-        }))
-        .await;
-        for client in batch {
-            clients.push(client?);
-        }
-    }
-    let connect_rate = devices as f64 / started.elapsed().as_secs_f64();
-    // Let allocations settle, then read the server's memory; its CPU meanwhile is what idle
-    // devices cost it.
-    let cpu = server.cpu()?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_cpu = server.cpu()? - cpu;
-    let rss = server.rss()?;
-    // What a Prometheus scrape costs with every device connected.
-    let mut scrapes = Samples::default();
-    let mut scrape_bytes = 0;
-    for _ in 0..server.metrics.map_or(0, |_| 50) {
-        let Some(addr) = server.metrics else { break };
-        let started = Instant::now();
-        let text = scrape(addr).await?;
-        scrapes.push(started.elapsed());
-        scrape_bytes = text.len();
-        let seen = text
-            .lines()
-            .find_map(|l| l.strip_prefix("cubby_connected_devices ")?.trim().parse::<usize>().ok());
-        if seen != Some(devices) {
-            return Err(format!("the scrape counts {seen:?} devices, not {devices}").into());
-        }
-    }
-
-    // One edit from customer 0's idle device to one more device of theirs.
-    let extra = light_device(&server, "idle-0").await?;
-    synced(&extra).await?;
-    let (a, b) = (&clients[0], &extra);
-    let doc = a.create("edit at scale").await?;
-    doc.put("n", json!(0)).await?;
-    synced(a).await?;
-    let copy = arrived(b, doc.id()).await?;
-    let mut latency = Samples::default();
-    for n in 1..=100u64 {
-        let started = Instant::now();
-        let (put, arrived) = tokio::join!(doc.put("n", json!(n)), has(&copy, n));
-        put?;
-        arrived?;
-        latency.push(started.elapsed());
-    }
-    let per_device = rss.saturating_sub(baseline) / devices as u64;
-    for client in clients {
-        client.shutdown().await;
-    }
-    extra.shutdown().await;
-    Ok(json!({
-        "workload": "idle",
-        "system": "cubby",
-        "devices": devices,
-        "customers": customers,
-        "server_rss_bytes": rss,
-        "server_bytes_per_device": per_device,
-        "connections_per_sec": connect_rate.round(),
-        "idle_server_cpu_percent": (idle_cpu.as_secs_f64() / 2.0 * 100.0).round(),
-        "edit_p50_ms": ms(latency.quantile(0.5)),
-        "edit_p99_ms": ms(latency.quantile(0.99)),
-        "metrics_scrape_p50_ms": server.metrics.map(|_| ms(scrapes.quantile(0.5))),
-        "metrics_scrape_bytes": scrape_bytes,
-    }))
-}
-
-/// One `GET /metrics` over plain HTTP/1.1, as Prometheus makes it: the body.
-async fn scrape(addr: std::net::SocketAddr) -> Result<String, Error> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (_, body) = response.split_once("\r\n\r\n").ok_or("no HTTP response")?;
-    Ok(body.to_owned())
-}
-
 /// Workload 6: `writers` devices (one customer each) write as fast as the server acknowledges,
 /// for `secs` seconds. Reports acknowledged changes per second and the acknowledgement latency
 /// (from the `change` call to its `DocEvent::Synced`).
@@ -532,130 +441,5 @@ pub(crate) async fn burst(
         "changes": changes,
         "receivers": receivers,
         "rounds": each,
-    }))
-}
-
-/// Workloads 4 and 7: an account of `docs` documents of `changes` changes each plus one text
-/// document of `text_changes` one-character insertions, written on one device and synced.
-/// Then (4) a fresh device with a sled store syncs the whole account: time and wire bytes
-/// against the bytes at rest (every document saved whole); and (7) the server restarts, so the
-/// large document is no longer in memory, and a device holding it types one character into
-/// it: time until the server acknowledges (it must first load the document from encrypted
-/// storage), beside the same edit once the document is loaded.
-pub(crate) async fn large_account(
-    bin: &Path,
-    docs: usize,
-    changes: usize,
-    text_changes: usize,
-) -> Result<Value, Error> {
-    use automerge::transaction::Transactable;
-    let mut server = ServerProcess::start(bin)?;
-    let author_store = Arc::new(cubby_store::MemoryStore::new());
-    let author = light_device_on(&server, "large", false, author_store.clone()).await?;
-    let mut at_rest = 0usize;
-    for d in 0..docs {
-        let doc = author.create(&format!("doc {d}")).await?;
-        for n in 0..changes as u64 {
-            doc.put("n", json!(n)).await?;
-        }
-        at_rest += doc.read(|d| d.save().len());
-    }
-    let text = author.create("long text").await?;
-    text.change(|tx| tx.put_object(automerge::ROOT, "text", automerge::ObjType::Text).map(drop))
-        .await?;
-    let text_obj = text.read(|d| {
-        use automerge::ReadDoc;
-        d.get(automerge::ROOT, "text").ok().flatten().map(|(_, id)| id)
-    });
-    let text_obj = text_obj.ok_or("the text object is missing")?;
-    for i in 0..text_changes {
-        let obj = text_obj.clone();
-        text.change(move |tx| tx.splice_text(&obj, i, 0, "a")).await?;
-    }
-    at_rest += text.read(|d| d.save().len());
-    author.start_sync();
-    tokio::time::timeout(Duration::from_secs(600), author.wait_until_synced())
-        .await
-        .map_err(|_| "the author did not sync within ten minutes")?
-        .map_err(|e| format!("sync failed: {e}"))?;
-
-    // Workload 4: a fresh device with a real local store.
-    let dirs = tempfile::tempdir()?;
-    let wire = Wire::default();
-    let started = Instant::now();
-    let fresh = server.device("large", &dirs.path().join("fresh"), &wire).await?;
-    tokio::time::timeout(Duration::from_secs(600), async {
-        loop {
-            let held = fresh.list().await.map(|l| l.len()).unwrap_or(0);
-            if held == docs + 1 && fresh.wait_until_synced().await.is_ok() {
-                let copy = fresh.open(text.id()).await?;
-                if copy.heads() == text.heads() {
-                    return Ok::<_, Error>(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .map_err(|_| "the fresh device did not sync within ten minutes")??;
-    let fresh_took = started.elapsed();
-    let fresh_bytes = wire.bytes();
-    fresh.shutdown().await;
-
-    // Workload 7: a device holding everything reconnects to a freshly started server.
-    author.shutdown().await;
-    server.restart()?;
-    let device = server.device("large", &dirs.path().join("fresh"), &Wire::default()).await?;
-    synced(&device).await?;
-    let copy = arrived(&device, text.id()).await?;
-    // One character typed into the large document: the server must load it from encrypted
-    // storage before it can apply and acknowledge the change. Then the same again, warm.
-    let mut edit_times = Vec::new();
-    for at in [0usize, 1] {
-        let obj = text_obj.clone();
-        let mut events = copy.subscribe();
-        let started = Instant::now();
-        copy.change(move |tx| tx.splice_text(&obj, at, 0, "b")).await?;
-        acknowledged(&mut events).await?;
-        edit_times.push(started.elapsed());
-    }
-    let (cold, warm) = (edit_times[0], edit_times[1]);
-
-    // The author comes back online with the text closed, as a second device in the background
-    // would be, while the first types into it: how long until each keystroke is on the author's
-    // device (shown to the app, `DocEvent::Remote`).
-    let background = light_device_on(&server, "large", true, author_store).await?;
-    synced(&background).await?;
-    let mut events = background.events();
-    let mut keystrokes = Samples::default();
-    for at in 0..KEYSTROKES {
-        let obj = text_obj.clone();
-        let started = Instant::now();
-        copy.change(move |tx| tx.splice_text(&obj, at, 0, "c")).await?;
-        loop {
-            match tokio::time::timeout(PATIENCE, events.recv()).await {
-                Ok(Ok((id, cubby_client::DocEvent::Remote))) if id == text.id() => break,
-                Ok(Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(_)) => return Err("the background device stopped".into()),
-                Err(_) => return Err("a keystroke did not reach the background device".into()),
-            }
-        }
-        keystrokes.push(started.elapsed());
-    }
-    background.shutdown().await;
-    Ok(json!({
-        "workload": "large_account",
-        "system": "cubby",
-        "documents": docs + 1,
-        "changes_per_document": changes,
-        "text_changes": text_changes,
-        "bytes_at_rest": at_rest,
-        "fresh_device_ms": ms(fresh_took),
-        "fresh_device_wire_bytes": fresh_bytes,
-        "wire_to_rest_ratio": fresh_bytes as f64 / at_rest.max(1) as f64,
-        "cold_edit_ack_ms": ms(cold),
-        "warm_edit_ack_ms": ms(warm),
-        "background_keystroke_p50_ms": ms(keystrokes.quantile(0.5)),
-        "background_keystroke_max_ms": ms(keystrokes.quantile(1.0)),
     }))
 }

@@ -13,16 +13,15 @@
 //! document), [`bus`] (what the nodes sharing a store tell each other), `hub` (per-customer
 //! change announcements), `durable` (group commit), `keys` (KEK rotation), `restore`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cubby_core::history::CompactionPolicy;
-use cubby_crypto::keys::{KeyFileError, Keyring, MasterSecret};
+use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::Witness;
-use cubby_store::{EncryptedStore, IntegrityError, Store, StoreError};
+use cubby_store::{EncryptedStore, Store, StoreError};
 use cubby_store_sled::{SledStore, WitnessDir};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +50,7 @@ mod rights;
 mod rpc;
 mod running;
 mod shared;
+mod start_error;
 mod sync;
 pub mod tls;
 
@@ -59,58 +59,10 @@ pub use listen::Listener;
 pub use restore::{Restored, restore};
 pub use running::RunningServer;
 pub(crate) use shared::Shared;
+pub use start_error::StartError;
 
 /// The encrypted store every part of the server writes through.
 pub(crate) type Vault = EncryptedStore<Arc<dyn Store>>;
-
-/// Why the server did not start. Each message tells the operator what to fix.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StartError {
-    /// The configuration is wrong or incomplete.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The master key file is missing or unreadable.
-    #[error(transparent)]
-    MasterKey(#[from] KeyFileError),
-    /// The master key does not open this data directory.
-    #[error("the master key does not match the data in {0}; refusing to start")]
-    WrongMasterKey(PathBuf),
-    /// The store holds less than the server acknowledged, or is another store: the operator
-    /// decides what to do.
-    #[error(
-        "refusing to start: the store in {path} cannot be vouched for: {reason}. Cubby wrote \
-         nothing (though sled, opening the store, may have cut its log where it is damaged). \
-         Either put the store's files back as they were, or accept the store as it is (a backup \
-         restored on purpose, or damage you accept) with `cubby-server restore` and the same \
-         --data or --config: the server then starts a new epoch, and every device offers back \
-         what it holds"
-    )]
-    Integrity {
-        /// The database directory.
-        path: PathBuf,
-        /// What is wrong.
-        reason: IntegrityError,
-    },
-    /// The store could not be opened.
-    #[error("cannot open the store in {path}: {source}")]
-    Store {
-        /// The database directory.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: StoreError,
-    },
-    /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        /// The address.
-        addr: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-}
 
 /// Where synchronous storage work runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

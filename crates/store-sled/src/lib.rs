@@ -33,13 +33,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_core::{ChunkId, CustomerId, DocId, Seq};
-use cubby_store::{Chunk, Keys, MetaAt, Records, Result, Space, Store, StoreError};
+use cubby_store::{Chunk, MetaAt, Result, Store, StoreError};
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 mod copy;
 mod docs;
 mod files;
 mod keys;
+mod records;
 mod witness;
 
 pub use copy::Copied;
@@ -473,59 +474,6 @@ impl SledStore {
             .is_none()
             .then(|| self.db.scan_prefix(prefix).map(|r| r.map_err(|e| self.fail(e))));
         failed.into_iter().chain(entries.into_iter().flatten())
-    }
-}
-
-impl Keys for SledStore {
-    fn get_key(&self, customer: &CustomerId) -> Result<Option<Vec<u8>>> {
-        self.keys.get(customer)
-    }
-
-    fn put_key_if_absent(&self, customer: &CustomerId, wrapped: &[u8]) -> Result<Vec<u8>> {
-        let _writing = copy::Entered::new(&self.gate);
-        self.keys.put_if_absent(customer, wrapped)
-    }
-
-    fn replace_key(&self, customer: &CustomerId, expected: &[u8], new: &[u8]) -> Result<bool> {
-        let _writing = copy::Entered::new(&self.gate);
-        self.keys.replace(customer, expected, new)
-    }
-
-    fn destroy_key(&self, customer: &CustomerId) -> Result<()> {
-        let _writing = copy::Entered::new(&self.gate);
-        self.keys.destroy(customer)
-    }
-
-    fn list_customers(&self) -> Result<Vec<CustomerId>> {
-        self.keys.list()
-    }
-}
-
-impl Records for SledStore {
-    fn put_record(&self, c: &CustomerId, space: Space, k: &[u8], value: &[u8]) -> Result<()> {
-        self.db()?.insert(key(b'r', c, &[&[space.0], k]), value).map_err(|e| self.fail(e))?;
-        Ok(())
-    }
-
-    fn get_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.healthy()?;
-        Ok(self
-            .db
-            .get(key(b'r', c, &[&[space.0], k]))
-            .map_err(|e| self.fail(e))?
-            .map(|v| v.to_vec()))
-    }
-
-    fn remove_record(&self, c: &CustomerId, space: Space, k: &[u8]) -> Result<()> {
-        self.db()?.remove(key(b'r', c, &[&[space.0], k])).map_err(|e| self.fail(e))?;
-        Ok(())
-    }
-
-    fn scan_records(&self, c: &CustomerId, space: Space) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let prefix = key(b'r', c, &[&[space.0]]);
-        self.scan(prefix.clone())
-            .map(|r| r.map(|(k, v)| (k[prefix.len()..].to_vec(), v.to_vec())))
-            .collect()
     }
 }
 
