@@ -410,7 +410,8 @@ impl Authenticator {
         CustomerId::from_bytes(self.ids.customer_id(tenant, subject))
     }
 
-    /// Verifies the `authorization: Bearer` header of a request.
+    /// Verifies the `authorization: Bearer` header of a request, and names the keyed customer
+    /// on the call's span (`rpc`).
     pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         let header = metadata
             .get("authorization")
@@ -419,7 +420,9 @@ impl Authenticator {
             header.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).ok_or_else(|| {
                 ApiError::Unauthenticated("authorization must be `Bearer <token>`".into())
             })?;
-        self.verify(token.trim()).await
+        let caller = self.verify(token.trim()).await?;
+        crate::rpc::record_customer(&caller.customer);
+        Ok(caller)
     }
 }
 

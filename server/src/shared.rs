@@ -72,9 +72,7 @@ impl Shared {
         &self,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
-        let caller = self.auth.authenticate(metadata).await?;
-        crate::rpc::record_customer(&caller.customer);
-        self.customers.admit(caller).await
+        self.customers.admit(self.auth.authenticate(metadata).await?).await
     }
 
     /// Authenticates a business request: a verified service token with the admin scope.
@@ -83,7 +81,6 @@ impl Shared {
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<auth::Caller, ApiError> {
         let caller = self.auth.authenticate(metadata).await?;
-        crate::rpc::record_customer(&caller.customer);
         if !caller.admin {
             return Err(ApiError::PermissionDenied(
                 "the admin API needs a service token with the admin scope".into(),

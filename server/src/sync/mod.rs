@@ -69,7 +69,6 @@ impl pb::sync_server::Sync for SyncService {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let caller = self.shared.auth.authenticate(request.metadata()).await?;
-        crate::rpc::record_customer(&caller.customer);
         let caller = self.shared.customers.admit_device_stream(caller).await?;
         let token_denied = self.shared.customers.token_denied(&caller);
         let parts = self.shared.part_budgets.reassembly(
