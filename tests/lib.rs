@@ -399,17 +399,26 @@ pub fn authed<T>(request: T, token: &str) -> tonic::Request<T> {
 }
 
 /// Waits until `check` returns true, polling, or panics after [`DEADLINE`] with `what`.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+    eventually_within(DEADLINE, what, check).await;
+}
+
+/// Polls `check` until it returns true, failing the test after `within`.
+pub async fn eventually_within<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if check().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(tokio::time::Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -318,8 +318,10 @@ impl Authenticator {
     /// Each tenant's name, key loads tried and key loads failed, for metrics.
     pub(crate) fn key_loads(&self) -> Vec<(String, u64, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
-        let loads = |t: &Tenant| (t.keys.loads.load(Relaxed), t.keys.failures.load(Relaxed));
-        self.tenants.iter().map(|t| (t.name.clone(), loads(t).0, loads(t).1)).collect()
+        let loads = |t: &Tenant| {
+            (t.name.clone(), t.keys.loads.load(Relaxed), t.keys.failures.load(Relaxed))
+        };
+        self.tenants.iter().map(loads).collect()
     }
 
     /// Verifies a raw token.

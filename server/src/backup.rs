@@ -188,12 +188,7 @@ pub fn offline(
     let sled = cubby_store_sled::SledStore::open(&db_path).map_err(store_error)?;
     let keyring = cubby_crypto::keys::Keyring::from_master(&master);
     let vault = cubby_store::EncryptedStore::open_witnessed(sled, keyring, Arc::new(witness))
-        .map_err(|source| match source {
-            cubby_store::StoreError::WrongMasterKey => {
-                crate::StartError::WrongMasterKey(config.data.clone())
-            }
-            source => store_error(source),
-        })?;
+        .map_err(|source| crate::StartError::opening(config, source))?;
     write_backup(&vault, &config.data, || vault.flushes(), out, |_, _| Ok(()))
         .map_err(|e| crate::ConfigError(format!("backup: {e}")).into())
 }
@@ -314,18 +309,19 @@ pub(crate) fn serve(
     let data = data.to_path_buf();
     let jobs = tracker.clone();
     tracker.spawn(async move {
+        let mut failures = crate::listen::AcceptFailures::new("control socket");
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
             let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "control socket: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
+                Ok((stream, _)) => {
+                    failures.reset();
+                    stream
                 }
+                Err(err) if failures.back_off(&err, &stop).await => continue,
+                Err(_) => break,
             };
             // Only this server's user, and root, may ask.
             let peer = stream.peer_cred().map(|c| c.uid());

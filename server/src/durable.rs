@@ -160,14 +160,13 @@ impl Write {
 }
 
 /// What a durable write tells the nodes.
-fn announcement(write: &Write, seq: Seq) -> Option<Changed> {
+fn announcement(write: Write, seq: Seq) -> Option<Changed> {
     match write {
         Write::Doc { customer, doc, meta, metadata, .. } => {
-            let info = Some(Some(meta.clone()));
-            Some(Changed { customer: *customer, doc: *doc, seq, info, metadata: *metadata })
+            Some(Changed { customer, doc, seq, info: Some(Some(meta)), metadata })
         }
         Write::Delete { customer, doc } => {
-            Some(Changed { customer: *customer, doc: *doc, seq, info: Some(None), metadata: true })
+            Some(Changed { customer, doc, seq, info: Some(None), metadata: true })
         }
         Write::Compact { .. } => None,
     }
@@ -234,15 +233,15 @@ impl Writer {
                     .collect()
             }
         };
-        for (job, outcome) in batch.into_iter().zip(results) {
+        for (Job { write, reply }, outcome) in batch.into_iter().zip(results) {
             if let Ok(Some(seq)) = outcome
-                && let Some(changed) = announcement(&job.write, seq)
+                && let Some(changed) = announcement(write, seq)
             {
                 let (bus, node) = &self.bus;
                 bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
             }
             // The writer may have gone away (connection closed); the write stands regardless.
-            let _ = job.reply.send(outcome);
+            let _ = reply.send(outcome);
         }
     }
 }

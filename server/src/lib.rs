@@ -227,14 +227,12 @@ async fn launch<L: Listener>(
     };
     let vault = match opened {
         Ok(store) => Arc::new(store),
-        Err(StoreError::WrongMasterKey) => {
-            return Err(StartError::WrongMasterKey(config.data.clone()));
+        Err(source) => {
+            if let StoreError::Integrity(reason) = &source {
+                tracing::error!(%reason, "the store cannot be vouched for; refusing to start");
+            }
+            return Err(StartError::opening(&config, source));
         }
-        Err(StoreError::Integrity(reason)) => {
-            tracing::error!(%reason, "the store cannot be vouched for; refusing to start");
-            return Err(StartError::Integrity { path: db_path, reason });
-        }
-        Err(source) => return Err(StartError::Store { path: db_path, source }),
     };
     let store: Arc<dyn Store> = vault.clone();
     let store_error = |source| StartError::Store { path: db_path.clone(), source };

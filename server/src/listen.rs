@@ -264,7 +264,7 @@ impl Gate {
         let (tx, rx) = mpsc::channel(64);
         let handshakes = tracker.clone();
         tracker.spawn(async move {
-            let mut failures = AcceptFailures::default();
+            let mut failures = AcceptFailures::new("sync");
             loop {
                 let accepted = tokio::select! {
                     accepted = listener.accept() => accepted,
@@ -275,13 +275,8 @@ impl Gate {
                         failures.reset();
                         accepted
                     }
-                    Err(err) => {
-                        let pause = failures.failed(&err);
-                        tokio::select! {
-                            () = tokio::time::sleep(pause) => continue,
-                            () = stop.cancelled() => return,
-                        }
-                    }
+                    Err(err) if failures.back_off(&err, &stop).await => continue,
+                    Err(_) => return,
                 };
                 let Some(ticket) = self.begin_handshake(tokio::time::Instant::now()) else {
                     tracing::debug!(%addr, "too many handshakes in progress: connection closed");
@@ -314,9 +309,11 @@ impl Gate {
     }
 }
 
-/// Accept failures in a row: how long to pause, and when to say so.
-#[derive(Default)]
-struct AcceptFailures {
+/// Accept failures in a row: how long to pause, and when to say so. Every listener of the
+/// server (connections, metrics, the control socket) backs off with one.
+pub(crate) struct AcceptFailures {
+    /// Which listener, for the log.
+    listener: &'static str,
     pause: Duration,
     /// Failures not logged since the last line.
     unlogged: u64,
@@ -327,8 +324,21 @@ impl AcceptFailures {
     const FIRST: Duration = Duration::from_millis(10);
     const MOST: Duration = Duration::from_secs(1);
 
-    fn reset(&mut self) {
+    pub(crate) fn new(listener: &'static str) -> Self {
+        Self { listener, pause: Duration::ZERO, unlogged: 0, logged_at: None }
+    }
+
+    pub(crate) fn reset(&mut self) {
         self.pause = Duration::ZERO;
+    }
+
+    /// Notes a failure and pauses before the next accept; false if `stop` came meanwhile.
+    pub(crate) async fn back_off(&mut self, err: &io::Error, stop: &CancellationToken) -> bool {
+        let pause = self.failed(err);
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = stop.cancelled() => false,
+        }
     }
 
     /// Notes a failure; returns how long to pause before accepting again.
@@ -337,7 +347,8 @@ impl AcceptFailures {
         self.unlogged += 1;
         let now = tokio::time::Instant::now();
         if self.logged_at.is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1)) {
-            tracing::warn!(%err, failures = self.unlogged, pause_ms = self.pause.as_millis() as u64,
+            tracing::warn!(%err, listener = self.listener, failures = self.unlogged,
+                pause_ms = self.pause.as_millis() as u64,
                 "accepting connections failed; backing off");
             self.unlogged = 0;
             self.logged_at = Some(now);

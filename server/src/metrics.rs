@@ -55,14 +55,16 @@ pub(crate) struct TenantLabels {
 pub(crate) struct Metrics {
     registry: Registry,
     pub rpcs: Family<RpcLabels, Counter>,
-    pub sync_messages: Family<DirectionLabels, Counter>,
-    pub sync_bytes: Family<DirectionLabels, Counter>,
     pub commit_batch: Histogram,
     pub commit_seconds: Histogram,
     pub apply_seconds: Histogram,
     pub quota_refusals: Family<KindLabels, Counter>,
     pub tokens_refused: Family<TenantLabels, Counter>,
     pub connects: Counter,
+    /// The sync counters (messages, bytes) of each direction, looked up once: they are counted
+    /// per message.
+    received: (Counter, Counter),
+    sent: (Counter, Counter),
 }
 
 impl Default for Metrics {
@@ -118,11 +120,19 @@ impl Default for Metrics {
             "Devices that proved their key on a stream",
             connects.clone(),
         );
+        let direction = |direction| {
+            let labels = DirectionLabels { direction };
+            (
+                sync_messages.get_or_create(&labels).clone(),
+                sync_bytes.get_or_create(&labels).clone(),
+            )
+        };
+        let (received, sent) = (direction("received"), direction("sent"));
         Self {
+            received,
+            sent,
             registry,
             rpcs,
-            sync_messages,
-            sync_bytes,
             commit_batch,
             commit_seconds,
             apply_seconds,
@@ -139,11 +149,16 @@ impl Metrics {
         self.quota_refusals.get_or_create(&KindLabels { kind }).inc();
     }
 
-    /// Counts one sync message of `bytes` going `direction`.
-    pub(crate) fn sync_message(&self, direction: &'static str, bytes: usize) {
-        let labels = DirectionLabels { direction };
-        self.sync_messages.get_or_create(&labels).inc();
-        self.sync_bytes.get_or_create(&labels).inc_by(bytes as u64);
+    /// Counts one sync message of `bytes` received from a device.
+    pub(crate) fn received(&self, bytes: usize) {
+        self.received.0.inc();
+        self.received.1.inc_by(bytes as u64);
+    }
+
+    /// Counts one sync message of `bytes` sent to a device.
+    pub(crate) fn sent(&self, bytes: usize) {
+        self.sent.0.inc();
+        self.sent.1.inc_by(bytes as u64);
     }
 }
 
@@ -213,18 +228,19 @@ pub(crate) fn serve(
 ) {
     let connections = tracker.clone();
     tracker.spawn(async move {
+        let mut failures = crate::listen::AcceptFailures::new("metrics");
         loop {
             let accepted = tokio::select! {
                 () = stop.cancelled() => return,
                 accepted = listener.accept() => accepted,
             };
             let stream = match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "metrics listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
+                Ok((stream, _)) => {
+                    failures.reset();
+                    stream
                 }
+                Err(err) if failures.back_off(&err, &stop).await => continue,
+                Err(_) => return,
             };
             let (metrics, scrape, stop) = (metrics.clone(), scrape.clone(), stop.clone());
             connections.spawn(async move {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use cubby_crypto::keys::KeyFileError;
 use cubby_store::{IntegrityError, StoreError};
 
-use crate::ConfigError;
+use crate::{ConfigError, ServerConfig, store_path};
 
 /// Why the server did not start. Each message tells the operator what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -55,4 +55,16 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StartError {
+    /// Why the store of `config`'s data directory did not open: the master key, its integrity
+    /// check, or the store itself.
+    pub(crate) fn opening(config: &ServerConfig, source: StoreError) -> Self {
+        match source {
+            StoreError::WrongMasterKey => Self::WrongMasterKey(config.data.clone()),
+            StoreError::Integrity(reason) => Self::Integrity { path: store_path(config), reason },
+            source => Self::Store { path: store_path(config), source },
+        }
+    }
 }

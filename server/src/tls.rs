@@ -234,4 +234,38 @@ mod tests {
         assert!(marked_as_ca(&certificate(true)), "what `openssl req -x509` makes");
         assert!(!marked_as_ca(&certificate(false)), "what a server should present");
     }
+
+    /// A certificate for `localhost` and its key, as PEM.
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        (params.self_signed(&key).expect("certificate").pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_renewal_is_served_once_its_key_matches_and_a_half_written_pair_keeps_the_old_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let paths = CertPaths {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+            self_signed: false,
+        };
+        let ((cert1, key1), (cert2, key2)) = (pair(), pair());
+        std::fs::write(&paths.cert, cert1).expect("write");
+        std::fs::write(&paths.key, key1).expect("write");
+        let served = ServedCert::load(&paths).expect("loads");
+        let current = || served.current.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let first = current();
+        assert!(!served.reload().expect("reads"), "unchanged files: nothing to do");
+
+        // The new certificate is written, its key not yet: the old pair stays.
+        std::fs::write(&paths.cert, cert2).expect("write");
+        assert!(served.reload().is_err(), "a certificate without its key is refused");
+        assert!(Arc::ptr_eq(&current(), &first), "the old pair is still served");
+
+        std::fs::write(&paths.key, key2).expect("write");
+        assert!(served.reload().expect("reads"), "the renewed pair is taken");
+        assert!(!Arc::ptr_eq(&current(), &first));
+        assert!(!served.reload().expect("reads"));
+    }
 }

@@ -2,23 +2,13 @@
 //! devices of one customer on both converge live, and an erasure or a revocation made on one
 //! takes effect on the other within a second.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cubby_tests::{TestServer, eventually};
+use cubby_tests::{TestServer, eventually, eventually_within};
 use serde_json::json;
 
-/// Waits up to a second for `check`: what the nodes tell each other takes effect that fast.
-async fn within_a_second<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within a second: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+/// What the nodes tell each other takes effect within a second.
+const WITHIN: Duration = Duration::from_secs(1);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_on_two_nodes_converge_live() {
@@ -68,9 +58,11 @@ async fn a_revocation_and_an_erasure_on_one_node_take_effect_on_the_other_within
     phone.client.wait_until_synced().await.expect("synced");
     let status = tablet.client.status();
     phone.client.revoke_device(tablet.client.device_id()).await.expect("revokes");
-    within_a_second("node B closes the revoked tablet's stream, and it wipes", || async {
-        matches!(*status.borrow(), cubby_client::SyncStatus::Wiped { .. })
-    })
+    eventually_within(
+        WITHIN,
+        "node B closes the revoked tablet's stream, and it wipes",
+        || async { matches!(*status.borrow(), cubby_client::SyncStatus::Wiped { .. }) },
+    )
     .await;
 
     // Bob, with a device on each node, erases his account through node B.
@@ -82,13 +74,13 @@ async fn a_revocation_and_an_erasure_on_one_node_take_effect_on_the_other_within
     bob_b.client.wait_until_synced().await.expect("synced");
     bob_b.client.delete_account().await.expect("erases");
     let bob_token = a.token("bob");
-    within_a_second("node A refuses the erased account", || async {
+    eventually_within(WITHIN, "node A refuses the erased account", || async {
         let refused = a.document_json(&bob_token, doc.id().as_bytes()).await.expect_err("gone");
         refused.code() == tonic::Code::NotFound
     })
     .await;
     let status = bob_a.client.status();
-    within_a_second("bob's device on node A is told, and wipes", || async {
+    eventually_within(WITHIN, "bob's device on node A is told, and wipes", || async {
         matches!(*status.borrow(), cubby_client::SyncStatus::Wiped { .. })
     })
     .await;

@@ -176,10 +176,10 @@ async fn a_renewed_certificate_is_served_to_new_connections_without_a_restart() 
         .await
         .expect("a call before the renewal");
 
-    // A renewal in progress: the new certificate written, its key not yet. The old pair stays.
+    // A renewal, as certbot makes it: the certificate, then its key. (That a look between the
+    // two keeps the old pair is `tls::tests`'s.)
     let (renewed_cert, renewed_key) = issue(&ca);
     std::fs::write(&cert_path, &renewed_cert).expect("write");
-    // Then the key: from the next look on, new connections get the renewed certificate.
     std::fs::write(&key_path, &renewed_key).expect("write");
     let ca_pem = ca.pem();
     eventually("new connections get the renewed certificate", || async {

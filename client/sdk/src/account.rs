@@ -58,11 +58,37 @@ pub struct ErasureReceipt {
     pub audit_entries: u64,
 }
 
-fn refused(status: tonic::Status) -> ClientError {
+impl From<pb::ErasureReceipt> for ErasureReceipt {
+    fn from(r: pb::ErasureReceipt) -> Self {
+        Self {
+            erased_ms: r.erased_ms,
+            documents: r.documents,
+            bytes: r.bytes,
+            devices: r.devices,
+            audit_entries: r.audit_entries,
+        }
+    }
+}
+
+/// Writes an export's chunks to `out` as they arrive; returns its size in bytes.
+pub(crate) async fn write_export(
+    mut chunks: tonic::Streaming<pb::ExportChunk>,
+    mut out: impl AsyncWrite + Unpin,
+) -> Result<u64, ClientError> {
+    let mut size = 0;
+    while let Some(chunk) = chunks.message().await.map_err(refused)? {
+        out.write_all(&chunk.data).await.map_err(ClientError::Io)?;
+        size += chunk.data.len() as u64;
+    }
+    out.flush().await.map_err(ClientError::Io)?;
+    Ok(size)
+}
+
+pub(crate) fn refused(status: tonic::Status) -> ClientError {
     ClientError::Server(format!("{:?}: {}", status.code(), status.message()))
 }
 
-fn authed<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
+pub(crate) fn authed<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
     let mut request = tonic::Request::new(message);
     crate::wire::bearer(&mut request, token).map_err(ClientError::Server)?;
     Ok(request)
@@ -134,25 +160,13 @@ impl Client {
 
     /// Downloads everything the server holds about the customer as a tar archive into `out`;
     /// returns its size in bytes.
-    pub async fn export(&self, mut out: impl AsyncWrite + Unpin) -> Result<u64, ClientError> {
+    pub async fn export(&self, out: impl AsyncWrite + Unpin) -> Result<u64, ClientError> {
         let (mut account, token) = self.remote()?.account().await?;
-        let mut chunks = match account.export(authed(pb::ExportRequest {}, &token)?).await {
+        let chunks = match account.export(authed(pb::ExportRequest {}, &token)?).await {
             Ok(response) => response.into_inner(),
             Err(status) => return Err(self.refused_or_wiped(status).await),
         };
-        let mut size = 0;
-        loop {
-            match chunks.message().await {
-                Ok(Some(chunk)) => {
-                    out.write_all(&chunk.data).await.map_err(ClientError::Io)?;
-                    size += chunk.data.len() as u64;
-                }
-                Ok(None) => break,
-                Err(status) => return Err(refused(status)),
-            }
-        }
-        out.flush().await.map_err(ClientError::Io)?;
-        Ok(size)
+        write_export(chunks, out).await
     }
 
     /// The customer's audit log, oldest first.
@@ -185,12 +199,6 @@ impl Client {
             };
         let _ = self.stop_sync();
         self.inner.wipe(WipeReason::AccountErased).await;
-        Ok(ErasureReceipt {
-            erased_ms: receipt.erased_ms,
-            documents: receipt.documents,
-            bytes: receipt.bytes,
-            devices: receipt.devices,
-            audit_entries: receipt.audit_entries,
-        })
+        Ok(receipt.into())
     }
 }

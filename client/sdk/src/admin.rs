@@ -21,8 +21,9 @@ use std::sync::Arc;
 
 use cubby_core::{DocId, DocMeta};
 use cubby_proto::pb;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 
+use crate::account::{authed, refused, write_export};
 use crate::engine::Remote;
 use crate::{ClientError, ErasureReceipt, TokenProvider};
 
@@ -63,10 +64,6 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-fn refused(status: tonic::Status) -> ClientError {
-    ClientError::Server(format!("{:?}: {}", status.code(), status.message()))
-}
-
 fn doc_meta(info: Option<pb::DocInfo>) -> Result<(DocId, DocMeta), ClientError> {
     let info = info.ok_or_else(|| ClientError::Server("the server sent no document".into()))?;
     let id = cubby_proto::doc_id(&info.doc_id)
@@ -85,31 +82,15 @@ impl Admin {
         Ok(Self { remote: Remote::new(server, Arc::new(tokens), ca_pem, None)? })
     }
 
-    async fn client(
-        &self,
-    ) -> Result<(pb::admin_client::AdminClient<tonic::transport::Channel>, String), ClientError>
-    {
-        self.remote.admin().await
-    }
-
-    fn request<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
-        let mut request = tonic::Request::new(message);
-        crate::wire::bearer(&mut request, token).map_err(ClientError::Server)?;
-        Ok(request)
-    }
-
     /// Every customer who has used Cubby (all pages).
     pub async fn customers(&self) -> Result<Vec<CustomerUsage>, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let mut all = Vec::new();
         let mut page_token = String::new();
         loop {
             let asked = pb::ListCustomersRequest { page_size: 1000, page_token };
-            let page = admin
-                .list_customers(Self::request(asked, &token)?)
-                .await
-                .map_err(refused)?
-                .into_inner();
+            let page =
+                admin.list_customers(authed(asked, &token)?).await.map_err(refused)?.into_inner();
             all.extend(page.customers.into_iter().map(|c| CustomerUsage {
                 subject: c.subject,
                 documents: c.documents,
@@ -126,10 +107,10 @@ impl Admin {
 
     /// The customer's documents that are not private.
     pub async fn documents(&self, subject: &str) -> Result<Vec<(DocId, DocMeta)>, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let asked = pb::CustomerRequest { subject: subject.into() };
         let listed = admin
-            .list_customer_documents(Self::request(asked, &token)?)
+            .list_customer_documents(authed(asked, &token)?)
             .await
             .map_err(refused)?
             .into_inner();
@@ -138,20 +119,19 @@ impl Admin {
 
     /// Creates a document in the customer's store; their devices receive it.
     pub async fn create(&self, subject: &str, title: &str) -> Result<DocId, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let asked =
             pb::CreateCustomerDocumentRequest { subject: subject.into(), title: title.into() };
-        let info =
-            admin.create_customer_document(Self::request(asked, &token)?).await.map_err(refused)?;
+        let info = admin.create_customer_document(authed(asked, &token)?).await.map_err(refused)?;
         Ok(doc_meta(Some(info.into_inner()))?.0)
     }
 
     /// A document of the customer, as JSON.
     pub async fn read(&self, subject: &str, doc: DocId) -> Result<serde_json::Value, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let asked =
             pb::DocumentRequest { subject: subject.into(), doc_id: doc.as_bytes().to_vec() };
-        let read = admin.read_document(Self::request(asked, &token)?).await.map_err(refused)?;
+        let read = admin.read_document(authed(asked, &token)?).await.map_err(refused)?;
         serde_json::from_str(&read.into_inner().json)
             .map_err(|e| ClientError::Server(format!("the server sent bad JSON: {e}")))
     }
@@ -165,7 +145,7 @@ impl Admin {
         edits: &[Edit],
     ) -> Result<serde_json::Value, ClientError> {
         use pb::edit::Op;
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let edits = edits
             .iter()
             .map(|edit| match edit {
@@ -185,8 +165,7 @@ impl Admin {
             doc_id: doc.as_bytes().to_vec(),
             edits,
         };
-        let changed =
-            admin.change_document(Self::request(asked, &token)?).await.map_err(refused)?;
+        let changed = admin.change_document(authed(asked, &token)?).await.map_err(refused)?;
         serde_json::from_str(&changed.into_inner().json)
             .map_err(|e| ClientError::Server(format!("the server sent bad JSON: {e}")))
     }
@@ -196,36 +175,20 @@ impl Admin {
     pub async fn export(
         &self,
         subject: &str,
-        mut out: impl AsyncWrite + Unpin,
+        out: impl AsyncWrite + Unpin,
     ) -> Result<u64, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let asked = pb::CustomerRequest { subject: subject.into() };
-        let mut chunks = admin
-            .export_customer(Self::request(asked, &token)?)
-            .await
-            .map_err(refused)?
-            .into_inner();
-        let mut size = 0;
-        while let Some(chunk) = chunks.message().await.map_err(refused)? {
-            out.write_all(&chunk.data).await.map_err(ClientError::Io)?;
-            size += chunk.data.len() as u64;
-        }
-        out.flush().await.map_err(ClientError::Io)?;
-        Ok(size)
+        let chunks =
+            admin.export_customer(authed(asked, &token)?).await.map_err(refused)?.into_inner();
+        write_export(chunks, out).await
     }
 
     /// Erases the customer: everything of theirs becomes unreadable, their devices wipe.
     pub async fn erase(&self, subject: &str) -> Result<ErasureReceipt, ClientError> {
-        let (mut admin, token) = self.client().await?;
+        let (mut admin, token) = self.remote.admin().await?;
         let asked = pb::CustomerRequest { subject: subject.into() };
-        let r = admin.erase_customer(Self::request(asked, &token)?).await.map_err(refused)?;
-        let r = r.into_inner();
-        Ok(ErasureReceipt {
-            erased_ms: r.erased_ms,
-            documents: r.documents,
-            bytes: r.bytes,
-            devices: r.devices,
-            audit_entries: r.audit_entries,
-        })
+        let receipt = admin.erase_customer(authed(asked, &token)?).await.map_err(refused)?;
+        Ok(receipt.into_inner().into())
     }
 }

@@ -7,7 +7,7 @@ use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
 use cubby_core::history::{Compaction, CompactionPolicy, History, Part};
 use cubby_core::session::PeerSession;
 use cubby_core::{DocId, DocMeta};
-use cubby_store::{Chunk, Snapshot, Space, Store, StoreError};
+use cubby_store::{Chunk, Space, Store, StoreError};
 use tokio::sync::broadcast;
 
 use crate::{ClientError, Inner, LOCAL};
@@ -111,8 +111,7 @@ impl LocalWrite {
             store.write_doc_off_feed(&LOCAL, id, &meta, chunk)?;
         }
         if let Some(Compaction { snapshot, replaces }) = &self.compaction {
-            let snapshot = Snapshot { id: snapshot.id, bytes: snapshot.bytes.clone() };
-            store.compact(&LOCAL, id, &snapshot, replaces)?;
+            store.compact(&LOCAL, id, snapshot, replaces)?;
         }
         if let Some(session) = &self.session {
             store.put_record(&LOCAL, Space::SYNC_STATES, id.as_bytes(), session)?;

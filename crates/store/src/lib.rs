@@ -175,14 +175,9 @@ pub struct Chunk<'a> {
     pub bytes: &'a [u8],
 }
 
-/// A document's snapshot: the whole document, named by its content.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    /// [`ChunkId::of`] the bytes.
-    pub id: ChunkId,
-    /// The bytes (an `Automerge::save`).
-    pub bytes: Vec<u8>,
-}
+/// A document's snapshot: the whole document (an `Automerge::save`), named by its content: the
+/// part of its history a compaction makes.
+pub use cubby_core::history::Part as Snapshot;
 
 /// Everything stored for one document.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,13 +191,6 @@ pub struct DocRecords {
     /// The document's current position in the change feed, the one its metadata was written
     /// for (0 for a document that has none).
     pub seq: Seq,
-}
-
-impl DocRecords {
-    /// Bytes of the chunks after the snapshot.
-    pub fn chunk_bytes(&self) -> u64 {
-        self.chunks.iter().map(|(_, b)| b.len() as u64).sum()
-    }
 }
 
 /// A namespace of keyed records in a customer's store.

@@ -234,18 +234,20 @@ impl Docs {
     /// Tells a running actor that a device left; an actor that is not running has nothing to
     /// forget, so none is started.
     pub(crate) fn leave(&self, customer: CustomerId, doc: DocId, peer: u64) {
-        let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = guard.1.get(&(customer, doc)) {
-            let _ = entry.tx.send(DocMsg::Leave { peer });
-        }
+        self.send_if_running(customer, doc, DocMsg::Leave { peer });
     }
 
     /// Tells a running actor that another node stored a write of its document; an actor that
     /// is not running loads the document from the store when it starts, so none is started.
     pub(crate) fn refresh(&self, customer: CustomerId, doc: DocId) {
+        self.send_if_running(customer, doc, DocMsg::Refresh);
+    }
+
+    /// Sends `msg` to the document's actor if it is running; starts none.
+    fn send_if_running(&self, customer: CustomerId, doc: DocId, msg: DocMsg) {
         let guard = self.registry.actors.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = guard.1.get(&(customer, doc)) {
-            let _ = entry.tx.send(DocMsg::Refresh);
+            let _ = entry.tx.send(msg);
         }
     }
 

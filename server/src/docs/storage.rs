@@ -5,7 +5,7 @@ use cubby_core::document::{Document, Live, Persist};
 use cubby_core::history::History;
 use cubby_core::{DeviceId, DocMeta};
 use cubby_proto::ApiError;
-use cubby_store::{Snapshot, Space};
+use cubby_store::Space;
 
 use super::actor::Actor;
 use super::session_key;
@@ -167,10 +167,7 @@ impl Actor {
         let write = Write::Compact {
             customer: self.customer,
             doc: self.doc,
-            snapshot: Snapshot {
-                id: compaction.snapshot.id,
-                bytes: compaction.snapshot.bytes.clone(),
-            },
+            snapshot: compaction.snapshot.clone(),
             replaces: compaction.replaces.clone(),
             meta: recounted.clone(),
         };

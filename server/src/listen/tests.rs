@@ -37,7 +37,7 @@ fn established_connections_are_counted_and_capped() {
 
 #[test]
 fn accept_failures_back_off_to_a_second_and_start_over_after_a_success() {
-    let mut failures = AcceptFailures::default();
+    let mut failures = AcceptFailures::new("test");
     let err = io::Error::other("too many open files");
     let pauses: Vec<_> = (0..10).map(|_| failures.failed(&err).as_millis()).collect();
     assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);

@@ -120,7 +120,7 @@ impl pb::sync_server::Sync for SyncService {
         let frames = frames
             .flat_map(move |message| {
                 if let ToDevice::Sync { message: bytes, .. } = &*message {
-                    metrics.sync_message("sent", bytes.len());
+                    metrics.sent(bytes.len());
                 }
                 futures_util::stream::iter(parts::split_server_frame(frames::frame(*message)))
             })
@@ -396,7 +396,7 @@ impl Connection {
         match frame.frame {
             Some(pb::client_frame::Frame::Sync(part)) => {
                 let Some(sync) = self.parts.push(part)? else { return Ok(()) };
-                self.shared.metrics.sync_message("received", sync.message.len());
+                self.shared.metrics.received(sync.message.len());
                 let doc = match cubby_proto::doc_id(&sync.doc_id) {
                     Ok(doc) => doc,
                     Err(err) => {

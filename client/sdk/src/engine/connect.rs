@@ -7,7 +7,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ACCOUNT, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure, chain, classify};
+use super::{
+    ACCOUNT, CURSOR, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure, chain, classify,
+};
 use crate::LOCAL;
 
 impl Session<'_> {
@@ -28,7 +30,7 @@ impl Session<'_> {
         let (cursor, kept) = self
             .blocking(|store| {
                 let cursor = store
-                    .get_record(&LOCAL, Space::LOCAL, b"cursor")?
+                    .get_record(&LOCAL, Space::LOCAL, CURSOR)?
                     .and_then(|v| v.try_into().ok().map(u64::from_be_bytes))
                     .unwrap_or(0);
                 let epoch = store.get_record(&LOCAL, Space::LOCAL, EPOCH)?;
@@ -115,7 +117,7 @@ impl<'a> Session<'a> {
                         store.remove_record(&LOCAL, Space::SYNC_STATES, key)?;
                         offered += 1;
                     }
-                    store.put_record(&LOCAL, Space::LOCAL, b"cursor", &0u64.to_be_bytes())?;
+                    store.put_record(&LOCAL, Space::LOCAL, CURSOR, &0u64.to_be_bytes())?;
                 }
                 store.put_record(&LOCAL, Space::LOCAL, EPOCH, &epoch)?;
                 store.put_record(&LOCAL, Space::LOCAL, ACCOUNT, &account)?;

@@ -172,6 +172,8 @@ struct Session<'a> {
 /// (`Challenge.epoch`), and the account its data belongs to (`Challenge.account`).
 const EPOCH: &[u8] = b"epoch";
 const ACCOUNT: &[u8] = b"account";
+/// Where the device keeps its cursor in the server's change feed.
+const CURSOR: &[u8] = b"cursor";
 
 /// What the device kept from its last connection.
 struct Kept {

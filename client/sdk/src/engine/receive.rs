@@ -7,7 +7,8 @@ use cubby_store::Space;
 use tokio::time::Instant;
 
 use super::{
-    FIRST_BACKOFF, MAX_BACKOFF, Refusal, Session, SyncFailure, SyncStatus, WARM_DOCS, remove_mark,
+    CURSOR, FIRST_BACKOFF, MAX_BACKOFF, Refusal, Session, SyncFailure, SyncStatus, WARM_DOCS,
+    remove_mark,
 };
 use crate::LOCAL;
 use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_NEW};
@@ -342,7 +343,7 @@ impl<'a> Session<'a> {
         {
             self.cursor = candidate;
             self.blocking(move |store| {
-                store.put_record(&LOCAL, Space::LOCAL, b"cursor", &candidate.to_be_bytes())
+                store.put_record(&LOCAL, Space::LOCAL, CURSOR, &candidate.to_be_bytes())
             })
             .await?;
         }
