@@ -9,6 +9,9 @@
 //! This thread is also the one sequencer of the change feed: after each flush it announces the
 //! batch's writes on the change bus in the order their feed positions were taken, so every
 //! stream sees a customer's announcements in increasing order and only once they are durable.
+//! Before it announces a write, it sends the frames its document's actor decided for it (a
+//! [`Release`]): the changed document's answers go out from here, with no hop back through
+//! the actor.
 
 use std::sync::Arc;
 
@@ -19,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::StorageWork;
 use crate::bus::{Bus, Changed, Envelope, Event, NodeId};
+use crate::docs::{Release, Undelivered};
 use crate::metrics::Metrics;
 
 /// A write the committer applies.
@@ -49,8 +53,14 @@ pub(crate) enum Write {
 
 struct Job {
     write: Write,
-    reply: oneshot::Sender<Result<Option<Seq>, ApiError>>,
+    /// What its document tells devices once it is durable.
+    release: Option<Release>,
+    reply: oneshot::Sender<Result<Committed, ApiError>>,
 }
+
+/// A durable write: its feed position (if it took one), and the messages of its release that
+/// did not reach their devices.
+pub(crate) type Committed = (Option<Seq>, Vec<Undelivered>);
 
 /// Submits writes to the committer. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -233,13 +243,18 @@ impl Writer {
                     .collect()
             }
         };
-        for (Job { write, reply }, outcome) in batch.into_iter().zip(results) {
-            if let Ok(Some(seq)) = outcome
-                && let Some(changed) = announcement(write, seq)
-            {
-                let (bus, node) = &self.bus;
-                bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
-            }
+        for (Job { write, release, reply }, outcome) in batch.into_iter().zip(results) {
+            let outcome = outcome.map(|seq| {
+                // The devices' frames first: they are what a change waits for.
+                let undelivered = release.map(|r| r.send(seq)).unwrap_or_default();
+                if let Some(seq) = seq
+                    && let Some(changed) = announcement(write, seq)
+                {
+                    let (bus, node) = &self.bus;
+                    bus.publish(Envelope { from: *node, event: Event::Changed(changed) });
+                }
+                (seq, undelivered)
+            });
             // The writer may have gone away (connection closed); the write stands regardless.
             let _ = reply.send(outcome);
         }
@@ -249,9 +264,23 @@ impl Writer {
 impl CommitHandle {
     /// Applies `write` and returns once it is durable.
     pub(crate) async fn commit(&self, write: Write) -> Result<Option<Seq>, ApiError> {
+        Ok(self.submit(write, None).await?.0)
+    }
+
+    /// Applies `write`, then sends `release` as soon as the write is durable (on the committer,
+    /// before anyone hears the write succeeded); a failed write sends nothing of it.
+    pub(crate) async fn commit_releasing(
+        &self,
+        write: Write,
+        release: Release,
+    ) -> Result<Committed, ApiError> {
+        self.submit(write, Some(release)).await
+    }
+
+    async fn submit(&self, write: Write, release: Option<Release>) -> Result<Committed, ApiError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Job { write, reply })
+            .send(Job { write, release, reply })
             .map_err(|_| ApiError::Unavailable("server shutting down".into()))?;
         rx.await.map_err(|_| ApiError::Unavailable("server shutting down".into()))?
     }

@@ -2,11 +2,12 @@
 //! it, and the rules of a batch of their messages.
 //!
 //! The server's document actor is the executor: it feeds a batch of what arrived in
-//! ([`Document::offer`], [`Document::join`], [`Document::apply`], ...), stores what
-//! [`Document::persist`] gives it and says so ([`Document::persisted`]), and only then sends what
-//! [`Document::answers`] and [`Document::push`] say, since nothing advertises heads that are not
-//! durable. Which peer is told what, who is created or made private, when a device's session is
-//! kept, and what a deletion tells, is decided here, and tested here without a runtime.
+//! ([`Document::offer`], [`Document::join`], [`Document::apply`], ...), asks what
+//! [`Document::answers`] and [`Document::push`] say, and has the store keep what
+//! [`Document::persist`] gives it; the answers leave only once that write is durable (then
+//! [`Document::persisted`]), since nothing advertises heads that are not durable. Which peer is
+//! told what, who is created or made private, when a device's session is kept, and what a deletion
+//! tells, is decided here, and tested here without a runtime.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -264,7 +265,8 @@ impl<P: Copy + Eq + Hash> Document<P> {
         }
     }
 
-    /// What every peer is sent now that the batch is durable. Peers in `spoke` sent a message
+    /// What every peer is sent once the batch is durable (a failed write resets every peer:
+    /// [`Document::reloaded`], [`Document::drop_peers`]). Peers in `spoke` sent a message
     /// in it and get an answer whenever they have not yet heard the document's current heads on
     /// this connection (their acknowledgement; `PeerSession::reply`): a receiver's
     /// acknowledgement of the change just sent to it is not answered. Unless the document's

@@ -13,7 +13,7 @@ use cubby_core::{CustomerId, DeviceId, DocId, DocMeta};
 use cubby_proto::ApiError;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
-use super::{Ctx, DocMsg, Entry, Key, Link, Registry, Sent, Summary};
+use super::{Ctx, DocMsg, Entry, Key, Link, Registry, Release, Sent, Summary};
 use crate::frames::ToDevice;
 
 /// Sync messages up to this size are applied on the actor's task; larger ones (a long offline
@@ -183,6 +183,12 @@ impl Actor {
     pub(super) fn send(&mut self, peer: u64, message: ToDevice) -> Sent {
         let Some(link) = self.links.get_mut(&peer) else { return Sent::Gone };
         let sent = link.link.send(self.doc, message, std::mem::take(&mut link.permits));
+        self.not_sent(peer, sent);
+        sent
+    }
+
+    /// A message to `peer` was not queued (`sent`): its queue was full, or its stream ended.
+    pub(super) fn not_sent(&mut self, peer: u64, sent: Sent) {
         match sent {
             Sent::Queued => {}
             Sent::Behind => {
@@ -197,7 +203,6 @@ impl Actor {
                 }
             }
         }
-        sent
     }
 
     /// Tells every device syncing the document of `err`, and forgets them all.
@@ -249,7 +254,7 @@ impl Actor {
                     self.join(peer, device, None, link).await;
                     if let Some(link) = self.links.get_mut(&peer) {
                         // The answer carries the permit back: with a refusal, or with the reply
-                        // once the batch is durable (`answer_peers`).
+                        // once the batch is durable (`answer_peers`, `Release`).
                         link.permits.push(permit);
                     }
                     let applied = match self.apply(peer, message).await {
@@ -348,6 +353,7 @@ impl Actor {
                 DocMsg::Evict => unreachable!("handled before the batch"),
             }
         }
+        let mut prepared = None;
         if poisoned {
             // The document may be half-applied: go back to what is durable.
             if let Err(err) = self.load().await {
@@ -358,22 +364,39 @@ impl Actor {
                 self.state = None;
                 return;
             }
-        } else if let Err(err) = self.persist().await {
-            // Not durable: forget it, so nobody is told heads that are not on disk. Devices
-            // still hold their changes and resend them.
-            tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
-            deferred.into_iter().for_each(|d| d.fail(&err));
-            self.refuse_peers(&err);
-            if self.load().await.is_err() {
-                self.state = None;
+        } else {
+            match self.prepare_write().await {
+                Ok(write) => prepared = write,
+                Err(err) => return self.write_failed(&err, deferred).await,
             }
-            return;
         }
-        self.answer(deferred).await;
-        self.push(pushes);
+        // Every answer is decided now, and leaves once the batch is durable.
+        let at = self.live().map(|l| l.seq).unwrap_or_default();
+        let mut release = Release::new(self.doc, at);
+        let pushed = self.push(pushes, &mut release);
         let moved = before != self.live().map(|l| l.history.doc().get_heads());
-        self.answer_peers(&spoke, moved);
+        self.answer_peers(&spoke, moved, &mut release);
+        let undelivered = match prepared {
+            None => release.send(None),
+            Some(prepared) => match self.commit(prepared, release).await {
+                Ok(undelivered) => undelivered,
+                Err(err) => return self.write_failed(&err, deferred).await,
+            },
+        };
+        self.delivered(&undelivered, pushed);
+        self.answer(deferred).await;
         self.maybe_compact().await;
+    }
+
+    /// The batch's write failed: nothing of it is told. The document is forgotten, so nobody
+    /// is told heads that are not on disk; devices still hold their changes and resend them.
+    async fn write_failed(&mut self, err: &ApiError, deferred: Vec<Deferred>) {
+        tracing::warn!(doc = %self.doc.short(), %err, "write failed; reloading document");
+        deferred.into_iter().for_each(|d| d.fail(err));
+        self.refuse_peers(err);
+        if self.load().await.is_err() {
+            self.state = None;
+        }
     }
 
     /// Joins `peer` to the document unless it is there, with the device's session from its

@@ -6,9 +6,9 @@
 //!
 //! The actor (`actor.rs`) is the executor of one [`cubby_core::document::Document`], which
 //! holds the document and one sync session per connected device and decides what each is told.
-//! It drains its mailbox in batches: apply every message, write the new changes as one chunk
-//! through the committer, and only after that write is durable answer anyone. So the heads it
-//! advertises are always on disk.
+//! It drains its mailbox in batches: apply every message, decide every answer, and hand the new
+//! changes as one chunk to the committer with those answers (a [`Release`]), which sends them
+//! only once that write is durable. So the heads it advertises are always on disk.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,7 +28,10 @@ use crate::hub::Announcement;
 
 mod actor;
 mod answers;
+mod release;
 mod storage;
+
+pub(crate) use release::{Release, Undelivered};
 
 /// A message on its way to a device, with the in-flight permits of the messages it answers:
 /// they go back to the device's stream only when it leaves its queue, so a device that does not
@@ -87,7 +90,7 @@ pub(crate) struct Link {
 
 /// Whether a message reached a device's queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Sent {
+pub(crate) enum Sent {
     Queued,
     /// Its queue was full: the document is marked lagging for the device.
     Behind,

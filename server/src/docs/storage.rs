@@ -8,9 +8,17 @@ use cubby_proto::ApiError;
 use cubby_store::Space;
 
 use super::actor::Actor;
-use super::session_key;
+use super::{Release, Undelivered, session_key};
 use crate::durable::{Write, api_error};
 use crate::frames::ToDevice;
+
+/// A batch's write, its quota reserved.
+pub(super) struct Prepared {
+    write: Write,
+    meta: DocMeta,
+    /// The bytes reserved for its chunk.
+    chunk_len: u64,
+}
 
 impl Actor {
     /// The document as the store holds it, dropping anything not durable.
@@ -116,11 +124,11 @@ impl Actor {
         Ok(())
     }
 
-    /// Stores what the batch changed (see [`Document::persist`]) after the customer's quotas
-    /// allow it, and waits until it is durable.
-    pub(super) async fn persist(&mut self) -> Result<(), ApiError> {
+    /// What the batch changed (see [`Document::persist`]), once the customer's quotas allow
+    /// it: `None` when it changed nothing to store.
+    pub(super) async fn prepare_write(&mut self) -> Result<Option<Prepared>, ApiError> {
         let Some(Persist { chunk, meta, metadata }) = self.document().persist() else {
-            return Ok(());
+            return Ok(None);
         };
         let ctx = self.registry.ctx.clone();
         let chunk_len = chunk.as_ref().map_or(0, |c| c.bytes.len() as u64);
@@ -144,15 +152,28 @@ impl Actor {
             chunk: chunk.map(|part| (part.id, part.bytes)),
             metadata,
         };
-        let seq = match ctx.commit.commit(write).await {
-            Ok(seq) => seq.or_else(|| self.live().map(|l| l.seq)).unwrap_or_default(),
+        Ok(Some(Prepared { write, meta, chunk_len }))
+    }
+
+    /// Stores `prepared` and sends `release` once it is durable (the committer does), or
+    /// gives the quota it reserved back if it fails.
+    pub(super) async fn commit(
+        &mut self,
+        prepared: Prepared,
+        release: Release,
+    ) -> Result<Vec<Undelivered>, ApiError> {
+        let Prepared { write, meta, chunk_len } = prepared;
+        let ctx = self.registry.ctx.clone();
+        let (seq, undelivered) = match ctx.commit.commit_releasing(write, release).await {
+            Ok(committed) => committed,
             Err(err) => {
                 ctx.quotas.release(&self.customer, chunk_len);
                 return Err(err);
             }
         };
+        let seq = seq.or_else(|| self.live().map(|l| l.seq)).unwrap_or_default();
         self.document().persisted(meta, seq);
-        Ok(())
+        Ok(undelivered)
     }
 
     pub(super) async fn maybe_compact(&mut self) {
