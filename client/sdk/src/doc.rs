@@ -1,5 +1,16 @@
-//! Documents on a device: the loaded state and the app's handle to it.
+//! Documents on a device: the loaded state, its writer, and the app's handle to it.
+//!
+//! A loaded document is one [`DocShared`]: its state (the Automerge document, its sync session
+//! with the server, its metadata) behind a lock that the app's handles and the sync engine take
+//! to read it, change it or receive a message, and its own writer, a task that does the
+//! document's local store work one job at a time, in the order the jobs were queued. Whoever
+//! changes the state queues what it must store before releasing the lock, so the store sees the
+//! document's writes in the order they happened: a local change's unsynced mark lands before
+//! the server's acknowledgement of that change can clear it, and a deletion lands after every
+//! change made before it. A queued job holds the document, so it stays loaded (the one copy)
+//! until its writes are done.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use automerge::transaction::Transaction;
@@ -8,7 +19,7 @@ use cubby_core::history::{Compaction, CompactionPolicy, History, Part};
 use cubby_core::session::PeerSession;
 use cubby_core::{DocId, DocMeta};
 use cubby_store::{Chunk, Space, Store, StoreError};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::{ClientError, Inner, LOCAL};
 
@@ -55,10 +66,13 @@ pub(crate) struct LocalDoc {
 pub(crate) struct DocShared {
     pub(crate) id: DocId,
     state: Mutex<LocalDoc>,
-    /// Taken around each write of this document to the local store (see [`DocShared::write_meta`]).
-    store_turn: Mutex<()>,
+    /// The document's writer (see the module's docs).
+    writer: mpsc::UnboundedSender<Job>,
     events: broadcast::Sender<DocEvent>,
 }
+
+/// Local store work for a document's writer.
+pub(crate) type Job = Box<dyn FnOnce(&dyn Store) + Send>;
 
 /// A write for the local store: a new chunk and/or the persisted sync session. The metadata
 /// stored with a chunk is the document's when the write runs, not when it was made.
@@ -73,13 +87,12 @@ impl LocalWrite {
     /// Applies the write without waiting for the disk: for changes the server sent, which it
     /// already holds durably. The store's next flush (the next local change, or its own timer)
     /// carries it; a crash before then loses only writes made after everything flushed, and
-    /// the next sync brings those changes again. Blocking.
+    /// the next sync brings those changes again. Blocking; on the document's writer.
     pub(crate) fn apply_unflushed(
         &self,
         store: &dyn Store,
         shared: &DocShared,
     ) -> Result<(), StoreError> {
-        let _turn = shared.store_turn();
         self.store(store, shared).inspect_err(|_| self.failed(shared))
     }
 
@@ -96,13 +109,13 @@ impl LocalWrite {
     }
 
     /// The write reached the store: its compaction stands for the parts it replaced.
-    pub(crate) fn stored(&self, shared: &DocShared) {
+    fn stored(&self, shared: &DocShared) {
         if let Some(compaction) = &self.compaction {
             shared.lock().history.compacted(compaction);
         }
     }
 
-    /// Stores the write; the caller holds `shared`'s store turn.
+    /// Stores the write; on the document's writer.
     fn store(&self, store: &dyn Store, shared: &DocShared) -> Result<(), StoreError> {
         let id = &shared.id;
         if let Some(Part { id: chunk, bytes }) = &self.chunk {
@@ -122,8 +135,15 @@ impl LocalWrite {
 }
 
 impl DocShared {
+    /// The loaded document `state`, its writer started on `inner`.
+    pub(crate) fn start(id: DocId, state: LocalDoc, inner: &Arc<Inner>) -> Arc<Self> {
+        let (writer, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(write_in_order(inner.clone(), jobs));
+        Arc::new(Self { id, state: Mutex::new(state), writer, events: broadcast::channel(64).0 })
+    }
+
     /// A document this device just created.
-    pub(crate) fn new(id: DocId, title: &str) -> Self {
+    pub(crate) fn new(id: DocId, title: &str, inner: &Arc<Inner>) -> Arc<Self> {
         let state = LocalDoc {
             history: History::new(CompactionPolicy::default()),
             meta: DocMeta::new(title),
@@ -131,20 +151,11 @@ impl DocShared {
             unconfirmed: true,
             deleted: false,
         };
-        Self::from_parts(id, state)
+        Self::start(id, state, inner)
     }
 
-    fn from_parts(id: DocId, state: LocalDoc) -> Self {
-        Self {
-            id,
-            state: Mutex::new(state),
-            store_turn: Mutex::new(()),
-            events: broadcast::channel(64).0,
-        }
-    }
-
-    /// Loads a document from the local store. Blocking.
-    pub(crate) fn load(store: &dyn Store, id: DocId) -> Result<Self, ClientError> {
+    /// Loads a document's state from the local store. Blocking.
+    pub(crate) fn load(store: &dyn Store, id: DocId) -> Result<LocalDoc, ClientError> {
         let records = store.load(&LOCAL, &id)?.ok_or(ClientError::UnknownDocument(id))?;
         let meta = DocMeta::decode(&records.meta).map_err(|_| ClientError::Damaged(id))?;
         let history = History::rebuild(
@@ -163,8 +174,7 @@ impl DocShared {
         // knows it was not deleted there meanwhile: the engine sets `unconfirmed` then.
         let mark = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
         let unconfirmed = mark.is_some_and(|v| v == MARK_NEW);
-        let state = LocalDoc { history, meta, session, unconfirmed, deleted: false };
-        Ok(Self::from_parts(id, state))
+        Ok(LocalDoc { history, meta, session, unconfirmed, deleted: false })
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, LocalDoc> {
@@ -175,35 +185,57 @@ impl DocShared {
         self.lock().meta.clone()
     }
 
-    /// Taken around each write of the document to the local store, and around its deletion.
-    pub(crate) fn store_turn(&self) -> MutexGuard<'_, ()> {
-        self.store_turn.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Takes what the customer controls in the server's metadata: the title and the private
-    /// flag.
-    pub(crate) fn take_server_meta(&self, server: &DocMeta) {
-        let meta = &mut self.lock().meta;
-        meta.title.clone_from(&server.title);
-        meta.private = server.private;
-    }
-
-    /// Stores the document's metadata as it is now, and flushes. Blocking.
-    ///
-    /// Every write of this document to the store takes its turn and stores the metadata current
-    /// at that moment, so a write made before the metadata changed cannot land after this one
-    /// with the old copy.
-    pub(crate) fn write_meta(&self, store: &dyn Store) -> Result<(), StoreError> {
-        {
-            let _turn = self.store_turn();
-            store.write_doc_off_feed(&LOCAL, &self.id, &self.meta().encode(), None)?;
+    /// Queues `job` on the document's writer, after every job queued before it, and returns
+    /// its outcome. Queue it while holding the state lock when the order matters. The job
+    /// holds the document: it stays loaded until the job is done.
+    pub(crate) fn queue<T, F>(
+        self: &Arc<Self>,
+        job: F,
+    ) -> impl Future<Output = Result<T, ClientError>> + use<T, F>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store, &DocShared) -> Result<T, ClientError> + Send + 'static,
+    {
+        let (reply, outcome) = oneshot::channel();
+        let shared = self.clone();
+        let queued = self.writer.send(Box::new(move |store: &dyn Store| {
+            let _ = reply.send(job(store, &shared));
+        }));
+        async move {
+            queued.map_err(|_| ClientError::Closed)?;
+            outcome.await.map_err(|_| ClientError::Closed)?
         }
-        store.flush()
+    }
+
+    /// Takes what the customer controls in the server's metadata (the title and the private
+    /// flag), and queues storing it. Resolves once stored, not flushed.
+    pub(crate) fn take_server_meta(
+        self: &Arc<Self>,
+        server: &DocMeta,
+    ) -> impl Future<Output = Result<(), ClientError>> + use<> {
+        let mut state = self.lock();
+        state.meta.title.clone_from(&server.title);
+        state.meta.private = server.private;
+        // Stores the metadata as it is when the job runs: a later change's write carries it too.
+        self.queue(|store, shared| {
+            Ok(store.write_doc_off_feed(&LOCAL, &shared.id, &shared.meta().encode(), None)?)
+        })
     }
 
     pub(crate) fn emit(&self, event: DocEvent) {
         // No subscribers is fine.
         let _ = self.events.send(event);
+    }
+}
+
+/// A document's writer: runs its jobs one at a time, in order, until the document is dropped.
+async fn write_in_order(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        let done = inner.blocking(move |store| {
+            job(store);
+            Ok::<_, ClientError>(())
+        });
+        let _ = done.await; // A job answers its caller itself.
     }
 }
 
@@ -259,30 +291,25 @@ impl DocHandle {
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, AutomergeError>,
     ) -> Result<T, ClientError> {
-        let (out, write) = {
+        let id = self.shared.id;
+        let (out, stored) = {
             let mut state = self.shared.lock();
             if state.deleted {
-                return Err(ClientError::Deleted(self.shared.id));
+                return Err(ClientError::Deleted(id));
             }
             let out = state.history.doc_mut().transact(f).map_err(|failure| failure.error)?.result;
-            tracing::debug!(device = %self.client.device_id.short(), doc = %self.shared.id.short(),
+            tracing::debug!(device = %self.client.device_id.short(), doc = %id.short(),
                 heads = ?state.history.doc().get_heads(), "local change");
-            (out, state.take_write(false))
+            let Some(write) = state.take_write(false) else { return Ok(out) };
+            // Queued before the lock is released: before anything the sync engine does after
+            // it sees this change (an acknowledgement clearing the unsynced mark).
+            (out, self.shared.queue(move |store, shared| store_change(store, shared, &write)))
         };
-        let Some(write) = write else { return Ok(out) };
-        let id = self.shared.id;
-        let shared = self.shared.clone();
-        let wake = self.client.wake.clone();
-        self.client
-            .blocking(move |store| {
-                store_change(store, &shared, &write, &wake).inspect_err(|err| {
-                    if !matches!(err, ClientError::Deleted(_)) {
-                        write.failed(&shared);
-                    }
-                })
-            })
-            .await?;
-        self.client.wrote(id);
+        // The engine may send the change while it is stored and flushed here: the server's copy
+        // is durable on its own, and this call still returns only after the local flush.
+        let _ = self.client.wake.send(id);
+        stored.await?;
+        self.client.blocking(|store| store.flush()).await?;
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));
         Ok(out)
@@ -315,36 +342,26 @@ impl DocHandle {
     }
 }
 
-/// Stores a local change of `shared`'s document (`write`) and flushes. Blocking.
+/// Stores a local change of `shared`'s document (`write`) and marks the document unsynced, unless
+/// the document was deleted from the store meanwhile. On the document's writer.
 fn store_change(
     store: &dyn Store,
     shared: &DocShared,
     write: &LocalWrite,
-    wake: &tokio::sync::mpsc::UnboundedSender<DocId>,
 ) -> Result<(), ClientError> {
     let id = shared.id;
-    // Mark the document unsynced before the sync engine can see the change, so the mark can
-    // never land after the engine has cleared it...
-    let marked = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_none();
-    if marked {
-        store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY)?;
-    }
-    // ...then let the engine send it while this device's own flush runs: the server's copy is
-    // durable on its own, and this call still returns only after the local flush.
-    let _ = wake.send(id);
-    // The engine deletes a document deleted on the server in its turn, after setting `deleted`:
-    // a change lands before (and is reported discarded) or is refused, never written back over
-    // the deletion.
-    let turn = shared.store_turn();
-    if shared.lock().deleted || store.doc_meta(&LOCAL, &id)?.is_none() {
-        // Only the mark made here: one from earlier changes is the engine's to count as
-        // discarded.
-        if marked {
-            store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-        }
+    // The engine deletes a document deleted on the server through its writer, after setting
+    // `deleted`: a change lands before (and is reported discarded) or is refused, never
+    // written back over the deletion.
+    if store.doc_meta(&LOCAL, &id)?.is_none() {
         return Err(ClientError::Deleted(id));
     }
-    write.store(store, shared)?;
-    drop(turn);
-    Ok(store.flush()?)
+    let stored = store
+        .get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())
+        .and_then(|mark| match mark {
+            Some(_) => Ok(()),
+            None => store.put_record(&LOCAL, Space::UNSYNCED, id.as_bytes(), MARK_DIRTY),
+        })
+        .and_then(|()| write.store(store, shared));
+    Ok(stored.inspect_err(|_| write.failed(shared))?)
 }

@@ -106,18 +106,37 @@ pub enum ClientError {
     Io(#[source] std::io::Error),
 }
 
-/// The loaded copies of documents, and how many local writes each document has had (so a copy
-/// read from the store while a write landed is never adopted).
+/// The loaded copies of documents.
 #[derive(Default)]
 struct Loaded {
     copies: HashMap<DocId, Weak<doc::DocShared>>,
-    writes: HashMap<DocId, u64>,
+    /// Per document being loaded, the gate its loaders pass one at a time: a copy read from the
+    /// store while another copy of the same document was being written would miss that write.
+    loading: HashMap<DocId, Arc<tokio::sync::Mutex<()>>>,
     /// Per document, the feed position of the newest server metadata taken (see
     /// [`Inner::take_server_meta`]).
     meta_seq: HashMap<DocId, u64>,
     /// Documents being deleted from the local store: none is loaded meanwhile (a copy loaded
     /// in the gap could write the document back after the deletion).
     deleting: std::collections::HashSet<DocId>,
+}
+
+impl Loaded {
+    /// The loaded copy of `id`; an error if it is being deleted.
+    fn copy(&self, id: DocId) -> Result<Option<Arc<doc::DocShared>>, ClientError> {
+        if let Some(shared) = self.copies.get(&id).and_then(Weak::upgrade) {
+            return Ok(Some(shared));
+        }
+        if self.deleting.contains(&id) {
+            return Err(ClientError::UnknownDocument(id));
+        }
+        Ok(None)
+    }
+
+    fn register(&mut self, shared: &Arc<doc::DocShared>) {
+        self.copies.retain(|_, weak| weak.strong_count() > 0);
+        self.copies.insert(shared.id, Arc::downgrade(shared));
+    }
 }
 
 /// What the client's parts share.
@@ -189,21 +208,19 @@ impl Inner {
             Err(ClientError::UnknownDocument(_)) => return Ok(()),
             Err(err) => return Err(err),
         };
-        {
+        let stored = {
             let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
             let taken = docs.meta_seq.entry(id).or_default();
             if seq < *taken {
                 return Ok(());
             }
             *taken = seq;
-            shared.take_server_meta(&server);
-        }
-        // Written even when the loaded copy had it already: whoever changed that copy may not
-        // have stored it yet, and the caller may read the store next.
-        let writer = shared.clone();
-        self.blocking(move |store| writer.write_meta(store)).await?;
-        self.wrote(id);
-        Ok(())
+            // Stored even when the loaded copy had it already: whoever changed that copy may
+            // not have stored it yet, and the caller may read the store next.
+            shared.take_server_meta(&server)
+        };
+        stored.await?;
+        self.blocking(|store| store.flush()).await
     }
 
     /// The loaded document, loading it from the local store if needed.
@@ -211,42 +228,41 @@ impl Inner {
         self: &Arc<Self>,
         id: DocId,
     ) -> Result<Arc<doc::DocShared>, ClientError> {
-        loop {
-            let writes = {
-                let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(shared) = docs.copies.get(&id).and_then(Weak::upgrade) {
-                    return Ok(shared);
-                }
-                if docs.deleting.contains(&id) {
-                    return Err(ClientError::UnknownDocument(id));
-                }
-                docs.writes.get(&id).copied().unwrap_or(0)
-            };
-            let loaded = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
+        let gate = {
             let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            if docs.deleting.contains(&id) {
-                return Err(ClientError::UnknownDocument(id));
+            if let Some(shared) = docs.copy(id)? {
+                return Ok(shared);
             }
-            // Another task may have loaded it meanwhile: then its copy wins.
-            if let Some(existing) = docs.copies.get(&id).and_then(Weak::upgrade) {
-                return Ok(existing);
+            docs.loading.entry(id).or_default().clone()
+        };
+        let loaded = {
+            let _turn = gate.lock().await;
+            // Loaded by the loader before us.
+            let loaded = self.docs.lock().unwrap_or_else(PoisonError::into_inner).copy(id);
+            match loaded {
+                Ok(Some(shared)) => Ok(shared),
+                Ok(None) => self.load(id).await,
+                Err(err) => Err(err),
             }
-            // A copy that was written while we read may have been dropped since; what we read
-            // can miss that write. Read again.
-            if docs.writes.get(&id).copied().unwrap_or(0) != writes {
-                continue;
-            }
-            let shared = Arc::new(loaded);
-            docs.copies.retain(|_, weak| weak.strong_count() > 0);
-            docs.copies.insert(id, Arc::downgrade(&shared));
-            return Ok(shared);
+        };
+        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        // The map's and ours: no loader waits.
+        if Arc::strong_count(&gate) == 2 {
+            docs.loading.remove(&id);
         }
+        loaded
     }
 
-    /// Records that a write of `id` reached the local store (call before its copy can drop).
-    pub(crate) fn wrote(&self, id: DocId) {
-        *self.docs.lock().unwrap_or_else(PoisonError::into_inner).writes.entry(id).or_default() +=
-            1;
+    /// Loads `id` from the local store and registers the copy; the caller passed its gate.
+    async fn load(self: &Arc<Self>, id: DocId) -> Result<Arc<doc::DocShared>, ClientError> {
+        let state = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
+        let shared = doc::DocShared::start(id, state, self);
+        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        if docs.deleting.contains(&id) {
+            return Err(ClientError::UnknownDocument(id));
+        }
+        docs.register(&shared);
+        Ok(shared)
     }
 
     /// Forgets every loaded document's sync session: the server started a new epoch (see
@@ -280,8 +296,7 @@ impl Inner {
         if let Some(existing) = docs.copies.get(&shared.id).and_then(Weak::upgrade) {
             return existing;
         }
-        docs.copies.retain(|_, weak| weak.strong_count() > 0);
-        docs.copies.insert(shared.id, Arc::downgrade(&shared));
+        docs.register(&shared);
         shared
     }
 
@@ -352,7 +367,7 @@ impl Client {
     pub async fn create(&self, title: &str) -> Result<DocHandle, ClientError> {
         self.inner.own_account()?;
         let id = DocId::from_bytes(cubby_crypto::random_array());
-        let shared = Arc::new(doc::DocShared::new(id, title));
+        let shared = doc::DocShared::new(id, title, &self.inner);
         let meta = shared.meta().encode();
         self.inner
             .blocking(move |store| {

@@ -161,7 +161,7 @@ mod tests {
     fn messages_leave_in_order_at_the_durable_position_and_none_after_a_full_queue() {
         let doc = DocId::from_bytes([7; 16]);
         let permits = Arc::new(Semaphore::new(4));
-        let take = || vec![permits.clone().try_acquire_owned().unwrap()];
+        let take = || vec![permits.clone().try_acquire_owned().expect("a permit is free")];
         let (mut full, mut roomy) = (device(1), device(4));
         let mut release = Release::new(doc, Seq(3));
         release.frame(1, &full.link, sync(doc, 1), take());
@@ -213,7 +213,7 @@ mod tests {
             1,
             &device.link,
             sync(doc, 1),
-            vec![permits.clone().try_acquire_owned().unwrap()],
+            vec![permits.clone().try_acquire_owned().expect("a permit is free")],
         );
         release.holds(1, &device.link);
         assert_eq!(permits.available_permits(), 0);

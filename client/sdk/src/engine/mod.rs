@@ -342,12 +342,12 @@ impl<'a> Session<'a> {
                     }
                     self.push(doc).await?;
                     // A wake can be stale: an earlier push may already have carried this change
-                    // and been acknowledged. Then nothing was sent and no reply will clear it.
+                    // and been acknowledged (clearing its mark, which the document's writer
+                    // stored first). Then nothing was sent and no reply will come.
                     if self.active.get(&doc).is_some_and(|d| {
                         let state = d.lock();
                         state.session.peer_has_everything(state.history.doc())
                     }) {
-                        self.clear_acknowledged_mark(doc).await?;
                         self.owed.acknowledged(doc);
                         self.release(doc);
                         self.ask_waiting().await?;
@@ -356,35 +356,6 @@ impl<'a> Session<'a> {
                 }
             }
         }
-    }
-
-    /// Clears `id`'s unsynced mark on disk if the server holds everything of it. The app's edit
-    /// reaches the in-memory document before its mark reaches the disk, so a push for an
-    /// earlier wake can carry the edit and be acknowledged before the mark lands: the reply then
-    /// finds nothing to clear, and the mark would outlive the change (most likely what kept
-    /// `wait_until_synced` polling for 20 minutes in one test run).
-    pub(super) async fn clear_acknowledged_mark(&self, id: DocId) -> Result<(), SyncFailure> {
-        let Some(shared) = self.active.get(&id).cloned() else { return Ok(()) };
-        let check = shared.clone();
-        let cleared = self
-            .blocking(move |store| {
-                let state = check.lock();
-                // Only on the server's word in this connection, and never for a document the
-                // server has not confirmed: an empty new document "has everything" trivially.
-                let heard = state.session.their_heads().is_some();
-                if state.unconfirmed
-                    || !heard
-                    || !state.session.peer_has_everything(state.history.doc())
-                {
-                    return Ok(false);
-                }
-                remove_mark(store, id)
-            })
-            .await?;
-        if cleared {
-            self.synced(&shared);
-        }
-        Ok(())
     }
 
     /// Tells the app the server holds every change this device made to `shared`'s document.

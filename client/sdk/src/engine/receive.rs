@@ -11,7 +11,7 @@ use super::{
     remove_mark,
 };
 use crate::LOCAL;
-use crate::doc::{DocEvent, DocShared, MARK_DIRTY, MARK_NEW};
+use crate::doc::{DocEvent, MARK_DIRTY, MARK_NEW};
 
 impl<'a> Session<'a> {
     pub(super) async fn on_frame(&mut self, frame: pb::ServerFrame) -> Result<(), SyncFailure> {
@@ -71,7 +71,8 @@ impl<'a> Session<'a> {
         self.unknown.remove(&id);
         self.heal.remove(&id);
         let shared = self.doc(id).await?;
-        let (write, reply, holds, server_has_all, changed, was_unconfirmed, settled) = {
+        let device = self.inner.device_id;
+        let (stored, reply, holds, server_has_all, changed, settled) = {
             let mut state = shared.lock();
             let state = &mut *state;
             let shared_before = state.session.shared_heads().to_vec();
@@ -93,29 +94,20 @@ impl<'a> Session<'a> {
             // the document loaded until the exchange has settled. A reply sent once it has
             // settled only acknowledges, and the server does not answer that.
             let settled = state.session.settled(state.history.doc());
-            (write, reply, holds, server_has_all, changed, was_unconfirmed, settled)
-        };
-        // The server holds these changes durably: show them now, store them right after, and
-        // leave the flush to the store's next one (see `LocalWrite::apply_unflushed`).
-        if changed {
-            shared.emit(DocEvent::Remote);
-            let _ = self.inner.events.send((id, DocEvent::Remote));
-        }
-        let check = shared.clone();
-        let device = self.inner.device_id;
-        let acknowledged = self
-            .blocking(move |store| {
+            // Queued before the lock is released, so after the writes of every local change
+            // this message can acknowledge (their unsynced marks among them).
+            let stored = shared.queue(move |store, shared| {
                 if let Some(write) = &write {
-                    write.apply_unflushed(store, &check)?;
+                    write.apply_unflushed(store, shared)?;
                 }
-                // Clear the unsynced mark only if, under the document's lock, the server still
-                // has everything: a local edit may have landed since.
-                let state = check.lock();
+                // Clear the unsynced mark only if the server still has everything: a local
+                // edit may have landed since.
+                let state = shared.lock();
                 if state.session.peer_has_everything(state.history.doc()) {
                     tracing::debug!(device = %device.short(), doc = %id.short(),
                         heads = ?state.history.doc().get_heads(), theirs = ?state.session.their_heads(),
                         "server holds everything: unsynced mark cleared");
-                    return remove_mark(store, id);
+                    return Ok(remove_mark(store, id)?);
                 }
                 // The server has the document now: its next messages need not make it.
                 let key = id.as_bytes();
@@ -125,14 +117,26 @@ impl<'a> Session<'a> {
                     store.put_record(&LOCAL, Space::UNSYNCED, key, MARK_DIRTY)?;
                 }
                 Ok(false)
-            })
-            .await?;
-        if acknowledged {
+            });
+            (stored, reply, holds, server_has_all, changed, settled)
+        };
+        // The server holds these changes durably: show them now, store them right after, and
+        // leave the flush to the store's next one (see `LocalWrite::apply_unflushed`).
+        if changed {
+            shared.emit(DocEvent::Remote);
+            let _ = self.inner.events.send((id, DocEvent::Remote));
+        }
+        // The reply goes before the local write is awaited: it says what the device holds in
+        // memory, which the server may store before this device does.
+        let replied = reply.is_some();
+        if let Some(message) = reply {
+            self.send(crate::wire::sync(id, message, None)).await?;
+        }
+        if stored.await.map_err(super::store_failure)? {
             self.synced(&shared);
         }
-        self.inner.wrote(id);
         tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq,
-            holds, server_has_all, changed, settled, reply = reply.is_some(), "server message");
+            holds, server_has_all, changed, settled, reply = replied, "server message");
         if holds {
             let held = self.held.entry(id).or_default();
             *held = (*held).max(sync.seq);
@@ -142,9 +146,6 @@ impl<'a> Session<'a> {
         if server_has_all {
             self.owed.acknowledged(id);
             self.refused.remove(&id);
-        }
-        if let Some(message) = reply {
-            self.send(crate::wire::sync(id, message, None)).await?;
         }
         if settled {
             self.release(id);
@@ -274,27 +275,29 @@ impl<'a> Session<'a> {
         self.refused.remove(&id);
         self.unknown.remove(&id);
         self.heal.remove(&id);
-        let turn = copy.clone();
-        let discarded = self
-            .blocking(move |store| {
-                // In the copy's store turn: a local change lands before this, or is refused.
-                let _turn = turn.as_deref().map(DocShared::store_turn);
-                let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
-                // Only this device's own changes count as discarded, not a document it was
-                // offering back.
-                let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
-                if unsynced {
-                    let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
-                    store.put_record(&LOCAL, Space::DISCARDED, id.as_bytes(), title.as_bytes())?;
-                }
-                store.delete_doc(&LOCAL, &id)?;
-                store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
-                store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-                store.remove_record(&LOCAL, Space::HEAL, id.as_bytes())?;
-                store.flush()?;
-                Ok(Some(unsynced))
-            })
-            .await;
+        let delete = move |store: &dyn cubby_store::Store| {
+            let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
+            // Only this device's own changes count as discarded, not a document it was
+            // offering back.
+            let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
+            if unsynced {
+                let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
+                store.put_record(&LOCAL, Space::DISCARDED, id.as_bytes(), title.as_bytes())?;
+            }
+            store.delete_doc(&LOCAL, &id)?;
+            store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
+            store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
+            store.remove_record(&LOCAL, Space::HEAL, id.as_bytes())?;
+            store.flush()?;
+            Ok::<_, cubby_store::StoreError>(Some(unsynced))
+        };
+        // On the loaded copy's writer, after the changes made to it before `forget`: each lands
+        // before the deletion (and counts as discarded), or is refused.
+        let discarded = match &copy {
+            Some(copy) => copy.queue(move |store, _| Ok(delete(store)?)).await,
+            None => self.inner.blocking(delete).await,
+        }
+        .map_err(super::store_failure);
         self.inner.forgotten(&id);
         let discarded = discarded?;
         if let Some(discarded) = discarded {
