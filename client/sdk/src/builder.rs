@@ -12,8 +12,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    Client, ClientError, DeviceId, Inner, LOCAL, Loaded, StoreError, SyncStatus, SyncTask,
-    TokenProvider, engine,
+    Client, ClientError, DeviceId, Inner, LOCAL, StoreError, SyncStatus, SyncTask, TokenProvider,
+    engine,
 };
 
 /// Builds a [`Client`].
@@ -159,7 +159,7 @@ impl ClientBuilder {
             store,
             device_id,
             device_key,
-            docs: Mutex::new(Loaded::default()),
+            docs: Mutex::new(crate::loaded::Loaded::default()),
             wake,
             status,
             device_name: self.device_name.unwrap_or_else(|| "unnamed device".into()),

@@ -26,9 +26,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cubby_crypto::signing::DeviceKey;
 use cubby_store::{Space, Store};
@@ -40,6 +39,7 @@ mod admin;
 mod builder;
 mod doc;
 mod engine;
+mod loaded;
 mod tokens;
 mod wire;
 
@@ -106,46 +106,13 @@ pub enum ClientError {
     Io(#[source] std::io::Error),
 }
 
-/// The loaded copies of documents.
-#[derive(Default)]
-struct Loaded {
-    copies: HashMap<DocId, Weak<doc::DocShared>>,
-    /// Per document being loaded, the gate its loaders pass one at a time: a copy read from the
-    /// store while another copy of the same document was being written would miss that write.
-    loading: HashMap<DocId, Arc<tokio::sync::Mutex<()>>>,
-    /// Per document, the feed position of the newest server metadata taken (see
-    /// [`Inner::take_server_meta`]).
-    meta_seq: HashMap<DocId, u64>,
-    /// Documents being deleted from the local store: none is loaded meanwhile (a copy loaded
-    /// in the gap could write the document back after the deletion).
-    deleting: std::collections::HashSet<DocId>,
-}
-
-impl Loaded {
-    /// The loaded copy of `id`; an error if it is being deleted.
-    fn copy(&self, id: DocId) -> Result<Option<Arc<doc::DocShared>>, ClientError> {
-        if let Some(shared) = self.copies.get(&id).and_then(Weak::upgrade) {
-            return Ok(Some(shared));
-        }
-        if self.deleting.contains(&id) {
-            return Err(ClientError::UnknownDocument(id));
-        }
-        Ok(None)
-    }
-
-    fn register(&mut self, shared: &Arc<doc::DocShared>) {
-        self.copies.retain(|_, weak| weak.strong_count() > 0);
-        self.copies.insert(shared.id, Arc::downgrade(shared));
-    }
-}
-
 /// What the client's parts share.
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) device_id: DeviceId,
     pub(crate) device_key: DeviceKey,
     /// Open documents; a document stays loaded while a handle or the sync engine holds it.
-    docs: Mutex<Loaded>,
+    docs: Mutex<loaded::Loaded>,
     /// Tells the sync engine a document has local changes.
     pub(crate) wake: mpsc::UnboundedSender<DocId>,
     pub(crate) status: watch::Sender<SyncStatus>,
@@ -194,137 +161,11 @@ impl Inner {
             .map_err(|_| ClientError::Closed)??)
     }
 
-    /// Takes the title and private flag the server held for a document at feed position `seq`,
-    /// if this device has the document and has not taken metadata from a later position: an
-    /// announcement still on its way when `set_private` answered is older than that answer.
-    pub(crate) async fn take_server_meta(
-        self: &Arc<Self>,
-        id: DocId,
-        server: DocMeta,
-        seq: u64,
-    ) -> Result<(), ClientError> {
-        let shared = match self.doc(id).await {
-            Ok(shared) => shared,
-            Err(ClientError::UnknownDocument(_)) => return Ok(()),
-            Err(err) => return Err(err),
-        };
-        let stored = {
-            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            let taken = docs.meta_seq.entry(id).or_default();
-            if seq < *taken {
-                return Ok(());
-            }
-            *taken = seq;
-            // Stored even when the loaded copy had it already: whoever changed that copy may
-            // not have stored it yet, and the caller may read the store next.
-            shared.take_server_meta(&server)
-        };
-        stored.await?;
-        self.blocking(|store| store.flush()).await
-    }
-
-    /// The loaded document, loading it from the local store if needed.
-    pub(crate) async fn doc(
-        self: &Arc<Self>,
-        id: DocId,
-    ) -> Result<Arc<doc::DocShared>, ClientError> {
-        let gate = {
-            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(shared) = docs.copy(id)? {
-                return Ok(shared);
-            }
-            docs.loading.entry(id).or_default().clone()
-        };
-        let loaded = {
-            let _turn = gate.lock().await;
-            // Loaded by the loader before us.
-            let loaded = self.docs.lock().unwrap_or_else(PoisonError::into_inner).copy(id);
-            match loaded {
-                Ok(Some(shared)) => Ok(shared),
-                Ok(None) => self.load(id).await,
-                Err(err) => Err(err),
-            }
-        };
-        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        // The map's and ours: no loader waits.
-        if Arc::strong_count(&gate) == 2 {
-            docs.loading.remove(&id);
-        }
-        loaded
-    }
-
-    /// Loads `id` from the local store and registers the copy; the caller passed its gate.
-    async fn load(self: &Arc<Self>, id: DocId) -> Result<Arc<doc::DocShared>, ClientError> {
-        let state = self.blocking(move |store| doc::DocShared::load(store, id)).await?;
-        let shared = doc::DocShared::start(id, state, self);
-        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        if docs.deleting.contains(&id) {
-            return Err(ClientError::UnknownDocument(id));
-        }
-        docs.register(&shared);
-        Ok(shared)
-    }
-
-    /// Forgets every loaded document's sync session: the server started a new epoch (see
-    /// `Challenge.epoch`). The engine offers each back with what the server needs to make it.
-    pub(crate) fn heal_sessions(&self) {
-        let loaded: Vec<_> = {
-            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.copies.values().filter_map(Weak::upgrade).collect()
-        };
-        for doc in loaded {
-            doc.lock().session = cubby_core::session::PeerSession::new();
-        }
-    }
-
-    /// Starts every loaded document's sync session over, for a new connection.
-    pub(crate) fn reconnect_sessions(&self) {
-        let loaded: Vec<_> = {
-            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.copies.values().filter_map(Weak::upgrade).collect()
-        };
-        for doc in loaded {
-            doc.lock().session.reconnect();
-        }
-    }
-
-    /// Registers `shared` as the loaded copy of its document, unless a copy is loaded already:
-    /// then that one is returned, and `shared` is dropped. There is never more than one loaded
-    /// copy of a document, or edits to one would be invisible to the other.
-    pub(crate) fn adopt(&self, shared: Arc<doc::DocShared>) -> Arc<doc::DocShared> {
-        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(existing) = docs.copies.get(&shared.id).and_then(Weak::upgrade) {
-            return existing;
-        }
-        docs.register(&shared);
-        shared
-    }
-
-    /// Forgets a document deleted on the server; a handle the app still holds refuses changes
-    /// from now on (written back, they would make the document again).
-    /// Returns the loaded copy, if there was one.
-    /// Until [`Inner::forgotten`], the document is not loaded again.
-    pub(crate) fn forget(&self, id: &DocId) -> Option<Arc<doc::DocShared>> {
-        let copy = {
-            let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.deleting.insert(*id);
-            docs.copies.remove(id)
-        };
-        let copy = copy.and_then(|weak| weak.upgrade())?;
-        copy.lock().deleted = true;
-        Some(copy)
-    }
-
-    /// The local store's deletion of a forgotten document is over.
-    pub(crate) fn forgotten(&self, id: &DocId) {
-        self.docs.lock().unwrap_or_else(PoisonError::into_inner).deleting.remove(id);
-    }
-
     /// Wipes the local store: its data key is destroyed first, then every record; nothing this
     /// device held stays readable. The next `build` on the directory starts a new device.
     pub(crate) async fn wipe(&self, reason: WipeReason) {
         tracing::warn!(device = %self.device_id.short(), ?reason, "wiping the local store");
-        self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.clear();
+        self.unload_all();
         if let Err(err) = self.blocking(|store| store.erase_customer(&LOCAL)).await {
             tracing::error!(%err, "wiping the local store failed");
         }

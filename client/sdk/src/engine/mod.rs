@@ -16,7 +16,7 @@ use cubby_store::{Space, StoreError};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::doc::{DocEvent, DocShared};
+use crate::doc::{DocEvent, DocShared, remove_mark};
 use crate::{ClientError, Inner, LOCAL};
 
 mod connect;
@@ -344,10 +344,7 @@ impl<'a> Session<'a> {
                     // A wake can be stale: an earlier push may already have carried this change
                     // and been acknowledged (clearing its mark, which the document's writer
                     // stored first). Then nothing was sent and no reply will come.
-                    if self.active.get(&doc).is_some_and(|d| {
-                        let state = d.lock();
-                        state.session.peer_has_everything(state.history.doc())
-                    }) {
+                    if self.active.get(&doc).is_some_and(|d| d.server_has_everything()) {
                         self.owed.acknowledged(doc);
                         self.release(doc);
                         self.ask_waiting().await?;
@@ -380,7 +377,7 @@ impl<'a> Session<'a> {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
                 "no progress; starting a fresh sync round");
             if let Some(shared) = self.active.get(&id) {
-                shared.lock().session.reconnect();
+                shared.reconnect();
             }
             self.push(id).await?;
         }
@@ -421,32 +418,14 @@ impl<'a> Session<'a> {
                 }
             },
         };
-        let frame = {
-            let mut state = shared.lock();
-            let state = &mut *state;
-            let Some(message) = state.session.generate(state.history.doc()) else {
-                tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
-                    ours = ?state.history.doc().get_heads(), theirs = ?state.session.their_heads(),
-                    "push: nothing to say");
-                return Ok(());
-            };
+        // Offered back on this connection (`heal`), or made here and not yet seen.
+        let Some((message, create)) = shared.generate(self.heal.contains(&id)) else {
             tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(),
-                ours = ?state.history.doc().get_heads(), "push");
-            // Offered back on this connection (`heal`), or made here and not yet seen.
-            let create = state.unconfirmed || self.heal.contains(&id);
-            crate::wire::sync(id, message, create.then_some(&state.meta))
+                "push: nothing to say");
+            return Ok(());
         };
+        tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), "push");
+        let frame = crate::wire::sync(id, message, create.as_ref());
         self.send(frame).await
     }
-}
-
-/// Removes a document's unsynced and heal marks: the server holds everything of it. Returns
-/// whether there was one. Blocking.
-fn remove_mark(store: &dyn cubby_store::Store, id: DocId) -> Result<bool, StoreError> {
-    let mut marked = false;
-    for space in [Space::UNSYNCED, Space::HEAL] {
-        marked |= store.get_record(&LOCAL, space, id.as_bytes())?.is_some();
-        store.remove_record(&LOCAL, space, id.as_bytes())?;
-    }
-    Ok(marked)
 }

@@ -8,10 +8,9 @@ use tokio::time::Instant;
 
 use super::{
     CURSOR, FIRST_BACKOFF, MAX_BACKOFF, Refusal, Session, SyncFailure, SyncStatus, WARM_DOCS,
-    remove_mark,
 };
 use crate::LOCAL;
-use crate::doc::{DocEvent, MARK_DIRTY, MARK_NEW};
+use crate::doc::{DocEvent, Received};
 
 impl<'a> Session<'a> {
     pub(super) async fn on_frame(&mut self, frame: pb::ServerFrame) -> Result<(), SyncFailure> {
@@ -60,7 +59,7 @@ impl<'a> Session<'a> {
             let Some((id, size)) = next else { break };
             self.push(id).await?;
             // A document edited offline is weighed by its local copy, now loaded.
-            let local = self.active.get(&id).map_or(0, |d| d.lock().meta.size);
+            let local = self.active.get(&id).map_or(0, |d| d.meta().size);
             self.window.asked(id, size.max(local));
         }
         Ok(())
@@ -71,55 +70,8 @@ impl<'a> Session<'a> {
         self.unknown.remove(&id);
         self.heal.remove(&id);
         let shared = self.doc(id).await?;
-        let device = self.inner.device_id;
-        let (stored, reply, holds, server_has_all, changed, settled) = {
-            let mut state = shared.lock();
-            let state = &mut *state;
-            let shared_before = state.session.shared_heads().to_vec();
-            if let Err(err) = state.session.receive(state.history.doc_mut(), &sync.message) {
-                tracing::warn!(doc = %id.short(), %err, "server sync message refused");
-                return Ok(());
-            }
-            // The session is saved only when what it keeps (the shared heads) moved: an
-            // acknowledgement of what the device already knew costs no local write or flush.
-            let moved = state.session.shared_heads() != shared_before;
-            let write = state.take_write(moved);
-            let changed = write.as_ref().is_some_and(|w| w.chunk.is_some());
-            let was_unconfirmed = std::mem::take(&mut state.unconfirmed);
-            let holds = state.session.has_everything_peer_has(state.history.doc());
-            let server_has_all = state.session.peer_has_everything(state.history.doc());
-            let reply = state.session.generate(state.history.doc());
-            // Changes whose dependencies have not arrived wait in the document's queue, which
-            // is not persisted, and the server will not send them twice on this connection: keep
-            // the document loaded until the exchange has settled. A reply sent once it has
-            // settled only acknowledges, and the server does not answer that.
-            let settled = state.session.settled(state.history.doc());
-            // Queued before the lock is released, so after the writes of every local change
-            // this message can acknowledge (their unsynced marks among them).
-            let stored = shared.queue(move |store, shared| {
-                if let Some(write) = &write {
-                    write.apply_unflushed(store, shared)?;
-                }
-                // Clear the unsynced mark only if the server still has everything: a local
-                // edit may have landed since.
-                let state = shared.lock();
-                if state.session.peer_has_everything(state.history.doc()) {
-                    tracing::debug!(device = %device.short(), doc = %id.short(),
-                        heads = ?state.history.doc().get_heads(), theirs = ?state.session.their_heads(),
-                        "server holds everything: unsynced mark cleared");
-                    return Ok(remove_mark(store, id)?);
-                }
-                // The server has the document now: its next messages need not make it.
-                let key = id.as_bytes();
-                if was_unconfirmed
-                    && store.get_record(&LOCAL, Space::UNSYNCED, key)?.as_deref() == Some(MARK_NEW)
-                {
-                    store.put_record(&LOCAL, Space::UNSYNCED, key, MARK_DIRTY)?;
-                }
-                Ok(false)
-            });
-            (stored, reply, holds, server_has_all, changed, settled)
-        };
+        let Some(received) = shared.receive(&sync.message) else { return Ok(()) };
+        let Received { stored, reply, holds, server_has_all, changed, settled } = received;
         // The server holds these changes durably: show them now, store them right after, and
         // leave the flush to the store's next one (see `LocalWrite::apply_unflushed`).
         if changed {
@@ -132,7 +84,7 @@ impl<'a> Session<'a> {
         if let Some(message) = reply {
             self.send(crate::wire::sync(id, message, None)).await?;
         }
-        if stored.await.map_err(super::store_failure)? {
+        if stored.done().await.map_err(super::store_failure)? {
             self.synced(&shared);
         }
         tracing::debug!(device = %self.inner.device_id.short(), doc = %id.short(), seq = sync.seq,
@@ -213,7 +165,7 @@ impl<'a> Session<'a> {
             return Err(SyncFailure::Other(error.message));
         };
         if let Some(shared) = self.active.get(&id) {
-            shared.lock().session.reset();
+            shared.reset_session();
         }
         match tonic::Code::from_i32(error.code) {
             tonic::Code::NotFound => {
@@ -294,7 +246,7 @@ impl<'a> Session<'a> {
         // On the loaded copy's writer, after the changes made to it before `forget`: each lands
         // before the deletion (and counts as discarded), or is refused.
         let discarded = match &copy {
-            Some(copy) => copy.queue(move |store, _| Ok(delete(store)?)).await,
+            Some(copy) => copy.queue(move |store, _| Ok(delete(store)?)).done().await,
             None => self.inner.blocking(delete).await,
         }
         .map_err(super::store_failure);

@@ -1,0 +1,85 @@
+//! The app's handle to a loaded document.
+
+use std::sync::Arc;
+
+use automerge::transaction::Transaction;
+use automerge::{Automerge, AutomergeError, ChangeHash, ROOT};
+use cubby_core::{DocId, DocMeta};
+use tokio::sync::broadcast;
+
+use super::{DocEvent, DocShared};
+use crate::{ClientError, Inner};
+
+/// The app's handle to one document. Cheap to clone.
+#[derive(Clone)]
+pub struct DocHandle {
+    shared: Arc<DocShared>,
+    client: Arc<Inner>,
+}
+
+impl std::fmt::Debug for DocHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocHandle").field("id", &self.shared.id).finish_non_exhaustive()
+    }
+}
+
+impl DocHandle {
+    pub(crate) fn new(shared: Arc<DocShared>, client: Arc<Inner>) -> Self {
+        Self { shared, client }
+    }
+
+    /// The document's id.
+    pub fn id(&self) -> DocId {
+        self.shared.id
+    }
+
+    /// The document's metadata.
+    pub fn meta(&self) -> DocMeta {
+        self.shared.meta()
+    }
+
+    /// Applies `f` as one Automerge transaction. Returns once the change is on this device's
+    /// disk; it syncs in the background.
+    pub async fn change<T>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, AutomergeError>,
+    ) -> Result<T, ClientError> {
+        let id = self.shared.id;
+        let (out, stored) = self.shared.change(f)?;
+        let Some(stored) = stored else { return Ok(out) };
+        // The engine may send the change while it is stored and flushed here: the server's copy
+        // is durable on its own, and this call still returns only after the local flush.
+        let _ = self.client.wake.send(id);
+        stored.done().await?;
+        self.client.blocking(|store| store.flush()).await?;
+        self.shared.emit(DocEvent::Local);
+        let _ = self.client.events.send((id, DocEvent::Local));
+        Ok(out)
+    }
+
+    /// Sets a key of the root map to a JSON value (objects and arrays become maps and lists).
+    pub async fn put(&self, key: &str, value: serde_json::Value) -> Result<(), ClientError> {
+        let key = key.to_owned();
+        self.change(move |tx| cubby_core::json::put_json(tx, &ROOT, &key, &value)).await
+    }
+
+    /// The document rendered as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        self.shared.read(cubby_core::json::to_json)
+    }
+
+    /// Reads the document.
+    pub fn read<R>(&self, f: impl FnOnce(&Automerge) -> R) -> R {
+        self.shared.read(f)
+    }
+
+    /// The document's current heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.shared.read(Automerge::get_heads)
+    }
+
+    /// Events for this document from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<DocEvent> {
+        self.shared.events.subscribe()
+    }
+}
