@@ -72,8 +72,7 @@ impl Inner {
             // not have stored it yet, and the caller may read the store next.
             shared.take_server_meta(&server)
         };
-        stored.done().await?;
-        self.blocking(|store| store.flush()).await
+        stored.done().await
     }
 
     /// The loaded document, loading it from the local store if needed.

@@ -51,7 +51,6 @@ impl DocHandle {
         // is durable on its own, and this call still returns only after the local flush.
         let _ = self.client.wake.send(id);
         stored.done().await?;
-        self.client.blocking(|store| store.flush()).await?;
         self.shared.emit(DocEvent::Local);
         let _ = self.client.events.send((id, DocEvent::Local));
         Ok(out)

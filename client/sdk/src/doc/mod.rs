@@ -162,7 +162,7 @@ impl DocShared {
     }
 
     /// Applies `f` as one Automerge transaction, and queues storing it with the document's
-    /// unsynced mark (`None`: nothing changed). Queued before the lock is released: before
+    /// unsynced mark, flushed (`None`: nothing changed). Queued before the lock is released: before
     /// anything the sync engine does once it sees this change (an acknowledgement clearing
     /// that mark).
     pub(crate) fn change<T>(
@@ -176,20 +176,20 @@ impl DocShared {
         let out = state.history.doc_mut().transact(f).map_err(|failure| failure.error)?.result;
         tracing::debug!(doc = %self.id.short(), heads = ?state.history.doc().get_heads(),
             "local change");
-        let stored = state
-            .take_write(false)
-            .map(|write| self.queue(move |store, shared| store_change(store, shared, &write)));
+        let stored = state.take_write(false).map(|write| {
+            self.queue_flushed(move |store, shared| store_change(store, shared, &write))
+        });
         Ok((out, stored))
     }
 
     /// Takes what the customer controls in the server's metadata (the title and the private
-    /// flag), and queues storing it (not flushed).
+    /// flag), and queues storing it, flushed.
     pub(crate) fn take_server_meta(self: &Arc<Self>, server: &DocMeta) -> Queued<()> {
         let mut state = self.lock();
         state.meta.title.clone_from(&server.title);
         state.meta.private = server.private;
         // Stores the metadata as it is when the job runs: a later change's write carries it too.
-        self.queue(|store, shared| {
+        self.queue_flushed(|store, shared| {
             Ok(store.write_doc_off_feed(&LOCAL, &shared.id, &shared.meta().encode(), None)?)
         })
     }

@@ -10,8 +10,14 @@ use tokio::sync::{mpsc, oneshot};
 use super::DocShared;
 use crate::{ClientError, Inner, LOCAL};
 
-/// Local store work for a document's writer.
-pub(super) type Job = Box<dyn FnOnce(&dyn Store) + Send>;
+/// Local store work for a document's writer. The next job starts once the [`Turn`] drops.
+pub(super) type Job = Box<dyn FnOnce(&dyn Store, Turn) + Send>;
+
+/// A job's turn on its document's writer: the next job starts when it drops, which may be
+/// before the job ends (a flush need not hold up the next write).
+pub(super) struct Turn {
+    _over: oneshot::Sender<()>,
+}
 
 /// A job queued on a document's writer; [`Queued::done`] waits for its outcome.
 #[must_use = "a queued job runs anyway; its outcome says whether it stored anything"]
@@ -33,23 +39,51 @@ impl DocShared {
         T: Send + 'static,
         F: FnOnce(&dyn Store, &DocShared) -> Result<T, ClientError> + Send + 'static,
     {
+        self.queue_job(job, false)
+    }
+
+    /// Queues `job` as [`DocShared::queue`] does, then flushes the store out of turn (the next
+    /// job need not wait for the disk); the outcome comes after the flush.
+    pub(crate) fn queue_flushed<T, F>(self: &Arc<Self>, job: F) -> Queued<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store, &DocShared) -> Result<T, ClientError> + Send + 'static,
+    {
+        self.queue_job(job, true)
+    }
+
+    fn queue_job<T, F>(self: &Arc<Self>, job: F, flush: bool) -> Queued<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn Store, &DocShared) -> Result<T, ClientError> + Send + 'static,
+    {
         let (reply, outcome) = oneshot::channel();
         let shared = self.clone();
-        let queued = self.writer.send(Box::new(move |store: &dyn Store| {
-            let _ = reply.send(job(store, &shared));
+        let queued = self.writer.send(Box::new(move |store: &dyn Store, turn: Turn| {
+            let done = job(store, &shared);
+            drop(turn);
+            let done = match done {
+                Ok(out) if flush => store.flush().map(|()| out).map_err(ClientError::from),
+                other => other,
+            };
+            let _ = reply.send(done);
         }));
         Queued(queued.map(|()| outcome).map_err(|_| ClientError::Closed))
     }
 }
 
-/// Runs a document's jobs one at a time, in order, until the document is dropped.
+/// Runs a document's jobs one at a time, in order, until the document is dropped: each on the
+/// blocking pool (tracked, so `shutdown` waits for it), the next once its turn is over.
 pub(super) async fn write_in_order(inner: Arc<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     while let Some(job) = jobs.recv().await {
-        let done = inner.blocking(move |store| {
-            job(store);
-            Ok::<_, ClientError>(())
-        });
-        let _ = done.await; // A job answers its caller itself.
+        let (turn, over) = oneshot::channel();
+        if inner.inline_storage {
+            job(&*inner.store, Turn { _over: turn });
+        } else {
+            let store = inner.store.clone();
+            inner.tasks.spawn_blocking(move || job(&*store, Turn { _over: turn }));
+        }
+        let _ = over.await; // Sent or dropped: either way the turn is over.
     }
 }
 
