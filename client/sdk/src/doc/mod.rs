@@ -341,3 +341,6 @@ impl LocalDoc {
         Some(LocalWrite { chunk, compaction, session })
     }
 }
+
+#[cfg(test)]
+mod tests;
