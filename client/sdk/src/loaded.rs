@@ -118,24 +118,18 @@ impl Inner {
     /// Forgets every loaded document's sync session: the server started a new epoch (see
     /// `Challenge.epoch`). The engine offers each back with what the server needs to make it.
     pub(crate) fn heal_sessions(&self) {
-        let loaded: Vec<_> = {
-            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.copies.values().filter_map(Weak::upgrade).collect()
-        };
-        for doc in loaded {
-            doc.forget_session();
-        }
+        self.loaded().iter().for_each(|doc| doc.forget_session());
     }
 
     /// Starts every loaded document's sync session over, for a new connection.
     pub(crate) fn reconnect_sessions(&self) {
-        let loaded: Vec<_> = {
-            let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-            docs.copies.values().filter_map(Weak::upgrade).collect()
-        };
-        for doc in loaded {
-            doc.reconnect();
-        }
+        self.loaded().iter().for_each(|doc| doc.reconnect());
+    }
+
+    /// Every loaded copy (taken out of the lock, to act on each under its own).
+    fn loaded(&self) -> Vec<Arc<DocShared>> {
+        let docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
+        docs.copies.values().filter_map(Weak::upgrade).collect()
     }
 
     /// Registers `shared` as the loaded copy of its document, unless a copy is loaded already:
