@@ -84,6 +84,42 @@ async fn concurrent_offline_edits_merge_on_reconnect() {
     assert!(merged["title"] == json!("phone title") || merged["title"] == json!("laptop title"));
 }
 
+/// `put` of a JSON object over one already there changes only the fields that differ: two
+/// devices that each change another field of it offline both keep their change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_offline_puts_of_one_object_keep_both_changed_fields() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("Profile").await.expect("create");
+    let id = doc.id();
+    doc.put("me", json!({"name": "Ann", "city": "Oslo"})).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has the profile", || async {
+        let Ok(on_laptop) = laptop.client.open(id).await else { return false };
+        on_laptop.to_json()["me"]["name"] == json!("Ann")
+    })
+    .await;
+    drop(doc);
+    let (phone_dir, laptop_dir) = (phone.close().await, laptop.close().await);
+    let phone = Device::open(&server, "alice", phone_dir, false).await;
+    let laptop = Device::open(&server, "alice", laptop_dir, false).await;
+    let on_phone = phone.client.open(id).await.expect("open");
+    let on_laptop = laptop.client.open(id).await.expect("open");
+    on_phone.put("me", json!({"name": "Anna", "city": "Oslo"})).await.expect("offline put");
+    on_laptop.put("me", json!({"name": "Ann", "city": "Bergen"})).await.expect("offline put");
+
+    phone.client.wait_until_synced().await.expect("phone syncs");
+    laptop.client.wait_until_synced().await.expect("laptop syncs");
+    eventually("both hold the same heads", || async {
+        phone.client.wait_until_synced().await.is_ok() && on_phone.heads() == on_laptop.heads()
+    })
+    .await;
+    let both = json!({"name": "Anna", "city": "Bergen"});
+    assert_eq!(on_phone.to_json()["me"], both);
+    assert_eq!(on_laptop.to_json()["me"], both);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn third_device_catches_up_after_server_restart() {
     let mut server = TestServer::start().await;

@@ -125,24 +125,46 @@ pub fn apply_edit(tx: &mut impl Transactable, path: &str, edit: &Edit) -> Result
     Ok(())
 }
 
-/// Sets `prop` of `obj` (a map key or a list index) to `value`.
+/// Sets `prop` of `obj` (a map key or a list index) to `value`, changing only what differs, so
+/// that what another device changed concurrently survives the merge: a JSON object set over a
+/// map updates it field by field (and deletes the fields the object lacks), a string set over
+/// text splices the difference into it, and a scalar equal to the one there is left alone.
+/// Arrays replace the list whole.
 fn put_json_at(
     tx: &mut impl Transactable,
     obj: &ObjId,
     prop: Prop,
     value: &Value,
 ) -> Result<(), AutomergeError> {
-    let fill = |tx: &mut _, child: ObjId| fill_json(tx, &child, value);
-    match value {
-        Value::Object(_) => {
+    let current = tx.get(obj, prop.clone())?;
+    match (value, current) {
+        (Value::Object(fields), Some((automerge::Value::Object(ObjType::Map), map))) => {
+            let gone: Vec<String> = tx.keys(&map).filter(|key| !fields.contains_key(key)).collect();
+            for key in gone {
+                tx.delete(&map, key.as_str())?;
+            }
+            for (key, field) in fields {
+                put_json_at(tx, &map, Prop::Map(key.clone()), field)?;
+            }
+            Ok(())
+        }
+        (Value::String(new), Some((automerge::Value::Object(ObjType::Text), text))) => {
+            tx.update_text(&text, new)
+        }
+        (Value::Object(_), _) => {
             let child = tx.put_object(obj, prop, ObjType::Map)?;
-            fill(tx, child)
+            fill_json(tx, &child, value)
         }
-        Value::Array(_) => {
+        (Value::Array(_), _) => {
             let child = tx.put_object(obj, prop, ObjType::List)?;
-            fill(tx, child)
+            fill_json(tx, &child, value)
         }
-        scalar => tx.put(obj, prop, scalar_of(scalar)),
+        (scalar, Some((automerge::Value::Scalar(there), _)))
+            if there.as_ref() == &scalar_of(scalar) =>
+        {
+            Ok(())
+        }
+        (scalar, _) => tx.put(obj, prop, scalar_of(scalar)),
     }
 }
 
@@ -296,5 +318,63 @@ mod tests {
                 "{path:?} {edit:?} should be refused"
             );
         }
+    }
+
+    /// A document holding `start`, and two forks of it that each `put` their value under
+    /// `key`, merged.
+    fn merged(start: &Value, key: &str, one: &Value, other: &Value) -> Value {
+        let mut base = Automerge::new();
+        base.transact::<_, _, AutomergeError>(|tx| put_json(tx, &ROOT, key, start)).expect("puts");
+        let (mut a, mut b) = (base.fork(), base.fork());
+        for (doc, value) in [(&mut a, one), (&mut b, other)] {
+            doc.transact::<_, _, AutomergeError>(|tx| put_json(tx, &ROOT, key, value))
+                .expect("puts");
+        }
+        a.merge(&mut b).expect("merges");
+        to_json(&a)[key].clone()
+    }
+
+    #[test]
+    fn concurrent_puts_of_one_object_keep_each_sides_changed_fields() {
+        let start = json!({"name": "Ann", "city": "Oslo", "tags": {"a": 1}, "old": true});
+        let got = merged(
+            &start,
+            "profile",
+            &json!({"name": "Anna", "city": "Oslo", "tags": {"a": 1, "b": 2}, "old": true}),
+            &json!({"name": "Ann", "city": "Bergen", "tags": {"a": 1}}),
+        );
+        assert_eq!(got, json!({"name": "Anna", "city": "Bergen", "tags": {"a": 1, "b": 2}}));
+    }
+
+    #[test]
+    fn putting_the_value_already_there_changes_nothing() {
+        let value = json!({"n": 1, "s": "x", "nested": {"list": [1, 2], "z": null}});
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, AutomergeError>(|tx| put_json(tx, &ROOT, "v", &value)).expect("puts");
+        let heads = doc.get_heads();
+        let scalars = json!({"n": 1, "s": "x", "nested": {"z": null}});
+        doc.transact::<_, _, AutomergeError>(|tx| put_json(tx, &ROOT, "v", &scalars))
+            .expect("puts");
+        let one = doc.get_changes(&heads);
+        assert_eq!(one.len(), 1, "one change, for the list the object lacks");
+        assert_eq!(one[0].len(), 1, "and only its deletion: {:?}", to_json(&doc));
+        assert_eq!(to_json(&doc)["v"], scalars);
+    }
+
+    #[test]
+    fn a_string_put_over_text_splices_so_both_sides_edits_survive() {
+        let mut base = Automerge::new();
+        base.transact::<_, _, AutomergeError>(|tx| {
+            let text = tx.put_object(&ROOT, "note", ObjType::Text)?;
+            tx.splice_text(&text, 0, 0, "buy milk")
+        })
+        .expect("makes text");
+        let (mut a, mut b) = (base.fork(), base.fork());
+        for (doc, edited) in [(&mut a, "buy oat milk"), (&mut b, "buy milk today")] {
+            doc.transact::<_, _, AutomergeError>(|tx| put_json(tx, &ROOT, "note", &json!(edited)))
+                .expect("puts");
+        }
+        a.merge(&mut b).expect("merges");
+        assert_eq!(to_json(&a)["note"], json!("buy oat milk today"));
     }
 }

@@ -57,6 +57,10 @@ impl DocHandle {
     }
 
     /// Sets a key of the root map to a JSON value (objects and arrays become maps and lists).
+    /// Only what differs is changed, so that another device's concurrent changes survive the
+    /// merge: an object set over a map updates it field by field (deleting the fields it
+    /// lacks), a string set over Automerge text splices the difference in, and an equal value
+    /// is left alone. An array replaces the list whole.
     pub async fn put(&self, key: &str, value: serde_json::Value) -> Result<(), ClientError> {
         let key = key.to_owned();
         self.change(move |tx| cubby_core::json::put_json(tx, &ROOT, &key, &value)).await
