@@ -85,12 +85,18 @@ pub(crate) async fn write_export(
 }
 
 pub(crate) fn refused(status: tonic::Status) -> ClientError {
-    ClientError::Server(format!("{:?}: {}", status.code(), status.message()))
+    ClientError::refused(&status)
+}
+
+/// An answer from the server the client cannot read.
+pub(crate) fn bad_answer(what: &str) -> ClientError {
+    ClientError::server(crate::ErrorCode::Internal, format!("the server sent {what}"))
 }
 
 pub(crate) fn authed<T>(message: T, token: &str) -> Result<tonic::Request<T>, ClientError> {
     let mut request = tonic::Request::new(message);
-    crate::wire::bearer(&mut request, token).map_err(ClientError::Server)?;
+    crate::wire::bearer(&mut request, token)
+        .map_err(|e| ClientError::server(crate::ErrorCode::Unauthenticated, e))?;
     Ok(request)
 }
 
@@ -120,8 +126,8 @@ impl Client {
     }
 
     fn device_info(&self, d: pb::DeviceInfo) -> Result<DeviceInfo, ClientError> {
-        let id = DeviceId::from_slice(&d.device_id)
-            .map_err(|_| ClientError::Server("the server sent a malformed device id".into()))?;
+        let id =
+            DeviceId::from_slice(&d.device_id).map_err(|_| bad_answer("a malformed device id"))?;
         Ok(DeviceInfo {
             id,
             name: d.name,

@@ -65,9 +65,9 @@ impl std::fmt::Debug for Admin {
 }
 
 fn doc_meta(info: Option<pb::DocInfo>) -> Result<(DocId, DocMeta), ClientError> {
-    let info = info.ok_or_else(|| ClientError::Server("the server sent no document".into()))?;
+    let info = info.ok_or_else(|| crate::account::bad_answer("no document"))?;
     let id = cubby_proto::doc_id(&info.doc_id)
-        .map_err(|_| ClientError::Server("the server sent a bad document id".into()))?;
+        .map_err(|_| crate::account::bad_answer("a bad document id"))?;
     Ok((id, cubby_proto::doc_meta(&info)))
 }
 
@@ -133,7 +133,7 @@ impl Admin {
             pb::DocumentRequest { subject: subject.into(), doc_id: doc.as_bytes().to_vec() };
         let read = admin.read_document(authed(asked, &token)?).await.map_err(refused)?;
         serde_json::from_str(&read.into_inner().json)
-            .map_err(|e| ClientError::Server(format!("the server sent bad JSON: {e}")))
+            .map_err(|e| crate::account::bad_answer(&format!("bad JSON: {e}")))
     }
 
     /// Applies `edits` to a document of the customer as one change (all or none); their
@@ -167,7 +167,7 @@ impl Admin {
         };
         let changed = admin.change_document(authed(asked, &token)?).await.map_err(refused)?;
         serde_json::from_str(&changed.into_inner().json)
-            .map_err(|e| ClientError::Server(format!("the server sent bad JSON: {e}")))
+            .map_err(|e| crate::account::bad_answer(&format!("bad JSON: {e}")))
     }
 
     /// Writes the customer's export (a tar archive, as their own export but without private

@@ -39,6 +39,7 @@ mod admin;
 mod builder;
 mod doc;
 mod engine;
+mod error;
 mod loaded;
 mod tokens;
 mod wire;
@@ -50,6 +51,7 @@ pub use cubby_core::{DeviceId, DocId, DocMeta};
 pub use cubby_store::StoreError;
 pub use doc::{DocEvent, DocHandle};
 pub use engine::{SyncFailure, SyncStatus, WipeReason};
+pub use error::{ClientError, ErrorCode};
 pub use tokens::{StaticToken, TokenError, TokenFuture, TokenProvider};
 
 /// A document deleted elsewhere while this device had changes to it the server never got.
@@ -64,47 +66,6 @@ pub struct Discarded {
 
 /// The customer id the local store files everything under (a device holds one customer).
 const LOCAL: cubby_core::CustomerId = cubby_core::CustomerId::from_bytes([1; 16]);
-
-/// Why an SDK call failed.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The builder is missing something or was given something invalid.
-    #[error("invalid client configuration: {0}")]
-    Config(String),
-    /// The local store failed.
-    #[error("local store: {0}")]
-    Store(#[from] StoreError),
-    /// No such document on this device.
-    #[error("unknown document {0}")]
-    UnknownDocument(DocId),
-    /// The document was deleted (on another device, or through the account or admin API): it
-    /// takes no more changes.
-    #[error("document {0} was deleted")]
-    Deleted(DocId),
-    /// The local store holds data that does not load.
-    #[error("local document {0} is damaged")]
-    Damaged(DocId),
-    /// An Automerge operation failed (for example a bad object id in a transaction).
-    #[error("document change failed: {0}")]
-    Change(#[from] automerge::AutomergeError),
-    /// The client was shut down.
-    #[error("the client is shut down")]
-    Closed,
-    /// The token speaks for another account than the one whose data this device holds: this
-    /// client shows and syncs nothing (use another data directory for that account).
-    #[error(
-        "this device's data belongs to another account than the token's; use another data \
-         directory for this account"
-    )]
-    WrongAccount,
-    /// The server refused a call or could not be reached.
-    #[error("server: {0}")]
-    Server(String),
-    /// Writing an export failed.
-    #[error("cannot write: {0}")]
-    Io(#[source] std::io::Error),
-}
 
 /// What the client's parts share.
 pub(crate) struct Inner {

@@ -177,11 +177,13 @@ impl Remote {
     /// A connection and a current token, for one call.
     async fn channel_and_token(&self) -> Result<(tonic::transport::Channel, String), ClientError> {
         let token =
-            self.token.token(false).await.map_err(|e| ClientError::Server(e.to_string()))?;
-        let channel = self
-            .connect()
-            .await
-            .map_err(|e| ClientError::Server(format!("server unreachable: {}", chain(&e))))?;
+            self.token.token(false).await.map_err(|e| {
+                ClientError::server(crate::ErrorCode::Unauthenticated, e.to_string())
+            })?;
+        let channel = self.connect().await.map_err(|e| {
+            let message = format!("server unreachable: {}", chain(&e));
+            ClientError::server(crate::ErrorCode::Offline, message)
+        })?;
         Ok((channel, token))
     }
 
