@@ -14,7 +14,15 @@ use crate::docs::DocMsg;
 use crate::durable::api_error;
 
 /// Titles longer than this are refused.
-pub(crate) const MAX_TITLE: usize = 1024;
+const MAX_TITLE: usize = 1024;
+
+/// `title` if it is short enough for a document's title.
+pub(crate) fn checked_title(title: String) -> Result<String, ApiError> {
+    if title.len() > MAX_TITLE {
+        return Err(ApiError::InvalidArgument("title is longer than 1024 bytes".into()));
+    }
+    Ok(title)
+}
 
 impl Shared {
     /// Every document of the customer, with its metadata.
@@ -62,10 +70,7 @@ impl pb::account_server::Account for AccountService {
         request: Request<pb::CreateDocumentRequest>,
     ) -> Result<Response<pb::DocInfo>, Status> {
         let caller = self.shared.customer(request.metadata()).await?;
-        let title = request.into_inner().title;
-        if title.len() > MAX_TITLE {
-            return Err(ApiError::InvalidArgument("title is longer than 1024 bytes".into()).into());
-        }
+        let title = checked_title(request.into_inner().title)?;
         let doc = DocId::from_bytes(cubby_crypto::random_array());
         let info = self
             .shared
@@ -107,11 +112,27 @@ impl pb::account_server::Account for AccountService {
         let caller = self.shared.customer(request.metadata()).await?;
         let request = request.into_inner();
         let doc = cubby_proto::doc_id(&request.doc_id)?;
-        let private = request.private;
+        let private = Some(request.private);
         let info = self
             .shared
             .docs
-            .ask(caller.customer, doc, |reply| DocMsg::SetPrivate { private, reply })
+            .ask(caller.customer, doc, |reply| DocMsg::SetMeta { title: None, private, reply })
+            .await?;
+        Ok(Response::new(info.info()))
+    }
+
+    async fn rename_document(
+        &self,
+        request: Request<pb::RenameDocumentRequest>,
+    ) -> Result<Response<pb::DocInfo>, Status> {
+        let caller = self.shared.customer(request.metadata()).await?;
+        let request = request.into_inner();
+        let doc = cubby_proto::doc_id(&request.doc_id)?;
+        let title = Some(checked_title(request.title)?);
+        let info = self
+            .shared
+            .docs
+            .ask(caller.customer, doc, |reply| DocMsg::SetMeta { title, private: None, reply })
             .await?;
         Ok(Response::new(info.info()))
     }

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
-use crate::account::MAX_TITLE;
+use crate::account::checked_title;
 use crate::audit::{self, Actor, Outcome};
 use crate::auth::{self, Caller};
 use crate::devices;
@@ -213,10 +213,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::DocInfo>, Status> {
         let (caller, customer) =
             self.target(request.metadata(), &request.get_ref().subject).await?;
-        let title = request.into_inner().title;
-        if title.len() > MAX_TITLE {
-            return Err(ApiError::InvalidArgument("title is longer than 1024 bytes".into()).into());
-        }
+        let title = checked_title(request.into_inner().title)?;
         let doc = DocId::from_bytes(cubby_crypto::random_array());
         let result = self
             .shared

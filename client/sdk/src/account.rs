@@ -164,6 +164,34 @@ impl Client {
         Ok(meta)
     }
 
+    /// Gives a document a new title, on the server and on this device; other devices take it
+    /// when they hear of the change.
+    pub async fn rename(&self, doc: DocId, title: &str) -> Result<DocMeta, ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let id = doc.as_bytes().to_vec();
+        let request = pb::RenameDocumentRequest { doc_id: id, title: title.to_owned() };
+        let info = match account.rename_document(authed(request, &token)?).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(self.refused_or_wiped(status).await),
+        };
+        let meta = cubby_proto::doc_meta(&info);
+        self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
+        Ok(meta)
+    }
+
+    /// Deletes a document for good, on the server and on this device (other devices delete
+    /// their copies when they hear of it). This device's changes the server never got are
+    /// discarded and reported as for any deletion ([`crate::DocEvent::Deleted`]).
+    pub async fn delete(&self, doc: DocId) -> Result<(), ClientError> {
+        let (mut account, token) = self.remote()?.account().await?;
+        let request = pb::DeleteDocumentRequest { doc_id: doc.as_bytes().to_vec() };
+        if let Err(status) = account.delete_document(authed(request, &token)?).await {
+            return Err(self.refused_or_wiped(status).await);
+        }
+        self.inner.delete_local(doc).await?;
+        Ok(())
+    }
+
     /// Downloads everything the server holds about the customer as a tar archive into `out`;
     /// returns its size in bytes.
     pub async fn export(&self, out: impl AsyncWrite + Unpin) -> Result<u64, ClientError> {

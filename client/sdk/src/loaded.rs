@@ -5,9 +5,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError, Weak};
 
 use cubby_core::{DocId, DocMeta};
+use cubby_store::{Space, Store, StoreError};
 
-use crate::doc::DocShared;
-use crate::{ClientError, Inner};
+use crate::doc::{DocEvent, DocShared};
+use crate::{ClientError, Inner, LOCAL};
 
 /// The loaded copies of documents.
 #[derive(Default)]
@@ -167,5 +168,46 @@ impl Inner {
     /// Forgets every loaded copy (the local store is being wiped).
     pub(crate) fn unload_all(&self) {
         self.docs.lock().unwrap_or_else(PoisonError::into_inner).copies.clear();
+    }
+
+    /// Deletes a document deleted on the server from this device: a handle the app holds
+    /// refuses changes from now on, and unsynced local changes to it (offline edits that lost
+    /// to the deletion) are recorded for [`crate::Client::take_discarded`] and told in the
+    /// event. Returns whether this device held it.
+    pub(crate) async fn delete_local(self: &Arc<Self>, id: DocId) -> Result<bool, ClientError> {
+        let copy = self.forget(&id);
+        let delete = move |store: &dyn Store| {
+            let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
+            // Only this device's own changes count as discarded, not a document it was
+            // offering back.
+            let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
+            if unsynced {
+                let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
+                store.put_record(&LOCAL, Space::DISCARDED, id.as_bytes(), title.as_bytes())?;
+            }
+            store.delete_doc(&LOCAL, &id)?;
+            for space in [Space::SYNC_STATES, Space::UNSYNCED, Space::HEAL] {
+                store.remove_record(&LOCAL, space, id.as_bytes())?;
+            }
+            store.flush()?;
+            Ok::<_, StoreError>(Some(unsynced))
+        };
+        // On the loaded copy's writer, after the changes made to it before `forget`: each lands
+        // before the deletion (and counts as discarded), or is refused.
+        let deleted = match &copy {
+            Some(copy) => copy.queue(move |store, _| Ok(delete(store)?)).done().await,
+            None => self.blocking(delete).await,
+        };
+        self.forgotten(&id);
+        let Some(discarded) = deleted? else { return Ok(false) };
+        if discarded {
+            tracing::warn!(device = %self.device_id.short(), doc = %id.short(),
+                "deleted elsewhere: this device's unsynced changes to it are discarded");
+        }
+        if let Some(copy) = copy {
+            copy.emit(DocEvent::Deleted { discarded });
+        }
+        let _ = self.events.send((id, DocEvent::Deleted { discarded }));
+        Ok(true)
     }
 }

@@ -332,13 +332,16 @@ impl Actor {
                         let _ = reply.send(Err(err));
                     }
                 },
-                DocMsg::SetPrivate { private, reply } => {
+                DocMsg::SetMeta { title, private, reply } => {
                     let document = self.document();
                     match document.live_mut() {
                         Some(live) => {
-                            let changed = live.meta.private != private;
-                            live.meta.private = private;
-                            if changed {
+                            let before = (live.meta.title.clone(), live.meta.private);
+                            if let Some(title) = title {
+                                live.meta.title = title;
+                            }
+                            live.meta.private = private.unwrap_or(live.meta.private);
+                            if before != (live.meta.title.clone(), live.meta.private) {
                                 document.touch();
                             }
                             deferred.push(Deferred::Info(reply));
@@ -513,7 +516,7 @@ impl Actor {
                 }
                 DocMsg::Leave { .. } | DocMsg::Push { .. } => {}
                 DocMsg::Create { reply, .. } => Deferred::Info(reply).fail(err),
-                DocMsg::SetPrivate { reply, .. } => Deferred::Info(reply).fail(err),
+                DocMsg::SetMeta { reply, .. } => Deferred::Info(reply).fail(err),
                 DocMsg::Read { reply, .. } | DocMsg::Edit { reply, .. } => {
                     Deferred::Read(reply).fail(err);
                 }

@@ -158,8 +158,13 @@ pub(crate) enum DocMsg {
         edits: Vec<(String, cubby_core::json::Edit)>,
         reply: oneshot::Sender<Result<(Summary, serde_json::Value), ApiError>>,
     },
-    /// Mark the document private or shared.
-    SetPrivate { private: bool, reply: oneshot::Sender<Result<Summary, ApiError>> },
+    /// Change what the customer controls of the document's metadata: its title, or whether it
+    /// is private.
+    SetMeta {
+        title: Option<String>,
+        private: Option<bool>,
+        reply: oneshot::Sender<Result<Summary, ApiError>>,
+    },
     /// Delete the document.
     Delete { reply: oneshot::Sender<Result<(), ApiError>> },
     /// Another node stored a write of the document: take in what it stored (see `crate::bus`).

@@ -216,52 +216,16 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A document deleted on the server: its local copy goes too, a handle the app holds
-    /// refuses changes from now on, and unsynced local changes to it (offline edits that lost to
-    /// the deletion) are recorded for [`crate::Client::take_discarded`] and told in the event.
+    /// A document deleted on the server: it leaves this connection, and its local copy goes
+    /// too (`Inner::delete_local`).
     pub(super) async fn deleted(&mut self, id: DocId) -> Result<(), SyncFailure> {
-        let copy = self.inner.forget(&id);
         self.active.remove(&id);
         self.warm.retain(|(_, kept)| kept.id != id);
         self.owed.forget(id);
         self.refused.remove(&id);
         self.unknown.remove(&id);
         self.heal.remove(&id);
-        let delete = move |store: &dyn cubby_store::Store| {
-            let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
-            // Only this device's own changes count as discarded, not a document it was
-            // offering back.
-            let unsynced = store.get_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?.is_some();
-            if unsynced {
-                let title = DocMeta::decode(&meta).map(|m| m.title).unwrap_or_default();
-                store.put_record(&LOCAL, Space::DISCARDED, id.as_bytes(), title.as_bytes())?;
-            }
-            store.delete_doc(&LOCAL, &id)?;
-            store.remove_record(&LOCAL, Space::SYNC_STATES, id.as_bytes())?;
-            store.remove_record(&LOCAL, Space::UNSYNCED, id.as_bytes())?;
-            store.remove_record(&LOCAL, Space::HEAL, id.as_bytes())?;
-            store.flush()?;
-            Ok::<_, cubby_store::StoreError>(Some(unsynced))
-        };
-        // On the loaded copy's writer, after the changes made to it before `forget`: each lands
-        // before the deletion (and counts as discarded), or is refused.
-        let discarded = match &copy {
-            Some(copy) => copy.queue(move |store, _| Ok(delete(store)?)).done().await,
-            None => self.inner.blocking(delete).await,
-        }
-        .map_err(super::store_failure);
-        self.inner.forgotten(&id);
-        let discarded = discarded?;
-        if let Some(discarded) = discarded {
-            if discarded {
-                tracing::warn!(device = %self.inner.device_id.short(), doc = %id.short(),
-                    "deleted elsewhere: this device's unsynced changes to it are discarded");
-            }
-            if let Some(copy) = copy {
-                copy.emit(DocEvent::Deleted { discarded });
-            }
-            let _ = self.inner.events.send((id, DocEvent::Deleted { discarded }));
-        }
+        self.inner.delete_local(id).await.map_err(super::store_failure)?;
         Ok(())
     }
 

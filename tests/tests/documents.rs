@@ -1,0 +1,96 @@
+//! What an app does with its documents through the SDK besides editing them: rename and delete
+//! them, and tell failures apart by their codes, against a real server over TLS.
+
+use cubby_client::{DocEvent, ErrorCode};
+use cubby_tests::{TestServer, eventually};
+use serde_json::json;
+
+fn title_of(
+    list: &[(cubby_client::DocId, cubby_client::DocMeta)],
+    id: cubby_client::DocId,
+) -> Option<String> {
+    list.iter().find(|(d, _)| *d == id).map(|(_, meta)| meta.title.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_document_has_its_new_title_on_every_device() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("Groceries").await.expect("create");
+    doc.put("milk", json!(2)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+
+    let meta = phone.client.rename(doc.id(), "Shopping").await.expect("renames");
+    assert_eq!(meta.title, "Shopping");
+    assert_eq!(doc.meta().title, "Shopping", "the open handle shows it at once");
+    let listed = phone.client.list().await.expect("lists");
+    assert_eq!(title_of(&listed, doc.id()).as_deref(), Some("Shopping"));
+    eventually("the laptop shows the new title", || async {
+        let listed = laptop.client.list().await.expect("lists");
+        title_of(&listed, doc.id()).as_deref() == Some("Shopping")
+    })
+    .await;
+    // The content is untouched.
+    let on_laptop = laptop.client.open(doc.id()).await.expect("opens");
+    eventually("the laptop has the content", || async {
+        on_laptop.to_json() == json!({"milk": 2})
+    })
+    .await;
+
+    let too_long = phone.client.rename(doc.id(), &"x".repeat(2000)).await;
+    let err = too_long.expect_err("a title over 1024 bytes is refused");
+    assert_eq!(err.code(), ErrorCode::InvalidArgument, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_document_is_gone_here_at_once_and_elsewhere_soon() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("Old notes").await.expect("create");
+    doc.put("n", json!(1)).await.expect("put");
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop has it", || async { laptop.client.open(doc.id()).await.is_ok() }).await;
+    let mut events = doc.subscribe();
+
+    phone.client.delete(doc.id()).await.expect("deletes");
+    let listed = phone.client.list().await.expect("lists");
+    assert!(title_of(&listed, doc.id()).is_none(), "gone from this device when delete returns");
+    assert_eq!(events.try_recv().ok(), Some(DocEvent::Deleted { discarded: false }));
+    let refused = doc.put("n", json!(2)).await.expect_err("a deleted document takes no change");
+    assert_eq!(refused.code(), ErrorCode::Deleted);
+    eventually("the laptop's copy is gone", || async {
+        let listed = laptop.client.list().await.expect("lists");
+        title_of(&listed, doc.id()).is_none()
+    })
+    .await;
+
+    let again = phone.client.delete(doc.id()).await.expect_err("deleting it again");
+    assert_eq!(again.code(), ErrorCode::NotFound, "{again}");
+    let unknown = phone.client.open(doc.id()).await.expect_err("opening it");
+    assert_eq!(unknown.code(), ErrorCode::UnknownDocument);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_told_apart_from_a_refusal() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    // Nothing listens on port 9.
+    let offline = server
+        .client_builder(cubby_client::StaticToken::new(server.token("alice")))
+        .with_server("https://127.0.0.1:9")
+        .with_data_dir(dir.path())
+        .with_autosync(false)
+        .build()
+        .await
+        .expect("builds offline");
+    let err = offline.devices().await.expect_err("no server to ask");
+    assert_eq!(err.code(), ErrorCode::Offline, "{err}");
+    assert_eq!(err.code().as_str(), "offline");
+
+    let refused = server.device("bob").await;
+    let stranger = refused.client.rename(cubby_client::DocId::from_bytes([5; 16]), "x").await;
+    let err = stranger.expect_err("no such document");
+    assert_eq!(err.code(), ErrorCode::NotFound, "{err}");
+}
