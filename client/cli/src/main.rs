@@ -119,6 +119,18 @@ enum DocCommand {
         /// The document id.
         id: String,
     },
+    /// Give a document a new title, on the server and on every device.
+    Rename {
+        /// The document id.
+        id: String,
+        /// The new title.
+        title: String,
+    },
+    /// Delete a document for good, on the server and on every device.
+    Delete {
+        /// The document id.
+        id: String,
+    },
     /// Make a document private: the business's admin API can then neither read nor change it.
     Private {
         /// The document id.
@@ -303,6 +315,16 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch => watch(cli, client).await,
+        Command::Doc { command: DocCommand::Rename { id, title } } => {
+            let meta = client.rename(parse_id(id)?, title).await?;
+            println!("{id}\t{}", meta.title);
+            Ok(())
+        }
+        Command::Doc { command: DocCommand::Delete { id } } => {
+            client.delete(parse_id(id)?).await?;
+            println!("{id}\tdeleted");
+            Ok(())
+        }
         Command::Doc { command: DocCommand::Private { id, off } } => {
             let meta = client.set_private(parse_id(id)?, !off).await?;
             println!("{id}\t{}", if meta.private { "private" } else { "shared" });

@@ -207,6 +207,29 @@ async fn errors_are_one_line_naming_the_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_renamed_and_deleted_through_the_cli_changes_on_every_device() {
+    let server = TestServer::start().await;
+    let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
+    let id = phone.ok(&["doc", "create", "--title", "Groceries"]).await.trim().to_owned();
+    laptop.ok(&["sync"]).await;
+
+    assert_eq!(
+        phone.ok(&["doc", "rename", &id, "Shopping"]).await.trim(),
+        format!("{id}\tShopping")
+    );
+    assert!(phone.ok(&["doc", "list"]).await.contains(&format!("{id}\tShopping")));
+    laptop.ok(&["sync"]).await;
+    assert!(laptop.ok(&["doc", "list"]).await.contains(&format!("{id}\tShopping")));
+
+    assert_eq!(phone.ok(&["doc", "delete", &id]).await.trim(), format!("{id}\tdeleted"));
+    assert!(!phone.ok(&["doc", "list"]).await.contains(&id));
+    laptop.ok(&["sync"]).await;
+    assert!(!laptop.ok(&["doc", "list"]).await.contains(&id));
+    let again = phone.fails(&["doc", "delete", &id]).await;
+    assert!(again.contains("NotFound"), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_rights_through_the_cli() {
     let server = TestServer::start().await;
     let (phone, laptop) = (Device::new(&server, "alice"), Device::new(&server, "alice"));
