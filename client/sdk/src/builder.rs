@@ -3,6 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_crypto::signing::{DeviceKey, generate_pkcs8};
@@ -30,6 +31,7 @@ pub struct ClientBuilder {
     store: Option<Arc<dyn Store>>,
     dialer: Option<engine::Dialer>,
     inline_storage: bool,
+    retry: Option<(Duration, Duration)>,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -89,6 +91,15 @@ impl ClientBuilder {
     /// The platform, e.g. `ios`.
     pub fn with_platform(mut self, platform: impl Into<String>) -> Self {
         self.platform = Some(platform.into());
+        self
+    }
+
+    /// How long sync waits before it tries to connect again after a failure: up to `first`
+    /// (full jitter), doubling after each failure up to `longest` (default 1 s and 30 s). A
+    /// connection that got up to date starts over from `first`; [`Client::reconnect_now`]
+    /// cuts a wait short.
+    pub fn with_retry_pauses(mut self, first: Duration, longest: Duration) -> Self {
+        self.retry = Some((first, longest.max(first)));
         self
     }
 
@@ -168,8 +179,12 @@ impl ClientBuilder {
             tasks: TaskTracker::new(),
             inline_storage: self.inline_storage,
             foreign: std::sync::atomic::AtomicBool::new(false),
+            paused: watch::channel(false).0,
+            retry: self.retry.unwrap_or((engine::FIRST_BACKOFF, engine::MAX_BACKOFF)),
+            reconnect: tokio::sync::Notify::new(),
         });
-        let client = Client { inner, remote, sync: Mutex::new(SyncTask::Idle(wakes)) };
+        let sync = Arc::new(crate::Syncing(Mutex::new(SyncTask::Idle(wakes))));
+        let client = Client { inner, remote, sync };
         if self.autosync {
             client.start_sync();
         }

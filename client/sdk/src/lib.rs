@@ -88,6 +88,12 @@ pub(crate) struct Inner {
     /// The server said the token is another account's than the one whose data this device
     /// holds: nothing more is shown or synced.
     pub(crate) foreign: std::sync::atomic::AtomicBool,
+    /// The app paused syncing ([`Client::pause_sync`]).
+    pub(crate) paused: watch::Sender<bool>,
+    /// The app asked to connect now rather than wait out a retry's pause.
+    pub(crate) reconnect: tokio::sync::Notify,
+    /// The first and longest pause before sync tries to connect again.
+    pub(crate) retry: (std::time::Duration, std::time::Duration),
 }
 
 impl Inner {
@@ -141,11 +147,24 @@ enum SyncTask {
     Stopped,
 }
 
-/// A device's view of one customer's store. Cheap to share behind an `Arc`.
+/// A device's view of one customer's store. Cheap to clone: clones share the store, the sync
+/// engine and its status; the engine stops when the last clone is dropped or shut down.
+#[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
     remote: Option<engine::Remote>,
-    sync: Mutex<SyncTask>,
+    sync: Arc<Syncing>,
+}
+
+/// The sync engine's task, shared by a client's clones; aborted when the last one goes.
+struct Syncing(Mutex<SyncTask>);
+
+impl Drop for Syncing {
+    fn drop(&mut self) {
+        if let SyncTask::Running(task) = &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            task.abort();
+        }
+    }
 }
 
 impl fmt::Debug for Client {
@@ -252,7 +271,7 @@ impl Client {
     /// Starts background sync if it is not running (a client without a server stays offline).
     pub fn start_sync(&self) {
         let Some(remote) = &self.remote else { return };
-        let mut sync = self.sync.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sync = self.sync.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let SyncTask::Idle(_) = &*sync {
             let SyncTask::Idle(wakes) = std::mem::replace(&mut *sync, SyncTask::Stopped) else {
                 unreachable!("matched just above")
@@ -260,6 +279,29 @@ impl Client {
             let engine = engine::run(self.inner.clone(), remote.clone(), wakes);
             *sync = SyncTask::Running(tokio::spawn(engine));
         }
+    }
+
+    /// Stops syncing until [`Client::resume_sync`]: the connection closes and nothing is sent
+    /// or received; edits stay on this device, marked unsynced (status [`SyncStatus::Paused`]).
+    pub fn pause_sync(&self) {
+        self.inner.paused.send_replace(true);
+        self.inner.status.send_replace(SyncStatus::Paused);
+    }
+
+    /// Syncs again after [`Client::pause_sync`] (and starts sync if it never ran).
+    pub fn resume_sync(&self) {
+        if self.inner.paused.send_replace(false) {
+            self.inner.status.send_replace(SyncStatus::Offline { failure: None });
+        }
+        self.inner.reconnect.notify_waiters();
+        self.start_sync();
+    }
+
+    /// Connects at once if sync is waiting to try again after a failure (an app coming to the
+    /// foreground, or back on a network), rather than wait out the pause; the pauses start
+    /// over from the shortest. Does nothing while connected or paused.
+    pub fn reconnect_now(&self) {
+        self.inner.reconnect.notify_waiters();
     }
 
     /// Waits until this device and the server hold the same changes, with this device's copy on
@@ -280,6 +322,7 @@ impl Client {
                             | SyncStatus::Offline { failure: Some(_) }
                             | SyncStatus::Refused { .. }
                             | SyncStatus::Wiped { .. }
+                            | SyncStatus::Paused
                     )
                 })
                 .await
@@ -291,6 +334,7 @@ impl Client {
                     return Err(failure);
                 }
                 SyncStatus::Wiped { reason } => return Err(SyncFailure::Wipe(reason)),
+                SyncStatus::Paused => return Err(SyncFailure::Paused),
                 _ => {}
             }
             // The status follows the engine's view; the marks on disk follow the app's edits
@@ -313,7 +357,7 @@ impl Client {
     /// Stops the background sync task, if it runs, and returns it to await if wanted.
     fn stop_sync(&self) -> Option<tokio::task::JoinHandle<()>> {
         let task = std::mem::replace(
-            &mut *self.sync.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut *self.sync.0.lock().unwrap_or_else(PoisonError::into_inner),
             SyncTask::Stopped,
         );
         let SyncTask::Running(task) = task else { return None };
@@ -331,15 +375,6 @@ impl Client {
         let _ = self.inner.blocking(|store| store.flush()).await;
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if let SyncTask::Running(task) = &*self.sync.lock().unwrap_or_else(PoisonError::into_inner)
-        {
-            task.abort();
-        }
     }
 }
 

@@ -38,10 +38,10 @@ const MAX_REASSEMBLY: usize = 1 << 30;
 /// The first reconnection waits up to this long (full jitter), doubling to 30 s after each
 /// failure. A second spreads the devices of a restarted server over a second; 200 ms put half of
 /// them on it within the first 100 ms (the simulation's herd, BAD_INPUTS row 30).
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The longest pause between reconnections, and between offers of a refused document.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How long documents may stay owed with no word from the server before a fresh sync round.
 const STALL: Duration = Duration::from_secs(2);
@@ -70,6 +70,13 @@ const MAX_ASKING: usize = 128;
 /// document goes however large it is.
 const MAX_ASKING_BYTES: u64 = 4 << 20;
 
+/// Resolves once the app has paused syncing (at once if it has), or never if the client is gone.
+async fn until_paused(paused: &mut tokio::sync::watch::Receiver<bool>) {
+    if paused.wait_for(|p| *p).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Sleeps until `at`, or forever without one.
 async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
@@ -88,14 +95,26 @@ pub(crate) async fn run(
     remote: Remote,
     mut wakes: mpsc::UnboundedReceiver<DocId>,
 ) {
-    let mut backoff = FIRST_BACKOFF;
+    let (first, longest) = inner.retry;
+    let mut backoff = first;
     let mut refresh = false;
+    let mut paused = inner.paused.subscribe();
     loop {
+        if *paused.borrow_and_update() {
+            inner.status.send_replace(SyncStatus::Paused);
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return; // The client is gone.
+            }
+            backoff = first;
+        }
         inner.status.send_replace(SyncStatus::Connecting);
         let started = Instant::now();
         let mut session = Session::new(&inner);
         let failure = session.run(&remote, refresh, &mut wakes).await;
         tracing::debug!(device = %inner.device_id.short(), %failure, "sync connection ended");
+        if failure == SyncFailure::Paused {
+            continue;
+        }
         if let SyncFailure::Wipe(reason) = failure {
             inner.wipe(reason).await;
             return;
@@ -116,7 +135,7 @@ pub(crate) async fn run(
         // A connection that got up to date, or lived 30 s, was a good one: start backing off
         // from the bottom again.
         if session.reached_up_to_date || started.elapsed() > Duration::from_secs(30) {
-            backoff = FIRST_BACKOFF;
+            backoff = first;
         }
         if retry_token {
             continue; // The token expired: get a fresh one and reconnect at once.
@@ -125,10 +144,18 @@ pub(crate) async fn run(
         // met by every device at the same instant.
         let jitter = u16::from_be_bytes(cubby_crypto::random_array::<2>());
         let delay = backoff.mul_f64(f64::from(jitter) / f64::from(u16::MAX));
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(longest);
         let deadline = tokio::time::Instant::now() + delay;
         // Local edits made meanwhile are already marked unsynced on disk; just drain the wakes.
-        while tokio::time::timeout_at(deadline, wakes.recv()).await.is_ok_and(|w| w.is_some()) {}
+        let drained = async {
+            while tokio::time::timeout_at(deadline, wakes.recv()).await.is_ok_and(|w| w.is_some()) {
+            }
+        };
+        tokio::select! {
+            () = drained => {}
+            () = inner.reconnect.notified() => backoff = first,
+            () = until_paused(&mut paused) => {}
+        }
     }
 }
 
@@ -269,6 +296,7 @@ impl<'a> Session<'a> {
         self.ask_waiting().await?;
         let mut watchdog = tokio::time::interval(STALL);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut paused = self.inner.paused.subscribe();
         let mut heard = Instant::now();
         // A fresh token being fetched for this stream, which the server asked for.
         let mut renewing: Option<crate::TokenFuture> = None;
@@ -331,6 +359,7 @@ impl<'a> Session<'a> {
                             %err, "no fresh token for the sync stream"),
                     }
                 }
+                () = until_paused(&mut paused) => return Err(SyncFailure::Paused),
                 Some(doc) = wakes.recv() => {
                     self.owed.unsynced(doc);
                     if self.refused.get(&doc).is_some_and(|r| r.retry_at.is_some())

@@ -32,6 +32,9 @@ pub enum SyncStatus {
         /// Every document paused, by id.
         documents: Vec<DocId>,
     },
+    /// The app paused syncing (`Client::pause_sync`): nothing is sent or received until it
+    /// resumes.
+    Paused,
     /// The server told this device to wipe its local copy, and it did; syncing has stopped.
     Wiped {
         /// Why.
@@ -72,6 +75,9 @@ pub enum SyncFailure {
          directory for this account"
     )]
     WrongAccount,
+    /// The app paused syncing (`Client::pause_sync`).
+    #[error("sync is paused")]
+    Paused,
     /// Anything else the server or the local store said.
     #[error("{0}")]
     Other(String),
