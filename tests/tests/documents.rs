@@ -94,3 +94,35 @@ async fn an_unreachable_server_is_told_apart_from_a_refusal() {
     let err = stranger.expect_err("no such document");
     assert_eq!(err.code(), ErrorCode::NotFound, "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_two_devices_edit_at_once_keeps_both_edits() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("letter").await.expect("create");
+    doc.put_text("body", "Dear Sam, thanks").await.expect("text");
+    phone.client.wait_until_synced().await.expect("synced");
+    let on_laptop = laptop.client.open(doc.id()).await;
+    eventually("the laptop has the text", || async {
+        on_laptop.as_ref().is_ok_and(|d| d.to_json()["body"] == json!("Dear Sam, thanks"))
+    })
+    .await;
+    let on_laptop = on_laptop.expect("opens");
+
+    // Both pause, edit different places of the same text, and resume.
+    phone.client.pause_sync();
+    laptop.client.pause_sync();
+    doc.splice_text("body", 5, 3, "Samantha").await.expect("splice on the phone");
+    on_laptop.splice_text("body", 16, 0, " a lot").await.expect("splice on the laptop");
+    let wrong = doc.splice_text("body", 100, 1, "x").await.expect_err("past the end");
+    assert_eq!(wrong.code(), ErrorCode::InvalidChange);
+    phone.client.resume_sync();
+    laptop.client.resume_sync();
+
+    let both = json!("Dear Samantha, thanks a lot");
+    eventually("both devices hold both edits", || async {
+        doc.to_json()["body"] == both && on_laptop.to_json()["body"] == both
+    })
+    .await;
+}

@@ -185,6 +185,54 @@ pub fn put_json(
     put_json_at(tx, obj, Prop::Map(key.to_owned()), value)
 }
 
+/// Sets `key` of the map `obj` to collaborative text (Automerge text) holding `text`. Text already
+/// there takes only the difference, spliced in, so that concurrent edits elsewhere in it
+/// survive; anything else there is replaced by new text.
+pub fn put_text(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    text: &str,
+) -> Result<(), AutomergeError> {
+    match tx.get(obj, key)? {
+        Some((automerge::Value::Object(ObjType::Text), existing)) => {
+            tx.update_text(&existing, text)
+        }
+        _ => {
+            let new = tx.put_object(obj, key, ObjType::Text)?;
+            tx.splice_text(&new, 0, 0, text)
+        }
+    }
+}
+
+/// Splices the text at `key` of the map `obj`: deletes `delete` characters at `pos` and inserts
+/// `insert` there. Positions count Unicode code points. Refused unless the key holds text.
+pub fn splice_text(
+    tx: &mut impl Transactable,
+    obj: &ObjId,
+    key: &str,
+    pos: usize,
+    delete: usize,
+    insert: &str,
+) -> Result<(), AutomergeError> {
+    let text = match tx.get(obj, key)? {
+        Some((automerge::Value::Object(ObjType::Text), text)) => text,
+        other => {
+            let unexpected = match other {
+                Some((value, _)) => format!("{value:?}"),
+                None => "nothing".to_owned(),
+            };
+            return Err(AutomergeError::InvalidValueType { expected: "text".into(), unexpected });
+        }
+    };
+    let len = tx.length(&text);
+    if pos.saturating_add(delete) > len {
+        return Err(AutomergeError::InvalidIndex(pos.saturating_add(delete)));
+    }
+    let delete = isize::try_from(delete).map_err(|_| AutomergeError::InvalidIndex(delete))?;
+    tx.splice_text(&text, pos, delete, insert)
+}
+
 /// Fills the new, empty map or list `obj` with the entries of the JSON object or array `value`.
 fn fill_json(tx: &mut impl Transactable, obj: &ObjId, value: &Value) -> Result<(), AutomergeError> {
     match value {
@@ -376,5 +424,42 @@ mod tests {
         }
         a.merge(&mut b).expect("merges");
         assert_eq!(to_json(&a)["note"], json!("buy oat milk today"));
+    }
+
+    #[test]
+    fn text_put_then_spliced_on_two_sides_keeps_both_edits() {
+        let mut base = Automerge::new();
+        base.transact::<_, _, AutomergeError>(|tx| put_text(tx, &ROOT, "note", "héllo world"))
+            .expect("puts");
+        let (mut a, mut b) = (base.fork(), base.fork());
+        a.transact::<_, _, AutomergeError>(|tx| splice_text(tx, &ROOT, "note", 0, 1, "H"))
+            .expect("splices");
+        b.transact::<_, _, AutomergeError>(|tx| splice_text(tx, &ROOT, "note", 11, 0, "!"))
+            .expect("splices");
+        a.merge(&mut b).expect("merges");
+        assert_eq!(to_json(&a)["note"], json!("Héllo world!"), "code points, both edits");
+        // Putting text over text changes only the difference.
+        let heads = a.get_heads();
+        a.transact::<_, _, AutomergeError>(|tx| put_text(tx, &ROOT, "note", "Héllo, world!"))
+            .expect("puts");
+        assert_eq!(a.get_changes(&heads)[0].len(), 1, "one inserted comma");
+    }
+
+    #[test]
+    fn splicing_what_is_not_text_or_past_its_end_is_refused() {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, AutomergeError>(|tx| {
+            put_json(tx, &ROOT, "n", &json!(1))?;
+            put_text(tx, &ROOT, "t", "abc")
+        })
+        .expect("puts");
+        let mut splice = |key: &str, pos, delete| {
+            doc.transact::<_, _, AutomergeError>(|tx| splice_text(tx, &ROOT, key, pos, delete, "x"))
+                .map_err(|failure| failure.error)
+        };
+        assert!(matches!(splice("n", 0, 0), Err(AutomergeError::InvalidValueType { .. })));
+        assert!(matches!(splice("missing", 0, 0), Err(AutomergeError::InvalidValueType { .. })));
+        assert!(matches!(splice("t", 2, 2), Err(AutomergeError::InvalidIndex(4))));
+        assert!(splice("t", 3, 0).is_ok(), "appending at the end");
     }
 }

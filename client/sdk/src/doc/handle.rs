@@ -66,6 +66,30 @@ impl DocHandle {
         self.change(move |tx| cubby_core::json::put_json(tx, &ROOT, &key, &value)).await
     }
 
+    /// Sets a key of the root map to collaborative text holding `text`: text already there
+    /// takes only the difference, spliced in, so that others' concurrent edits elsewhere in it
+    /// survive (for strings people edit together; [`DocHandle::put`] of a string over text
+    /// does the same).
+    pub async fn put_text(&self, key: &str, text: &str) -> Result<(), ClientError> {
+        let (key, text) = (key.to_owned(), text.to_owned());
+        self.change(move |tx| cubby_core::json::put_text(tx, &ROOT, &key, &text)).await
+    }
+
+    /// Edits the text at a key of the root map: deletes `delete` characters at `pos` and
+    /// inserts `insert` there (positions count Unicode code points). Refused (`invalid_change`)
+    /// unless the key holds text ([`DocHandle::put_text`]) and the range is inside it.
+    pub async fn splice_text(
+        &self,
+        key: &str,
+        pos: usize,
+        delete: usize,
+        insert: &str,
+    ) -> Result<(), ClientError> {
+        let (key, insert) = (key.to_owned(), insert.to_owned());
+        self.change(move |tx| cubby_core::json::splice_text(tx, &ROOT, &key, pos, delete, &insert))
+            .await
+    }
+
     /// The document rendered as JSON.
     pub fn to_json(&self) -> serde_json::Value {
         self.shared.read(cubby_core::json::to_json)
