@@ -84,3 +84,46 @@ async fn clones_of_a_client_share_its_documents_and_its_sync() {
     })
     .await;
 }
+
+/// An account call whose token the server refuses (it expired since the provider cached it) is
+/// made once more with a fresh one from the provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_call_with_a_refused_token_is_retried_with_a_fresh_one() {
+    let server = TestServer::start().await;
+    let good = server.token("alice");
+    let refreshed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let asked = refreshed.clone();
+    let provider = move |fresh: bool| {
+        let (good, asked) = (good.clone(), asked.clone());
+        async move {
+            if !fresh {
+                return Ok("an.expired.token".to_owned());
+            }
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(good)
+        }
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = server
+        .client_builder(provider)
+        .with_data_dir(dir.path())
+        .with_autosync(false)
+        .build()
+        .await
+        .expect("builds");
+    let devices = client.devices().await.expect("answered with the fresh token");
+    assert!(devices.is_empty(), "this device never synced: {devices:?}");
+    assert_eq!(refreshed.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A provider whose fresh token is refused too: the refusal, with its code.
+    let other_dir = tempfile::tempdir().expect("temp dir");
+    let refused = server
+        .client_builder(|_fresh: bool| async { Ok("never.any.good".to_owned()) })
+        .with_data_dir(other_dir.path())
+        .with_autosync(false)
+        .build()
+        .await
+        .expect("builds");
+    let err = refused.devices().await.expect_err("no good token");
+    assert_eq!(err.code(), cubby_client::ErrorCode::Unauthenticated, "{err}");
+}

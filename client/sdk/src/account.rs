@@ -2,9 +2,13 @@
 //! everything, read the audit log, erase the account. Each is one call to the server's Account
 //! service, so each needs the server to be reachable.
 
+use std::future::Future;
+
 use cubby_core::{DeviceId, DocId, DocMeta};
 use cubby_proto::pb;
+use cubby_proto::pb::account_client::AccountClient;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tonic::transport::Channel;
 
 use crate::engine::{WipeReason, wipe_reason};
 use crate::{Client, ClientError};
@@ -114,14 +118,39 @@ impl Client {
         refused(status)
     }
 
+    /// Makes one call of the Account API with `request` over the client's connection for such
+    /// calls. A token the server refuses is fetched fresh and the call made once more (a token
+    /// that expired since the provider gave it); a refusal that tells this device to wipe
+    /// wipes it.
+    async fn account_call<Q, T, F, Fut>(&self, request: Q, call: F) -> Result<T, ClientError>
+    where
+        Q: Clone,
+        F: Fn(AccountClient<Channel>, tonic::Request<Q>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let remote = self.remote()?;
+        let mut fresh = false;
+        loop {
+            let (account, token) = remote.account(fresh).await?;
+            match call(account, authed(request.clone(), &token)?).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status)
+                    if status.code() == tonic::Code::Unauthenticated
+                        && !fresh
+                        && wipe_reason(&status).is_none() =>
+                {
+                    fresh = true;
+                }
+                Err(status) => return Err(self.refused_or_wiped(status).await),
+            }
+        }
+    }
+
     /// Every device of the customer, revoked ones included.
     pub async fn devices(&self) -> Result<Vec<DeviceInfo>, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
-        let response = match account.list_devices(authed(pb::ListDevicesRequest {}, &token)?).await
-        {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Err(self.refused_or_wiped(status).await),
-        };
+        let request = pb::ListDevicesRequest {};
+        let response =
+            self.account_call(request, |mut a, r| async move { a.list_devices(r).await }).await?;
         response.devices.into_iter().map(|d| self.device_info(d)).collect()
     }
 
@@ -142,23 +171,19 @@ impl Client {
     /// Revokes a device: its streams close, it can never sync again, and it wipes its local
     /// copy when the server tells it. Revoking this device wipes this client.
     pub async fn revoke_device(&self, id: DeviceId) -> Result<DeviceInfo, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
         let request = pb::RevokeDeviceRequest { device_id: id.as_bytes().to_vec() };
-        match account.revoke_device(authed(request, &token)?).await {
-            Ok(response) => self.device_info(response.into_inner()),
-            Err(status) => Err(self.refused_or_wiped(status).await),
-        }
+        let revoked =
+            self.account_call(request, |mut a, r| async move { a.revoke_device(r).await }).await?;
+        self.device_info(revoked)
     }
 
     /// Marks a document private (the business's admin API can then neither read nor change it)
     /// or shared again.
     pub async fn set_private(&self, doc: DocId, private: bool) -> Result<DocMeta, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
         let request = pb::SetDocumentPrivateRequest { doc_id: doc.as_bytes().to_vec(), private };
-        let info = match account.set_document_private(authed(request, &token)?).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Err(self.refused_or_wiped(status).await),
-        };
+        let info = self
+            .account_call(request, |mut a, r| async move { a.set_document_private(r).await })
+            .await?;
         let meta = cubby_proto::doc_meta(&info);
         self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
         Ok(meta)
@@ -167,13 +192,11 @@ impl Client {
     /// Gives a document a new title, on the server and on this device; other devices take it
     /// when they hear of the change.
     pub async fn rename(&self, doc: DocId, title: &str) -> Result<DocMeta, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
         let id = doc.as_bytes().to_vec();
         let request = pb::RenameDocumentRequest { doc_id: id, title: title.to_owned() };
-        let info = match account.rename_document(authed(request, &token)?).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Err(self.refused_or_wiped(status).await),
-        };
+        let info = self
+            .account_call(request, |mut a, r| async move { a.rename_document(r).await })
+            .await?;
         let meta = cubby_proto::doc_meta(&info);
         self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
         Ok(meta)
@@ -183,11 +206,8 @@ impl Client {
     /// their copies when they hear of it). This device's changes the server never got are
     /// discarded and reported as for any deletion ([`crate::DocEvent::Deleted`]).
     pub async fn delete(&self, doc: DocId) -> Result<(), ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
         let request = pb::DeleteDocumentRequest { doc_id: doc.as_bytes().to_vec() };
-        if let Err(status) = account.delete_document(authed(request, &token)?).await {
-            return Err(self.refused_or_wiped(status).await);
-        }
+        self.account_call(request, |mut a, r| async move { a.delete_document(r).await }).await?;
         self.inner.delete_local(doc).await?;
         Ok(())
     }
@@ -195,21 +215,19 @@ impl Client {
     /// Downloads everything the server holds about the customer as a tar archive into `out`;
     /// returns its size in bytes.
     pub async fn export(&self, out: impl AsyncWrite + Unpin) -> Result<u64, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
-        let chunks = match account.export(authed(pb::ExportRequest {}, &token)?).await {
-            Ok(response) => response.into_inner(),
-            Err(status) => return Err(self.refused_or_wiped(status).await),
-        };
+        let request = pb::ExportRequest {};
+        let chunks =
+            self.account_call(request, |mut a, r| async move { a.export(r).await }).await?;
         write_export(chunks, out).await
     }
 
     /// The customer's audit log, oldest first.
     pub async fn audit(&self) -> Result<Vec<AuditEntry>, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
-        let entries = match account.list_audit(authed(pb::ListAuditRequest {}, &token)?).await {
-            Ok(response) => response.into_inner().entries,
-            Err(status) => return Err(self.refused_or_wiped(status).await),
-        };
+        let request = pb::ListAuditRequest {};
+        let entries = self
+            .account_call(request, |mut a, r| async move { a.list_audit(r).await })
+            .await?
+            .entries;
         Ok(entries
             .into_iter()
             .map(|e| AuditEntry {
@@ -225,12 +243,9 @@ impl Client {
     /// Erases the customer's account on the server (keys first, then data) and wipes this
     /// device. Other devices wipe on their next contact.
     pub async fn delete_account(&self) -> Result<ErasureReceipt, ClientError> {
-        let (mut account, token) = self.remote()?.account().await?;
+        let request = pb::DeleteAccountRequest {};
         let receipt =
-            match account.delete_account(authed(pb::DeleteAccountRequest {}, &token)?).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => return Err(self.refused_or_wiped(status).await),
-            };
+            self.account_call(request, |mut a, r| async move { a.delete_account(r).await }).await?;
         let _ = self.stop_sync();
         self.inner.wipe(WipeReason::AccountErased).await;
         Ok(receipt.into())

@@ -56,10 +56,14 @@ impl ClientError {
         Self::Server { code, message: message.into() }
     }
 
-    /// The server's refusal of a call (its message names the gRPC code, as `NotFound: ...`).
+    /// The server's refusal of a call (its message names the gRPC code, as `NotFound: ...`),
+    /// or the transport's failure to reach it ([`ErrorCode::Offline`]).
     pub(crate) fn refused(status: &tonic::Status) -> Self {
         let message = format!("{:?}: {}", status.code(), status.message());
-        Self::server(ErrorCode::from(status.code()), message)
+        let unreachable = status.code() == tonic::Code::Unavailable
+            && (status.message().contains("transport") || status.message().contains("connect"));
+        let code = if unreachable { ErrorCode::Offline } else { ErrorCode::from(status.code()) };
+        Self::server(code, message)
     }
 
     /// The stable code of this failure, for programs (and bindings) to act on.

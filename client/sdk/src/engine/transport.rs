@@ -18,6 +18,8 @@ pub(crate) struct Remote {
     endpoint: Endpoint,
     pub(super) token: Arc<dyn TokenProvider>,
     dialer: Option<Dialer>,
+    /// The connection unary calls share, made at the first and kept (it reconnects by itself).
+    calls: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
 }
 
 /// A byte stream to the server opened by the app's own transport.
@@ -155,7 +157,7 @@ impl Remote {
         } else if !url.starts_with("http://") {
             return Err(ClientError::Config(format!("server {url:?} must start with https://")));
         }
-        Ok(Self { endpoint, token, dialer })
+        Ok(Self { endpoint, token, dialer, calls: Arc::default() })
     }
 
     /// A connection to the server, over TCP or the custom transport.
@@ -174,17 +176,20 @@ impl Remote {
         asked.await.ok()?.ok()
     }
 
-    /// A connection and a current token, for one call.
-    async fn channel_and_token(&self) -> Result<(tonic::transport::Channel, String), ClientError> {
+    /// The shared connection for unary calls and a token (`fresh`: not one cached).
+    async fn channel_and_token(
+        &self,
+        fresh: bool,
+    ) -> Result<(tonic::transport::Channel, String), ClientError> {
         let token =
-            self.token.token(false).await.map_err(|e| {
+            self.token.token(fresh).await.map_err(|e| {
                 ClientError::server(crate::ErrorCode::Unauthenticated, e.to_string())
             })?;
-        let channel = self.connect().await.map_err(|e| {
+        let channel = self.calls.get_or_try_init(|| self.connect()).await.map_err(|e| {
             let message = format!("server unreachable: {}", chain(&e));
             ClientError::server(crate::ErrorCode::Offline, message)
         })?;
-        Ok((channel, token))
+        Ok((channel.clone(), token))
     }
 
     /// A connected admin client and a current token.
@@ -192,19 +197,21 @@ impl Remote {
         &self,
     ) -> Result<(pb::admin_client::AdminClient<tonic::transport::Channel>, String), ClientError>
     {
-        let (channel, token) = self.channel_and_token().await?;
+        let (channel, token) = self.channel_and_token(false).await?;
         let client = pb::admin_client::AdminClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         Ok((client, token))
     }
 
-    /// A connected account client and a current token, for one unary call.
+    /// An account client on the shared connection and a token (`fresh`: not one cached), for
+    /// one unary call.
     pub(crate) async fn account(
         &self,
+        fresh: bool,
     ) -> Result<(pb::account_client::AccountClient<tonic::transport::Channel>, String), ClientError>
     {
-        let (channel, token) = self.channel_and_token().await?;
+        let (channel, token) = self.channel_and_token(fresh).await?;
         let client = pb::account_client::AccountClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
