@@ -195,6 +195,13 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
         if let Some(ca) = &cli.ca {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("cannot read CA certificate {}", ca.display()))?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                bail!(
+                    "the CA certificate file {} (--ca or CUBBY_CA) has no PEM certificate in it: \
+                     give the server's certificate (the server prints its path at start)",
+                    ca.display()
+                );
+            }
             builder = builder.with_ca_pem(pem);
         }
     }
@@ -215,7 +222,8 @@ async fn sync(cli: &Cli, client: &Client) -> Result<(), SyncFailure> {
 }
 
 /// After a local edit: push it if a server is configured. An unreachable server is fine (the
-/// edit is saved and syncs later); a refused token is an error.
+/// edit is saved and syncs later); a refused token, or a server this client is not set up to
+/// use (its certificate not trusted, `http://` for TLS), is an error.
 async fn push(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     if cli.server.is_none() {
         return Ok(());

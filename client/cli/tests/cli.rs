@@ -178,6 +178,28 @@ async fn a_refused_server_certificate_says_what_to_fix() {
     let refused = device.fails(&["sync", "--timeout", "5"]).await;
     assert!(refused.contains("give the client the server's CA certificate"), "{refused}");
     assert_eq!(refused.matches("invalid peer certificate").count(), 1, "said once: {refused}");
+    // A certificate this device does not trust is a setting to fix, not a network to wait
+    // for: an edit is saved, and the command says so and fails.
+    let put = device.fails(&["doc", "create", "--title", "notes"]).await;
+    assert!(put.contains("saved on this device, but sync failed"), "{put}");
+    assert!(put.contains("give the client the server's CA certificate"), "{put}");
+    assert!(!put.contains("unreachable"), "{put}");
+
+    // A CA file with no certificate in it is refused, naming the file.
+    let empty = stranger.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("written");
+    device.ca = empty.clone();
+    let refused = device.fails(&["sync"]).await;
+    assert!(
+        refused.contains("has no PEM certificate") && refused.contains("empty.pem"),
+        "{refused}"
+    );
+
+    // http:// for a server that speaks TLS says to use https://.
+    let mut plain = Device::new(&server, "alice");
+    plain.server = server.url().replace("https://", "http://");
+    let refused = plain.fails(&["sync", "--timeout", "5"]).await;
+    assert!(refused.contains("use an https:// URL"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{
-    ACCOUNT, CURSOR, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure, chain, classify,
-};
+use super::{ACCOUNT, CURSOR, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure, classify};
 use crate::LOCAL;
 
 impl Session<'_> {
@@ -22,7 +20,7 @@ impl Session<'_> {
     ) -> Result<tonic::Streaming<pb::ServerFrame>, SyncFailure> {
         let token =
             remote.token.token(refresh).await.map_err(|e| SyncFailure::Unauthenticated(e.0))?;
-        let channel = remote.connect().await.map_err(|e| SyncFailure::Unreachable(chain(&e)))?;
+        let channel = remote.connect().await.map_err(|e| super::transport::connect_failure(&e))?;
         let mut client = pb::sync_client::SyncClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);

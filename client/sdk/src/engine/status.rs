@@ -59,6 +59,11 @@ pub enum SyncFailure {
     /// The server could not be reached.
     #[error("server unreachable: {0}")]
     Unreachable(String),
+    /// This client cannot talk to the server as it is set up: TLS refused the server's
+    /// certificate (give the client the server's CA), or the server's answer was not what the
+    /// URL's scheme promised (`http://` for a server that speaks TLS). Waiting will not help.
+    #[error("cannot use the server as configured: {0}")]
+    Misconfigured(String),
     /// The server refused the token.
     #[error("token rejected: {0}")]
     Unauthenticated(String),

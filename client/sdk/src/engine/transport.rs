@@ -90,6 +90,39 @@ pub(super) fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// What a failure to connect means: a server this client is not set up to trust (its TLS
+/// refused: a configuration to fix, not a network to wait for), or one it cannot reach.
+pub(crate) fn connect_failure(err: &tonic::transport::Error) -> SyncFailure {
+    if refused_by_tls(err) {
+        SyncFailure::Misconfigured(chain(err))
+    } else {
+        SyncFailure::Unreachable(chain(err))
+    }
+}
+
+/// Whether TLS refused the connection (the server's certificate, most often).
+fn refused_by_tls(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let io_tls = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if e.is::<rustls::Error>() || io_tls.is_some_and(|inner| inner.is::<rustls::Error>()) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// What a status the transport made of an answer that was not HTTP/2 means: an `http://` URL
+/// for a server that speaks TLS, most likely.
+fn not_http2(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unknown && status.message().contains("h2 protocol error")
+}
+
+/// The advice for [`not_http2`].
+pub(crate) const USE_HTTPS: &str = "the server's answer was not HTTP/2 in plain text: if it \
+    speaks TLS (a Cubby server does unless run behind a proxy that ends TLS), use an https:// URL";
+
 /// What to do about a refused server certificate, for the refusals a user can fix.
 fn tls_hint(err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     use rustls::CertificateError as Cert;
@@ -150,7 +183,17 @@ impl Remote {
             .tcp_nodelay(true);
         if url.starts_with("https://") {
             let tls = match ca_pem {
-                Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                Some(pem) => {
+                    use rustls::pki_types::{CertificateDer, pem::PemObject};
+                    if !CertificateDer::pem_slice_iter(&pem).any(|cert| cert.is_ok()) {
+                        return Err(ClientError::Config(
+                            "the CA certificate given has no PEM certificate in it (a \
+                             -----BEGIN CERTIFICATE----- block)"
+                                .into(),
+                        ));
+                    }
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                }
                 None => ClientTlsConfig::new().with_webpki_roots(),
             };
             endpoint = endpoint.tls_config(tls).map_err(bad)?;
@@ -185,10 +228,13 @@ impl Remote {
             self.token.token(fresh).await.map_err(|e| {
                 ClientError::server(crate::ErrorCode::Unauthenticated, e.to_string())
             })?;
-        let channel = self.calls.get_or_try_init(|| self.connect()).await.map_err(|e| {
-            let message = format!("server unreachable: {}", chain(&e));
-            ClientError::server(crate::ErrorCode::Offline, message)
-        })?;
+        let channel =
+            self.calls.get_or_try_init(|| self.connect()).await.map_err(
+                |e| match connect_failure(&e) {
+                    SyncFailure::Misconfigured(why) => ClientError::Config(why),
+                    other => ClientError::server(crate::ErrorCode::Offline, other.to_string()),
+                },
+            )?;
         Ok((channel.clone(), token))
     }
 
@@ -233,6 +279,9 @@ pub(crate) fn classify(status: &tonic::Status) -> SyncFailure {
         return SyncFailure::Wipe(reason);
     }
     let message = status.message().to_owned();
+    if not_http2(status) {
+        return SyncFailure::Misconfigured(format!("{USE_HTTPS} ({message})"));
+    }
     match status.code() {
         tonic::Code::Unauthenticated => SyncFailure::Unauthenticated(message),
         tonic::Code::PermissionDenied => SyncFailure::PermissionDenied(message),
