@@ -11,6 +11,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use cubby_client::{Client, ClientError, DocEvent, DocId, StaticToken, StoreError, SyncFailure};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 mod admin;
 use admin::AdminCommand;
@@ -114,10 +116,14 @@ enum DocCommand {
         /// The value.
         value: String,
     },
-    /// Print a document as JSON.
+    /// Print this device's copy of a document as JSON. It is as of this device's last sync
+    /// (`--sync` syncs first); a document this device does not have is fetched.
     Get {
         /// The document id.
         id: String,
+        /// Sync with the server first, so that the copy printed is the server's latest.
+        #[arg(long)]
+        sync: bool,
     },
     /// Give a document a new title, on the server and on every device.
     Rename {
@@ -293,7 +299,10 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             doc.put(key, parse_value(value)).await?;
             push(cli, client).await
         }
-        Command::Doc { command: DocCommand::Get { id } } => {
+        Command::Doc { command: DocCommand::Get { id, sync: first } } => {
+            if *first {
+                sync(cli, client).await.map_err(|f| anyhow!("sync failed: {f}"))?;
+            }
             let doc = open_doc(cli, client, parse_id(id)?).await?;
             println!("{}", serde_json::to_string_pretty(&doc.to_json())?);
             Ok(())
@@ -315,11 +324,12 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             let docs = client.list().await?.len();
             if !discarded.is_empty() {
                 bail!(
-                    "up to date ({docs} documents), but changes to {} deleted document(s) were discarded",
-                    discarded.len()
+                    "up to date ({}), but changes to {} were discarded",
+                    count(docs, "document"),
+                    count(discarded.len(), "deleted document")
                 );
             }
-            println!("up to date ({docs} documents)");
+            println!("up to date ({})", count(docs, "document"));
             Ok(())
         }
         Command::Watch => watch(cli, client).await,
@@ -394,8 +404,16 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
 }
 
 /// Milliseconds since the epoch as seconds, which `date -d @N` reads.
+/// A time the server recorded, as RFC 3339 in UTC (`2026-12-07T13:34:22Z`).
 fn when(ms: u64) -> String {
-    format!("@{}", ms / 1000)
+    let at =
+        i64::try_from(ms / 1000).ok().and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
+    at.and_then(|at| at.format(&Rfc3339).ok()).unwrap_or_else(|| format!("{ms} ms after 1970"))
+}
+
+/// `n` and `noun`, plural unless one.
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }
 
 async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {

@@ -72,7 +72,7 @@ async fn two_devices_edit_one_document_through_the_cli() {
     let id = phone.ok(&["doc", "create", "--title", "Groceries"]).await.trim().to_owned();
     phone.ok(&["doc", "put", &id, "milk", "2"]).await;
 
-    assert_eq!(laptop.ok(&["sync"]).await.trim(), "up to date (1 documents)");
+    assert_eq!(laptop.ok(&["sync"]).await.trim(), "up to date (1 document)");
     assert_eq!(laptop.ok(&["doc", "list"]).await, format!("{id}\tGroceries\n"));
     assert_eq!(json(&laptop.ok(&["doc", "get", &id]).await), serde_json::json!({"milk": 2}));
     laptop.ok(&["doc", "put", &id, "eggs", "{\"count\": 12, \"brown\": true}"]).await;
@@ -262,6 +262,9 @@ async fn customer_rights_through_the_cli() {
     assert_eq!(phone.ok(&["doc", "private", &id]).await.trim(), format!("{id}\tprivate"));
     let devices = phone.ok(&["devices"]).await;
     assert_eq!(devices.lines().count(), 2, "{devices}");
+    // Times are RFC 3339, in UTC.
+    let seen = devices.lines().next().and_then(|l| l.split("last seen ").nth(1)).expect("a time");
+    assert!(seen.starts_with("20") && seen.contains('T') && seen[..20].ends_with('Z'), "{devices}");
     let this = devices.lines().find(|l| l.ends_with("(this device)")).expect("marked");
     let laptop_id = devices.lines().find(|l| *l != this).expect("the laptop").split('\t').next();
     let laptop_id = laptop_id.expect("an id").to_owned();

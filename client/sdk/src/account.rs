@@ -141,7 +141,10 @@ impl Client {
                 {
                     fresh = true;
                 }
-                Err(status) => return Err(self.refused_or_wiped(status).await),
+                Err(status) => match remote.misconfigured(&status) {
+                    Some(why) => return Err(ClientError::Config(why)),
+                    None => return Err(self.refused_or_wiped(status).await),
+                },
             }
         }
     }

@@ -62,11 +62,6 @@ impl ClientError {
         let message = format!("{:?}: {}", status.code(), status.message());
         let unreachable = status.code() == tonic::Code::Unavailable
             && (status.message().contains("transport") || status.message().contains("connect"));
-        let http2 =
-            status.code() == tonic::Code::Unknown && status.message().contains("h2 protocol error");
-        if http2 {
-            return Self::Config(format!("{} ({})", crate::engine::USE_HTTPS, status.message()));
-        }
         let code = if unreachable { ErrorCode::Offline } else { ErrorCode::from(status.code()) };
         Self::server(code, message)
     }

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{ACCOUNT, CURSOR, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure, classify};
+use super::{ACCOUNT, CURSOR, EPOCH, Kept, MAX_MESSAGE, Remote, Session, SyncFailure};
 use crate::LOCAL;
 
 impl Session<'_> {
@@ -58,9 +58,10 @@ impl Session<'_> {
         });
         let mut request = tonic::Request::new(frames);
         crate::wire::bearer(&mut request, &token).map_err(SyncFailure::Unauthenticated)?;
-        let mut inbound = client.connect(request).await.map_err(|s| classify(&s))?.into_inner();
+        let mut inbound =
+            client.connect(request).await.map_err(|s| remote.failure(&s))?.into_inner();
         // The server's first frame is a challenge: prove this device's key before anything else.
-        match inbound.message().await.map_err(|s| classify(&s))? {
+        match inbound.message().await.map_err(|s| remote.failure(&s))? {
             Some(pb::ServerFrame {
                 frame: Some(pb::server_frame::Frame::Challenge(challenge)),
             }) => {

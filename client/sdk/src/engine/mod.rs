@@ -27,7 +27,7 @@ mod transport;
 pub use status::{SyncFailure, SyncStatus, WipeReason};
 
 use cubby_core::device::{Owed, Window, next_cursor};
-pub(crate) use transport::{Dialer, Remote, USE_HTTPS, classify, wipe_reason};
+pub(crate) use transport::{Dialer, Remote, classify, wipe_reason};
 
 const MAX_MESSAGE: usize = 4 << 20;
 

@@ -20,6 +20,8 @@ pub(crate) struct Remote {
     dialer: Option<Dialer>,
     /// The connection unary calls share, made at the first and kept (it reconnects by itself).
     calls: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
+    /// The URL is `http://`.
+    plaintext: bool,
 }
 
 /// A byte stream to the server opened by the app's own transport.
@@ -113,13 +115,8 @@ fn refused_by_tls(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// What a status the transport made of an answer that was not HTTP/2 means: an `http://` URL
-/// for a server that speaks TLS, most likely.
-fn not_http2(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unknown && status.message().contains("h2 protocol error")
-}
-
-/// The advice for [`not_http2`].
+/// The advice for a plain-text connection whose calls fail in the transport
+/// ([`Remote::misconfigured`]).
 pub(crate) const USE_HTTPS: &str = "the server's answer was not HTTP/2 in plain text: if it \
     speaks TLS (a Cubby server does unless run behind a proxy that ends TLS), use an https:// URL";
 
@@ -200,7 +197,8 @@ impl Remote {
         } else if !url.starts_with("http://") {
             return Err(ClientError::Config(format!("server {url:?} must start with https://")));
         }
-        Ok(Self { endpoint, token, dialer, calls: Arc::default() })
+        let plaintext = url.starts_with("http://");
+        Ok(Self { endpoint, token, dialer, calls: Arc::default(), plaintext })
     }
 
     /// A connection to the server, over TCP or the custom transport.
@@ -211,6 +209,19 @@ impl Remote {
             Some(dialer) => self.endpoint.connect_with_connector(dialer.clone()).await,
             None => self.endpoint.connect().await,
         }
+    }
+
+    /// What a call's failure means when it is a setting to fix: over `http://`, a call that
+    /// fails in the transport (the answer was not HTTP/2 in plain text) most likely reached a
+    /// server that speaks TLS.
+    pub(crate) fn misconfigured(&self, status: &tonic::Status) -> Option<String> {
+        (self.plaintext && status.code() == tonic::Code::Unknown)
+            .then(|| format!("{USE_HTTPS} ({})", status.message()))
+    }
+
+    /// The sync failure `status` means on this connection.
+    pub(crate) fn failure(&self, status: &tonic::Status) -> SyncFailure {
+        self.misconfigured(status).map_or_else(|| classify(status), SyncFailure::Misconfigured)
     }
 
     /// A token to tell the account it speaks for, if the provider has one within a few seconds.
@@ -279,9 +290,6 @@ pub(crate) fn classify(status: &tonic::Status) -> SyncFailure {
         return SyncFailure::Wipe(reason);
     }
     let message = status.message().to_owned();
-    if not_http2(status) {
-        return SyncFailure::Misconfigured(format!("{USE_HTTPS} ({message})"));
-    }
     match status.code() {
         tonic::Code::Unauthenticated => SyncFailure::Unauthenticated(message),
         tonic::Code::PermissionDenied => SyncFailure::PermissionDenied(message),
