@@ -10,12 +10,15 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
-use cubby_client::{Client, ClientError, DocEvent, DocId, StaticToken, StoreError, SyncFailure};
+use cubby_client::{Client, ClientError, DocId, StaticToken, StoreError, SyncFailure};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 mod admin;
+mod token_command;
+mod watch;
 use admin::AdminCommand;
+use token_command::TokenCommand;
 
 #[derive(Parser)]
 #[command(name = "cubby", version, about = "The Cubby command-line client")]
@@ -26,6 +29,10 @@ struct Cli {
     /// An access token from the app's identity provider.
     #[arg(long, env = "CUBBY_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// A shell command that prints a fresh access token (run when one is needed, and again when
+    /// the server refuses it or asks for a fresh one): `watch` then outlives a token's expiry.
+    #[arg(long, env = "CUBBY_TOKEN_COMMAND", global = true, conflicts_with = "token")]
+    token_command: Option<String>,
     /// This device's local data directory [default: ~/.cubby].
     #[arg(long, env = "CUBBY_HOME", global = true)]
     home: Option<PathBuf>,
@@ -193,11 +200,15 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
         .with_device_name(format!("cubby CLI ({})", home.display()))
         .with_autosync(false);
     if let Some(server) = &cli.server {
-        let token = cli
-            .token
-            .clone()
-            .ok_or_else(|| anyhow!("a server needs a token: set --token or CUBBY_TOKEN"))?;
-        builder = builder.with_server(server).with_token_provider(StaticToken::new(token));
+        builder = match (&cli.token, &cli.token_command) {
+            (_, Some(command)) => builder.with_token_provider(TokenCommand::new(command)),
+            (Some(token), None) => builder.with_token_provider(StaticToken::new(token.clone())),
+            (None, None) => bail!(
+                "a server needs a token: set --token or CUBBY_TOKEN, or --token-command or \
+                 CUBBY_TOKEN_COMMAND"
+            ),
+        };
+        builder = builder.with_server(server);
         if let Some(ca) = &cli.ca {
             let pem = std::fs::read(ca)
                 .with_context(|| format!("cannot read CA certificate {}", ca.display()))?;
@@ -220,8 +231,28 @@ async fn open(cli: &Cli) -> anyhow::Result<Client> {
     })
 }
 
+/// Syncs until up to date. With a token command, a refused token is not the end: the engine
+/// reconnects at once with a fresh one from the command, and this waits for that attempt too.
 async fn sync(cli: &Cli, client: &Client) -> Result<(), SyncFailure> {
-    match tokio::time::timeout(Duration::from_secs(cli.timeout), client.wait_until_synced()).await {
+    let attempts = async {
+        let mut refreshed = false;
+        loop {
+            match client.wait_until_synced().await {
+                Err(SyncFailure::Unauthenticated(_))
+                    if cli.token_command.is_some() && !refreshed =>
+                {
+                    refreshed = true;
+                    // The refusal is the status until the engine's next attempt starts.
+                    let mut status = client.status();
+                    let _ = status
+                        .wait_for(|s| !matches!(s, cubby_client::SyncStatus::Offline { .. }))
+                        .await;
+                }
+                done => return done,
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(cli.timeout), attempts).await {
         Ok(result) => result,
         Err(_) => Err(SyncFailure::Unreachable(format!("not up to date after {} s", cli.timeout))),
     }
@@ -332,7 +363,12 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             println!("up to date ({})", count(docs, "document"));
             Ok(())
         }
-        Command::Watch => watch(cli, client).await,
+        Command::Watch => {
+            if cli.server.is_none() {
+                bail!("no server configured: set --server or CUBBY_SERVER");
+            }
+            watch::watch(client).await
+        }
         Command::Doc { command: DocCommand::Rename { id, title } } => {
             let meta = client.rename(parse_id(id)?, title).await?;
             println!("{id}\t{}", meta.title);
@@ -412,47 +448,6 @@ fn when(ms: u64) -> String {
 }
 
 /// `n` and `noun`, plural unless one.
-fn count(n: usize, noun: &str) -> String {
+pub(crate) fn count(n: usize, noun: &str) -> String {
     if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
-}
-
-async fn watch(cli: &Cli, client: &Client) -> anyhow::Result<()> {
-    if cli.server.is_none() {
-        bail!("no server configured: set --server or CUBBY_SERVER");
-    }
-    let mut events = client.events();
-    let mut status = client.status();
-    client.start_sync();
-    eprintln!("cubby: watching; Ctrl-C to stop");
-    loop {
-        tokio::select! {
-            event = events.recv() => match event {
-                Ok((id, DocEvent::Remote)) => {
-                    let doc = client.open(id).await?;
-                    let line = serde_json::json!({"doc": id.to_string(), "title": doc.meta().title, "content": doc.to_json()});
-                    println!("{line}");
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => eprintln!("cubby: {n} events skipped"),
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
-            },
-            changed = status.changed() => {
-                if changed.is_err() {
-                    return Ok(());
-                }
-                let current = status.borrow_and_update().clone();
-                match current {
-                    cubby_client::SyncStatus::Offline { failure: Some(f @ (SyncFailure::Unauthenticated(_) | SyncFailure::PermissionDenied(_))) } => {
-                        bail!("sync failed: {f}");
-                    }
-                    cubby_client::SyncStatus::Offline { failure: Some(f) } => eprintln!("cubby: offline ({f}); retrying"),
-                    cubby_client::SyncStatus::UpToDate => eprintln!("cubby: up to date"),
-                    cubby_client::SyncStatus::Refused { failure, documents } => eprintln!("cubby: changes to {} document(s) refused for now ({failure}); kept, and offered again", documents.len()),
-                    cubby_client::SyncStatus::Wiped { reason } => bail!("the server told this device to wipe ({reason:?}); its local copy is gone"),
-                    _ => {}
-                }
-            }
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        }
-    }
 }

@@ -106,20 +106,35 @@ async fn watch_prints_each_remote_change_as_it_arrives() {
         }
     });
 
-    phone.ok(&["doc", "put", &id, "status", "shipped"]).await;
     let deadline = tokio::time::Instant::now() + cubby_tests::DEADLINE;
-    loop {
+    let mut next_line = async || {
         let line = tokio::time::timeout_at(deadline, lines.recv())
             .await
             .expect("watch printed the change in time")
             .expect("watch is running");
         let change = json(&line);
         assert_eq!(change["doc"], serde_json::json!(id));
+        change
+    };
+    phone.ok(&["doc", "put", &id, "status", "shipped"]).await;
+    // The first change seen of a document shows it whole...
+    loop {
+        let change = next_line().await;
         if change["content"]["status"] == "shipped" {
             assert_eq!(change["title"], "Live");
             break;
         }
     }
+    // ...later ones only what changed, as JSON Pointers.
+    phone.ok(&["doc", "put", &id, "boxes", "{\"count\": 2}"]).await;
+    let change = next_line().await;
+    assert!(change.get("content").is_none(), "{change}");
+    let changes = change["changes"].as_array().expect("a list of changes");
+    assert!(changes.contains(&serde_json::json!({"path": "/boxes/count", "put": 2})), "{change}");
+    // A deletion is a line too.
+    phone.ok(&["doc", "delete", &id]).await;
+    let change = next_line().await;
+    assert_eq!(change["deleted"], true, "{change}");
     let _ = watch.kill();
     let _ = watch.wait();
 }
@@ -249,6 +264,35 @@ async fn a_document_renamed_and_deleted_through_the_cli_changes_on_every_device(
     assert!(!laptop.ok(&["doc", "list"]).await.contains(&id));
     let again = phone.fails(&["doc", "delete", &id]).await;
     assert!(again.contains("NotFound"), "{again}");
+}
+
+/// A token command is run for a token, and again for a fresh one when the server refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_command_is_asked_again_when_its_token_is_refused() {
+    let server = TestServer::start().await;
+    let mut device = Device::new(&server, "alice");
+    let dir = device.home.path().to_owned();
+    std::fs::write(dir.join("good"), &device.token).expect("written");
+    // The first run prints a token the server refuses; later runs the good one.
+    let command = format!(
+        "if [ -e {d}/asked ]; then cat {d}/good; else touch {d}/asked; echo not.a.token; fi",
+        d = dir.display()
+    );
+    device.token = String::new();
+    let mut sync = device.command(&["sync"]);
+    sync.env_remove("CUBBY_TOKEN").env("CUBBY_TOKEN_COMMAND", &command);
+    let out =
+        tokio::task::spawn_blocking(move || sync.output().expect("runs")).await.expect("joined");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(dir.join("asked").exists(), "the command ran");
+
+    let mut failing = device.command(&["sync"]);
+    failing.env_remove("CUBBY_TOKEN").env("CUBBY_TOKEN_COMMAND", "echo broken >&2; exit 3");
+    let out =
+        tokio::task::spawn_blocking(move || failing.output().expect("runs")).await.expect("joined");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("the token command failed") && said.contains("broken"), "{said}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
