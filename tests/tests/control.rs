@@ -31,9 +31,8 @@ async fn a_paused_device_keeps_its_edits_until_it_resumes() {
 
     phone.client.resume_sync();
     phone.client.wait_until_synced().await.expect("synced after resuming");
-    let on_laptop = laptop.client.open(doc.id()).await;
     eventually("the laptop gets the edit made while paused", || async {
-        let Ok(on_laptop) = &on_laptop else { return false };
+        let Ok(on_laptop) = laptop.client.open(doc.id()).await else { return false };
         on_laptop.to_json() == json!({"a": 1, "b": 2})
     })
     .await;

@@ -103,12 +103,12 @@ async fn text_two_devices_edit_at_once_keeps_both_edits() {
     let doc = phone.client.create("letter").await.expect("create");
     doc.put_text("body", "Dear Sam, thanks").await.expect("text");
     phone.client.wait_until_synced().await.expect("synced");
-    let on_laptop = laptop.client.open(doc.id()).await;
     eventually("the laptop has the text", || async {
-        on_laptop.as_ref().is_ok_and(|d| d.to_json()["body"] == json!("Dear Sam, thanks"))
+        let Ok(on_laptop) = laptop.client.open(doc.id()).await else { return false };
+        on_laptop.to_json()["body"] == json!("Dear Sam, thanks")
     })
     .await;
-    let on_laptop = on_laptop.expect("opens");
+    let on_laptop = laptop.client.open(doc.id()).await.expect("opens");
 
     // Both pause, edit different places of the same text, and resume.
     phone.client.pause_sync();

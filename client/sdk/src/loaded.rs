@@ -14,13 +14,15 @@ use crate::{ClientError, Inner, LOCAL};
 #[derive(Default)]
 pub(crate) struct Loaded {
     copies: HashMap<DocId, Weak<DocShared>>,
-    /// Per document being loaded, the gate its loaders pass one at a time. Two reading the
-    /// store at once could each make a copy: the first registered, written and dropped while
-    /// the second still read, the second would miss that write. One at a time, a loader reads
-    /// only while no copy exists, and a copy lives until its writes are done (`doc::writer`).
-    /// A document created on this device is registered without the gate (`Inner::adopt`), so
-    /// a loader that finds it registered when it is done reading takes that copy instead.
-    loading: HashMap<DocId, Arc<tokio::sync::Mutex<()>>>,
+    /// Per document being loaded or deleted, the gate its loaders and deleters pass one at a
+    /// time. Two reading the store at once could each make a copy: the first registered,
+    /// written and dropped while the second still read, the second would miss that write. One
+    /// at a time, a loader reads only while no copy exists, and a copy lives until its writes
+    /// are done (`doc::writer`). A document created on this device is registered without the
+    /// gate (`Inner::adopt`), so a loader that finds it registered when it is done reading
+    /// takes that copy instead. Two deleters (the app's call and the server's announcement of
+    /// it) take turns too: the first deletes and tells, the second finds nothing.
+    gates: HashMap<DocId, Arc<tokio::sync::Mutex<()>>>,
     /// Per document, the feed position of the newest server metadata taken (see
     /// [`Inner::take_server_meta`]).
     meta_seq: HashMap<DocId, u64>,
@@ -39,6 +41,19 @@ impl Loaded {
             return Err(ClientError::UnknownDocument(id));
         }
         Ok(None)
+    }
+
+    /// The gate of `id` (see `gates`); give it back with [`Loaded::passed`].
+    fn gate(&mut self, id: DocId) -> Arc<tokio::sync::Mutex<()>> {
+        self.gates.entry(id).or_default().clone()
+    }
+
+    /// Forgets `id`'s gate if nobody else holds it.
+    fn passed(&mut self, id: DocId, gate: &Arc<tokio::sync::Mutex<()>>) {
+        // The map's and the caller's: nobody waits.
+        if Arc::strong_count(gate) == 2 {
+            self.gates.remove(&id);
+        }
     }
 
     fn register(&mut self, shared: &Arc<DocShared>) {
@@ -83,7 +98,7 @@ impl Inner {
             if let Some(shared) = docs.copy(id)? {
                 return Ok(shared);
             }
-            docs.loading.entry(id).or_default().clone()
+            docs.gate(id)
         };
         let loaded = {
             let _turn = gate.lock().await;
@@ -95,11 +110,7 @@ impl Inner {
                 Err(err) => Err(err),
             }
         };
-        let mut docs = self.docs.lock().unwrap_or_else(PoisonError::into_inner);
-        // The map's and ours: no loader waits.
-        if Arc::strong_count(&gate) == 2 {
-            docs.loading.remove(&id);
-        }
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).passed(id, &gate);
         loaded
     }
 
@@ -175,6 +186,17 @@ impl Inner {
     /// to the deletion) are recorded for [`crate::Client::take_discarded`] and told in the
     /// event. Returns whether this device held it.
     pub(crate) async fn delete_local(self: &Arc<Self>, id: DocId) -> Result<bool, ClientError> {
+        let gate = self.docs.lock().unwrap_or_else(PoisonError::into_inner).gate(id);
+        let deleted = {
+            let _turn = gate.lock().await;
+            self.delete_in_turn(id).await
+        };
+        self.docs.lock().unwrap_or_else(PoisonError::into_inner).passed(id, &gate);
+        deleted
+    }
+
+    /// [`Inner::delete_local`], the document's gate passed.
+    async fn delete_in_turn(self: &Arc<Self>, id: DocId) -> Result<bool, ClientError> {
         let copy = self.forget(&id);
         let delete = move |store: &dyn Store| {
             let Some((_, meta)) = store.doc_meta(&LOCAL, &id)? else { return Ok(None) };
