@@ -187,7 +187,16 @@ impl Client {
         let info = self
             .account_call(request, |mut a, r| async move { a.set_document_private(r).await })
             .await?;
-        let meta = cubby_proto::doc_meta(&info);
+        self.take_answered_meta(doc, &info).await
+    }
+
+    /// Takes the title and private flag the server answered with, on this device too.
+    async fn take_answered_meta(
+        &self,
+        doc: DocId,
+        info: &pb::DocInfo,
+    ) -> Result<DocMeta, ClientError> {
+        let meta = cubby_proto::doc_meta(info);
         self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
         Ok(meta)
     }
@@ -200,9 +209,7 @@ impl Client {
         let info = self
             .account_call(request, |mut a, r| async move { a.rename_document(r).await })
             .await?;
-        let meta = cubby_proto::doc_meta(&info);
-        self.inner.take_server_meta(doc, meta.clone(), info.seq).await?;
-        Ok(meta)
+        self.take_answered_meta(doc, &info).await
     }
 
     /// Deletes a document for good, on the server and on this device (other devices delete
