@@ -126,3 +126,52 @@ async fn text_two_devices_edit_at_once_keeps_both_edits() {
     })
     .await;
 }
+
+/// A typed document, as an app keeps one.
+#[derive(Debug, Clone, PartialEq, autosurgeon::Reconcile, autosurgeon::Hydrate)]
+struct Profile {
+    name: String,
+    city: String,
+    tags: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_documents_reconcile_and_hydrate_and_merge_by_field() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    let doc = phone.client.create("profile").await.expect("create");
+    let ann = Profile { name: "Ann".into(), city: "Oslo".into(), tags: vec!["admin".into()] };
+    doc.reconcile(&ann).await.expect("reconciles");
+    assert_eq!(doc.hydrate::<Profile>().expect("hydrates"), ann);
+    phone.client.wait_until_synced().await.expect("synced");
+    eventually("the laptop reads the same profile", || async {
+        let Ok(on_laptop) = laptop.client.open(doc.id()).await else { return false };
+        on_laptop.hydrate::<Profile>().ok().as_ref() == Some(&ann)
+    })
+    .await;
+    let on_laptop = laptop.client.open(doc.id()).await.expect("opens");
+
+    // Each device changes another field while apart: both changes stay.
+    phone.client.pause_sync();
+    laptop.client.pause_sync();
+    doc.reconcile(&Profile { name: "Anna".into(), ..ann.clone() }).await.expect("reconciles");
+    on_laptop
+        .reconcile(&Profile { city: "Bergen".into(), ..ann.clone() })
+        .await
+        .expect("reconciles");
+    phone.client.resume_sync();
+    laptop.client.resume_sync();
+    let both = Profile { name: "Anna".into(), city: "Bergen".into(), tags: vec!["admin".into()] };
+    eventually("both devices hold both changes", || async {
+        doc.hydrate::<Profile>().ok().as_ref() == Some(&both)
+            && on_laptop.hydrate::<Profile>().ok().as_ref() == Some(&both)
+    })
+    .await;
+
+    // A document of another shape is said to be one.
+    let other = phone.client.create("notes").await.expect("create");
+    other.put("name", json!(3)).await.expect("put");
+    let err = other.hydrate::<Profile>().expect_err("not a profile");
+    assert_eq!(err.code(), ErrorCode::Shape, "{err}");
+}

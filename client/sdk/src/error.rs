@@ -29,6 +29,10 @@ pub enum ClientError {
     /// The client was shut down.
     #[error("the client is shut down")]
     Closed,
+    /// The document does not have the shape of the type it was read as or written from
+    /// ([`crate::DocHandle::hydrate`], [`crate::DocHandle::reconcile`]).
+    #[error("the document does not have the shape of the type: {0}")]
+    Shape(String),
     /// The token speaks for another account than the one whose data this device holds: this
     /// client shows and syncs nothing (use another data directory for that account).
     #[error(
@@ -48,6 +52,21 @@ pub enum ClientError {
     /// Writing an export failed.
     #[error("cannot write: {0}")]
     Io(#[source] std::io::Error),
+}
+
+impl From<autosurgeon::HydrateError> for ClientError {
+    fn from(err: autosurgeon::HydrateError) -> Self {
+        Self::Shape(err.to_string())
+    }
+}
+
+impl From<autosurgeon::ReconcileError> for ClientError {
+    fn from(err: autosurgeon::ReconcileError) -> Self {
+        match err {
+            autosurgeon::ReconcileError::Automerge(err) => Self::Change(err),
+            other => Self::Shape(other.to_string()),
+        }
+    }
 }
 
 impl ClientError {
@@ -77,6 +96,7 @@ impl ClientError {
             Self::Damaged(_) => ErrorCode::Damaged,
             Self::Change(_) => ErrorCode::InvalidChange,
             Self::Closed => ErrorCode::Closed,
+            Self::Shape(_) => ErrorCode::Shape,
             Self::WrongAccount => ErrorCode::WrongAccount,
             Self::Server { code, .. } => *code,
             Self::Io(_) => ErrorCode::Io,
@@ -106,6 +126,8 @@ pub enum ErrorCode {
     InvalidChange,
     /// The client was shut down.
     Closed,
+    /// The document does not have the shape of the type asked for.
+    Shape,
     /// The token is another account's than the one whose data this device holds.
     WrongAccount,
     /// Writing a file failed.
@@ -151,6 +173,7 @@ impl ErrorCode {
             Self::Damaged => "damaged",
             Self::InvalidChange => "invalid_change",
             Self::Closed => "closed",
+            Self::Shape => "shape",
             Self::WrongAccount => "wrong_account",
             Self::Io => "io",
             Self::Offline => "offline",

@@ -46,6 +46,9 @@ mod wire;
 
 pub use account::{AuditEntry, DeviceInfo, ErasureReceipt};
 pub use admin::{Admin, CustomerUsage, Edit};
+/// Typed documents: derive [`autosurgeon::Reconcile`] and [`autosurgeon::Hydrate`] for a type,
+/// then [`DocHandle::reconcile`] and [`DocHandle::hydrate`].
+pub use autosurgeon;
 pub use builder::ClientBuilder;
 pub use cubby_core::{DeviceId, DocId, DocMeta};
 pub use cubby_store::StoreError;

@@ -44,6 +44,29 @@ impl DocHandle {
         &self,
         f: impl FnOnce(&mut Transaction<'_>) -> Result<T, AutomergeError>,
     ) -> Result<T, ClientError> {
+        self.change_with(f).await
+    }
+
+    /// Sets the document (its root map) to hold `value`, of a type that derives
+    /// [`autosurgeon::Reconcile`], as one change. Only what differs is changed, as with
+    /// [`DocHandle::put`], so another device's concurrent changes to other fields survive.
+    pub async fn reconcile<R: autosurgeon::Reconcile>(&self, value: &R) -> Result<(), ClientError> {
+        self.change_with(|tx| autosurgeon::reconcile(tx, value)).await
+    }
+
+    /// The document (its root map) read as a value of a type that derives
+    /// [`autosurgeon::Hydrate`]; [`ClientError::Shape`] if it does not have that shape.
+    pub fn hydrate<H: autosurgeon::Hydrate>(&self) -> Result<H, ClientError> {
+        Ok(self.shared.read(autosurgeon::hydrate)?)
+    }
+
+    async fn change_with<T, E>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, ClientError>
+    where
+        ClientError: From<E>,
+    {
         let id = self.shared.id;
         let (out, stored) = self.shared.change(f)?;
         let Some(stored) = stored else { return Ok(out) };

@@ -17,8 +17,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use automerge::Automerge;
 use automerge::transaction::Transaction;
-use automerge::{Automerge, AutomergeError};
 use cubby_core::history::{CompactionPolicy, History};
 use cubby_core::session::PeerSession;
 use cubby_core::{DocId, DocMeta};
@@ -165,15 +165,19 @@ impl DocShared {
     /// unsynced mark, flushed (`None`: nothing changed). Queued before the lock is released: before
     /// anything the sync engine does once it sees this change (an acknowledgement clearing
     /// that mark).
-    pub(crate) fn change<T>(
+    pub(crate) fn change<T, E>(
         self: &Arc<Self>,
-        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, AutomergeError>,
-    ) -> Result<(T, Option<Queued<()>>), ClientError> {
+        f: impl FnOnce(&mut Transaction<'_>) -> Result<T, E>,
+    ) -> Result<(T, Option<Queued<()>>), ClientError>
+    where
+        ClientError: From<E>,
+    {
         let mut state = self.lock();
         if state.deleted {
             return Err(ClientError::Deleted(self.id));
         }
-        let out = state.history.doc_mut().transact(f).map_err(|failure| failure.error)?.result;
+        let done = state.history.doc_mut().transact(f);
+        let out = done.map_err(|failure| ClientError::from(failure.error))?.result;
         tracing::debug!(doc = %self.id.short(), heads = ?state.history.doc().get_heads(),
             "local change");
         let stored = state.take_write(false).map(|write| {
