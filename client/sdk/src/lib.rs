@@ -143,6 +143,19 @@ impl Inner {
     }
 }
 
+/// A broadcast subscription as a stream, `missed` standing for events a slow reader lost.
+fn event_stream<T: Clone + Send + 'static>(
+    events: broadcast::Receiver<T>,
+    missed: impl Fn(u64) -> T + Send + 'static,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
+    BroadcastStream::new(events).map(move |event| match event {
+        Ok(event) => event,
+        Err(BroadcastStreamRecvError::Lagged(count)) => missed(count),
+    })
+}
+
 enum SyncTask {
     /// Not started; holds the wake-up channel the engine will read.
     Idle(mpsc::UnboundedReceiver<DocId>),
@@ -269,6 +282,15 @@ impl Client {
     /// Every document event on this device from now on, with the document's id.
     pub fn events(&self) -> broadcast::Receiver<(DocId, DocEvent)> {
         self.inner.events.subscribe()
+    }
+
+    /// [`Client::events`] as a stream. A reader that falls behind gets one
+    /// [`DocEvent::Missed`] (with no document: [`DocId`] all zeros) in place of what it missed.
+    pub fn event_stream(
+        &self,
+    ) -> impl futures_util::Stream<Item = (DocId, DocEvent)> + Send + 'static {
+        let unknown = DocId::from_bytes([0; 16]);
+        event_stream(self.events(), move |count| (unknown, DocEvent::Missed { count }))
     }
 
     /// Starts background sync if it is not running (a client without a server stays offline).

@@ -132,4 +132,10 @@ impl DocHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<DocEvent> {
         self.shared.events.subscribe()
     }
+
+    /// Events for this document from now on, as a stream. A reader that falls behind gets
+    /// [`DocEvent::Missed`] in place of what it missed.
+    pub fn events(&self) -> impl futures_util::Stream<Item = DocEvent> + Send + 'static {
+        crate::event_stream(self.subscribe(), |count| DocEvent::Missed { count })
+    }
 }

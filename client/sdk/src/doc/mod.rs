@@ -57,6 +57,13 @@ pub enum DocEvent {
         /// Unsynced local changes were discarded.
         discarded: bool,
     },
+    /// Only on an event stream ([`DocHandle::events`], [`crate::Client::event_stream`]): the
+    /// stream's reader fell so far behind that `count` events were dropped. Read the
+    /// document again rather than rely on the events missed.
+    Missed {
+        /// How many were dropped.
+        count: u64,
+    },
 }
 
 /// A document as this device holds it.

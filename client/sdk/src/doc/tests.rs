@@ -91,3 +91,25 @@ async fn eventually(done: impl Fn() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_tell_each_change_and_say_what_a_slow_reader_missed() {
+    use futures_util::StreamExt;
+    let (client, _dir) = offline_client().await;
+    let doc = client.create("notes").await.expect("create");
+    let mut events = Box::pin(doc.events());
+    let mut all = Box::pin(client.event_stream());
+    doc.put("n", serde_json::json!(1)).await.expect("put");
+    assert_eq!(events.next().await, Some(super::DocEvent::Local));
+    assert_eq!(all.next().await, Some((doc.id(), super::DocEvent::Local)));
+
+    // Far more changes than the stream holds, unread: the reader is told it missed some.
+    for n in 0..100 {
+        doc.put("n", serde_json::json!(n)).await.expect("put");
+    }
+    match events.next().await {
+        Some(super::DocEvent::Missed { count }) => assert!(count > 0),
+        other => panic!("expected Missed, got {other:?}"),
+    }
+    assert_eq!(events.next().await, Some(super::DocEvent::Local), "then the events kept");
+}
