@@ -315,8 +315,14 @@ impl Client {
 
     /// Syncs again after [`Client::pause_sync`] (and starts sync if it never ran).
     pub fn resume_sync(&self) {
-        if self.inner.paused.send_replace(false) {
-            self.inner.status.send_replace(SyncStatus::Offline { failure: None });
+        if *self.inner.paused.borrow() {
+            // Said before the engine can move on, so a wait started now sees no stale `Paused`.
+            let next = match self.remote {
+                Some(_) => SyncStatus::Connecting,
+                None => SyncStatus::Offline { failure: None },
+            };
+            self.inner.status.send_replace(next);
+            self.inner.paused.send_replace(false);
         }
         self.inner.reconnect.notify_waiters();
         self.start_sync();
