@@ -126,3 +126,29 @@ async fn an_account_call_with_a_refused_token_is_retried_with_a_fresh_one() {
     let err = refused.devices().await.expect_err("no good token");
     assert_eq!(err.code(), cubby_client::ErrorCode::Unauthenticated, "{err}");
 }
+
+/// Once sync has stopped for good (here: the device was revoked and wiped), pausing and
+/// resuming leave its last status standing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_wiped_device_keeps_it_wiped() {
+    let server = TestServer::start().await;
+    let phone = server.device("alice").await;
+    let laptop = server.device("alice").await;
+    laptop.client.wait_until_synced().await.expect("synced");
+    phone.client.revoke_device(laptop.client.device_id()).await.expect("revokes");
+    let mut status = laptop.client.status();
+    let wiped = status.wait_for(|s| matches!(s, SyncStatus::Wiped { .. }));
+    tokio::time::timeout(cubby_tests::DEADLINE, wiped)
+        .await
+        .expect("wiped in time")
+        .expect("status");
+    eventually("the engine has stopped", || async {
+        laptop.client.wait_until_synced().await.is_err()
+    })
+    .await;
+
+    laptop.client.pause_sync();
+    assert!(matches!(*laptop.client.status().borrow(), SyncStatus::Wiped { .. }));
+    laptop.client.resume_sync();
+    assert!(matches!(*laptop.client.status().borrow(), SyncStatus::Wiped { .. }));
+}

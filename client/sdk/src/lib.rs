@@ -310,20 +310,48 @@ impl Client {
     /// or received; edits stay on this device, marked unsynced (status [`SyncStatus::Paused`]).
     pub fn pause_sync(&self) {
         self.inner.paused.send_replace(true);
-        self.inner.status.send_replace(SyncStatus::Paused);
+        if !self.sync_ended() {
+            self.set_status_unless_wiped(SyncStatus::Paused);
+        }
+    }
+
+    /// Says `status`, unless the device was wiped meanwhile (checked and set at once).
+    fn set_status_unless_wiped(&self, status: SyncStatus) {
+        self.inner.status.send_if_modified(|current| {
+            let wiped = matches!(current, SyncStatus::Wiped { .. });
+            if !wiped {
+                *current = status;
+            }
+            !wiped
+        });
+    }
+
+    /// Whether the engine stopped for good (wiped, another account's token, shut down): its
+    /// last status stands.
+    fn sync_ended(&self) -> bool {
+        if matches!(*self.inner.status.borrow(), SyncStatus::Wiped { .. })
+            || self.inner.foreign.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return true;
+        }
+        match &*self.sync.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            SyncTask::Stopped => true,
+            SyncTask::Running(task) => task.is_finished(),
+            SyncTask::Idle(_) => false,
+        }
     }
 
     /// Syncs again after [`Client::pause_sync`] (and starts sync if it never ran).
     pub fn resume_sync(&self) {
-        if *self.inner.paused.borrow() {
+        if *self.inner.paused.borrow() && !self.sync_ended() {
             // Said before the engine can move on, so a wait started now sees no stale `Paused`.
             let next = match self.remote {
                 Some(_) => SyncStatus::Connecting,
                 None => SyncStatus::Offline { failure: None },
             };
-            self.inner.status.send_replace(next);
-            self.inner.paused.send_replace(false);
+            self.set_status_unless_wiped(next);
         }
+        self.inner.paused.send_replace(false);
         self.inner.reconnect.notify_waiters();
         self.start_sync();
     }
