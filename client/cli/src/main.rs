@@ -36,7 +36,8 @@ struct Cli {
     /// This device's local data directory [default: ~/.cubby].
     #[arg(long, env = "CUBBY_HOME", global = true)]
     home: Option<PathBuf>,
-    /// A PEM certificate to trust (the dev server's self-signed one).
+    /// A PEM certificate to trust (the dev server's self-signed one) instead of the system's
+    /// trust store.
     #[arg(long, env = "CUBBY_CA", global = true)]
     ca: Option<PathBuf>,
     /// Seconds to wait for the server before giving up.

@@ -295,6 +295,33 @@ async fn a_token_command_is_asked_again_when_its_token_is_refused() {
     assert!(said.contains("the token command failed") && said.contains("broken"), "{said}");
 }
 
+/// Without a CA of its own, a device trusts what the operating system's store trusts (here
+/// Linux's, pointed at the server's certificate with `SSL_CERT_FILE`, as an administrator
+/// installing a company CA would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pinned_ca_the_system_trust_store_decides() {
+    let server = TestServer::start().await;
+    let device = Device::new(&server, "alice");
+    let empty = device.home.path().join("no-certs");
+    std::fs::create_dir_all(&empty).expect("made");
+
+    let mut trusted = device.command(&["sync"]);
+    trusted.env_remove("CUBBY_CA").env("SSL_CERT_FILE", &device.ca).env("SSL_CERT_DIR", &empty);
+    let out =
+        tokio::task::spawn_blocking(move || trusted.output().expect("runs")).await.expect("joined");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut stranger = device.command(&["sync", "--timeout", "5"]);
+    let other = certificate(device.home.path(), false).0;
+    stranger.env_remove("CUBBY_CA").env("SSL_CERT_FILE", &other).env("SSL_CERT_DIR", &empty);
+    let out = tokio::task::spawn_blocking(move || stranger.output().expect("runs"))
+        .await
+        .expect("joined");
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("give the client the server's CA certificate"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customer_rights_through_the_cli() {
     let server = TestServer::start().await;

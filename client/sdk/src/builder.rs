@@ -76,7 +76,9 @@ impl ClientBuilder {
         self
     }
 
-    /// A PEM certificate to trust instead of the public web roots (a self-signed server).
+    /// A PEM certificate (or several) to trust instead of the operating system's trust store
+    /// (a self-signed server, a company CA the devices do not have). Without it the system's
+    /// store decides (rustls-platform-verifier; Mozilla's roots on a system without a store).
     pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
         self

@@ -22,6 +22,7 @@ use crate::{ClientError, Inner, LOCAL};
 mod connect;
 mod receive;
 mod status;
+mod tls;
 mod transport;
 
 pub use status::{SyncFailure, SyncStatus, WipeReason};

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use cubby_proto::pb;
 use hyper_util::rt::TokioIo;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::Endpoint;
+
+use super::tls::TlsConnector;
 
 use super::{MAX_MESSAGE, SyncFailure, WipeReason};
 use crate::{ClientError, TokenProvider};
@@ -22,6 +24,8 @@ pub(crate) struct Remote {
     calls: Arc<tokio::sync::OnceCell<tonic::transport::Channel>>,
     /// The URL is `http://`.
     plaintext: bool,
+    /// For an `https://` URL: TLS, over TCP or `dialer`.
+    tls: Option<TlsConnector>,
 }
 
 /// A byte stream to the server opened by the app's own transport.
@@ -31,7 +35,7 @@ pub(crate) trait Transport:
 }
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Transport for T {}
 
-type Dialed = std::pin::Pin<
+pub(super) type Dialed = std::pin::Pin<
     Box<dyn Future<Output = std::io::Result<TokioIo<Box<dyn Transport>>>> + Send + 'static>,
 >;
 
@@ -171,43 +175,40 @@ impl Remote {
         let bad = |e: tonic::transport::Error| {
             ClientError::Config(format!("server {url:?}: {}", chain(&e)))
         };
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
+        let https = url.starts_with("https://");
+        if !https && !url.starts_with("http://") {
+            return Err(ClientError::Config(format!("server {url:?} must start with https://")));
+        }
+        // TLS is the SDK's own (`tls.rs`): tonic dials plain HTTP/2 over it.
+        let plain = if https { url.replacen("https://", "http://", 1) } else { url.to_owned() };
+        let mut endpoint = Endpoint::from_shared(plain)
             .map_err(bad)?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
-        if url.starts_with("https://") {
-            let tls = match ca_pem {
-                Some(pem) => {
-                    use rustls::pki_types::{CertificateDer, pem::PemObject};
-                    if !CertificateDer::pem_slice_iter(&pem).any(|cert| cert.is_ok()) {
-                        return Err(ClientError::Config(
-                            "the CA certificate given has no PEM certificate in it (a \
-                             -----BEGIN CERTIFICATE----- block)"
-                                .into(),
-                        ));
-                    }
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-                }
-                None => ClientTlsConfig::new().with_webpki_roots(),
-            };
-            endpoint = endpoint.tls_config(tls).map_err(bad)?;
-        } else if !url.starts_with("http://") {
-            return Err(ClientError::Config(format!("server {url:?} must start with https://")));
-        }
-        let plaintext = url.starts_with("http://");
-        Ok(Self { endpoint, token, dialer, calls: Arc::default(), plaintext })
+        let tls = if https {
+            let uri: tonic::codegen::http::Uri =
+                url.parse().map_err(|e| ClientError::Config(format!("server {url:?}: {e}")))?;
+            endpoint = endpoint.origin(uri.clone());
+            let host = uri.host().unwrap_or_default();
+            let port = uri.port_u16().unwrap_or(443);
+            Some(TlsConnector::new(host, port, ca_pem.as_deref(), dialer.clone())?)
+        } else {
+            None
+        };
+        Ok(Self { endpoint, token, dialer, tls, calls: Arc::default(), plaintext: !https })
     }
 
     /// A connection to the server, over TCP or the custom transport.
     pub(super) async fn connect(
         &self,
     ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-        match &self.dialer {
-            Some(dialer) => self.endpoint.connect_with_connector(dialer.clone()).await,
-            None => self.endpoint.connect().await,
+        match (&self.tls, &self.dialer) {
+            (Some(tls), _) => self.endpoint.connect_with_connector(tls.clone()).await,
+            (None, Some(dialer)) => self.endpoint.connect_with_connector(dialer.clone()).await,
+            (None, None) => self.endpoint.connect().await,
         }
     }
 
