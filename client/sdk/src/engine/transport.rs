@@ -216,8 +216,10 @@ impl Remote {
     /// fails in the transport (the answer was not HTTP/2 in plain text) most likely reached a
     /// server that speaks TLS.
     pub(crate) fn misconfigured(&self, status: &tonic::Status) -> Option<String> {
-        (self.plaintext && status.code() == tonic::Code::Unknown)
-            .then(|| format!("{USE_HTTPS} ({})", status.message()))
+        // Seen as `Unknown` ("h2 protocol error") or `Cancelled` ("operation was canceled"),
+        // depending on when the server hangs up.
+        let broken = matches!(status.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+        (self.plaintext && broken).then(|| format!("{USE_HTTPS} ({})", status.message()))
     }
 
     /// The sync failure `status` means on this connection.
