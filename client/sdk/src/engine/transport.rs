@@ -9,7 +9,7 @@ use cubby_proto::pb;
 use hyper_util::rt::TokioIo;
 use tonic::transport::Endpoint;
 
-use super::tls::TlsConnector;
+use super::tls::tls_dialer;
 
 use super::{MAX_MESSAGE, SyncFailure, WipeReason};
 use crate::{ClientError, TokenProvider};
@@ -25,7 +25,7 @@ pub(crate) struct Remote {
     /// The URL is `http://`.
     plaintext: bool,
     /// For an `https://` URL: TLS, over TCP or `dialer`.
-    tls: Option<TlsConnector>,
+    tls: Option<Dialer>,
 }
 
 /// A byte stream to the server opened by the app's own transport.
@@ -35,7 +35,7 @@ pub(crate) trait Transport:
 }
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Transport for T {}
 
-pub(super) type Dialed = std::pin::Pin<
+type Dialed = std::pin::Pin<
     Box<dyn Future<Output = std::io::Result<TokioIo<Box<dyn Transport>>>> + Send + 'static>,
 >;
 
@@ -57,6 +57,13 @@ impl Dialer {
                 Ok(TokioIo::new(io))
             })
         }))
+    }
+}
+
+impl Dialer {
+    /// Dials once.
+    pub(super) fn dial(&self) -> Dialed {
+        (self.0)()
     }
 }
 
@@ -194,7 +201,7 @@ impl Remote {
             endpoint = endpoint.origin(uri.clone());
             let host = uri.host().unwrap_or_default();
             let port = uri.port_u16().unwrap_or(443);
-            Some(TlsConnector::new(host, port, ca_pem.as_deref(), dialer.clone())?)
+            Some(tls_dialer(host, port, ca_pem.as_deref(), dialer.clone())?)
         } else {
             None
         };
