@@ -310,19 +310,7 @@ pub(crate) fn serve(
     let jobs = tracker.clone();
     tracker.spawn(async move {
         let mut failures = crate::listen::AcceptFailures::new("control socket");
-        loop {
-            let accepted = tokio::select! {
-                () = stop.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => {
-                    failures.reset();
-                    stream
-                }
-                Err(err) if failures.back_off(&err, &stop).await => continue,
-                Err(_) => break,
-            };
+        while let Some((stream, _)) = failures.next(&stop, || listener.accept()).await {
             // Only this server's user, and root, may ask.
             let peer = stream.peer_cred().map(|c| c.uid());
             if !peer.as_ref().is_ok_and(|&uid| uid == me || uid == 0) {

@@ -37,12 +37,12 @@ use conn::read_preface;
 pub(crate) use conn::{Conn, Prefaced};
 
 /// A source of connections.
-pub trait Listener: Send + 'static {
+pub trait Listener: Send + Sync + 'static {
     /// One accepted connection.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
     /// Waits for the next connection and its peer's address.
-    fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, SocketAddr)>> + Send;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Io, SocketAddr)>> + Send;
 
     /// The address it listens on.
     fn local_addr(&self) -> io::Result<SocketAddr>;
@@ -51,7 +51,7 @@ pub trait Listener: Send + 'static {
 impl Listener for tokio::net::TcpListener {
     type Io = tokio::net::TcpStream;
 
-    async fn accept(&mut self) -> io::Result<(Self::Io, SocketAddr)> {
+    async fn accept(&self) -> io::Result<(Self::Io, SocketAddr)> {
         let (tcp, peer) = tokio::net::TcpListener::accept(self).await?;
         // Small frames go out at once; Nagle would hold an acknowledgement for 40 ms.
         let _ = tcp.set_nodelay(true);
@@ -249,7 +249,7 @@ impl Gate {
     /// `hangup` fails every connection accepted (see [`Conn`]).
     pub(crate) fn serve<L, T, F, Fut>(
         self: Arc<Self>,
-        mut listener: L,
+        listener: L,
         admit: F,
         tracker: &TaskTracker,
         stop: CancellationToken,
@@ -265,19 +265,7 @@ impl Gate {
         let handshakes = tracker.clone();
         tracker.spawn(async move {
             let mut failures = AcceptFailures::new("sync");
-            loop {
-                let accepted = tokio::select! {
-                    accepted = listener.accept() => accepted,
-                    () = stop.cancelled() => return,
-                };
-                let (io, addr) = match accepted {
-                    Ok(accepted) => {
-                        failures.reset();
-                        accepted
-                    }
-                    Err(err) if failures.back_off(&err, &stop).await => continue,
-                    Err(_) => return,
-                };
+            while let Some((io, addr)) = failures.next(&stop, || listener.accept()).await {
                 let Some(ticket) = self.begin_handshake(tokio::time::Instant::now()) else {
                     tracing::debug!(%addr, "too many handshakes in progress: connection closed");
                     continue;
@@ -328,12 +316,39 @@ impl AcceptFailures {
         Self { listener, pause: Duration::ZERO, unlogged: 0, logged_at: None }
     }
 
-    pub(crate) fn reset(&mut self) {
+    /// What `accept` accepts next, pausing after each failure (longer while they go on);
+    /// `None` once `stop` comes.
+    pub(crate) async fn next<T, Fut>(
+        &mut self,
+        stop: &CancellationToken,
+        mut accept: impl FnMut() -> Fut,
+    ) -> Option<T>
+    where
+        Fut: Future<Output = io::Result<T>>,
+    {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => return None,
+                accepted = accept() => accepted,
+            };
+            match accepted {
+                Ok(accepted) => {
+                    self.reset();
+                    return Some(accepted);
+                }
+                Err(err) if self.back_off(&err, stop).await => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// An accept succeeded: the next failure pauses briefly again.
+    fn reset(&mut self) {
         self.pause = Duration::ZERO;
     }
 
     /// Notes a failure and pauses before the next accept; false if `stop` came meanwhile.
-    pub(crate) async fn back_off(&mut self, err: &io::Error, stop: &CancellationToken) -> bool {
+    async fn back_off(&mut self, err: &io::Error, stop: &CancellationToken) -> bool {
         let pause = self.failed(err);
         tokio::select! {
             () = tokio::time::sleep(pause) => true,

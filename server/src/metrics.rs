@@ -229,19 +229,7 @@ pub(crate) fn serve(
     let connections = tracker.clone();
     tracker.spawn(async move {
         let mut failures = crate::listen::AcceptFailures::new("metrics");
-        loop {
-            let accepted = tokio::select! {
-                () = stop.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let stream = match accepted {
-                Ok((stream, _)) => {
-                    failures.reset();
-                    stream
-                }
-                Err(err) if failures.back_off(&err, &stop).await => continue,
-                Err(_) => return,
-            };
+        while let Some((stream, _)) = failures.next(&stop, || listener.accept()).await {
             let (metrics, scrape, stop) = (metrics.clone(), scrape.clone(), stop.clone());
             connections.spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<_>| {

@@ -388,7 +388,7 @@ struct SimListener {
 impl Listener for SimListener {
     type Io = turmoil::net::TcpStream;
 
-    async fn accept(&mut self) -> std::io::Result<(Self::Io, SocketAddr)> {
+    async fn accept(&self) -> std::io::Result<(Self::Io, SocketAddr)> {
         let accepted = self.listener.accept().await?;
         lock(&self.world.accepts).push(turmoil::sim_elapsed().unwrap_or_default());
         Ok(accepted)
