@@ -49,6 +49,11 @@ pub enum ClientError {
         /// What happened, for people.
         message: String,
     },
+    /// The server told this device to wipe its local copy (revoked, or the account erased),
+    /// and it did: nothing is left to read and nothing more is synced. Building a client on
+    /// the same directory starts a new device.
+    #[error("this device was wiped ({0:?}): its local data is gone")]
+    Wiped(crate::WipeReason),
     /// Writing an export failed.
     #[error("cannot write: {0}")]
     Io(#[source] std::io::Error),
@@ -90,6 +95,7 @@ impl ClientError {
         match self {
             Self::Config(_) => ErrorCode::Config,
             Self::Store(StoreError::InUse) => ErrorCode::StoreInUse,
+            Self::Store(StoreError::Erased) | Self::Wiped(_) => ErrorCode::Wiped,
             Self::Store(_) => ErrorCode::LocalStore,
             Self::UnknownDocument(_) => ErrorCode::UnknownDocument,
             Self::Deleted(_) => ErrorCode::Deleted,
@@ -134,6 +140,9 @@ pub enum ErrorCode {
     Io,
     /// The server could not be reached.
     Offline,
+    /// This device was wiped (revoked, or the account erased): its local store holds nothing
+    /// and this client can do nothing more.
+    Wiped,
     // The server's, as gRPC names them.
     /// `INVALID_ARGUMENT`: the request was malformed or refused as invalid.
     InvalidArgument,
@@ -177,6 +186,7 @@ impl ErrorCode {
             Self::WrongAccount => "wrong_account",
             Self::Io => "io",
             Self::Offline => "offline",
+            Self::Wiped => "wiped",
             Self::InvalidArgument => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
             Self::PermissionDenied => "permission_denied",

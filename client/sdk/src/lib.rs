@@ -100,8 +100,11 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// Refuses when this device's data is another account's than the token's.
+    /// Refuses when this device was wiped, or its data is another account's than the token's.
     fn own_account(&self) -> Result<(), ClientError> {
+        if let SyncStatus::Wiped { reason } = *self.status.borrow() {
+            return Err(ClientError::Wiped(reason));
+        }
         if self.foreign.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ClientError::WrongAccount);
         }
