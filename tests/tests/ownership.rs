@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use cubby_client::{SyncStatus, WipeReason};
+use cubby_client::{ErrorCode, SyncStatus, WipeReason};
 use cubby_crypto::signing::{DeviceKey, generate_pkcs8};
 use cubby_proto::pb;
 use cubby_proto::pb::account_client::AccountClient;
@@ -139,7 +139,10 @@ async fn revoked_device_is_cut_off_refused_and_wiped() {
     })
     .await;
     eprintln!("revoke to wiped phone: {:?}", started.elapsed());
-    assert!(phone.client.list().await.is_err(), "the wiped phone reads nothing");
+    let refused = phone.client.list().await.expect_err("the wiped phone reads nothing");
+    assert_eq!(refused.code(), ErrorCode::Wiped, "{refused}");
+    let refused = phone.client.open(doc.id()).await.expect_err("nor opens what it held");
+    assert_eq!(refused.code(), ErrorCode::Wiped, "{refused}");
     assert!(doc.put("more", json!(1)).await.is_err(), "its open handles write nothing");
     let doc_id = doc.id();
     drop(doc);

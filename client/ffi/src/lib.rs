@@ -19,7 +19,7 @@
 //!
 //! [UniFFI]: https://mozilla.github.io/uniffi-rs/
 
-use std::sync::LazyLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 mod client;
 mod document;
@@ -40,17 +40,36 @@ uniffi::setup_scaffolding!("cubby");
 
 /// The runtime every call runs on: the SDK needs tokio, and the apps calling through the
 /// bindings have none. Two workers: a device syncs one stream and the blocking pool does the
-/// disk work.
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RUNTIME: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
-        tokio::runtime::Builder::new_multi_thread()
+/// disk work. Built on first use; [`shutdown_runtime`] stops it for good.
+static RUNTIME: Mutex<Option<tokio::runtime::Runtime>> = Mutex::new(None);
+static HANDLE: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+
+fn runtime() -> &'static tokio::runtime::Handle {
+    HANDLE.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cubby")
             .enable_all()
             .build()
-            .expect("the operating system refused to start Cubby's runtime threads")
-    });
-    &RUNTIME
+            .expect("the operating system refused to start Cubby's runtime threads");
+        let handle = runtime.handle().clone();
+        *RUNTIME.lock().unwrap_or_else(PoisonError::into_inner) = Some(runtime);
+        handle
+    })
+}
+
+/// Stops Cubby's threads for good, waiting up to two seconds for work in flight; every call
+/// after it fails with `Closed`. For a language whose interpreter must not be called from
+/// other threads while it exits: the Python package calls it from `atexit`, because a Cubby
+/// thread still inside a callback (an async call's wake-up) when Python finalizes would be
+/// killed by Python and abort the process. Call `shutdown` on clients first; never call this
+/// from a Cubby callback.
+#[uniffi::export]
+pub fn shutdown_runtime() {
+    let runtime = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(runtime) = runtime {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    }
 }
 
 /// Runs `work` on [`runtime`] and waits for it from whatever executor the foreign language
@@ -63,6 +82,7 @@ where
 {
     match runtime().spawn(work).await {
         Ok(result) => result,
+        Err(err) if err.is_cancelled() => Err(CubbyError::Closed("Cubby has shut down".into())),
         Err(err) => Err(CubbyError::Internal(format!("the call failed inside Cubby: {err}"))),
     }
 }
