@@ -115,7 +115,10 @@ enum DocCommand {
     },
     /// List the documents on this device.
     List,
-    /// Set KEY to VALUE (JSON if it parses as JSON, otherwise a string).
+    /// Set KEY to VALUE (JSON if it parses as JSON, otherwise a string). An object updates the
+    /// one there field by field, so only what changed is recorded and others' concurrent edits
+    /// of other fields survive. A string replaces the one there whole, and the document keeps
+    /// every version in its history: for long text that changes, use --text.
     Put {
         /// The document id.
         id: String,
@@ -123,6 +126,11 @@ enum DocCommand {
         key: String,
         /// The value.
         value: String,
+        /// Store VALUE as collaborative text: putting it again records only the characters that
+        /// changed, and concurrent edits by others elsewhere in it survive (each character
+        /// costs some memory when the document is loaded).
+        #[arg(long)]
+        text: bool,
     },
     /// Print this device's copy of a document as JSON. It is as of this device's last sync
     /// (`--sync` syncs first); a document this device does not have is fetched.
@@ -326,9 +334,13 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Doc { command: DocCommand::Put { id, key, value } } => {
+        Command::Doc { command: DocCommand::Put { id, key, value, text } } => {
             let doc = open_doc(cli, client, parse_id(id)?).await?;
-            doc.put(key, parse_value(value)).await?;
+            if *text {
+                doc.put_text(key, value).await?;
+            } else {
+                doc.put(key, parse_value(value)).await?;
+            }
             push(cli, client).await
         }
         Command::Doc { command: DocCommand::Get { id, sync: first } } => {

@@ -131,6 +131,16 @@ async fn watch_prints_each_remote_change_as_it_arrives() {
     assert!(change.get("content").is_none(), "{change}");
     let changes = change["changes"].as_array().expect("a list of changes");
     assert!(changes.contains(&serde_json::json!({"path": "/boxes/count", "put": 2})), "{change}");
+    // Text put again arrives as the characters that changed (and is stored as only those).
+    phone.ok(&["doc", "put", "--text", &id, "note", "ring twice"]).await;
+    let change = next_line().await;
+    assert!(change["changes"].to_string().contains("ring twice"), "{change}");
+    phone.ok(&["doc", "put", "--text", &id, "note", "ring the bell twice"]).await;
+    let change = next_line().await;
+    let changes = change["changes"].as_array().expect("a list of changes");
+    let [splice] = &changes[..] else { panic!("one change: {change}") };
+    let inserted = splice["splice"].as_str().expect("a splice");
+    assert_eq!(inserted.chars().count(), "the bell ".len(), "only what changed: {change}");
     // A deletion is a line too.
     phone.ok(&["doc", "delete", &id]).await;
     let change = next_line().await;

@@ -83,7 +83,9 @@ impl DocHandle {
     /// Only what differs is changed, so that another device's concurrent changes survive the
     /// merge: an object set over a map updates it field by field (deleting the fields it
     /// lacks), a string set over Automerge text splices the difference in, and an equal value
-    /// is left alone. An array replaces the list whole.
+    /// is left alone. An array replaces the list whole, and a string set over a string replaces
+    /// it whole: the document's history keeps every version, so a long string that changes
+    /// belongs in text ([`DocHandle::put_text`]), where a change records only what differs.
     pub async fn put(&self, key: &str, value: serde_json::Value) -> Result<(), ClientError> {
         let key = key.to_owned();
         self.change(move |tx| cubby_core::json::put_json(tx, &ROOT, &key, &value)).await
