@@ -17,7 +17,7 @@ BINDGEN="$ROOT/target/debug/uniffi-bindgen"
 mkdir -p "$TOOLS"
 cd "$ROOT"
 
-say() { printf '== %s\n' "$*"; }
+say() { printf '== %s  (%s)\n' "$*" "$(date +%T)"; }
 
 # --- Tools -----------------------------------------------------------------------------------
 

@@ -8,9 +8,10 @@ KOTLIN="$ROOT/client/ffi/kotlin/node_modules/kotlin-compiler"
 OUT="$ROOT/target/bindings/notes-kotlin"
 CP="/usr/share/java/jna.jar:$KOTLIN/lib/kotlinx-coroutines-core-jvm.jar"
 cd "$ROOT"
+cargo build --quiet -p cubby-ffi -p cubby-uniffi-bindgen
 if [ ! -f "$OUT/notes.jar" ] || [ "$0" -nt "$OUT/notes.jar" ] \
-    || [ examples/kotlin/Notes.kt -nt "$OUT/notes.jar" ]; then
-    cargo build --quiet -p cubby-ffi -p cubby-uniffi-bindgen
+    || [ examples/kotlin/Notes.kt -nt "$OUT/notes.jar" ] \
+    || [ target/debug/libcubby_ffi.so -nt "$OUT/notes.jar" ]; then
     rm -rf "$OUT" && mkdir -p "$OUT"
     target/debug/uniffi-bindgen generate --no-format --library target/debug/libcubby_ffi.so \
         --language kotlin --out-dir "$OUT/src" >/dev/null

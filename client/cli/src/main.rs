@@ -349,6 +349,13 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             }
             let doc = open_doc(cli, client, parse_id(id)?).await?;
             println!("{}", serde_json::to_string_pretty(&doc.to_json())?);
+            if !*first {
+                let changed = when(doc.meta().updated_ms);
+                eprintln!(
+                    "this device's copy, last changed {changed}: it may miss edits made \
+                     elsewhere since its last sync (--sync gets them first)"
+                );
+            }
             Ok(())
         }
         Command::Sync => {
@@ -452,7 +459,6 @@ async fn command(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     }
 }
 
-/// Milliseconds since the epoch as seconds, which `date -d @N` reads.
 /// A time the server recorded, as RFC 3339 in UTC (`2026-12-07T13:34:22Z`).
 fn when(ms: u64) -> String {
     let at =

@@ -165,6 +165,13 @@ async fn edits_made_offline_sync_on_the_next_sync() {
     let other = Device::new(&server, "alice");
     other.ok(&["sync"]).await;
     assert_eq!(json(&other.ok(&["doc", "get", &id]).await), serde_json::json!({"seat": "14C"}));
+    // The local copy says so; a synced one has nothing to add.
+    let local = other.run(&["doc", "get", &id]).await;
+    let said = String::from_utf8_lossy(&local.stderr);
+    assert!(said.contains("this device's copy") && said.contains("--sync"), "{said}");
+    let synced = other.run(&["doc", "get", "--sync", &id]).await;
+    assert!(synced.status.success());
+    assert!(!String::from_utf8_lossy(&synced.stderr).contains("this device's copy"));
 }
 
 /// A self-signed certificate for localhost, in `dir`; `ca` marks it as a CA as `openssl req

@@ -4,6 +4,7 @@ package dev.cubby.test
 import dev.cubby.ClientConfig
 import dev.cubby.CubbyClient
 import dev.cubby.CubbyException
+import dev.cubby.Document
 import dev.cubby.DocumentEvent
 import dev.cubby.DocumentListener
 import dev.cubby.StatusListener
@@ -141,16 +142,23 @@ class CubbyTest {
 
     private suspend fun holds(client: CubbyClient, id: String) = client.list().any { it.id == id }
 
+    /** The phone's `doc` as the laptop holds it, once the laptop has every change to it. */
+    private suspend fun onBoth(phone: CubbyClient, laptop: CubbyClient, doc: Document): Document {
+        phone.waitUntilSynced()
+        eventually("the laptop hears of the document") { holds(laptop, doc.id()) }
+        val other = laptop.openDocument(doc.id())
+        eventually("the laptop has it all") { other.toJson() == doc.toJson() }
+        return other
+    }
+
     @Test
     fun twoDevicesConvergeLive() = runBlocking {
         val phone = device("alice", "phone")
         val laptop = device("alice", "laptop")
         val doc = phone.create("Groceries")
         doc.put("milk", "2")
-        phone.waitUntilSynced()
-        eventually("the laptop hears of the phone's document") { holds(laptop, doc.id()) }
-        val onLaptop = laptop.openDocument(doc.id())
-        eventually("the first value arrives") { onLaptop.get("milk") == "2" }
+        val onLaptop = onBoth(phone, laptop, doc)
+        assertEquals("2", onLaptop.get("milk"))
 
         val heard = Recorder()
         onLaptop.subscribe(heard).use {
@@ -169,10 +177,7 @@ class CubbyTest {
         val doc = phone.create("Profile")
         doc.put("address", """{"street": "Main St 1", "city": "Lyon"}""")
         doc.putText("note", "hello world")
-        phone.waitUntilSynced()
-        eventually("the laptop hears of the phone's document") { holds(laptop, doc.id()) }
-        val other = laptop.openDocument(doc.id())
-        eventually("the laptop has it all") { other.get("note") != null }
+        val other = onBoth(phone, laptop, doc)
 
         phone.pauseSync()
         laptop.pauseSync()

@@ -15,20 +15,23 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def on_both(phone, laptop, doc):
+    """The phone's `doc` as the laptop holds it, once the laptop has every change to it."""
+    await phone.wait_until_synced()
+    await eventually(lambda: has_doc(laptop, doc.id()), "the laptop hears of the document")
+    other = await laptop.open_document(doc.id())
+    await eventually(lambda: done(other.to_json() == doc.to_json()), "the laptop has it all")
+    return other
+
+
 def test_two_devices_converge_live(device):
     async def scenario():
         phone = await device("alice", "phone")
         laptop = await device("alice", "laptop")
         doc = await phone.create("Groceries")
         await doc.put("milk", "2")
-        await phone.wait_until_synced()
-
-        async def laptop_has_it():
-            return doc.id() in [d.id for d in await laptop.list()]
-
-        await eventually(laptop_has_it, "the laptop hears of the phone's document")
-        on_laptop = await laptop.open_document(doc.id())
-        await eventually(lambda: done(on_laptop.get("milk") == "2"), "the first value arrives")
+        on_laptop = await on_both(phone, laptop, doc)
+        assert on_laptop.get("milk") == "2"
 
         heard = Recorder()
         subscription = on_laptop.subscribe(heard)
@@ -59,12 +62,7 @@ def test_offline_edits_on_both_devices_merge(device):
         doc = await phone.create("Profile")
         await doc.put("address", json.dumps({"street": "Main St 1", "city": "Lyon"}))
         await doc.put_text("note", "hello world")
-        await phone.wait_until_synced()
-        await eventually(
-            lambda: has_doc(laptop, doc.id()), "the laptop hears of the phone's document"
-        )
-        other = await laptop.open_document(doc.id())
-        await eventually(lambda: done(other.get("note") is not None), "the laptop has it all")
+        other = await on_both(phone, laptop, doc)
 
         phone.pause_sync()
         laptop.pause_sync()

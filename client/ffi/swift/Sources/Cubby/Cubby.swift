@@ -4247,6 +4247,20 @@ public func initLogging(filter: String)  {try! rustCall() {
     )
 }
 }
+/**
+ * Stops Cubby's threads for good, waiting up to two seconds for work in flight; every call
+ * after it fails with `Closed`. For a language whose interpreter must not be called from
+ * other threads while it exits: the Python package calls it from `atexit`, because a Cubby
+ * thread still inside a callback (an async call's wake-up) when Python finalizes would be
+ * killed by Python and abort the process. Call `shutdown` on clients first; never call this
+ * from a Cubby callback.
+ */
+public func shutdownRuntime()  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_cubby_ffi_fn_func_shutdown_runtime(uniffiCallStatus
+    )
+}
+}
 
 private enum InitializationResult {
     case ok
@@ -4264,6 +4278,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.contractVersionMismatch
     }
     if (uniffi_cubby_ffi_checksum_func_init_logging() != 32887) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_cubby_ffi_checksum_func_shutdown_runtime() != 31962) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_cubby_ffi_checksum_method_cubbyclient_audit() != 11752) {

@@ -556,6 +556,12 @@ void uniffi_cubby_ffi_fn_method_subscription_cancel(uint64_t ptr, RustCallStatus
 void uniffi_cubby_ffi_fn_func_init_logging(RustBuffer filter, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_FN_FUNC_SHUTDOWN_RUNTIME
+#define UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_FN_FUNC_SHUTDOWN_RUNTIME
+void uniffi_cubby_ffi_fn_func_shutdown_runtime(RustCallStatus *_Nonnull out_status
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_FFI_CUBBY_FFI_RUSTBUFFER_ALLOC
 #define UNIFFI_FFIDEF_FFI_CUBBY_FFI_RUSTBUFFER_ALLOC
 RustBuffer ffi_cubby_ffi_rustbuffer_alloc(uint64_t size, RustCallStatus *_Nonnull out_status
@@ -819,6 +825,12 @@ void ffi_cubby_ffi_rust_future_complete_void(uint64_t handle, RustCallStatus *_N
 #ifndef UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_CHECKSUM_FUNC_INIT_LOGGING
 #define UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_CHECKSUM_FUNC_INIT_LOGGING
 uint16_t uniffi_cubby_ffi_checksum_func_init_logging(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_CHECKSUM_FUNC_SHUTDOWN_RUNTIME
+#define UNIFFI_FFIDEF_UNIFFI_CUBBY_FFI_CHECKSUM_FUNC_SHUTDOWN_RUNTIME
+uint16_t uniffi_cubby_ffi_checksum_func_shutdown_runtime(void
     
 );
 #endif
