@@ -52,9 +52,11 @@ ensure_kotlin() {
 
 # --- Build -----------------------------------------------------------------------------------
 
+# The whole workspace with its tests, as `cargo test --workspace` builds it: after that, nothing
+# to do (building only the three packages needed would resolve other features, and rebuild).
 build() {
-    say "building cubby-server, cubby-ffi and uniffi-bindgen"
-    cargo build --quiet -p cubby-server -p cubby-ffi -p cubby-uniffi-bindgen
+    say "building the workspace (cubby-server, cubby-ffi and uniffi-bindgen among it)"
+    cargo build --quiet --workspace --tests --bins --examples
 }
 
 # --- Python ----------------------------------------------------------------------------------
