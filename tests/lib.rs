@@ -453,3 +453,23 @@ pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A new, empty database on the tests' PostgreSQL server (`CUBBY_TEST_POSTGRES_URL`, which
+/// `tests/run.sh` sets; by hand, `source tests/postgres.sh && postgres_start`). Returns its URL.
+/// The server is a throwaway one, removed with everything in it after the tests.
+pub async fn postgres_database() -> String {
+    let url = std::env::var("CUBBY_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "CUBBY_TEST_POSTGRES_URL is not set: this test needs a PostgreSQL server. \
+             `bash tests/run.sh` starts one; by hand: source tests/postgres.sh && postgres_start"
+        )
+    });
+    let (client, connection) =
+        tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("the test database");
+    tokio::spawn(connection);
+    let id: [u8; 8] = cubby_crypto::random_array();
+    let name = format!("cubby_t_{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("a database");
+    let (base, _) = url.rsplit_once('/').expect("a URL with a database name");
+    format!("{base}/{name}")
+}

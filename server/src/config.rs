@@ -52,6 +52,58 @@ pub struct ServerConfig {
     /// Prometheus metrics.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where documents are stored.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Where documents are stored: sled in the data directory (the default), or a PostgreSQL
+/// database that several nodes share.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `sled` or `postgres`. Default: `postgres` when `url` is set, else `sled`.
+    pub backend: Option<Backend>,
+    /// The PostgreSQL database, as libpq reads a URL
+    /// (`postgresql://cubby:PASSWORD@db.example.com:5432/cubby`). Also `CUBBY_STORAGE_URL`, or
+    /// `CUBBY_DATABASE_URL`. It never appears in logs. The master key stays a file outside the
+    /// database; the database holds only what the master key seals.
+    pub url: Option<String>,
+}
+
+/// A storage backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// sled, embedded, in `<data>/db`.
+    Sled,
+    /// A PostgreSQL database (`storage.url`).
+    Postgres,
+}
+
+impl StorageConfig {
+    /// The backend to use, and the database URL for PostgreSQL.
+    pub fn backend(&self) -> Result<(Backend, Option<&str>), ConfigError> {
+        let url = self.url.as_deref();
+        match (self.backend, url) {
+            (Some(Backend::Postgres) | None, Some(url)) => Ok((Backend::Postgres, Some(url))),
+            (Some(Backend::Postgres), None) => Err(ConfigError(
+                "storage.backend is postgres but storage.url is not set (or CUBBY_DATABASE_URL)"
+                    .into(),
+            )),
+            (Some(Backend::Sled) | None, _) => Ok((Backend::Sled, None)),
+        }
+    }
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry the database password.
+        f.debug_struct("StorageConfig")
+            .field("backend", &self.backend)
+            .field("url", &self.url.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 /// Where metrics are served.
@@ -319,6 +371,7 @@ impl ServerConfig {
             limits: Limits::default(),
             tenants: Vec::new(),
             metrics: MetricsConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 
@@ -385,7 +438,8 @@ const TOP_LEVEL: [&str; 6] =
     ["listen", "data", "master_key_file", "witness_dir", "dev_tenant", "tenants"];
 
 /// Settings the environment may give by a shorter name.
-const SHORTHANDS: [(&str, (&str, &str)); 1] = [("metrics", ("metrics", "listen"))];
+const SHORTHANDS: [(&str, (&str, &str)); 2] =
+    [("metrics", ("metrics", "listen")), ("database_url", ("storage", "url"))];
 
 /// Puts the settings `env` gives (`CUBBY_...`, see the module docs) over `table`. A variable
 /// that names no setting but starts like a section's (`CUBBY_LIMITS_...`, `CUBBY_TLS_...`) is
@@ -399,6 +453,7 @@ fn overlay(
         ("tls", toml::Table::try_from(TlsConfig::default())),
         ("limits", toml::Table::try_from(Limits::default())),
         ("metrics", toml::Table::try_from(MetricsConfig::default())),
+        ("storage", toml::Table::try_from(StorageConfig::default())),
     ];
     for (name, value) in env {
         let Some(rest) = name.strip_prefix("CUBBY_") else { continue };
@@ -414,8 +469,10 @@ fn overlay(
             let Some(field) = key.strip_prefix(&format!("{section}_")) else { continue };
             let known = known.as_ref().map_err(|e| ConfigError(e.to_string()))?;
             // Optional settings are absent from their section's default: name them here.
-            let optional =
-                matches!((*section, field), ("tls", "cert" | "key") | ("metrics", "listen"));
+            let optional = matches!(
+                (*section, field),
+                ("tls", "cert" | "key") | ("metrics", "listen") | ("storage", "backend" | "url")
+            );
             if !known.contains_key(field) && !optional {
                 return Err(ConfigError(format!(
                     "{name}: there is no setting {section}.{field} (see server/config/prod.toml)"

@@ -22,6 +22,7 @@ use cubby_crypto::keys::{Keyring, MasterSecret};
 use cubby_proto::{ApiError, pb};
 use cubby_store::witness::Witness;
 use cubby_store::{EncryptedStore, Store, StoreError};
+use cubby_store_postgres::PgStore;
 use cubby_store_sled::{SledStore, WitnessDir};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -148,21 +149,43 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let metrics_listener = bind_metrics(&config).await?;
     // The key before the store: without it nothing may be written.
     let master = master_key(&config)?;
-    let db_path = store_path(&config);
-    let sled = SledStore::open(&db_path)
-        .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
-    let witness = WitnessDir::open(&witness_path(&config))
-        .map_err(|source| StartError::Store { path: witness_path(&config), source })?;
+    let (store, witness) = open_store(&config).await?;
     let platform = Platform {
-        store: Arc::new(sled),
+        store,
         listener,
         work: StorageWork::BlockingPool,
         clock: auth::Clock::System,
         bus: Arc::new(bus::LocalBus::default()),
-        witness: Some(Arc::new(witness)),
+        witness,
     };
     let extras = Extras { metrics: metrics_listener, control_socket: true };
     launch(config, master, platform, extras).await
+}
+
+/// The configured backend: sled in the data directory, with the witness beside it; or the
+/// PostgreSQL database, which nodes share and whose writes are durable at commit (no witness:
+/// several nodes cannot yet share one).
+async fn open_store(
+    config: &ServerConfig,
+) -> Result<(Arc<dyn Store>, Option<Arc<dyn Witness>>), StartError> {
+    match config.storage.backend()? {
+        (config::Backend::Postgres, Some(url)) => {
+            let url = url.to_owned();
+            let store = tokio::task::spawn_blocking(move || PgStore::connect(&url))
+                .await
+                .map_err(|_| ConfigError("opening the database panicked".into()))?
+                .map_err(StartError::Database)?;
+            Ok((Arc::new(store), None))
+        }
+        _ => {
+            let db_path = store_path(config);
+            let sled = SledStore::open(&db_path)
+                .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
+            let witness = WitnessDir::open(&witness_path(config))
+                .map_err(|source| StartError::Store { path: witness_path(config), source })?;
+            Ok((Arc::new(sled), Some(Arc::new(witness))))
+        }
+    }
 }
 
 /// What a server on this machine has besides its platform.

@@ -187,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Keys { command: KeysCommand::Retire { generation } }) => {
             let config = config(&cli)?;
+            embedded_only(&config, "keys retire")?;
             let path = cubby_server::master_key_path(&config);
             let store = cubby_server::store_path(&config);
             MasterSecret::retire(&path, generation, |generation| {
@@ -200,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Backup { ref out }) => {
             let config = config(&cli)?;
+            embedded_only(&config, "backup")?;
             let manifest = backup(&config, out)?;
             println!(
                 "wrote a backup of the store to {} ({} bytes of records, {} flushes); keep the \
@@ -212,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Restore { ref from }) => {
             let config = config(&cli)?;
+            embedded_only(&config, "restore")?;
             let restored = cubby_server::restore(&config, from.as_deref())?;
             if let Some(from) = &restored.from {
                 println!(
@@ -241,6 +244,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Writes a backup to `out`: through the running server's control socket, or from the store
 /// itself when no server runs. Written beside `out` first and checked whole, then renamed.
+/// Refuses a command that works on the embedded store's files when the store is PostgreSQL.
+fn embedded_only(config: &ServerConfig, command: &str) -> anyhow::Result<()> {
+    if config.storage.backend()?.0 == cubby_server::config::Backend::Postgres {
+        anyhow::bail!(
+            "`cubby-server {command}` works on the embedded store, and this server stores in \
+             PostgreSQL: back that up with pg_dump or point-in-time recovery, with the master key \
+             kept apart"
+        );
+    }
+    Ok(())
+}
+
 fn backup(
     config: &ServerConfig,
     out: &std::path::Path,

@@ -46,6 +46,10 @@ pub enum StartError {
         #[source]
         source: StoreError,
     },
+    /// The PostgreSQL database could not be opened (unreachable, refused, not durable, or
+    /// migrated by a newer Cubby).
+    #[error("cannot open the PostgreSQL database (storage.url): {0}")]
+    Database(#[source] StoreError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen {

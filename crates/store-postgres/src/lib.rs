@@ -108,8 +108,23 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Runs `work` on the driver's runtime and waits for it. The traits block, and their
+    /// callers call them from blocking threads, from plain threads, and now and then from an
+    /// async task of a multi-thread runtime (the server opening its store): that task's worker
+    /// hands its other tasks over while it waits ([`tokio::task::block_in_place`]).
     fn block<T>(&self, work: impl Future<Output = Result<T>>) -> Result<T> {
-        runtime().block_on(work)
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|handle| handle.runtime_flavor()) {
+            Err(_) => runtime().block_on(work),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| runtime().block_on(work))
+            }
+            Ok(_) => Err(StoreError::Backend(
+                "the PostgreSQL store blocks: call it from a blocking thread, not from a \
+                 single-threaded async runtime"
+                    .into(),
+            )),
+        }
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {

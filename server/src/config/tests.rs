@@ -132,3 +132,23 @@ fn the_readme_identity_provider_recipes_configure() {
     crate::auth::Authenticator::new(&config, ids, crate::auth::Clock::System)
         .expect("every recipe configures a tenant");
 }
+
+#[test]
+fn a_database_url_in_the_environment_stores_in_postgres_and_stays_out_of_logs() {
+    let url = "postgresql://cubby:hunter2@db.example:5432/cubby";
+    let dev =
+        ServerConfig::dev_and("/tmp/d", default_listen(), env(&[("CUBBY_DATABASE_URL", url)]))
+            .expect("development defaults");
+    assert_eq!(dev.storage.backend().expect("valid"), (Backend::Postgres, Some(url)));
+    assert!(!format!("{dev:?}").contains("hunter2"), "the password stays out of Debug");
+
+    let sled = ServerConfig::dev_and("/tmp/d", default_listen(), env(&[])).expect("defaults");
+    assert_eq!(sled.storage.backend().expect("valid"), (Backend::Sled, None));
+    let chosen = env(&[("CUBBY_STORAGE_BACKEND", "sled"), ("CUBBY_STORAGE_URL", url)]);
+    let chosen = ServerConfig::dev_and("/tmp/d", default_listen(), chosen).expect("loads");
+    assert_eq!(chosen.storage.backend().expect("valid").0, Backend::Sled);
+    let missing = env(&[("CUBBY_STORAGE_BACKEND", "postgres")]);
+    let missing = ServerConfig::dev_and("/tmp/d", default_listen(), missing).expect("loads");
+    let err = missing.storage.backend().expect_err("postgres needs a URL");
+    assert!(err.0.contains("CUBBY_DATABASE_URL"), "{err}");
+}
