@@ -56,7 +56,7 @@ ensure_kotlin() {
 # to do (building only the three packages needed would resolve other features, and rebuild).
 build() {
     say "building the workspace (cubby-server, cubby-ffi and uniffi-bindgen among it)"
-    cargo build --quiet --workspace --tests --bins --examples
+    cargo build --quiet --workspace --lib --bins --tests --examples
 }
 
 # --- Python ----------------------------------------------------------------------------------
