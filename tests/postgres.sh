@@ -33,11 +33,26 @@ postgres_start() {
     "${as[@]}" "$PG_BIN/initdb" --pgdata="$PG_TEST_DIR/data" --username=cubby --auth=trust \
         --encoding=UTF8 --no-instructions >"$PG_TEST_DIR/initdb.log" 2>&1 \
         || { cat "$PG_TEST_DIR/initdb.log" >&2; return 1; }
+    # TLS as a production database offers it, with a certificate for 127.0.0.1 and localhost
+    # signed by a CA of the tests' own (CUBBY_TEST_POSTGRES_CA); plain connections stay allowed.
+    local tls="$PG_TEST_DIR/tls"
+    mkdir -p "$tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+        -subj "/CN=cubby test CA" -keyout "$tls/ca.key" -out "$tls/ca.pem" 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+        -keyout "$tls/server.key" -out "$tls/server.csr" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$tls/san.ext"
+    openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+        -CAcreateserial -days 2 -extfile "$tls/san.ext" -out "$tls/server.pem" 2>/dev/null
+    chmod 0600 "$tls/server.key"
+    [ ${#as[@]} -eq 0 ] || chown -R postgres: "$tls"
     # Real durability (fsync, synchronous commit) as in production; the tests check it.
     "${as[@]}" "$PG_BIN/pg_ctl" --pgdata="$PG_TEST_DIR/data" --log="$PG_TEST_DIR/server.log" \
         --wait --timeout=60 \
-        -o "-c listen_addresses=127.0.0.1 -c port=$port -k $PG_TEST_DIR -c max_connections=200" \
+        -o "-c listen_addresses=127.0.0.1 -c port=$port -k $PG_TEST_DIR -c max_connections=200 \
+            -c ssl=on -c ssl_cert_file=$tls/server.pem -c ssl_key_file=$tls/server.key" \
         start >/dev/null || { cat "$PG_TEST_DIR/server.log" >&2; return 1; }
+    export CUBBY_TEST_POSTGRES_CA="$tls/ca.pem"
     PG_TEST_AS=("${as[@]}")
     export CUBBY_TEST_POSTGRES_URL="postgresql://cubby@127.0.0.1:$port/postgres"
     echo "== PostgreSQL 15 for the tests at $CUBBY_TEST_POSTGRES_URL ($PG_TEST_DIR)" >&2
@@ -48,5 +63,5 @@ postgres_stop() {
     "${PG_TEST_AS[@]}" "$PG_BIN/pg_ctl" --pgdata="$PG_TEST_DIR/data" --mode=fast --wait stop \
         >/dev/null 2>&1 || true
     rm -rf "$PG_TEST_DIR"
-    unset PG_TEST_DIR CUBBY_TEST_POSTGRES_URL
+    unset PG_TEST_DIR CUBBY_TEST_POSTGRES_URL CUBBY_TEST_POSTGRES_CA
 }

@@ -69,6 +69,11 @@ pub struct StorageConfig {
     /// `CUBBY_DATABASE_URL`. It never appears in logs. The master key stays a file outside the
     /// database; the database holds only what the master key seals.
     pub url: Option<String>,
+    /// A PEM file of the CA that signed the database's certificate. With it, or with
+    /// `sslmode=require` in `url`, the connection is TLS (rustls), and the database's
+    /// certificate is always verified (against this CA, else Mozilla's roots). Without either,
+    /// the connection is plain: keep the database on a private network or a local socket.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A storage backend.
@@ -102,6 +107,7 @@ impl std::fmt::Debug for StorageConfig {
         f.debug_struct("StorageConfig")
             .field("backend", &self.backend)
             .field("url", &self.url.as_ref().map(|_| "(set)"))
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -471,7 +477,9 @@ fn overlay(
             // Optional settings are absent from their section's default: name them here.
             let optional = matches!(
                 (*section, field),
-                ("tls", "cert" | "key") | ("metrics", "listen") | ("storage", "backend" | "url")
+                ("tls", "cert" | "key")
+                    | ("metrics", "listen")
+                    | ("storage", "backend" | "url" | "ca_file")
             );
             if !known.contains_key(field) && !optional {
                 return Err(ConfigError(format!(

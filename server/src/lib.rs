@@ -171,7 +171,13 @@ async fn open_store(
     match config.storage.backend()? {
         (config::Backend::Postgres, Some(url)) => {
             let url = url.to_owned();
-            let store = tokio::task::spawn_blocking(move || PgStore::connect(&url))
+            let ca = match &config.storage.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ConfigError(format!("cannot read storage.ca_file {}: {e}", path.display()))
+                })?),
+                None => None,
+            };
+            let store = tokio::task::spawn_blocking(move || PgStore::connect(&url, ca.as_deref()))
                 .await
                 .map_err(|_| ConfigError("opening the database panicked".into()))?
                 .map_err(StartError::Database)?;

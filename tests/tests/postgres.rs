@@ -4,13 +4,20 @@
 use cubby_tests::{TestServer, eventually, postgres_database};
 use serde_json::json;
 
-/// Devices sync through a server on PostgreSQL; the server's data directory holds no store;
+/// Devices sync through a server on PostgreSQL (over verified TLS); the server's data directory
+/// holds no store;
 /// a restarted server, and a second node started on a copy of the data directory, serve
 /// everything from the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_on_postgres_keeps_every_document_in_the_database() {
-    let url = postgres_database().await;
-    let mut server = TestServer::start_with(|config| config.storage.url = Some(url.clone())).await;
+    // Over TLS, verified against the test database's CA.
+    let url = format!("{}?sslmode=require", postgres_database().await);
+    let ca = std::env::var("CUBBY_TEST_POSTGRES_CA").expect("set with CUBBY_TEST_POSTGRES_URL");
+    let mut server = TestServer::start_with(|config| {
+        config.storage.url = Some(url.clone());
+        config.storage.ca_file = Some(ca.into());
+    })
+    .await;
     let phone = server.device("alice").await;
     let doc = phone.client.create("Groceries").await.expect("created");
     doc.put("milk", json!(2)).await.expect("put");

@@ -23,6 +23,7 @@ use cubby_store::{
     Write,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Config, IsolationLevel, NoTls, Transaction};
 
@@ -69,6 +70,35 @@ pub(crate) fn backend(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) 
     if full { StoreError::Full } else { StoreError::Backend(err) }
 }
 
+/// TLS to the database: rustls on ring, verifying the server against `ca_pem` or Mozilla's
+/// roots.
+fn tls(ca_pem: Option<&[u8]>) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::RootCertStore;
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.map_err(backend)?).map_err(backend)?;
+            }
+            if roots.is_empty() {
+                return Err(StoreError::Backend(
+                    "the database CA file has no PEM certificate in it".into(),
+                ));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(backend)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// Whether the database aborted a transaction that may simply be tried again.
 fn retryable(err: &StoreError) -> bool {
     let StoreError::Backend(err) = err else { return false };
@@ -82,18 +112,26 @@ fn retryable(err: &StoreError) -> bool {
 impl PgStore {
     /// Connects to the database at `url` (`postgresql://user@host:port/db`, as libpq reads it),
     /// checks that it is durable, and migrates its schema.
-    pub fn connect(url: &str) -> Result<Self> {
+    ///
+    /// TLS (rustls, on ring) is used with `sslmode=require` in the URL, or whenever `ca_pem` is
+    /// given; the server's certificate is then always verified, against `ca_pem` or else
+    /// Mozilla's roots (never accepted unverified, as libpq's `require` would). Without either,
+    /// the connection is plain: for a private network or a local socket.
+    pub fn connect(url: &str, ca_pem: Option<&[u8]>) -> Result<Self> {
         let config: Config = url.parse().map_err(backend)?;
-        Self::with_config(config)
+        Self::with_config(config, ca_pem)
     }
 
     /// As [`PgStore::connect`], from a parsed configuration.
-    pub fn with_config(config: Config) -> Result<Self> {
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
+    pub fn with_config(config: Config, ca_pem: Option<&[u8]>) -> Result<Self> {
+        let settings = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let plain = config.get_ssl_mode() == SslMode::Disable
+            || (config.get_ssl_mode() == SslMode::Prefer && ca_pem.is_none());
+        let manager = if plain {
+            Manager::from_config(config, NoTls, settings)
+        } else {
+            Manager::from_config(config, tls(ca_pem)?, settings)
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)

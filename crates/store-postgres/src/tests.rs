@@ -35,7 +35,7 @@ impl TestSchema {
     fn open(&self) -> PgStore {
         let mut config = database();
         config.options(format!("-c search_path={}", self.name));
-        PgStore::with_config(config).expect("the store opens")
+        PgStore::with_config(config, None).expect("the store opens")
     }
 }
 
@@ -67,11 +67,14 @@ fn a_schema_newer_than_this_code_is_refused() {
     let schema = TestSchema::new();
     drop(schema.open());
     admin(&format!("UPDATE {}.cubby_schema SET version = version + 1", schema.name));
-    let err = PgStore::with_config({
-        let mut config = database();
-        config.options(format!("-c search_path={}", schema.name));
-        config
-    })
+    let err = PgStore::with_config(
+        {
+            let mut config = database();
+            config.options(format!("-c search_path={}", schema.name));
+            config
+        },
+        None,
+    )
     .expect_err("a newer schema is refused");
     assert!(matches!(err, cubby_store::StoreError::Format { .. }), "{err}");
 }
@@ -172,4 +175,51 @@ fn what_the_database_holds_of_content_is_sealed() {
         |needle: &[u8]| stored.iter().any(|row| row.windows(needle.len()).any(|w| w == needle));
     assert!(found(b"entry 1"), "the check can see what is stored");
     assert!(!found(b"secret"), "plaintext reached the database");
+}
+
+/// The CA of the test server's certificate (`tests/postgres.sh` makes it).
+fn test_ca() -> Vec<u8> {
+    let path = std::env::var("CUBBY_TEST_POSTGRES_CA")
+        .expect("CUBBY_TEST_POSTGRES_CA is set where CUBBY_TEST_POSTGRES_URL is");
+    std::fs::read(path).expect("the test CA reads")
+}
+
+/// Whether the store's connections are TLS, as the database sees them.
+fn connected_over_tls(store: &PgStore) -> bool {
+    store
+        .block(async {
+            let client = store.client().await?;
+            let row = client
+                .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+                .await
+                .map_err(backend)?;
+            Ok(row.get(0))
+        })
+        .expect("the store answers")
+}
+
+#[test]
+fn with_sslmode_require_or_a_ca_the_connection_is_tls_and_verified() {
+    let schema = TestSchema::new();
+    let url = std::env::var("CUBBY_TEST_POSTGRES_URL").expect("set");
+    let ca = test_ca();
+    let search = format!("options=-c%20search_path%3D{}", schema.name);
+
+    let verified = PgStore::connect(&format!("{url}?sslmode=require&{search}"), Some(&ca))
+        .expect("a certificate the CA signed is taken");
+    assert!(connected_over_tls(&verified), "sslmode=require with a CA is TLS");
+    let by_ca = PgStore::connect(&format!("{url}?{search}"), Some(&ca)).expect("opens");
+    assert!(connected_over_tls(&by_ca), "a CA alone asks for TLS");
+    let plain = PgStore::connect(&format!("{url}?{search}"), None).expect("opens");
+    assert!(!connected_over_tls(&plain), "neither: plain, for a private network");
+
+    // A certificate the CA given does not vouch for is refused, and so is one no public root
+    // does: never taken unverified.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a cert");
+    let other_ca = other.cert.pem();
+    let refused =
+        PgStore::connect(&format!("{url}?sslmode=require&{search}"), Some(other_ca.as_bytes()));
+    assert!(refused.is_err(), "a certificate from another CA is refused");
+    let refused = PgStore::connect(&format!("{url}?sslmode=require&{search}"), None);
+    assert!(refused.is_err(), "a private CA's certificate is refused without that CA");
 }
