@@ -1,0 +1,175 @@
+//! The steps of a write inside a transaction, and the conversions between the store's ids and
+//! the database's columns. [`Store::commit`](cubby_store::Store::commit) runs them in order, one
+//! transaction a batch; every single write is a batch of one.
+
+use cubby_core::{ChunkId, CustomerId, DocId, Seq};
+use cubby_store::{Chunk, MetaAt, Result, Snapshot, Space, StoreError};
+use tokio_postgres::Transaction;
+
+use crate::backend;
+
+pub(crate) fn id_bytes(bytes: &[u8], what: &'static str) -> Result<[u8; 16]> {
+    bytes.try_into().map_err(|_| StoreError::Corrupt(what))
+}
+
+pub(crate) fn seq_of(value: i64) -> Seq {
+    Seq(u64::try_from(value).unwrap_or(0))
+}
+
+pub(crate) fn space_of(space: Space) -> i16 {
+    i16::from(space.0)
+}
+
+/// Locks the feed heads of `customers`, in id order, creating the missing ones: positions
+/// are then taken by this transaction alone until it commits.
+pub(crate) async fn lock_heads(tx: &Transaction<'_>, customers: &[&CustomerId]) -> Result<()> {
+    let mut ids: Vec<&[u8]> = customers.iter().map(|c| &c.as_bytes()[..]).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        tx.execute(
+            "INSERT INTO feed_heads (customer, last) VALUES ($1, 0)
+             ON CONFLICT (customer) DO UPDATE SET last = feed_heads.last",
+            &[&id],
+        )
+        .await
+        .map_err(backend)?;
+    }
+    Ok(())
+}
+
+/// Takes the customer's next feed position for `doc` (its head must be locked).
+async fn take_position(tx: &Transaction<'_>, customer: &CustomerId, doc: &DocId) -> Result<Seq> {
+    let c = &customer.as_bytes()[..];
+    let seq: i64 = tx
+        .query_one(
+            "UPDATE feed_heads SET last = last + 1 WHERE customer = $1 RETURNING last",
+            &[&c],
+        )
+        .await
+        .map_err(backend)?
+        .get(0);
+    tx.execute(
+        "INSERT INTO feed (customer, doc, seq) VALUES ($1, $2, $3)
+         ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq",
+        &[&c, &&doc.as_bytes()[..], &seq],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(seq_of(seq))
+}
+
+pub(crate) async fn write_doc(
+    tx: &Transaction<'_>,
+    customer: &CustomerId,
+    doc: &DocId,
+    meta: &dyn MetaAt,
+    chunk: Option<Chunk<'_>>,
+    feed: bool,
+) -> Result<Option<Seq>> {
+    let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
+    let seq = if feed {
+        take_position(tx, customer, doc).await?
+    } else {
+        let row = tx
+            .query_opt("SELECT seq FROM feed WHERE customer = $1 AND doc = $2", &[&c, &d])
+            .await
+            .map_err(backend)?;
+        row.map_or(Seq(0), |row| seq_of(row.get(0)))
+    };
+    let stored = i64::try_from(seq.0).map_err(backend)?;
+    tx.execute(
+        "INSERT INTO docs (customer, doc, seq, meta) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq, meta = EXCLUDED.meta",
+        &[&c, &d, &stored, &meta.at(seq)],
+    )
+    .await
+    .map_err(backend)?;
+    if let Some(chunk) = chunk {
+        tx.execute(
+            "INSERT INTO chunks (customer, doc, id, bytes) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&c, &d, &&chunk.id.as_bytes()[..], &chunk.bytes],
+        )
+        .await
+        .map_err(backend)?;
+    }
+    Ok(feed.then_some(seq))
+}
+
+/// A compaction; `Ok(Err(Conflict))` when another writer compacted the document meanwhile
+/// (nothing is written, and the transaction goes on).
+pub(crate) async fn compact(
+    tx: &Transaction<'_>,
+    customer: &CustomerId,
+    doc: &DocId,
+    snapshot: &Snapshot,
+    replaces: &[ChunkId],
+) -> Result<Result<()>> {
+    let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
+    let exists = tx
+        .query_opt("SELECT 1 FROM docs WHERE customer = $1 AND doc = $2 FOR UPDATE", &[&c, &d])
+        .await
+        .map_err(backend)?
+        .is_some();
+    if !exists {
+        return Ok(Ok(()));
+    }
+    let current = tx
+        .query_opt("SELECT id FROM snapshots WHERE customer = $1 AND doc = $2", &[&c, &d])
+        .await
+        .map_err(backend)?;
+    if let Some(row) = current {
+        let id = ChunkId::from_bytes(id_bytes(row.get(0), "snapshot id")?);
+        if !replaces.contains(&id) {
+            return Ok(Err(StoreError::Conflict));
+        }
+    }
+    let replaced: Vec<&[u8]> = replaces.iter().map(|id| &id.as_bytes()[..]).collect();
+    tx.execute(
+        "DELETE FROM chunks WHERE customer = $1 AND doc = $2 AND id = ANY($3)",
+        &[&c, &d, &replaced],
+    )
+    .await
+    .map_err(backend)?;
+    tx.execute(
+        "INSERT INTO snapshots (customer, doc, id, bytes) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer, doc) DO UPDATE SET id = EXCLUDED.id, bytes = EXCLUDED.bytes",
+        &[&c, &d, &&snapshot.id.as_bytes()[..], &snapshot.bytes],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(Ok(()))
+}
+
+pub(crate) async fn delete_doc(
+    tx: &Transaction<'_>,
+    customer: &CustomerId,
+    doc: &DocId,
+) -> Result<Seq> {
+    let seq = take_position(tx, customer, doc).await?;
+    let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
+    for table in ["docs", "snapshots", "chunks"] {
+        tx.execute(&format!("DELETE FROM {table} WHERE customer = $1 AND doc = $2"), &[&c, &d])
+            .await
+            .map_err(backend)?;
+    }
+    Ok(seq)
+}
+
+pub(crate) async fn put_record(
+    tx: &Transaction<'_>,
+    customer: &CustomerId,
+    space: Space,
+    key: &[u8],
+    value: &[u8],
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO records (customer, space, key, value) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer, space, key) DO UPDATE SET value = EXCLUDED.value",
+        &[&&customer.as_bytes()[..], &space_of(space), &key, &value],
+    )
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
