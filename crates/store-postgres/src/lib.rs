@@ -26,6 +26,7 @@ use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Config, IsolationLevel, NoTls, Transaction};
 
+pub mod bus;
 pub mod schema;
 
 /// Connections a node keeps open at most.
@@ -38,6 +39,10 @@ const RETRIES: usize = 5;
 /// The storage traits on a PostgreSQL database.
 pub struct PgStore {
     pool: Pool,
+    /// This store's id among the nodes writing the database, from its `writers` sequence.
+    writer: i64,
+    /// How to open a connection of its own (the change bus listens on one).
+    connect: bus::Connect,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -126,21 +131,24 @@ impl PgStore {
         let settings = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let plain = config.get_ssl_mode() == SslMode::Disable
             || (config.get_ssl_mode() == SslMode::Prefer && ca_pem.is_none());
-        let manager = if plain {
-            Manager::from_config(config, NoTls, settings)
-        } else {
-            Manager::from_config(config, tls(ca_pem)?, settings)
+        let tls = if plain { None } else { Some(tls(ca_pem)?) };
+        let connect = bus::Connect { config: config.clone(), tls: tls.clone() };
+        let manager = match tls {
+            None => Manager::from_config(config, NoTls, settings),
+            Some(tls) => Manager::from_config(config, tls, settings),
         };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(backend)?;
-        let store = Self { pool };
-        store.block(async {
+        let mut store = Self { pool, writer: 0, connect };
+        store.writer = store.block(async {
             let mut client = store.client().await?;
             schema::check_durability(&client).await?;
-            schema::migrate(&mut client).await
+            schema::migrate(&mut client).await?;
+            let row = client.query_one("SELECT nextval('writers')", &[]).await.map_err(backend)?;
+            Ok(row.get::<_, i64>(0))
         })?;
         Ok(store)
     }

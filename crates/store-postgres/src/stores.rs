@@ -291,13 +291,13 @@ impl Store for PgStore {
             for write in batch {
                 let outcome = match *write {
                     Write::Doc { customer, doc, meta, chunk, feed } => {
-                        Ok(writes::write_doc(tx, customer, doc, meta, chunk, feed).await?)
+                        Ok(writes::write_doc(tx, self.writer, customer, doc, meta, chunk, feed).await?)
                     }
                     Write::Compact { customer, doc, snapshot, replaces } => {
                         writes::compact(tx, customer, doc, snapshot, replaces).await?.map(|()| None)
                     }
                     Write::Delete { customer, doc } => {
-                        Ok(Some(writes::delete_doc(tx, customer, doc).await?))
+                        Ok(Some(writes::delete_doc(tx, self.writer, customer, doc).await?))
                     }
                     Write::Record { customer, space, key, value } => {
                         writes::put_record(tx, customer, space, key, value).await?;

@@ -223,3 +223,113 @@ fn with_sslmode_require_or_a_ca_the_connection_is_tls_and_verified() {
     let refused = PgStore::connect(&format!("{url}?sslmode=require&{search}"), None);
     assert!(refused.is_err(), "a private CA's certificate is refused without that CA");
 }
+
+mod bus {
+    use std::time::Duration;
+
+    use cubby_core::{CustomerId, DocId, Seq};
+    use cubby_store::Docs;
+
+    use super::{TestSchema, backend, database, runtime};
+    use crate::bus::Heard;
+
+    fn ids(n: u8) -> (CustomerId, DocId) {
+        (CustomerId::from_bytes([n; 16]), DocId::from_bytes([n + 100; 16]))
+    }
+
+    /// A node hears the other nodes' document writes and deletions, and the events they
+    /// publish, each once, and nothing of its own.
+    #[test]
+    fn a_node_hears_what_the_others_wrote_once_and_not_its_own() {
+        let schema = TestSchema::new();
+        let (a, b) = (schema.open(), schema.open());
+        assert_ne!(a.writer(), b.writer());
+        let mut cursor = runtime().block_on(b.bus_cursor()).expect("cursor");
+        let (customer, doc) = ids(1);
+        a.write_doc(&customer, &doc, b"m", None).expect("write");
+        b.write_doc(&customer, &ids(2).1, b"m", None).expect("b's own write");
+        a.delete_doc(&customer, &ids(3).1).expect("delete");
+        runtime().block_on(a.bus_publish(vec![b"erased".to_vec()])).expect("publish");
+
+        let heard = runtime().block_on(b.bus_read(&mut cursor)).expect("read");
+        let writer = a.writer();
+        assert_eq!(
+            heard,
+            vec![
+                Heard::Changed { writer, customer, doc, seq: Seq(1) },
+                Heard::Changed { writer, customer, doc: ids(3).1, seq: Seq(3) },
+                Heard::Event { writer, bytes: b"erased".to_vec() },
+            ]
+        );
+        assert_eq!(runtime().block_on(b.bus_read(&mut cursor)).expect("read"), vec![]);
+        // A's own reader hears B's write only.
+        let mut own = runtime().block_on(a.bus_cursor()).expect("cursor");
+        b.write_doc(&customer, &doc, b"m2", None).expect("write");
+        let heard = runtime().block_on(a.bus_read(&mut own)).expect("read");
+        assert_eq!(heard, vec![Heard::Changed { writer: b.writer(), customer, doc, seq: Seq(4) }]);
+    }
+
+    /// A transaction that began first and commits last is heard when it commits, and does
+    /// not hold back what committed before it.
+    #[test]
+    fn a_write_that_commits_after_a_later_one_is_not_skipped() {
+        let schema = TestSchema::new();
+        let (a, b) = (schema.open(), schema.open());
+        let mut cursor = runtime().block_on(b.bus_cursor()).expect("cursor");
+        let (slow_customer, slow_doc) = ids(7);
+        let (customer, doc) = ids(8);
+        runtime()
+            .block_on(async {
+                let mut config = database();
+                config.options(format!("-c search_path={}", schema.name));
+                let (mut slow, connection) =
+                    config.connect(tokio_postgres::NoTls).await.map_err(backend)?;
+                tokio::spawn(connection);
+                // A write by another node that takes its transaction id first...
+                let tx = slow.transaction().await.map_err(backend)?;
+                tx.execute(
+                    "INSERT INTO feed (customer, doc, seq, writer) VALUES ($1, $2, 1, 999)",
+                    &[&&slow_customer.as_bytes()[..], &&slow_doc.as_bytes()[..]],
+                )
+                .await
+                .map_err(backend)?;
+                // ...while a later one commits.
+                std::thread::scope(|scope| {
+                    scope.spawn(|| a.write_doc(&customer, &doc, b"m", None)).join().expect("writer")
+                })?;
+                let early = b.bus_read(&mut cursor).await?;
+                let writer = a.writer();
+                assert_eq!(early, vec![Heard::Changed { writer, customer, doc, seq: Seq(1) }]);
+                tx.commit().await.map_err(backend)?;
+                let heard = b.bus_read(&mut cursor).await?;
+                let slow = Heard::Changed {
+                    writer: 999,
+                    customer: slow_customer,
+                    doc: slow_doc,
+                    seq: Seq(1),
+                };
+                assert_eq!(heard, vec![slow], "the slow write, once");
+                assert_eq!(b.bus_read(&mut cursor).await?, vec![]);
+                Ok::<_, cubby_store::StoreError>(())
+            })
+            .expect("the database answers");
+    }
+
+    /// A listener is woken by a publication, and by nothing else it must wait for.
+    #[test]
+    fn a_listener_is_woken_by_a_publication() {
+        let schema = TestSchema::new();
+        let (a, b) = (schema.open(), schema.open());
+        runtime()
+            .block_on(async {
+                let mut listener = b.bus_listen().await?;
+                a.bus_publish(vec![]).await?;
+                let woken = tokio::time::timeout(Duration::from_secs(20), listener.notified())
+                    .await
+                    .expect("woken before the deadline");
+                assert!(woken, "the listener's connection holds");
+                Ok::<_, cubby_store::StoreError>(())
+            })
+            .expect("the database answers");
+    }
+}

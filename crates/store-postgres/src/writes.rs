@@ -38,8 +38,14 @@ pub(crate) async fn lock_heads(tx: &Transaction<'_>, customers: &[&CustomerId]) 
     Ok(())
 }
 
-/// Takes the customer's next feed position for `doc` (its head must be locked).
-async fn take_position(tx: &Transaction<'_>, customer: &CustomerId, doc: &DocId) -> Result<Seq> {
+/// Takes the customer's next feed position for `doc` (its head must be locked). The feed entry
+/// names the node that wrote it and its transaction, for the change bus (`bus.rs`).
+async fn take_position(
+    tx: &Transaction<'_>,
+    writer: i64,
+    customer: &CustomerId,
+    doc: &DocId,
+) -> Result<Seq> {
     let c = &customer.as_bytes()[..];
     let seq: i64 = tx
         .query_one(
@@ -50,9 +56,10 @@ async fn take_position(tx: &Transaction<'_>, customer: &CustomerId, doc: &DocId)
         .map_err(backend)?
         .get(0);
     tx.execute(
-        "INSERT INTO feed (customer, doc, seq) VALUES ($1, $2, $3)
-         ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq",
-        &[&c, &&doc.as_bytes()[..], &seq],
+        "INSERT INTO feed (customer, doc, seq, writer) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (customer, doc) DO UPDATE
+         SET seq = EXCLUDED.seq, writer = EXCLUDED.writer, txid = EXCLUDED.txid",
+        &[&c, &&doc.as_bytes()[..], &seq, &writer],
     )
     .await
     .map_err(backend)?;
@@ -61,6 +68,7 @@ async fn take_position(tx: &Transaction<'_>, customer: &CustomerId, doc: &DocId)
 
 pub(crate) async fn write_doc(
     tx: &Transaction<'_>,
+    writer: i64,
     customer: &CustomerId,
     doc: &DocId,
     meta: &dyn MetaAt,
@@ -69,7 +77,7 @@ pub(crate) async fn write_doc(
 ) -> Result<Option<Seq>> {
     let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
     let seq = if feed {
-        take_position(tx, customer, doc).await?
+        take_position(tx, writer, customer, doc).await?
     } else {
         let row = tx
             .query_opt("SELECT seq FROM feed WHERE customer = $1 AND doc = $2", &[&c, &d])
@@ -144,10 +152,11 @@ pub(crate) async fn compact(
 
 pub(crate) async fn delete_doc(
     tx: &Transaction<'_>,
+    writer: i64,
     customer: &CustomerId,
     doc: &DocId,
 ) -> Result<Seq> {
-    let seq = take_position(tx, customer, doc).await?;
+    let seq = take_position(tx, writer, customer, doc).await?;
     let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
     for table in ["docs", "snapshots", "chunks"] {
         tx.execute(&format!("DELETE FROM {table} WHERE customer = $1 AND doc = $2"), &[&c, &d])

@@ -1,0 +1,225 @@
+//! The database's half of the change bus: how a node learns what the others wrote.
+//!
+//! Nothing here is trusted to arrive: the database itself is the log. Every feed entry names
+//! the node that wrote it (`writer`) and its transaction (`txid`); the events that are not
+//! document writes (an erasure, a revocation, a new epoch: bytes the server encodes) go to
+//! `bus_events`, written the same way. A reader keeps a [`Cursor`]: the snapshot it last read
+//! in (`pg_current_snapshot()`: the transactions that had committed then). The next read takes
+//! the entries its new snapshot shows and the old one did not (`pg_visible_in_snapshot`), so
+//! it misses none and reads each once, whatever order transactions commit in (a sequence would
+//! not do: a number taken first may commit last), and a long transaction elsewhere on the
+//! database server delays nothing but itself.
+//!
+//! `NOTIFY cubby_bus` is only a wake-up: a node that hears it reads at once instead of at its
+//! next poll. A lost notification delays a change; it never loses one. Engines without
+//! LISTEN/NOTIFY run the same reads on a timer.
+
+use std::future::Future;
+
+use cubby_core::{CustomerId, DocId, Seq};
+use cubby_store::Result;
+use tokio::sync::mpsc;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Client, Config, IsolationLevel, NoTls, Socket};
+
+use crate::writes::{id_bytes, seq_of};
+use crate::{PgStore, backend, runtime};
+
+/// The notification channel every node listens on.
+const CHANNEL: &str = "cubby_bus";
+
+/// What a node needs to open a connection of its own, outside the pool.
+pub(crate) struct Connect {
+    pub(crate) config: Config,
+    pub(crate) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+/// Where a reader of the bus is: the snapshot it last read in, as PostgreSQL prints it
+/// (`xmin:xmax:running,...`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor(String);
+
+/// What another node wrote, as the database shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Heard {
+    /// A document moved to a new feed position: written, or deleted.
+    Changed {
+        /// The node that wrote it ([`PgStore::writer`]).
+        writer: i64,
+        /// Whose.
+        customer: CustomerId,
+        /// Which document.
+        doc: DocId,
+        /// Its feed position now (a later write may have moved it on since).
+        seq: Seq,
+    },
+    /// An event another node published ([`PgStore::bus_publish`]).
+    Event {
+        /// The node that published it.
+        writer: i64,
+        /// The event, as it was published.
+        bytes: Vec<u8>,
+    },
+}
+
+/// Notifications on the bus's channel, on a connection of its own.
+pub struct Listener {
+    _client: Client,
+    wakes: mpsc::Receiver<()>,
+}
+
+impl Listener {
+    /// Waits for a notification; `false` when the connection is gone (listen again).
+    pub async fn notified(&mut self) -> bool {
+        self.wakes.recv().await.is_some()
+    }
+}
+
+/// Runs `work` on the driver's runtime, from whatever runtime awaits it.
+async fn on_driver<T: Send + 'static>(
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    runtime().spawn(work).await.map_err(backend)?
+}
+
+/// The snapshot a read sees.
+const SNAPSHOT: &str = "SELECT pg_current_snapshot()::text";
+
+impl PgStore {
+    /// This store's id among the nodes writing the database: what it writes on the bus
+    /// carries it, and [`PgStore::bus_read`] leaves it out.
+    pub fn writer(&self) -> i64 {
+        self.writer
+    }
+
+    /// A cursor at the present: reads from it return what is written from now on.
+    pub async fn bus_cursor(&self) -> Result<Cursor> {
+        let pool = self.pool.clone();
+        on_driver(async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client.query_one(SNAPSHOT, &[]).await.map_err(backend)?;
+            Ok(Cursor(row.get(0)))
+        })
+        .await
+    }
+
+    /// What other nodes wrote in the transactions that finished since `cursor`, which it
+    /// moves on: the documents moved in the feed, in order of transaction and position, then
+    /// the events published, in order.
+    pub async fn bus_read(&self, cursor: &mut Cursor) -> Result<Vec<Heard>> {
+        let (pool, writer, from) = (self.pool.clone(), self.writer, cursor.0.clone());
+        let (now, heard) = on_driver(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            // One snapshot for the three reads: the snapshot itself, and what it shows that
+            // the cursor's did not.
+            let tx = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(backend)?;
+            let now: String = tx.query_one(SNAPSHOT, &[]).await.map_err(backend)?.get(0);
+            let unseen = "txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+                AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) AND writer <> $2";
+            let mut heard = Vec::new();
+            for row in tx
+                .query(
+                    &format!(
+                        "SELECT writer, customer, doc, seq FROM feed WHERE {unseen}
+                         ORDER BY txid, customer, seq"
+                    ),
+                    &[&from, &writer],
+                )
+                .await
+                .map_err(backend)?
+            {
+                heard.push(Heard::Changed {
+                    writer: row.get(0),
+                    customer: CustomerId::from_bytes(id_bytes(row.get(1), "bus customer id")?),
+                    doc: DocId::from_bytes(id_bytes(row.get(2), "bus document id")?),
+                    seq: seq_of(row.get(3)),
+                });
+            }
+            for row in tx
+                .query(
+                    &format!("SELECT writer, event FROM bus_events WHERE {unseen} ORDER BY id"),
+                    &[&from, &writer],
+                )
+                .await
+                .map_err(backend)?
+            {
+                heard.push(Heard::Event { writer: row.get(0), bytes: row.get(1) });
+            }
+            tx.commit().await.map_err(backend)?;
+            Ok((now, heard))
+        })
+        .await?;
+        cursor.0 = now;
+        Ok(heard)
+    }
+
+    /// Writes `events` for the other nodes and wakes them, in one transaction; with no
+    /// events, only wakes them (after document writes, which the feed carries). Events are
+    /// kept an hour: a node that has not read them by then has restarted, and reads its state
+    /// from the store.
+    pub async fn bus_publish(&self, events: Vec<Vec<u8>>) -> Result<()> {
+        let (pool, writer) = (self.pool.clone(), self.writer);
+        on_driver(async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            if !events.is_empty() {
+                tx.execute("DELETE FROM bus_events WHERE at < now() - interval '1 hour'", &[])
+                    .await
+                    .map_err(backend)?;
+                for event in &events {
+                    tx.execute(
+                        "INSERT INTO bus_events (writer, event) VALUES ($1, $2)",
+                        &[&writer, event],
+                    )
+                    .await
+                    .map_err(backend)?;
+                }
+            }
+            tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await.map_err(backend)?;
+            tx.commit().await.map_err(backend)
+        })
+        .await
+    }
+
+    /// Listens for the bus's notifications on a connection of its own (the pool's connections
+    /// are shared and cannot hold a `LISTEN`).
+    pub async fn bus_listen(&self) -> Result<Listener> {
+        let Connect { config, tls } = &self.connect;
+        let config = config.clone();
+        match tls.clone() {
+            None => on_driver(listen(config, NoTls)).await,
+            Some(tls) => on_driver(listen(config, tls)).await,
+        }
+    }
+}
+
+async fn listen<T>(config: Config, tls: T) -> Result<Listener>
+where
+    T: MakeTlsConnect<Socket> + Send + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    let (client, mut connection) = config.connect(tls).await.map_err(backend)?;
+    let (wake, wakes) = mpsc::channel(1);
+    tokio::spawn(async move {
+        // Ends when the connection fails or the listener is dropped (its client with it);
+        // the listener then hears `None`.
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            match message {
+                // A full queue already holds a wake-up.
+                Ok(AsyncMessage::Notification(_)) => _ = wake.try_send(()),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await.map_err(backend)?;
+    Ok(Listener { _client: client, wakes })
+}
