@@ -62,8 +62,32 @@ impl TestServer {
 
     /// Starts a development-mode server after `adjust` has changed its config.
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        Self::start_in(tempfile::tempdir().expect("temp dir"), adjust).await
+    }
+
+    /// Starts `n` nodes on one new PostgreSQL database ([`postgres_database`]), each a server
+    /// of its own (its own store, pool and bus, as in a process of its own) on a copy of the
+    /// first one's data directory (the same master key, development tenant and certificate).
+    pub async fn start_postgres_cluster(n: usize, adjust: impl Fn(&mut ServerConfig)) -> Vec<Self> {
+        let url = postgres_database().await;
+        let mut nodes: Vec<Self> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let dir = tempfile::tempdir().expect("temp dir");
+            if let Some(first) = nodes.first() {
+                copy_tree(first.data_dir(), dir.path());
+            }
+            let node = Self::start_in(dir, |config| {
+                config.storage.url = Some(url.clone());
+                adjust(config);
+            })
+            .await;
+            nodes.push(node);
+        }
+        nodes
+    }
+
+    async fn start_in(dir: TempDir, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
         init_logs();
-        let dir = tempfile::tempdir().expect("temp dir");
         let mut config = ServerConfig::dev(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)));
         adjust(&mut config);
         let running = cubby_server::start(config.clone()).await.expect("server starts");
@@ -423,15 +447,16 @@ where
     }
 }
 
-/// Copies a directory tree.
+/// Copies a directory tree: its directories and files (not a running server's socket).
 pub fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("readable") {
         let entry = entry.expect("entry");
         let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
+        let kind = entry.file_type().expect("type");
+        if kind.is_dir() {
             copy_tree(&entry.path(), &target);
-        } else {
+        } else if kind.is_file() {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
     }

@@ -14,6 +14,8 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
+pub mod postgres;
+
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 
 /// Which server instance made an event.

@@ -59,7 +59,7 @@ pub struct ServerConfig {
 
 /// Where documents are stored: sled in the data directory (the default), or a PostgreSQL
 /// database that several nodes share.
-#[derive(Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageConfig {
     /// `sled` or `postgres`. Default: `postgres` when `url` is set, else `sled`.
@@ -74,6 +74,33 @@ pub struct StorageConfig {
     /// certificate is always verified (against this CA, else Mozilla's roots). Without either,
     /// the connection is plain: keep the database on a private network or a local socket.
     pub ca_file: Option<PathBuf>,
+    /// How a node learns what the other nodes on the database wrote (PostgreSQL only):
+    /// `listen` (default) reads as soon as a `NOTIFY` wakes it, and also every `bus_poll_ms`;
+    /// `poll` only reads every `bus_poll_ms`, for Postgres-compatible engines without
+    /// LISTEN/NOTIFY (CockroachDB; YugabyteDB unless enabled). Either way every change is read
+    /// from the database itself, so a lost notification delays a change and never loses one.
+    #[serde(default)]
+    pub bus: BusMode,
+    /// How often a node reads what the other nodes wrote, milliseconds, whatever woke it or
+    /// not. Erasures, revocations and changes reach the other nodes within about this long
+    /// without a notification. Default 250.
+    #[serde(default = "default_bus_poll_ms", deserialize_with = "duration::millis")]
+    pub bus_poll_ms: u64,
+}
+
+fn default_bus_poll_ms() -> u64 {
+    250
+}
+
+/// How the nodes on one database wake each other (`[storage] bus`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusMode {
+    /// `LISTEN`/`NOTIFY`, with polling behind it.
+    #[default]
+    Listen,
+    /// Polling alone.
+    Poll,
 }
 
 /// A storage backend.
@@ -84,6 +111,18 @@ pub enum Backend {
     Sled,
     /// A PostgreSQL database (`storage.url`).
     Postgres,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: None,
+            url: None,
+            ca_file: None,
+            bus: BusMode::default(),
+            bus_poll_ms: default_bus_poll_ms(),
+        }
+    }
 }
 
 impl StorageConfig {
@@ -108,6 +147,8 @@ impl std::fmt::Debug for StorageConfig {
             .field("backend", &self.backend)
             .field("url", &self.url.as_ref().map(|_| "(set)"))
             .field("ca_file", &self.ca_file)
+            .field("bus", &self.bus)
+            .field("bus_poll_ms", &self.bus_poll_ms)
             .finish()
     }
 }

@@ -149,25 +149,31 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let metrics_listener = bind_metrics(&config).await?;
     // The key before the store: without it nothing may be written.
     let master = master_key(&config)?;
-    let (store, witness) = open_store(&config).await?;
+    let Backing { store, witness, bus } = open_store(&config).await?;
     let platform = Platform {
         store,
         listener,
         work: StorageWork::BlockingPool,
         clock: auth::Clock::System,
-        bus: Arc::new(bus::LocalBus::default()),
+        bus,
         witness,
     };
     let extras = Extras { metrics: metrics_listener, control_socket: true };
     launch(config, master, platform, extras).await
 }
 
-/// The configured backend: sled in the data directory, with the witness beside it; or the
-/// PostgreSQL database, which nodes share and whose writes are durable at commit (no witness:
-/// several nodes cannot yet share one).
-async fn open_store(
-    config: &ServerConfig,
-) -> Result<(Arc<dyn Store>, Option<Arc<dyn Witness>>), StartError> {
+/// A server's storage, and how it hears the other nodes on it.
+struct Backing {
+    store: Arc<dyn Store>,
+    witness: Option<Arc<dyn Witness>>,
+    bus: Arc<dyn bus::Bus>,
+}
+
+/// The configured backend: sled in the data directory, with the witness beside it, for this
+/// node alone; or the PostgreSQL database, which nodes share, hearing each other through it
+/// (`bus::postgres`), and whose writes are durable at commit (no witness: several nodes cannot
+/// yet share one).
+async fn open_store(config: &ServerConfig) -> Result<Backing, StartError> {
     match config.storage.backend()? {
         (config::Backend::Postgres, Some(url)) => {
             let url = url.to_owned();
@@ -181,7 +187,10 @@ async fn open_store(
                 .await
                 .map_err(|_| ConfigError("opening the database panicked".into()))?
                 .map_err(StartError::Database)?;
-            Ok((Arc::new(store), None))
+            let store = Arc::new(store);
+            let poll = Duration::from_millis(config.storage.bus_poll_ms);
+            let bus = bus::postgres::PgBus::start(store.clone(), config.storage.bus, poll);
+            Ok(Backing { store, witness: None, bus: Arc::new(bus) })
         }
         _ => {
             let db_path = store_path(config);
@@ -189,7 +198,11 @@ async fn open_store(
                 .map_err(|source| StartError::Store { path: db_path.clone(), source })?;
             let witness = WitnessDir::open(&witness_path(config))
                 .map_err(|source| StartError::Store { path: witness_path(config), source })?;
-            Ok((Arc::new(sled), Some(Arc::new(witness))))
+            Ok(Backing {
+                store: Arc::new(sled),
+                witness: Some(Arc::new(witness)),
+                bus: Arc::new(bus::LocalBus::default()),
+            })
         }
     }
 }

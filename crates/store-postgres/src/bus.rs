@@ -1,9 +1,10 @@
 //! The database's half of the change bus: how a node learns what the others wrote.
 //!
-//! Nothing here is trusted to arrive: the database itself is the log. Every feed entry names
-//! the node that wrote it (`writer`) and its transaction (`txid`); the events that are not
-//! document writes (an erasure, a revocation, a new epoch: bytes the server encodes) go to
-//! `bus_events`, written the same way. A reader keeps a [`Cursor`]: the snapshot it last read
+//! Nothing here is trusted to arrive: the database itself is the log. Every move in the feed
+//! is logged in `bus_changes` by the transaction that makes it, with the node that wrote it
+//! (`writer`) and the transaction (`txid`): a node that dies right after committing loses no
+//! announcement. The events that are not document writes (an erasure, a revocation, a new
+//! epoch: bytes the server encodes) go to `bus_events`, written the same way. A reader keeps a [`Cursor`]: the snapshot it last read
 //! in (`pg_current_snapshot()`: the transactions that had committed then). The next read takes
 //! the entries its new snapshot shows and the old one did not (`pg_visible_in_snapshot`), so
 //! it misses none and reads each once, whatever order transactions commit in (a sequence would
@@ -126,7 +127,7 @@ impl PgStore {
             for row in tx
                 .query(
                     &format!(
-                        "SELECT writer, customer, doc, seq FROM feed WHERE {unseen}
+                        "SELECT writer, customer, doc, seq FROM bus_changes WHERE {unseen}
                          ORDER BY txid, customer, seq"
                     ),
                     &[&from, &writer],
@@ -160,18 +161,13 @@ impl PgStore {
     }
 
     /// Writes `events` for the other nodes and wakes them, in one transaction; with no
-    /// events, only wakes them (after document writes, which the feed carries). Events are
-    /// kept an hour: a node that has not read them by then has restarted, and reads its state
-    /// from the store.
+    /// events, only wakes them (after document writes, which log themselves).
     pub async fn bus_publish(&self, events: Vec<Vec<u8>>) -> Result<()> {
         let (pool, writer) = (self.pool.clone(), self.writer);
         on_driver(async move {
             let mut client = pool.get().await.map_err(backend)?;
             let tx = client.transaction().await.map_err(backend)?;
             if !events.is_empty() {
-                tx.execute("DELETE FROM bus_events WHERE at < now() - interval '1 hour'", &[])
-                    .await
-                    .map_err(backend)?;
                 for event in &events {
                     tx.execute(
                         "INSERT INTO bus_events (writer, event) VALUES ($1, $2)",
@@ -183,6 +179,24 @@ impl PgStore {
             }
             tx.execute("SELECT pg_notify($1, '')", &[&CHANNEL]).await.map_err(backend)?;
             tx.commit().await.map_err(backend)
+        })
+        .await
+    }
+
+    /// Forgets logged changes older than ten minutes and events older than an hour: a node
+    /// that has not read them by then has been cut off from the database that long, and its
+    /// devices have long reconnected (to a node that reads its state from the store).
+    pub async fn bus_prune(&self) -> Result<()> {
+        let pool = self.pool.clone();
+        on_driver(async move {
+            let client = pool.get().await.map_err(backend)?;
+            client
+                .batch_execute(
+                    "DELETE FROM bus_changes WHERE at < now() - interval '10 minutes';
+                     DELETE FROM bus_events WHERE at < now() - interval '1 hour';",
+                )
+                .await
+                .map_err(backend)
         })
         .await
     }

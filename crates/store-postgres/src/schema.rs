@@ -60,15 +60,22 @@ const MIGRATIONS: &[&str] = &[
         value bytea NOT NULL,
         PRIMARY KEY (customer, space, key)
     );",
-    // 2: the change bus (`bus.rs`). A feed entry names the node that wrote it (`writer`, from
+    // 2: the change bus (`bus.rs`). Every move in the feed is also logged in `bus_changes`
+    // (the feed keeps only each document's last), with the node that wrote it (`writer`, from
     // the `writers` sequence, one per open store) and its transaction (`txid`); other nodes
     // read the entries their last snapshot did not show. Erasures, revocations and epochs go
-    // to `bus_events`, read the same way, kept for an hour.
+    // to `bus_events`, read the same way. Entries are kept ten minutes, events an hour.
     "CREATE SEQUENCE writers;
-    ALTER TABLE feed
-        ADD COLUMN writer bigint NOT NULL DEFAULT 0,
-        ADD COLUMN txid xid8 NOT NULL DEFAULT pg_current_xact_id();
-    CREATE INDEX feed_by_txid ON feed (txid);
+    CREATE TABLE bus_changes (
+        txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        writer bigint NOT NULL,
+        at timestamptz NOT NULL DEFAULT now(),
+        customer bytea NOT NULL,
+        doc bytea NOT NULL,
+        seq bigint NOT NULL
+    );
+    CREATE INDEX bus_changes_by_txid ON bus_changes (txid);
+    CREATE INDEX bus_changes_by_age ON bus_changes (at);
     CREATE TABLE bus_events (
         id bigserial PRIMARY KEY,
         txid xid8 NOT NULL DEFAULT pg_current_xact_id(),

@@ -261,7 +261,9 @@ impl Store for PgStore {
     fn erase_customer(&self, customer: &CustomerId) -> Result<()> {
         self.transaction(async |tx| {
             let c = &customer.as_bytes()[..];
-            for table in ["docs", "snapshots", "chunks", "feed", "feed_heads", "records"] {
+            for table in
+                ["docs", "snapshots", "chunks", "feed", "feed_heads", "records", "bus_changes"]
+            {
                 tx.execute(&format!("DELETE FROM {table} WHERE customer = $1"), &[&c])
                     .await
                     .map_err(backend)?;
@@ -291,7 +293,8 @@ impl Store for PgStore {
             for write in batch {
                 let outcome = match *write {
                     Write::Doc { customer, doc, meta, chunk, feed } => {
-                        Ok(writes::write_doc(tx, self.writer, customer, doc, meta, chunk, feed).await?)
+                        Ok(writes::write_doc(tx, self.writer, customer, doc, meta, chunk, feed)
+                            .await?)
                     }
                     Write::Compact { customer, doc, snapshot, replaces } => {
                         writes::compact(tx, customer, doc, snapshot, replaces).await?.map(|()| None)

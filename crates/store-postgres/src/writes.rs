@@ -38,8 +38,8 @@ pub(crate) async fn lock_heads(tx: &Transaction<'_>, customers: &[&CustomerId]) 
     Ok(())
 }
 
-/// Takes the customer's next feed position for `doc` (its head must be locked). The feed entry
-/// names the node that wrote it and its transaction, for the change bus (`bus.rs`).
+/// Takes the customer's next feed position for `doc` (its head must be locked), and logs the
+/// move for the other nodes (`bus.rs`).
 async fn take_position(
     tx: &Transaction<'_>,
     writer: i64,
@@ -56,9 +56,12 @@ async fn take_position(
         .map_err(backend)?
         .get(0);
     tx.execute(
-        "INSERT INTO feed (customer, doc, seq, writer) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (customer, doc) DO UPDATE
-         SET seq = EXCLUDED.seq, writer = EXCLUDED.writer, txid = EXCLUDED.txid",
+        "WITH moved AS (
+             INSERT INTO feed (customer, doc, seq) VALUES ($1, $2, $3)
+             ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq
+             RETURNING customer, doc, seq
+         )
+         INSERT INTO bus_changes (writer, customer, doc, seq) SELECT $4, * FROM moved",
         &[&c, &&doc.as_bytes()[..], &seq, &writer],
     )
     .await
