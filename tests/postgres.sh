@@ -3,6 +3,9 @@
 # postgresql-15 if its binaries are missing, creates a cluster in a temporary directory as an
 # unprivileged user (PostgreSQL refuses to run as root), starts it on a free port of 127.0.0.1,
 # and exports CUBBY_TEST_POSTGRES_URL for the tests. `postgres_stop` stops it and removes it.
+# It also exports CUBBY_TEST_PG_BIN, where initdb and pg_ctl are, for the tests that run a
+# PostgreSQL of their own to stop and start (server/tests/cluster.rs). `haproxy_install` installs
+# Debian's HAProxy for that test.
 #
 # By hand:  source tests/postgres.sh && postgres_start && cargo test -p cubby-store-postgres
 
@@ -18,8 +21,19 @@ postgres_install() {
         postgresql-15 >/dev/null
 }
 
+haproxy_install() {
+    command -v haproxy >/dev/null && return
+    echo "== installing haproxy from Debian's packages" >&2
+    local sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends \
+        haproxy >/dev/null
+}
+
 postgres_start() {
     postgres_install
+    export CUBBY_TEST_PG_BIN="$PG_BIN"
     local as=()
     if [ "$(id -u)" -eq 0 ]; then
         # The package made the `postgres` user; the server runs as it.

@@ -96,20 +96,18 @@ pub(crate) fn api_error(err: StoreError) -> ApiError {
 }
 
 impl Committer {
-    /// Starts the writer over `store`.
-    /// `degraded` is called once, at the first failed flush (the store then refuses writes
-    /// until the server restarts).
+    /// Starts the writer over `store`. `on_failure` is called at every failed commit (the
+    /// health service then checks the store).
     pub(crate) fn start(
         store: Arc<dyn Store>,
         bus: (Arc<dyn Bus>, NodeId),
         max_batch: usize,
-        degraded: Box<dyn FnOnce() + Send>,
+        on_failure: Box<dyn Fn() + Send>,
         work: StorageWork,
         metrics: Arc<Metrics>,
     ) -> (Self, CommitHandle) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
-        let mut writer =
-            Writer { store, bus, max_batch: max_batch.max(1), degraded: Some(degraded), metrics };
+        let mut writer = Writer { store, bus, max_batch: max_batch.max(1), on_failure, metrics };
         let committer = match work {
             StorageWork::Inline => Self::Task(tokio::spawn(async move {
                 while let Some(first) = rx.recv().await {
@@ -188,7 +186,7 @@ struct Writer {
     /// Where durable writes are announced, and this node's id on it.
     bus: (Arc<dyn Bus>, NodeId),
     max_batch: usize,
-    degraded: Option<Box<dyn FnOnce() + Send>>,
+    on_failure: Box<dyn Fn() + Send>,
     metrics: Arc<Metrics>,
 }
 
@@ -214,9 +212,7 @@ impl Writer {
         }
         let committed = self.store.commit(&writes).map_err(|err| {
             tracing::error!(%err, "commit failed; writes in this batch are not acknowledged");
-            if let Some(degraded) = self.degraded.take() {
-                degraded();
-            }
+            (self.on_failure)();
             api_error(err)
         });
         drop(writes);

@@ -39,6 +39,7 @@ mod devices;
 mod docs;
 mod durable;
 mod frames;
+mod health;
 mod hub;
 mod idp;
 mod keys;
@@ -176,17 +177,10 @@ struct Backing {
 async fn open_store(config: &ServerConfig) -> Result<Backing, StartError> {
     match config.storage.backend()? {
         (config::Backend::Postgres, Some(url)) => {
-            let url = url.to_owned();
-            let ca = match &config.storage.ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    ConfigError(format!("cannot read storage.ca_file {}: {e}", path.display()))
-                })?),
-                None => None,
-            };
-            let store = tokio::task::spawn_blocking(move || PgStore::connect(&url, ca.as_deref()))
+            let (config_, url) = (config.clone(), url.to_owned());
+            let store = tokio::task::spawn_blocking(move || connect_postgres(&config_, &url))
                 .await
-                .map_err(|_| ConfigError("opening the database panicked".into()))?
-                .map_err(StartError::Database)?;
+                .map_err(|_| ConfigError("opening the database panicked".into()))??;
             let store = Arc::new(store);
             let poll = Duration::from_millis(config.storage.bus_poll_ms);
             let bus = bus::postgres::PgBus::start(store.clone(), config.storage.bus, poll);
@@ -203,6 +197,38 @@ async fn open_store(config: &ServerConfig) -> Result<Backing, StartError> {
                 witness: Some(Arc::new(witness)),
                 bus: Arc::new(bus::LocalBus::default()),
             })
+        }
+    }
+}
+
+/// Connects to the configured PostgreSQL database at `url` (blocking).
+fn connect_postgres(config: &ServerConfig, url: &str) -> Result<PgStore, StartError> {
+    let ca = match &config.storage.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            ConfigError(format!("cannot read storage.ca_file {}: {e}", path.display()))
+        })?),
+        None => None,
+    };
+    PgStore::connect(url, ca.as_deref()).map_err(StartError::Database)
+}
+
+/// Every wrapped data key in the configured store, as `cubby-server keys retire` counts them:
+/// from the embedded store's key files (the server may be running), or from the database.
+pub fn wrapped_keys(config: &ServerConfig) -> Result<Vec<Vec<u8>>, StartError> {
+    use cubby_store::Keys;
+    match config.storage.backend()? {
+        (config::Backend::Postgres, Some(url)) => {
+            let store = connect_postgres(config, url)?;
+            let mut keys = Vec::new();
+            for customer in store.list_customers().map_err(StartError::Database)? {
+                keys.extend(store.get_key(&customer).map_err(StartError::Database)?);
+            }
+            Ok(keys)
+        }
+        _ => {
+            let path = store_path(config);
+            cubby_store_sled::wrapped_keys(&path)
+                .map_err(|source| StartError::Store { path, source })
         }
     }
 }
@@ -322,28 +348,18 @@ async fn launch<L: Listener>(
     let tracker = TaskTracker::new();
     let hub = Arc::new(hub::Hub::default());
     let (health, health_service) = tonic_health::server::health_reporter();
-    let degraded = {
-        let (health, runtime) = (health.clone(), tokio::runtime::Handle::current());
-        Box::new(move || {
-            tracing::error!("storage failed; health now reports NOT_SERVING until a restart");
-            runtime.spawn(async move {
-                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                health.set_not_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
-                health
-                    .set_not_serving::<pb::account_server::AccountServer<account::AccountService>>()
-                    .await;
-                health
-                    .set_not_serving::<pb::admin_server::AdminServer<admin::AdminService>>()
-                    .await;
-            });
-        })
+    let storage_health =
+        health::StorageHealth::watch(store.clone(), health.clone(), work, &tracker, stop.clone());
+    let on_failure = {
+        let storage_health = storage_health.clone();
+        Box::new(move || storage_health.failed())
     };
     let node: bus::NodeId = u64::from_be_bytes(cubby_crypto::random_array());
     let (committer, commit) = durable::Committer::start(
         store.clone(),
         (bus.clone(), node),
         limits.max_commit_batch,
-        degraded,
+        on_failure,
         work,
         metrics.clone(),
     );
@@ -437,9 +453,7 @@ async fn launch<L: Listener>(
             shared.on_event(envelope);
         }
     }));
-    health.set_serving::<pb::sync_server::SyncServer<sync::SyncService>>().await;
-    health.set_serving::<pb::account_server::AccountServer<account::AccountService>>().await;
-    health.set_serving::<pb::admin_server::AdminServer<admin::AdminService>>().await;
+    health::set(&health, true).await;
     let (reflection, reflection_v1alpha) = reflection::service(&[
         cubby_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,

@@ -187,12 +187,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Keys { command: KeysCommand::Retire { generation } }) => {
             let config = config(&cli)?;
-            embedded_only(&config, "keys retire")?;
             let path = cubby_server::master_key_path(&config);
-            let store = cubby_server::store_path(&config);
             MasterSecret::retire(&path, generation, |generation| {
-                let keys = cubby_store_sled::wrapped_keys(&store).map_err(|e| {
-                    KeyFileError::Io { path: store.clone(), source: std::io::Error::other(e) }
+                let keys = cubby_server::wrapped_keys(&config).map_err(|e| KeyFileError::Io {
+                    path: cubby_server::store_path(&config),
+                    source: std::io::Error::other(e),
                 })?;
                 Ok(keys.iter().filter(|k| Keyring::generation_of(k) == Some(generation)).count())
             })?;
@@ -214,8 +213,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Restore { ref from }) => {
             let config = config(&cli)?;
-            embedded_only(&config, "restore")?;
             let restored = cubby_server::restore(&config, from.as_deref())?;
+            if restored.store.as_os_str().is_empty() {
+                println!(
+                    "accepted the PostgreSQL database (customers: {}) and started a new epoch: \
+                     devices that connect now offer back everything they hold. Start the nodes \
+                     as usual.",
+                    restored.customers
+                );
+                return Ok(());
+            }
             if let Some(from) = &restored.from {
                 println!(
                     "copied the store from {} into {}",

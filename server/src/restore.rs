@@ -13,7 +13,7 @@ use crate::{ConfigError, ServerConfig, StartError, master_key_path, store_path, 
 #[derive(Debug)]
 #[non_exhaustive]
 pub struct Restored {
-    /// The store directory.
+    /// The store directory (empty for a PostgreSQL database).
     pub store: PathBuf,
     /// Where the store's files came from, if they were copied in.
     pub from: Option<PathBuf>,
@@ -23,7 +23,9 @@ pub struct Restored {
     pub customers: usize,
 }
 
-/// Accepts a store as it is and starts a new epoch (`cubby-server restore`): with `from`, the
+/// Accepts a store as it is and starts a new epoch (`cubby-server restore`). A PostgreSQL
+/// database is accepted as it is (restored with PostgreSQL's tools beforehand; there is no
+/// witness, so nothing is replayed). For sled: with `from`, the
 /// store's directory is first replaced by a copy of `from` (an archive of `cubby-server backup`,
 /// or a copy of `db/` taken with the server stopped); without, the store in place is accepted (restored by hand, or found damaged
 /// and accepted). Erasures and revocations in the ledger stay in force. Devices that connect
@@ -33,6 +35,28 @@ pub fn restore(
     from: Option<&std::path::Path>,
 ) -> Result<Restored, StartError> {
     let master = MasterSecret::read(&master_key_path(config))?;
+    if let (crate::config::Backend::Postgres, Some(url)) = config.storage.backend()? {
+        if from.is_some() {
+            return Err(ConfigError(
+                "this server stores in PostgreSQL: restore the database with pg_restore, psql or \
+                 point-in-time recovery first, then run `cubby-server restore` without --from"
+                    .into(),
+            )
+            .into());
+        }
+        let store = crate::connect_postgres(config, url)?;
+        let vault =
+            match EncryptedStore::begin_epoch_unwitnessed(store, Keyring::from_master(&master)) {
+                Ok(vault) => vault,
+                Err(StoreError::WrongMasterKey) => {
+                    return Err(StartError::WrongMasterKey(config.data.clone()));
+                }
+                Err(source) => return Err(StartError::Database(source)),
+            };
+        let customers =
+            vault.list_customers().map_err(StartError::Database)?.len().saturating_sub(1);
+        return Ok(Restored { store: PathBuf::new(), from: None, flushes: 0, customers });
+    }
     let db_path = store_path(config);
     let store_error = |source| StartError::Store { path: db_path.clone(), source };
     if let Some(from) = from {

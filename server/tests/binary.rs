@@ -2,22 +2,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cubby_proto::pb;
 
-const BIN: &str = env!("CARGO_BIN_EXE_cubby-server");
+mod common;
 
-/// Kills the child on drop so a failing test leaves no server behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{BIN, Running, channel, free_port, started, synced, with_token};
 
 /// Starts the binary in `dir` with the README's defaults (port 0 instead of 7443, so tests can
 /// run side by side) and returns it with the lines it printed up to the dev-tenant hint.
@@ -32,24 +24,6 @@ fn start_in(dir: &Path) -> (Running, Vec<String>) {
         .spawn()
         .expect("the binary runs");
     started(child)
-}
-
-/// Waits for a server started as `child` (its stdout piped) to print the dev-tenant hint.
-fn started(mut child: Child) -> (Running, Vec<String>) {
-    let stdout = child.stdout.take().expect("piped");
-    let running = Running(child);
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("utf-8 output");
-        let done = line.starts_with("development tenant on");
-        lines.push(line);
-        assert!(Instant::now() < deadline, "server did not finish starting: {lines:?}");
-        if done {
-            return (running, lines);
-        }
-    }
-    panic!("server exited early: {lines:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,26 +131,6 @@ async fn alice_account(
     let token = String::from_utf8(token.stdout).expect("utf-8").trim().to_owned();
     let channel = channel(&dir.join("cubby-data/tls/cert.pem"), addr).await;
     (pb::account_client::AccountClient::new(channel), token)
-}
-
-/// A TLS channel to the binary at `addr`, trusting its certificate `cert`.
-async fn channel(cert: &Path, addr: &str) -> tonic::transport::Channel {
-    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
-        tonic::transport::Certificate::from_pem(std::fs::read(cert).expect("cert")),
-    );
-    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect()
-        .await
-        .expect("TLS connection to the binary")
-}
-
-fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ok"));
-    request
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,16 +255,6 @@ async fn descriptor_exhaustion_backs_off_and_the_server_recovers() {
     assert!(logged <= seconds + 2, "{logged} accept failures logged in {seconds} s");
 }
 
-/// A free loopback port: the restore tests restart the binary on the same address, as an
-/// operator would, so that devices reconnect where they were.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// The binary, to serve the data directory in `dir` on `port` in development mode.
 fn serving(dir: &Path, port: u16) -> Command {
     let mut command = Command::new(BIN);
@@ -371,18 +315,6 @@ async fn device_of(dir: &Path, port: u16, customer: &str, home: &Path) -> cubby_
         .build()
         .await
         .expect("the client builds")
-}
-
-/// Waits until `client` and the server hold the same changes, however many attempts that
-/// takes (a device retries on its own while the server is away).
-async fn synced(client: &cubby_client::Client) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while let Err(failure) = client.wait_until_synced().await {
-        assert!(Instant::now() < deadline, "never synced: {failure}");
-        let mut status = client.status();
-        let retried = status.wait_for(|s| !matches!(s, cubby_client::SyncStatus::Offline { .. }));
-        let _ = tokio::time::timeout(Duration::from_secs(60), retried).await;
-    }
 }
 
 /// The JSON of every document `client` holds, by title.

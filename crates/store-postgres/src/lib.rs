@@ -32,6 +32,9 @@ pub mod schema;
 /// Connections a node keeps open at most.
 const POOL_SIZE: usize = 8;
 
+/// How long a node waits for a connection (made or taken from the pool) before the call fails.
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How often a batch is tried again when the database aborts it for a serialization failure or
 /// a deadlock (it then wrote nothing).
 const RETRIES: usize = 5;
@@ -127,7 +130,12 @@ impl PgStore {
     }
 
     /// As [`PgStore::connect`], from a parsed configuration.
-    pub fn with_config(config: Config, ca_pem: Option<&[u8]>) -> Result<Self> {
+    pub fn with_config(mut config: Config, ca_pem: Option<&[u8]>) -> Result<Self> {
+        // A database that went away must not hold calls up for ever: a node reports it and
+        // refuses writes instead.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(TIMEOUT);
+        }
         let settings = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let plain = config.get_ssl_mode() == SslMode::Disable
             || (config.get_ssl_mode() == SslMode::Prefer && ca_pem.is_none());
@@ -140,6 +148,9 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(TIMEOUT))
+            .create_timeout(Some(TIMEOUT))
+            .recycle_timeout(Some(TIMEOUT))
             .build()
             .map_err(backend)?;
         let mut store = Self { pool, writer: 0, connect };

@@ -277,6 +277,20 @@ impl Store for PgStore {
         Ok(())
     }
 
+    /// Whether the database answers, and takes writes (a standby refuses them).
+    fn ready(&self) -> Result<()> {
+        self.block(async {
+            let client = self.client().await?;
+            let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await.map_err(backend)?;
+            if row.get::<_, bool>(0) {
+                return Err(cubby_store::StoreError::Backend(
+                    "the database is a read-only standby".into(),
+                ));
+            }
+            Ok(())
+        })
+    }
+
     fn commit(&self, batch: &[Write<'_>]) -> Result<Vec<Result<Option<Seq>>>> {
         self.transaction(async |tx| {
             let takers: Vec<&CustomerId> = batch

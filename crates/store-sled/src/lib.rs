@@ -496,6 +496,10 @@ impl Store for SledStore {
         SledStore::copy_to(self, to).map(|copied| copied.bytes)
     }
 
+    fn ready(&self) -> Result<()> {
+        self.healthy()
+    }
+
     fn flush(&self) -> Result<()> {
         self.db()?.flush().map_err(|e| self.fail(e))?;
         // A failed sync may have dropped the dirty pages it could not write: never try again.

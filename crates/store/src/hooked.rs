@@ -141,6 +141,10 @@ impl<S: Store, H: Fn(Call<'_>) + Send + Sync + 'static> Store for Hooked<S, H> {
         self.inner.flush()
     }
 
+    fn ready(&self) -> Result<()> {
+        self.inner.ready()
+    }
+
     fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
         self.inner.copy_to(to)
     }

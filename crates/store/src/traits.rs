@@ -237,6 +237,13 @@ pub trait Store: Keys + Docs + Records {
         Ok(outcomes)
     }
 
+    /// Whether the store can take writes now: `Err` when it cannot reach its database, or
+    /// failed for good (sled after an I/O error, until a restart). The server's health says
+    /// `NOT_SERVING` while it is. The default: always.
+    fn ready(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Copies the whole store, consistently and as sealed as it is, into `to`, a new store
     /// directory of the embedded backend (a backup that `cubby-server restore --from` takes).
     /// Returns the bytes copied. A backend that cannot (a database, with its own backup tools)
@@ -362,6 +369,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn commit(&self, batch: &[Write<'_>]) -> Result<Vec<Result<Option<Seq>>>> {
         (**self).commit(batch)
+    }
+    fn ready(&self) -> Result<()> {
+        (**self).ready()
     }
     fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
         (**self).copy_to(to)

@@ -152,3 +152,14 @@ fn a_database_url_in_the_environment_stores_in_postgres_and_stays_out_of_logs() 
     let err = missing.storage.backend().expect_err("postgres needs a URL");
     assert!(err.0.contains("CUBBY_DATABASE_URL"), "{err}");
 }
+
+#[test]
+fn the_bus_listens_by_default_and_polls_when_told() {
+    let dev = ServerConfig::dev_and("/tmp/d", default_listen(), env(&[])).expect("defaults");
+    assert_eq!((dev.storage.bus, dev.storage.bus_poll_ms), (BusMode::Listen, 250));
+    let told = env(&[("CUBBY_STORAGE_BUS", "poll"), ("CUBBY_STORAGE_BUS_POLL_MS", "100ms")]);
+    let told = ServerConfig::dev_and("/tmp/d", default_listen(), told).expect("loads");
+    assert_eq!((told.storage.bus, told.storage.bus_poll_ms), (BusMode::Poll, 100));
+    let wrong = env(&[("CUBBY_STORAGE_BUS", "carrier-pigeon")]);
+    assert!(ServerConfig::dev_and("/tmp/d", default_listen(), wrong).is_err());
+}

@@ -60,16 +60,24 @@ impl<S: Store> EncryptedStore<S> {
     /// match the store, and the ledger's erasures are made again. A missing or wiped store is
     /// started afresh.
     pub fn begin_epoch(inner: S, keyring: Keyring, witness: Arc<dyn Witness>) -> Result<Self> {
-        let (mut store, _) = Self::open_unchecked(inner, keyring)?;
-        let epoch = cubby_crypto::random_array();
-        store.put_system(EPOCH_KEY, &epoch)?;
-        store.inner.flush()?;
-        store.identity.epoch = epoch;
+        let mut store = Self::begin_epoch_unwitnessed(inner, keyring)?;
         let found = store.stored_flushes()?;
         let key = store.keyring().witness_key().clone();
         store.witnessed = Some(Witnessed::new(witness, key, found));
         store.write_anchor(found)?;
         store.replay_erasures()?;
+        Ok(store)
+    }
+
+    /// As [`EncryptedStore::begin_epoch`], for a store that has no witness (a database that
+    /// several nodes share, restored with the database's own tools): the new epoch alone, with
+    /// no anchor to match and no ledger to replay.
+    pub fn begin_epoch_unwitnessed(inner: S, keyring: Keyring) -> Result<Self> {
+        let (mut store, _) = Self::open_unchecked(inner, keyring)?;
+        let epoch = cubby_crypto::random_array();
+        store.put_system(EPOCH_KEY, &epoch)?;
+        store.inner.flush()?;
+        store.identity.epoch = epoch;
         Ok(store)
     }
 

@@ -220,6 +220,10 @@ impl<S: Store> Store for EncryptedStore<S> {
         self.shred(customer, at_ms)
     }
 
+    fn ready(&self) -> Result<()> {
+        self.inner.ready()
+    }
+
     /// Flushes, then copies the store underneath: records sealed as they are, keys wrapped.
     fn copy_to(&self, to: &std::path::Path) -> Result<u64> {
         self.flush()?;
