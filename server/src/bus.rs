@@ -14,7 +14,8 @@
 
 use std::sync::{Arc, PoisonError, RwLock};
 
-pub mod postgres;
+pub mod log;
+mod postgres;
 
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta, Seq};
 

@@ -183,7 +183,7 @@ async fn open_store(config: &ServerConfig) -> Result<Backing, StartError> {
                 .map_err(|_| ConfigError("opening the database panicked".into()))??;
             let store = Arc::new(store);
             let poll = Duration::from_millis(config.storage.bus_poll_ms);
-            let bus = bus::postgres::PgBus::start(store.clone(), config.storage.bus, poll);
+            let bus = bus::log::LogBus::start(store.clone(), config.storage.bus, poll);
             Ok(Backing { store, witness: None, bus: Arc::new(bus) })
         }
         _ => {

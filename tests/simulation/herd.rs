@@ -29,7 +29,7 @@ struct Herd {
 
 pub(crate) fn run(clients: usize, seed: u64) {
     let started = Instant::now();
-    let world = World::new(seed, clients.div_ceil(4), 4);
+    let world = World::new(seed, clients.div_ceil(4), 4, 1);
     let clients = world.devices.len();
     let herd = Arc::new(Herd::default());
     let mut sim = turmoil::Builder::new()
@@ -119,7 +119,7 @@ async fn fleet(
 ) -> turmoil::Result {
     let mut clients = Vec::new();
     for d in devices {
-        clients.push((d, sim_client(&world.devices[d], &world.ca_pem, true).await?));
+        clients.push((d, sim_client(&world.devices[d], &world.ca_pem, true, 1).await?));
     }
     let runs = join_all(clients.iter().map(|(d, client)| member(&world, &herd, *d, client))).await;
     runs.into_iter().collect()

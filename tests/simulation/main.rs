@@ -12,6 +12,11 @@
 //!   and every edit any of them made;
 //! - no device ever holds another customer's document or value.
 //!
+//! Cluster seeds run two or three server nodes over the one disk (as nodes over one database:
+//! node crashes lose nothing committed) and a simulated bus log (`cluster.rs`) whose entries
+//! reach each node late and out of order and whose wake-ups get lost; devices move between
+//! nodes as theirs go down or are cut off. The same invariants hold.
+//!
 //! The server, the SDK, TLS, HTTP/2 and gRPC are the real ones; the network, the clock and the
 //! disks (an in-memory store that a crash tears, [`cubby_tests::sim_disk`]) are simulated, and
 //! storage work runs inline so that a seed replays the same schedule.
@@ -20,6 +25,7 @@
 //! cargo test -p cubby-tests --test simulation                 # the CI seeds
 //! cargo test -p cubby-tests --test simulation -- --seeds 500  # the long mode
 //! cargo test -p cubby-tests --test simulation -- --seed 17    # replay one seed
+//! cargo test -p cubby-tests --test simulation -- --cluster-seed 3  # replay one cluster seed
 //! CUBBY_TEST_LOG=debug cargo test -p cubby-tests --test simulation -- --seed 17  # with logs
 //! cargo test -p cubby-tests --test simulation -- --herd 1000  # BAD_INPUTS row 30
 //! ```
@@ -40,11 +46,14 @@ use cubby_store::{Docs, EncryptedStore};
 use cubby_tests::Rng;
 use cubby_tests::sim_disk::SimDisk;
 
+mod cluster;
 mod herd;
 
 const PORT: u16 = 7443;
 /// How many seeds `cargo test` runs.
 const CI_SEEDS: u64 = 8;
+/// How many seeds `cargo test` runs with two or three nodes over one store.
+const CI_CLUSTER_SEEDS: u64 = 4;
 /// How many devices `cargo test` puts through a server restart (row 30).
 const HERD_CI: usize = 200;
 /// The simulated network's tick: the clock's and the network's resolution.
@@ -87,6 +96,7 @@ fn main() {
     }
     let seeds: Vec<u64> = match value("--seed") {
         Some(seed) => vec![seed],
+        None if value("--cluster-seed").is_some() => vec![],
         None => {
             let count = value("--seeds")
                 .or_else(|| std::env::var("CUBBY_SIM_SEEDS").ok()?.parse().ok())
@@ -108,16 +118,36 @@ fn main() {
             )),
         }
     }
+    let cluster_seeds: Vec<u64> = match value("--cluster-seed") {
+        Some(seed) => vec![seed],
+        None if value("--seed").is_some() => vec![],
+        None => (1..=value("--cluster-seeds").unwrap_or(CI_CLUSTER_SEEDS)).collect(),
+    };
+    for &seed in &cluster_seeds {
+        match run_cluster_seed(seed) {
+            Ok(outcome) => {
+                eprintln!("cluster seed {seed}: ok, {outcome}");
+                total.add(&outcome);
+            }
+            Err(failure) => fail(&format!(
+                "cluster seed {seed} FAILED: {failure}\n  replay: cargo test -p cubby-tests --test simulation -- --cluster-seed {seed}"
+            )),
+        }
+    }
     eprintln!(
         "simulation: {} seeds passed in {:.1} s of real time: {:.1} simulated hours, {}",
-        seeds.len(),
+        seeds.len() + cluster_seeds.len(),
         started.elapsed().as_secs_f64(),
         total.simulated.as_secs_f64() / 3600.0,
         total.outcome,
     );
     // Row 29's scripted partitions and row 30's herd (at a size CI affords), unless one seed
     // or a seed range was asked for.
-    if value("--seed").is_none() && value("--seeds").is_none() {
+    if value("--seed").is_none()
+        && value("--seeds").is_none()
+        && value("--cluster-seed").is_none()
+        && value("--cluster-seeds").is_none()
+    {
         match row_29_partition_mid_sync_both_sides_edit_offline() {
             Ok(outcome) => eprintln!("row 29: ok, {outcome}"),
             Err(failure) => fail(&format!("row 29 FAILED: {failure}")),
@@ -158,6 +188,12 @@ struct World {
     quiet: AtomicBool,
     /// When the server accepted each connection (simulated time).
     accepts: Mutex<Vec<Duration>>,
+    /// Server nodes sharing `server_disk` (1: the one server, with its witness).
+    nodes: usize,
+    /// What the nodes tell each other, when there are several.
+    log: Arc<cluster::SimLog>,
+    /// How the nodes wake each other.
+    bus_mode: cubby_server::config::BusMode,
     _dir: tempfile::TempDir,
 }
 
@@ -203,7 +239,7 @@ fn tag(customer: usize) -> String {
 }
 
 impl World {
-    fn new(seed: u64, customers: usize, devices_each: usize) -> Arc<Self> {
+    fn new(seed: u64, customers: usize, devices_each: usize, nodes: usize) -> Arc<Self> {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = ServerConfig::dev(dir.path(), SocketAddr::from(([0, 0, 0, 0], PORT)));
         config.limits.key_reload_secs = 24 * 3600;
@@ -244,8 +280,20 @@ impl World {
             journal: Mutex::new(Journal::default()),
             quiet: AtomicBool::new(false),
             accepts: Mutex::new(Vec::new()),
+            nodes,
+            log: cluster::SimLog::new(seed),
+            bus_mode: if seed.is_multiple_of(2) {
+                cubby_server::config::BusMode::Listen
+            } else {
+                cubby_server::config::BusMode::Poll
+            },
             _dir: dir,
         })
+    }
+
+    /// The host name of server node `n` ("server" when there is one).
+    fn node(&self, n: usize) -> String {
+        if self.nodes == 1 { "server".into() } else { format!("server{n}") }
     }
 
     /// Checks that every acknowledged edit is on the server's disk now.
@@ -379,6 +427,31 @@ async fn server(world: Arc<World>) -> turmoil::Result {
     }
 }
 
+/// Node `n` of several sharing the server's disk ("the database") and the simulated bus log,
+/// without a witness, as nodes on PostgreSQL run; restarted by the driver after a crash.
+async fn node(world: Arc<World>, n: usize) -> turmoil::Result {
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    let listener = SimListener { listener, world: world.clone() };
+    let writer = n as i64 + 1;
+    let store = cluster::Logged { disk: world.server_disk.clone(), log: world.log.clone(), writer };
+    let bus = cubby_server::bus::log::LogBus::start(
+        Arc::new(world.log.node(writer)),
+        world.bus_mode,
+        Duration::from_millis(250),
+    );
+    let platform = Platform {
+        store: Arc::new(store),
+        listener,
+        work: StorageWork::Inline,
+        clock: auth::Clock::Simulated(sim_clock),
+        witness: None,
+        bus: Arc::new(bus),
+    };
+    let _running = cubby_server::start_on(world.config.clone(), platform).await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
 /// The server's end of the simulated network; it notes when each connection arrives.
 struct SimListener {
     listener: turmoil::net::TcpListener,
@@ -409,12 +482,15 @@ fn sim_tokens(slot: &DeviceSlot) -> impl TokenProvider {
     }
 }
 
-/// An SDK client on the simulated network and its own simulated disk.
+/// An SDK client on the simulated network and its own simulated disk; with several server
+/// nodes, each connection goes to the next one (a device whose node is down or cut off moves).
 async fn sim_client(
     slot: &DeviceSlot,
     ca_pem: &[u8],
     autosync: bool,
+    nodes: usize,
 ) -> Result<Client, cubby_client::ClientError> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(slot.customer));
     Client::builder()
         .with_store(Arc::new(slot.disk.clone()))
         .with_inline_storage(true)
@@ -423,7 +499,11 @@ async fn sim_client(
         .with_ca_pem(ca_pem.to_vec())
         .with_token_provider(sim_tokens(slot))
         .with_device_name(slot.name.clone())
-        .with_transport(|| turmoil::net::TcpStream::connect(("server", PORT)))
+        .with_transport(move || {
+            let n = next.fetch_add(1, Ordering::Relaxed) % nodes;
+            let host = if nodes == 1 { "server".to_owned() } else { format!("server{n}") };
+            turmoil::net::TcpStream::connect((host, PORT))
+        })
         .with_autosync(autosync)
         .build()
         .await
@@ -432,7 +512,7 @@ async fn sim_client(
 /// A device's host: it edits at random until faults stop, then reports what it holds.
 async fn device(world: Arc<World>, d: usize, incarnation: u64) -> turmoil::Result {
     let slot = &world.devices[d];
-    let client = sim_client(slot, &world.ca_pem, true).await?;
+    let client = sim_client(slot, &world.ca_pem, true, world.nodes).await?;
     let mut rng = Rng(world.seed ^ ((d as u64 + 1) << 32) ^ incarnation);
     loop {
         if world.quiet.load(Ordering::Relaxed) {
@@ -559,10 +639,10 @@ impl Totals {
     }
 }
 
-/// A fault to undo at a time.
+/// A fault to undo at a time: a link (device, node) to repair or release, a host to restart.
 enum Undo {
-    Repair(String),
-    Release(String),
+    Repair(String, String),
+    Release(String, String),
     Bounce(String),
 }
 
@@ -580,19 +660,35 @@ enum Plan {
 /// rounds, and both sides keep editing. After repair, both hold identical heads and every edit,
 /// and no acknowledged change is lost.
 fn row_29_partition_mid_sync_both_sides_edit_offline() -> Result<Outcome, String> {
-    run(29, Plan::Partitions, 1, 2)
+    run(29, Plan::Partitions, 1, 2, 1)
 }
 
 fn run_seed(seed: u64) -> Result<Outcome, String> {
     let mut rng = Rng(seed);
     let customers = 2 + rng.below(2);
     let devices_each = 2 + rng.below(2);
-    run(seed, Plan::All, customers, devices_each)
+    run(seed, Plan::All, customers, devices_each, 1)
 }
 
-fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<Outcome, String> {
+/// Two or three server nodes over one store ("the database", which does not crash) and the
+/// simulated bus log: devices spread over the nodes and move when theirs is down or cut off;
+/// nodes crash and come back; bus entries arrive late and out of order, wake-ups get lost.
+fn run_cluster_seed(seed: u64) -> Result<Outcome, String> {
+    let mut rng = Rng(seed ^ 0xC1);
+    let customers = 2 + rng.below(2);
+    let devices_each = 2 + rng.below(2);
+    run(seed, Plan::All, customers, devices_each, 2 + rng.below(2))
+}
+
+fn run(
+    seed: u64,
+    plan: Plan,
+    customers: usize,
+    devices_each: usize,
+    nodes: usize,
+) -> Result<Outcome, String> {
     let mut rng = Rng(seed ^ 0xFA17);
-    let world = World::new(seed, customers, devices_each);
+    let world = World::new(seed, customers, devices_each, nodes);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .simulation_duration(FAULT_PHASE + CONVERGE_WITHIN + Duration::from_secs(60))
@@ -600,8 +696,15 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(25))
         .build();
-    let w = world.clone();
-    sim.host("server", move || server(w.clone()));
+    if nodes == 1 {
+        let w = world.clone();
+        sim.host("server", move || server(w.clone()));
+    } else {
+        for n in 0..nodes {
+            let w = world.clone();
+            sim.host(world.node(n).as_str(), move || node(w.clone(), n));
+        }
+    }
     let incarnations: Vec<Arc<std::sync::atomic::AtomicU64>> =
         world.devices.iter().map(|_| Arc::default()).collect();
     for (d, slot) in world.devices.iter().enumerate() {
@@ -627,6 +730,7 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
         }
         next_fault = now + rng.millis(300, 3000);
         let device = world.devices[rng.below(world.devices.len())].name.clone();
+        let server = world.node(rng.below(nodes));
         let kind = match plan {
             Plan::All => rng.below(11),
             Plan::Partitions => 0,
@@ -634,19 +738,27 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
         match kind {
             // A device goes offline mid-sync and keeps editing (row 29).
             0..=2 => {
-                sim.partition(device.as_str(), "server");
-                undo.push((now + rng.millis(1_000, 20_000), Undo::Repair(device)));
+                sim.partition(device.as_str(), server.as_str());
+                undo.push((now + rng.millis(1_000, 20_000), Undo::Repair(device, server)));
                 outcome.partitions += 1;
             }
             // Its traffic is held, then delivered late.
             3 | 4 => {
-                sim.hold(device.as_str(), "server");
-                undo.push((now + rng.millis(100, 5_000), Undo::Release(device)));
+                sim.hold(device.as_str(), server.as_str());
+                undo.push((now + rng.millis(100, 5_000), Undo::Release(device, server)));
                 outcome.delays += 1;
             }
             // The server loses power: what it had not flushed is gone, but for some first
             // writes since, as sled's log may have written them out (`SimDisk::crash_partly`).
-            5 | 6 if !down.contains("server") => {
+            // A node of several dies: the database keeps every commit.
+            5 | 6 if nodes > 1 && !down.contains(&server) => {
+                sim.crash(server.as_str());
+                outcome.acked_checks += world.check_durable("after a node crash")?;
+                down.insert(server.clone());
+                undo.push((now + rng.millis(200, 5_000), Undo::Bounce(server)));
+                outcome.server_crashes += 1;
+            }
+            5 | 6 if nodes == 1 && !down.contains("server") => {
                 sim.crash("server");
                 outcome.writes_lost += world.server_disk.crash_partly(&mut rng);
                 if !world.rolled_back.load(Ordering::Relaxed) {
@@ -656,14 +768,17 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
                 undo.push((now + rng.millis(200, 5_000), Undo::Bounce("server".into())));
                 outcome.server_crashes += 1;
             }
-            7 if !down.contains("server") => {
+            7 if nodes == 1 && !down.contains("server") => {
                 world.restart.notify_one();
                 outcome.server_restarts += 1;
             }
             // The server's disk goes back to an earlier state (a backup restored, a volume
             // snapshot put back), or is lost whole. The server refuses it at start; the
             // operator accepts it (a new epoch) and the devices offer back what they hold.
-            10 if !down.contains("server") && (outcome.rollbacks + outcome.wipes) < 2 => {
+            10 if nodes == 1
+                && !down.contains("server")
+                && (outcome.rollbacks + outcome.wipes) < 2 =>
+            {
                 sim.crash("server");
                 if rng.below(3) == 0 {
                     outcome.writes_lost += world.server_disk.wipe();
@@ -709,7 +824,9 @@ fn run(seed: u64, plan: Plan, customers: usize, devices_each: usize) -> Result<O
     world.check_isolation()?;
 
     // Everything converged, so everything is acknowledged: a last crash must keep all of it.
-    sim.crash("server");
+    for n in 0..nodes {
+        sim.crash(world.node(n).as_str());
+    }
     outcome.writes_lost += world.server_disk.crash();
     let mut journal = lock(&world.journal);
     journal.edits.iter_mut().for_each(|e| e.acked = true);
@@ -729,8 +846,8 @@ fn extract_due(undo: &mut Vec<(Duration, Undo)>, now: Duration) -> Vec<(Duration
 
 fn apply_undo(sim: &mut turmoil::Sim<'_>, action: Undo, down: &mut HashSet<String>) {
     match action {
-        Undo::Repair(host) => sim.repair(host.as_str(), "server"),
-        Undo::Release(host) => sim.release(host.as_str(), "server"),
+        Undo::Repair(a, b) => sim.repair(a.as_str(), b.as_str()),
+        Undo::Release(a, b) => sim.release(a.as_str(), b.as_str()),
         Undo::Bounce(host) => {
             if down.remove(&host) {
                 sim.bounce(host.as_str());
