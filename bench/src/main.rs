@@ -8,11 +8,14 @@
 //!
 //! ```text
 //! cargo build --release -p cubby-server -p cubby-bench
-//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers]
+//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers|cluster]
 //!     [--quick] [--server PATH]
 //! ```
 //!
-//! `peers` (part of `all`) runs the fan-out and idle workloads against automerge-repo's sync
+//! `cluster` (not part of `all`) runs sled and PostgreSQL side by side: fan-out on one node and
+//! across two, durable acknowledgements on one node and three, and what a group commit costs the
+//! database; it starts a PostgreSQL 15 of its own (`CUBBY_BENCH_PG_BIN`, default
+//! `/usr/lib/postgresql/15/bin`). `peers` (part of `all`) runs the fan-out and idle workloads against automerge-repo's sync
 //! server, samod and y-sweet; `bench/peers/install.sh` installs them, and `bench/run.sh` runs both.
 
 mod limits;
@@ -32,8 +35,18 @@ use serde_json::Value;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 9] =
-    ["all", "limits", "fanout", "burst", "idle", "durability", "large", "reconnect", "peers"];
+const WORKLOADS: [&str; 10] = [
+    "all",
+    "limits",
+    "fanout",
+    "burst",
+    "idle",
+    "durability",
+    "large",
+    "reconnect",
+    "peers",
+    "cluster",
+];
 
 fn usage() -> String {
     format!("usage: cubby-bench [{}] [--quick] [--server PATH]", WORKLOADS.join("|"))
@@ -148,6 +161,13 @@ fn run() -> Result<(), Error> {
             ))?);
         }
         emit(runtime.block_on(workloads::token_renewal(&server, 50 / scale, 5))?);
+    }
+    // Not part of `all`: it needs PostgreSQL 15 installed (it starts one of its own).
+    if what == "cluster" {
+        let edits = 500 / scale;
+        for row in runtime.block_on(workloads::cluster(&server, edits, 64 / scale.min(8), 10))? {
+            emit(row);
+        }
     }
     if matches!(what, "all" | "peers") {
         for peer in peers::Peer::ALL {

@@ -40,8 +40,22 @@ impl Drop for ServerProcess {
 impl ServerProcess {
     /// Starts `bin` on a free loopback port in development mode and waits until it listens.
     pub(crate) fn start(bin: &Path) -> Result<Self, Error> {
+        Self::start_node(bin, None, None)
+    }
+
+    /// Starts `bin` as a node storing in the PostgreSQL database at `database` (or in sled
+    /// without), on a copy of `like`'s data directory if given (its master key, certificate
+    /// and development tenant: a node of the same cluster).
+    pub(crate) fn start_node(
+        bin: &Path,
+        database: Option<&str>,
+        like: Option<&ServerProcess>,
+    ) -> Result<Self, Error> {
         let data = tempfile::tempdir()?;
-        let (child, url, metrics) = spawn(bin, data.path(), "127.0.0.1:0")?;
+        if let Some(like) = like {
+            copy_files(like.data.path(), data.path())?;
+        }
+        let (child, url, metrics) = spawn(bin, data.path(), "127.0.0.1:0", database)?;
         let ca_pem = std::fs::read(data.path().join("tls/cert.pem"))?;
         Ok(Self { child, data, url, ca_pem, metrics, bin: bin.to_path_buf() })
     }
@@ -51,7 +65,7 @@ impl ServerProcess {
         self.child.kill()?;
         self.child.wait()?;
         let addr = self.url.trim_start_matches("https://").to_owned();
-        (self.child, _, self.metrics) = spawn(&self.bin, self.data.path(), &addr)?;
+        (self.child, _, self.metrics) = spawn(&self.bin, self.data.path(), &addr, None)?;
         Ok(())
     }
 
@@ -174,8 +188,12 @@ fn spawn(
     bin: &Path,
     data: &Path,
     listen: &str,
+    database: Option<&str>,
 ) -> Result<(Child, String, Option<std::net::SocketAddr>), Error> {
     let mut command = Command::new(bin);
+    if let Some(url) = database {
+        command.env("CUBBY_DATABASE_URL", url);
+    }
     command.arg("--data").arg(data).args(["--listen", listen]);
     if serves_metrics(bin) {
         command.args(["--metrics", "127.0.0.1:0"]);
@@ -203,6 +221,31 @@ fn spawn(
     }
     let url = url.ok_or("the server did not say where it listens")?;
     Ok((child, url, metrics))
+}
+
+/// Copies a data directory's files (not a running server's control socket).
+fn copy_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_files(&entry.path(), &to.join(entry.file_name()))?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A counter's value in the server's metrics at `addr` (`None` when it cannot be read).
+pub(crate) fn metric(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Bytes that crossed the wire (TLS records included), both directions, over many connections,

@@ -13,8 +13,10 @@ use serde_json::{Value, json};
 use crate::server::{ServerProcess, Wire};
 use crate::stats::{Samples, ms};
 
+mod cluster;
 mod idle;
 mod large;
+pub(crate) use cluster::cluster;
 pub(crate) use idle::idle;
 pub(crate) use large::large_account;
 

@@ -151,6 +151,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     // The key before the store: without it nothing may be written.
     let master = master_key(&config)?;
     let Backing { store, witness, bus } = open_store(&config).await?;
+    // The control socket serves backups of the embedded store; a database is backed up with
+    // its own tools, and several nodes may share one data directory.
+    let embedded = witness.is_some();
     let platform = Platform {
         store,
         listener,
@@ -159,7 +162,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         bus,
         witness,
     };
-    let extras = Extras { metrics: metrics_listener, control_socket: true };
+    let extras = Extras { metrics: metrics_listener, control_socket: embedded };
     launch(config, master, platform, extras).await
 }
 

@@ -77,14 +77,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// Three nodes on `postgres`, started on copies of one data directory (the first node's:
-    /// master key, development tenant, certificate), and HAProxy in front of them.
+    /// Three nodes on `postgres`, started on one data directory (the first node's: master key,
+    /// development tenant, certificate) and a copy of it, and HAProxy in front of them.
     fn start(postgres: &Postgres) -> Self {
         let root = tempfile::tempdir().expect("temp dir");
         let mut nodes = Vec::new();
         for n in 0..3 {
-            let data = root.path().join(format!("node{n}"));
-            if n > 0 {
+            // Node 1 on a copy of node 0's data directory, node 2 on the same one.
+            let data = root.path().join(format!("node{}", n % 2));
+            if n == 1 {
                 copy_data(&root.path().join("node0"), &data);
             }
             let mut node = Node { data, port: free_port(), metrics: free_port(), running: None };

@@ -151,8 +151,8 @@ impl BusLog for NodeLog {
     }
 }
 
-/// The shared disk as one node writes it: every feed move it makes is logged, in the same
-/// call, as a database logs it in the write's transaction.
+/// The shared disk as one node writes it: every feed move it makes is logged, and wakes the
+/// other nodes, in the same call, as a database does in the write's transaction.
 pub(crate) struct Logged {
     pub(crate) disk: SimDisk,
     pub(crate) log: Arc<SimLog>,
@@ -168,6 +168,7 @@ impl Logged {
             doc: *doc,
             seq,
         });
+        self.log.wake(self.writer);
         Ok(seq)
     }
 }

@@ -11,23 +11,23 @@
 //! not do: a number taken first may commit last), and a long transaction elsewhere on the
 //! database server delays nothing but itself.
 //!
-//! `NOTIFY cubby_bus` is only a wake-up: a node that hears it reads at once instead of at its
-//! next poll. A lost notification delays a change; it never loses one. Engines without
+//! `NOTIFY cubby_bus` is only a wake-up, sent by the transaction that writes (a group commit,
+//! an event): a node that hears it reads at once instead of at its next poll. A lost notification delays a change; it never loses one. Engines without
 //! LISTEN/NOTIFY run the same reads on a timer.
 
 use std::future::Future;
 
 use cubby_core::{CustomerId, DocId, Seq};
-use cubby_store::Result;
+use cubby_store::{Result, StoreError};
 use tokio::sync::mpsc;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
-use tokio_postgres::{AsyncMessage, Client, Config, IsolationLevel, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Socket};
 
 use crate::writes::{id_bytes, seq_of};
 use crate::{PgStore, backend, runtime};
 
 /// The notification channel every node listens on.
-const CHANNEL: &str = "cubby_bus";
+pub(crate) const CHANNEL: &str = "cubby_bus";
 
 /// What a node needs to open a connection of its own, outside the pool.
 pub(crate) struct Connect {
@@ -86,6 +86,26 @@ async fn on_driver<T: Send + 'static>(
 /// The snapshot a read sees.
 const SNAPSHOT: &str = "SELECT pg_current_snapshot()::text";
 
+/// What the other nodes (not writer `$2`) wrote that snapshot `$1` did not show, with the
+/// statement's own snapshot first in every row (alone, when there is nothing new): feed moves
+/// in order of transaction and position, then events in order.
+const READ: &str = "
+    SELECT s.now::text, e.kind, e.writer, e.customer, e.doc, e.seq, e.event
+    FROM (SELECT pg_current_snapshot() AS now) s
+    LEFT JOIN LATERAL (
+        SELECT 0::smallint AS kind, writer, customer, doc, seq, NULL::bytea AS event, txid,
+               0::bigint AS id
+        FROM bus_changes
+        WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+          AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) AND writer <> $2
+        UNION ALL
+        SELECT 1::smallint, writer, NULL, NULL, NULL, event, txid, id
+        FROM bus_events
+        WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)
+          AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) AND writer <> $2
+    ) e ON true
+    ORDER BY e.kind, e.txid, e.customer, e.seq, e.id";
+
 impl PgStore {
     /// This store's id among the nodes writing the database: what it writes on the bus
     /// carries it, and [`PgStore::bus_read`] leaves it out.
@@ -110,49 +130,25 @@ impl PgStore {
     pub async fn bus_read(&self, cursor: &mut Cursor) -> Result<Vec<Heard>> {
         let (pool, writer, from) = (self.pool.clone(), self.writer, cursor.0.clone());
         let (now, heard) = on_driver(async move {
-            let mut client = pool.get().await.map_err(backend)?;
-            // One snapshot for the three reads: the snapshot itself, and what it shows that
-            // the cursor's did not.
-            let tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(backend)?;
-            let now: String = tx.query_one(SNAPSHOT, &[]).await.map_err(backend)?.get(0);
-            let unseen = "txid >= pg_snapshot_xmin($1::text::pg_snapshot)
-                AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot) AND writer <> $2";
+            let client = pool.get().await.map_err(backend)?;
+            // One statement, so one snapshot: the snapshot itself, and what it shows that the
+            // cursor's did not (a statement sees exactly what its snapshot shows).
+            let statement = client.prepare_cached(READ).await.map_err(backend)?;
+            let rows = client.query(&statement, &[&from, &writer]).await.map_err(backend)?;
+            let now: String = rows.first().ok_or(StoreError::Corrupt("bus read"))?.get(0);
             let mut heard = Vec::new();
-            for row in tx
-                .query(
-                    &format!(
-                        "SELECT writer, customer, doc, seq FROM bus_changes WHERE {unseen}
-                         ORDER BY txid, customer, seq"
-                    ),
-                    &[&from, &writer],
-                )
-                .await
-                .map_err(backend)?
-            {
-                heard.push(Heard::Changed {
-                    writer: row.get(0),
-                    customer: CustomerId::from_bytes(id_bytes(row.get(1), "bus customer id")?),
-                    doc: DocId::from_bytes(id_bytes(row.get(2), "bus document id")?),
-                    seq: seq_of(row.get(3)),
-                });
+            for row in &rows {
+                match row.get::<_, Option<i16>>(1) {
+                    None => {}
+                    Some(0) => heard.push(Heard::Changed {
+                        writer: row.get(2),
+                        customer: CustomerId::from_bytes(id_bytes(row.get(3), "bus customer")?),
+                        doc: DocId::from_bytes(id_bytes(row.get(4), "bus document id")?),
+                        seq: seq_of(row.get(5)),
+                    }),
+                    Some(_) => heard.push(Heard::Event { writer: row.get(2), bytes: row.get(6) }),
+                }
             }
-            for row in tx
-                .query(
-                    &format!("SELECT writer, event FROM bus_events WHERE {unseen} ORDER BY id"),
-                    &[&from, &writer],
-                )
-                .await
-                .map_err(backend)?
-            {
-                heard.push(Heard::Event { writer: row.get(0), bytes: row.get(1) });
-            }
-            tx.commit().await.map_err(backend)?;
             Ok((now, heard))
         })
         .await?;
@@ -160,8 +156,8 @@ impl PgStore {
         Ok(heard)
     }
 
-    /// Writes `events` for the other nodes and wakes them, in one transaction; with no
-    /// events, only wakes them (after document writes, which log themselves).
+    /// Writes `events` for the other nodes and wakes them, in one transaction. (Document
+    /// writes log themselves and wake the other nodes in their own transaction.)
     pub async fn bus_publish(&self, events: Vec<Vec<u8>>) -> Result<()> {
         let (pool, writer) = (self.pool.clone(), self.writer);
         on_driver(async move {

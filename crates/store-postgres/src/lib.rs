@@ -24,7 +24,8 @@ use cubby_store::{Result, StoreError};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Config, IsolationLevel, NoTls, Transaction};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Config, IsolationLevel, NoTls, Row};
 
 pub mod bus;
 pub mod schema;
@@ -189,15 +190,15 @@ impl PgStore {
 
     /// Runs `work` in one transaction and commits it, trying again when the database aborted
     /// it for a conflict with another node's (nothing of it was written then).
-    fn transaction<T>(&self, work: impl AsyncFn(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    fn transaction<T>(&self, work: impl AsyncFn(&Tx<'_>) -> Result<T>) -> Result<T> {
         self.block(async {
             let mut client = self.client().await?;
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let tx = client.transaction().await.map_err(backend)?;
+                let tx = Tx(client.transaction().await.map_err(backend)?);
                 let outcome = match work(&tx).await {
-                    Ok(value) => tx.commit().await.map_err(backend).map(|()| value),
+                    Ok(value) => tx.0.commit().await.map_err(backend).map(|()| value),
                     Err(err) => Err(err),
                 };
                 match outcome {
@@ -209,7 +210,7 @@ impl PgStore {
     }
 
     /// Runs `work` in a read-only transaction that sees one snapshot of the database.
-    fn read<T>(&self, work: impl AsyncFn(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    fn read<T>(&self, work: impl AsyncFn(&Tx<'_>) -> Result<T>) -> Result<T> {
         self.block(async {
             let mut client = self.client().await?;
             let tx = client
@@ -219,10 +220,57 @@ impl PgStore {
                 .start()
                 .await
                 .map_err(backend)?;
+            let tx = Tx(tx);
             let value = work(&tx).await?;
-            tx.commit().await.map_err(backend)?;
+            tx.0.commit().await.map_err(backend)?;
             Ok(value)
         })
+    }
+}
+
+/// A transaction whose statements are prepared once per connection and kept
+/// (`prepare_cached`): a statement then costs one round trip to the database, not two (parse,
+/// then bind and execute). Statements of one transaction sent together (`try_join!`) share
+/// round trips too: the driver pipelines them.
+pub(crate) struct Tx<'a>(deadpool_postgres::Transaction<'a>);
+
+type Params<'p> = [&'p (dyn ToSql + Sync)];
+
+impl Tx<'_> {
+    pub(crate) async fn execute(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> std::result::Result<u64, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.execute(&statement, params).await
+    }
+
+    pub(crate) async fn query(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query(&statement, params).await
+    }
+
+    pub(crate) async fn query_one(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> std::result::Result<Row, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_one(&statement, params).await
+    }
+
+    pub(crate) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &Params<'_>,
+    ) -> std::result::Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_opt(&statement, params).await
     }
 }
 

@@ -98,6 +98,8 @@ const MIGRATION_LOCK: i64 = 0x6375_6262_7973_716c;
 pub(crate) async fn migrate(client: &mut Client) -> Result<()> {
     let tx = client.transaction().await.map_err(backend)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(backend)?;
+    // `IF NOT EXISTS` says so in a notice, every start: not worth a log line.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await.map_err(backend)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS cubby_schema (version integer NOT NULL)")
         .await
         .map_err(backend)?;

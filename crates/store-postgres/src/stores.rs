@@ -303,6 +303,12 @@ impl Store for PgStore {
                 })
                 .collect();
             writes::lock_heads(tx, &takers).await?;
+            if !takers.is_empty() {
+                // Wakes the other nodes when this commits (`bus.rs`); not at all if it does not.
+                tx.execute("SELECT pg_notify($1, '')", &[&crate::bus::CHANNEL])
+                    .await
+                    .map_err(backend)?;
+            }
             let mut outcomes = Vec::with_capacity(batch.len());
             for write in batch {
                 let outcome = match *write {

@@ -316,7 +316,7 @@ mod bus {
             .expect("the database answers");
     }
 
-    /// A listener is woken by a publication, and by nothing else it must wait for.
+    /// A listener is woken by a publication and by a document write.
     #[test]
     fn a_listener_is_woken_by_a_publication() {
         let schema = TestSchema::new();
@@ -329,6 +329,15 @@ mod bus {
                     .await
                     .expect("woken before the deadline");
                 assert!(woken, "the listener's connection holds");
+                // A document write wakes it too, from its own transaction.
+                let (customer, doc) = ids(9);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| a.write_doc(&customer, &doc, b"m", None)).join().expect("writer")
+                })?;
+                let woken = tokio::time::timeout(Duration::from_secs(20), listener.notified())
+                    .await
+                    .expect("woken by the write before the deadline");
+                assert!(woken);
                 Ok::<_, cubby_store::StoreError>(())
             })
             .expect("the database answers");

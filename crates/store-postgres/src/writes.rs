@@ -4,9 +4,8 @@
 
 use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 use cubby_store::{Chunk, MetaAt, Result, Snapshot, Space, StoreError};
-use tokio_postgres::Transaction;
 
-use crate::backend;
+use crate::{Tx, backend};
 
 pub(crate) fn id_bytes(bytes: &[u8], what: &'static str) -> Result<[u8; 16]> {
     bytes.try_into().map_err(|_| StoreError::Corrupt(what))
@@ -22,7 +21,7 @@ pub(crate) fn space_of(space: Space) -> i16 {
 
 /// Locks the feed heads of `customers`, in id order, creating the missing ones: positions
 /// are then taken by this transaction alone until it commits.
-pub(crate) async fn lock_heads(tx: &Transaction<'_>, customers: &[&CustomerId]) -> Result<()> {
+pub(crate) async fn lock_heads(tx: &Tx<'_>, customers: &[&CustomerId]) -> Result<()> {
     let mut ids: Vec<&[u8]> = customers.iter().map(|c| &c.as_bytes()[..]).collect();
     ids.sort_unstable();
     ids.dedup();
@@ -38,39 +37,37 @@ pub(crate) async fn lock_heads(tx: &Transaction<'_>, customers: &[&CustomerId]) 
     Ok(())
 }
 
-/// Takes the customer's next feed position for `doc` (its head must be locked), and logs the
-/// move for the other nodes (`bus.rs`).
+/// Takes the customer's next feed position for `doc` (its head must be locked), moves the
+/// document there in the feed, and logs the move for the other nodes (`bus.rs`): one statement.
 async fn take_position(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     writer: i64,
     customer: &CustomerId,
     doc: &DocId,
 ) -> Result<Seq> {
-    let c = &customer.as_bytes()[..];
     let seq: i64 = tx
         .query_one(
-            "UPDATE feed_heads SET last = last + 1 WHERE customer = $1 RETURNING last",
-            &[&c],
+            "WITH head AS (
+                 UPDATE feed_heads SET last = last + 1 WHERE customer = $1 RETURNING last
+             ), moved AS (
+                 INSERT INTO feed (customer, doc, seq) SELECT $1, $2, last FROM head
+                 ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq
+                 RETURNING customer, doc, seq
+             ), logged AS (
+                 INSERT INTO bus_changes (writer, customer, doc, seq)
+                 SELECT $3, customer, doc, seq FROM moved
+             )
+             SELECT last FROM head",
+            &[&&customer.as_bytes()[..], &&doc.as_bytes()[..], &writer],
         )
         .await
         .map_err(backend)?
         .get(0);
-    tx.execute(
-        "WITH moved AS (
-             INSERT INTO feed (customer, doc, seq) VALUES ($1, $2, $3)
-             ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq
-             RETURNING customer, doc, seq
-         )
-         INSERT INTO bus_changes (writer, customer, doc, seq) SELECT $4, * FROM moved",
-        &[&c, &&doc.as_bytes()[..], &seq, &writer],
-    )
-    .await
-    .map_err(backend)?;
     Ok(seq_of(seq))
 }
 
 pub(crate) async fn write_doc(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     writer: i64,
     customer: &CustomerId,
     doc: &DocId,
@@ -88,30 +85,33 @@ pub(crate) async fn write_doc(
             .map_err(backend)?;
         row.map_or(Seq(0), |row| seq_of(row.get(0)))
     };
-    let stored = i64::try_from(seq.0).map_err(backend)?;
-    tx.execute(
+    let (stored, meta) = (i64::try_from(seq.0).map_err(backend)?, meta.at(seq));
+    // Sent together: one round trip for both.
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&c, &d, &stored, &meta];
+    let meta_written = tx.execute(
         "INSERT INTO docs (customer, doc, seq, meta) VALUES ($1, $2, $3, $4)
          ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq, meta = EXCLUDED.meta",
-        &[&c, &d, &stored, &meta.at(seq)],
-    )
-    .await
-    .map_err(backend)?;
-    if let Some(chunk) = chunk {
+        &params,
+    );
+    let chunk_written = async {
+        let Some(chunk) = chunk else { return Ok(0) };
         tx.execute(
             "INSERT INTO chunks (customer, doc, id, bytes) VALUES ($1, $2, $3, $4)
              ON CONFLICT DO NOTHING",
             &[&c, &d, &&chunk.id.as_bytes()[..], &chunk.bytes],
         )
         .await
-        .map_err(backend)?;
-    }
+    };
+    let (meta_written, chunk_written) = tokio::join!(meta_written, chunk_written);
+    meta_written.map_err(backend)?;
+    chunk_written.map_err(backend)?;
     Ok(feed.then_some(seq))
 }
 
 /// A compaction; `Ok(Err(Conflict))` when another writer compacted the document meanwhile
 /// (nothing is written, and the transaction goes on).
 pub(crate) async fn compact(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     customer: &CustomerId,
     doc: &DocId,
     snapshot: &Snapshot,
@@ -154,7 +154,7 @@ pub(crate) async fn compact(
 }
 
 pub(crate) async fn delete_doc(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     writer: i64,
     customer: &CustomerId,
     doc: &DocId,
@@ -170,7 +170,7 @@ pub(crate) async fn delete_doc(
 }
 
 pub(crate) async fn put_record(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     customer: &CustomerId,
     space: Space,
     key: &[u8],

@@ -3,11 +3,11 @@
 //!
 //! A node hears its own events at once, in the publisher's call (as [`LocalBus`] delivers
 //! them). The other nodes read them from the log ([`BusLog`]): document writes as the store
-//! logged them, by the write itself (in PostgreSQL, in its transaction), so a node that dies
-//! right after committing loses no announcement; erasures, revocations and epochs as this node
-//! publishes them after the store has them. A publication wakes the other nodes (`NOTIFY`; one
-//! for many, when they come faster than the log answers), and each node reads when woken
-//! (`listen` mode) and every `poll` in any case, so a lost or late wake-up only delays.
+//! logged them, by the write itself (in PostgreSQL, in its transaction, which also wakes the
+//! other nodes), so a node that dies right after committing loses no announcement; erasures,
+//! revocations and epochs as this node publishes them after the store has them (waking the
+//! others too). Each node reads when woken (`listen` mode) and every `poll` in any case, so a
+//! lost or late wake-up only delays.
 //!
 //! A document write heard from another node carries no metadata (the store holds it sealed):
 //! the streams that announce it read the feed instead, and the node's loaded copy of the
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use cubby_core::{CustomerId, DeviceId, DocId, Seq};
 use cubby_store::StoreError;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Bus, Changed, Envelope, Event, Handler, LocalBus};
@@ -48,7 +48,8 @@ pub enum Heard {
 }
 
 /// Where the nodes sharing a store read what the others wrote. Every read returns each entry
-/// written by another node since the cursor once, whatever order the writes finished in.
+/// written by another node since the cursor once, whatever order the writes finished in. The
+/// store logs document writes (and wakes the other nodes) itself.
 pub trait BusLog: Send + Sync + 'static {
     /// Where a reader is.
     type Cursor: Send;
@@ -64,7 +65,7 @@ pub trait BusLog: Send + Sync + 'static {
         cursor: &mut Self::Cursor,
     ) -> impl Future<Output = Result<Vec<Heard>, StoreError>> + Send;
 
-    /// Writes `events` for the other nodes and wakes them (with none, only wakes them).
+    /// Writes `events` for the other nodes and wakes them.
     fn publish(&self, events: Vec<Vec<u8>>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Subscribes to wake-ups.
@@ -84,8 +85,6 @@ pub struct LogBus {
     local: Arc<LocalBus>,
     /// Events for the other nodes, encoded, to the publishing task.
     outbox: mpsc::UnboundedSender<Vec<u8>>,
-    /// Wakes the publishing task to notify the other nodes of document writes.
-    wake: Arc<Notify>,
     /// Stops the bus's tasks when the bus goes.
     _stop: DropGuard,
 }
@@ -102,9 +101,8 @@ impl LogBus {
     pub fn start<L: BusLog>(store: Arc<L>, mode: BusMode, poll: Duration) -> Self {
         let local = Arc::new(LocalBus::default());
         let (outbox, queued) = mpsc::unbounded_channel();
-        let wake = Arc::new(Notify::new());
         let stop = CancellationToken::new();
-        tokio::spawn(publish(store.clone(), queued, wake.clone(), stop.clone()));
+        tokio::spawn(publish(store.clone(), queued, stop.clone()));
         tokio::spawn(read(
             store,
             local.clone(),
@@ -112,17 +110,16 @@ impl LogBus {
             poll.max(Duration::from_millis(1)),
             stop.clone(),
         ));
-        Self { local, outbox, wake, _stop: stop.drop_guard() }
+        Self { local, outbox, _stop: stop.drop_guard() }
     }
 }
 
 impl Bus for LogBus {
     fn publish(&self, envelope: Envelope) {
-        match encode(&envelope.event) {
-            // The feed carries it to the others; a notification tells them to look.
-            None => self.wake.notify_one(),
-            // The task may be gone with a runtime shutting down; nothing is left to tell then.
-            Some(bytes) => _ = self.outbox.send(bytes),
+        // A document write is in the log already. The task may be gone with a runtime
+        // shutting down; nothing is left to tell then.
+        if let Some(bytes) = encode(&envelope.event) {
+            _ = self.outbox.send(bytes);
         }
         self.local.publish(envelope);
     }
@@ -137,14 +134,12 @@ impl Bus for LogBus {
 async fn publish<L: BusLog>(
     store: Arc<L>,
     mut queued: mpsc::UnboundedReceiver<Vec<u8>>,
-    wake: Arc<Notify>,
     stop: CancellationToken,
 ) {
     loop {
         let mut events = Vec::new();
         tokio::select! {
             () = stop.cancelled() => return,
-            () = wake.notified() => {}
             event = queued.recv() => match event {
                 Some(event) => events.push(event),
                 None => return,
