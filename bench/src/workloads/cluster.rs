@@ -130,10 +130,10 @@ impl Postgres {
         let mut total = ticks(postmaster, true).ok_or("no postmaster")?.1;
         for entry in std::fs::read_dir("/proc")? {
             let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else { continue };
-            if let Some((parent, used)) = ticks(pid, false) {
-                if parent == postmaster {
-                    total += used;
-                }
+            if let Some((parent, used)) = ticks(pid, false)
+                && parent == postmaster
+            {
+                total += used;
             }
         }
         Ok(Duration::from_millis(total * 10))
