@@ -310,7 +310,26 @@ impl Store for PgStore {
                     .map_err(backend)?;
             }
             let mut outcomes = Vec::with_capacity(batch.len());
-            for write in batch {
+            let mut at = 0;
+            while at < batch.len() {
+                // A run of writes that move in the feed goes together, in three statements.
+                let run: Vec<writes::DocWrite<'_>> = batch[at..]
+                    .iter()
+                    .map_while(|write| match *write {
+                        Write::Doc { customer, doc, meta, chunk, feed: true } => {
+                            Some(writes::DocWrite { customer, doc, meta, chunk })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                if !run.is_empty() {
+                    at += run.len();
+                    let seqs = writes::write_docs(tx, self.writer, &run).await?;
+                    outcomes.extend(seqs.into_iter().map(|seq| Ok(Some(seq))));
+                    continue;
+                }
+                let write = &batch[at];
+                at += 1;
                 let outcome = match *write {
                     Write::Doc { customer, doc, meta, chunk, feed } => {
                         Ok(writes::write_doc(tx, self.writer, customer, doc, meta, chunk, feed)

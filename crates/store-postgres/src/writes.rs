@@ -20,20 +20,23 @@ pub(crate) fn space_of(space: Space) -> i16 {
 }
 
 /// Locks the feed heads of `customers`, in id order, creating the missing ones: positions
-/// are then taken by this transaction alone until it commits.
+/// are then taken by this transaction alone until it commits. One statement: the rows are
+/// inserted, or locked by the conflicting update, in the order given.
 pub(crate) async fn lock_heads(tx: &Tx<'_>, customers: &[&CustomerId]) -> Result<()> {
     let mut ids: Vec<&[u8]> = customers.iter().map(|c| &c.as_bytes()[..]).collect();
     ids.sort_unstable();
     ids.dedup();
-    for id in ids {
-        tx.execute(
-            "INSERT INTO feed_heads (customer, last) VALUES ($1, 0)
-             ON CONFLICT (customer) DO UPDATE SET last = feed_heads.last",
-            &[&id],
-        )
-        .await
-        .map_err(backend)?;
+    if ids.is_empty() {
+        return Ok(());
     }
+    tx.execute(
+        "INSERT INTO feed_heads (customer, last)
+         SELECT id, 0 FROM unnest($1::bytea[]) WITH ORDINALITY AS ids (id, n) ORDER BY n
+         ON CONFLICT (customer) DO UPDATE SET last = feed_heads.last",
+        &[&ids],
+    )
+    .await
+    .map_err(backend)?;
     Ok(())
 }
 
@@ -106,6 +109,96 @@ pub(crate) async fn write_doc(
     meta_written.map_err(backend)?;
     chunk_written.map_err(backend)?;
     Ok(feed.then_some(seq))
+}
+
+/// One document write of a run that [`write_docs`] makes together.
+pub(crate) struct DocWrite<'a> {
+    pub(crate) customer: &'a CustomerId,
+    pub(crate) doc: &'a DocId,
+    pub(crate) meta: &'a dyn MetaAt,
+    pub(crate) chunk: Option<Chunk<'a>>,
+}
+
+/// Writes a run of documents that each move in the feed, as [`write_doc`] would one after
+/// another, in three statements whatever the run's length: every position (consecutive per
+/// customer, in the run's order) with the feed moves and their bus log; then every metadata
+/// record (a document written twice keeps its last); then every chunk. The customers' heads
+/// must be locked. Returns each write's position, in order.
+pub(crate) async fn write_docs(tx: &Tx<'_>, writer: i64, run: &[DocWrite<'_>]) -> Result<Vec<Seq>> {
+    let customers: Vec<&[u8]> = run.iter().map(|w| &w.customer.as_bytes()[..]).collect();
+    let docs: Vec<&[u8]> = run.iter().map(|w| &w.doc.as_bytes()[..]).collect();
+    let rows = tx
+        .query(
+            "WITH input AS (
+                 SELECT customer, doc, n
+                 FROM unnest($1::bytea[], $2::bytea[]) WITH ORDINALITY AS i (customer, doc, n)
+             ), counts AS (
+                 SELECT customer, count(*) AS taken FROM input GROUP BY customer
+             ), heads AS (
+                 UPDATE feed_heads h SET last = h.last + counts.taken FROM counts
+                 WHERE h.customer = counts.customer
+                 RETURNING h.customer, h.last - counts.taken AS base
+             ), positioned AS (
+                 SELECT input.n, input.customer, input.doc,
+                        heads.base + row_number() OVER (PARTITION BY input.customer ORDER BY input.n)
+                            AS seq
+                 FROM input JOIN heads USING (customer)
+             ), moved AS (
+                 INSERT INTO feed (customer, doc, seq)
+                 SELECT DISTINCT ON (customer, doc) customer, doc, seq FROM positioned
+                 ORDER BY customer, doc, seq DESC
+                 ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq
+             ), logged AS (
+                 INSERT INTO bus_changes (writer, customer, doc, seq)
+                 SELECT $3, customer, doc, seq FROM positioned
+             )
+             SELECT seq FROM positioned ORDER BY n",
+            &[&customers, &docs, &writer],
+        )
+        .await
+        .map_err(backend)?;
+    if rows.len() != run.len() {
+        return Err(StoreError::Backend("a feed head was not locked before the write".into()));
+    }
+    let seqs: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
+    let metas: Vec<Vec<u8>> =
+        run.iter().zip(&seqs).map(|(w, &seq)| w.meta.at(seq_of(seq))).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&customers, &docs, &seqs, &metas];
+    let metadata_written = tx.execute(
+        "INSERT INTO docs (customer, doc, seq, meta)
+         SELECT DISTINCT ON (customer, doc) customer, doc, seq, meta
+         FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bytea[])
+             AS i (customer, doc, seq, meta)
+         ORDER BY customer, doc, seq DESC
+         ON CONFLICT (customer, doc) DO UPDATE SET seq = EXCLUDED.seq, meta = EXCLUDED.meta",
+        &params,
+    );
+    let with_chunks: Vec<&DocWrite<'_>> = run.iter().filter(|w| w.chunk.is_some()).collect();
+    let chunk_customers: Vec<&[u8]> =
+        with_chunks.iter().map(|w| &w.customer.as_bytes()[..]).collect();
+    let chunk_docs: Vec<&[u8]> = with_chunks.iter().map(|w| &w.doc.as_bytes()[..]).collect();
+    let chunk_ids: Vec<&[u8]> =
+        with_chunks.iter().filter_map(|w| w.chunk.as_ref().map(|c| &c.id.as_bytes()[..])).collect();
+    let chunk_bytes: Vec<&[u8]> =
+        with_chunks.iter().filter_map(|w| w.chunk.map(|c| c.bytes)).collect();
+    let chunks_written = async {
+        if with_chunks.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO chunks (customer, doc, id, bytes)
+             SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bytea[], $4::bytea[])
+             ON CONFLICT DO NOTHING",
+            &[&chunk_customers, &chunk_docs, &chunk_ids, &chunk_bytes],
+        )
+        .await
+    };
+    // Sent together: one round trip for both.
+    let (metadata_written, chunks_written) = tokio::join!(metadata_written, chunks_written);
+    metadata_written.map_err(backend)?;
+    chunks_written.map_err(backend)?;
+    Ok(seqs.into_iter().map(seq_of).collect())
 }
 
 /// A compaction; `Ok(Err(Conflict))` when another writer compacted the document meanwhile
