@@ -6,7 +6,8 @@
 //! - fan-out latency of isolated edits with the sender and the receiver on the same node and on
 //!   two nodes, and the server's CPU per change (the nodes' and PostgreSQL's apart);
 //! - durable acknowledgements per second with 64 writers on one node and spread over three;
-//! - what one group commit costs the database: transactions, WAL bytes, and statements.
+//! - what one group commit costs the database: round trips and bytes between the nodes and the
+//!   database (through a counting relay), transactions and WAL bytes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,6 +149,71 @@ impl Drop for Postgres {
     }
 }
 
+/// A TCP relay between the nodes and the database that counts what crosses it: bytes each
+/// way, and round trips (each time a node sends after the database has answered).
+#[derive(Clone, Default)]
+struct Relay {
+    bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    round_trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    /// Relays a new local port to `port`; returns the local port.
+    async fn start(&self, port: u16) -> Result<u16, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let local = listener.local_addr()?.port();
+        let relay = self.clone();
+        tokio::spawn(async move {
+            while let Ok((node, _)) = listener.accept().await {
+                let Ok(db) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                    continue;
+                };
+                tokio::spawn(relay.clone().pipe(node, db));
+            }
+        });
+        Ok(local)
+    }
+
+    async fn pipe(self, node: tokio::net::TcpStream, db: tokio::net::TcpStream) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _ = (node.set_nodelay(true), db.set_nodelay(true));
+        let (mut node_in, mut node_out) = node.into_split();
+        let (mut db_in, mut db_out) = db.into_split();
+        // Whether the database spoke last: the node's next bytes then start a round trip.
+        let answered = std::sync::Arc::new(AtomicBool::new(true));
+        let (up_relay, up_answered) = (self.clone(), answered.clone());
+        let up = async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n) = node_in.read(&mut buf).await {
+                if n == 0 || db_out.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                up_relay.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if up_answered.swap(false, Ordering::Relaxed) {
+                    up_relay.round_trips.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        let down = async move {
+            let mut buf = vec![0; 64 * 1024];
+            while let Ok(n) = db_in.read(&mut buf).await {
+                if n == 0 || node_out.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                answered.store(true, Ordering::Relaxed);
+            }
+        };
+        tokio::join!(up, down);
+    }
+
+    fn counts(&self) -> (f64, f64) {
+        use std::sync::atomic::Ordering;
+        (self.bytes.load(Ordering::Relaxed) as f64, self.round_trips.load(Ordering::Relaxed) as f64)
+    }
+}
+
 /// A light device (its store in memory) of `subject` on `node`.
 async fn device(node: &ServerProcess, subject: &str) -> Result<Client, Error> {
     Ok(Client::builder()
@@ -216,7 +282,7 @@ async fn fanout(
 async fn durability(
     backend: &str,
     nodes: &[&ServerProcess],
-    db: Option<&Postgres>,
+    db: Option<(&Postgres, &Relay)>,
     writers: usize,
     secs: u64,
 ) -> Result<Value, Error> {
@@ -231,7 +297,9 @@ async fn durability(
         nodes.iter().filter_map(|n| metric(n.metrics?, "cubby_commit_batch_writes_count")).sum()
     };
     let cpu_before: Duration = nodes.iter().map(|n| n.cpu()).sum::<Result<Duration, Error>>()?;
-    let db_before = db.map(|db| Ok::<_, Error>((db.cpu()?, db.counters()?))).transpose()?;
+    let db_before = db
+        .map(|(db, relay)| Ok::<_, Error>((db.cpu()?, db.counters()?, relay.counts())))
+        .transpose()?;
     let batches_before = batches(nodes);
     let until = Instant::now() + Duration::from_secs(secs);
     let runs = join_all(clients.iter().map(|client| async move {
@@ -273,8 +341,15 @@ async fn durability(
         "group_commits": commits,
         "writes_per_group_commit": per(count as f64, commits),
     });
-    if let (Some(db), Some((cpu_before, (xacts_before, wal_before)))) = (db, db_before) {
+    if let (Some((db, relay)), Some((cpu_before, (xacts_before, wal_before), wire_before))) =
+        (db, db_before)
+    {
         let (xacts, wal) = db.counters()?;
+        let (bytes, round_trips) = relay.counts();
+        // Everything between the nodes and the database: group commits, bus reads and wake-ups,
+        // health checks, loads.
+        row["db_round_trips_per_group_commit"] = json!(per(round_trips - wire_before.1, commits));
+        row["db_wire_bytes_per_group_commit"] = json!(per(bytes - wire_before.0, commits));
         let db_cpu = db.cpu()? - cpu_before;
         row["db_cpu_us_per_change"] =
             json!((db_cpu.as_secs_f64() * 1e6 / count.max(1) as f64).round());
@@ -299,14 +374,15 @@ pub(crate) async fn cluster(
         rows.push(durability("sled", &[&sled], None, writers, secs).await?);
     }
     let pg = Postgres::start()?;
-    let url = pg.url();
+    let relay = Relay::default();
+    let url = format!("postgresql://cubby@127.0.0.1:{}/postgres", relay.start(pg.port).await?);
     let first = ServerProcess::start_node(bin, Some(&url), None)?;
     let second = ServerProcess::start_node(bin, Some(&url), Some(&first))?;
     let third = ServerProcess::start_node(bin, Some(&url), Some(&first))?;
     let all = [&first, &second, &third];
     rows.push(fanout("postgres", "same_node", &first, &first, &all, Some(&pg), edits).await?);
     rows.push(fanout("postgres", "cross_node", &first, &second, &all, Some(&pg), edits).await?);
-    rows.push(durability("postgres", &[&first], Some(&pg), writers, secs).await?);
-    rows.push(durability("postgres", &all, Some(&pg), writers, secs).await?);
+    rows.push(durability("postgres", &[&first], Some((&pg, &relay)), writers, secs).await?);
+    rows.push(durability("postgres", &all, Some((&pg, &relay)), writers, secs).await?);
     Ok(rows)
 }
