@@ -338,6 +338,26 @@ async fn light_device_on(
         .await?)
 }
 
+/// Each client makes a document and writes to it, each write waiting for its acknowledgement,
+/// until `until`; each client's acknowledgement times.
+async fn write_until(clients: &[Client], until: Instant) -> Vec<Result<Samples, Error>> {
+    join_all(clients.iter().map(|client| async move {
+        let doc = client.create("log").await?;
+        let mut events = doc.subscribe();
+        let mut acks = Samples::default();
+        let mut n = 0u64;
+        while Instant::now() < until {
+            let started = Instant::now();
+            doc.put("n", json!(n)).await?;
+            acknowledged(&mut events).await?;
+            acks.push(started.elapsed());
+            n += 1;
+        }
+        Ok::<_, Error>(acks)
+    }))
+    .await
+}
+
 /// Workload 6: `writers` devices (one customer each) write as fast as the server acknowledges,
 /// for `secs` seconds. Reports acknowledged changes per second and the acknowledgement latency
 /// (from the `change` call to its `DocEvent::Synced`).
@@ -353,21 +373,7 @@ pub(crate) async fn durability(bin: &Path, writers: usize, secs: u64) -> Result<
     }
     let until = Instant::now() + Duration::from_secs(secs);
     let cpu = server.cpu()?;
-    let runs = join_all(clients.iter().map(|client| async move {
-        let doc = client.create("log").await?;
-        let mut events = doc.subscribe();
-        let mut acks = Samples::default();
-        let mut n = 0u64;
-        while Instant::now() < until {
-            let started = Instant::now();
-            doc.put("n", json!(n)).await?;
-            acknowledged(&mut events).await?;
-            acks.push(started.elapsed());
-            n += 1;
-        }
-        Ok::<_, Error>(acks)
-    }))
-    .await;
+    let runs = write_until(&clients, until).await;
     let cpu = server.cpu()? - cpu;
     let mut all = Samples::default();
     let mut count = 0usize;

@@ -14,10 +14,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cubby_client::Client;
-use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use super::{Error, acknowledged, arrived, has, synced};
+use super::{Error, arrived, has, synced, write_until};
 use crate::server::{ServerProcess, Wire, metric};
 use crate::stats::{Samples, ms};
 
@@ -302,21 +301,7 @@ async fn durability(
         .transpose()?;
     let batches_before = batches(nodes);
     let until = Instant::now() + Duration::from_secs(secs);
-    let runs = join_all(clients.iter().map(|client| async move {
-        let doc = client.create("log").await?;
-        let mut events = doc.subscribe();
-        let mut acks = Samples::default();
-        let mut n = 0u64;
-        while Instant::now() < until {
-            let started = Instant::now();
-            doc.put("n", json!(n)).await?;
-            acknowledged(&mut events).await?;
-            acks.push(started.elapsed());
-            n += 1;
-        }
-        Ok::<_, Error>(acks)
-    }))
-    .await;
+    let runs = write_until(&clients, until).await;
     let cpu: Duration =
         nodes.iter().map(|n| n.cpu()).sum::<Result<Duration, Error>>()? - cpu_before;
     let commits = batches(nodes) - batches_before;

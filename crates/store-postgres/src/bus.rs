@@ -17,7 +17,8 @@
 
 use std::future::Future;
 
-use cubby_core::{CustomerId, DocId, Seq};
+use cubby_core::{CustomerId, DocId};
+pub use cubby_store::bus::Heard;
 use cubby_store::{Result, StoreError};
 use tokio::sync::mpsc;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
@@ -39,29 +40,6 @@ pub(crate) struct Connect {
 /// (`xmin:xmax:running,...`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor(String);
-
-/// What another node wrote, as the database shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Heard {
-    /// A document moved to a new feed position: written, or deleted.
-    Changed {
-        /// The node that wrote it ([`PgStore::writer`]).
-        writer: i64,
-        /// Whose.
-        customer: CustomerId,
-        /// Which document.
-        doc: DocId,
-        /// Its feed position now (a later write may have moved it on since).
-        seq: Seq,
-    },
-    /// An event another node published ([`PgStore::bus_publish`]).
-    Event {
-        /// The node that published it.
-        writer: i64,
-        /// The event, as it was published.
-        bytes: Vec<u8>,
-    },
-}
 
 /// Notifications on the bus's channel, on a connection of its own.
 pub struct Listener {

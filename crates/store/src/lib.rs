@@ -25,6 +25,7 @@
 //! # Ok::<(), cubby_store::StoreError>(())
 //! ```
 
+pub mod bus;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod encrypted;

@@ -16,36 +16,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cubby_core::{CustomerId, DeviceId, DocId, Seq};
+use cubby_core::{CustomerId, DeviceId};
 use cubby_store::StoreError;
+pub use cubby_store::bus::Heard;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Bus, Changed, Envelope, Event, Handler, LocalBus};
 use crate::config::BusMode;
-
-/// What another node wrote, as the log shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Heard {
-    /// A document moved to a new feed position: written, or deleted.
-    Changed {
-        /// The node that wrote it.
-        writer: i64,
-        /// Whose.
-        customer: CustomerId,
-        /// Which document.
-        doc: DocId,
-        /// Its feed position then.
-        seq: Seq,
-    },
-    /// An event another node published.
-    Event {
-        /// The node that published it.
-        writer: i64,
-        /// The event, as it was published.
-        bytes: Vec<u8>,
-    },
-}
 
 /// Where the nodes sharing a store read what the others wrote. Every read returns each entry
 /// written by another node since the cursor once, whatever order the writes finished in. The

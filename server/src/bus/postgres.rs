@@ -3,7 +3,7 @@
 
 use cubby_store::StoreError;
 use cubby_store_postgres::PgStore;
-use cubby_store_postgres::bus::{self as pg, Cursor, Listener};
+use cubby_store_postgres::bus::{Cursor, Listener};
 
 use super::log::{BusLog, Heard};
 
@@ -16,16 +16,7 @@ impl BusLog for PgStore {
     }
 
     async fn read(&self, cursor: &mut Cursor) -> Result<Vec<Heard>, StoreError> {
-        let heard = self.bus_read(cursor).await?;
-        Ok(heard
-            .into_iter()
-            .map(|heard| match heard {
-                pg::Heard::Changed { writer, customer, doc, seq } => {
-                    Heard::Changed { writer, customer, doc, seq }
-                }
-                pg::Heard::Event { writer, bytes } => Heard::Event { writer, bytes },
-            })
-            .collect())
+        self.bus_read(cursor).await
     }
 
     async fn publish(&self, events: Vec<Vec<u8>>) -> Result<(), StoreError> {
