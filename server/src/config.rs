@@ -76,8 +76,8 @@ pub struct StorageConfig {
     pub ca_file: Option<PathBuf>,
     /// How a node learns what the other nodes on the database wrote (PostgreSQL only):
     /// `listen` (default) reads as soon as a `NOTIFY` wakes it, and also every `bus_poll_ms`;
-    /// `poll` only reads every `bus_poll_ms`, for Postgres-compatible engines without
-    /// LISTEN/NOTIFY (CockroachDB; YugabyteDB unless enabled). Either way every change is read
+    /// `poll` only reads every `bus_poll_ms`, where notifications cannot reach the nodes (a
+    /// pooler in transaction mode; an engine with them off). Either way every change is read
     /// from the database itself, so a lost notification delays a change and never loses one.
     #[serde(default)]
     pub bus: BusMode,
