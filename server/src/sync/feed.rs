@@ -63,6 +63,13 @@ impl Connection {
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
         let (changes, head) = changes;
+        // This node's loaded copy of a document may lag the store (another node's write, heard
+        // late or not yet): it takes in what is stored before the device, told of the change
+        // below, asks for it (its mailbox is in order). Else the device would sync with the
+        // old copy, and the late announcement, older than this read, would never be sent.
+        for (_, doc, _, _) in &changes {
+            self.shared.docs.refresh(self.customer, *doc);
+        }
         self.take_holds();
         let mut pushed = Vec::new();
         for (seq, doc, meta, saved) in changes {
