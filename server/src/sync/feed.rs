@@ -63,12 +63,16 @@ impl Connection {
             .map_err(|_| ApiError::Internal)?
             .map_err(api_error)?;
         let (changes, head) = changes;
-        // This node's loaded copy of a document may lag the store (another node's write, heard
-        // late or not yet): it takes in what is stored before the device, told of the change
-        // below, asks for it (its mailbox is in order). Else the device would sync with the
-        // old copy, and the late announcement, older than this read, would never be sent.
-        for (_, doc, _, _) in &changes {
-            self.shared.docs.refresh(self.customer, *doc);
+        // Read live (a gap on the bus, or a write another node made): this node's loaded copy
+        // of a document may lag the store, another node's write heard late or not yet. It
+        // takes in what is stored before the device, told of the change below, asks for it (its
+        // mailbox is in order). Else the device would sync with the old copy, and the late
+        // announcement, older than this read, would never be sent. (Not on connecting: a
+        // loaded copy per document read would hold up the device's first answers.)
+        if !push {
+            for (_, doc, _, _) in &changes {
+                self.shared.docs.refresh(self.customer, *doc);
+            }
         }
         self.take_holds();
         let mut pushed = Vec::new();
