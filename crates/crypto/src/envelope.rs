@@ -4,6 +4,7 @@
 //! (customer, document, record kind, position), so a record moved anywhere else fails to open.
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::{hkdf, hmac};
 
 use std::fmt;
 
@@ -32,6 +33,40 @@ impl DataKey {
     /// The raw key, for the cipher only.
     pub(crate) fn expose(&self) -> &[u8] {
         self.0.as_slice()
+    }
+}
+
+/// A key that names what is sealed with a [`DataKey`] by a keyed hash ([`IdKey::name`]), so that
+/// a name a backend stores says nothing about the content named: equal contents of two
+/// customers get unrelated names, and nobody without the data key can test a guess. Derived
+/// from the data key with HKDF, so it is shredded with it.
+pub struct IdKey(hmac::Key);
+
+impl DataKey {
+    /// The key that names what this key seals ([`IdKey`]).
+    pub fn id_key(&self) -> IdKey {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"cubby v1").extract(self.expose());
+        let okm = prk
+            .expand(&[b"part ids"], hmac::HMAC_SHA256)
+            .expect("HKDF-SHA256 can expand one HMAC-SHA256 key");
+        IdKey(hmac::Key::from(okm))
+    }
+}
+
+impl IdKey {
+    /// The 16-byte name of `id` in `context`: the first 16 bytes of HMAC-SHA256 over both.
+    pub fn name(&self, context: &[u8], id: &[u8]) -> [u8; 16] {
+        let mut mac = hmac::Context::with_key(&self.0);
+        mac.update(&(context.len() as u64).to_be_bytes());
+        mac.update(context);
+        mac.update(id);
+        mac.sign().as_ref()[..16].try_into().expect("HMAC-SHA256 has 32 bytes")
+    }
+}
+
+impl fmt::Debug for IdKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("IdKey(..)")
     }
 }
 
@@ -64,11 +99,20 @@ fn aead_key(key: &DataKey) -> LessSafeKey {
 
 /// Seals `plaintext` under `key`, binding `aad`, with a fresh random nonce.
 pub fn seal(key: &DataKey, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    seal_concat(key, aad, &[plaintext])
+}
+
+/// Seals the concatenation of `parts` as [`seal`] seals one plaintext, without first copying
+/// them into one.
+pub fn seal_concat(key: &DataKey, aad: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     let nonce_bytes: [u8; NONCE_LEN] = crate::random_array();
-    let mut out = Vec::with_capacity(plaintext.len() + OVERHEAD);
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(len + OVERHEAD);
     out.push(VERSION);
     out.extend_from_slice(&nonce_bytes);
-    out.extend_from_slice(plaintext);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     let tag = aead_key(key)
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce_bytes),
@@ -120,6 +164,18 @@ mod tests {
             let key = DataKey::generate();
             prop_assert_eq!(open(&key, b"x", &seal(&key, b"x", &data)), Ok(data));
         }
+    }
+
+    #[test]
+    fn names_depend_on_the_key_the_context_and_the_id() {
+        let (a, b) = (DataKey::from_bytes([1; 32]), DataKey::from_bytes([2; 32]));
+        let name = a.id_key().name(b"doc", b"id");
+        assert_eq!(name, DataKey::from_bytes([1; 32]).id_key().name(b"doc", b"id"));
+        assert_ne!(name, b.id_key().name(b"doc", b"id"));
+        assert_ne!(name, a.id_key().name(b"doc2", b"id"));
+        assert_ne!(name, a.id_key().name(b"doc", b"id2"));
+        // The context's length is hashed too: moving a byte between context and id changes it.
+        assert_ne!(name, a.id_key().name(b"do", b"cid"));
     }
 
     #[test]

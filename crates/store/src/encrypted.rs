@@ -6,11 +6,13 @@
 //! the associated data names the customer, the document or record key, the record kind and its
 //! position, and is rebuilt from where the record is read. A document's metadata is sealed for
 //! the feed position its write left the document at ([`MetaAt`]), so an older copy of it spliced
-//! over the newer one does not open; a chunk or snapshot is sealed for its content id, so none
-//! opens in another's place (a missing one is found when the document is rebuilt:
-//! `cubby_core::history`). Keys (ids and positions) stay plain so backends can order and scan
-//! them; they are random ids, content hashes of sealed parts, or counters, and reveal no
-//! content.
+//! over the newer one does not open. A chunk or snapshot is stored under a keyed name of its
+//! content id (the customer's [`IdKey`] over the document and the id), with the content id
+//! sealed in front of its bytes and the name in its associated data, so none opens in another's
+//! place (a missing one is found when the document is rebuilt: `cubby_core::history`). Keys (ids
+//! and positions) stay plain so backends can order and scan them; they are random ids, keyed
+//! names, or counters: none is a hash of content, so no one can test a guess of what a customer
+//! stores, or tell that two customers store the same thing.
 //!
 //! A store opened with a [`Witness`] (a server's) also keeps the anchor and the ledger (see
 //! [`crate::witness`]): at open it refuses a store that holds less than it acknowledged, and puts
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use cubby_core::{ChunkId, CustomerId, DocId, Seq};
 use cubby_crypto::envelope;
+use cubby_crypto::envelope::IdKey;
 use cubby_crypto::keys::{DataKey, Keyring};
 
 use crate::witness::Witness;
@@ -35,14 +38,19 @@ mod integrity;
 mod stores;
 
 pub(super) const META: u8 = b'm';
-pub(super) const CHUNK: u8 = b'c';
-pub(super) const SNAPSHOT: u8 = b's';
+pub(super) const CHUNK: u8 = b'C';
+pub(super) const SNAPSHOT: u8 = b'S';
+/// A chunk or snapshot of format 3, stored under its content id.
+const CHUNK_3: u8 = b'c';
+const SNAPSHOT_3: u8 = b's';
 pub(super) const RECORD: u8 = b'r';
 
-/// The store format this code writes and reads: 3 names chunks and snapshots by their content
-/// ([`ChunkId`]). (Format 2 numbered them; format 1 stores, which have no format record, also
-/// sealed metadata for position 0.)
-pub const FORMAT: u32 = 3;
+/// The store format this code writes: 4 stores chunks and snapshots under keyed names. It
+/// reads format 3 too, which named them by their content ([`ChunkId`]): opening one makes it
+/// format 4, whose older parts stay readable until a compaction replaces them. (Format 2
+/// numbered them, and format 1 stores, which have no format record, also sealed metadata for
+/// position 0: neither opens.)
+pub const FORMAT: u32 = 4;
 
 /// The associated data of a document's metadata (`position`: its feed position) or of one of
 /// its parts (`position`: the part's content id).
@@ -86,6 +94,8 @@ pub struct EncryptedStore<S> {
     identity: Identity,
     /// The anchor and ledger, on a server.
     witnessed: Option<Witnessed>,
+    /// The store was format 3 and may still hold parts under their content ids.
+    parts_3: bool,
 }
 
 /// Which store, and which epoch of it.
@@ -156,6 +166,8 @@ pub(super) const FORMAT_KEY: &[u8] = b"format";
 pub(super) const STORE_KEY: &[u8] = b"store";
 pub(super) const EPOCH_KEY: &[u8] = b"epoch";
 pub(super) const FLUSHES_KEY: &[u8] = b"flushes";
+/// Present when the store was format 3 ([`FORMAT`]).
+pub(super) const PARTS_3_KEY: &[u8] = b"parts 3";
 
 impl<S: Store> EncryptedStore<S> {
     /// Wraps `inner`. The first open stores a key check and the store's identity; later opens
@@ -189,6 +201,7 @@ impl<S: Store> EncryptedStore<S> {
             key_locks: CustomerLocks::default(),
             identity: Identity { store: [0; 16], epoch: [0; 16] },
             witnessed: None,
+            parts_3: false,
         };
         if created {
             store.put_system(FORMAT_KEY, &FORMAT.to_be_bytes())?;
@@ -205,9 +218,21 @@ impl<S: Store> EncryptedStore<S> {
         } else {
             let format = store.get_system(FORMAT_KEY)?;
             let found = format.and_then(|f| Some(u32::from_be_bytes(f.try_into().ok()?)));
-            if found != Some(FORMAT) {
-                return Err(StoreError::Format { found: found.unwrap_or(1), expected: FORMAT });
+            match found {
+                Some(FORMAT) => {}
+                Some(3) => {
+                    // The mark first: a crash before the format moves leaves format 3 marked,
+                    // which the next open upgrades again.
+                    store.put_system(PARTS_3_KEY, &[])?;
+                    store.inner.flush()?;
+                    store.put_system(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+                    store.inner.flush()?;
+                }
+                _ => {
+                    return Err(StoreError::Format { found: found.unwrap_or(1), expected: FORMAT });
+                }
             }
+            store.parts_3 = store.get_system(PARTS_3_KEY)?.is_some();
         }
         let id = |bytes: Option<Vec<u8>>| -> Result<[u8; 16]> {
             bytes.and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("store identity"))
@@ -382,7 +407,8 @@ impl<S: Store> EncryptedStore<S> {
     }
 
     /// A document's metadata (sealed when the backend writes it, for its position) and chunk
-    /// (its id and sealed bytes) under the customer's key, each bound to where it is stored.
+    /// (its stored name and sealed bytes) under the customer's key, each bound to where it is
+    /// stored.
     pub(super) fn seal_doc<'a>(
         &self,
         c: &'a CustomerId,
@@ -391,9 +417,7 @@ impl<S: Store> EncryptedStore<S> {
         chunk: Option<Chunk<'_>>,
     ) -> Result<(SealedMeta<'a>, Option<SealedChunk>)> {
         let key = self.key(c)?;
-        let chunk = chunk.map(|ch| {
-            (ch.id, envelope::seal(&key, &doc_aad(CHUNK, c, d, ch.id.as_bytes()), ch.bytes))
-        });
+        let chunk = chunk.map(|ch| seal_part(&key, CHUNK, c, d, ch.id, ch.bytes));
         Ok((SealedMeta { key, customer: c, doc: d, plain: meta }, chunk))
     }
 
@@ -403,9 +427,56 @@ impl<S: Store> EncryptedStore<S> {
         d: &DocId,
         snapshot: &Snapshot,
     ) -> Result<Snapshot> {
-        let key = self.key(c)?;
-        let aad = doc_aad(SNAPSHOT, c, d, snapshot.id.as_bytes());
-        Ok(Snapshot { id: snapshot.id, bytes: envelope::seal(&key, &aad, &snapshot.bytes) })
+        let (id, bytes) = seal_part(&self.key(c)?, SNAPSHOT, c, d, snapshot.id, &snapshot.bytes);
+        Ok(Snapshot { id, bytes })
+    }
+
+    /// The names the backend may hold the parts `ids` of `d` under: their keyed names, and
+    /// their content ids too in a store that was format 3.
+    pub(super) fn stored_names(
+        &self,
+        c: &CustomerId,
+        d: &DocId,
+        ids: &[ChunkId],
+    ) -> Result<Vec<ChunkId>> {
+        let names = self.key(c)?.id_key();
+        let mut stored = Vec::with_capacity(ids.len() * if self.parts_3 { 2 } else { 1 });
+        for id in ids {
+            stored.push(part_name(&names, d, *id));
+            if self.parts_3 {
+                stored.push(*id);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// Opens a part of `d` stored under `name`: its content id and bytes.
+    fn open_part(
+        &self,
+        (key, names): (&DataKey, &IdKey),
+        kind: u8,
+        c: &CustomerId,
+        d: &DocId,
+        (name, sealed): (ChunkId, &[u8]),
+    ) -> Result<(ChunkId, Vec<u8>)> {
+        let what = if kind == CHUNK { "chunk" } else { "snapshot" };
+        if let Ok(mut plain) = envelope::open(key, &doc_aad(kind, c, d, name.as_bytes()), sealed) {
+            let id = plain.get(..16).and_then(|id| ChunkId::from_slice(id).ok());
+            return match id {
+                Some(id) if part_name(names, d, id) == name => {
+                    plain.drain(..16);
+                    Ok((id, plain))
+                }
+                _ => Err(StoreError::Corrupt(what)),
+            };
+        }
+        if !self.parts_3 {
+            return Err(StoreError::Corrupt(what));
+        }
+        let kind_3 = if kind == CHUNK { CHUNK_3 } else { SNAPSHOT_3 };
+        envelope::open(key, &doc_aad(kind_3, c, d, name.as_bytes()), sealed)
+            .map(|plain| (name, plain))
+            .map_err(|_| StoreError::Corrupt(what))
     }
 
     pub(super) fn open_meta(
@@ -442,25 +513,44 @@ impl<S: Store> EncryptedStore<S> {
         records: DocRecords,
     ) -> Result<DocRecords> {
         let key = self.key(c)?;
-        let open = |kind, position: &[u8], what, bytes: &[u8]| {
-            envelope::open(&key, &doc_aad(kind, c, d, position), bytes)
-                .map_err(|_| StoreError::Corrupt(what))
-        };
-        let meta = open(META, &records.seq.0.to_be_bytes(), "metadata", &records.meta)?;
+        let keys = (&key, &key.id_key());
+        let meta =
+            envelope::open(&key, &doc_aad(META, c, d, &records.seq.0.to_be_bytes()), &records.meta)
+                .map_err(|_| StoreError::Corrupt("metadata"))?;
         let snapshot = match records.snapshot {
-            Some(s) => Some(Snapshot {
-                id: s.id,
-                bytes: open(SNAPSHOT, s.id.as_bytes(), "snapshot", &s.bytes)?,
-            }),
+            Some(s) => {
+                let (id, bytes) = self.open_part(keys, SNAPSHOT, c, d, (s.id, &s.bytes))?;
+                Some(Snapshot { id, bytes })
+            }
             None => None,
         };
         let chunks = records
             .chunks
-            .into_iter()
-            .map(|(id, bytes)| Ok((id, open(CHUNK, id.as_bytes(), "chunk", &bytes)?)))
+            .iter()
+            .map(|(name, bytes)| self.open_part(keys, CHUNK, c, d, (*name, bytes)))
             .collect::<Result<Vec<_>>>()?;
         Ok(DocRecords { meta, snapshot, chunks, seq: records.seq })
     }
+}
+
+/// The name a part of `d` with content id `id` is stored under.
+fn part_name(names: &IdKey, d: &DocId, id: ChunkId) -> ChunkId {
+    ChunkId::from_bytes(names.name(d.as_bytes(), id.as_bytes()))
+}
+
+/// A chunk or snapshot (`kind`) of `d`, sealed for the backend: its stored name, and its content
+/// id and bytes sealed for that name.
+fn seal_part(
+    key: &DataKey,
+    kind: u8,
+    c: &CustomerId,
+    d: &DocId,
+    id: ChunkId,
+    bytes: &[u8],
+) -> (ChunkId, Vec<u8>) {
+    let name = part_name(&key.id_key(), d, id);
+    let aad = doc_aad(kind, c, d, name.as_bytes());
+    (name, envelope::seal_concat(key, &aad, &[id.as_bytes(), bytes]))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ enum Sealed<'a> {
         customer: &'a CustomerId,
         doc: &'a DocId,
         snapshot: Snapshot,
-        replaces: &'a [ChunkId],
+        replaces: Vec<ChunkId>,
     },
     Delete {
         customer: &'a CustomerId,
@@ -132,7 +132,8 @@ impl<S: Store> Docs for EncryptedStore<S> {
         replaces: &[ChunkId],
     ) -> Result<()> {
         let sealed = self.seal_snapshot(c, d, snapshot)?;
-        self.after_write(self.inner.compact(c, d, &sealed, replaces))
+        let replaces = self.stored_names(c, d, replaces)?;
+        self.after_write(self.inner.compact(c, d, &sealed, &replaces))
     }
 
     fn delete_doc(&self, c: &CustomerId, d: &DocId) -> Result<Seq> {
@@ -330,7 +331,7 @@ impl<S: Store> EncryptedStore<S> {
                 customer,
                 doc,
                 snapshot: self.seal_snapshot(customer, doc, snapshot)?,
-                replaces,
+                replaces: self.stored_names(customer, doc, replaces)?,
             },
             Write::Delete { customer, doc } => Sealed::Delete { customer, doc },
             Write::Record { customer, space, key, value } => {

@@ -49,6 +49,92 @@ fn nothing_plain_reaches_the_backend() {
 }
 
 #[test]
+fn parts_are_stored_under_names_that_reveal_nothing_of_their_content() {
+    let backend = MemoryStore::new();
+    let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+    let chunk = Chunk { id: ChunkId::of(b"x"), bytes: b"x" };
+    let snapshot = Snapshot { id: ChunkId::of(b"s"), bytes: b"s".to_vec() };
+    for c in [ALICE, BOB] {
+        store.write_doc(&c, &DOC, b"m", Some(chunk)).expect("write");
+        store.compact(&c, &DOC, &snapshot, &[]).expect("compact");
+    }
+    let alice = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+    let bob = backend.load(&BOB, &DOC).expect("load").expect("exists");
+    let (alice_chunk, alice_snapshot) = (alice.chunks[0].0, alice.snapshot.expect("snapshot").id);
+    // Neither the content hash nor a name shared by two customers with the same content.
+    assert_ne!(alice_chunk, chunk.id);
+    assert_ne!(alice_snapshot, snapshot.id);
+    assert_ne!(alice_chunk, bob.chunks[0].0);
+    assert_ne!(alice_snapshot, bob.snapshot.expect("snapshot").id);
+    // The decorator hands back the content ids, and a part written twice is one part.
+    store.write_doc(&ALICE, &DOC, b"m", Some(chunk)).expect("write again");
+    let loaded = store.load(&ALICE, &DOC).expect("load").expect("exists");
+    assert_eq!(loaded.chunks, vec![(chunk.id, b"x".to_vec())]);
+    assert_eq!(loaded.snapshot.expect("snapshot").id, snapshot.id);
+    // A compaction names the parts by content id and drops them by their stored names.
+    let next = Snapshot { id: ChunkId::of(b"n"), bytes: b"n".to_vec() };
+    store.compact(&ALICE, &DOC, &next, &[chunk.id, snapshot.id]).expect("compact");
+    let raw = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+    assert!(raw.chunks.is_empty());
+    assert_ne!(raw.snapshot.expect("snapshot").id, next.id);
+}
+
+#[test]
+fn a_format_3_store_is_upgraded_and_its_parts_read_until_a_compaction_replaces_them() {
+    let backend = MemoryStore::new();
+    let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+    store.write_doc(&ALICE, &DOC, b"m", None).expect("write");
+    // What format 3 wrote: parts under their content ids, sealed for them.
+    store.put_system(FORMAT_KEY, &3u32.to_be_bytes()).expect("format 3");
+    let key = store.key(&ALICE).expect("key");
+    let old = |kind, id: ChunkId, bytes: &[u8]| {
+        envelope::seal(&key, &doc_aad(kind, &ALICE, &DOC, id.as_bytes()), bytes)
+    };
+    let (chunk, snapshot) = (ChunkId::of(b"c3"), ChunkId::of(b"s3"));
+    let (_, meta) = backend.doc_meta(&ALICE, &DOC).expect("meta").expect("exists");
+    let sealed_chunk = old(CHUNK_3, chunk, b"c3");
+    backend
+        .write_doc_off_feed(&ALICE, &DOC, &meta, Some(Chunk { id: chunk, bytes: &sealed_chunk }))
+        .expect("raw chunk");
+    let sealed_snapshot = Snapshot { id: snapshot, bytes: old(SNAPSHOT_3, snapshot, b"s3") };
+    backend.compact(&ALICE, &DOC, &sealed_snapshot, &[]).expect("raw snapshot");
+    drop(store);
+
+    let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("upgrades");
+    assert_eq!(store.get_system(FORMAT_KEY).expect("format"), Some(FORMAT.to_be_bytes().to_vec()));
+    let new = Chunk { id: ChunkId::of(b"c4"), bytes: b"c4" };
+    store.write_doc(&ALICE, &DOC, b"m", Some(new)).expect("write");
+    let loaded = store.load(&ALICE, &DOC).expect("load").expect("exists");
+    assert_eq!(loaded.snapshot.map(|s| (s.id, s.bytes)), Some((snapshot, b"s3".to_vec())));
+    let mut chunks = loaded.chunks;
+    chunks.sort();
+    let mut expected = vec![(chunk, b"c3".to_vec()), (new.id, b"c4".to_vec())];
+    expected.sort();
+    assert_eq!(chunks, expected);
+    // A format-3 part does not open under another name either.
+    let other = ChunkId::of(b"other");
+    backend
+        .write_doc_off_feed(
+            &ALICE,
+            &OTHER_DOC,
+            &meta,
+            Some(Chunk { id: other, bytes: &sealed_chunk }),
+        )
+        .expect("raw chunk");
+    assert!(matches!(store.load(&ALICE, &OTHER_DOC), Err(StoreError::Corrupt(_))));
+
+    // The compaction, naming parts by content id, drops both forms.
+    let next = Snapshot { id: ChunkId::of(b"n"), bytes: b"n".to_vec() };
+    store.compact(&ALICE, &DOC, &next, &[snapshot, chunk, new.id]).expect("compact");
+    drop(store);
+    let raw = backend.load(&ALICE, &DOC).expect("load").expect("exists");
+    assert!(raw.chunks.is_empty(), "{:?}", raw.chunks);
+    let store = EncryptedStore::open(backend, keyring(1)).expect("reopens");
+    let loaded = store.load(&ALICE, &DOC).expect("load").expect("exists");
+    assert_eq!(loaded.snapshot.map(|s| (s.id, s.bytes)), Some((next.id, b"n".to_vec())));
+}
+
+#[test]
 fn chunk_moved_to_another_customer_or_document_or_position_fails_to_open() {
     let backend = MemoryStore::new();
     let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
@@ -212,6 +298,13 @@ fn a_store_in_another_format_is_refused() {
         .expect("key check");
     let refused = EncryptedStore::open(backend, keyring(1)).expect_err("refused");
     assert!(matches!(refused, StoreError::Format { found: 1, expected: FORMAT }), "{refused}");
+    // A store of a newer format than this build's.
+    let backend = MemoryStore::new();
+    let store = EncryptedStore::open(backend.clone(), keyring(1)).expect("opens");
+    store.put_system(FORMAT_KEY, &(FORMAT + 1).to_be_bytes()).expect("format");
+    drop(store);
+    let refused = EncryptedStore::open(backend, keyring(1)).expect_err("refused");
+    assert!(matches!(refused, StoreError::Format { found, .. } if found == FORMAT + 1));
 }
 
 fn witnessed(
