@@ -237,14 +237,15 @@ pub struct Limits {
     pub key_reload_secs: u64,
     /// Largest history one document may have, bytes (before encryption). Default 64 MiB.
     pub max_document_bytes: u64,
-    /// Largest history one customer may store in all, bytes. Default 1 GiB.
+    /// Largest history one customer may store in all, bytes. Default 1 GiB. Nodes sharing a
+    /// store read again what the others stored at most once a second.
     pub max_customer_bytes: u64,
     /// Bytes of sync messages in parts (`DocSync.more`) the server holds for one customer's
     /// streams together while they arrive, ids and bookkeeping included. One stream, and one
     /// connection, may hold up to `max_document_bytes`. Default 128 MiB.
     pub max_partial_bytes_per_customer: u64,
     /// Document writes one customer may make per second, sustained (bursts of five seconds'
-    /// worth pass). Default 200.
+    /// worth pass), counted by each node. Default 200.
     pub max_writes_per_sec: u32,
     /// How long applying one large sync message (over 64 KiB; it runs off the async workers) may
     /// take, milliseconds. Past it the message is refused with `RESOURCE_EXHAUSTED`, nothing of

@@ -3,10 +3,15 @@
 //! `RESOURCE_EXHAUSTED` for that customer alone; nobody else notices.
 //!
 //! Sizes count document history as written (before encryption). A customer's total is read from
-//! their documents' metadata the first time it is needed, then kept up to date as writes land.
+//! their documents' metadata the first time it is needed, then kept up to date as this node's
+//! writes land. Another node's writes (heard on the bus) make it stale: it is read again at the
+//! customer's next write, at most once a second, so nodes sharing a store let a customer past
+//! the storage limit by at most a second of the others' writes. The write rate is counted per
+//! node.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 use tokio::time::Instant;
 
 use cubby_core::{CustomerId, DocId, DocMeta, Seq};
@@ -36,10 +41,29 @@ struct Bucket {
     at: Instant,
 }
 
+/// A customer's bytes of history, as this node knows them.
+struct Usage {
+    bytes: u64,
+    /// When they were read from the store.
+    read_at: Instant,
+    /// Another node wrote for the customer since.
+    stale: bool,
+}
+
+impl Usage {
+    /// Whether the next write should read the store again.
+    fn due(&self) -> bool {
+        self.stale && self.read_at.elapsed() >= REREAD_AFTER
+    }
+}
+
+/// How often, at most, a customer's usage is read again after another node wrote for them.
+const REREAD_AFTER: Duration = Duration::from_secs(1);
+
 /// Usage and rate state per customer.
 pub(crate) struct Quotas {
     limits: QuotaLimits,
-    usage: Mutex<HashMap<CustomerId, u64>>,
+    usage: Mutex<HashMap<CustomerId, Usage>>,
     buckets: Mutex<HashMap<CustomerId, Bucket>>,
     metrics: Arc<Metrics>,
 }
@@ -49,9 +73,24 @@ impl Quotas {
         Self { limits, usage: Mutex::default(), buckets: Mutex::default(), metrics }
     }
 
-    /// Whether the customer's usage is known (so [`Quotas::reserve`] will not touch the store).
+    /// Whether the customer's usage is known well enough that [`Quotas::reserve`] need not
+    /// read the store.
     pub(crate) fn knows(&self, customer: &CustomerId) -> bool {
-        self.usage.lock().unwrap_or_else(PoisonError::into_inner).contains_key(customer)
+        self.usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(customer)
+            .is_some_and(|usage| !usage.due())
+    }
+
+    /// Another node wrote for the customer: their usage is read again at their next write
+    /// here (at most once a second).
+    pub(crate) fn written_elsewhere(&self, customer: &CustomerId) {
+        if let Some(usage) =
+            self.usage.lock().unwrap_or_else(PoisonError::into_inner).get_mut(customer)
+        {
+            usage.stale = true;
+        }
     }
 
     /// Runs `f` on the customer's rate bucket, refilled up to now, with the rate per second.
@@ -87,11 +126,31 @@ impl Quotas {
     }
 
     /// Checks that a document of `document_bytes` after a write of `bytes` fits both limits, and
-    /// reserves `bytes` of the customer's budget (blocking: the first call per customer reads
-    /// their usage). Give it back with [`Quotas::release`] if the write does not land.
+    /// reserves `bytes` of the customer's budget. Blocking unless [`Quotas::knows`] the
+    /// customer: it reads their usage. Give it back with [`Quotas::release`] if the write does
+    /// not land.
     pub(crate) fn reserve(
         &self,
         store: &dyn Store,
+        customer: &CustomerId,
+        document_bytes: u64,
+        bytes: u64,
+    ) -> Result<(), ApiError> {
+        if !self.knows(customer) {
+            let read_at = Instant::now();
+            let bytes = history_bytes(&store.list_docs(customer).map_err(api_error)?);
+            self.usage
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(*customer, Usage { bytes, read_at, stale: false });
+        }
+        self.reserve_known(customer, document_bytes, bytes)
+    }
+
+    /// [`Quotas::reserve`] with the usage this node knows, however stale: for a caller that
+    /// must not block, once [`Quotas::knows`] said yes.
+    pub(crate) fn reserve_known(
+        &self,
         customer: &CustomerId,
         document_bytes: u64,
         bytes: u64,
@@ -103,16 +162,11 @@ impl Quotas {
                 self.limits.max_document_bytes
             )));
         }
-        if !self.usage.lock().unwrap_or_else(PoisonError::into_inner).contains_key(customer) {
-            let total = history_bytes(&store.list_docs(customer).map_err(api_error)?);
-            self.usage
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(*customer)
-                .or_insert(total);
-        }
         let mut usage = self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        let used = usage.entry(*customer).or_default();
+        let used = &mut usage
+            .entry(*customer)
+            .or_insert(Usage { bytes: 0, read_at: Instant::now(), stale: false })
+            .bytes;
         if *used + bytes > self.limits.max_customer_bytes {
             self.metrics.refused("account_storage");
             return Err(ApiError::ResourceExhausted(format!(
@@ -129,7 +183,7 @@ impl Quotas {
         if let Some(used) =
             self.usage.lock().unwrap_or_else(PoisonError::into_inner).get_mut(customer)
         {
-            *used = used.saturating_sub(bytes);
+            used.bytes = used.bytes.saturating_sub(bytes);
         }
     }
 
@@ -166,5 +220,26 @@ mod tests {
         }
         assert!(quotas.take_write(&ALICE).is_err());
         quotas.take_write(&BOB).expect("bob has his own rate");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_nodes_writes_count_once_heard() {
+        use cubby_store::Docs;
+        let limits =
+            QuotaLimits { max_document_bytes: 1000, max_customer_bytes: 150, writes_per_sec: 100 };
+        let quotas = Quotas::new(limits, Arc::default());
+        let store = MemoryStore::new();
+        quotas.reserve(&store, &ALICE, 10, 10).expect("fits");
+        // Another node stores 120 bytes of Alice's history, and this node hears of it.
+        let mut meta = DocMeta::new("elsewhere");
+        meta.record_write(120);
+        store.write_doc(&ALICE, &DocId::from_bytes([3; 16]), &meta, None).expect("write");
+        quotas.written_elsewhere(&ALICE);
+        assert!(quotas.knows(&ALICE), "read again at most once a second");
+        tokio::time::advance(REREAD_AFTER).await;
+        assert!(!quotas.knows(&ALICE), "read again at the next write");
+        assert!(quotas.reserve(&store, &ALICE, 50, 50).is_err(), "120 stored elsewhere + 50");
+        quotas.reserve(&store, &ALICE, 20, 20).expect("fits");
+        assert!(quotas.knows(&ALICE));
     }
 }

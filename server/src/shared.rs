@@ -48,6 +48,7 @@ impl Shared {
                     // A document loaded here takes in what the other node stored, before any
                     // device asks it (its mailbox is in order).
                     self.docs.refresh(changed.customer, changed.doc);
+                    self.quotas.written_elsewhere(&changed.customer);
                 }
                 self.hub.publish(changed.customer, hub::Announcement::heard(changed, !own));
             }

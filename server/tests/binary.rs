@@ -287,20 +287,6 @@ fn stop(mut server: Running) {
     }
 }
 
-/// Copies a directory tree (a backup of the store, as `cp -a` would make one).
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("readable") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.file_type().expect("type").is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 /// A device of `customer` with its local data in `home`, syncing with the binary in `dir` on
 /// `port`.
 async fn device_of(dir: &Path, port: u16, customer: &str, home: &Path) -> cubby_client::Client {
@@ -358,7 +344,7 @@ async fn a_restored_backup_is_refused_until_accepted_and_then_the_devices_bring_
     }
     stop(server);
     let backup = homes.path().join("backup-of-db");
-    copy_tree(&dir.join("cubby-data/db"), &backup);
+    common::copy_tree(&dir.join("cubby-data/db"), &backup);
 
     // After the backup: a field and three documents, acknowledged; a revocation; an erasure.
     let server = serve_on(dir, port);
@@ -382,7 +368,7 @@ async fn a_restored_backup_is_refused_until_accepted_and_then_the_devices_bring_
 
     // The backup, put back by hand: refused, saying what to do.
     std::fs::remove_dir_all(dir.join("cubby-data/db")).expect("rm");
-    copy_tree(&backup, &dir.join("cubby-data/db"));
+    common::copy_tree(&backup, &dir.join("cubby-data/db"));
     let refused = serving(dir, port).output().expect("runs");
     assert!(!refused.status.success(), "a rolled-back store must not be served");
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -472,7 +458,7 @@ async fn a_document_the_server_lost_unnoticed_is_offered_back_not_deleted() {
     phone.shutdown().await;
     stop(server);
     let backup = homes.path().join("backup-of-everything");
-    copy_tree(&dir.join("cubby-data"), &backup);
+    common::copy_tree(&dir.join("cubby-data"), &backup);
 
     let server = serve_on(dir, port);
     let phone = device_of(dir, port, "alice", &home("phone")).await;
@@ -486,7 +472,7 @@ async fn a_document_the_server_lost_unnoticed_is_offered_back_not_deleted() {
 
     // The whole data directory put back, witness included: nothing to notice at start.
     std::fs::remove_dir_all(dir.join("cubby-data")).expect("rm");
-    copy_tree(&backup, &dir.join("cubby-data"));
+    common::copy_tree(&backup, &dir.join("cubby-data"));
     let _server = serve_on(dir, port);
     let laptop = device_of(dir, port, "alice", &home("laptop")).await;
     for n in 0..5 {
@@ -666,7 +652,7 @@ async fn a_backup_taken_under_write_load_restores_into_a_new_directory_and_devic
     for name in ["master.key", "dev-tenant.key"] {
         std::fs::copy(old.join("cubby-data").join(name), data.join(name)).expect("copy");
     }
-    copy_tree(&old.join("cubby-data/tls"), &data.join("tls"));
+    common::copy_tree(&old.join("cubby-data/tls"), &data.join("tls"));
     let restored = run_in(new, &["restore", "--from", file.to_str().expect("utf-8")]);
     assert!(restored.status.success(), "{}", String::from_utf8_lossy(&restored.stderr));
     stop(server);

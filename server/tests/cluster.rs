@@ -86,7 +86,7 @@ impl Cluster {
             // Node 1 on a copy of node 0's data directory, node 2 on the same one.
             let data = root.path().join(format!("node{}", n % 2));
             if n == 1 {
-                copy_data(&root.path().join("node0"), &data);
+                common::copy_tree(&root.path().join("node0"), &data);
             }
             let mut node = Node { data, port: free_port(), metrics: free_port(), running: None };
             node.running = Some(serve(&node, &postgres.url()));
@@ -133,19 +133,6 @@ impl Cluster {
             tonic_health::pb::health_client::HealthClient::new(channel(&cert, &addr).await);
         let asked = health.check(tonic_health::pb::HealthCheckRequest::default()).await;
         asked.ok().map(|answer| answer.into_inner().status)
-    }
-}
-
-fn copy_data(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("readable") {
-        let entry = entry.expect("entry");
-        let kind = entry.file_type().expect("type");
-        if kind.is_dir() {
-            copy_data(&entry.path(), &to.join(entry.file_name()));
-        } else if kind.is_file() {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
-        }
     }
 }
 

@@ -84,6 +84,10 @@ const READ: &str = "
     ) e ON true
     ORDER BY e.kind, e.txid, e.customer, e.seq, e.id";
 
+/// The advisory lock a node holds while it prunes ([`PgStore::bus_prune`]); an arbitrary
+/// constant, as the migrations' is.
+const PRUNE_LOCK: i64 = 0x6375_6262_7970_7275;
+
 impl PgStore {
     /// This store's id among the nodes writing the database: what it writes on the bus
     /// carries it, and [`PgStore::bus_read`] leaves it out.
@@ -159,18 +163,27 @@ impl PgStore {
 
     /// Forgets logged changes older than ten minutes and events older than an hour: a node
     /// that has not read them by then has been cut off from the database that long, and its
-    /// devices have long reconnected (to a node that reads its state from the store).
+    /// devices have long reconnected (to a node that reads its state from the store). One node
+    /// prunes at a time (an advisory lock); another that asks meanwhile leaves it to that one.
     pub async fn bus_prune(&self) -> Result<()> {
         let pool = self.pool.clone();
         on_driver(async move {
-            let client = pool.get().await.map_err(backend)?;
-            client
-                .batch_execute(
-                    "DELETE FROM bus_changes WHERE at < now() - interval '10 minutes';
-                     DELETE FROM bus_events WHERE at < now() - interval '1 hour';",
-                )
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(backend)?;
+            let row = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK])
                 .await
-                .map_err(backend)
+                .map_err(backend)?;
+            if !row.get::<_, bool>(0) {
+                return Ok(());
+            }
+            tx.batch_execute(
+                "DELETE FROM bus_changes WHERE at < now() - interval '10 minutes';
+                 DELETE FROM bus_events WHERE at < now() - interval '1 hour';",
+            )
+            .await
+            .map_err(backend)?;
+            tx.commit().await.map_err(backend)
         })
         .await
     }

@@ -331,9 +331,10 @@ impl Store for PgStore {
                 let write = &batch[at];
                 at += 1;
                 let outcome = match *write {
-                    Write::Doc { customer, doc, meta, chunk, feed } => {
-                        Ok(writes::write_doc(tx, self.writer, customer, doc, meta, chunk, feed)
-                            .await?)
+                    // Those that move in the feed went in a run above.
+                    Write::Doc { customer, doc, meta, chunk, .. } => {
+                        writes::write_doc_off_feed(tx, customer, doc, meta, chunk).await?;
+                        Ok(None)
                     }
                     Write::Compact { customer, doc, snapshot, replaces } => {
                         writes::compact(tx, customer, doc, snapshot, replaces).await?.map(|()| None)

@@ -57,6 +57,18 @@ fn admin(sql: &str) {
         .unwrap_or_else(|err| panic!("{sql}: {err}"));
 }
 
+/// Runs one query on its own connection: its rows.
+fn admin_rows(sql: &str) -> Vec<tokio_postgres::Row> {
+    runtime()
+        .block_on(async {
+            let (client, connection) =
+                database().connect(tokio_postgres::NoTls).await.map_err(backend)?;
+            tokio::spawn(connection);
+            client.query(sql, &[]).await.map_err(backend)
+        })
+        .unwrap_or_else(|err| panic!("{sql}: {err}"))
+}
+
 cubby_store::conformance_tests!(|| {
     let schema = TestSchema::new();
     move || schema.open()
@@ -139,19 +151,11 @@ fn every_stored_byte(schema: &TestSchema) -> Vec<Vec<u8>> {
          UNION ALL SELECT customer || key || value FROM {s}.records",
         s = schema.name
     );
-    runtime()
-        .block_on(async {
-            let (client, connection) =
-                database().connect(tokio_postgres::NoTls).await.map_err(backend)?;
-            tokio::spawn(connection);
-            let rows = client.query(&sql, &[]).await.map_err(backend)?;
-            Ok::<_, cubby_store::StoreError>(rows.iter().map(|r| r.get(0)).collect())
-        })
-        .expect("the tables read")
+    admin_rows(&sql).iter().map(|r| r.get(0)).collect()
 }
 
-/// Document content, metadata and record values reach the database sealed. (Ids and record
-/// keys still reach it as the decorator passes them on: keyed ids are the next step.)
+/// Document content, metadata and record values reach the database sealed, and a chunk's
+/// content id does not reach it at all (parts are stored under keyed names).
 #[test]
 fn what_the_database_holds_of_content_is_sealed() {
     use cubby_core::{ChunkId, CustomerId, DocId};
@@ -175,6 +179,7 @@ fn what_the_database_holds_of_content_is_sealed() {
         |needle: &[u8]| stored.iter().any(|row| row.windows(needle.len()).any(|w| w == needle));
     assert!(found(b"entry 1"), "the check can see what is stored");
     assert!(!found(b"secret"), "plaintext reached the database");
+    assert!(!found(chunk.id.as_bytes()), "a content hash reached the database");
 }
 
 /// The CA of the test server's certificate (`tests/postgres.sh` makes it).
@@ -268,6 +273,33 @@ mod bus {
         b.write_doc(&customer, &doc, b"m2", None).expect("write");
         let heard = runtime().block_on(a.bus_read(&mut own)).expect("read");
         assert_eq!(heard, vec![Heard::Changed { writer: b.writer(), customer, doc, seq: Seq(4) }]);
+    }
+
+    /// Old entries are pruned; nodes pruning at once take turns, and neither fails.
+    #[test]
+    fn old_entries_are_pruned_by_one_node_at_a_time() {
+        let schema = TestSchema::new();
+        let (a, b) = (schema.open(), schema.open());
+        let (customer, doc) = ids(2);
+        a.write_doc(&customer, &doc, b"m", None).expect("old write");
+        super::admin(&format!(
+            "UPDATE {}.bus_changes SET at = now() - interval '11 minutes'",
+            schema.name
+        ));
+        a.write_doc(&customer, &ids(4).1, b"m", None).expect("new write");
+        let (pruned_a, pruned_b) =
+            runtime().block_on(async { tokio::join!(a.bus_prune(), b.bus_prune()) });
+        pruned_a.expect("a prunes");
+        pruned_b.expect("b prunes or leaves it to a");
+        let mut cursor = runtime().block_on(b.bus_cursor()).expect("cursor");
+        // The new entry stays: a fresh write after it is heard, and so is nothing pruned.
+        a.write_doc(&customer, &doc, b"m", None).expect("write");
+        let heard = runtime().block_on(b.bus_read(&mut cursor)).expect("read");
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        let left: i64 =
+            super::admin_rows(&format!("SELECT count(*) FROM {}.bus_changes", schema.name))[0]
+                .get(0);
+        assert_eq!(left, 2, "the old entry is gone, the two newer ones stay");
     }
 
     /// A transaction that began first and commits last is heard when it commits, and does

@@ -69,25 +69,21 @@ async fn take_position(
     Ok(seq_of(seq))
 }
 
-pub(crate) async fn write_doc(
+/// Writes a document's metadata, for its current feed position, and its chunk, leaving the
+/// feed as it is ([`cubby_store::Docs::write_doc_off_feed`]).
+pub(crate) async fn write_doc_off_feed(
     tx: &Tx<'_>,
-    writer: i64,
     customer: &CustomerId,
     doc: &DocId,
     meta: &dyn MetaAt,
     chunk: Option<Chunk<'_>>,
-    feed: bool,
-) -> Result<Option<Seq>> {
+) -> Result<()> {
     let (c, d) = (&customer.as_bytes()[..], &doc.as_bytes()[..]);
-    let seq = if feed {
-        take_position(tx, writer, customer, doc).await?
-    } else {
-        let row = tx
-            .query_opt("SELECT seq FROM feed WHERE customer = $1 AND doc = $2", &[&c, &d])
-            .await
-            .map_err(backend)?;
-        row.map_or(Seq(0), |row| seq_of(row.get(0)))
-    };
+    let row = tx
+        .query_opt("SELECT seq FROM feed WHERE customer = $1 AND doc = $2", &[&c, &d])
+        .await
+        .map_err(backend)?;
+    let seq = row.map_or(Seq(0), |row| seq_of(row.get(0)));
     let (stored, meta) = (i64::try_from(seq.0).map_err(backend)?, meta.at(seq));
     // Sent together: one round trip for both.
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&c, &d, &stored, &meta];
@@ -108,7 +104,7 @@ pub(crate) async fn write_doc(
     let (meta_written, chunk_written) = tokio::join!(meta_written, chunk_written);
     meta_written.map_err(backend)?;
     chunk_written.map_err(backend)?;
-    Ok(feed.then_some(seq))
+    Ok(())
 }
 
 /// One document write of a run that [`write_docs`] makes together.
@@ -119,10 +115,10 @@ pub(crate) struct DocWrite<'a> {
     pub(crate) chunk: Option<Chunk<'a>>,
 }
 
-/// Writes a run of documents that each move in the feed, as [`write_doc`] would one after
-/// another, in three statements whatever the run's length: every position (consecutive per
-/// customer, in the run's order) with the feed moves and their bus log; then every metadata
-/// record (a document written twice keeps its last); then every chunk. The customers' heads
+/// Writes a run of documents that each move in the feed, as if one after another, in three
+/// statements whatever the run's length: every position (consecutive per customer, in the
+/// run's order) with the feed moves and their bus log; then every metadata record (a document
+/// written twice keeps its last); then every chunk. The customers' heads
 /// must be locked. Returns each write's position, in order.
 pub(crate) async fn write_docs(tx: &Tx<'_>, writer: i64, run: &[DocWrite<'_>]) -> Result<Vec<Seq>> {
     let customers: Vec<&[u8]> = run.iter().map(|w| &w.customer.as_bytes()[..]).collect();

@@ -137,7 +137,7 @@ impl Actor {
             let (quotas, store, customer, size) =
                 (ctx.quotas.clone(), ctx.store.clone(), self.customer, meta.size);
             if ctx.quotas.knows(&customer) {
-                quotas.reserve(&*store, &customer, size, chunk_len)?;
+                quotas.reserve_known(&customer, size, chunk_len)?;
             } else {
                 ctx.work
                     .run(move || quotas.reserve(&*store, &customer, size, chunk_len))

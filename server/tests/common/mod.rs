@@ -18,6 +18,22 @@ impl Drop for Running {
     }
 }
 
+/// Copies a directory tree, as `cp -r` would: its directories and files, not a running
+/// server's socket.
+pub(crate) fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("readable") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().expect("type");
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
 /// Waits for a server started as `child` (its stdout piped) to print the dev-tenant hint.
 pub(crate) fn started(mut child: Child) -> (Running, Vec<String>) {
     let stdout = child.stdout.take().expect("piped");
