@@ -5,6 +5,8 @@
 //!
 //! - [`ids`]: document, device and customer ids and the change-feed sequence;
 //! - [`session`]: one peer's side of the standard Automerge sync protocol for one document;
+//! - [`graph`]: a document's change graph, which answers the sync protocol without the
+//!   document;
 //! - [`history`]: a document with what storage holds of it: rebuilt from its parts, the
 //!   next chunk to store, and when and how it is compacted;
 //! - [`json`]: reading a document as JSON and writing JSON values into it;
@@ -38,6 +40,7 @@
 pub mod device;
 pub mod document;
 pub mod feed;
+pub mod graph;
 pub mod history;
 pub mod ids;
 pub mod json;

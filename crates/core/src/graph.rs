@@ -1,0 +1,475 @@
+//! One document's history as its change graph, without the document: each change's hash,
+//! dependencies, actor, sequence number and bytes. It answers the standard Automerge sync
+//! protocol (heads, `need`, Bloom filters, the changes a peer lacks) the way
+//! `automerge::sync::SyncDoc` does, with the same [`State`] per peer, at a cost that grows with
+//! the changes a message carries, not with the document's content: nothing is applied.
+//!
+//! Every change is checked as far as its structure before it is taken in: it parses and its
+//! hash is the hash of its bytes (`Change::try_from`), its sequence number is its actor's next,
+//! and its actor's previous change is among its ancestors. A change whose dependencies are not
+//! known yet waits in a queue until they are, as Automerge's does.
+//!
+//! The graph speaks version 1 of the sync messages only: it never sends the message flags, so
+//! no peer takes it for one that reads a whole document in place of changes (version 2), and a
+//! version-2 message is refused.
+//!
+//! Knowing whether a change is an ancestor of some heads uses vector clocks (the highest
+//! sequence number of each actor among the ancestors). An actor's changes form a chain, so
+//! `(actor, seq)` is an ancestor of heads whose clock has `actor` at `seq` or above. A clock is
+//! kept for every [`CLOCK_EVERY`]th change, and a walk back from some heads stops at them and at
+//! changes the clock already covers.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use automerge::sync::{BloomFilter, Capability, ChunkList, Have, Message, MessageFlags, State};
+use automerge::{ActorId, Change, ChangeHash};
+
+/// How often a change keeps its clock: every this many changes.
+const CLOCK_EVERY: usize = 16;
+
+/// The highest sequence number of each actor (by index) covered; missing actors are 0.
+type Clock = Vec<u64>;
+
+/// Why a change, or a message, was not taken in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GraphError {
+    /// The bytes are not a change, or its hash does not match them.
+    #[error("a change does not parse: {0}")]
+    Parse(String),
+    /// The change's sequence number is not its actor's next, or its actor's previous change is
+    /// not among its ancestors.
+    #[error("a change's sequence number does not follow its actor's previous change")]
+    Sequence,
+    /// A version-2 message (a whole document in place of changes), which the graph never asks
+    /// for.
+    #[error("a version 2 sync message carries changes; this peer reads version 1 only")]
+    Version,
+}
+
+struct Node {
+    hash: ChangeHash,
+    deps: Box<[u32]>,
+    actor: u32,
+    seq: u64,
+    bytes: Box<[u8]>,
+}
+
+/// A document's change graph. See the module's documentation.
+#[derive(Default)]
+pub struct ChangeGraph {
+    /// Every change, in the order taken in: dependencies first.
+    nodes: Vec<Node>,
+    by_hash: HashMap<ChangeHash, u32>,
+    actors: Vec<ActorId>,
+    actor_index: HashMap<ActorId, u32>,
+    /// Each actor's changes, by sequence number (`seq` at `seq - 1`).
+    by_actor: Vec<Vec<u32>>,
+    heads: BTreeSet<ChangeHash>,
+    /// The clock of every [`CLOCK_EVERY`]th change.
+    clocks: HashMap<u32, Clock>,
+    /// Changes waiting for their dependencies, in the order they came.
+    queue: Vec<Change>,
+}
+
+impl std::fmt::Debug for ChangeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChangeGraph")
+            .field("changes", &self.nodes.len())
+            .field("heads", &self.heads.len())
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChangeGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many changes it holds (not counting queued ones).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether it holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The heads, sorted, as `Automerge::get_heads` gives them.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.heads.iter().copied().collect()
+    }
+
+    /// Whether the change is in the graph (not merely queued).
+    pub fn has(&self, hash: &ChangeHash) -> bool {
+        self.by_hash.contains_key(hash)
+    }
+
+    /// The bytes of a change in the graph.
+    pub fn bytes(&self, hash: &ChangeHash) -> Option<&[u8]> {
+        self.by_hash.get(hash).map(|&i| &*self.nodes[i as usize].bytes)
+    }
+
+    /// Every change's hash, in the order taken in (dependencies first).
+    pub fn hashes(&self) -> impl Iterator<Item = ChangeHash> + '_ {
+        self.nodes.iter().map(|n| n.hash)
+    }
+
+    /// Takes in changes as `Automerge::apply_changes` does: each one whose dependencies are
+    /// known at once, the others once theirs are; a change already known is skipped. Returns
+    /// the hashes taken in, in order. On an error, the changes taken in before the bad one
+    /// stay, and the rest do not.
+    pub fn add(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        let mut added = Vec::new();
+        for change in changes {
+            let hash = change.hash();
+            if self.has(&hash) || self.queue.iter().any(|q| q.hash() == hash) {
+                continue;
+            }
+            if change.deps().iter().all(|d| self.has(d)) {
+                self.insert(change)?;
+                added.push(hash);
+            } else {
+                self.queue.push(change);
+            }
+        }
+        while let Some(at) =
+            self.queue.iter().position(|c| c.deps().iter().all(|d| self.by_hash.contains_key(d)))
+        {
+            let change = self.queue.remove(at);
+            added.push(change.hash());
+            self.insert(change)?;
+        }
+        Ok(added)
+    }
+
+    /// Parses and takes in the bytes of changes (a version-1 message's, or a store's).
+    pub fn add_bytes<'a>(
+        &mut self,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        let changes = chunks
+            .into_iter()
+            .map(|bytes| Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.add(changes)
+    }
+
+    fn insert(&mut self, change: Change) -> Result<(), GraphError> {
+        let actor = match self.actor_index.get(change.actor_id()) {
+            Some(&a) => a,
+            None => {
+                let a = self.actors.len() as u32;
+                self.actors.push(change.actor_id().clone());
+                self.actor_index.insert(change.actor_id().clone(), a);
+                self.by_actor.push(Vec::new());
+                a
+            }
+        };
+        let seq = change.seq();
+        if seq != self.by_actor[actor as usize].len() as u64 + 1 {
+            return Err(GraphError::Sequence);
+        }
+        let deps: Box<[u32]> = change.deps().iter().map(|d| self.by_hash[d]).collect();
+        let mut clock = self.clock_of(deps.iter().copied());
+        if seq > 1 && clock.get(actor as usize).copied().unwrap_or(0) != seq - 1 {
+            return Err(GraphError::Sequence);
+        }
+        let index = self.nodes.len() as u32;
+        let hash = change.hash();
+        for dep in change.deps() {
+            self.heads.remove(dep);
+        }
+        self.heads.insert(hash);
+        self.by_hash.insert(hash, index);
+        self.by_actor[actor as usize].push(index);
+        if (index as usize).is_multiple_of(CLOCK_EVERY) {
+            bump(&mut clock, actor, seq);
+            self.clocks.insert(index, clock);
+        }
+        self.nodes.push(Node { hash, deps, actor, seq, bytes: change.raw_bytes().into() });
+        Ok(())
+    }
+
+    /// The clock of the changes at `start` (their ancestors included).
+    fn clock_of(&self, start: impl Iterator<Item = u32>) -> Clock {
+        // `whole` merges only kept clocks, each of which covers all its change's ancestors:
+        // a change it covers is an ancestor of one of those, and so are its own ancestors, so
+        // the walk stops there. (A change merely visited says nothing of its ancestors yet.)
+        let (mut clock, mut whole) = (Clock::new(), Clock::new());
+        let mut stack: Vec<u32> = start.collect();
+        let mut seen = HashSet::new();
+        while let Some(i) = stack.pop() {
+            let node = &self.nodes[i as usize];
+            if covers(&whole, node) || !seen.insert(i) {
+                continue;
+            }
+            if let Some(kept) = self.clocks.get(&i) {
+                merge(&mut whole, kept);
+                continue;
+            }
+            bump(&mut clock, node.actor, node.seq);
+            stack.extend(node.deps.iter().copied());
+        }
+        merge(&mut clock, &whole);
+        clock
+    }
+
+    /// The clock of the known ones of `heads`.
+    fn clock_at(&self, heads: &[ChangeHash]) -> Clock {
+        self.clock_of(heads.iter().filter_map(|h| self.by_hash.get(h).copied()))
+    }
+
+    /// The changes that are not ancestors of `heads` (nor among them), in the order taken in.
+    fn since(&self, heads: &[ChangeHash]) -> Vec<u32> {
+        let clock = self.clock_at(heads);
+        let mut out: Vec<u32> = self
+            .by_actor
+            .iter()
+            .enumerate()
+            .flat_map(|(actor, changes)| {
+                let covered = clock.get(actor).copied().unwrap_or(0) as usize;
+                changes.get(covered..).unwrap_or_default().iter().copied()
+            })
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Drops from `hashes` those that are ancestors of `heads` or among them.
+    fn remove_ancestors(&self, hashes: &mut BTreeSet<ChangeHash>, heads: &[ChangeHash]) {
+        let clock = self.clock_at(heads);
+        hashes.retain(|h| match self.by_hash.get(h) {
+            Some(&i) => !covers(&clock, &self.nodes[i as usize]),
+            None => true,
+        });
+    }
+
+    /// What this graph lacks to reach `start`: unknown hashes, following queued changes to
+    /// their dependencies (as `Automerge::missing_deps_from`).
+    fn missing_from(&self, start: impl Iterator<Item = ChangeHash>) -> Vec<ChangeHash> {
+        let queued: HashMap<ChangeHash, &Change> =
+            self.queue.iter().map(|c| (c.hash(), c)).collect();
+        let mut missing = BTreeSet::new();
+        let mut seen = HashSet::new();
+        let mut stack: Vec<ChangeHash> = start.collect();
+        while let Some(hash) = stack.pop() {
+            if self.has(&hash) || !seen.insert(hash) {
+                continue;
+            }
+            match queued.get(&hash) {
+                Some(change) => stack.extend(change.deps().iter().copied()),
+                None => _ = missing.insert(hash),
+            }
+        }
+        missing.into_iter().collect()
+    }
+
+    fn bloom_since(&self, last_sync: Vec<ChangeHash>) -> Have {
+        let hashes: Vec<ChangeHash> =
+            self.since(&last_sync).into_iter().map(|i| self.nodes[i as usize].hash).collect();
+        Have { last_sync, bloom: BloomFilter::from_hashes(hashes.iter()) }
+    }
+
+    /// The changes a peer that has `have` and asks for `need` lacks, in the order to send
+    /// them (as `Automerge`'s sync does).
+    fn to_send(&self, have: &[Have], need: &[ChangeHash]) -> Vec<u32> {
+        let need: Vec<u32> = need.iter().filter_map(|h| self.by_hash.get(h).copied()).collect();
+        if have.is_empty() {
+            return need;
+        }
+        let last_sync: Vec<ChangeHash> = have
+            .iter()
+            .flat_map(|h| h.last_sync.iter().copied())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let candidates = self.since(&last_sync);
+        let mut dependents: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut send = HashSet::new();
+        for &i in &candidates {
+            let node = &self.nodes[i as usize];
+            for &dep in &*node.deps {
+                dependents.entry(dep).or_default().push(i);
+            }
+            if have.iter().all(|h| !h.bloom.contains_hash(&node.hash)) {
+                send.insert(i);
+            }
+        }
+        // A change the filter wrongly said they have is found through what depends on it.
+        let mut stack: Vec<u32> = send.iter().copied().collect();
+        while let Some(i) = stack.pop() {
+            for &dependent in dependents.get(&i).into_iter().flatten() {
+                if send.insert(dependent) {
+                    stack.push(dependent);
+                }
+            }
+        }
+        let mut out: Vec<u32> = need.into_iter().filter(|i| !send.contains(i)).collect();
+        out.extend(candidates.into_iter().filter(|i| send.contains(i)));
+        out
+    }
+
+    /// The next message to the peer whose state is `state`, or `None` when there is nothing to
+    /// say: `SyncDoc::generate_sync_message`, in version 1.
+    pub fn generate_sync_message(&self, state: &mut State) -> Option<Message> {
+        let our_heads = self.heads();
+        let our_need = if state.read_only {
+            Vec::new()
+        } else {
+            self.missing_from(state.their_heads.iter().flatten().copied())
+        };
+        let their_heads: HashSet<&ChangeHash> = state.their_heads.iter().flatten().collect();
+        let our_have = if our_need.iter().all(|h| their_heads.contains(h)) {
+            vec![self.bloom_since(state.shared_heads.clone())]
+        } else {
+            Vec::new()
+        };
+        if let Some(first) = state.their_have.as_ref().and_then(|have| have.first())
+            && !first.last_sync.iter().all(|h| self.has(h))
+        {
+            // They synced with a version of the document this one does not know: start over.
+            return Some(Message {
+                heads: our_heads,
+                need: Vec::new(),
+                have: vec![Have::default()],
+                changes: ChunkList::empty(),
+                flags: None,
+                version: automerge::sync::MessageVersion::V1,
+            });
+        }
+        let sending: Vec<u32> = match (&state.their_have, &state.their_need) {
+            (Some(have), Some(need)) if !state.peer_read_only => self
+                .to_send(have, need)
+                .into_iter()
+                .filter(|&i| !state.sent_hashes.contains(&self.nodes[i as usize].hash))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let heads_unchanged = state.last_sent_heads == our_heads;
+        let heads_equal = state.their_heads.as_ref() == Some(&our_heads);
+        if heads_unchanged && state.have_responded {
+            if (heads_equal || state.read_only) && sending.is_empty() {
+                return None;
+            }
+            if state.in_flight {
+                return None;
+            }
+        }
+        state.have_responded = true;
+        state.last_sent_heads.clone_from(&our_heads);
+        state.sent_hashes.extend(sending.iter().map(|&i| self.nodes[i as usize].hash));
+        let heads = if std::mem::take(&mut state.needs_reset) {
+            // A peer that learns of no reset flag from us is told we lost everything.
+            Vec::new()
+        } else {
+            our_heads
+        };
+        state.in_flight = true;
+        Some(Message {
+            heads,
+            need: our_need,
+            have: our_have,
+            changes: ChunkList::from(
+                sending.iter().map(|&i| self.nodes[i as usize].bytes.to_vec()).collect::<Vec<_>>(),
+            ),
+            flags: None,
+            version: automerge::sync::MessageVersion::V1,
+        })
+    }
+
+    /// Takes in a message from the peer whose state is `state`:
+    /// `SyncDoc::receive_sync_message`, without applying anything. Returns the changes taken
+    /// in. A message with a change that does not parse takes in nothing; one with a change
+    /// that breaks its actor's sequence keeps what came before it ([`ChangeGraph::add`]) and
+    /// leaves `state` as it was: start the session over.
+    pub fn receive_sync_message(
+        &mut self,
+        state: &mut State,
+        message: Message,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        let Message { heads, changes, need, have, flags, version } = message;
+        let parsed = if changes.is_empty() || state.read_only {
+            Vec::new()
+        } else if version != automerge::sync::MessageVersion::V1 {
+            return Err(GraphError::Version);
+        } else {
+            changes
+                .iter()
+                .map(|bytes| Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let before = self.heads();
+        let loaded = !parsed.is_empty();
+        let added = if loaded { self.add(parsed)? } else { Vec::new() };
+        state.in_flight = false;
+        if let Some(flags) = flags {
+            let mut caps = vec![Capability::MessageV2];
+            if flags.contains(MessageFlags::SUPPORTS_SYNC_RESET) {
+                caps.push(Capability::SyncReset);
+            }
+            state.their_capabilities = Some(caps);
+            if flags.contains(MessageFlags::SYNC_RESET) {
+                state.sent_hashes.clear();
+            }
+            state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
+        }
+        if loaded {
+            let after: HashSet<ChangeHash> = self.heads.iter().copied().collect();
+            let mut advanced: BTreeSet<ChangeHash> =
+                after.iter().filter(|h| !before.contains(h)).copied().collect();
+            advanced.extend(state.shared_heads.iter().filter(|h| after.contains(h)).copied());
+            state.shared_heads = advanced.into_iter().collect();
+        }
+        self.remove_ancestors(&mut state.sent_hashes, &heads);
+        if changes.is_empty() && heads == before {
+            state.last_sent_heads.clone_from(&heads);
+        }
+        let known: Vec<ChangeHash> = heads.iter().filter(|h| self.has(h)).copied().collect();
+        if known.len() == heads.len() {
+            state.shared_heads.clone_from(&heads);
+            if heads.is_empty() {
+                // The peer lost everything: start over.
+                state.last_sent_heads = Vec::new();
+                state.sent_hashes = BTreeSet::new();
+            }
+        } else {
+            let mut shared: BTreeSet<ChangeHash> = state.shared_heads.iter().copied().collect();
+            shared.extend(known);
+            state.shared_heads = shared.into_iter().collect();
+        }
+        state.their_have = Some(have);
+        state.their_heads = Some(heads);
+        state.their_need = Some(need);
+        Ok(added)
+    }
+}
+
+fn covers(clock: &Clock, node: &Node) -> bool {
+    clock.get(node.actor as usize).copied().unwrap_or(0) >= node.seq
+}
+
+fn bump(clock: &mut Clock, actor: u32, seq: u64) {
+    let actor = actor as usize;
+    if clock.len() <= actor {
+        clock.resize(actor + 1, 0);
+    }
+    clock[actor] = clock[actor].max(seq);
+}
+
+fn merge(clock: &mut Clock, other: &Clock) {
+    if clock.len() < other.len() {
+        clock.resize(other.len(), 0);
+    }
+    for (mine, theirs) in clock.iter_mut().zip(other) {
+        *mine = (*mine).max(*theirs);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+use automerge::sync::{State, SyncDoc};
+use automerge::transaction::Transactable;
+use automerge::{ActorId, Automerge, ROOT};
+use proptest::prelude::*;
+
+use super::*;
+
+fn doc(actor: u8) -> Automerge {
+    Automerge::new().with_actor(ActorId::from([actor; 16]))
+}
+
+fn put(doc: &mut Automerge, key: &str, value: i64) {
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+        tx.put(ROOT, key, value)?;
+        Ok(())
+    })
+    .expect("a put on the root cannot fail");
+}
+
+/// A graph holding every change of `doc`.
+fn graph_of(doc: &Automerge) -> ChangeGraph {
+    let mut graph = ChangeGraph::new();
+    let changes: Vec<Change> = doc.get_changes(&[]).into_iter().collect();
+    graph.add(changes).expect("a document's own changes are well formed");
+    graph
+}
+
+#[test]
+fn changes_wait_for_their_dependencies_and_duplicates_are_skipped() {
+    let mut d = doc(1);
+    for i in 0..3 {
+        put(&mut d, "k", i);
+    }
+    let changes: Vec<Change> = d.get_changes(&[]).into_iter().collect();
+    let mut graph = ChangeGraph::new();
+    // The last first: it waits, and is heard of as needed.
+    assert_eq!(graph.add([changes[2].clone()]).expect("queued"), vec![]);
+    assert!(graph.is_empty());
+    let mut state = State::new();
+    state.their_heads = Some(vec![changes[2].hash()]);
+    let message = graph.generate_sync_message(&mut state).expect("a first message");
+    assert_eq!(message.need, vec![changes[1].hash()], "what the queued change depends on");
+    let added = graph.add(changes.iter().cloned()).expect("added");
+    assert_eq!(added, changes.iter().map(Change::hash).collect::<Vec<_>>());
+    assert_eq!(graph.heads(), d.get_heads());
+    assert_eq!(graph.add(changes.iter().cloned()).expect("again"), vec![]);
+    assert_eq!(graph.len(), 3);
+    assert_eq!(graph.bytes(&changes[0].hash()), Some(changes[0].raw_bytes()));
+}
+
+#[test]
+fn a_change_that_breaks_its_actors_sequence_or_does_not_parse_is_refused() {
+    // Two documents with one actor: each makes a change numbered 1.
+    let (mut a, mut b) = (doc(7), doc(7));
+    put(&mut a, "a", 1);
+    put(&mut b, "b", 1);
+    let mut graph = graph_of(&a);
+    let twin = b.get_changes(&[]).into_iter().collect::<Vec<_>>();
+    assert_eq!(graph.add(twin), Err(GraphError::Sequence));
+    let mut bytes = a.get_changes(&[])[0].raw_bytes().to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    assert!(matches!(graph.add_bytes([&bytes[..]]), Err(GraphError::Parse(_))));
+    assert_eq!(graph.len(), 1);
+}
+
+#[test]
+fn a_version_2_message_is_refused() {
+    let mut a = doc(1);
+    put(&mut a, "k", 1);
+    let mut graph = ChangeGraph::new();
+    let message = Message {
+        heads: a.get_heads(),
+        need: Vec::new(),
+        have: Vec::new(),
+        changes: ChunkList::from(a.save()),
+        flags: None,
+        version: automerge::sync::MessageVersion::V2,
+    };
+    let refused = graph.receive_sync_message(&mut State::new(), message);
+    assert_eq!(refused, Err(GraphError::Version));
+}
+
+/// What a message says, with its changes as a set: the graph sends them in the order it took
+/// them in, which need not be Automerge's.
+fn said(message: &Message) -> (Vec<ChangeHash>, Vec<ChangeHash>, Vec<Have>, Vec<Vec<u8>>) {
+    let mut changes: Vec<Vec<u8>> = message.changes.iter().map(<[u8]>::to_vec).collect();
+    changes.sort();
+    (message.heads.clone(), message.need.clone(), message.have.clone(), changes)
+}
+
+/// One step of a history: actor `actor` edits, or takes in what `other` has.
+#[derive(Clone, Debug)]
+enum Step {
+    Edit { actor: usize, value: i64 },
+    Merge { actor: usize, other: usize },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..3usize, any::<i64>()).prop_map(|(actor, value)| Step::Edit { actor, value }),
+        1 => (0..3usize, 0..3usize).prop_map(|(actor, other)| Step::Merge { actor, other }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// For random histories of three actors, a server's graph (actor 0's changes) syncing with
+    /// a peer (actor 1's document), each starting fresh or from an earlier sync: every message
+    /// the graph sends says what Automerge's own document would (its version-1 messages, less
+    /// the flags), so the peers converge in the same rounds with the same bytes; and they do
+    /// converge.
+    #[test]
+    fn the_graph_answers_as_automerge_and_peers_converge(
+        before in proptest::collection::vec(step(), 0..30),
+        after in proptest::collection::vec(step(), 0..30),
+        synced_before in any::<bool>(),
+        peer_edits in proptest::collection::vec(any::<bool>(), 8),
+        server_edits in proptest::collection::vec(0..3usize, 8),
+    ) {
+        let mut docs = [doc(0), doc(1), doc(2)];
+        let run = |docs: &mut [Automerge; 3], steps: &[Step]| {
+            for (n, step) in steps.iter().enumerate() {
+                match *step {
+                    Step::Edit { actor, value } => put(&mut docs[actor], &format!("k{}", n % 5), value),
+                    Step::Merge { actor, other } if actor != other => {
+                        let mut theirs = docs[other].clone();
+                        docs[actor].merge(&mut theirs).expect("merges");
+                    }
+                    Step::Merge { .. } => {}
+                }
+            }
+        };
+        run(&mut docs, &before);
+        let shared = if synced_before {
+            let mut server = docs[0].clone();
+            docs[1].merge(&mut server).expect("merges");
+            let mut peer = docs[1].clone();
+            docs[0].merge(&mut peer).expect("merges");
+            docs[0].get_heads()
+        } else {
+            Vec::new()
+        };
+        run(&mut docs, &after);
+        let state = || {
+            let mut earlier = State::new();
+            earlier.shared_heads = shared.clone();
+            State::decode(&earlier.encode()).expect("decodes")
+        };
+
+        let mut graph = graph_of(&docs[0]);
+        let mut reference = docs[0].clone();
+        let mut peer = docs[1].clone();
+        let (mut g_state, mut r_state, mut p_state) = (state(), state(), state());
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            prop_assert!(rounds < 50, "no convergence in 50 rounds");
+            // The peer edits while it syncs, sometimes twice before the server answers, and
+            // a change from another of the server's peers (actor 2) reaches the server.
+            let edits = if peer_edits.get(rounds).copied().unwrap_or(false) { 2 } else { 1 };
+            let mut peer_spoke = false;
+            for edit in 0..edits {
+                if edit > 0 {
+                    put(&mut peer, "during", rounds as i64);
+                }
+                let from_peer = peer.generate_sync_message(&mut p_state);
+                peer_spoke |= from_peer.is_some();
+                if let Some(message) = &from_peer {
+                    graph.receive_sync_message(&mut g_state, message.clone()).expect("takes it in");
+                    reference.receive_sync_message(&mut r_state, message.clone()).expect("applies");
+                }
+            }
+            // A change from another of the server's peers (actor 2) reaches the server; the
+            // second time before the server's answer has reached the peer.
+            let mut elsewhere = |graph: &mut ChangeGraph, reference: &mut Automerge| {
+                put(&mut docs[2], "elsewhere", rounds as i64);
+                let mut theirs = docs[2].clone();
+                reference.merge(&mut theirs).expect("merges");
+                let changes: Vec<Change> = reference.get_changes(&graph.heads()).into_iter().collect();
+                graph.add(changes).expect("takes them in");
+            };
+            let server_edit = server_edits.get(rounds).copied().unwrap_or(0);
+            if server_edit == 1 {
+                elsewhere(&mut graph, &mut reference);
+            }
+            let mut answers = Vec::new();
+            for answer in 0..if server_edit == 2 { 2 } else { 1 } {
+                if answer > 0 {
+                    elsewhere(&mut graph, &mut reference);
+                }
+                // Automerge's version-1 answers: it sends a whole document to a peer that says
+                // it reads one.
+                r_state.their_capabilities = None;
+                let ours = graph.generate_sync_message(&mut g_state);
+                let theirs = reference.generate_sync_message(&mut r_state);
+                prop_assert_eq!(ours.as_ref().map(said), theirs.as_ref().map(said), "round {}", rounds);
+                answers.extend(ours);
+            }
+            for message in &answers {
+                prop_assert!(message.flags.is_none());
+                peer.receive_sync_message(&mut p_state, message.clone()).expect("applies");
+            }
+            if !peer_spoke && answers.is_empty() {
+                break;
+            }
+        }
+        prop_assert_eq!(peer.get_heads(), graph.heads());
+        prop_assert_eq!(reference.get_heads(), graph.heads());
+        let mut all: Vec<ChangeHash> = graph.hashes().collect();
+        all.sort();
+        let mut want: Vec<ChangeHash> = reference.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        want.sort();
+        prop_assert_eq!(all, want);
+    }
+}
