@@ -40,12 +40,16 @@ pub enum GraphError {
     /// not among its ancestors.
     #[error("a change's sequence number does not follow its actor's previous change")]
     Sequence,
+    /// A Bloom filter whose parameters would make testing it panic or take unbounded time.
+    #[error("a sync message's Bloom filter is malformed")]
+    Malformed,
     /// A version-2 message (a whole document in place of changes), which the graph never asks
     /// for.
     #[error("a version 2 sync message carries changes; this peer reads version 1 only")]
     Version,
 }
 
+#[derive(Clone)]
 struct Node {
     hash: ChangeHash,
     deps: Box<[u32]>,
@@ -55,7 +59,7 @@ struct Node {
 }
 
 /// A document's change graph. See the module's documentation.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct ChangeGraph {
     /// Every change, in the order taken in: dependencies first.
     nodes: Vec<Node>,
@@ -119,9 +123,26 @@ impl ChangeGraph {
 
     /// Takes in changes as `Automerge::apply_changes` does: each one whose dependencies are
     /// known at once, the others once theirs are; a change already known is skipped. Returns
-    /// the hashes taken in, in order. On an error, the changes taken in before the bad one
-    /// stay, and the rest do not.
+    /// the hashes taken in, in order. On an error, nothing is taken in.
     pub fn add(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        let (len, heads, queue) = (self.nodes.len(), self.heads.clone(), self.queue.clone());
+        let added = self.add_all(changes);
+        if added.is_err() {
+            while self.nodes.len() > len {
+                let node = self.nodes.pop().expect("longer than before");
+                self.by_hash.remove(&node.hash);
+                self.by_actor[node.actor as usize].pop();
+                self.clocks.remove(&(self.nodes.len() as u32));
+            }
+            (self.heads, self.queue) = (heads, queue);
+        }
+        added
+    }
+
+    fn add_all(
         &mut self,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<Vec<ChangeHash>, GraphError> {
@@ -148,16 +169,37 @@ impl ChangeGraph {
         Ok(added)
     }
 
-    /// Parses and takes in the bytes of changes (a version-1 message's, or a store's).
+    /// Parses and takes in changes, each given as its bytes (a version-1 message's).
     pub fn add_bytes<'a>(
         &mut self,
         chunks: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Vec<ChangeHash>, GraphError> {
-        let changes = chunks
-            .into_iter()
-            .map(|bytes| Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let changes = chunks.into_iter().map(parse).collect::<Result<Vec<_>, _>>()?;
         self.add(changes)
+    }
+
+    /// Takes in a stored chunk of history: changes one after another, as
+    /// `Automerge::save_after` writes them (a whole document, `Automerge::save`, is refused).
+    pub fn add_stored(&mut self, stored: &[u8]) -> Result<Vec<ChangeHash>, GraphError> {
+        self.add_bytes(split(stored)?)
+    }
+
+    /// The bytes of the changes not among `heads` or their ancestors, one after another, in
+    /// the order taken in: what `Automerge::save_after(heads)` would store, in this graph's
+    /// order.
+    pub fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
+        let since = self.since(heads);
+        let len = since.iter().map(|&i| self.nodes[i as usize].bytes.len()).sum();
+        let mut out = Vec::with_capacity(len);
+        for i in since {
+            out.extend_from_slice(&self.nodes[i as usize].bytes);
+        }
+        out
+    }
+
+    /// Whether no change waits for its dependencies.
+    pub fn settled(&self) -> bool {
+        self.queue.is_empty()
     }
 
     fn insert(&mut self, change: Change) -> Result<(), GraphError> {
@@ -385,8 +427,7 @@ impl ChangeGraph {
 
     /// Takes in a message from the peer whose state is `state`:
     /// `SyncDoc::receive_sync_message`, without applying anything. Returns the changes taken
-    /// in. A message with a change that does not parse takes in nothing; one with a change
-    /// that breaks its actor's sequence keeps what came before it ([`ChangeGraph::add`]) and
+    /// in. A message with a change that does not parse or is refused takes in nothing and
     /// leaves `state` as it was: start the session over.
     pub fn receive_sync_message(
         &mut self,
@@ -394,15 +435,15 @@ impl ChangeGraph {
         message: Message,
     ) -> Result<Vec<ChangeHash>, GraphError> {
         let Message { heads, changes, need, have, flags, version } = message;
+        if !have.iter().all(|have| crate::session::bloom_is_sane(&have.bloom)) {
+            return Err(GraphError::Malformed);
+        }
         let parsed = if changes.is_empty() || state.read_only {
             Vec::new()
         } else if version != automerge::sync::MessageVersion::V1 {
             return Err(GraphError::Version);
         } else {
-            changes
-                .iter()
-                .map(|bytes| Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string())))
-                .collect::<Result<Vec<_>, _>>()?
+            changes.iter().map(parse).collect::<Result<Vec<_>, _>>()?
         };
         let before = self.heads();
         let loaded = !parsed.is_empty();
@@ -448,6 +489,49 @@ impl ChangeGraph {
         state.their_need = Some(need);
         Ok(added)
     }
+}
+
+fn parse(bytes: &[u8]) -> Result<Change, GraphError> {
+    Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string()))
+}
+
+/// The first four bytes of every Automerge chunk.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+
+/// Splits stored history into its change chunks. Each chunk is the magic bytes, a 4-byte
+/// checksum, a type (0 a document, 1 a change, 2 a compressed change), its length (unsigned
+/// LEB128) and that many bytes; the checksum and the rest are checked when each is parsed.
+fn split(mut stored: &[u8]) -> Result<Vec<&[u8]>, GraphError> {
+    let bad = |why: &str| GraphError::Parse(format!("stored history: {why}"));
+    let mut chunks = Vec::new();
+    while !stored.is_empty() {
+        if stored.get(..4) != Some(&MAGIC[..]) {
+            return Err(bad("not an Automerge chunk"));
+        }
+        match stored.get(8) {
+            Some(1 | 2) => {}
+            Some(0) => return Err(bad("a whole document, not changes")),
+            _ => return Err(bad("unknown chunk type")),
+        }
+        let (mut len, mut shift, mut at) = (0usize, 0u32, 9);
+        loop {
+            let byte = *stored.get(at).ok_or_else(|| bad("truncated"))?;
+            at += 1;
+            len |= usize::from(byte & 0x7f).checked_shl(shift).ok_or_else(|| bad("length"))?;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 56 {
+                return Err(bad("length"));
+            }
+        }
+        let end = at.checked_add(len).filter(|&end| end <= stored.len());
+        let end = end.ok_or_else(|| bad("truncated"))?;
+        chunks.push(&stored[..end]);
+        stored = &stored[end..];
+    }
+    Ok(chunks)
 }
 
 fn covers(clock: &Clock, node: &Node) -> bool {

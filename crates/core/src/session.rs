@@ -290,7 +290,7 @@ const MAX_BLOOM_BITS_PER_ENTRY: u64 = 64;
 const MAX_BLOOM_PROBES: u64 = 64;
 
 /// Whether a peer's Bloom filter is one Automerge can use safely.
-fn bloom_is_sane(bloom: &automerge::sync::BloomFilter) -> bool {
+pub(crate) fn bloom_is_sane(bloom: &automerge::sync::BloomFilter) -> bool {
     let bytes = bloom.to_bytes();
     if bytes.is_empty() {
         return true; // The empty filter.

@@ -21,9 +21,10 @@ use prost::Message;
 pub type Target = fn(&[u8]);
 
 /// The targets, by name (the directory names under `fuzz/regressions/`).
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("client_frame", client_frame),
     ("sync_message", sync_message),
+    ("graph_sync", graph_sync),
     ("token", token),
     ("sealed_record", sealed_record),
 ];
@@ -75,6 +76,35 @@ pub fn sync_message(data: &[u8]) {
     // The session still works after anything.
     let _ = session.generate(&doc);
     let _ = session.reply(&doc);
+}
+
+/// An Automerge sync message from a peer, taken by the change graph (`cubby_core::graph`) and
+/// by Automerge's own document: the graph never panics, a message it refuses leaves it as it
+/// was, and when both take the message in they agree on the heads. (A change the graph takes
+/// in and Automerge refuses to apply is possible: the graph checks structure only.)
+pub fn graph_sync(data: &[u8]) {
+    use automerge::sync::{Message, State, SyncDoc};
+    use cubby_core::graph::ChangeGraph;
+    let mut doc = Automerge::load(base_document()).expect("the base document loads");
+    let mut graph = ChangeGraph::new();
+    graph.add(doc.get_changes(&[])).expect("the base document's changes");
+    let Ok(message) = Message::decode(data) else { return };
+    let (mut on_graph, mut on_doc) = (State::new(), State::new());
+    let _ = graph.generate_sync_message(&mut on_graph);
+    let _ = doc.generate_sync_message(&mut on_doc);
+    let before = graph.heads();
+    let taken = graph.receive_sync_message(&mut on_graph, message.clone());
+    if taken.is_err() {
+        assert_eq!(graph.heads(), before, "a refused message changed the graph");
+    }
+    let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        doc.receive_sync_message(&mut on_doc, message).is_ok()
+    }));
+    if taken.is_ok() && matches!(applied, Ok(true)) {
+        assert_eq!(graph.heads(), doc.get_heads(), "the graph and the document disagree");
+    }
+    // The graph's session goes on after anything.
+    let _ = graph.generate_sync_message(&mut on_graph);
 }
 
 fn verifier() -> &'static (Verifier, TokenSigner) {
@@ -142,8 +172,10 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let sealed = cubby_crypto::envelope::seal(&DataKey::generate(), b"aad", b"record");
     vec![
         ("client_frame", frame.encode_to_vec()),
-        ("sync_message", message),
-        ("sync_message", full),
+        ("sync_message", message.clone()),
+        ("sync_message", full.clone()),
+        ("graph_sync", message),
+        ("graph_sync", full),
         ("token", token.into_bytes()),
         ("sealed_record", sealed),
     ]

@@ -55,13 +55,53 @@ fn a_change_that_breaks_its_actors_sequence_or_does_not_parse_is_refused() {
     put(&mut a, "a", 1);
     put(&mut b, "b", 1);
     let mut graph = graph_of(&a);
-    let twin = b.get_changes(&[]).into_iter().collect::<Vec<_>>();
-    assert_eq!(graph.add(twin), Err(GraphError::Sequence));
+    let heads = graph.heads();
+    // A good change first, then the twin: neither is taken in.
+    let mut c = doc(8);
+    put(&mut c, "c", 1);
+    let mut batch = c.get_changes(&[]);
+    batch.extend(b.get_changes(&[]));
+    assert_eq!(graph.add(batch), Err(GraphError::Sequence));
+    assert_eq!((graph.len(), graph.heads()), (1, heads));
+    assert_eq!(graph.add(c.get_changes(&[])).expect("the good one alone").len(), 1);
     let mut bytes = a.get_changes(&[])[0].raw_bytes().to_vec();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     assert!(matches!(graph.add_bytes([&bytes[..]]), Err(GraphError::Parse(_))));
-    assert_eq!(graph.len(), 1);
+    assert_eq!(graph.len(), 2);
+}
+
+#[test]
+fn stored_history_round_trips_through_the_graph() {
+    let (mut a, mut b) = (doc(1), doc(2));
+    put(&mut a, "a", 1);
+    let first = a.get_heads();
+    for i in 0..5 {
+        put(&mut a, "a", i);
+        put(&mut b, "b", i);
+    }
+    a.merge(&mut b.clone()).expect("merges");
+    let mut graph = ChangeGraph::new();
+    graph.add_stored(&a.save_after(&[])).expect("the changes load");
+    assert_eq!(graph.heads(), a.get_heads());
+    assert!(graph.settled());
+    // What it stores after some heads is what Automerge stores: both load to the same heads.
+    let after = graph.save_after(&first);
+    let mut loaded = doc(3);
+    let first_change = graph.bytes(&first[0]).expect("known").to_vec();
+    loaded.load_incremental(&first_change).expect("the first change");
+    loaded.load_incremental(&after).expect("the rest");
+    assert_eq!(loaded.get_heads(), a.get_heads());
+    assert_eq!(after.len(), a.save_after(&first).len());
+    let mut whole = doc(4);
+    whole.load_incremental(&graph.save_after(&[])).expect("everything");
+    assert_eq!(whole.get_heads(), a.get_heads());
+    // A whole document, truncated or foreign bytes are refused, and nothing is taken in.
+    let mut fresh = ChangeGraph::new();
+    for bad in [a.save(), a.save_after(&[])[..20].to_vec(), b"not automerge".to_vec()] {
+        assert!(matches!(fresh.add_stored(&bad), Err(GraphError::Parse(_))));
+    }
+    assert!(fresh.is_empty());
 }
 
 #[test]
