@@ -9,9 +9,9 @@
 //! and its actor's previous change is among its ancestors. A change whose dependencies are not
 //! known yet waits in a queue until they are, as Automerge's does.
 //!
-//! The graph speaks version 1 of the sync messages only: it never sends the message flags, so
-//! no peer takes it for one that reads a whole document in place of changes (version 2), and a
-//! version-2 message is refused.
+//! The graph sends version 1 of the sync messages only: it never sends the message flags, so
+//! no peer takes it for one that reads a whole document in place of changes (version 2). It
+//! reads a version-2 message that carries changes, and refuses one that carries a document.
 //!
 //! Knowing whether a change is an ancestor of some heads uses vector clocks (the highest
 //! sequence number of each actor among the ancestors). An actor's changes form a chain, so
@@ -43,9 +43,9 @@ pub enum GraphError {
     /// A Bloom filter whose parameters would make testing it panic or take unbounded time.
     #[error("a sync message's Bloom filter is malformed")]
     Malformed,
-    /// A version-2 message (a whole document in place of changes), which the graph never asks
-    /// for.
-    #[error("a version 2 sync message carries changes; this peer reads version 1 only")]
+    /// A version-2 message with a whole document in place of changes, which the graph never
+    /// asks for.
+    #[error("a sync message carries a whole document; this peer reads changes only")]
     Version,
 }
 
@@ -440,10 +440,18 @@ impl ChangeGraph {
         }
         let parsed = if changes.is_empty() || state.read_only {
             Vec::new()
-        } else if version != automerge::sync::MessageVersion::V1 {
-            return Err(GraphError::Version);
-        } else {
+        } else if version == automerge::sync::MessageVersion::V1 {
             changes.iter().map(parse).collect::<Result<Vec<_>, _>>()?
+        } else {
+            // Version 2 carries changes one after another, or a whole document.
+            let mut parsed = Vec::new();
+            for entry in changes.iter() {
+                let chunks = split(entry).map_err(|_| GraphError::Version)?;
+                for chunk in chunks {
+                    parsed.push(parse(chunk)?);
+                }
+            }
+            parsed
         };
         let before = self.heads();
         let loaded = !parsed.is_empty();

@@ -4,9 +4,83 @@
 //! the message is fully decoded before anything is applied, a failed message resets the session
 //! so the next round starts clean, and the session can be persisted between connections so that a
 //! reconnect costs about the missing changes rather than a Bloom filter over the whole history.
+//! It syncs any [`Replica`]: an Automerge document, or a document's change graph
+//! ([`crate::graph::ChangeGraph`]), which answers alike without applying anything.
 
 use automerge::sync::{self, SyncDoc};
 use automerge::{Automerge, ChangeHash, ReadDoc};
+
+use crate::graph::ChangeGraph;
+
+/// What a [`PeerSession`] syncs: one replica of a document's history.
+pub trait Replica {
+    /// The heads, sorted.
+    fn heads(&self) -> Vec<ChangeHash>;
+    /// Whether the change is held (not merely waiting for its dependencies).
+    fn has_change(&self, hash: &ChangeHash) -> bool;
+    /// Whether no received change waits for a missing dependency.
+    fn nothing_waits(&self) -> bool;
+    /// `SyncDoc::generate_sync_message`.
+    fn generate_message(&self, state: &mut sync::State) -> Option<sync::Message>;
+    /// `SyncDoc::receive_sync_message`; on an error the replica is unchanged.
+    fn receive_message(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<(), SyncError>;
+}
+
+impl Replica for Automerge {
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.get_heads()
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.get_change_by_hash(hash).is_some()
+    }
+
+    fn nothing_waits(&self) -> bool {
+        self.get_missing_deps(&[]).is_empty()
+    }
+
+    fn generate_message(&self, state: &mut sync::State) -> Option<sync::Message> {
+        self.generate_sync_message(state)
+    }
+
+    fn receive_message(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<(), SyncError> {
+        self.receive_sync_message(state, message).map_err(SyncError::Rejected)
+    }
+}
+
+impl Replica for ChangeGraph {
+    fn heads(&self) -> Vec<ChangeHash> {
+        ChangeGraph::heads(self)
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.has(hash)
+    }
+
+    fn nothing_waits(&self) -> bool {
+        self.settled()
+    }
+
+    fn generate_message(&self, state: &mut sync::State) -> Option<sync::Message> {
+        self.generate_sync_message(state)
+    }
+
+    fn receive_message(
+        &mut self,
+        state: &mut sync::State,
+        message: sync::Message,
+    ) -> Result<(), SyncError> {
+        self.receive_sync_message(state, message).map(drop).map_err(SyncError::Refused)
+    }
+}
 
 /// Why a sync message was refused. The document is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +92,10 @@ pub enum SyncError {
     /// The message decoded but its changes could not be applied (tampered or invalid changes).
     #[error("sync message rejected: {0}")]
     Rejected(#[source] automerge::AutomergeError),
+    /// The message decoded but a change graph refused it (a change that does not parse or
+    /// breaks its actor's sequence, or a version-2 message).
+    #[error("sync message refused: {0}")]
+    Refused(#[source] crate::graph::GraphError),
     /// A persisted session could not be decoded.
     #[error("unreadable sync state")]
     BadState,
@@ -55,17 +133,9 @@ impl PeerSession {
 
     /// Restores a saved session for `doc`, or starts a new one when it does not decode or names
     /// heads `doc` lacks (the document was reloaded from storage since it was saved).
-    pub fn restore_for(bytes: &[u8], doc: &Automerge) -> Self {
+    pub fn restore_for(bytes: &[u8], doc: &impl Replica) -> Self {
         match Self::restore(bytes) {
-            Ok(session)
-                if session
-                    .state
-                    .shared_heads
-                    .iter()
-                    .all(|h| doc.get_change_by_hash(h).is_some()) =>
-            {
-                session
-            }
+            Ok(session) if session.state.shared_heads.iter().all(|h| doc.has_change(h)) => session,
             _ => Self::new(),
         }
     }
@@ -98,7 +168,11 @@ impl PeerSession {
     /// Decodes and applies one sync message from the peer.
     ///
     /// On error the session is reset and the document is left as it was.
-    pub fn receive(&mut self, doc: &mut Automerge, message: &[u8]) -> Result<Received, SyncError> {
+    pub fn receive(
+        &mut self,
+        doc: &mut impl Replica,
+        message: &[u8],
+    ) -> Result<Received, SyncError> {
         let Ok(message) = sync::Message::decode(message) else {
             self.reset();
             return Err(SyncError::Malformed);
@@ -107,16 +181,16 @@ impl PeerSession {
             self.reset();
             return Err(SyncError::Malformed);
         }
-        let before = doc.get_heads();
+        let before = doc.heads();
         self.acked = false;
         if in_step(&message, &before) {
             self.acked = message.need.is_empty();
             self.receive_in_step(message);
             return Ok(Received { changed: false });
         }
-        if let Err(err) = doc.receive_sync_message(&mut self.state, message) {
+        if let Err(err) = doc.receive_message(&mut self.state, message) {
             self.reset();
-            return Err(SyncError::Rejected(err));
+            return Err(err);
         }
         // Automerge never sends a change twice in one session. A change the peer now says it
         // needs was lost on its way or dropped on the other side (a queued change forgotten, a
@@ -126,7 +200,7 @@ impl PeerSession {
                 self.state.sent_hashes.remove(hash);
             }
         }
-        Ok(Received { changed: doc.get_heads() != before })
+        Ok(Received { changed: doc.heads() != before })
     }
 
     /// Receives a message for which [`in_step`] holds, with the same effect on the session as
@@ -155,8 +229,8 @@ impl PeerSession {
     }
 
     /// The next message for the peer, if there is anything to say.
-    pub fn generate(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
-        let message = doc.generate_sync_message(&mut self.state)?;
+    pub fn generate(&mut self, doc: &impl Replica) -> Option<Vec<u8>> {
+        let message = doc.generate_message(&mut self.state)?;
         self.told = Some(message.heads.clone());
         Some(message.encode())
     }
@@ -169,9 +243,9 @@ impl PeerSession {
     /// it) costs one more exchange: its answer says what it has and needs. `None` when nothing
     /// is shared (a session never saved), when the peer has spoken already (the exchange is
     /// under way), or when nothing changed: the peer starts the exchange itself.
-    pub fn push(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+    pub fn push(&mut self, doc: &impl Replica) -> Option<Vec<u8>> {
         let shared = self.state.shared_heads.clone();
-        if shared.is_empty() || self.state.their_heads.is_some() || shared == doc.get_heads() {
+        if shared.is_empty() || self.state.their_heads.is_some() || shared == doc.heads() {
             return None;
         }
         self.state.their_heads = Some(shared.clone());
@@ -189,30 +263,30 @@ impl PeerSession {
     /// already answered, so it never learns that we hold its change: we answer with our heads
     /// whenever the peer has not been told them on this connection. A peer that has (its
     /// acknowledgement of the change we sent it, the common case) gets nothing back: it knows.
-    pub fn reply(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+    pub fn reply(&mut self, doc: &impl Replica) -> Option<Vec<u8>> {
         // The common acknowledgement: the peer names the heads we told it and needs nothing.
         // Automerge would stay silent too (its Bloom filter covers every change: it holds them
         // all), after walking the change graph since the peer's last sync to find nothing; the
         // test `in_step_matches_automerge` compares the two after every delivery. (Of an empty
         // document Automerge would send the whole.)
-        let heads = doc.get_heads();
+        let heads = doc.heads();
         if self.acked && !heads.is_empty() && self.told.as_deref() == Some(heads.as_slice()) {
             return None;
         }
         self.reply_in_full(doc)
     }
 
-    fn reply_in_full(&mut self, doc: &Automerge) -> Option<Vec<u8>> {
+    fn reply_in_full(&mut self, doc: &impl Replica) -> Option<Vec<u8>> {
         if let Some(message) = self.generate(doc) {
             return Some(message);
         }
-        if self.told.as_deref() == Some(doc.get_heads().as_slice()) {
+        if self.told.as_deref() == Some(doc.heads().as_slice()) {
             return None;
         }
         Some(self.forced(doc))
     }
 
-    fn forced(&mut self, doc: &Automerge) -> Vec<u8> {
+    fn forced(&mut self, doc: &impl Replica) -> Vec<u8> {
         self.state.last_sent_heads.clear();
         self.state.have_responded = false;
         self.generate(doc)
@@ -225,27 +299,25 @@ impl PeerSession {
     }
 
     /// Whether `doc` holds every change the peer last said it has.
-    pub fn has_everything_peer_has(&self, doc: &Automerge) -> bool {
+    pub fn has_everything_peer_has(&self, doc: &impl Replica) -> bool {
         let Some(theirs) = self.their_heads() else { return false };
-        // Usually the peer's heads are our own; only otherwise ask Automerge, which rebuilds
-        // each change it is asked about from its columns.
-        let ours = doc.get_heads();
-        theirs.iter().all(|h| ours.contains(h) || doc.get_change_by_hash(h).is_some())
+        // Usually the peer's heads are our own; only otherwise ask the replica (Automerge
+        // rebuilds each change it is asked about from its columns).
+        let ours = doc.heads();
+        theirs.iter().all(|h| ours.contains(h) || doc.has_change(h))
     }
 
     /// Whether this exchange has settled: each side holds every change the other advertised and
     /// no received change waits in `doc`'s queue for a missing dependency. Until then the
     /// in-memory document and session must be kept: the queue is not persisted, and a peer never
     /// sends the same change twice in one session.
-    pub fn settled(&self, doc: &Automerge) -> bool {
-        self.has_everything_peer_has(doc)
-            && self.peer_has_everything(doc)
-            && doc.get_missing_deps(&[]).is_empty()
+    pub fn settled(&self, doc: &impl Replica) -> bool {
+        self.has_everything_peer_has(doc) && self.peer_has_everything(doc) && doc.nothing_waits()
     }
 
     /// Whether the peer has said it holds every change of `doc`.
-    pub fn peer_has_everything(&self, doc: &Automerge) -> bool {
-        let heads = doc.get_heads();
+    pub fn peer_has_everything(&self, doc: &impl Replica) -> bool {
+        let heads = doc.heads();
         self.state.shared_heads == heads
             || self.their_heads().is_some_and(|theirs| heads.iter().all(|h| theirs.contains(h)))
     }
@@ -264,7 +336,7 @@ pub struct SharedMessages {
 impl SharedMessages {
     /// What [`PeerSession::generate`] would give `session` for `doc`, which must not change
     /// between calls.
-    pub fn generate(&mut self, session: &mut PeerSession, doc: &Automerge) -> Option<Vec<u8>> {
+    pub fn generate(&mut self, session: &mut PeerSession, doc: &impl Replica) -> Option<Vec<u8>> {
         if let Some((_, after, message)) = self.made.iter().find(|(before, ..)| before == session) {
             session.clone_from(after);
             return message.clone();

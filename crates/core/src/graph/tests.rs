@@ -105,7 +105,7 @@ fn stored_history_round_trips_through_the_graph() {
 }
 
 #[test]
-fn a_version_2_message_is_refused() {
+fn a_version_2_message_with_a_document_is_refused_and_one_with_changes_read() {
     let mut a = doc(1);
     put(&mut a, "k", 1);
     let mut graph = ChangeGraph::new();
@@ -117,8 +117,11 @@ fn a_version_2_message_is_refused() {
         flags: None,
         version: automerge::sync::MessageVersion::V2,
     };
-    let refused = graph.receive_sync_message(&mut State::new(), message);
+    let refused = graph.receive_sync_message(&mut State::new(), message.clone());
     assert_eq!(refused, Err(GraphError::Version));
+    let changes = Message { changes: ChunkList::from(a.save_after(&[])), ..message };
+    let taken = graph.receive_sync_message(&mut State::new(), changes).expect("read");
+    assert_eq!(taken, a.get_heads());
 }
 
 /// What a message says, with its changes as a set: the graph sends them in the order it took

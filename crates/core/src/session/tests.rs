@@ -1,6 +1,7 @@
 //! The sync protocol between two peers: convergence, refusals, resending, sessions kept
 //! across reconnects, and the attacks of BAD_INPUTS. Two property tests have files of their own:
-//! `in_step` (the fast path of `receive` ends where Automerge's own would) and
+//! `in_step` (the fast path of `receive` ends where Automerge's own would, and where a change
+//! graph's would) and
 //! `server_batches` (the server's batching never leaves a device waiting).
 
 use super::*;
@@ -12,7 +13,7 @@ mod server_batches;
 impl PeerSession {
     /// A message for the peer even when the protocol has nothing new to say: lets a test
     /// send whenever it likes.
-    fn answer(&mut self, doc: &Automerge) -> Vec<u8> {
+    fn answer(&mut self, doc: &impl Replica) -> Vec<u8> {
         match self.generate(doc) {
             Some(message) => message,
             None => self.forced(doc),

@@ -1,6 +1,6 @@
-//! `PeerSession::receive`'s in-step path, against Automerge's own `receive_sync_message`: over
-//! random edits, sends, repeated and dropped deliveries and reconnects, the session ends exactly
-//! as Automerge would leave it.
+//! `PeerSession::receive`'s in-step path, against the replica's own `receive_sync_message`
+//! (Automerge's, or a change graph's): over random edits, sends, repeated and dropped
+//! deliveries and reconnects, the session ends exactly as the replica would leave it.
 
 use super::*;
 
@@ -34,24 +34,24 @@ fn step() -> impl proptest::strategy::Strategy<Value = Step> {
     ]
 }
 
-/// What `receive` must do: automerge's own `receive_sync_message`, then the sent-again rule.
-fn automerge_receive(state: &mut sync::State, doc: &mut Automerge, message: &[u8]) {
+/// What `receive` must do: the replica's own `receive_sync_message`, then the sent-again rule.
+fn replica_receive(state: &mut sync::State, doc: &mut impl Replica, message: &[u8]) {
     let message = sync::Message::decode(message).expect("messages here are valid");
-    doc.receive_sync_message(state, message).expect("messages here apply");
+    doc.receive_message(state, message).expect("messages here apply");
     for hash in state.their_need.clone().unwrap_or_default() {
         state.sent_hashes.remove(&hash);
     }
 }
 
-/// Delivers `message`, checking that `receive` leaves the session exactly as automerge would
+/// Delivers `message`, checking that `receive` leaves the session exactly as the replica would
 /// have; returns whether it took the in-step path.
-fn deliver(session: &mut PeerSession, doc: &mut Automerge, message: &[u8]) -> bool {
+fn deliver<R: Replica + Clone>(session: &mut PeerSession, doc: &mut R, message: &[u8]) -> bool {
     let (mut expected, mut expected_doc) = (session.state.clone(), doc.clone());
-    automerge_receive(&mut expected, &mut expected_doc, message);
-    let fast = in_step(&sync::Message::decode(message).expect("valid"), &doc.get_heads());
+    replica_receive(&mut expected, &mut expected_doc, message);
+    let fast = in_step(&sync::Message::decode(message).expect("valid"), &doc.heads());
     session.receive(doc, message).expect("valid");
     assert_eq!(session.state, expected, "in step: {fast}");
-    assert_eq!(doc.get_heads(), expected_doc.get_heads());
+    assert_eq!(doc.heads(), expected_doc.heads());
     // A reply now says what Automerge would, quiet acknowledgements included.
     let (mut quick, mut full) = (session.clone(), session.clone());
     assert_eq!(quick.reply(doc), full.reply_in_full(doc), "reply after in step: {fast}");
@@ -109,6 +109,82 @@ proptest::proptest! {
                             }
                         }
                         if quiet {
+                            break;
+                        }
+                    }
+                }
+                Step::Reconnect => {
+                    wire = [Vec::new(), Vec::new()];
+                    sessions.iter_mut().for_each(PeerSession::reconnect);
+                }
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    /// The same, with a change graph on one side (the server's): its edits are another
+    /// device's changes taken in.
+    #[test]
+    fn in_step_matches_the_graph(
+        steps in proptest::collection::vec(step(), 1..60),
+        read_only in proptest::bool::ANY,
+    ) {
+        let first = doc_with("a", "0");
+        let mut author = first.fork();
+        let mut graph = ChangeGraph::new();
+        graph.add(first.get_changes(&[])).expect("well formed");
+        let mut device = first;
+        let mut sessions = [PeerSession::new(), PeerSession::new()];
+        sessions[1].state.read_only = read_only;
+        let mut wire: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+        for (n, step) in steps.into_iter().enumerate() {
+            match step {
+                Step::Edit { side } => {
+                    let edited = if side == 0 { &mut author } else { &mut device };
+                    edited
+                        .transact::<_, _, automerge::AutomergeError>(|tx| {
+                            tx.put(ROOT, format!("k{}", n % 3), n as i64)?;
+                            Ok(())
+                        })
+                        .expect("put");
+                    if side == 0 {
+                        let change = author.get_last_local_change().expect("just made");
+                        graph.add([change]).expect("in order");
+                    }
+                }
+                Step::Send { side, answer } => {
+                    let message = match (side, answer) {
+                        (0, true) => Some(sessions[0].answer(&graph)),
+                        (0, false) => sessions[0].generate(&graph),
+                        (_, true) => Some(sessions[1].answer(&device)),
+                        (_, false) => sessions[1].generate(&device),
+                    };
+                    wire[1 - side].extend(message);
+                }
+                Step::Deliver { to, again } => {
+                    if let Some(message) = wire[to].first().cloned() {
+                        if !again {
+                            wire[to].remove(0);
+                        }
+                        if to == 0 {
+                            deliver(&mut sessions[0], &mut graph, &message);
+                        } else {
+                            deliver(&mut sessions[1], &mut device, &message);
+                        }
+                    }
+                }
+                Step::Settle => {
+                    for _ in 0..10 {
+                        let to_device = sessions[0].generate(&graph);
+                        if let Some(m) = &to_device {
+                            deliver(&mut sessions[1], &mut device, m);
+                        }
+                        let to_graph = sessions[1].generate(&device);
+                        if let Some(m) = &to_graph {
+                            deliver(&mut sessions[0], &mut graph, m);
+                        }
+                        if to_device.is_none() && to_graph.is_none() {
                             break;
                         }
                     }
