@@ -153,7 +153,7 @@ proptest! {
     /// a peer (actor 1's document), each starting fresh or from an earlier sync: every message
     /// the graph sends says what Automerge's own document would (its version-1 messages, less
     /// the flags), so the peers converge in the same rounds with the same bytes; and they do
-    /// converge.
+    /// converge, a peer that lost everything midway too.
     #[test]
     fn the_graph_answers_as_automerge_and_peers_converge(
         before in proptest::collection::vec(step(), 0..30),
@@ -161,6 +161,7 @@ proptest! {
         synced_before in any::<bool>(),
         peer_edits in proptest::collection::vec(any::<bool>(), 8),
         server_edits in proptest::collection::vec(0..3usize, 8),
+        lost_at in proptest::option::of(1..6usize),
     ) {
         let mut docs = [doc(0), doc(1), doc(2)];
         let run = |docs: &mut [Automerge; 3], steps: &[Step]| {
@@ -202,6 +203,11 @@ proptest! {
             prop_assert!(rounds < 50, "no convergence in 50 rounds");
             // The peer edits while it syncs, sometimes twice before the server answers, and
             // a change from another of the server's peers (actor 2) reaches the server.
+            // Once, perhaps, the peer loses everything and starts over (a reinstalled app).
+            if lost_at == Some(rounds) {
+                peer = Automerge::new();
+                p_state = State::new();
+            }
             let edits = if peer_edits.get(rounds).copied().unwrap_or(false) { 2 } else { 1 };
             let mut peer_spoke = false;
             for edit in 0..edits {
