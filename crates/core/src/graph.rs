@@ -71,8 +71,10 @@ pub struct ChangeGraph {
     heads: BTreeSet<ChangeHash>,
     /// The clock of every [`CLOCK_EVERY`]th change.
     clocks: HashMap<u32, Clock>,
-    /// Changes waiting for their dependencies, in the order they came.
-    queue: Vec<Change>,
+    /// Changes waiting for their dependencies, with how many they still lack.
+    queue: HashMap<ChangeHash, (Change, usize)>,
+    /// The waiting changes, by each dependency they lack.
+    waiting_on: HashMap<ChangeHash, Vec<ChangeHash>>,
 }
 
 impl std::fmt::Debug for ChangeGraph {
@@ -128,7 +130,8 @@ impl ChangeGraph {
         &mut self,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<Vec<ChangeHash>, GraphError> {
-        let (len, heads, queue) = (self.nodes.len(), self.heads.clone(), self.queue.clone());
+        let (len, heads) = (self.nodes.len(), self.heads.clone());
+        let (queue, waiting_on) = (self.queue.clone(), self.waiting_on.clone());
         let added = self.add_all(changes);
         if added.is_err() {
             while self.nodes.len() > len {
@@ -137,7 +140,7 @@ impl ChangeGraph {
                 self.by_actor[node.actor as usize].pop();
                 self.clocks.remove(&(self.nodes.len() as u32));
             }
-            (self.heads, self.queue) = (heads, queue);
+            (self.heads, self.queue, self.waiting_on) = (heads, queue, waiting_on);
         }
         added
     }
@@ -149,24 +152,42 @@ impl ChangeGraph {
         let mut added = Vec::new();
         for change in changes {
             let hash = change.hash();
-            if self.has(&hash) || self.queue.iter().any(|q| q.hash() == hash) {
+            if self.has(&hash) || self.queue.contains_key(&hash) {
                 continue;
             }
-            if change.deps().iter().all(|d| self.has(d)) {
+            let lacking: Vec<ChangeHash> =
+                change.deps().iter().filter(|d| !self.has(d)).copied().collect();
+            if lacking.is_empty() {
                 self.insert(change)?;
                 added.push(hash);
+                self.release(hash, &mut added)?;
             } else {
-                self.queue.push(change);
+                for dep in &lacking {
+                    self.waiting_on.entry(*dep).or_default().push(hash);
+                }
+                self.queue.insert(hash, (change, lacking.len()));
             }
         }
-        while let Some(at) =
-            self.queue.iter().position(|c| c.deps().iter().all(|d| self.by_hash.contains_key(d)))
-        {
-            let change = self.queue.remove(at);
-            added.push(change.hash());
-            self.insert(change)?;
-        }
         Ok(added)
+    }
+
+    /// Takes in the waiting changes that `hash`, just taken in, was the last lack of, and
+    /// theirs in turn.
+    fn release(&mut self, hash: ChangeHash, added: &mut Vec<ChangeHash>) -> Result<(), GraphError> {
+        let mut taken = vec![hash];
+        while let Some(hash) = taken.pop() {
+            for waiting in self.waiting_on.remove(&hash).unwrap_or_default() {
+                let Some((_, lacking)) = self.queue.get_mut(&waiting) else { continue };
+                *lacking -= 1;
+                if *lacking == 0 {
+                    let (change, _) = self.queue.remove(&waiting).expect("just found");
+                    self.insert(change)?;
+                    added.push(waiting);
+                    taken.push(waiting);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Parses and takes in changes, each given as its bytes (a version-1 message's).
@@ -295,8 +316,6 @@ impl ChangeGraph {
     /// What this graph lacks to reach `start`: unknown hashes, following queued changes to
     /// their dependencies (as `Automerge::missing_deps_from`).
     fn missing_from(&self, start: impl Iterator<Item = ChangeHash>) -> Vec<ChangeHash> {
-        let queued: HashMap<ChangeHash, &Change> =
-            self.queue.iter().map(|c| (c.hash(), c)).collect();
         let mut missing = BTreeSet::new();
         let mut seen = HashSet::new();
         let mut stack: Vec<ChangeHash> = start.collect();
@@ -304,8 +323,8 @@ impl ChangeGraph {
             if self.has(&hash) || !seen.insert(hash) {
                 continue;
             }
-            match queued.get(&hash) {
-                Some(change) => stack.extend(change.deps().iter().copied()),
+            match self.queue.get(&hash) {
+                Some((change, _)) => stack.extend(change.deps().iter().copied()),
                 None => _ = missing.insert(hash),
             }
         }

@@ -147,6 +147,59 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 proptest! {
+    /// Changes taken in any order, in batches of any size (as stored chunks come back from a
+    /// store), give the graph of the document: the same changes and heads, nothing waiting.
+    #[test]
+    fn any_order_gives_the_same_graph(
+        steps in proptest::collection::vec(step(), 1..40),
+        seed in any::<u64>(),
+        batch in 1..8usize,
+    ) {
+        let mut docs = [doc(0), doc(1), doc(2)];
+        for (n, step) in steps.iter().enumerate() {
+            match *step {
+                Step::Edit { actor, value } => put(&mut docs[actor], &format!("k{}", n % 5), value),
+                Step::Merge { actor, other } if actor != other => {
+                    let mut theirs = docs[other].clone();
+                    docs[actor].merge(&mut theirs).expect("merges");
+                }
+                Step::Merge { .. } => {}
+            }
+        }
+        let mut all = docs[0].clone();
+        for other in &docs[1..] {
+            all.merge(&mut other.clone()).expect("merges");
+        }
+        let mut changes = all.get_changes(&[]);
+        // A shuffle from the seed (Fisher-Yates over a simple generator).
+        let mut state = seed | 1;
+        for i in (1..changes.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            changes.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        let mut graph = ChangeGraph::new();
+        let mut added = 0;
+        for part in changes.chunks(batch) {
+            added += graph.add(part.to_vec()).expect("well formed").len();
+        }
+        prop_assert_eq!(added, changes.len());
+        prop_assert_eq!(graph.len(), changes.len());
+        prop_assert_eq!(graph.heads(), all.get_heads());
+        prop_assert!(graph.settled());
+        // Dependencies first, whatever order they came in.
+        let order: Vec<ChangeHash> = graph.hashes().collect();
+        for (at, hash) in order.iter().enumerate() {
+            let change = automerge::ReadDoc::get_change_by_hash(&all, hash).expect("known");
+            for dep in change.deps() {
+                prop_assert!(order[..at].contains(dep));
+            }
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(128))]
 
     /// For random histories of three actors, a server's graph (actor 0's changes) syncing with
