@@ -139,6 +139,20 @@ enum Step {
     Merge { actor: usize, other: usize },
 }
 
+/// Plays `steps` on the actors' documents.
+fn play(docs: &mut [Automerge; 3], steps: &[Step]) {
+    for (n, step) in steps.iter().enumerate() {
+        match *step {
+            Step::Edit { actor, value } => put(&mut docs[actor], &format!("k{}", n % 5), value),
+            Step::Merge { actor, other } if actor != other => {
+                let mut theirs = docs[other].clone();
+                docs[actor].merge(&mut theirs).expect("merges");
+            }
+            Step::Merge { .. } => {}
+        }
+    }
+}
+
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         3 => (0..3usize, any::<i64>()).prop_map(|(actor, value)| Step::Edit { actor, value }),
@@ -156,16 +170,7 @@ proptest! {
         batch in 1..8usize,
     ) {
         let mut docs = [doc(0), doc(1), doc(2)];
-        for (n, step) in steps.iter().enumerate() {
-            match *step {
-                Step::Edit { actor, value } => put(&mut docs[actor], &format!("k{}", n % 5), value),
-                Step::Merge { actor, other } if actor != other => {
-                    let mut theirs = docs[other].clone();
-                    docs[actor].merge(&mut theirs).expect("merges");
-                }
-                Step::Merge { .. } => {}
-            }
-        }
+        play(&mut docs, &steps);
         let mut all = docs[0].clone();
         for other in &docs[1..] {
             all.merge(&mut other.clone()).expect("merges");
@@ -217,19 +222,7 @@ proptest! {
         lost_at in proptest::option::of(1..6usize),
     ) {
         let mut docs = [doc(0), doc(1), doc(2)];
-        let run = |docs: &mut [Automerge; 3], steps: &[Step]| {
-            for (n, step) in steps.iter().enumerate() {
-                match *step {
-                    Step::Edit { actor, value } => put(&mut docs[actor], &format!("k{}", n % 5), value),
-                    Step::Merge { actor, other } if actor != other => {
-                        let mut theirs = docs[other].clone();
-                        docs[actor].merge(&mut theirs).expect("merges");
-                    }
-                    Step::Merge { .. } => {}
-                }
-            }
-        };
-        run(&mut docs, &before);
+        play(&mut docs, &before);
         let shared = if synced_before {
             let mut server = docs[0].clone();
             docs[1].merge(&mut server).expect("merges");
@@ -239,7 +232,7 @@ proptest! {
         } else {
             Vec::new()
         };
-        run(&mut docs, &after);
+        play(&mut docs, &after);
         let state = || {
             let mut earlier = State::new();
             earlier.shared_heads = shared.clone();
