@@ -10,7 +10,7 @@ seconds="${1:-60}"
 shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(client_frame sync_message graph_sync token sealed_record)
+[ ${#targets[@]} -gt 0 ] || targets=(client_frame sync_message graph_sync graph_ops token sealed_record)
 cargo fuzz build --sanitizer none
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target" "artifacts/$target"

@@ -365,7 +365,13 @@ async fn small_window_stream(server: &TestServer) -> RawStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_10_a_device_that_never_reads_is_disconnected_and_others_carry_on() {
-    let server = TestServer::start_with(|c| c.limits.slow_consumer_secs = 1).await;
+    // The phone's 2000 writes come as fast as the server acknowledges them: no write limit
+    // here, which would hold the phone up for its own sake.
+    let server = TestServer::start_with(|c| {
+        c.limits.slow_consumer_secs = 1;
+        c.limits.max_writes_per_sec = 1_000_000;
+    })
+    .await;
     let phone = server.device("alice").await;
     // A device that connects and then never reads another frame, with small flow-control
     // windows so that they fill quickly.

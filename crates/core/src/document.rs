@@ -13,17 +13,17 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
 
-use automerge::Automerge;
-
 use crate::history::{History, Part};
+use crate::lazy::LazyDoc;
 use crate::session::{PeerSession, SharedMessages, SyncError};
 use crate::{DeviceId, DocMeta, Seq};
 
 /// The document as stored: its history, metadata and feed position.
 #[derive(Debug)]
 pub struct Live {
-    /// The document and what storage holds of it.
-    pub history: History,
+    /// The document (its change graph, which every peer syncs with, and its content, applied
+    /// when asked) and what storage holds of it.
+    pub history: History<LazyDoc>,
     /// Its metadata.
     pub meta: DocMeta,
     /// Its feed position (0: stored without one, so no device heard of it).
@@ -65,11 +65,11 @@ pub enum Refusal {
     /// It does not decode.
     #[error("malformed sync message")]
     Malformed,
-    /// Automerge refused its changes.
+    /// Its changes were refused (the change graph's structural check).
     #[error("sync message rejected: {0}")]
     Rejected(SyncError),
-    /// Automerge panicked applying it: the document may be half-applied, and must be loaded
-    /// again from what is durable.
+    /// Taking it in panicked: the document may be half-changed, and must be loaded again from
+    /// what is durable.
     #[error("automerge panicked on a sync message")]
     Panicked,
 }
@@ -129,7 +129,7 @@ impl<P: Copy + Eq + Hash> Document<P> {
     }
 
     /// Makes the document, empty, unless it exists. Returns whether it did.
-    pub fn create(&mut self, meta: DocMeta, history: History) -> bool {
+    pub fn create(&mut self, meta: DocMeta, history: History<LazyDoc>) -> bool {
         if self.live.is_some() {
             return false;
         }
@@ -142,7 +142,7 @@ impl<P: Copy + Eq + Hash> Document<P> {
     pub fn offer(
         &mut self,
         create: Option<(String, bool)>,
-        history: impl FnOnce() -> History,
+        history: impl FnOnce() -> History<LazyDoc>,
     ) -> Offer {
         let offer = match (&mut self.live, create) {
             (Some(live), Some((_, true))) if !live.meta.private => {
@@ -224,16 +224,16 @@ impl<P: Copy + Eq + Hash> Document<P> {
 
     /// Lends the document and `peer`'s session out, to apply a message elsewhere (a thread);
     /// [`Document::returned`] gives them back. Meanwhile the document is empty.
-    pub fn lend(&mut self, peer: &P) -> Option<(Automerge, PeerSession)> {
+    pub fn lend(&mut self, peer: &P) -> Option<(LazyDoc, PeerSession)> {
         let (Some(live), Some(peer)) = (&mut self.live, self.peers.get_mut(peer)) else {
             return None;
         };
-        let doc = std::mem::replace(live.history.doc_mut(), Automerge::new());
+        let doc = std::mem::take(live.history.doc_mut());
         Some((doc, std::mem::take(&mut peer.session)))
     }
 
     /// The document and session lent out come back.
-    pub fn returned(&mut self, peer: &P, doc: Automerge, session: PeerSession) {
+    pub fn returned(&mut self, peer: &P, doc: LazyDoc, session: PeerSession) {
         if let Some(live) = &mut self.live {
             *live.history.doc_mut() = doc;
         }

@@ -21,8 +21,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use automerge::legacy::OpId;
 use automerge::sync::{BloomFilter, Capability, ChunkList, Have, Message, MessageFlags, State};
 use automerge::{ActorId, Change, ChangeHash};
+
+mod objects;
+
+pub use objects::Kind;
+use objects::{Objects, Undo};
 
 /// How often a change keeps its clock: every this many changes.
 const CLOCK_EVERY: usize = 16;
@@ -47,6 +53,17 @@ pub enum GraphError {
     /// asks for.
     #[error("a sync message carries a whole document; this peer reads changes only")]
     Version,
+    /// An operation names what does not exist (Automerge would panic applying it).
+    #[error("a change's operation is refused: {0}")]
+    Operation(&'static str),
+}
+
+/// Whether a change's operations are checked, or only recorded (stored history, checked when
+/// it was received).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Check {
+    Strict,
+    Record,
 }
 
 #[derive(Clone)]
@@ -55,7 +72,66 @@ struct Node {
     deps: Box<[u32]>,
     actor: u32,
     seq: u64,
-    bytes: Box<[u8]>,
+    /// `None`: the change is in the [`Archive`] the graph was made from.
+    bytes: Option<Box<[u8]>>,
+}
+
+/// The changes a graph made from a document ([`ChangeGraph::from_document`]) does not keep: that
+/// document, which holds their bytes and what their operations made.
+pub trait Archive {
+    /// The bytes of these changes, in this order; `None` when one of them is not here.
+    fn change_bytes(&self, hashes: &[ChangeHash]) -> Option<Vec<Vec<u8>>>;
+    /// The kind of the object `obj` made, if it made one here.
+    fn object_kind(&self, obj: &OpId) -> Option<Kind>;
+    /// Whether the sequence `obj` ever had the element `elem` (deleted or not).
+    fn has_element(&self, obj: &OpId, elem: &OpId) -> bool;
+}
+
+impl Archive for automerge::Automerge {
+    fn object_kind(&self, obj: &OpId) -> Option<Kind> {
+        use automerge::ReadDoc;
+        let obj = self.import_obj(&format!("{}@{}", obj.0, obj.1)).ok()?;
+        self.object_type(&obj).ok().map(Kind::from)
+    }
+
+    fn has_element(&self, obj: &OpId, elem: &OpId) -> bool {
+        use automerge::ReadDoc;
+        let Ok(obj) = self.import_obj(&format!("{}@{}", obj.0, obj.1)) else { return false };
+        let Ok(cursor) = automerge::Cursor::try_from(format!("{}@{}", elem.0, elem.1)) else {
+            return false;
+        };
+        self.get_cursor_position(&obj, &cursor, None).is_ok()
+    }
+
+    fn change_bytes(&self, hashes: &[ChangeHash]) -> Option<Vec<Vec<u8>>> {
+        use automerge::ReadDoc;
+        // One change at a time is rebuilt from the document's columns each; many at once
+        // (a new device's first copy) are rebuilt in one pass.
+        if hashes.len() <= 16 {
+            return hashes
+                .iter()
+                .map(|h| self.get_change_by_hash(h).map(|c| c.raw_bytes().to_vec()))
+                .collect();
+        }
+        let mut all: HashMap<ChangeHash, Change> =
+            self.get_changes(&[]).into_iter().map(|c| (c.hash(), c)).collect();
+        hashes.iter().map(|h| all.remove(h).map(|c| c.raw_bytes().to_vec())).collect()
+    }
+}
+
+/// No archive: a graph that keeps every change's bytes and knows what each made.
+impl Archive for () {
+    fn change_bytes(&self, hashes: &[ChangeHash]) -> Option<Vec<Vec<u8>>> {
+        hashes.is_empty().then(Vec::new)
+    }
+
+    fn object_kind(&self, _: &OpId) -> Option<Kind> {
+        None
+    }
+
+    fn has_element(&self, _: &OpId, _: &OpId) -> bool {
+        false
+    }
 }
 
 /// A document's change graph. See the module's documentation.
@@ -71,6 +147,8 @@ pub struct ChangeGraph {
     heads: BTreeSet<ChangeHash>,
     /// The clock of every [`CLOCK_EVERY`]th change.
     clocks: HashMap<u32, Clock>,
+    /// What the operations of the changes it keeps made.
+    objects: Objects,
     /// Changes waiting for their dependencies, with how many they still lack.
     queue: HashMap<ChangeHash, (Change, usize)>,
     /// The waiting changes, by each dependency they lack.
@@ -113,9 +191,62 @@ impl ChangeGraph {
         self.by_hash.contains_key(hash)
     }
 
-    /// The bytes of a change in the graph.
+    /// The bytes of a change in the graph, when it keeps them (not those of a change in the
+    /// document it was made from).
     pub fn bytes(&self, hash: &ChangeHash) -> Option<&[u8]> {
-        self.by_hash.get(hash).map(|&i| &*self.nodes[i as usize].bytes)
+        self.by_hash.get(hash).and_then(|&i| self.nodes[i as usize].bytes.as_deref())
+    }
+
+    /// How many changes it keeps the bytes of, and how many bytes that is.
+    pub fn kept_bytes(&self) -> (usize, usize) {
+        let kept = self.nodes.iter().filter_map(|n| n.bytes.as_ref());
+        kept.fold((0, 0), |(n, len), bytes| (n + 1, len + bytes.len()))
+    }
+
+    /// The graph of a whole document, keeping none of its changes' bytes: the document is
+    /// then the [`Archive`] of every message or chunk that carries them. It reads the changes'
+    /// metadata, not their operations.
+    pub fn from_document(doc: &automerge::Automerge) -> Result<Self, GraphError> {
+        let mut graph = Self::new();
+        let mut waiting = Vec::new();
+        for meta in doc.get_changes_meta(&[]) {
+            let meta = (meta.hash, meta.deps, meta.actor.into_owned(), meta.seq);
+            if meta.1.iter().all(|d| graph.has(d)) {
+                graph.insert_meta(meta.0, &meta.1, &meta.2, meta.3, None)?;
+            } else {
+                waiting.push(meta);
+            }
+        }
+        // Automerge lists its changes dependencies first; should it not, the rest go in as
+        // their dependencies do.
+        while !waiting.is_empty() {
+            let before = waiting.len();
+            let mut still = Vec::new();
+            for meta in waiting {
+                if meta.1.iter().all(|d| graph.has(d)) {
+                    graph.insert_meta(meta.0, &meta.1, &meta.2, meta.3, None)?;
+                } else {
+                    still.push(meta);
+                }
+            }
+            if still.len() == before {
+                return Err(GraphError::Parse(
+                    "a document's change misses its dependencies".into(),
+                ));
+            }
+            waiting = still;
+        }
+        Ok(graph)
+    }
+
+    /// Keeps the bytes of no change older than `heads` (those are in the archive now).
+    pub fn archive_until(&mut self, heads: &[ChangeHash]) {
+        let clock = self.clock_at(heads);
+        for node in &mut self.nodes {
+            if covers(&clock, node) {
+                node.bytes = None;
+            }
+        }
     }
 
     /// Every change's hash, in the order taken in (dependencies first).
@@ -130,10 +261,30 @@ impl ChangeGraph {
         &mut self,
         changes: impl IntoIterator<Item = Change>,
     ) -> Result<Vec<ChangeHash>, GraphError> {
+        self.add_from(changes, &(), Check::Strict)
+    }
+
+    /// [`ChangeGraph::add`] for a graph made from a document, `archive`.
+    pub fn add_checked(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+        archive: &impl Archive,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        self.add_from(changes, archive, Check::Strict)
+    }
+
+    fn add_from(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+        archive: &impl Archive,
+        check: Check,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
         let (len, heads) = (self.nodes.len(), self.heads.clone());
         let (queue, waiting_on) = (self.queue.clone(), self.waiting_on.clone());
-        let added = self.add_all(changes);
+        let mut undo = Vec::new();
+        let added = self.add_all(changes, &mut Taking { archive, check, undo: &mut undo });
         if added.is_err() {
+            self.objects.undo(undo);
             while self.nodes.len() > len {
                 let node = self.nodes.pop().expect("longer than before");
                 self.by_hash.remove(&node.hash);
@@ -148,6 +299,7 @@ impl ChangeGraph {
     fn add_all(
         &mut self,
         changes: impl IntoIterator<Item = Change>,
+        taking: &mut Taking<'_, impl Archive>,
     ) -> Result<Vec<ChangeHash>, GraphError> {
         let mut added = Vec::new();
         for change in changes {
@@ -158,9 +310,9 @@ impl ChangeGraph {
             let lacking: Vec<ChangeHash> =
                 change.deps().iter().filter(|d| !self.has(d)).copied().collect();
             if lacking.is_empty() {
-                self.insert(change)?;
+                self.insert(change, taking)?;
                 added.push(hash);
-                self.release(hash, &mut added)?;
+                self.release(hash, &mut added, taking)?;
             } else {
                 for dep in &lacking {
                     self.waiting_on.entry(*dep).or_default().push(hash);
@@ -173,7 +325,12 @@ impl ChangeGraph {
 
     /// Takes in the waiting changes that `hash`, just taken in, was the last lack of, and
     /// theirs in turn.
-    fn release(&mut self, hash: ChangeHash, added: &mut Vec<ChangeHash>) -> Result<(), GraphError> {
+    fn release(
+        &mut self,
+        hash: ChangeHash,
+        added: &mut Vec<ChangeHash>,
+        taking: &mut Taking<'_, impl Archive>,
+    ) -> Result<(), GraphError> {
         let mut taken = vec![hash];
         while let Some(hash) = taken.pop() {
             for waiting in self.waiting_on.remove(&hash).unwrap_or_default() {
@@ -181,7 +338,7 @@ impl ChangeGraph {
                 *lacking -= 1;
                 if *lacking == 0 {
                     let (change, _) = self.queue.remove(&waiting).expect("just found");
-                    self.insert(change)?;
+                    self.insert(change, taking)?;
                     added.push(waiting);
                     taken.push(waiting);
                 }
@@ -201,21 +358,55 @@ impl ChangeGraph {
 
     /// Takes in a stored chunk of history: changes one after another, as
     /// `Automerge::save_after` writes them (a whole document, `Automerge::save`, is refused).
+    /// What their operations name was checked when they were received, and is not again.
     pub fn add_stored(&mut self, stored: &[u8]) -> Result<Vec<ChangeHash>, GraphError> {
-        self.add_bytes(split(stored)?)
+        self.add_stored_from(stored, &())
+    }
+
+    /// [`ChangeGraph::add_stored`] for a graph made from a document, `archive`.
+    pub fn add_stored_from(
+        &mut self,
+        stored: &[u8],
+        archive: &impl Archive,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        let changes = split(stored)?.into_iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+        self.add_from(changes, archive, Check::Record)
+    }
+
+    /// Takes in changes from stored history (another writer's snapshot's) without checking
+    /// their operations, as [`ChangeGraph::add_stored_from`].
+    pub fn add_recorded(
+        &mut self,
+        changes: impl IntoIterator<Item = Change>,
+        archive: &impl Archive,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        self.add_from(changes, archive, Check::Record)
     }
 
     /// The bytes of the changes not among `heads` or their ancestors, one after another, in
     /// the order taken in: what `Automerge::save_after(heads)` would store, in this graph's
-    /// order.
-    pub fn save_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
-        let since = self.since(heads);
-        let len = since.iter().map(|&i| self.nodes[i as usize].bytes.len()).sum();
-        let mut out = Vec::with_capacity(len);
-        for i in since {
-            out.extend_from_slice(&self.nodes[i as usize].bytes);
-        }
-        out
+    /// order. A graph made from a document takes the bytes it does not keep from `archive`;
+    /// `None` when they are not there.
+    pub fn save_after(&self, heads: &[ChangeHash], archive: &impl Archive) -> Option<Vec<u8>> {
+        Some(self.bytes_of(&self.since(heads), archive)?.concat())
+    }
+
+    /// The bytes of these changes, from the graph or else `archive`.
+    fn bytes_of(&self, changes: &[u32], archive: &impl Archive) -> Option<Vec<Vec<u8>>> {
+        let archived: Vec<ChangeHash> = changes
+            .iter()
+            .map(|&i| &self.nodes[i as usize])
+            .filter(|n| n.bytes.is_none())
+            .map(|n| n.hash)
+            .collect();
+        let mut archived = archive.change_bytes(&archived)?.into_iter();
+        changes
+            .iter()
+            .map(|&i| match &self.nodes[i as usize].bytes {
+                Some(bytes) => Some(bytes.to_vec()),
+                None => archived.next(),
+            })
+            .collect()
     }
 
     /// Whether no change waits for its dependencies.
@@ -223,30 +414,59 @@ impl ChangeGraph {
         self.queue.is_empty()
     }
 
-    fn insert(&mut self, change: Change) -> Result<(), GraphError> {
-        let actor = match self.actor_index.get(change.actor_id()) {
+    /// How many changes are not among `heads` or their ancestors.
+    pub fn count_after(&self, heads: &[ChangeHash]) -> usize {
+        self.since(heads).len()
+    }
+
+    /// The changes that waiting changes lack and nothing here holds.
+    pub fn missing(&self) -> Vec<ChangeHash> {
+        self.missing_from(self.queue.values().flat_map(|(c, _)| c.deps().to_vec()))
+    }
+
+    fn insert(
+        &mut self,
+        change: Change,
+        taking: &mut Taking<'_, impl Archive>,
+    ) -> Result<(), GraphError> {
+        let checked = self.objects.take_in(&change, taking.archive, taking.undo);
+        if taking.check == Check::Strict {
+            checked?;
+        }
+        let bytes = Some(change.raw_bytes().into());
+        self.insert_meta(change.hash(), change.deps(), change.actor_id(), change.seq(), bytes)
+    }
+
+    /// Takes in a change whose dependencies are all known.
+    fn insert_meta(
+        &mut self,
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+        actor: &ActorId,
+        seq: u64,
+        bytes: Option<Box<[u8]>>,
+    ) -> Result<(), GraphError> {
+        let actor = match self.actor_index.get(actor) {
             Some(&a) => a,
             None => {
                 let a = self.actors.len() as u32;
-                self.actors.push(change.actor_id().clone());
-                self.actor_index.insert(change.actor_id().clone(), a);
+                self.actors.push(actor.clone());
+                self.actor_index.insert(actor.clone(), a);
                 self.by_actor.push(Vec::new());
                 a
             }
         };
-        let seq = change.seq();
         if seq != self.by_actor[actor as usize].len() as u64 + 1 {
             return Err(GraphError::Sequence);
         }
-        let deps: Box<[u32]> = change.deps().iter().map(|d| self.by_hash[d]).collect();
+        let deps: Box<[u32]> = deps.iter().map(|d| self.by_hash[d]).collect();
         let mut clock = self.clock_of(deps.iter().copied());
         if seq > 1 && clock.get(actor as usize).copied().unwrap_or(0) != seq - 1 {
             return Err(GraphError::Sequence);
         }
         let index = self.nodes.len() as u32;
-        let hash = change.hash();
-        for dep in change.deps() {
-            self.heads.remove(dep);
+        for &dep in &*deps {
+            self.heads.remove(&self.nodes[dep as usize].hash);
         }
         self.heads.insert(hash);
         self.by_hash.insert(hash, index);
@@ -255,7 +475,7 @@ impl ChangeGraph {
             bump(&mut clock, actor, seq);
             self.clocks.insert(index, clock);
         }
-        self.nodes.push(Node { hash, deps, actor, seq, bytes: change.raw_bytes().into() });
+        self.nodes.push(Node { hash, deps, actor, seq, bytes });
         Ok(())
     }
 
@@ -379,6 +599,17 @@ impl ChangeGraph {
     /// The next message to the peer whose state is `state`, or `None` when there is nothing to
     /// say: `SyncDoc::generate_sync_message`, in version 1.
     pub fn generate_sync_message(&self, state: &mut State) -> Option<Message> {
+        self.generate_sync_message_from(state, &())
+    }
+
+    /// [`ChangeGraph::generate_sync_message`] for a graph made from a document, `archive`,
+    /// which holds the changes' bytes the graph does not keep. Should a change to send be in
+    /// neither, nothing is said (and `state` is unchanged).
+    pub fn generate_sync_message_from(
+        &self,
+        state: &mut State,
+        archive: &impl Archive,
+    ) -> Option<Message> {
         let our_heads = self.heads();
         let our_need = if state.read_only {
             Vec::new()
@@ -422,6 +653,7 @@ impl ChangeGraph {
                 return None;
             }
         }
+        let changes = self.bytes_of(&sending, archive)?;
         state.have_responded = true;
         state.last_sent_heads.clone_from(&our_heads);
         state.sent_hashes.extend(sending.iter().map(|&i| self.nodes[i as usize].hash));
@@ -436,9 +668,7 @@ impl ChangeGraph {
             heads,
             need: our_need,
             have: our_have,
-            changes: ChunkList::from(
-                sending.iter().map(|&i| self.nodes[i as usize].bytes.to_vec()).collect::<Vec<_>>(),
-            ),
+            changes: ChunkList::from(changes),
             flags: None,
             version: automerge::sync::MessageVersion::V1,
         })
@@ -452,6 +682,16 @@ impl ChangeGraph {
         &mut self,
         state: &mut State,
         message: Message,
+    ) -> Result<Vec<ChangeHash>, GraphError> {
+        self.receive_sync_message_from(state, message, &())
+    }
+
+    /// [`ChangeGraph::receive_sync_message`] for a graph made from a document, `archive`.
+    pub fn receive_sync_message_from(
+        &mut self,
+        state: &mut State,
+        message: Message,
+        archive: &impl Archive,
     ) -> Result<Vec<ChangeHash>, GraphError> {
         let Message { heads, changes, need, have, flags, version } = message;
         if !have.iter().all(|have| crate::session::bloom_is_sane(&have.bloom)) {
@@ -474,7 +714,7 @@ impl ChangeGraph {
         };
         let before = self.heads();
         let loaded = !parsed.is_empty();
-        let added = if loaded { self.add(parsed)? } else { Vec::new() };
+        let added = if loaded { self.add_checked(parsed, archive)? } else { Vec::new() };
         state.in_flight = false;
         if let Some(flags) = flags {
             let mut caps = vec![Capability::MessageV2];
@@ -518,6 +758,14 @@ impl ChangeGraph {
     }
 }
 
+/// How the changes of one [`ChangeGraph::add`] are taken in.
+struct Taking<'a, A> {
+    archive: &'a A,
+    check: Check,
+    /// What their operations recorded, to undo if one is refused.
+    undo: &'a mut Vec<Undo>,
+}
+
 fn parse(bytes: &[u8]) -> Result<Change, GraphError> {
     Change::try_from(bytes).map_err(|e| GraphError::Parse(e.to_string()))
 }
@@ -528,18 +776,28 @@ const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
 /// Splits stored history into its change chunks. Each chunk is the magic bytes, a 4-byte
 /// checksum, a type (0 a document, 1 a change, 2 a compressed change), its length (unsigned
 /// LEB128) and that many bytes; the checksum and the rest are checked when each is parsed.
-fn split(mut stored: &[u8]) -> Result<Vec<&[u8]>, GraphError> {
+fn split(stored: &[u8]) -> Result<Vec<&[u8]>, GraphError> {
+    let chunks = chunks(stored)?;
+    if chunks.iter().any(|(document, _)| *document) {
+        return Err(GraphError::Parse("stored history: a whole document, not changes".into()));
+    }
+    Ok(chunks.into_iter().map(|(_, chunk)| chunk).collect())
+}
+
+/// Splits stored history into its chunks, each with whether it is a whole document (as
+/// [`split`], which refuses those).
+pub(crate) fn chunks(mut stored: &[u8]) -> Result<Vec<(bool, &[u8])>, GraphError> {
     let bad = |why: &str| GraphError::Parse(format!("stored history: {why}"));
     let mut chunks = Vec::new();
     while !stored.is_empty() {
         if stored.get(..4) != Some(&MAGIC[..]) {
             return Err(bad("not an Automerge chunk"));
         }
-        match stored.get(8) {
-            Some(1 | 2) => {}
-            Some(0) => return Err(bad("a whole document, not changes")),
+        let document = match stored.get(8) {
+            Some(1 | 2) => false,
+            Some(0) => true,
             _ => return Err(bad("unknown chunk type")),
-        }
+        };
         let (mut len, mut shift, mut at) = (0usize, 0u32, 9);
         loop {
             let byte = *stored.get(at).ok_or_else(|| bad("truncated"))?;
@@ -555,7 +813,7 @@ fn split(mut stored: &[u8]) -> Result<Vec<&[u8]>, GraphError> {
         }
         let end = at.checked_add(len).filter(|&end| end <= stored.len());
         let end = end.ok_or_else(|| bad("truncated"))?;
-        chunks.push(&stored[..end]);
+        chunks.push((document, &stored[..end]));
         stored = &stored[end..];
     }
     Ok(chunks)
@@ -582,5 +840,7 @@ fn merge(clock: &mut Clock, other: &Clock) {
     }
 }
 
+#[cfg(test)]
+pub(crate) mod crafted;
 #[cfg(test)]
 mod tests;

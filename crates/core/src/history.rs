@@ -7,6 +7,9 @@
 //! parts are folded into a fresh snapshot ([`History::take_compaction`], under one
 //! [`CompactionPolicy`]). A compaction names exactly the parts it replaces, so a part another
 //! process wrote meanwhile is never dropped with them.
+//!
+//! What it keeps of the document is a [`Content`]: an Automerge document (a device), or a
+//! [`crate::lazy::LazyDoc`] (the server), whose changes are applied only when asked.
 
 use automerge::{Automerge, ChangeHash, ReadDoc};
 
@@ -44,6 +47,50 @@ pub enum LoadError {
     /// Changes in the parts depend on changes in none of them: a part is missing.
     #[error("stored document is missing changes {0} others depend on")]
     Incomplete(usize),
+    /// A change in the parts is refused by the change graph.
+    #[error("stored document does not load: {0}")]
+    Graph(#[from] crate::graph::GraphError),
+    /// Automerge refuses (or panics on) changes a lazy document took in.
+    #[error("automerge refuses this document's changes: {0}")]
+    Refused(String),
+}
+
+/// What a [`History`] keeps of the document: its changes, loaded from and stored as parts.
+pub trait Content: Default {
+    /// Rebuilt from a snapshot (if any) and a run of chunks, in any order; a change that
+    /// misses what it depends on is [`LoadError::Incomplete`].
+    fn rebuild(snapshot: Option<&[u8]>, run: &[u8]) -> Result<Self, LoadError>;
+    /// Takes in more stored parts, one after another (another writer's chunks or snapshot).
+    fn load_more(&mut self, run: &[u8]) -> Result<(), LoadError>;
+    /// The heads.
+    fn heads(&self) -> Vec<ChangeHash>;
+    /// The changes not among `heads` or their ancestors, as a chunk (`Automerge::save_after`).
+    fn changes_after(&self, heads: &[ChangeHash]) -> Vec<u8>;
+    /// The whole document as a snapshot (`Automerge::save`).
+    fn snapshot(&mut self) -> Result<Vec<u8>, LoadError>;
+}
+
+impl Content for Automerge {
+    fn rebuild(snapshot: Option<&[u8]>, run: &[u8]) -> Result<Self, LoadError> {
+        rebuild(snapshot, (!run.is_empty()).then_some(run))
+    }
+
+    fn load_more(&mut self, run: &[u8]) -> Result<(), LoadError> {
+        self.load_incremental(run)?;
+        Ok(())
+    }
+
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.get_heads()
+    }
+
+    fn changes_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
+        self.save_after(heads)
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, LoadError> {
+        Ok(self.save())
+    }
 }
 
 /// A part of a document's history to store: its content id and bytes.
@@ -73,8 +120,8 @@ pub struct Compaction {
 
 /// A document and what storage holds of it.
 #[derive(Debug)]
-pub struct History {
-    doc: Automerge,
+pub struct History<C = Automerge> {
+    doc: C,
     policy: CompactionPolicy,
     /// The stored snapshot's id.
     snapshot: Option<ChunkId>,
@@ -87,11 +134,11 @@ pub struct History {
     compacting: bool,
 }
 
-impl History {
+impl<C: Content> History<C> {
     /// A new, empty document, with nothing stored.
     pub fn new(policy: CompactionPolicy) -> Self {
         Self {
-            doc: Automerge::new(),
+            doc: C::default(),
             policy,
             snapshot: None,
             chunks: Vec::new(),
@@ -109,8 +156,10 @@ impl History {
         policy: CompactionPolicy,
     ) -> Result<Self, LoadError> {
         let chunks: Vec<_> = chunks.into_iter().collect();
-        let doc = rebuild(snapshot.map(|(_, bytes)| bytes), chunks.iter().map(|(_, b)| *b))?;
-        let taken = doc.get_heads();
+        // The chunks go in as one run, which Automerge applies as one batch (see [`rebuild`]).
+        let run = chunks.iter().map(|(_, bytes)| *bytes).collect::<Vec<_>>().concat();
+        let doc = C::rebuild(snapshot.map(|(_, bytes)| bytes), &run)?;
+        let taken = doc.heads();
         Ok(Self {
             doc,
             policy,
@@ -132,7 +181,7 @@ impl History {
             self.snapshot.iter().copied().chain(self.chunks.iter().map(|(id, _)| *id)).collect();
         let chunks: Vec<_> = chunks.into_iter().collect();
         // Nothing of this writer's own is waiting to be taken (or it is taken later, again).
-        let current = self.taken == self.doc.get_heads();
+        let current = self.taken == self.doc.heads();
         let mut run = Vec::new();
         for (id, bytes) in snapshot.iter().chain(&chunks) {
             if !known.contains(id) {
@@ -140,34 +189,34 @@ impl History {
             }
         }
         if !run.is_empty() {
-            self.doc.load_incremental(&run)?;
+            self.doc.load_more(&run)?;
         }
         self.snapshot = snapshot.map(|(id, _)| id);
         self.chunks = chunks.iter().map(|(id, bytes)| (*id, bytes.len() as u64)).collect();
         if current {
-            self.taken = self.doc.get_heads();
+            self.taken = self.doc.heads();
         }
         Ok(())
     }
 
     /// The document.
-    pub fn doc(&self) -> &Automerge {
+    pub fn doc(&self) -> &C {
         &self.doc
     }
 
     /// The document, to change: [`History::take_chunk`] then has the changes.
-    pub fn doc_mut(&mut self) -> &mut Automerge {
+    pub fn doc_mut(&mut self) -> &mut C {
         &mut self.doc
     }
 
     /// The changes made since the last part taken, as the next chunk to store (`None` when
     /// there are none). It counts as stored from here on; [`History::lost`] says otherwise.
     pub fn take_chunk(&mut self) -> Option<Part> {
-        let heads = self.doc.get_heads();
+        let heads = self.doc.heads();
         if heads == self.taken {
             return None;
         }
-        let chunk = Part::new(self.doc.save_after(&self.taken));
+        let chunk = Part::new(self.doc.changes_after(&self.taken));
         self.taken = heads;
         self.chunks.push((chunk.id, chunk.bytes.len() as u64));
         Some(chunk)
@@ -187,20 +236,23 @@ impl History {
 
     /// A snapshot to replace the stored parts with, when the policy says it is due and no
     /// other is being stored. Then one is being stored until [`History::compacted`] or
-    /// [`History::compaction_lost`].
-    pub fn take_compaction(&mut self) -> Option<Compaction> {
+    /// [`History::compaction_lost`]. An error when the content cannot make one (a lazy one
+    /// whose changes Automerge refuses): the parts stand as they are.
+    pub fn take_compaction(&mut self) -> Result<Option<Compaction>, LoadError> {
         let (chunks, bytes) = self.chunks_since_snapshot();
         if self.compacting || chunks == 0 || !self.policy.should_compact(chunks, bytes) {
-            return None;
+            return Ok(None);
         }
+        let compaction = self.snapshot_now()?;
         self.compacting = true;
-        Some(self.snapshot_now())
+        Ok(Some(compaction))
     }
 
     /// A snapshot of the document now, replacing every part stored.
-    pub fn snapshot_now(&self) -> Compaction {
+    pub fn snapshot_now(&mut self) -> Result<Compaction, LoadError> {
         let replaces = self.snapshot.iter().copied().chain(self.chunks.iter().map(|(id, _)| *id));
-        Compaction { snapshot: Part::new(self.doc.save()), replaces: replaces.collect() }
+        let replaces = replaces.collect();
+        Ok(Compaction { snapshot: Part::new(self.doc.snapshot()?), replaces })
     }
 
     /// `compaction` is stored: its snapshot stands for the parts it replaced.
@@ -289,7 +341,9 @@ mod tests {
             put(&mut history, "n", i);
             stored.keep(history.take_chunk());
             assert_eq!(history.take_chunk(), None, "taken once");
-            if let Some(compaction) = history.take_compaction() {
+            if let Some(compaction) =
+                history.take_compaction().expect("an Automerge document snapshots")
+            {
                 stored.compact(&compaction);
                 history.compacted(&compaction);
             }
@@ -300,10 +354,19 @@ mod tests {
             put(&mut history, "n", i);
             stored.keep(history.take_chunk());
         }
-        let pending = history.take_compaction().expect("due");
-        assert_eq!(history.take_compaction(), None, "one is being stored");
+        let pending =
+            history.take_compaction().expect("an Automerge document snapshots").expect("due");
+        assert_eq!(
+            history.take_compaction().expect("an Automerge document snapshots"),
+            None,
+            "one is being stored"
+        );
         history.compaction_lost();
-        assert_eq!(history.take_compaction(), Some(pending.clone()), "lost: made again");
+        assert_eq!(
+            history.take_compaction().expect("an Automerge document snapshots"),
+            Some(pending.clone()),
+            "lost: made again"
+        );
         stored.compact(&pending);
         history.compacted(&pending);
         assert_eq!(history.chunks_since_snapshot().0, stored.chunks.len());
@@ -325,7 +388,10 @@ mod tests {
         stored.keep(second.take_chunk());
         put(&mut first, "a", 3);
         stored.keep(first.take_chunk());
-        let compaction = first.take_compaction().expect("two chunks: due");
+        let compaction = first
+            .take_compaction()
+            .expect("an Automerge document snapshots")
+            .expect("two chunks: due");
         assert_eq!(compaction.replaces.len(), 2, "the first writer's own chunks only");
         stored.compact(&compaction);
         let rebuilt = stored.rebuild(policy).expect("rebuilds");
@@ -345,7 +411,8 @@ mod tests {
         stored.keep(there.take_chunk());
         put(&mut there, "c", 3);
         stored.keep(there.take_chunk());
-        let compaction = there.take_compaction().expect("due");
+        let compaction =
+            there.take_compaction().expect("an Automerge document snapshots").expect("due");
         stored.compact(&compaction);
         there.compacted(&compaction);
 
@@ -356,7 +423,7 @@ mod tests {
         assert_eq!(here.take_chunk(), None, "what the store holds is not stored again");
         put(&mut here, "d", 4);
         stored.keep(here.take_chunk());
-        let compaction = here.take_compaction();
+        let compaction = here.take_compaction().expect("an Automerge document snapshots");
         assert!(compaction.is_none(), "one chunk after the snapshot: not due");
         let rebuilt = stored.rebuild(policy).expect("rebuilds");
         assert_eq!(

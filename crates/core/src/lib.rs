@@ -9,6 +9,8 @@
 //!   document;
 //! - [`history`]: a document with what storage holds of it: rebuilt from its parts, the
 //!   next chunk to store, and when and how it is compacted;
+//! - [`lazy`]: a document kept as its change graph, its content applied when asked (the
+//!   server's);
 //! - [`json`]: reading a document as JSON and writing JSON values into it;
 //! - [`meta`]: the metadata a store keeps beside each document.
 //!
@@ -44,6 +46,7 @@ pub mod graph;
 pub mod history;
 pub mod ids;
 pub mod json;
+pub mod lazy;
 pub mod meta;
 pub mod session;
 

@@ -21,10 +21,11 @@ use prost::Message;
 pub type Target = fn(&[u8]);
 
 /// The targets, by name (the directory names under `fuzz/regressions/`).
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("client_frame", client_frame),
     ("sync_message", sync_message),
     ("graph_sync", graph_sync),
+    ("graph_ops", graph_ops),
     ("token", token),
     ("sealed_record", sealed_record),
 ];
@@ -107,6 +108,102 @@ pub fn graph_sync(data: &[u8]) {
     let _ = graph.generate_sync_message(&mut on_graph);
 }
 
+/// A document with a map, a list and a text, and its last change (three operations), the
+/// template [`graph_ops`] rewrites.
+fn ops_base() -> &'static (Automerge, automerge::Change) {
+    static BASE: OnceLock<(Automerge, automerge::Change)> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let mut doc = Automerge::new();
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "n", 1)?;
+            tx.put_object(ROOT, "map", automerge::ObjType::Map)?;
+            let list = tx.put_object(ROOT, "list", automerge::ObjType::List)?;
+            tx.insert(&list, 0, 1)?;
+            tx.insert(&list, 1, 2)?;
+            let text = tx.put_object(ROOT, "text", automerge::ObjType::Text)?;
+            tx.splice_text(&text, 0, 0, "ab")?;
+            Ok(())
+        })
+        .expect("a fresh document");
+        doc.transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "m", 2)?;
+            tx.put(ROOT, "o", 3)?;
+            tx.put(ROOT, "p", 4)
+        })
+        .expect("three puts");
+        let template = doc.get_last_local_change().expect("made");
+        let before = doc.get_changes(&[]).len() - 1;
+        let first = doc.get_changes(&[]).into_iter().take(before).collect::<Vec<_>>();
+        let mut base = Automerge::new();
+        base.apply_changes(first).expect("its own changes");
+        (base, template)
+    })
+}
+
+/// A change whose operations the fuzzer rewrites (the object each acts on, its position, whether
+/// it inserts, its action and what it overwrites), among ids that exist, ids of values, ids
+/// made earlier in the same change and ids nobody made. Whenever the change graph takes it in,
+/// Automerge applies it without panicking: the graph relays changes it has not applied, so
+/// what it takes in must not break a device that applies it. A graph made from the document
+/// (which asks the document what exists) decides the same.
+pub fn graph_ops(data: &[u8]) {
+    use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
+    use automerge::{ObjType, ScalarValue};
+    use cubby_core::graph::ChangeGraph;
+    let (base, template) = ops_base();
+    let mut change = template.decode();
+    let actor = change.actor_id.clone();
+    let start = change.start_op.get();
+    // Counters in the base: 1 "n", 2 map, 3 list, 4-5 its elements, 6 text, 7-8 its
+    // characters; 9 and 99 were never made.
+    let id = |counter: u64| OpId(counter, actor.clone());
+    let mut bytes = data.iter().copied();
+    let mut next = || bytes.next().unwrap_or(0);
+    for i in 0..change.operations.len() {
+        let own = |b: u8| start + u64::from(b) % (i as u64 + 1);
+        let pick = |b: u8| -> u64 { [1, 2, 3, 4, 5, 6, 7, 8, 9, 99][usize::from(b) % 10] };
+        let op = &mut change.operations[i];
+        let (o, k, a, p) = (next(), next(), next(), next());
+        op.obj = match o % 4 {
+            0 => ObjectId::Root,
+            1 | 2 => ObjectId::Id(id(pick(o / 4))),
+            _ => ObjectId::Id(id(own(o / 4))),
+        };
+        op.key = match k % 5 {
+            0 => Key::Map("x".into()),
+            1 => Key::Seq(ElementId::Head),
+            2 | 3 => Key::Seq(ElementId::Id(id(pick(k / 5)))),
+            _ => Key::Seq(ElementId::Id(id(own(k / 5)))),
+        };
+        op.insert = a & 1 == 1;
+        op.action = match (a >> 1) % 7 {
+            0 => OpType::Put(ScalarValue::Int(1)),
+            1 => OpType::Put(ScalarValue::Str("c".into())),
+            2 => OpType::Make(ObjType::Map),
+            3 => OpType::Make(ObjType::List),
+            4 => OpType::Make(ObjType::Text),
+            5 => OpType::Delete,
+            _ => OpType::Increment(1),
+        };
+        op.pred = if p % 3 == 0 { Vec::new().into() } else { vec![id(pick(p / 3))].into() };
+    }
+    change.hash = None;
+    let Ok(change) = std::panic::catch_unwind(|| automerge::Change::from(change)) else { return };
+    let mut graph = ChangeGraph::new();
+    graph.add(base.get_changes(&[])).expect("the base document's changes");
+    let taken = graph.add([change.clone()]).is_ok();
+    let mut from_document = ChangeGraph::from_document(base).expect("the base document");
+    let asked = from_document.add_checked([change.clone()], base).is_ok();
+    assert_eq!(taken, asked, "the two graphs disagree");
+    if taken {
+        let mut doc = base.clone();
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            doc.apply_changes([change]).map(|()| cubby_core::json::to_json(&doc))
+        }));
+        assert!(applied.is_ok(), "the graph took in a change that makes Automerge panic");
+    }
+}
+
 fn verifier() -> &'static (Verifier, TokenSigner) {
     static VERIFIER: OnceLock<(Verifier, TokenSigner)> = OnceLock::new();
     VERIFIER.get_or_init(|| {
@@ -176,6 +273,9 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("sync_message", full.clone()),
         ("graph_sync", message),
         ("graph_sync", full),
+        // Operations as made, and each rewritten to act on the list after its first element.
+        ("graph_ops", vec![0; 12]),
+        ("graph_ops", [10, 17, 1, 0].repeat(3)),
         ("token", token.into_bytes()),
         ("sealed_record", sealed),
     ]

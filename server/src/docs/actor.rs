@@ -5,9 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 
-use automerge::Automerge;
 use cubby_core::document::{Document, Live, Offer, Refusal};
 use cubby_core::history::History;
+use cubby_core::lazy::{ContentError, LazyDoc};
 use cubby_core::session::{PeerSession, SyncError};
 use cubby_core::{CustomerId, DeviceId, DocId, DocMeta};
 use cubby_proto::ApiError;
@@ -74,6 +74,14 @@ fn private_refusal() -> ApiError {
     ApiError::PermissionDenied("the customer made this document private".into())
 }
 
+/// The document's content cannot be brought up to date for a business read or write.
+pub(super) fn content_error(doc: &DocId, err: &ContentError) -> ApiError {
+    tracing::error!(doc = %doc.short(), %err, "document content refused");
+    ApiError::FailedPrecondition(
+        "this document's content cannot be read: Automerge refuses a change in its history".into(),
+    )
+}
+
 /// The API error a refused sync message is answered with.
 fn refusal_error(refusal: &Refusal) -> ApiError {
     match refusal {
@@ -83,9 +91,9 @@ fn refusal_error(refusal: &Refusal) -> ApiError {
     }
 }
 
-/// Applies a device's sync message to `doc` (a lent document). Tests panic here, after the
-/// changes were applied in memory, to stand for a panic deep inside Automerge.
-fn apply(session: &mut PeerSession, doc: &mut Automerge, message: &[u8]) -> Result<(), Refusal> {
+/// Takes a device's sync message into `doc` (a lent document). Tests panic here, after the
+/// changes were taken in, to stand for a panic while taking them in.
+fn apply(session: &mut PeerSession, doc: &mut LazyDoc, message: &[u8]) -> Result<(), Refusal> {
     let received = session.receive(doc, message);
     fail::fail_point!("doc-after-apply");
     match received {
@@ -228,7 +236,7 @@ impl Actor {
             self.refuse_all(batch, &err);
             return;
         }
-        let before = self.live().map(|l| l.history.doc().get_heads());
+        let before = self.live().map(|l| l.history.doc().heads());
         // What another node stored goes in first (a later position of this node's own does not
         // mean it has the other's write); every peer then hears of it (`answers`).
         if batch.iter().any(|m| matches!(m, DocMsg::Refresh))
@@ -377,7 +385,7 @@ impl Actor {
         let at = self.live().map(|l| l.seq).unwrap_or_default();
         let mut release = Release::new(self.doc, at);
         let pushed = self.push(pushes, &mut release);
-        let moved = before != self.live().map(|l| l.history.doc().get_heads());
+        let moved = before != self.live().map(|l| l.history.doc().heads());
         self.answer_peers(&spoke, moved, &mut release);
         let undelivered = match prepared {
             None => release.send(None),
@@ -493,16 +501,21 @@ impl Actor {
         }
         // "business" and 8 random bytes: the change is visibly the business's in the history.
         let actor = [b"business".as_slice(), &cubby_crypto::random_array::<8>()].concat();
-        let doc = live.history.doc_mut();
-        doc.set_actor(automerge::ActorId::from(actor));
-        let result = doc.transact::<_, _, cubby_core::json::EditError>(|tx| {
-            for (path, edit) in edits {
-                cubby_core::json::apply_edit(tx, path, edit)?;
-            }
-            Ok(())
+        let edited = live.history.doc_mut().edit(|doc| {
+            doc.set_actor(automerge::ActorId::from(actor));
+            let result = doc.transact::<_, _, cubby_core::json::EditError>(|tx| {
+                for (path, edit) in edits {
+                    cubby_core::json::apply_edit(tx, path, edit)?;
+                }
+                Ok(())
+            });
+            doc.set_actor(automerge::ActorId::random());
+            result.map(drop).map_err(|failure| failure.error.to_string())
         });
-        doc.set_actor(automerge::ActorId::random());
-        result.map(drop).map_err(|failure| ApiError::InvalidArgument(failure.error.to_string()))
+        match edited {
+            Ok(result) => result.map_err(ApiError::InvalidArgument),
+            Err(err) => Err(content_error(&self.doc, &err)),
+        }
     }
 
     pub(super) fn refuse_all(&self, batch: Vec<DocMsg>, err: &ApiError) {

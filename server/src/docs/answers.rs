@@ -21,6 +21,16 @@ impl Actor {
         self.live().map(|l| Summary { doc: self.doc, meta: l.meta.clone(), seq: l.seq })
     }
 
+    /// The document as JSON, its content brought up to date first.
+    fn read(&mut self) -> Result<(Summary, serde_json::Value), ApiError> {
+        let summary = self.summary().ok_or(ApiError::NotFound("document"))?;
+        let live = self.document().live_mut().ok_or(ApiError::NotFound("document"))?;
+        match live.history.doc_mut().content() {
+            Ok(content) => Ok((summary, cubby_core::json::to_json(content))),
+            Err(err) => Err(super::actor::content_error(&self.doc, &err)),
+        }
+    }
+
     pub(super) async fn answer(&mut self, deferred: Vec<Deferred>) {
         for d in deferred {
             match d {
@@ -28,13 +38,7 @@ impl Actor {
                     let _ = reply.send(self.summary().ok_or(ApiError::Internal));
                 }
                 Deferred::Read(reply) => {
-                    let answer = match (self.summary(), self.live()) {
-                        (Some(summary), Some(l)) => {
-                            Ok((summary, cubby_core::json::to_json(l.history.doc())))
-                        }
-                        _ => Err(ApiError::NotFound("document")),
-                    };
-                    let _ = reply.send(answer);
+                    let _ = reply.send(self.read());
                 }
                 Deferred::Delete(reply) => {
                     let Some(size) = self.live().map(|l| l.meta.size) else {

@@ -178,7 +178,15 @@ impl Actor {
 
     pub(super) async fn maybe_compact(&mut self) {
         let Some(live) = self.state.as_mut().and_then(Document::live_mut) else { return };
-        let Some(compaction) = live.history.take_compaction() else { return };
+        let compaction = match live.history.take_compaction() {
+            Ok(Some(compaction)) => compaction,
+            Ok(None) => return,
+            Err(err) => {
+                // Its chunks stay as they are; nothing is lost, and it syncs as before.
+                tracing::debug!(doc = %self.doc.short(), %err, "no compaction: content refused");
+                return;
+            }
+        };
         // The size counted every chunk written; the document now holds the snapshot alone,
         // usually far smaller (10,000 one-key changes: about 1 MB of chunks, an 18 KB snapshot).
         // Recount it with the compaction, and give the difference back to the customer's quota.

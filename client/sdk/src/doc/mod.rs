@@ -344,7 +344,8 @@ impl LocalDoc {
         if let Some(chunk) = &chunk {
             self.meta.record_write(chunk.bytes.len() as u64);
         }
-        let compaction = chunk.as_ref().and_then(|_| self.history.take_compaction());
+        // An Automerge document always makes its snapshot.
+        let compaction = chunk.as_ref().and_then(|_| self.history.take_compaction().ok().flatten());
         if chunk.is_none() && !session {
             return None;
         }

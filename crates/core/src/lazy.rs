@@ -1,0 +1,193 @@
+//! A document as the server keeps it: its change graph, which answers sync and says what to
+//! store, and its content, an Automerge document brought up to date only when a feature reads
+//! or writes it.
+//!
+//! Taking in a device's change costs the graph's check and index (microseconds, whatever the
+//! document's size); applying it to the content costs Automerge time that grows with the object
+//! it edits. So the server acknowledges, stores and relays changes from the graph
+//! ([`LazyDoc`] is a [`Replica`]), and applies them to the content in one batch when a business
+//! read or write, an export or a compaction asks for it ([`LazyDoc::content`]).
+//!
+//! The content holds every change whose bytes the graph does not keep (a loaded snapshot's,
+//! which the graph indexes by their metadata alone), so it is the graph's [`Archive`].
+//!
+//! A change the graph takes in passed its structural check (it parses, its hash is its bytes',
+//! its sequence number follows its actor's previous change); Automerge may still refuse to
+//! apply it (the graph refuses what is known to make Automerge panic: see
+//! `graph::objects`). Then [`LazyDoc::content`] fails for the document with
+//! [`ContentError::Refused`] and the content stays as it was (Automerge works on a copy), so
+//! later calls fail the same way: nothing stored is dropped, and the history still syncs.
+
+use automerge::sync::{Message, State};
+use automerge::{Automerge, Change, ChangeHash};
+
+use crate::graph::{ChangeGraph, GraphError};
+use crate::history::{Content, LoadError};
+use crate::session::{Replica, SyncError};
+
+/// A document kept as its change graph, its content applied on demand. See the module's
+/// documentation.
+#[derive(Debug, Default)]
+pub struct LazyDoc {
+    graph: ChangeGraph,
+    /// Every change whose bytes the graph does not keep, and perhaps later ones: never a change
+    /// the graph does not hold.
+    content: Automerge,
+    /// Why Automerge refused to bring the content up to date: it is not tried again.
+    refused: Option<String>,
+}
+
+/// Why a document's content cannot be brought up to date.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContentError {
+    /// Automerge refuses to apply changes the graph took in (or panics applying them).
+    #[error("automerge refuses this document's changes: {0}")]
+    Refused(String),
+    /// A change in the graph no longer parses (never for a graph's own bytes).
+    #[error("a change does not parse: {0}")]
+    Graph(#[from] GraphError),
+}
+
+impl LazyDoc {
+    /// The change graph.
+    pub fn graph(&self) -> &ChangeGraph {
+        &self.graph
+    }
+
+    /// The heads, sorted.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.graph.heads()
+    }
+
+    /// How many changes the content lacks: what the next [`LazyDoc::content`] applies.
+    pub fn behind(&self) -> usize {
+        self.graph.count_after(&self.content.get_heads())
+    }
+
+    /// The content, with every change the graph holds applied (in one batch).
+    pub fn content(&mut self) -> Result<&Automerge, ContentError> {
+        self.catch_up()?;
+        Ok(&self.content)
+    }
+
+    /// Changes the content with `edit` (after bringing it up to date), and takes the changes
+    /// it made into the graph.
+    pub fn edit<T>(&mut self, edit: impl FnOnce(&mut Automerge) -> T) -> Result<T, ContentError> {
+        self.catch_up()?;
+        let before = self.graph.heads();
+        let made = edit(&mut self.content);
+        let changes = self.content.get_changes(&before);
+        self.graph.add_checked(changes, &self.content)?;
+        Ok(made)
+    }
+
+    fn catch_up(&mut self) -> Result<(), ContentError> {
+        let heads = self.content.get_heads();
+        if heads == self.graph.heads() {
+            return Ok(());
+        }
+        if let Some(why) = &self.refused {
+            return Err(ContentError::Refused(why.clone()));
+        }
+        let run = self
+            .graph
+            .save_after(&heads, &self.content)
+            .expect("the content holds every change whose bytes the graph does not keep");
+        let changes = crate::graph::chunks(&run)?
+            .into_iter()
+            .map(|(_, chunk)| Change::try_from(chunk).map_err(|e| GraphError::Parse(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        // Automerge may apply part of a batch it refuses, or panic midway: it works on a copy.
+        let mut content = self.content.clone();
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            content.apply_changes(changes)
+        }));
+        let why = match applied {
+            Ok(Ok(())) if content.get_heads() == self.graph.heads() => {
+                self.content = content;
+                return Ok(());
+            }
+            Ok(Ok(())) => "changes were left out".to_owned(),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "automerge panicked".to_owned(),
+        };
+        self.refused = Some(why.clone());
+        Err(ContentError::Refused(why))
+    }
+}
+
+impl Replica for LazyDoc {
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.graph.heads()
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.graph.has(hash)
+    }
+
+    fn nothing_waits(&self) -> bool {
+        self.graph.settled()
+    }
+
+    fn generate_message(&self, state: &mut State) -> Option<Message> {
+        self.graph.generate_sync_message_from(state, &self.content)
+    }
+
+    fn receive_message(&mut self, state: &mut State, message: Message) -> Result<(), SyncError> {
+        self.graph
+            .receive_sync_message_from(state, message, &self.content)
+            .map(drop)
+            .map_err(SyncError::Refused)
+    }
+}
+
+impl Content for LazyDoc {
+    fn rebuild(snapshot: Option<&[u8]>, run: &[u8]) -> Result<Self, LoadError> {
+        let content = match snapshot {
+            Some(bytes) => Automerge::load(bytes)?,
+            None => Automerge::new(),
+        };
+        let mut graph = ChangeGraph::from_document(&content)?;
+        graph.add_stored_from(run, &content)?;
+        let missing = graph.missing();
+        if !missing.is_empty() {
+            return Err(LoadError::Incomplete(missing.len()));
+        }
+        Ok(Self { graph, content, refused: None })
+    }
+
+    fn load_more(&mut self, run: &[u8]) -> Result<(), LoadError> {
+        for (document, chunk) in crate::graph::chunks(run)? {
+            if document {
+                // Another writer's snapshot: its changes, rebuilt from its columns.
+                let changes = Automerge::load(chunk)?.get_changes(&[]);
+                self.graph.add_recorded(changes, &self.content)?;
+            } else {
+                self.graph.add_stored_from(chunk, &self.content)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn heads(&self) -> Vec<ChangeHash> {
+        self.graph.heads()
+    }
+
+    fn changes_after(&self, heads: &[ChangeHash]) -> Vec<u8> {
+        self.graph
+            .save_after(heads, &self.content)
+            .expect("the content holds every change whose bytes the graph does not keep")
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, LoadError> {
+        self.catch_up().map_err(|err| match err {
+            ContentError::Refused(why) => LoadError::Refused(why),
+            ContentError::Graph(err) => LoadError::Graph(err),
+        })?;
+        Ok(self.content.save())
+    }
+}
+
+#[cfg(test)]
+mod tests;
