@@ -1047,3 +1047,82 @@ async fn an_offline_edit_to_a_document_deleted_elsewhere_is_reported_not_dropped
     assert!(laptop.client.take_discarded().await.expect("taken").is_empty(), "told once");
     assert!(laptop.client.list().await.expect("list").is_empty());
 }
+
+/// A change Automerge 0.12 panics applying (an operation on an object nobody made), sent by a
+/// device of the customer's own: the server takes its changes in without applying them and
+/// relays them, so it refuses this one at once (`INVALID_ARGUMENT`), and no other device ever
+/// receives it; the document reads and syncs as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_automerge_would_panic_on_is_refused_and_never_relayed() {
+    use automerge::transaction::Transactable;
+    use cubby_proto::pb;
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let key =
+        cubby_crypto::signing::DeviceKey::from_pkcs8(&cubby_crypto::signing::generate_pkcs8())
+            .expect("key");
+    let id = cubby_crypto::random_array::<16>();
+    let mut doc = automerge::Automerge::new();
+    doc.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "a", 1))
+        .expect("put");
+    let mut session = cubby_core::session::PeerSession::new();
+    let mut raw =
+        cubby_tests::RawStream::connect_as(&server, &token, &key, [7; 16]).await.expect("connects");
+    sync_raw(&mut raw, &mut session, &mut doc, id, true).await;
+    let laptop = server.device("alice").await;
+    eventually("the laptop has the document", || async {
+        laptop.client.wait_until_synced().await.is_ok()
+            && laptop.client.open(DocId::from_bytes(id)).await.is_ok()
+    })
+    .await;
+
+    // The next change of this device's, its operation moved onto an object nobody made.
+    let mut next = doc.clone();
+    next.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(automerge::ROOT, "b", 2))
+        .expect("put");
+    let change = next.get_last_local_change().expect("made");
+    let mut expanded = serde_json::to_value(change.decode()).expect("json");
+    let actor = expanded["actor"].as_str().expect("actor").to_owned();
+    expanded.as_object_mut().expect("object").remove("hash");
+    expanded["ops"][0]["obj"] = json!(format!("99@{actor}"));
+    let bad = automerge::Change::from(
+        serde_json::from_value::<automerge::ExpandedChange>(expanded).expect("a change"),
+    );
+    let message = automerge::sync::Message {
+        heads: vec![bad.hash()],
+        need: Vec::new(),
+        have: vec![automerge::sync::Have::default()],
+        changes: automerge::sync::ChunkList::from(vec![bad.raw_bytes().to_vec()]),
+        flags: None,
+        version: automerge::sync::MessageVersion::V1,
+    };
+    raw.send(pb::client_frame::Frame::Sync(pb::DocSync {
+        doc_id: id.to_vec(),
+        message: message.encode(),
+        create: None,
+        seq: 0,
+        more: false,
+    }))
+    .await;
+    let refusal = loop {
+        match raw.next().await.expect("the stream stays up") {
+            Some(pb::server_frame::Frame::Error(error)) => break error,
+            Some(_) => {}
+            None => panic!("the stream ended"),
+        }
+    };
+    assert_eq!(refusal.code, tonic::Code::InvalidArgument as i32, "{refusal:?}");
+
+    // Nothing of it reached the server's document or the laptop; both still sync.
+    let view = server.document_json(&token, &id).await.expect("reads");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&view).expect("json"), json!({"a": 1}));
+    let on_laptop = laptop.client.open(DocId::from_bytes(id)).await.expect("open");
+    on_laptop.put("c", json!(3)).await.expect("put");
+    laptop.client.wait_until_synced().await.expect("the laptop syncs");
+    assert_eq!(on_laptop.to_json(), json!({"a": 1, "c": 3}));
+    let view = server.document_json(&token, &id).await.expect("reads");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&view).expect("json"),
+        json!({"a": 1, "c": 3})
+    );
+}
