@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! cargo build --release -p cubby-server -p cubby-bench
-//! target/release/cubby-bench [all|limits|fanout|burst|idle|durability|large|reconnect|peers|cluster]
+//! target/release/cubby-bench [all|limits|fanout|flat|burst|idle|durability|large|reconnect|peers|cluster]
 //!     [--quick] [--server PATH]
 //! ```
 //!
@@ -35,10 +35,11 @@ use serde_json::Value;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-const WORKLOADS: [&str; 10] = [
+const WORKLOADS: [&str; 11] = [
     "all",
     "limits",
     "fanout",
+    "flat",
     "burst",
     "idle",
     "durability",
@@ -129,6 +130,18 @@ fn run() -> Result<(), Error> {
         for receivers in [1, 4, 16] {
             let edits = if receivers == 16 { 500 } else { 1000 } / scale;
             emit(runtime.block_on(workloads::fanout(&server, receivers, edits))?);
+        }
+    }
+    if matches!(what, "all" | "flat") {
+        // Isolated changes into a document of 100, 10,000 and 100,000 changes, and typed into
+        // a text of 1,000,000 characters.
+        for (changes, text) in [(100, 0), (10_000, 0), (100_000, 0), (0, 1_000_000)] {
+            emit(runtime.block_on(workloads::flat(
+                &server,
+                changes / scale,
+                text / scale,
+                300 / scale,
+            ))?);
         }
     }
     if matches!(what, "all" | "burst") {

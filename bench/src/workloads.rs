@@ -14,9 +14,11 @@ use crate::server::{ServerProcess, Wire};
 use crate::stats::{Samples, ms};
 
 mod cluster;
+mod flat;
 mod idle;
 mod large;
 pub(crate) use cluster::cluster;
+pub(crate) use flat::flat;
 pub(crate) use idle::idle;
 pub(crate) use large::large_account;
 

@@ -5,8 +5,11 @@
 //! A change whose structure is sound can still name what does not exist, and Automerge 0.12
 //! panics applying one that does: an operation on an object nobody made (or on an id that made
 //! a value, not an object), a sequence position in a map, an insertion after an element the
-//! sequence never had; and an insertion into a map breaks the order of its operations (a debug
-//! assertion; release builds go on with the document out of order). The graph relays changes it has not applied, so it refuses those before
+//! sequence never had, an object made at such a position; and an insertion into a map breaks
+//! the order of its operations (a debug assertion; release builds go on with the document out
+//! of order). What no Automerge library makes is refused too (a key in a sequence, an operation
+//! at a sequence's head that inserts nothing), so that the check stays simple: every position
+//! must exist. The graph relays changes it has not applied, so it refuses those before
 //! any peer can receive them. `crates/fuzz`'s `graph_ops` target compares this check with
 //! Automerge's apply.
 //!
@@ -95,16 +98,27 @@ impl Objects {
                     (Some((key, obj)), kind)
                 }
             };
+            if op.insert
+                && (!op.pred.is_empty() || !matches!(op.action, OpType::Put(_) | OpType::Make(_)))
+            {
+                return Err(bad("an insertion that overwrites or deletes"));
+            }
             match (&op.key, kind) {
                 (Key::Map(_), Kind::Map) if op.insert => {
                     return Err(bad("an insertion into a map"));
                 }
                 (Key::Map(_), Kind::Map) => {}
-                (Key::Seq(elem), Kind::Seq) => {
-                    if let (true, ElementId::Id(elem), Some((key, obj))) = (op.insert, elem, obj)
-                        && !self.has_element(key, elem, obj, archive)
-                    {
-                        return Err(bad("an insertion after an element the sequence never had"));
+                (Key::Seq(ElementId::Head), Kind::Seq) if !op.insert => {
+                    return Err(bad("a position at the head of a sequence that inserts nothing"));
+                }
+                (Key::Seq(ElementId::Head), Kind::Seq) => {}
+                (Key::Seq(ElementId::Id(elem)), Kind::Seq) => {
+                    // An insertion goes after the element, anything else acts on it.
+                    let Some((key, obj)) = obj else {
+                        return Err(bad("a sequence position in a map"));
+                    };
+                    if !self.has_element(key, elem, obj, archive) {
+                        return Err(bad("a position the sequence never had"));
                     }
                 }
                 (Key::Map(_), Kind::Seq) => return Err(bad("a key in a sequence")),
