@@ -72,7 +72,8 @@ struct Node {
     deps: Box<[u32]>,
     actor: u32,
     seq: u64,
-    /// `None`: the change is in the [`Archive`] the graph was made from.
+    /// `None`: the change's bytes are in the [`Archive`] (the document the graph was made from,
+    /// or one that holds every change up to it: [`ChangeGraph::archive_until`]).
     bytes: Option<Box<[u8]>>,
 }
 

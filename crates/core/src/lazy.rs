@@ -9,7 +9,9 @@
 //! read or write, an export or a compaction asks for it ([`LazyDoc::content`]).
 //!
 //! The content holds every change whose bytes the graph does not keep (a loaded snapshot's,
-//! which the graph indexes by their metadata alone), so it is the graph's [`Archive`].
+//! which the graph indexes by their metadata alone, and every change once a compaction has
+//! brought the content up to date), so it is the graph's [`Archive`](crate::graph::Archive):
+//! the graph keeps the bytes of the changes since the last compaction only.
 //!
 //! A change the graph takes in passed its structural check (it parses, its hash is its bytes',
 //! its sequence number follows its actor's previous change); Automerge may still refuse to
@@ -185,6 +187,8 @@ impl Content for LazyDoc {
             ContentError::Refused(why) => LoadError::Refused(why),
             ContentError::Graph(err) => LoadError::Graph(err),
         })?;
+        // The content holds every change now: the graph need not keep their bytes too.
+        self.graph.archive_until(&self.content.get_heads());
         Ok(self.content.save())
     }
 }

@@ -17,6 +17,35 @@ fn put(doc: &mut Automerge, key: &str, value: i64) {
     .expect("a put on the root cannot fail");
 }
 
+/// A server's side in the property test: a graph, or a document loaded from a snapshot.
+trait Server: crate::session::Replica {
+    /// Takes in changes that reached the server from another of its peers.
+    fn take(&mut self, changes: Vec<Change>);
+    /// Every change's hash.
+    fn all(&self) -> Vec<ChangeHash>;
+}
+
+impl Server for ChangeGraph {
+    fn take(&mut self, changes: Vec<Change>) {
+        self.add(changes).expect("takes them in");
+    }
+
+    fn all(&self) -> Vec<ChangeHash> {
+        self.hashes().collect()
+    }
+}
+
+impl Server for crate::lazy::LazyDoc {
+    fn take(&mut self, changes: Vec<Change>) {
+        let run: Vec<u8> = changes.iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        crate::history::Content::load_more(self, &run).expect("takes them in");
+    }
+
+    fn all(&self) -> Vec<ChangeHash> {
+        self.graph().hashes().collect()
+    }
+}
+
 /// A graph holding every change of `doc`.
 fn graph_of(doc: &Automerge) -> ChangeGraph {
     let mut graph = ChangeGraph::new();
@@ -211,9 +240,12 @@ proptest! {
     /// a peer (actor 1's document), each starting fresh or from an earlier sync: every message
     /// the graph sends says what Automerge's own document would (its version-1 messages, less
     /// the flags), so the peers converge in the same rounds with the same bytes; and they do
-    /// converge, a peer that lost everything midway too.
+    /// converge, a peer that lost everything midway too. The server is a graph of every change,
+    /// or the server's own: a document loaded from a snapshot (`LazyDoc`), whose graph takes the
+    /// bytes of the snapshot's changes from it.
     #[test]
     fn the_graph_answers_as_automerge_and_peers_converge(
+        from_snapshot in any::<bool>(),
         before in proptest::collection::vec(step(), 0..30),
         after in proptest::collection::vec(step(), 0..30),
         synced_before in any::<bool>(),
@@ -239,7 +271,15 @@ proptest! {
             State::decode(&earlier.encode()).expect("decodes")
         };
 
-        let mut graph = graph_of(&docs[0]);
+        let mut graph: Box<dyn Server> = if from_snapshot {
+            let loaded = <crate::lazy::LazyDoc as crate::history::Content>::rebuild(
+                Some(&docs[0].save()),
+                &[],
+            );
+            Box::new(loaded.expect("a snapshot loads"))
+        } else {
+            Box::new(graph_of(&docs[0]))
+        };
         let mut reference = docs[0].clone();
         let mut peer = docs[1].clone();
         let (mut g_state, mut r_state, mut p_state) = (state(), state(), state());
@@ -263,18 +303,17 @@ proptest! {
                 let from_peer = peer.generate_sync_message(&mut p_state);
                 peer_spoke |= from_peer.is_some();
                 if let Some(message) = &from_peer {
-                    graph.receive_sync_message(&mut g_state, message.clone()).expect("takes it in");
+                    graph.receive_message(&mut g_state, message.clone()).expect("takes it in");
                     reference.receive_sync_message(&mut r_state, message.clone()).expect("applies");
                 }
             }
             // A change from another of the server's peers (actor 2) reaches the server; the
             // second time before the server's answer has reached the peer.
-            let mut elsewhere = |graph: &mut ChangeGraph, reference: &mut Automerge| {
+            let mut elsewhere = |graph: &mut Box<dyn Server>, reference: &mut Automerge| {
                 put(&mut docs[2], "elsewhere", rounds as i64);
                 let mut theirs = docs[2].clone();
                 reference.merge(&mut theirs).expect("merges");
-                let changes: Vec<Change> = reference.get_changes(&graph.heads()).into_iter().collect();
-                graph.add(changes).expect("takes them in");
+                graph.take(reference.get_changes(&graph.heads()));
             };
             let server_edit = server_edits.get(rounds).copied().unwrap_or(0);
             if server_edit == 1 {
@@ -288,7 +327,7 @@ proptest! {
                 // Automerge's version-1 answers: it sends a whole document to a peer that says
                 // it reads one.
                 r_state.their_capabilities = None;
-                let ours = graph.generate_sync_message(&mut g_state);
+                let ours = graph.generate_message(&mut g_state);
                 let theirs = reference.generate_sync_message(&mut r_state);
                 prop_assert_eq!(ours.as_ref().map(said), theirs.as_ref().map(said), "round {}", rounds);
                 answers.extend(ours);
@@ -303,7 +342,7 @@ proptest! {
         }
         prop_assert_eq!(peer.get_heads(), graph.heads());
         prop_assert_eq!(reference.get_heads(), graph.heads());
-        let mut all: Vec<ChangeHash> = graph.hashes().collect();
+        let mut all: Vec<ChangeHash> = graph.all();
         all.sort();
         let mut want: Vec<ChangeHash> = reference.get_changes(&[]).iter().map(|c| c.hash()).collect();
         want.sort();

@@ -71,6 +71,8 @@ fn a_rebuilt_history_serves_its_snapshot_from_the_content() {
         sync(&mut phone, history.doc_mut());
         chunks.extend(history.take_chunk());
         if let Some(compaction) = history.take_compaction().expect("the content applies") {
+            let kept = history.doc().graph().kept_bytes();
+            assert_eq!(kept, (0, 0), "the content holds the changes' bytes");
             chunks.retain(|c| !compaction.replaces.contains(&c.id));
             history.compacted(&compaction);
             snapshot = Some(compaction.snapshot);
