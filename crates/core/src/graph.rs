@@ -606,16 +606,22 @@ impl ChangeGraph {
     /// The next message to the peer whose state is `state`, or `None` when there is nothing to
     /// say: `SyncDoc::generate_sync_message`, in version 1.
     pub fn generate_sync_message(&self, state: &mut State) -> Option<Message> {
-        self.generate_sync_message_from(state, &())
+        self.generate_sync_message_from(state, &(), None)
     }
 
     /// [`ChangeGraph::generate_sync_message`] for a graph made from a document, `archive`,
     /// which holds the changes' bytes the graph does not keep. Should a change to send be in
     /// neither, nothing is said (and `state` is unchanged).
+    ///
+    /// With a `snapshot` of the document (a saved whole document and its heads), a peer that
+    /// reads version 2 and has nothing, or lacks a third of the changes or more, gets the
+    /// snapshot in place of the changes it holds, in a version-2 message, as Automerge sends
+    /// its whole document: far fewer bytes than the changes one by one.
     pub fn generate_sync_message_from(
         &self,
         state: &mut State,
         archive: &impl Archive,
+        snapshot: Option<Snapshot<'_>>,
     ) -> Option<Message> {
         let our_heads = self.heads();
         let our_need = if state.read_only {
@@ -660,7 +666,26 @@ impl ChangeGraph {
                 return None;
             }
         }
-        let changes = self.bytes_of(&sending, archive)?;
+        let reads_documents = state
+            .their_capabilities
+            .as_ref()
+            .is_some_and(|caps| caps.contains(&Capability::MessageV2));
+        let lacks_much = state.their_heads.as_ref().is_some_and(Vec::is_empty)
+            || sending.len() * 3 >= self.nodes.len();
+        let (changes, version) = match snapshot {
+            Some(snapshot) if reads_documents && lacks_much && !sending.is_empty() => {
+                let clock = self.clock_at(snapshot.heads);
+                let rest: Vec<u32> = sending
+                    .iter()
+                    .copied()
+                    .filter(|&i| !covers(&clock, &self.nodes[i as usize]))
+                    .collect();
+                let mut changes = vec![snapshot.bytes.to_vec()];
+                changes.extend(self.bytes_of(&rest, archive)?);
+                (changes, automerge::sync::MessageVersion::V2)
+            }
+            _ => (self.bytes_of(&sending, archive)?, automerge::sync::MessageVersion::V1),
+        };
         state.have_responded = true;
         state.last_sent_heads.clone_from(&our_heads);
         state.sent_hashes.extend(sending.iter().map(|&i| self.nodes[i as usize].hash));
@@ -677,7 +702,7 @@ impl ChangeGraph {
             have: our_have,
             changes: ChunkList::from(changes),
             flags: None,
-            version: automerge::sync::MessageVersion::V1,
+            version,
         })
     }
 
@@ -763,6 +788,16 @@ impl ChangeGraph {
         state.their_need = Some(need);
         Ok(added)
     }
+}
+
+/// A saved whole document (`Automerge::save`) and its heads, which a graph may send a peer in
+/// place of the changes it holds ([`ChangeGraph::generate_sync_message_from`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Snapshot<'a> {
+    /// The document's heads when it was saved.
+    pub heads: &'a [ChangeHash],
+    /// The saved document.
+    pub bytes: &'a [u8],
 }
 
 /// How the changes of one [`ChangeGraph::add`] are taken in.

@@ -16,9 +16,13 @@ use automerge::{Automerge, ChangeHash, ReadDoc};
 use crate::ChunkId;
 
 /// When a document's chunks are folded into a snapshot.
+///
+/// A compaction rewrites the whole document, so for a large one it waits for more chunks: at
+/// least one for every [`OPERATIONS_PER_CHUNK`] operations the document held at the last one.
+/// Its cost per change then stays about the same however large the document grows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompactionPolicy {
-    /// Compact once this many chunks follow the snapshot.
+    /// Compact once this many chunks follow the snapshot (more for a large document).
     pub max_chunks: usize,
     /// Compact once the chunks after the snapshot add up to this many bytes.
     pub max_chunk_bytes: u64,
@@ -30,10 +34,15 @@ impl Default for CompactionPolicy {
     }
 }
 
+/// See [`CompactionPolicy`].
+pub const OPERATIONS_PER_CHUNK: u64 = 64;
+
 impl CompactionPolicy {
-    /// Whether a document with these chunks after its snapshot should be compacted now.
-    pub fn should_compact(&self, chunks: usize, chunk_bytes: u64) -> bool {
-        chunks >= self.max_chunks || chunk_bytes >= self.max_chunk_bytes
+    /// Whether a document with these chunks after its snapshot, which held `operations` at its
+    /// last compaction (or load), should be compacted now.
+    pub fn should_compact(&self, chunks: usize, chunk_bytes: u64, operations: u64) -> bool {
+        let scaled = usize::try_from(operations / OPERATIONS_PER_CHUNK).unwrap_or(usize::MAX);
+        chunks >= self.max_chunks.max(scaled) || chunk_bytes >= self.max_chunk_bytes
     }
 }
 
@@ -68,6 +77,9 @@ pub trait Content: Default {
     fn changes_after(&self, heads: &[ChangeHash]) -> Vec<u8>;
     /// The whole document as a snapshot (`Automerge::save`).
     fn snapshot(&mut self) -> Result<Vec<u8>, LoadError>;
+    /// How many operations the document holds (as far as it has applied its changes): what a
+    /// snapshot rewrites.
+    fn operations(&self) -> u64;
 }
 
 impl Content for Automerge {
@@ -90,6 +102,10 @@ impl Content for Automerge {
 
     fn snapshot(&mut self) -> Result<Vec<u8>, LoadError> {
         Ok(self.save())
+    }
+
+    fn operations(&self) -> u64 {
+        self.stats().num_ops
     }
 }
 
@@ -132,6 +148,8 @@ pub struct History<C = Automerge> {
     /// A compaction is being stored: no other is made meanwhile (it would name parts the first
     /// one replaces, and not the snapshot it makes).
     compacting: bool,
+    /// The operations the document held at its last compaction or load.
+    operations: u64,
 }
 
 impl<C: Content> History<C> {
@@ -144,6 +162,7 @@ impl<C: Content> History<C> {
             chunks: Vec::new(),
             taken: Vec::new(),
             compacting: false,
+            operations: 0,
         }
     }
 
@@ -159,7 +178,7 @@ impl<C: Content> History<C> {
         // The chunks go in as one run, which Automerge applies as one batch (see [`rebuild`]).
         let run = chunks.iter().map(|(_, bytes)| *bytes).collect::<Vec<_>>().concat();
         let doc = C::rebuild(snapshot.map(|(_, bytes)| bytes), &run)?;
-        let taken = doc.heads();
+        let (taken, operations) = (doc.heads(), doc.operations());
         Ok(Self {
             doc,
             policy,
@@ -167,6 +186,7 @@ impl<C: Content> History<C> {
             chunks: chunks.iter().map(|(id, bytes)| (*id, bytes.len() as u64)).collect(),
             taken,
             compacting: false,
+            operations,
         })
     }
 
@@ -240,7 +260,8 @@ impl<C: Content> History<C> {
     /// whose changes Automerge refuses): the parts stand as they are.
     pub fn take_compaction(&mut self) -> Result<Option<Compaction>, LoadError> {
         let (chunks, bytes) = self.chunks_since_snapshot();
-        if self.compacting || chunks == 0 || !self.policy.should_compact(chunks, bytes) {
+        let due = self.policy.should_compact(chunks, bytes, self.operations);
+        if self.compacting || chunks == 0 || !due {
             return Ok(None);
         }
         let compaction = self.snapshot_now()?;
@@ -257,6 +278,7 @@ impl<C: Content> History<C> {
 
     /// `compaction` is stored: its snapshot stands for the parts it replaced.
     pub fn compacted(&mut self, compaction: &Compaction) {
+        self.operations = self.doc.operations();
         self.snapshot = Some(compaction.snapshot.id);
         self.chunks.retain(|(id, _)| !compaction.replaces.contains(id));
         self.compacting = false;
@@ -483,8 +505,13 @@ mod tests {
     #[test]
     fn policy_triggers_on_count_or_bytes() {
         let p = CompactionPolicy { max_chunks: 3, max_chunk_bytes: 100 };
-        assert!(!p.should_compact(2, 99));
-        assert!(p.should_compact(3, 0));
-        assert!(p.should_compact(0, 100));
+        assert!(!p.should_compact(2, 99, 0));
+        assert!(p.should_compact(3, 0, 0));
+        assert!(p.should_compact(0, 100, 0));
+        // A document of a million operations waits for a chunk per 64 of them, whatever the
+        // count; its bytes still count as they are.
+        assert!(!p.should_compact(15_624, 99, 1_000_000));
+        assert!(p.should_compact(15_625, 99, 1_000_000));
+        assert!(p.should_compact(3, 100, 1_000_000));
     }
 }

@@ -13,6 +13,9 @@
 //! brought the content up to date), so it is the graph's [`Archive`](crate::graph::Archive):
 //! the graph keeps the bytes of the changes since the last compaction only.
 //!
+//! A device with nothing gets the last snapshot (made when such a device asks, if the last one
+//! lacks much) and the changes since, as Automerge sends a new peer its whole document.
+//!
 //! A change the graph takes in passed its structural check (it parses, its hash is its bytes',
 //! its sequence number follows its actor's previous change); Automerge may still refuse to
 //! apply it (the graph refuses what is known to make Automerge panic: see
@@ -23,7 +26,7 @@
 use automerge::sync::{Message, State};
 use automerge::{Automerge, Change, ChangeHash};
 
-use crate::graph::{ChangeGraph, GraphError};
+use crate::graph::{ChangeGraph, GraphError, Snapshot};
 use crate::history::{Content, LoadError};
 use crate::session::{Replica, SyncError};
 
@@ -37,6 +40,9 @@ pub struct LazyDoc {
     content: Automerge,
     /// Why Automerge refused to bring the content up to date: it is not tried again.
     refused: Option<String>,
+    /// The last snapshot loaded or made, with its heads: a new device gets it in place of the
+    /// changes one by one.
+    snapshot: Option<(Vec<ChangeHash>, Vec<u8>)>,
 }
 
 /// Why a document's content cannot be brought up to date.
@@ -133,14 +139,26 @@ impl Replica for LazyDoc {
     }
 
     fn generate_message(&self, state: &mut State) -> Option<Message> {
-        self.graph.generate_sync_message_from(state, &self.content)
+        let snapshot = self.snapshot.as_ref().map(|(heads, bytes)| Snapshot { heads, bytes });
+        self.graph.generate_sync_message_from(state, &self.content, snapshot)
     }
 
     fn receive_message(&mut self, state: &mut State, message: Message) -> Result<(), SyncError> {
+        // A peer with nothing that reads version 2 (it sends the flags) is sent a snapshot:
+        // make one now if the last one lacks a third of the changes or more.
+        let new_peer = message.heads.is_empty() && message.flags.is_some();
         self.graph
             .receive_sync_message_from(state, message, &self.content)
-            .map(drop)
-            .map_err(SyncError::Refused)
+            .map_err(SyncError::Refused)?;
+        let stale = self
+            .snapshot
+            .as_ref()
+            .is_none_or(|(heads, _)| self.graph.count_after(heads) * 3 >= self.graph.len());
+        if new_peer && stale && !self.graph.is_empty() {
+            // Should Automerge refuse the content, the peer gets the changes one by one.
+            let _ = Content::snapshot(self);
+        }
+        Ok(())
     }
 }
 
@@ -150,13 +168,14 @@ impl Content for LazyDoc {
             Some(bytes) => Automerge::load(bytes)?,
             None => Automerge::new(),
         };
+        let snapshot = snapshot.map(|bytes| (content.get_heads(), bytes.to_vec()));
         let mut graph = ChangeGraph::from_document(&content)?;
         graph.add_stored_from(run, &content)?;
         let missing = graph.missing();
         if !missing.is_empty() {
             return Err(LoadError::Incomplete(missing.len()));
         }
-        Ok(Self { graph, content, refused: None })
+        Ok(Self { graph, content, refused: None, snapshot })
     }
 
     fn load_more(&mut self, run: &[u8]) -> Result<(), LoadError> {
@@ -189,7 +208,14 @@ impl Content for LazyDoc {
         })?;
         // The content holds every change now: the graph need not keep their bytes too.
         self.graph.archive_until(&self.content.get_heads());
-        Ok(self.content.save())
+        let saved = self.content.save();
+        self.snapshot = Some((self.content.get_heads(), saved.clone()));
+        Ok(saved)
+    }
+
+    fn operations(&self) -> u64 {
+        use automerge::ReadDoc;
+        self.content.stats().num_ops
     }
 }
 

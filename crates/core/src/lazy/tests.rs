@@ -156,3 +156,53 @@ fn changes_automerge_refuses_leave_the_content_as_it_was_and_the_history_whole()
     let reloaded = LazyDoc::rebuild(None, &run).expect("reloads");
     assert!(reloaded.graph().has(&bad.hash()));
 }
+
+/// A device with nothing (or lacking much) that reads version 2 gets the snapshot the server
+/// loaded or made (when such a device asks), with the changes since one by one, in place of
+/// every change one by one: far fewer bytes, as Automerge sends its whole document.
+#[test]
+fn a_new_device_gets_the_snapshot_in_place_of_the_changes_one_by_one() {
+    let mut phone = Automerge::new();
+    for i in 0..2_000 {
+        put(&mut phone, "n", i);
+    }
+    let saved = phone.save();
+    put(&mut phone, "after", 1);
+    let last = phone.save_after(&Automerge::load(&saved).expect("loads").get_heads());
+    let changes_alone = phone.save_after(&[]).len();
+    let loaded = LazyDoc::rebuild(Some(&saved), &last).expect("loads");
+    let mut synced = LazyDoc::default();
+    sync(&mut phone.clone(), &mut synced);
+    assert_eq!(synced.graph().kept_bytes().0, 2_001, "no snapshot yet");
+    for (case, mut server) in
+        [("loaded from a snapshot", loaded), ("synced, never compacted", synced)]
+    {
+        let mut laptop = Automerge::new();
+        let (mut to_server, mut to_laptop) = (PeerSession::new(), PeerSession::new());
+        let mut sent = 0;
+        for _ in 0..10 {
+            let up = to_server.generate(&laptop);
+            if let Some(message) = &up {
+                to_laptop.receive(&mut server, message).expect("the server takes it in");
+            }
+            let down = to_laptop.generate(&server);
+            if let Some(message) = &down {
+                sent += message.len();
+                to_server.receive(&mut laptop, message).expect("the laptop takes it in");
+            }
+            if up.is_none() && down.is_none() {
+                break;
+            }
+        }
+        assert_eq!(laptop.get_heads(), phone.get_heads(), "{case}");
+        assert_eq!(crate::json::to_json(&laptop), json!({ "n": 1999, "after": 1 }), "{case}");
+        // A snapshot, a change or so after it, and the server's first Bloom filter (over every
+        // change, about 10 bits each, as Automerge's own).
+        assert!(
+            sent < saved.len() + 2_000 * 10 / 8 + 1024,
+            "{case}: {sent} bytes sent, not a snapshot ({}) and a little; the changes are \
+             {changes_alone}",
+            saved.len()
+        );
+    }
+}
