@@ -436,8 +436,9 @@ impl ChangeGraph {
         change: Change,
         taking: &mut Taking<'_, impl Archive>,
     ) -> Result<(), GraphError> {
-        let checked = self.objects.take_in(&change, taking.archive, taking.undo);
-        if taking.check == Check::Strict {
+        let strict = taking.check == Check::Strict;
+        let checked = self.objects.take_in(&change, taking.archive, taking.undo, strict);
+        if strict {
             checked?;
         }
         let bytes = Some(change.raw_bytes().into());

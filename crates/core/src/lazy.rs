@@ -86,7 +86,13 @@ impl LazyDoc {
         let before = self.graph.heads();
         let made = edit(&mut self.content);
         let changes = self.content.get_changes(&before);
-        self.graph.add_checked(changes, &self.content)?;
+        if let Err(err) = self.graph.add_checked(changes, &self.content) {
+            // The content holds no change the graph does not: it goes back to what it was.
+            if let Ok(was) = self.content.fork_at(&before) {
+                self.content = was;
+            }
+            return Err(err.into());
+        }
         Ok(made)
     }
 

@@ -8,18 +8,26 @@ use serde_json::{Value, json};
 /// a string stands for the change's actor.
 pub(crate) fn first_op(doc: &Automerge, edit: &[(&str, Value)]) -> Change {
     let last = doc.get_last_local_change().expect("the document made a change");
-    let mut change = serde_json::to_value(last.decode()).expect("a change is JSON");
-    let actor = change["actor"].as_str().expect("an actor").to_owned();
-    change.as_object_mut().expect("an object").remove("hash");
-    let op = change["ops"][0].as_object_mut().expect("an operation");
-    for (field, value) in edit {
-        match value {
-            Value::Null => _ = op.remove(*field),
-            Value::String(s) => _ = op.insert((*field).into(), json!(s.replace("{actor}", &actor))),
-            other => _ = op.insert((*field).into(), other.clone()),
+    rewritten(&last, |change| {
+        let actor = change["actor"].as_str().expect("an actor").to_owned();
+        let op = change["ops"][0].as_object_mut().expect("an operation");
+        for (field, value) in edit {
+            match value {
+                Value::Null => _ = op.remove(*field),
+                Value::String(s) => {
+                    _ = op.insert((*field).into(), json!(s.replace("{actor}", &actor)));
+                }
+                other => _ = op.insert((*field).into(), other.clone()),
+            }
         }
-    }
-    let expanded: automerge::ExpandedChange =
-        serde_json::from_value(change).expect("still a change");
+    })
+}
+
+/// `change` with `edit` made to it as JSON (`ExpandedChange`'s form).
+pub(crate) fn rewritten(change: &Change, edit: impl FnOnce(&mut Value)) -> Change {
+    let mut json = serde_json::to_value(change.decode()).expect("a change is JSON");
+    json.as_object_mut().expect("an object").remove("hash");
+    edit(&mut json);
+    let expanded: automerge::ExpandedChange = serde_json::from_value(json).expect("still a change");
     Change::from(expanded)
 }

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use automerge::legacy::{ElementId, Key, ObjectId, OpId, OpType};
+use automerge::legacy::{ElementId, Key, ObjectId, Op, OpId, OpType};
 use automerge::{ActorId, Change, ObjType};
 
 use super::{Archive, GraphError};
@@ -73,70 +73,83 @@ impl Objects {
     }
 
     /// Checks `change`'s operations against what exists (here or in `archive`) and records
-    /// what they make, with how to undo it in `undo`. On an error, what it recorded is in
-    /// `undo` too.
+    /// what they make, with how to undo it in `undo`. Unless `strict`, every operation is
+    /// recorded whatever the check says (stored history: a document stored before a rule was
+    /// made must still be edited), and the first refusal is returned after. Strict, the first
+    /// refusal stops it; what it recorded is in `undo`.
     pub(super) fn take_in(
         &mut self,
         change: &Change,
         archive: &impl Archive,
         undo: &mut Vec<Undo>,
+        strict: bool,
     ) -> Result<(), GraphError> {
-        let bad = |why: &'static str| GraphError::Operation(why);
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode()))
             .map_err(|_| GraphError::Parse("a change's operations do not decode".into()))?;
         let actor = self.actor(change.actor_id());
+        let mut refused = None;
         for (i, op) in decoded.operations.iter().enumerate() {
+            if let Err(err) = self.check(op, archive) {
+                if strict {
+                    return Err(err);
+                }
+                refused.get_or_insert(err);
+            }
             let id = (decoded.start_op.get().saturating_add(i as u64), actor);
-            let (obj, kind) = match &op.obj {
-                ObjectId::Root => (None, Kind::Map),
-                ObjectId::Id(obj) => {
-                    let key = self.id(obj);
-                    let kind = match self.kinds.get(&key) {
-                        Some(kind) => *kind,
-                        None => archive.object_kind(obj).ok_or(bad("no such object"))?,
-                    };
-                    (Some((key, obj)), kind)
-                }
-            };
-            if op.insert
-                && (!op.pred.is_empty() || !matches!(op.action, OpType::Put(_) | OpType::Make(_)))
-            {
-                return Err(bad("an insertion that overwrites or deletes"));
-            }
-            match (&op.key, kind) {
-                (Key::Map(_), Kind::Map) if op.insert => {
-                    return Err(bad("an insertion into a map"));
-                }
-                (Key::Map(_), Kind::Map) => {}
-                (Key::Seq(ElementId::Head), Kind::Seq) if !op.insert => {
-                    return Err(bad("a position at the head of a sequence that inserts nothing"));
-                }
-                (Key::Seq(ElementId::Head), Kind::Seq) => {}
-                (Key::Seq(ElementId::Id(elem)), Kind::Seq) => {
-                    // An insertion goes after the element, anything else acts on it.
-                    let Some((key, obj)) = obj else {
-                        return Err(bad("a sequence position in a map"));
-                    };
-                    if !self.has_element(key, elem, obj, archive) {
-                        return Err(bad("a position the sequence never had"));
-                    }
-                }
-                (Key::Map(_), Kind::Seq) => return Err(bad("a key in a sequence")),
-                (Key::Seq(_), Kind::Map) => return Err(bad("a sequence position in a map")),
-            }
             if let OpType::Make(t) = op.action {
                 self.kinds.insert(id, t.into());
                 undo.push(Undo::Object(id));
             }
-            if op.insert
-                && let Some((obj, _)) = obj
-            {
+            if let (true, ObjectId::Id(obj)) = (op.insert, &op.obj) {
+                let obj = self.id(obj);
                 let runs = self.elements.entry(obj).or_default().entry(actor).or_default();
                 add(runs, id.0);
                 undo.push(Undo::Element { obj, actor, counter: id.0 });
             }
         }
-        Ok(())
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// Whether `op` names only what exists, and is a kind of operation Automerge makes.
+    fn check(&mut self, op: &Op, archive: &impl Archive) -> Result<(), GraphError> {
+        let bad = |why: &'static str| Err(GraphError::Operation(why));
+        let (obj, kind) = match &op.obj {
+            ObjectId::Root => (None, Kind::Map),
+            ObjectId::Id(obj) => {
+                let key = self.id(obj);
+                let kind = match self.kinds.get(&key) {
+                    Some(kind) => *kind,
+                    None => match archive.object_kind(obj) {
+                        Some(kind) => kind,
+                        None => return bad("no such object"),
+                    },
+                };
+                (Some((key, obj)), kind)
+            }
+        };
+        if op.insert
+            && (!op.pred.is_empty() || !matches!(op.action, OpType::Put(_) | OpType::Make(_)))
+        {
+            return bad("an insertion that overwrites or deletes");
+        }
+        match (&op.key, kind, obj) {
+            (Key::Map(_), Kind::Map, _) if op.insert => bad("an insertion into a map"),
+            (Key::Map(_), Kind::Map, _) => Ok(()),
+            (Key::Seq(ElementId::Head), Kind::Seq, _) if !op.insert => {
+                bad("a position at the head of a sequence that inserts nothing")
+            }
+            (Key::Seq(ElementId::Head), Kind::Seq, _) => Ok(()),
+            // An insertion goes after the element, anything else acts on it.
+            (Key::Seq(ElementId::Id(elem)), Kind::Seq, Some((key, obj))) => {
+                if self.has_element(key, elem, obj, archive) {
+                    Ok(())
+                } else {
+                    bad("a position the sequence never had")
+                }
+            }
+            (Key::Map(_), Kind::Seq, _) => bad("a key in a sequence"),
+            (Key::Seq(_), _, _) => bad("a sequence position in a map"),
+        }
     }
 
     fn has_element(

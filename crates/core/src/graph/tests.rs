@@ -419,3 +419,35 @@ fn operations_naming_what_does_not_exist_are_refused() {
         lazy.add_checked([change], &before).expect(case);
     }
 }
+
+/// Stored history is recorded, not refused: a change stored before a rule was made (here, an
+/// insertion into a map) still records what its other operations made, so that later changes
+/// acting on those objects are taken in.
+#[test]
+fn stored_history_records_every_operation_even_one_refused_now() {
+    use automerge::ObjType;
+    use serde_json::json;
+    let mut phone = doc(1);
+    phone
+        .transact::<_, _, automerge::AutomergeError>(|tx| {
+            tx.put(ROOT, "x", 1)?;
+            tx.put_object(ROOT, "m", ObjType::Map)?;
+            Ok(())
+        })
+        .expect("two operations");
+    let stored = crate::graph::crafted::first_op(&phone, &[("insert", json!(true))]);
+    let mut live = phone.clone();
+    let m = automerge::ReadDoc::get(&live, ROOT, "m").expect("read").expect("there").1;
+    live.transact::<_, _, automerge::AutomergeError>(|tx| tx.put(&m, "k", 1)).expect("a put");
+    let next =
+        crate::graph::crafted::rewritten(&live.get_last_local_change().expect("made"), |change| {
+            change["deps"] = json!([stored.hash().to_string()])
+        });
+
+    let mut strict = ChangeGraph::new();
+    let err = strict.add([stored.clone()]).expect_err("refused when received");
+    assert!(matches!(err, GraphError::Operation(_)), "{err}");
+    let mut graph = ChangeGraph::new();
+    graph.add_stored(stored.raw_bytes()).expect("stored history is recorded");
+    graph.add([next]).expect("the map its other operation made is known");
+}
