@@ -1,4 +1,4 @@
-use automerge::sync::{State, SyncDoc};
+use automerge::sync::{ChunkList, Have, Message, State, SyncDoc};
 use automerge::transaction::Transactable;
 use automerge::{ActorId, Automerge, ROOT};
 use proptest::prelude::*;
